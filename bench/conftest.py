@@ -1,0 +1,144 @@
+"""pytest-benchmark setup for ``pytest bench/``: options, sizes, and the shared measuring step.
+
+Options (each has an environment variable, for scripts):
+
+* ``--quick`` (``DLSN_BENCH_QUICK=1``): every case once, at small sizes; proves the benchmarks run.
+* ``--device cpu|cuda`` (``DLSN_BENCH_DEVICE``): where tensors live.
+* ``--kernel-backends cpu,triton`` (``DLSN_BENCH_BACKENDS``): our backends to time
+  (default: ``cpu`` on the CPU, ``triton,cuda`` on CUDA). ``reference`` always runs as a baseline.
+* ``--mem-limit-gb X`` (``DLSN_BENCH_MEM_LIMIT_GB``): materialising baselines estimated above this
+  are skipped (default: half the available memory, at most 8 GB).
+* ``--bench-rounds N`` (``DLSN_BENCH_ROUNDS``, default 5): timed rounds after one warm-up.
+* ``--no-memory`` (``DLSN_BENCH_MEMORY=0``): skip the child-process peak-memory measurement.
+
+Torch uses every core the process may run on (``DLSN_BENCH_THREADS`` overrides); the header
+line and the JSON's ``machine_info["dlsn_bench"]`` say how many.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from typing import Any
+
+import pytest
+import torch
+
+from bench.harness import GB, BenchConfig
+from bench.memory import cpu_threads
+
+
+def _env_flag(name: str) -> bool | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+def _available_memory_bytes() -> float:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return 16 * GB
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("dlsn-bench", "DLSN benchmarks (bench/)")
+    group.addoption("--quick", action="store_true", default=None,
+                    help="run every case once at small sizes (env DLSN_BENCH_QUICK=1)")
+    group.addoption("--device", default=None, help="cpu or cuda (env DLSN_BENCH_DEVICE; default cpu)")
+    group.addoption("--kernel-backends", default=None,
+                    help="comma-separated dlsn_kernels backends to time (env DLSN_BENCH_BACKENDS)")
+    group.addoption("--mem-limit-gb", type=float, default=None,
+                    help="skip materialising baselines estimated above this (env DLSN_BENCH_MEM_LIMIT_GB)")
+    group.addoption("--bench-rounds", type=int, default=None,
+                    help="timed rounds per case after one warm-up (env DLSN_BENCH_ROUNDS; default 5)")
+    group.addoption("--no-memory", action="store_true", default=None,
+                    help="do not measure peak memory in a child process (env DLSN_BENCH_MEMORY=0)")
+
+
+def _make_config(config: pytest.Config) -> BenchConfig:
+    quick = bool(config.getoption("--quick") or _env_flag("DLSN_BENCH_QUICK"))
+    device = (config.getoption("--device") or os.environ.get("DLSN_BENCH_DEVICE") or "cpu").strip()
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {device}: no CUDA device is visible to torch")
+    default_backends = "triton,cuda" if torch.device(device).type == "cuda" else "cpu"
+    backends_text = (
+        config.getoption("--kernel-backends") or os.environ.get("DLSN_BENCH_BACKENDS") or default_backends
+    )
+    backends = tuple(b.strip() for b in backends_text.split(",") if b.strip() and b.strip() != "reference")
+    limit_gb = config.getoption("--mem-limit-gb") or os.environ.get("DLSN_BENCH_MEM_LIMIT_GB")
+    if limit_gb is not None:
+        mem_limit = float(limit_gb) * GB
+    elif torch.device(device).type == "cuda":
+        mem_limit = 0.8 * torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        mem_limit = min(8 * GB, 0.5 * _available_memory_bytes())
+    rounds = config.getoption("--bench-rounds") or int(os.environ.get("DLSN_BENCH_ROUNDS", "5"))
+    no_memory = config.getoption("--no-memory") or _env_flag("DLSN_BENCH_MEMORY") is False
+    return BenchConfig(quick, device, backends, mem_limit, max(rounds, 1), not no_memory, cpu_threads())
+
+
+_CONFIG_KEY = pytest.StashKey[BenchConfig]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    bench_config = _make_config(config)
+    config.stash[_CONFIG_KEY] = bench_config
+    # Explicit, so runs are comparable: all cores, in this process and in memory children.
+    torch.set_num_threads(bench_config.threads)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    c = config.stash[_CONFIG_KEY]
+    return [
+        f"dlsn bench: device={c.device}, torch {torch.__version__}, torch threads={torch.get_num_threads()} "
+        f"(all {c.threads} usable cores), mode={'quick' if c.quick else 'full'}, "
+        f"backends={','.join(c.backends) or '-'}, baseline memory limit={c.mem_limit_bytes / GB:.1f} GB, "
+        f"rounds={1 if c.quick else c.rounds}, peak memory={'on' if c.measure_memory else 'off'}"
+    ]
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    c = config.stash[_CONFIG_KEY]
+    info = {
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "device": c.device,
+        "quick": c.quick,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    if torch.device(c.device).type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(torch.device(c.device))
+    machine_info["dlsn_bench"] = info
+
+
+@pytest.fixture(scope="session")
+def bench_config(request: pytest.FixtureRequest) -> BenchConfig:
+    return request.config.stash[_CONFIG_KEY]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "impl" in metafunc.fixturenames:
+        metafunc.parametrize("impl", metafunc.config.stash[_CONFIG_KEY].impls())
+    if "model_backend" in metafunc.fixturenames:
+        backends = list(metafunc.config.stash[_CONFIG_KEY].backends) + ["reference"]
+        metafunc.parametrize("model_backend", backends)

@@ -1,0 +1,72 @@
+"""Attention core benchmarks: our fused op against the reference and the authors-style baselines.
+
+Groups (one table each in bench/results/<device>.md):
+
+* ``core-fwd`` / ``core-fwdbwd``: the training shape of the paper, N=4 patches of 48x48 LR pixels,
+  Cm=64, Cv=256, K=128, R=3; forward without graph, and forward + backward.
+* ``scaling-fwd``: inference on one image of 64x64 .. 512x512 positions with the paper model's
+  attention dims (C=256: Cm=64, Cv=256, K=128, R=3). Materialising implementations are skipped
+  when their estimated peak is above ``--mem-limit-gb``.
+
+``--quick`` shrinks every shape (dims Cm=16, Cv=32, K=32, odd-sized maps with padding).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import cases
+from bench.harness import measure, skip_if_too_big, skip_unless_backend_runs
+
+PAPER_DIMS = {"cm": 64, "cv": 256, "k": 128, "r": 3}
+QUICK_DIMS = {"cm": 16, "cv": 32, "k": 32, "r": 3}
+
+TRAIN_SHAPE = {"n": 4, "h": 48, "w": 48, **PAPER_DIMS}
+TRAIN_SHAPE_QUICK = {"n": 2, "h": 20, "w": 20, **QUICK_DIMS}  # L=400: 13 chunks, 16 padded slots
+
+SCALING_SIDES = (64, 128, 256, 512)
+SCALING_SIDES_QUICK = (16, 24)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_core(benchmark, bench_config, impl, mode):
+    skip_unless_backend_runs(impl, bench_config.device)
+    shape = TRAIN_SHAPE_QUICK if bench_config.quick else TRAIN_SHAPE
+    kwargs = {"impl": impl, **shape, "backward": mode == "fwdbwd"}
+    estimate = cases.estimate_core_bytes(**kwargs)
+    skip_if_too_big(impl, estimate, bench_config)
+    measure(
+        benchmark,
+        bench_config,
+        "bench.cases:core_case",
+        kwargs,
+        group=f"core-{mode}",
+        impl=impl,
+        label=f"N={shape['n']} {shape['h']}x{shape['w']} Cm={shape['cm']} Cv={shape['cv']} "
+        f"K={shape['k']} R={shape['r']}",
+        pixels=shape["h"] * shape["w"],
+        estimate_bytes=estimate,
+    )
+
+
+@pytest.mark.parametrize("index", range(len(SCALING_SIDES)))
+def test_scaling(benchmark, bench_config, impl, index):
+    if bench_config.quick and index >= len(SCALING_SIDES_QUICK):
+        pytest.skip("quick mode runs the two smallest sizes only")
+    skip_unless_backend_runs(impl, bench_config.device)
+    side = (SCALING_SIDES_QUICK if bench_config.quick else SCALING_SIDES)[index]
+    dims = QUICK_DIMS if bench_config.quick else PAPER_DIMS
+    kwargs = {"impl": impl, "n": 1, "h": side, "w": side, **dims}
+    estimate = cases.estimate_core_bytes(**kwargs)
+    skip_if_too_big(impl, estimate, bench_config)
+    measure(
+        benchmark,
+        bench_config,
+        "bench.cases:core_case",
+        kwargs,
+        group="scaling-fwd",
+        impl=impl,
+        label=f"{side}x{side}",
+        pixels=side * side,
+        estimate_bytes=estimate,
+    )

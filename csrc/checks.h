@@ -1,0 +1,139 @@
+// Argument checks shared by the CPU and CUDA kernels: every error names the argument.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/Exception.h>
+
+#include <vector>
+
+namespace dlsn {
+
+constexpr double kKeyNormEps = 5e-5;
+
+inline void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* layout) {
+  TORCH_CHECK(t.dim() == rank, name, " must have shape ", layout, " (", rank, " dims), got ", t.sizes());
+}
+
+inline void check_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (call .contiguous() first)");
+}
+
+inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK(a.device() == b.device(), a_name, " is on ", a.device(), " but ", b_name, " is on ", b.device());
+}
+
+inline void check_index(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, name,
+              " must be int32 or int64, got ", t.scalar_type());
+}
+
+// Floating inputs: float32 everywhere, float64 on CPU (gradcheck), float16/bfloat16 on CUDA.
+inline void check_float(const at::Tensor& t, const char* name) {
+  const auto st = t.scalar_type();
+  if (t.is_cuda()) {
+    TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, name,
+                " must be float32, float16 or bfloat16 on CUDA, got ", st);
+  } else {
+    TORCH_CHECK(st == at::kFloat || st == at::kDouble, name,
+                " must be float32 or float64 on CPU, got ", st,
+                " (float16/bfloat16 are supported on CUDA tensors only)");
+  }
+}
+
+inline void check_same_dtype(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), a_name, " is ", a.scalar_type(), " but ", b_name, " is ",
+              b.scalar_type(), "; they must share one dtype");
+}
+
+inline at::ScalarType accumulate_type(at::ScalarType st) {
+  return st == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_hash_inputs(const at::Tensor& xm, const at::Tensor& rot) {
+  check_rank(xm, "xm", 3, "[N, L, Cm]");
+  check_rank(rot, "rot", 3, "[Cm, R, B]");
+  check_float(xm, "xm");
+  check_same_dtype(xm, "xm", rot, "rot");
+  check_same_device(xm, "xm", rot, "rot");
+  check_contiguous(xm, "xm");
+  check_contiguous(rot, "rot");
+  TORCH_CHECK(rot.size(0) == xm.size(2), "rot has ", rot.size(0), " rows but xm has Cm = ", xm.size(2),
+              " channels");
+  TORCH_CHECK(rot.size(1) >= 1, "rot must hold at least one hash round (R >= 1)");
+  TORCH_CHECK(rot.size(2) >= 1, "rot must hold at least one bucket (B >= 1)");
+  TORCH_CHECK(xm.size(1) >= 1, "xm must hold at least one position (L >= 1)");
+}
+
+inline void check_sort_inputs(const at::Tensor& codes, int64_t n_buckets) {
+  check_rank(codes, "codes", 3, "[N, R, L]");
+  check_index(codes, "codes");
+  check_contiguous(codes, "codes");
+  TORCH_CHECK(n_buckets >= 1, "n_buckets must be >= 1, got ", n_buckets);
+}
+
+// xm [N,L,Cm], v [N,L,Cv], lss [N,L,K].
+inline void check_attention_inputs(const at::Tensor& xm, const at::Tensor& v, const at::Tensor& lss,
+                                   int64_t chunk_size) {
+  TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
+  check_rank(xm, "xm", 3, "[N, L, Cm]");
+  check_rank(v, "v", 3, "[N, L, Cv]");
+  check_rank(lss, "lss", 3, "[N, L, K]");
+  check_float(xm, "xm");
+  check_same_dtype(xm, "xm", v, "v");
+  check_same_dtype(xm, "xm", lss, "lss");
+  check_same_device(xm, "xm", v, "v");
+  check_same_device(xm, "xm", lss, "lss");
+  check_contiguous(xm, "xm");
+  check_contiguous(v, "v");
+  check_contiguous(lss, "lss");
+  const int64_t n = xm.size(0), length = xm.size(1);
+  TORCH_CHECK(length >= 1, "xm must hold at least one position (L >= 1)");
+  TORCH_CHECK(v.size(0) == n && v.size(1) == length, "v must have shape [N, L, Cv] = [", n, ", ", length,
+              ", Cv] like xm, got ", v.sizes());
+  TORCH_CHECK(lss.size(0) == n && lss.size(1) == length && lss.size(2) == chunk_size,
+              "lss must have shape [N, L, chunk_size] = [", n, ", ", length, ", ", chunk_size, "], got ",
+              lss.sizes());
+}
+
+// perm [N,R,L] matching xm [N,L,Cm]. Its values are trusted to be a permutation per (n, r):
+// bucket_sort produces them; checking would cost a pass over perm on every call.
+inline void check_perm(const at::Tensor& perm, const at::Tensor& xm) {
+  check_rank(perm, "perm", 3, "[N, R, L]");
+  check_index(perm, "perm");
+  check_same_device(xm, "xm", perm, "perm");
+  check_contiguous(perm, "perm");
+  TORCH_CHECK(perm.size(0) == xm.size(0) && perm.size(2) == xm.size(1) && perm.size(1) >= 1,
+              "perm must have shape [N, R, L] with N = ", xm.size(0), ", L = ", xm.size(1), ", R >= 1, got ",
+              perm.sizes());
+}
+
+inline void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& delta, const at::Tensor& xm,
+                                  const at::Tensor& v, const at::Tensor& lss, const at::Tensor& perm,
+                                  const at::Tensor& lse, int64_t chunk_size) {
+  check_attention_inputs(xm, v, lss, chunk_size);
+  check_perm(perm, xm);
+  const int64_t n = xm.size(0), rounds = perm.size(1), length = xm.size(1);
+  check_rank(grad_out, "grad_out", 4, "[N, R', L, Cv]");
+  check_rank(delta, "delta", 3, "[N, R', L]");
+  check_rank(lse, "lse", 3, "[N, R', L]");
+  const int64_t rr = grad_out.size(1);
+  TORCH_CHECK(rr == 1 || rr == rounds, "grad_out must hold 1 or R = ", rounds, " rounds, got ", rr);
+  TORCH_CHECK(grad_out.size(0) == n && grad_out.size(2) == length && grad_out.size(3) == v.size(2),
+              "grad_out must have shape [", n, ", ", rr, ", ", length, ", ", v.size(2), "], got ", grad_out.sizes());
+  TORCH_CHECK(delta.sizes() == at::IntArrayRef({n, rr, length}), "delta must have shape [", n, ", ", rr, ", ",
+              length, "], got ", delta.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({n, rr, length}), "lse must have shape [", n, ", ", rr, ", ", length,
+              "], got ", lse.sizes());
+  check_same_dtype(grad_out, "grad_out", v, "v");
+  const auto acc = accumulate_type(xm.scalar_type());
+  TORCH_CHECK(delta.scalar_type() == acc, "delta must be ", acc, ", got ", delta.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == acc, "lse must be ", acc, ", got ", lse.scalar_type());
+  for (const auto* t : {&grad_out, &delta, &lse}) check_same_device(xm, "xm", *t, "grad_out/delta/lse");
+  check_contiguous(grad_out, "grad_out");
+  check_contiguous(delta, "delta");
+  check_contiguous(lse, "lse");
+}
+
+}  // namespace dlsn

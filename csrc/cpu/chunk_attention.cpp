@@ -1,0 +1,160 @@
+// Chunk attention forward on the CPU (ops chunk_attention and gla_attention).
+//
+// One job = one (batch, query chunk) of one round; jobs of a round run in parallel, rounds one
+// after another. A job gathers its K queries and 3K keys/values through perm into per-thread
+// scratch (rows are contiguous, so each gather is a row copy), computes the scores transposed,
+// S^T [3K, K] = keys . queries^T, with a BLAS call, applies the key norm and the learned score row
+// by row (lss[key] is a contiguous row indexed by query slot, which is why the transpose pays),
+// softmaxes each column, and finishes with O = P . V. The [3K, K] block lives in per-thread
+// scratch only (~200 KB at K = 128), never in a tensor of the problem's size.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/cpu_kernels.h"
+
+namespace dlsn::cpu {
+namespace {
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& xm, const at::Tensor& v, const at::Tensor& lss, const at::Tensor& perm,
+                    int64_t chunk, bool merge, at::Tensor& out, at::Tensor& lse) {
+  const int64_t batch = xm.size(0), length = xm.size(1), cm = xm.size(2), cv = v.size(2);
+  const int64_t rounds = perm.size(1);
+  const SlotLayout layout(length, chunk);
+  const int64_t kk = 3 * chunk;
+
+  const at::Tensor inv_norm = inverse_norms<scalar_t>(xm);
+  const scalar_t* xm_ptr = xm.data_ptr<scalar_t>();
+  const scalar_t* v_ptr = v.data_ptr<scalar_t>();
+  const scalar_t* lss_ptr = lss.data_ptr<scalar_t>();
+  const scalar_t* inv_ptr = inv_norm.data_ptr<scalar_t>();
+  const int64_t* perm_ptr = perm.data_ptr<int64_t>();
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  scalar_t* lse_ptr = lse.data_ptr<scalar_t>();
+
+  for (int64_t r = 0; r < rounds; ++r) {
+    at::parallel_for(0, batch * layout.n_chunks, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor q = at::empty({chunk, cm}, xm.options());
+      at::Tensor keys = at::empty({kk, cm}, xm.options());
+      at::Tensor values = at::empty({kk, cv}, xm.options());
+      at::Tensor scores_t = at::empty({kk, chunk}, xm.options());
+      at::Tensor o = at::empty({chunk, cv}, xm.options());
+      std::vector<int64_t> qpos(chunk), kpos(kk);
+      std::vector<scalar_t> col_max(chunk), col_sum(chunk);
+      scalar_t* s = scores_t.data_ptr<scalar_t>();
+
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t b = job / layout.n_chunks, c = job % layout.n_chunks;
+        const int64_t* pr = perm_ptr + (b * rounds + r) * length;
+        for (int64_t i = 0; i < chunk; ++i) qpos[i] = layout.position(pr, c * chunk + i);
+        for (int t = 0; t < 3; ++t) {
+          const int64_t kc = layout.key_chunk(c, t);
+          for (int64_t i = 0; i < chunk; ++i) kpos[t * chunk + i] = layout.position(pr, kc * chunk + i);
+        }
+        const scalar_t* xb = xm_ptr + b * length * cm;
+        gather_rows(xb, cm, qpos.data(), chunk, q.data_ptr<scalar_t>());
+        gather_rows(xb, cm, kpos.data(), kk, keys.data_ptr<scalar_t>());
+        gather_rows(v_ptr + b * length * cv, cv, kpos.data(), kk, values.data_ptr<scalar_t>());
+
+        at::mm_out(scores_t, keys, q.t());
+        std::fill(col_max.begin(), col_max.end(), -std::numeric_limits<scalar_t>::infinity());
+        for (int64_t j = 0; j < kk; ++j) {
+          const int64_t key = b * length + kpos[j];
+          const scalar_t scale = inv_ptr[key];
+          const scalar_t* learned = lss_ptr + key * chunk;
+          scalar_t* row = s + j * chunk;
+          for (int64_t i = 0; i < chunk; ++i) {
+            row[i] = row[i] * scale + learned[i];
+            col_max[i] = std::max(col_max[i], row[i]);
+          }
+        }
+        std::fill(col_sum.begin(), col_sum.end(), scalar_t(0));
+        for (int64_t j = 0; j < kk; ++j) {
+          scalar_t* row = s + j * chunk;
+          for (int64_t i = 0; i < chunk; ++i) {
+            row[i] = std::exp(row[i] - col_max[i]);
+            col_sum[i] += row[i];
+          }
+        }
+        at::mm_out(o, scores_t.t(), values);
+
+        const scalar_t* o_ptr = o.data_ptr<scalar_t>();
+        const int64_t valid = std::min(chunk, length - c * chunk);  // padded query slots store nothing
+        for (int64_t i = 0; i < valid; ++i) {
+          const scalar_t norm = scalar_t(1) / col_sum[i];
+          const scalar_t row_lse = col_max[i] + std::log(col_sum[i]);
+          const scalar_t* src = o_ptr + i * cv;
+          if (!merge) {
+            const int64_t dst = (b * rounds + r) * length + qpos[i];
+            for (int64_t k = 0; k < cv; ++k) out_ptr[dst * cv + k] = src[k] * norm;
+            lse_ptr[dst] = row_lse;
+            continue;
+          }
+          const int64_t dst = b * length + qpos[i];
+          scalar_t* y = out_ptr + dst * cv;
+          if (r == 0) {
+            for (int64_t k = 0; k < cv; ++k) y[k] = src[k] * norm;
+            lse_ptr[dst] = row_lse;
+            continue;
+          }
+          // Merge this round into the running result: softmax over rounds, done incrementally.
+          const scalar_t old_lse = lse_ptr[dst];
+          const scalar_t top = std::max(old_lse, row_lse);
+          const scalar_t w_old = std::exp(old_lse - top), w_new = std::exp(row_lse - top);
+          const scalar_t total = w_old + w_new;
+          const scalar_t a = w_old / total, bnew = w_new / total * norm;
+          for (int64_t k = 0; k < cv; ++k) y[k] = y[k] * a + src[k] * bnew;
+          lse_ptr[dst] = top + std::log(total);
+        }
+      }
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> chunk_attention_cpu(const at::Tensor& xm, const at::Tensor& v,
+                                                       const at::Tensor& lss, const at::Tensor& perm,
+                                                       int64_t chunk_size) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // kernels call ATen ops (mm) internally
+  check_attention_inputs(xm, v, lss, chunk_size);
+  check_perm(perm, xm);
+  const at::Tensor perm64 = as_int64(perm);
+  at::Tensor out = at::empty({xm.size(0), perm.size(1), xm.size(1), v.size(2)}, v.options());
+  at::Tensor lse = at::empty({xm.size(0), perm.size(1), xm.size(1)}, xm.options());
+  attention_forward(xm, v, lss, perm64, chunk_size, /*merge=*/false, out, lse);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gla_attention_cpu(const at::Tensor& xm, const at::Tensor& v,
+                                                                 const at::Tensor& lss, const at::Tensor& rot,
+                                                                 int64_t chunk_size) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // kernels call ATen ops (mm) internally
+  check_attention_inputs(xm, v, lss, chunk_size);
+  check_hash_inputs(xm, rot);
+  const at::Tensor perm = bucket_sort_cpu(sblsh_hash_cpu(xm, rot), rot.size(2));
+  at::Tensor y = at::empty({xm.size(0), xm.size(1), v.size(2)}, v.options());
+  at::Tensor lse = at::empty({xm.size(0), xm.size(1)}, xm.options());
+  attention_forward(xm, v, lss, perm, chunk_size, /*merge=*/true, y, lse);
+  return {y, lse, perm};
+}
+
+}  // namespace
+
+void attention_forward(const at::Tensor& xm, const at::Tensor& v, const at::Tensor& lss, const at::Tensor& perm,
+                       int64_t chunk_size, bool merge, at::Tensor& out, at::Tensor& lse) {
+  AT_DISPATCH_FLOATING_TYPES(xm.scalar_type(), "chunk_attention_forward_cpu", [&] {
+    forward_kernel<scalar_t>(xm, v, lss, perm, chunk_size, merge, out, lse);
+  });
+}
+
+TORCH_LIBRARY_IMPL(dlsn, CPU, m) {
+  m.impl("chunk_attention", &chunk_attention_cpu);
+  m.impl("gla_attention", &gla_attention_cpu);
+}
+
+}  // namespace dlsn::cpu

@@ -1,0 +1,76 @@
+// Declarations shared by the CPU kernel files.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "checks.h"
+
+namespace dlsn::cpu {
+
+// Sorted-slot layout of one (n, round) (SPEC 1.3): slot p < L holds perm[p], a padded slot p >= L
+// holds perm[(p - pad) mod L].
+struct SlotLayout {
+  int64_t length, chunk, pad, padded, n_chunks;
+
+  SlotLayout(int64_t length_, int64_t chunk_)
+      : length(length_), chunk(chunk_), pad((chunk_ - length_ % chunk_) % chunk_), padded(length_ + pad),
+        n_chunks(padded / chunk_) {}
+
+  int64_t position(const int64_t* perm, int64_t slot) const {
+    if (slot < length) return perm[slot];
+    int64_t k = (slot - pad) % length;
+    return perm[k < 0 ? k + length : k];
+  }
+  // Query chunk c reads key chunks c, c-1, c+1 (t = 0, 1, 2), modulo the chunk count.
+  int64_t key_chunk(int64_t c, int t) const {
+    const int64_t offset = t == 0 ? 0 : (t == 1 ? -1 : 1);
+    return ((c + offset) % n_chunks + n_chunks) % n_chunks;
+  }
+  // The query chunk whose t-th key chunk is c (the inverse of key_chunk for a fixed t).
+  int64_t query_chunk(int64_t c, int t) const {
+    const int64_t offset = t == 0 ? 0 : (t == 1 ? 1 : -1);
+    return ((c + offset) % n_chunks + n_chunks) % n_chunks;
+  }
+};
+
+// 1 / max(||xm[n, l]||, eps) for every position: keys are normalised through this factor.
+template <typename scalar_t>
+at::Tensor inverse_norms(const at::Tensor& xm) {
+  const int64_t rows = xm.size(0) * xm.size(1), cm = xm.size(2);
+  at::Tensor inv = at::empty({xm.size(0), xm.size(1)}, xm.options());
+  const scalar_t* x = xm.data_ptr<scalar_t>();
+  scalar_t* out = inv.data_ptr<scalar_t>();
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      scalar_t sq = 0;
+      for (int64_t k = 0; k < cm; ++k) sq += x[row * cm + k] * x[row * cm + k];
+      out[row] = scalar_t(1) / std::max(std::sqrt(sq), scalar_t(kKeyNormEps));
+    }
+  });
+  return inv;
+}
+
+template <typename scalar_t>
+void gather_rows(const scalar_t* src, int64_t width, const int64_t* rows, int64_t count, scalar_t* dst) {
+  for (int64_t i = 0; i < count; ++i) std::memcpy(dst + i * width, src + rows[i] * width, width * sizeof(scalar_t));
+}
+
+// perm as contiguous int64 (int32 input is widened once; int64 input is returned as is).
+at::Tensor as_int64(const at::Tensor& index);
+
+// Forward of the chunk attention over every round of perm [N,R,L].
+// merge == false: out [N,R,L,Cv], lse [N,R,L] (per round).
+// merge == true:  out [N,L,Cv], lse [N,L] (rounds merged on the fly, DESIGN.md).
+void attention_forward(const at::Tensor& xm, const at::Tensor& v, const at::Tensor& lss, const at::Tensor& perm,
+                       int64_t chunk_size, bool merge, at::Tensor& out, at::Tensor& lse);
+
+at::Tensor sblsh_hash_cpu(const at::Tensor& xm, const at::Tensor& rot);
+at::Tensor bucket_sort_cpu(const at::Tensor& codes, int64_t n_buckets);
+
+}  // namespace dlsn::cpu

@@ -1,0 +1,119 @@
+// Shared pieces of the CUDA kernels: tile sizes, float32 accumulation, warp reductions, the sorted-slot
+// layout of SPEC 1.3 (padding, adjacent chunks) and the block-wide "32 rows x 32 rows" dot-product tile
+// used by the attention forward and backward kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "checks.h"
+
+namespace dlsn {
+namespace cuda_impl {
+
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Attention kernels: a block of 8 warps works on a tile of 32 query rows against 32 key rows at a time.
+// Score-like quantities of the tile live in registers as (row = warp + 8 * a, key = lane), a = 0..3.
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / kWarp;             // 8
+constexpr int kTile = 32;                            // query rows and key rows per tile
+constexpr int kRowsPerWarp = kTile / kWarps;         // 4
+constexpr int kChanTile = 32;                        // channels staged in shared memory per step
+constexpr int kCols = 128;                           // output columns (of Cv or Cm) owned by one block
+constexpr int kColsPerLane = kCols / kWarp;          // 4: column lane + 32 * u, u = 0..3
+constexpr float kKeyNormEpsF = static_cast<float>(kKeyNormEps);
+
+static_assert(kTile == kWarp, "the key of a tile is indexed by the lane");
+static_assert(kRowsPerWarp * kWarps == kTile, "every row of a tile belongs to one warp");
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// float16/bfloat16/float32 (and float64, instantiated by AT_DISPATCH but refused by checks.h) -> float32.
+template <typename T>
+__device__ __forceinline__ float to_float(T x) {
+  return static_cast<float>(x);
+}
+
+// Butterfly reductions: every lane ends with the result, and the order of the additions is fixed,
+// so the result is bitwise the same on every run.
+__device__ __forceinline__ float warp_max(float x) {
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, offset));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) x += __shfl_xor_sync(kFullMask, x, offset);
+  return x;
+}
+
+// Position held by sorted slot `slot` of one (n, round) row of perm (SPEC 1.3): slot < L holds perm[slot],
+// a padded slot holds perm[(slot - pad) mod L] (a duplicate; with L < pad the index wraps several times).
+template <typename idx_t>
+__device__ __forceinline__ int64_t slot_position(const idx_t* perm_row, int64_t slot, int64_t length, int64_t pad) {
+  if (slot < length) return static_cast<int64_t>(perm_row[slot]);
+  int64_t wrapped = (slot - pad) % length;
+  if (wrapped < 0) wrapped += length;
+  return static_cast<int64_t>(perm_row[wrapped]);
+}
+
+// Key chunk t (0, 1, 2) of query chunk c: c, c - 1, c + 1 (mod nc), the order of the reference.
+__device__ __forceinline__ int64_t key_chunk_of(int64_t c, int t, int64_t n_chunks) {
+  if (t == 0) return c;
+  if (t == 1) return (c + n_chunks - 1) % n_chunks;
+  return (c + 1) % n_chunks;
+}
+
+// The query chunk that reads key chunk ck as its key chunk t: ck, ck + 1, ck - 1 (mod nc).
+__device__ __forceinline__ int64_t query_chunk_reading(int64_t ck, int t, int64_t n_chunks) {
+  if (t == 0) return ck;
+  if (t == 1) return (ck + 1) % n_chunks;
+  return (ck + n_chunks - 1) % n_chunks;
+}
+
+// Block-wide tile of dot products over C channels:
+//   acc[a] += sum_c A[a_rows[warp + 8a], c] * B[b_rows[lane], c]      (a = 0..3)
+// and, with kSumSq, sumsq += sum_c B[b_rows[lane], c]^2 (the squared norm of this lane's B row).
+// a_rows/b_rows (shared memory, 32 entries each) hold row indices into the [*, C] matrices A and B;
+// -1 marks a row that reads as zeros. The channels go through shared memory kChanTile at a time.
+// Every thread of the block must call it (it synchronises the block); the caller synchronises after
+// writing a_rows/b_rows.
+template <typename T, bool kSumSq>
+__device__ __forceinline__ void tile_dot(const T* __restrict__ A, const int64_t* a_rows, const T* __restrict__ B,
+                                         const int64_t* b_rows, int64_t C, float (&acc)[kRowsPerWarp],
+                                         float& sumsq, float (*s_a)[kChanTile + 1], float (*s_b)[kChanTile + 1]) {
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+  for (int64_t c0 = 0; c0 < C; c0 += kChanTile) {
+    __syncthreads();  // the previous step (or the previous user of s_a/s_b) has finished reading
+    for (int e = tid; e < kTile * kChanTile; e += kThreads) {
+      const int row = e / kChanTile, cc = e % kChanTile;
+      const int64_t c = c0 + cc;
+      const int64_t ra = a_rows[row], rb = b_rows[row];
+      s_a[row][cc] = (ra >= 0 && c < C) ? to_float(A[ra * C + c]) : 0.f;
+      s_b[row][cc] = (rb >= 0 && c < C) ? to_float(B[rb * C + c]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int cc = 0; cc < kChanTile; ++cc) {
+      const float bv = s_b[lane][cc];  // row pitch 33: the 32 lanes hit 32 different banks
+      if (kSumSq) sumsq += bv * bv;
+#pragma unroll
+      for (int a = 0; a < kRowsPerWarp; ++a) acc[a] += s_a[warp + kWarps * a][cc] * bv;  // broadcast read
+    }
+  }
+}
+
+// Host entry points used across files (gla_attention runs the hash and the sort before the attention).
+at::Tensor sblsh_hash_cuda(const at::Tensor& xm, const at::Tensor& rot);
+at::Tensor bucket_sort_cuda(const at::Tensor& codes, int64_t n_buckets);
+
+}  // namespace cuda_impl
+}  // namespace dlsn

@@ -1,0 +1,135 @@
+"""Reading and writing images, and converting between uint8 arrays and float tensors.
+
+Every image in the project travels as one of two things:
+- a ``numpy.ndarray`` of shape ``[H, W, 3]``, dtype ``uint8`` (what files hold), or
+- a ``torch.Tensor`` of shape ``[3, H, W]`` (or ``[N, 3, H, W]``), float, in ``[0, rgb_range]``
+  (``rgb_range`` 1 for the data pipeline and metrics, 255 for the network, as in the authors' code).
+Greyscale files become RGB (the grey value copied to the three channels); alpha is dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+
+PathLike = str | os.PathLike
+
+
+def is_image_file(path: PathLike) -> bool:
+    """True when the file name ends in one of IMAGE_EXTENSIONS (case-insensitive)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: PathLike) -> list[Path]:
+    """The image files directly inside ``folder``, sorted by name.
+
+    Raises FileNotFoundError when the folder does not exist and NotADirectoryError when it is a file.
+    An empty list is returned for a folder without images (callers decide whether that is an error).
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"not a folder: {folder}")
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+
+
+def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
+    """Any PIL image -> [H, W, 3] uint8 (16-bit and float greyscale are rescaled, alpha dropped)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit greyscale PNG: map 0..65535 to 0..255 (PIL's convert("L") would clip instead).
+        grey16 = np.asarray(image, dtype=np.float64)
+        grey = np.round(grey16 / 257.0).clip(0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if values.max(initial=0) > 255 else 255.0
+        grey = np.round(values * (255.0 / top)).clip(0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode == "RGB":
+        return np.array(image, dtype=np.uint8)
+    # L, LA, P, PA, RGBA, CMYK, YCbCr, 1 ...: PIL knows how to reach RGB; alpha is simply dropped.
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return np.array(image.convert("RGB"), dtype=np.uint8)
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Decode an image file to a ``[H, W, 3]`` uint8 array (greyscale -> RGB, alpha dropped).
+
+    Raises FileNotFoundError for a missing file and ValueError naming the file when it cannot be decoded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _to_rgb_uint8(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+
+
+def write_image(path: PathLike, image: np.ndarray | torch.Tensor, rgb_range: float = 1.0) -> Path:
+    """Write an image; the format follows the file extension. Parent folders are created.
+
+    ``image`` is a ``[H, W, 3]`` uint8 array, or a float tensor ``[3, H, W]`` / ``[1, 3, H, W]`` in
+    ``[0, rgb_range]`` (rounded to 8-bit levels, values outside the range clipped).
+    """
+    path = Path(path)
+    if not is_image_file(path):
+        raise ValueError(f"unsupported image extension for {path}; use one of {', '.join(IMAGE_EXTENSIONS)}")
+    array = tensor_to_uint8(image, rgb_range) if isinstance(image, torch.Tensor) else image
+    if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        shape = getattr(array, "shape", None)
+        dtype = getattr(array, "dtype", type(array).__name__)
+        raise ValueError(f"image must be a [H, W, 3] uint8 array or a float tensor, got {dtype} {shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def uint8_to_tensor(image: np.ndarray, rgb_range: float = 1.0,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[H, W, 3]`` (or ``[H, W]`` grey) uint8 array -> ``[3, H, W]`` float tensor in ``[0, rgb_range]``."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        raise ValueError(f"image must be a uint8 numpy array, got {type(image).__name__} "
+                         f"{getattr(image, 'dtype', '')}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"image must have shape [H, W, 3], got {list(image.shape)}")
+    chw = torch.from_numpy(np.ascontiguousarray(image[:, :, :3].transpose(2, 0, 1)))
+    return chw.to(dtype).mul_(rgb_range / 255.0)
+
+
+def tensor_to_uint8(image: torch.Tensor, rgb_range: float = 1.0) -> np.ndarray:
+    """``[3, H, W]`` (or ``[1, 3, H, W]``) float tensor in ``[0, rgb_range]`` -> ``[H, W, 3]`` uint8 array.
+
+    Values are scaled to 0..255, clipped and rounded to the nearest level (the rounding SR evaluation uses).
+    """
+    if image.dim() == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"image tensor must have shape [3, H, W] or [1, 3, H, W], got {list(image.shape)}")
+    if not image.is_floating_point():
+        raise ValueError(f"image tensor must be floating point, got {image.dtype}")
+    levels = (image.detach().to("cpu", torch.float64) * (255.0 / rgb_range)).clamp_(0, 255).round_()
+    return levels.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+
+def read_image_tensor(path: PathLike, rgb_range: float = 1.0) -> torch.Tensor:
+    """``read_image``, then ``uint8_to_tensor``: a ``[3, H, W]`` float32 tensor in ``[0, rgb_range]``."""
+    return uint8_to_tensor(read_image(path), rgb_range)
+
+
+def read_images(paths: Sequence[PathLike]) -> list[np.ndarray]:
+    """Decode several files (see ``read_image``)."""
+    return [read_image(p) for p in paths]

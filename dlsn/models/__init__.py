@@ -1,0 +1,35 @@
+"""Networks of the project: the GLA block, DLSN, presets and checkpoints."""
+
+from .checkpoint import (
+    CheckpointError,
+    infer_official_config,
+    load_checkpoint,
+    load_model,
+    resume,
+    save_checkpoint,
+)
+from .dlsn import DLSN, EDSRGLA, GLAFFM, LFFB, MeanShift, Upsampler
+from .gla import GLA, set_backend, set_inference
+from .presets import PRESETS, build_model, model_from_config, preset_config
+
+__all__ = [
+    "DLSN",
+    "EDSRGLA",
+    "GLA",
+    "GLAFFM",
+    "LFFB",
+    "PRESETS",
+    "CheckpointError",
+    "MeanShift",
+    "Upsampler",
+    "build_model",
+    "infer_official_config",
+    "load_checkpoint",
+    "load_model",
+    "model_from_config",
+    "preset_config",
+    "resume",
+    "save_checkpoint",
+    "set_backend",
+    "set_inference",
+]

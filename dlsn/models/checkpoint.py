@@ -1,0 +1,444 @@
+"""Checkpoints: our training format, and the authors' bare state dicts.
+
+Our format is one ``torch.save`` file holding only plain containers (dicts, lists, numbers,
+strings, tensors), so it loads with ``torch.load(weights_only=True)`` and no code runs on load::
+
+    {"format": "dlsn-checkpoint", "version": 1,
+     "config": model.config,            # plain dict, rebuilds the network (presets.model_from_config)
+     "model": state_dict,
+     "optimizer": state_dict or None, "scheduler": state_dict or None,
+     "step": int, "extra": dict}        # extra: anything plain the trainer wants back (epoch, RNG, ...)
+
+Files are written atomically: a temporary file in the same folder, flushed and fsync'ed, then
+renamed over the target, so a crash mid-write leaves the previous checkpoint intact.
+
+The authors' checkpoints are bare ``state_dict``s of their DLSN. Their architecture is read off
+the tensor shapes (:func:`infer_official_config`); their unused scalar ``a`` is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .dlsn import DIV2K_RGB_MEAN
+from .presets import model_from_config
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "CheckpointError",
+    "infer_official_config",
+    "load_checkpoint",
+    "load_model",
+    "load_weights",
+    "resume",
+    "save_checkpoint",
+]
+
+FORMAT = "dlsn-checkpoint"
+VERSION = 1
+# Entries of the authors' state dicts that no module here holds.
+OFFICIAL_UNUSED_KEYS = ("a",)
+# Settings the weights cannot tell: the authors' values (SPEC section 4).
+OFFICIAL_DEFAULTS = {"n_hashes": 3, "res_scale": 0.1}
+
+PathLike = str | os.PathLike
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, or does not fit what it is loaded into."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving.
+
+
+_PLAIN_LEAVES = (
+    str,
+    bytes,
+    int,
+    float,
+    bool,
+    complex,
+    type(None),
+    Tensor,
+    torch.dtype,
+    torch.device,
+    torch.Size,
+)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Refuses anything ``torch.load(weights_only=True)`` would not load back."""
+    if isinstance(value, _PLAIN_LEAVES):
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise TypeError(f"{where} has a key of type {type(key).__name__}; use str or int keys")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]")
+        return
+    raise TypeError(
+        f"{where} is a {type(value).__name__}; checkpoints hold only tensors and plain containers "
+        "(dict, list, tuple, str, numbers, None) so that they load with weights_only=True"
+    )
+
+
+def _strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix) :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _model_state(model: nn.Module) -> dict[str, Tensor]:
+    # torch.compile wraps the module as ``_orig_mod``, DataParallel/DDP as ``module``.
+    state = _strip_prefix(model.state_dict(), "_orig_mod.")
+    return _strip_prefix(state, "module.")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Makes the rename itself durable (best effort: not every platform opens folders)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: PathLike) -> Path:
+    """``torch.save(obj, path)`` that never leaves a half-written ``path``."""
+    path = Path(path)
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes it private; give it normal permissions
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_folder(folder)
+    return path
+
+
+def save_checkpoint(
+    path: PathLike,
+    model: nn.Module,
+    config: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    step: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Writes ``model`` (and optionally the optimizer/scheduler states) to ``path`` atomically.
+
+    ``config`` defaults to ``model.config``; it must rebuild the model with
+    ``presets.model_from_config``. ``extra`` holds anything plain to get back on resume.
+    Returns the path written.
+    """
+    if config is None:
+        config = getattr(model, "config", None)
+        if config is None:
+            raise ValueError("config is required for a model without a .config property")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    checkpoint = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": dict(config),
+        "model": _model_state(model),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "step": step,
+        "extra": {} if extra is None else dict(extra),
+    }
+    for key in ("config", "optimizer", "scheduler", "extra"):
+        _check_plain(checkpoint[key], key)
+    return atomic_torch_save(checkpoint, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the authors' state dicts.
+
+
+def _shape(state: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
+    if key not in state:
+        raise CheckpointError(f"not a DLSN state dict: it has no {key!r}")
+    return tuple(state[key].shape)
+
+
+def _indices(state: Mapping[str, Any], pattern: str) -> list[int]:
+    regex = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in state if (m := regex.match(k))})
+
+
+def _infer_rgb_range(state: Mapping[str, Tensor]) -> float:
+    bias = state.get("sub_mean.bias")
+    if bias is None or bias.device.type == "meta":
+        return 255.0
+    value = -float(bias.reshape(-1)[0]) / DIV2K_RGB_MEAN[0]  # sub_mean bias = -rgb_range * mean
+    rounded = round(value)
+    return float(rounded) if rounded > 0 and abs(value - rounded) < 1e-3 * rounded else value
+
+
+def infer_official_config(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The DLSN config of an authors' state dict, read from tensor shapes.
+
+    ``n_hashes`` and ``res_scale`` are not in the weights: the authors' 3 and 0.1 are assumed.
+    """
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError("not a state dict (a mapping of names to tensors)")
+    head = _shape(state, "head.0.weight")
+    if len(head) != 4 or head[1] != 3:
+        raise CheckpointError(f"head.0.weight has shape {head}; a DLSN head is [n_feats, 3, 3, 3]")
+    n_feats = head[0]
+
+    groups = _indices(state, r"^body\.(\d+)\.body\.")
+    if not groups or groups != list(range(len(groups))):
+        raise CheckpointError(f"not a DLSN state dict: body groups found at indices {groups}")
+    n_resgroups = len(groups)
+    _shape(state, f"body.{n_resgroups}.weight")  # the conv after the groups
+
+    gla_blocks = _indices(state, r"^body\.0\.body\.(\d+)\.conv_match\.")
+    if len(gla_blocks) != 1:
+        raise CheckpointError(f"not a DLSN state dict: expected one GLA in body.0, found {len(gla_blocks)}")
+    n_resblocks = gla_blocks[0]
+    gla = f"body.0.body.{n_resblocks}"
+    match_channels = _shape(state, f"{gla}.conv_match.0.weight")[0]
+    if match_channels < 1 or n_feats % match_channels:
+        raise CheckpointError(f"{gla}.conv_match has {match_channels} channels, not a divisor of {n_feats}")
+    chunk_size = _shape(state, f"{gla}.fc.0.weight")[0]
+
+    tail_convs = [
+        _shape(state, f"tail.0.{i}.weight")[0] for i in _indices(state, r"^tail\.0\.(\d+)\.weight$")
+    ]
+    if tail_convs == [9 * n_feats]:
+        scale = 3
+    elif tail_convs and all(c == 4 * n_feats for c in tail_convs):
+        scale = 2 ** len(tail_convs)
+    else:
+        raise CheckpointError(f"cannot read the scale from the tail convs' output channels {tail_convs}")
+
+    return {
+        "arch": "dlsn",
+        "scale": scale,
+        "n_feats": n_feats,
+        "n_resgroups": n_resgroups,
+        "n_resblocks": n_resblocks,
+        "reduction": n_feats // match_channels,
+        "chunk_size": chunk_size,
+        **OFFICIAL_DEFAULTS,
+        "rgb_range": _infer_rgb_range(state),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading.
+
+
+def _torch_load(path: Path, map_location: Any) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors and plain containers; they are not "
+                f"unpickled (weights_only=True) because that could run arbitrary code. If you trust the "
+                f"file, load it yourself and re-save its state_dict. Details: {error}"
+            ) from error
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (corrupt or truncated?): {error}"
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (corrupt or truncated?): {error}"
+        ) from error
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+    )
+
+
+def _from_state_dict(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    state = _strip_prefix(state, "module.")
+    config = infer_official_config(state)
+    weights = {k: v for k, v in state.items() if k not in OFFICIAL_UNUSED_KEYS}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config,
+        "model": weights,
+        "optimizer": None,
+        "scheduler": None,
+        "step": 0,
+        "extra": {"source": "bare state_dict (architecture inferred from shapes)"},
+    }
+
+
+def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Reads a checkpoint into our format (see the module docstring).
+
+    An authors' bare state dict comes back in the same format: config inferred from its shapes,
+    ``a`` dropped, no optimizer, step 0. Raises FileNotFoundError for a missing file and
+    :class:`CheckpointError` for anything unreadable or unrecognised.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path is not a file: {path}")
+    obj = _torch_load(path, map_location)
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        if obj.get("version") != VERSION:
+            raise CheckpointError(
+                f"{path} has checkpoint version {obj.get('version')!r}; this code reads {VERSION}"
+            )
+        missing = [k for k in ("config", "model") if not isinstance(obj.get(k), Mapping)]
+        if missing:
+            raise CheckpointError(f"{path} is a damaged dlsn checkpoint: no {', '.join(missing)}")
+        return dict(obj)
+    # Common wrappers of bare state dicts in SR code bases.
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and _is_state_dict(obj.get(key)):
+            obj = obj[key]
+            break
+    if _is_state_dict(obj):
+        try:
+            return _from_state_dict(obj)
+        except CheckpointError as error:
+            raise CheckpointError(f"{path}: {error}") from error
+    raise CheckpointError(
+        f"{path} is neither a dlsn checkpoint nor a DLSN state dict (found {type(obj).__name__})"
+    )
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return f"{shown}, ... ({len(names)} in all)" if len(names) > limit else shown
+
+
+def load_weights(
+    model: nn.Module, state: Mapping[str, Tensor], *, strict: bool = True, source: str = "state dict"
+) -> list[str]:
+    """Copies ``state`` into ``model``.
+
+    ``strict``: every name and shape must match, else :class:`CheckpointError` lists the missing,
+    unexpected and mis-shaped entries. Not strict: the entries that match are loaded and the names
+    left out are returned (e.g. the tail when starting x3 training from x2 weights).
+    """
+    state = _strip_prefix(_strip_prefix(state, "_orig_mod."), "module.")
+    state = {k: v for k, v in state.items() if k not in OFFICIAL_UNUSED_KEYS}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mis_shaped = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if strict and (missing or unexpected or mis_shaped):
+        arch = getattr(model, "config", type(model).__name__)
+        lines = [f"{source} does not fit the model {arch}:"]
+        if missing:
+            lines.append(f"  missing keys: {_listing(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys: {_listing(unexpected)}")
+        if mis_shaped:
+            lines.append(f"  shape mismatches (file vs model): {_listing(mis_shaped, 4)}")
+        raise CheckpointError("\n".join(lines))
+    skipped = set(unexpected) | {s.split(" ", 1)[0] for s in mis_shaped}
+    loadable = {k: v for k, v in state.items() if k not in skipped}
+    model.load_state_dict(loadable, strict=strict)
+    return sorted(missing + sorted(skipped))
+
+
+def load_model(
+    path: PathLike,
+    map_location: Any = "cpu",
+    *,
+    scale: int | None = None,
+    backend: str | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Builds the model a checkpoint describes and loads its weights: ``(model, config)``.
+
+    Works for our checkpoints and the authors' bare state dicts. The model is on
+    ``map_location`` and in eval mode. ``scale``: raise :class:`CheckpointError` unless the file
+    holds a model of this scale. ``backend``: kernel backend of its GLA blocks.
+    """
+    checkpoint = load_checkpoint(path, map_location)
+    config = dict(checkpoint["config"])
+    if scale is not None and config.get("scale") != scale:
+        raise CheckpointError(f"{path} holds a x{config.get('scale')} model, but x{scale} was asked for")
+    try:
+        model = model_from_config(config, backend=backend)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} has a config this code cannot build ({error}): {config}") from error
+    load_weights(model, checkpoint["model"], source=str(path))
+    if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
+        model.to(map_location)
+    return model.eval(), config
+
+
+def resume(
+    path: PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    map_location: Any = "cpu",
+) -> dict[str, Any]:
+    """Restores a training run: weights into ``model``, states into ``optimizer``/``scheduler``.
+
+    The checkpoint's config must equal ``model.config`` (else :class:`CheckpointError` names the
+    settings that differ). Returns the checkpoint dict (``step``, ``extra``, ...).
+    """
+    checkpoint = load_checkpoint(path, map_location)
+    model_config = getattr(model, "config", None)
+    if model_config is not None and dict(checkpoint["config"]) != dict(model_config):
+        keys = sorted(set(checkpoint["config"]) | set(model_config))
+        differ = {
+            k: (checkpoint["config"].get(k), model_config.get(k))
+            for k in keys
+            if checkpoint["config"].get(k) != model_config.get(k)
+        }
+        raise CheckpointError(
+            f"{path} is a checkpoint of another architecture; (file, model) differ in {differ}"
+        )
+    load_weights(model, checkpoint["model"], source=str(path))
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if target is None:
+            continue
+        if checkpoint.get(name) is None:
+            raise CheckpointError(f"{path} holds no {name} state to resume from")
+        target.load_state_dict(checkpoint[name])
+    return checkpoint

@@ -1,0 +1,246 @@
+"""Super-resolve images with a trained checkpoint.
+
+    python -m dlsn.upscale IN OUT --checkpoint FILE [--device D] [--backend B]
+                           [--n-hashes R] [--seed S] [--tile T --tile-overlap O] [--self-ensemble]
+
+IN is an image or a folder of images; OUT is the output image (or a folder: then each result is
+written there as ``<name>_x<scale>.png``; a folder IN needs a folder OUT). The scale comes from
+the checkpoint (ours, or an authors' state dict). By default every image goes through the network
+in one pass, so GLA sees the whole image; ``--tile`` cuts big images into overlapping tiles
+(sizes in input pixels) whose outputs are blended with linear ramps across the overlaps. GLA is
+global, so tiled results differ slightly from whole-image ones; tiles bound the memory.
+Hash rotations are drawn from ``--seed`` (default 0), so the same command gives the same pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from dlsn.images import is_image_file, list_images, read_image, tensor_to_uint8, uint8_to_tensor, write_image
+from dlsn.models.checkpoint import CheckpointError, load_model
+
+__all__ = ["forward_self_ensemble", "forward_tiled", "main", "upscale_array", "upscale_tensor"]
+
+MIN_SIDE = 2  # a 1-pixel-wide image is not something to super-resolve
+
+Forward = Callable[[Tensor], Tensor]
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Starts of tiles of length ``tile`` covering ``[0, size)``, consecutive ones overlapping by
+    at least ``overlap``; the last tile is moved back to end at the border."""
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    return [*range(0, size - tile, stride), size - tile]
+
+
+def _ramp(length: int, ramp: int, fade_in: bool, fade_out: bool) -> Tensor:
+    """1-D blending weight of one tile: 1 inside, rising linearly over ``ramp`` pixels on sides
+    shared with a neighbour (always > 0, so every pixel has weight)."""
+    weight = torch.ones(length)
+    if ramp > 0:
+        steps = (torch.arange(length, dtype=torch.float32) + 0.5) / ramp
+        if fade_in:
+            weight = torch.minimum(weight, steps)
+        if fade_out:
+            weight = torch.minimum(weight, steps.flip(0))
+    return weight
+
+
+def forward_tiled(forward: Forward, x: Tensor, scale: int, tile: int, overlap: int) -> Tensor:
+    """``forward`` over overlapping ``tile x tile`` crops of ``x [N, C, h, w]``, blended.
+
+    The output is accumulated on the CPU (float32) so only one tile's activations live on the
+    device. With ``tile >= max(h, w)`` this is exactly ``forward(x)``.
+    """
+    if tile < MIN_SIDE:
+        raise ValueError(f"tile must be >= {MIN_SIDE}, got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile_overlap must be in [0, tile={tile}), got {overlap}")
+    n, _, height, width = x.shape
+    rows, cols = _tile_starts(height, tile, overlap), _tile_starts(width, tile, overlap)
+    if len(rows) == 1 and len(cols) == 1:
+        return forward(x)
+    total: Tensor | None = None
+    weight_sum = torch.zeros(1, 1, height * scale, width * scale)
+    ramp = overlap * scale
+    for top, left in itertools.product(rows, cols):
+        th, tw = min(tile, height), min(tile, width)
+        out = forward(x[:, :, top : top + th, left : left + tw]).float().cpu()
+        if total is None:
+            total = torch.zeros(n, out.shape[1], height * scale, width * scale)
+        wy = _ramp(th * scale, ramp, top > 0, top + th < height)
+        wx = _ramp(tw * scale, ramp, left > 0, left + tw < width)
+        weight = (wy[:, None] * wx[None, :])[None, None]
+        region = (
+            slice(None),
+            slice(None),
+            slice(top * scale, (top + th) * scale),
+            slice(left * scale, (left + tw) * scale),
+        )
+        total[region] += out * weight
+        weight_sum[region] += weight
+    assert total is not None
+    return (total / weight_sum).to(x.device)
+
+
+def forward_self_ensemble(forward: Forward, x: Tensor) -> Tensor:
+    """Mean of ``forward`` over the 8 flips/transposes of ``x``, each output transformed back."""
+    outputs = []
+    for transpose, flip_h, flip_w in itertools.product((False, True), repeat=3):
+        t = x.transpose(-1, -2) if transpose else x
+        t = t.flip(-2) if flip_h else t
+        t = t.flip(-1) if flip_w else t
+        y = forward(t)
+        y = y.flip(-1) if flip_w else y
+        y = y.flip(-2) if flip_h else y
+        outputs.append(y.transpose(-1, -2) if transpose else y)
+    return torch.stack(outputs).mean(0)
+
+
+def upscale_tensor(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    tile: int | None = None,
+    tile_overlap: int = 16,
+    self_ensemble: bool = False,
+) -> Tensor:
+    """``x [N, 3, h, w]`` (in the model's ``[0, rgb_range]``) -> ``[N, 3, h*s, w*s]``, no gradients."""
+    scale = model.scale
+
+    def one_pass(t: Tensor) -> Tensor:
+        if tile is None:
+            return model(t)
+        return forward_tiled(model, t, scale, tile, tile_overlap)
+
+    with torch.inference_mode():
+        return forward_self_ensemble(one_pass, x) if self_ensemble else one_pass(x)
+
+
+def upscale_array(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    device: torch.device | str = "cpu",
+    tile: int | None = None,
+    tile_overlap: int = 16,
+    self_ensemble: bool = False,
+) -> np.ndarray:
+    """``[h, w, 3]`` uint8 -> ``[h*s, w*s, 3]`` uint8."""
+    height, width = image.shape[:2]
+    if height < MIN_SIDE or width < MIN_SIDE:
+        raise ValueError(f"image is {width}x{height} pixels; the smallest input is {MIN_SIDE}x{MIN_SIDE}")
+    rgb_range = float(model.config.get("rgb_range", 255.0))
+    x = uint8_to_tensor(image, rgb_range).unsqueeze(0).to(device)
+    y = upscale_tensor(model, x, tile=tile, tile_overlap=tile_overlap, self_ensemble=self_ensemble)
+    return tensor_to_uint8(y[0], rgb_range)
+
+
+def _plan(source: Path, target: Path, scale: int) -> list[tuple[Path, Path]]:
+    """(input, output) pairs for IN and OUT, with the errors a user can fix."""
+    if not source.exists():
+        raise FileNotFoundError(f"input not found: {source}")
+    if source.is_dir():
+        inputs = list_images(source)
+        if not inputs:
+            raise ValueError(f"no images in folder {source} (looked for image file extensions)")
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"IN is a folder, so OUT must be a folder too, but {target} is a file")
+        return [(p, target / f"{p.stem}_x{scale}.png") for p in inputs]
+    if target.is_dir() or str(target).endswith(("/", "\\")):
+        output = target / f"{source.stem}_x{scale}.png"
+    elif is_image_file(target):
+        output = target
+    else:
+        raise ValueError(f"OUT {target} is neither a folder nor an image file name (.png, .jpg, ...)")
+    if output.resolve() == source.resolve():
+        raise ValueError(f"OUT would overwrite the input {source}")
+    return [(source, output)]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dlsn.upscale",
+        description="Super-resolve an image or a folder of images with a DLSN checkpoint.",
+    )
+    parser.add_argument("input", type=Path, help="an image, or a folder of images")
+    parser.add_argument("output", type=Path, help="output image, or folder (needed when IN is a folder)")
+    parser.add_argument(
+        "--checkpoint", type=Path, required=True, help="our checkpoint or an authors' state dict"
+    )
+    parser.add_argument(
+        "--device", default=None, help="torch device (default: cuda when available, else cpu)"
+    )
+    parser.add_argument(
+        "--backend", default=None, help="attention kernels: reference, cpu, cuda, triton (default: automatic)"
+    )
+    parser.add_argument(
+        "--n-hashes", type=int, default=None, help="hash rounds R at inference (default: the checkpoint's)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the hash rotations (default 0)")
+    parser.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help="process in tiles of T x T input pixels (default: whole image at once)",
+    )
+    parser.add_argument("--tile-overlap", type=int, default=16, help="overlap of tiles in input pixels")
+    parser.add_argument(
+        "--self-ensemble", action="store_true", help="average over 8 flips/transposes (x8 time)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    prog = "dlsn.upscale"
+    try:
+        if args.n_hashes is not None and args.n_hashes < 1:
+            raise ValueError(f"--n-hashes must be >= 1, got {args.n_hashes}")
+        if args.tile is not None and not 0 <= args.tile_overlap < args.tile:
+            raise ValueError(
+                f"--tile-overlap must be in [0, --tile), got {args.tile_overlap} with tile {args.tile}"
+            )
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, config = load_model(args.checkpoint, map_location=device, backend=args.backend)
+        model.set_inference(n_hashes=args.n_hashes, seed=args.seed)
+        scale = int(config["scale"])
+        pairs = _plan(args.input, args.output, scale)
+        for source, target in tqdm(pairs, desc=f"x{scale}", unit="image", disable=len(pairs) == 1):
+            image = read_image(source)  # its errors name the file
+            try:
+                result = upscale_array(
+                    model,
+                    image,
+                    device=device,
+                    tile=args.tile,
+                    tile_overlap=args.tile_overlap,
+                    self_ensemble=args.self_ensemble,
+                )
+            except ValueError as error:
+                raise ValueError(f"{source}: {error}") from error
+            write_image(target, result)
+    except torch.OutOfMemoryError as error:
+        print(f"{prog}: error: out of memory ({error}); try --tile 256 (or smaller)", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, CheckpointError, RuntimeError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    where = pairs[0][1] if len(pairs) == 1 else f"{len(pairs)} images in {args.output}"
+    print(f"{prog}: wrote {where} (x{scale}, {device.type})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Fused kernels for Global Learnable Attention (GLA).
+
+Public ops (SPEC section 2); every one takes ``backend=None`` (automatic: triton or cuda on CUDA
+tensors, cpu on CPU tensors; ``$DLSN_BACKEND`` overrides) or one of ``"reference"``, ``"cpu"``,
+``"cuda"``, ``"triton"``:
+
+- :func:`sblsh_hash` ``(xm [N,L,Cm], rot [Cm,R,B]) -> codes [N,R,L]``
+- :func:`bucket_sort` ``(codes, n_buckets) -> perm [N,R,L]`` (stable)
+- :func:`chunk_attention` ``(xm, v [N,L,Cv], lss [N,L,K], perm, chunk_size) -> (out [N,R,L,Cv], lse [N,R,L])``
+- :func:`combine_rounds` ``(out, lse) -> y [N,L,Cv]``
+- :func:`gla_attention` ``(xm, v, lss, rot, chunk_size) -> y [N,L,Cv]``, steps 1-5 fused
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _checks, reference
+from ._ops import (
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    resolve_backend,
+)
+from .reference import KEY_NORM_EPS, n_buckets_for, random_rotations
+
+__all__ = [
+    "BACKENDS",
+    "KEY_NORM_EPS",
+    "BackendUnavailableError",
+    "available_backends",
+    "bucket_sort",
+    "chunk_attention",
+    "combine_rounds",
+    "gla_attention",
+    "n_buckets_for",
+    "random_rotations",
+    "reference",
+    "sblsh_hash",
+]
+
+
+def sblsh_hash(xm: Tensor, rot: Tensor, backend: str | None = None) -> Tensor:
+    """Super-bit LSH codes ``[N, R, L]`` (int64): argmax of ``xm . rot[:, r, :]``, lowest bucket on ties."""
+    chosen = resolve_backend(backend, xm.device)
+    _checks.check_hash(xm, rot, chosen.name)
+    if chosen.ops is None:
+        return reference.sblsh_hash(xm, rot)
+    return chosen.ops.sblsh_hash(xm, rot)
+
+
+def bucket_sort(codes: Tensor, n_buckets: int, backend: str | None = None) -> Tensor:
+    """Positions ordered by ``(code, position)`` per (n, round): ``perm [N, R, L]`` int64."""
+    chosen = resolve_backend(backend, codes.device)
+    _checks.check_codes(codes, n_buckets)
+    if chosen.ops is None:
+        return reference.bucket_sort(codes, n_buckets)
+    return chosen.ops.bucket_sort(codes, n_buckets)
+
+
+def chunk_attention(
+    xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int, backend: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-round attention within adjacent buckets: ``out [N, R, L, Cv]``, ``lse [N, R, L]``.
+
+    Differentiable in ``xm``, ``v`` and ``lss``. ``lse`` is float32 (float64 for float64 inputs).
+    """
+    chosen = resolve_backend(backend, xm.device)
+    _checks.check_attention(xm, v, lss, chunk_size, chosen.name)
+    _checks.check_perm(perm, xm)
+    if chosen.ops is None:
+        return reference.chunk_attention(xm, v, lss, perm, chunk_size)
+    return chosen.ops.chunk_attention(xm, v, lss, perm, chunk_size)
+
+
+def combine_rounds(out: Tensor, lse: Tensor, backend: str | None = None) -> Tensor:
+    """``y = sum_r softmax_r(lse) * out_r``: ``[N, R, L, Cv], [N, R, L] -> [N, L, Cv]``.
+
+    A few elementwise PyTorch ops on every backend (nothing to fuse); ``backend`` is accepted for
+    a uniform signature and validated.
+    """
+    _checks.check_rounds(out, lse)
+    resolve_backend(backend, out.device)
+    return torch.ops.dlsn.combine_rounds(out, lse)
+
+
+def gla_attention(
+    xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int, backend: str | None = None
+) -> Tensor:
+    """Global Learnable Attention without its convolutions: SPEC steps 1-5, ``y [N, L, Cv]``.
+
+    ``xm [N, L, Cm]`` match features, ``v [N, L, Cv]`` values, ``lss [N, L, K]`` learned scores,
+    ``rot [Cm, R, B]`` one orthonormal projection per hash round (see :func:`random_rotations`
+    and :func:`n_buckets_for`), ``chunk_size`` K. Differentiable in ``xm``, ``v``, ``lss``.
+    """
+    chosen = resolve_backend(backend, xm.device)
+    _checks.check_attention(xm, v, lss, chunk_size, chosen.name)
+    _checks.check_hash(xm, rot, chosen.name)
+    if chosen.ops is None:
+        return reference.gla_attention(xm, v, lss, rot, chunk_size)
+    y, _lse, _perm = chosen.ops.gla_attention(xm, v, lss, rot, chunk_size)
+    return y
+
+
+def _combine_rounds_impl(out: Tensor, lse: Tensor) -> Tensor:
+    return reference.combine_rounds(out, lse.to(out.dtype))
+
+
+_lib = torch.library.Library("dlsn", "FRAGMENT")
+_lib.define("combine_rounds(Tensor out, Tensor lse) -> Tensor")
+_lib.impl("combine_rounds", _combine_rounds_impl, "CompositeImplicitAutograd")

@@ -1,0 +1,140 @@
+"""Argument checks of the public ops, shared by every backend (the reference included).
+
+The compiled kernels check again in C++ (csrc/checks.h); checking here first gives the same
+``ValueError`` naming the argument whatever the backend.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _tensor(t: object, name: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_rank(t: Tensor, name: str, layout: str) -> None:
+    rank = layout.count(",") + 1
+    if _tensor(t, name).dim() != rank:
+        raise ValueError(f"{name} must have shape {layout} ({rank} dims), got {tuple(t.shape)}")
+
+
+def check_contiguous(t: Tensor, name: str) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+
+
+def check_float(t: Tensor, name: str, backend: str) -> None:
+    dtype = t.dtype
+    if not dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating tensor, got {dtype}")
+    if backend == "reference":
+        return
+    if t.device.type == "cuda":
+        ok = (torch.float32, torch.float16, torch.bfloat16)
+        if dtype not in ok:
+            raise ValueError(f"{name} must be float32, float16 or bfloat16 on CUDA, got {dtype}")
+    elif dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"{name} must be float32 or float64 on CPU, got {dtype} "
+            "(float16/bfloat16 are supported on CUDA tensors only)"
+        )
+
+
+def check_same(ref: Tensor, ref_name: str, t: Tensor, name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    if t.dtype != ref.dtype and t.dtype.is_floating_point:
+        raise ValueError(f"{name} is {t.dtype} but {ref_name} is {ref.dtype}; they must share one dtype")
+
+
+def check_index(t: Tensor, name: str) -> None:
+    if t.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def check_hash(xm: Tensor, rot: Tensor, backend: str) -> None:
+    check_rank(xm, "xm", "[N, L, Cm]")
+    check_rank(rot, "rot", "[Cm, R, B]")
+    check_float(xm, "xm", backend)
+    check_same(xm, "xm", rot, "rot")
+    check_contiguous(xm, "xm")
+    check_contiguous(rot, "rot")
+    if rot.shape[0] != xm.shape[2]:
+        raise ValueError(f"rot has {rot.shape[0]} rows but xm has Cm = {xm.shape[2]} channels")
+    if rot.shape[1] < 1 or rot.shape[2] < 1:
+        raise ValueError(f"rot must hold at least one round and one bucket, got shape {tuple(rot.shape)}")
+    if xm.shape[1] < 1:
+        raise ValueError("xm must hold at least one position (L >= 1)")
+
+
+def check_codes(codes: Tensor, n_buckets: int) -> None:
+    check_rank(codes, "codes", "[N, R, L]")
+    check_index(codes, "codes")
+    check_contiguous(codes, "codes")
+    if not isinstance(n_buckets, int) or n_buckets < 1:
+        raise ValueError(f"n_buckets must be an int >= 1, got {n_buckets!r}")
+    if codes.numel() and codes.device.type == "cpu":
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= n_buckets:
+            raise ValueError(f"codes must lie in [0, n_buckets={n_buckets}), found values in [{low}, {high}]")
+
+
+def check_attention(xm: Tensor, v: Tensor, lss: Tensor, chunk_size: int, backend: str) -> None:
+    check_chunk_size(chunk_size)
+    check_rank(xm, "xm", "[N, L, Cm]")
+    check_rank(v, "v", "[N, L, Cv]")
+    check_rank(lss, "lss", "[N, L, K]")
+    check_float(xm, "xm", backend)
+    check_same(xm, "xm", v, "v")
+    check_same(xm, "xm", lss, "lss")
+    for t, name in ((xm, "xm"), (v, "v"), (lss, "lss")):
+        check_contiguous(t, name)
+    n, length = xm.shape[:2]
+    if length < 1:
+        raise ValueError("xm must hold at least one position (L >= 1)")
+    if tuple(v.shape[:2]) != (n, length):
+        raise ValueError(f"v must have shape [N, L, Cv] = [{n}, {length}, Cv] like xm, got {tuple(v.shape)}")
+    if tuple(lss.shape) != (n, length, chunk_size):
+        raise ValueError(
+            f"lss must have shape [N, L, chunk_size] = [{n}, {length}, {chunk_size}], got {tuple(lss.shape)}"
+        )
+
+
+def check_perm(perm: Tensor, xm: Tensor) -> None:
+    check_rank(perm, "perm", "[N, R, L]")
+    check_index(perm, "perm")
+    check_contiguous(perm, "perm")
+    if perm.device != xm.device:
+        raise ValueError(f"perm is on {perm.device} but xm is on {xm.device}")
+    if perm.shape[0] != xm.shape[0] or perm.shape[2] != xm.shape[1] or perm.shape[1] < 1:
+        raise ValueError(
+            f"perm must have shape [N, R, L] with N = {xm.shape[0]}, L = {xm.shape[1]}, R >= 1, "
+            f"got {tuple(perm.shape)}"
+        )
+    if perm.device.type == "cpu" and perm.numel():
+        # An index outside [0, L) would read out of bounds in the kernels: refuse it here.
+        low, high = int(perm.min()), int(perm.max())
+        if low < 0 or high >= xm.shape[1]:
+            raise ValueError(f"perm must hold positions in [0, L={xm.shape[1]}), found values in [{low}, {high}]")
+
+
+def check_rounds(out: Tensor, lse: Tensor) -> None:
+    check_rank(out, "out", "[N, R, L, Cv]")
+    check_rank(lse, "lse", "[N, R, L]")
+    if tuple(lse.shape) != tuple(out.shape[:3]):
+        raise ValueError(f"lse must have shape [N, R, L] = {list(out.shape[:3])}, got {tuple(lse.shape)}")
+    if lse.device != out.device:
+        raise ValueError(f"lse is on {lse.device} but out is on {out.device}")

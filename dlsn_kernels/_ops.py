@@ -1,0 +1,286 @@
+"""Backends of the ``dlsn`` operators: loading ``_C``, fake kernels, autograd, backend choice.
+
+Every compiled or Triton backend provides the five operators of DESIGN.md (``sblsh_hash``,
+``bucket_sort``, ``chunk_attention``, ``gla_attention``, ``attention_backward``) as torch.library
+ops. Fake kernels and autograd are registered here once per op, with one formula for all
+backends. The ``reference`` backend is plain PyTorch and differentiates through autograd.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+# The same schemas as csrc/dlsn.cpp, for the ops defined in Python (Triton).
+SCHEMAS = {
+    "sblsh_hash": "(Tensor xm, Tensor rot) -> Tensor",
+    "bucket_sort": "(Tensor codes, int n_buckets) -> Tensor",
+    "chunk_attention": "(Tensor xm, Tensor v, Tensor lss, Tensor perm, int chunk_size) -> (Tensor, Tensor)",
+    "gla_attention": "(Tensor xm, Tensor v, Tensor lss, Tensor rot, int chunk_size) -> (Tensor, Tensor, Tensor)",
+    "attention_backward": (
+        "(Tensor grad_out, Tensor delta, Tensor xm, Tensor v, Tensor lss, Tensor perm, Tensor lse, "
+        "int chunk_size) -> (Tensor, Tensor, Tensor)"
+    ),
+}
+OP_NAMES = tuple(SCHEMAS)
+
+_BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` from the repository root "
+    "(see README.md, 'Install')"
+)
+
+try:
+    from . import _C  # noqa: F401  (importing registers the C++ ops and their CPU/CUDA kernels)
+
+    _C_ERROR: str | None = None
+except ImportError as exc:  # a missing or broken build must say how to fix it
+    _C_ERROR = f"the compiled extension dlsn_kernels._C could not be imported ({exc}); {_BUILD_HINT}"
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a requested backend cannot run for the given tensors."""
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake kernels: shapes and dtypes only, shared by the C++ and the Triton ops.
+
+
+def _fake_sblsh_hash(xm: Tensor, rot: Tensor) -> Tensor:
+    return xm.new_empty((xm.shape[0], rot.shape[1], xm.shape[1]), dtype=torch.int64)
+
+
+def _fake_bucket_sort(codes: Tensor, n_buckets: int) -> Tensor:
+    return torch.empty_like(codes, dtype=torch.int64)
+
+
+def _fake_chunk_attention(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int):
+    n, length, _ = xm.shape
+    rounds = perm.shape[1]
+    out = v.new_empty((n, rounds, length, v.shape[2]))
+    lse = xm.new_empty((n, rounds, length), dtype=_acc_dtype(xm.dtype))
+    return out, lse
+
+
+def _fake_gla_attention(xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int):
+    n, length, _ = xm.shape
+    y = v.new_empty((n, length, v.shape[2]))
+    lse = xm.new_empty((n, length), dtype=_acc_dtype(xm.dtype))
+    perm = xm.new_empty((n, rot.shape[1], length), dtype=torch.int64)
+    return y, lse, perm
+
+
+def _fake_attention_backward(grad_out, delta, xm, v, lss, perm, lse, chunk_size):
+    return torch.empty_like(xm), torch.empty_like(v), torch.empty_like(lss)
+
+
+_FAKES: dict[str, Callable[..., Any]] = {
+    "sblsh_hash": _fake_sblsh_hash,
+    "bucket_sort": _fake_bucket_sort,
+    "chunk_attention": _fake_chunk_attention,
+    "gla_attention": _fake_gla_attention,
+    "attention_backward": _fake_attention_backward,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd: one formula for every backend (DESIGN.md, "Backward: one kernel for both ops").
+
+
+def _register_autograd(chunk_op, gla_op, backward_op) -> None:
+    def chunk_setup(ctx, inputs, output):
+        xm, v, lss, perm, chunk_size = inputs
+        out, lse = output
+        ctx.save_for_backward(xm, v, lss, perm, out, lse)
+        ctx.chunk_size = chunk_size
+
+    def chunk_backward(ctx, grad_out, grad_lse):
+        xm, v, lss, perm, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+        if grad_lse is not None:
+            delta = delta - grad_lse
+        dxm, dv, dlss = backward_op(
+            grad_out.contiguous(), delta.contiguous(), xm, v, lss, perm, lse, ctx.chunk_size
+        )
+        return dxm, dv, dlss, None, None
+
+    def gla_setup(ctx, inputs, output):
+        xm, v, lss, _rot, chunk_size = inputs
+        y, lse, perm = output
+        ctx.save_for_backward(xm, v, lss, perm, y, lse)
+        ctx.chunk_size = chunk_size
+
+    def gla_backward(ctx, grad_y, grad_lse, _grad_perm):
+        xm, v, lss, perm, y, lse = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(y)
+        delta = (grad_y.to(lse.dtype) * y.to(lse.dtype)).sum(-1)
+        if grad_lse is not None:
+            delta = delta - grad_lse
+        dxm, dv, dlss = backward_op(
+            grad_y.contiguous().unsqueeze(1),
+            delta.contiguous().unsqueeze(1),
+            xm,
+            v,
+            lss,
+            perm,
+            lse.unsqueeze(1),
+            ctx.chunk_size,
+        )
+        return dxm, dv, dlss, None, None
+
+    torch.library.register_autograd(chunk_op, chunk_backward, setup_context=chunk_setup)
+    torch.library.register_autograd(gla_op, gla_backward, setup_context=gla_setup)
+
+
+def _register_cpp_ops() -> None:
+    for name in OP_NAMES:
+        torch.library.register_fake(f"dlsn::{name}", _FAKES[name])
+    _register_autograd("dlsn::chunk_attention", "dlsn::gla_attention", torch.ops.dlsn.attention_backward)
+
+
+if _C_ERROR is None:
+    _register_cpp_ops()
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton: the plain functions of dlsn_kernels.triton wrapped as torch.library custom ops.
+
+
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not importable ({exc}); `pip install triton`"
+    return None
+
+
+_TRITON_ERROR = _triton_import_error()
+_TRITON_OPS: dict[str, Any] = {}
+
+
+def _register_triton_ops() -> None:
+    from . import triton as tk
+
+    for name, schema in SCHEMAS.items():
+        op = torch.library.custom_op(
+            f"dlsn::triton_{name}", getattr(tk, name), mutates_args=(), schema=schema
+        )
+        op.register_fake(_FAKES[name])
+        _TRITON_OPS[name] = op
+    _register_autograd(
+        _TRITON_OPS["chunk_attention"], _TRITON_OPS["gla_attention"], _TRITON_OPS["attention_backward"]
+    )
+
+
+@functools.cache
+def _triton_ready() -> str | None:
+    """Registers the Triton ops on first use; returns why they cannot run, or None."""
+    if _TRITON_ERROR is not None:
+        return _TRITON_ERROR
+    try:
+        _register_triton_ops()
+    except Exception as exc:  # noqa: BLE001 - any failure here means the backend is unusable
+        return f"the Triton kernels failed to load ({type(exc).__name__}: {exc})"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend choice.
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on tensors of ``device``; None when it can."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if _C_ERROR is not None:
+            return _C_ERROR
+        return None if device.type == "cpu" else f"the cpu backend takes CPU tensors, got {device.type}"
+    if name == "cuda":
+        if _C_ERROR is not None:
+            return _C_ERROR
+        if device.type != "cuda":
+            return f"the cuda backend takes CUDA tensors, got {device.type}"
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("dlsn::chunk_attention", "CUDA"):
+            return "the extension was built without CUDA kernels (rebuild with DLSN_WITH_CUDA=1)"
+        return None
+    if name == "triton":
+        if device.type == "cpu" and not _interpreter_on():
+            return "Triton runs on CPU tensors only in interpreter mode (set TRITON_INTERPRET=1 before importing triton)"
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton does not run on {device.type} tensors"
+        return _triton_ready()
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or None")
+
+
+def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:
+    """Every backend mapped to why it cannot run on ``device`` (None: it can)."""
+    device = torch.device(device)
+    return {name: backend_unavailable_reason(name, device) for name in BACKENDS}
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    ops: Any  # an object with the five ops as attributes, or None for the reference
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> Backend:
+    """The backend to run on ``device``: ``backend`` if given, else ``$DLSN_BACKEND``, else automatic."""
+    requested = backend if backend is not None else (os.environ.get("DLSN_BACKEND") or None)
+    if requested is not None:
+        requested = requested.strip().lower()
+        if requested not in BACKENDS:
+            raise ValueError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)} or None")
+        reason = backend_unavailable_reason(requested, device)
+        if reason is not None:
+            table = "\n".join(
+                f"  {name}: {why or 'available'}" for name, why in available_backends(device).items()
+            )
+            raise BackendUnavailableError(
+                f"backend {requested!r} cannot run on {device.type} tensors: {reason}\n"
+                f"backends on {device.type}:\n{table}"
+            )
+        return _backend(requested)
+    candidates = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+    for name in candidates:
+        if backend_unavailable_reason(name, device) is None:
+            return _backend(name)
+    table = "\n".join(f"  {name}: {why or 'available'}" for name, why in available_backends(device).items())
+    raise BackendUnavailableError(
+        f"no compiled backend can run on {device.type} tensors; pass backend='reference' for the slow "
+        f"plain-PyTorch path, or fix one of:\n{table}"
+    )
+
+
+class _TritonOps:
+    def __getattr__(self, name: str):
+        return _TRITON_OPS[name]
+
+
+@functools.cache
+def _backend(name: str) -> Backend:
+    if name == "reference":
+        return Backend(name, None)
+    if name == "triton":
+        return Backend(name, _TritonOps())
+    return Backend(name, torch.ops.dlsn)

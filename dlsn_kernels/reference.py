@@ -1,0 +1,142 @@
+"""Plain PyTorch Global Learnable Attention: the oracle every kernel is tested against.
+
+This module follows SPEC section 1 step by step and materialises everything (sorted copies,
+padded copies, the ``[N, R, nc, K, 3K]`` score tensor), the way the authors' code does. It is
+meant to be read, not to be fast. Autograd gives its gradients.
+
+Layouts: ``xm [N, L, Cm]``, ``v [N, L, Cv]``, ``lss [N, L, K]``, ``rot [Cm, R, B]``,
+``codes``/``perm`` ``[N, R, L]`` int64.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "KEY_NORM_EPS",
+    "n_buckets_for",
+    "random_rotations",
+    "sblsh_hash",
+    "bucket_sort",
+    "padded_slot_positions",
+    "chunk_attention",
+    "combine_rounds",
+    "gla_attention",
+]
+
+KEY_NORM_EPS = 5e-5
+
+
+def n_buckets_for(length: int, chunk_size: int) -> int:
+    """Number of hash buckets for a sequence of ``length`` positions (SPEC section 1)."""
+    n = length // chunk_size
+    n = min(n + n % 2, 128)
+    return max(n, 1)
+
+
+def random_rotations(
+    channels: int,
+    n_hashes: int,
+    n_buckets: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``rot [Cm, R, B]``: one random orthonormal ``[Cm, B]`` matrix per hash round.
+
+    Same law as ``torch.nn.init.orthogonal_`` on a ``[Cm, B]`` tensor (QR of a Gaussian matrix,
+    signs fixed by the diagonal of R), drawn from ``generator`` when one is given.
+    """
+    rots = []
+    for _ in range(n_hashes):
+        flat = torch.randn(max(channels, n_buckets), min(channels, n_buckets), generator=generator,
+                           dtype=torch.float64)
+        q, r = torch.linalg.qr(flat)
+        q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+        if channels < n_buckets:
+            q = q.t()
+        rots.append(q)
+    return torch.stack(rots, dim=1).to(device=device, dtype=dtype)
+
+
+def sblsh_hash(xm: Tensor, rot: Tensor) -> Tensor:
+    """``codes[n, r, l] = argmax_b xm[n, l] . rot[:, r, b]`` (lowest b on ties), int64."""
+    proj = torch.einsum("nlc,crb->nrlb", xm, rot.to(xm.dtype))
+    return proj.argmax(dim=-1)
+
+
+def bucket_sort(codes: Tensor, n_buckets: int | None = None) -> Tensor:
+    """Positions ordered by ``(code, position)``: a stable sort per (n, round)."""
+    del n_buckets  # the order does not depend on it; kept for the same signature as the ops
+    return torch.sort(codes.long(), dim=-1, stable=True).indices
+
+
+def padded_slot_positions(perm: Tensor, chunk_size: int) -> Tensor:
+    """Position held by each of the ``Lp`` sorted slots, padded slots included (SPEC 1.3)."""
+    length = perm.shape[-1]
+    pad = (chunk_size - length % chunk_size) % chunk_size
+    if pad == 0:
+        return perm.long()
+    extra = (torch.arange(length, length + pad, device=perm.device) - pad) % length
+    return torch.cat([perm.long(), perm.long()[..., extra]], dim=-1)
+
+
+def _adjacent(x: Tensor) -> Tensor:
+    """``[.., nc, K, C] -> [.., nc, 3K, C]``: chunk c followed by chunks c-1 and c+1."""
+    back = torch.roll(x, shifts=1, dims=-3)
+    forward = torch.roll(x, shifts=-1, dims=-3)
+    return torch.cat([x, back, forward], dim=-2)
+
+
+def chunk_attention(
+    xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int
+) -> tuple[Tensor, Tensor]:
+    """Attention of every round within adjacent buckets (SPEC 1.3-1.4).
+
+    Returns ``out [N, R, L, Cv]`` and ``lse [N, R, L]`` in original position order.
+    """
+    n, length, cm = xm.shape
+    cv = v.shape[-1]
+    k = chunk_size
+    rounds = perm.shape[1]
+    slots = padded_slot_positions(perm, k)  # [N, R, Lp]
+    lp = slots.shape[-1]
+    nc = lp // k
+
+    def gather(t: Tensor) -> Tensor:
+        c = t.shape[-1]
+        idx = slots.unsqueeze(-1).expand(n, rounds, lp, c)
+        return torch.gather(t.unsqueeze(1).expand(n, rounds, length, c), 2, idx)
+
+    q = gather(xm).reshape(n, rounds, nc, k, cm)
+    key_norm = xm / xm.norm(dim=-1, keepdim=True).clamp_min(KEY_NORM_EPS)
+    keys = _adjacent(gather(key_norm).reshape(n, rounds, nc, k, cm))
+    values = _adjacent(gather(v).reshape(n, rounds, nc, k, cv))
+    learned = _adjacent(gather(lss).reshape(n, rounds, nc, k, k))  # [.., 3K keys, K query slots]
+
+    scores = torch.einsum("nrcie,nrcje->nrcij", q, keys) + learned.transpose(-1, -2)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    out = torch.einsum("nrcij,nrcje->nrcie", torch.exp(scores - lse), values)
+
+    out = out.reshape(n, rounds, lp, cv)[:, :, :length]
+    lse = lse.reshape(n, rounds, lp)[:, :, :length]
+    order = perm.long()
+    out_orig = torch.empty_like(out).scatter_(2, order.unsqueeze(-1).expand_as(out), out)
+    lse_orig = torch.empty_like(lse).scatter_(2, order, lse)
+    return out_orig, lse_orig
+
+
+def combine_rounds(out: Tensor, lse: Tensor) -> Tensor:
+    """``y = sum_r softmax_r(lse) out_r`` (SPEC 1.5): ``[N, R, L, Cv], [N, R, L] -> [N, L, Cv]``."""
+    weights = torch.softmax(lse, dim=1).unsqueeze(-1)
+    return (weights * out).sum(dim=1)
+
+
+def gla_attention(xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int) -> Tensor:
+    """SPEC steps 1-5: hash, sort, chunk attention, round combination. ``y [N, L, Cv]``."""
+    codes = sblsh_hash(xm.detach(), rot)
+    perm = bucket_sort(codes, rot.shape[-1])
+    out, lse = chunk_attention(xm, v, lss, perm, chunk_size)
+    return combine_rounds(out, lse.to(out.dtype))

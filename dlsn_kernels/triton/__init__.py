@@ -1,0 +1,42 @@
+"""Triton backend of dlsn-kernels: plain functions, wrapped into ``dlsn::triton_<name>`` ops by ``_ops``.
+
+Functions (layouts and meaning as in DESIGN.md):
+
+- ``sblsh_hash(xm, rot) -> codes [N, R, L]`` int64
+- ``bucket_sort(codes, n_buckets) -> perm [N, R, L]`` int64 (stable)
+- ``chunk_attention(xm, v, lss, perm, chunk_size) -> (out [N, R, L, Cv], lse [N, R, L])``
+- ``gla_attention(xm, v, lss, rot, chunk_size) -> (y [N, L, Cv], lse [N, L], perm [N, R, L])``
+- ``attention_backward(grad_out, delta, xm, v, lss, perm, lse, chunk_size) -> (dxm, dv, dlss)``
+
+Limits:
+
+- Devices and dtypes: CUDA tensors in float32, float16 or bfloat16 (dot products and softmax in
+  float32; float32 dot products in full IEEE precision, no TF32). CPU tensors only under the Triton
+  interpreter (``TRITON_INTERPRET=1`` before ``triton`` is first imported), in float32 or float64
+  (float64 accumulates in float64, for gradcheck). ``INTERPRETED`` says which mode this process got.
+- Sizes: ``Cm`` and ``Cv`` up to ``MAX_CHANNELS`` (512; a channel row is held whole in registers),
+  ``chunk_size`` up to ``MAX_CHUNK`` (1024). Any N, L >= 1, any K (L < K included), any R; channel and
+  chunk sizes need not be powers of two (blocks are padded to the next power of two and masked).
+- ``bucket_sort`` is a Triton counting sort up to ``MAX_SORT_BUCKETS`` (1024) buckets, and
+  ``torch.sort(stable=True)`` beyond. ``perm`` is assumed to be a permutation (not checked).
+- The backward pass needs ``[N, nc, 3, ceil(K / BLOCK_K), K, Cm]`` floats of ``dq`` partial sums and
+  ``[N, Lp, Cm + Cv + K]`` of slot gradients (reused for every round), plus position totals when R > 1.
+- Block sizes are autotuned on a GPU (one fixed choice under the interpreter).
+"""
+
+from ._common import INTERPRETED, MAX_CHANNELS, MAX_CHUNK
+from .attention_backward import attention_backward
+from .chunk_attention import chunk_attention, gla_attention
+from .hash import MAX_SORT_BUCKETS, bucket_sort, sblsh_hash
+
+__all__ = [
+    "INTERPRETED",
+    "MAX_CHANNELS",
+    "MAX_CHUNK",
+    "MAX_SORT_BUCKETS",
+    "attention_backward",
+    "bucket_sort",
+    "chunk_attention",
+    "gla_attention",
+    "sblsh_hash",
+]

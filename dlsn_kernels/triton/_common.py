@@ -1,0 +1,161 @@
+"""Pieces shared by the Triton kernels: interpreter choice, launch helpers, argument checks.
+
+Interpreter: compiled Triton kernels need a GPU. The Triton interpreter (numpy on the host) runs the
+same kernels on CPU tensors, but Triton decides at *its own* import whether its library functions
+(``tl.sum``, ``tl.max``, ...) are interpreted: ``TRITON_INTERPRET=1`` must be in the environment before
+``triton`` is first imported in the process. ``INTERPRETED`` records what Triton did; our kernels follow
+it (even if the variable was removed since), and CPU tensors get a clear error when it is False.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import KEY_NORM_EPS
+
+__all__ = [
+    "INTERPRETED",
+    "KEY_NORM_EPS",
+    "MAX_CHANNELS",
+    "MAX_CHUNK",
+    "accumulate_dtype",
+    "autotune",
+    "check_float_inputs",
+    "check_index",
+    "check_rank",
+    "channel_block",
+    "jit",
+    "tl_accumulate_dtype",
+    "tl_dtype",
+]
+
+# Channel rows (Cm, Cv) live whole in registers (padded to a power of two): past this they would spill.
+MAX_CHANNELS = 512
+# A chunk row of learned scores (K values) is loaded whole by the backward scatter kernel.
+MAX_CHUNK = 1024
+
+
+
+def _triton_interprets() -> bool:
+    """Whether Triton's own library was built for the interpreter (env at Triton's import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.standard.sum, InterpretedFunction)
+
+
+INTERPRETED: bool = _triton_interprets()
+
+
+def jit(fn: Callable) -> Any:
+    """``triton.jit``, built for the interpreter when ``INTERPRETED`` (see the module docstring)."""
+    if INTERPRETED and not triton.knobs.runtime.interpret:
+        with triton.knobs.runtime.scope():
+            triton.knobs.runtime.interpret = True
+            return triton.jit(fn)
+    return triton.jit(fn)
+
+
+def autotune(configs: list[triton.Config], key: list[str], interpreter_blocks: dict[str, Callable],
+             **kwargs: Any) -> Callable:
+    """``triton.autotune`` on a GPU; under the interpreter fixed block sizes from ``interpreter_blocks``.
+
+    Timing configurations of an interpreted kernel measures Python, not the kernel, and costs minutes.
+    """
+
+    def wrap(fn: Any) -> Any:
+        if INTERPRETED:
+            return triton.heuristics(interpreter_blocks)(fn)
+        return triton.autotune(configs=configs, key=key, **kwargs)(fn)
+
+    return wrap
+
+
+def channel_block(size: int) -> int:
+    """Power-of-two block covering ``size``, at least 16 (the smallest ``tl.dot`` operand side)."""
+    return max(16, triton.next_power_of_2(max(int(size), 1)))
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_accumulate_dtype(dtype: torch.dtype) -> Any:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
+              torch.bfloat16: tl.bfloat16}
+
+
+def tl_dtype(dtype: torch.dtype) -> Any:
+    """The Triton dtype of a floating torch dtype (``tl.dot`` operands use the input dtype)."""
+    return _TL_DTYPES[dtype]
+
+
+def check_rank(t: torch.Tensor, name: str, rank: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have shape {layout} ({rank} dims), got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+
+
+def check_index(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+
+
+def _check_device(t: torch.Tensor, name: str) -> None:
+    if t.is_cuda:
+        return
+    if t.device.type != "cpu":
+        raise RuntimeError(f"the Triton backend runs on CUDA tensors, {name} is on {t.device}")
+    if not INTERPRETED:
+        raise RuntimeError(
+            f"{name} is a CPU tensor: the Triton backend runs CPU tensors only under the Triton interpreter "
+            "(TRITON_INTERPRET=1 in the environment before triton is first imported); use backend='cpu' instead"
+        )
+
+
+def _check_float(t: torch.Tensor, name: str) -> None:
+    if t.is_cuda:
+        allowed = (torch.float32, torch.float16, torch.bfloat16)
+        if t.dtype not in allowed:
+            raise ValueError(f"{name} must be float32, float16 or bfloat16 on CUDA, got {t.dtype}")
+    elif t.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"{name} must be float32 or float64 on CPU (Triton interpreter), got {t.dtype} "
+            "(float16/bfloat16 are supported on CUDA tensors only)"
+        )
+
+
+def check_float_inputs(named: dict[str, torch.Tensor]) -> None:
+    """Device, dtype and shared-dtype/shared-device checks of the floating inputs, in order."""
+    first_name, first = next(iter(named.items()))
+    for name, t in named.items():
+        _check_device(t, name)
+        _check_float(t, name)
+        if t.device != first.device:
+            raise ValueError(f"{first_name} is on {first.device} but {name} is on {t.device}")
+        if t.dtype != first.dtype:
+            raise ValueError(f"{first_name} is {first.dtype} but {name} is {t.dtype}; they must share one dtype")
+
+
+@jit
+def slot_position(perm_row, slot, length, pad, mask):
+    """Position held by sorted ``slot`` (SPEC 1.3): ``perm[slot]``, or ``perm[(slot - pad) mod L]`` past L."""
+    wrapped = ((slot - pad) % length + length) % length  # % truncates toward zero in Triton: fold twice
+    source = tl.where(slot < length, slot, wrapped)
+    return tl.load(perm_row + source, mask=mask, other=0).to(tl.int64)
+
+
+@jit
+def matmul(a, b, ACC: tl.constexpr):
+    """``a @ b`` accumulated in ``ACC``; float32 operands in full precision (no TF32: it flips hash codes)."""
+    return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)

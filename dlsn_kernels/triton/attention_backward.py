@@ -1,0 +1,313 @@
+"""Backward of ``chunk_attention`` and ``gla_attention`` as Triton kernels (DESIGN.md, SPEC 8).
+
+Deterministic without atomics: every buffer element has exactly one writer and every sum runs in a
+fixed order. Per round r, two launches:
+
+1. ``_key_pass``: one program per (key block kb of key chunk c', n). It recomputes the scores of the
+   query chunks that read c' (c', c'+1, c'-1: t = 0, 1, 2) from the saved ``lse`` and owns the slot
+   gradients of its keys: ``dv``/``dkn`` rows (registers, summed over query tiles and t) and ``dlss``
+   rows. Its share of each query's ``dq`` goes to ``dq_part[n, c, t, kb, i]`` (one writer).
+2. ``_position_pass``: one program per block of sorted slots p < L. Slot p holds position
+   ``perm[p]``; its key gradients are slot p plus its padded duplicates (increasing slot order), its
+   ``dq`` the sum of ``dq_part`` over t then kb. They are added to the position totals (rounds in
+   increasing order; each position is written once per round). The last round applies the key
+   normalisation backward and writes ``dxm``, ``dv``, ``dlss`` in the input dtypes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import (
+    KEY_NORM_EPS,
+    accumulate_dtype,
+    autotune,
+    channel_block,
+    check_rank,
+    jit,
+    matmul,
+    slot_position,
+    tl_accumulate_dtype,
+    tl_dtype,
+)
+from .chunk_attention import _check_perm, check_attention_inputs
+
+__all__ = ["attention_backward"]
+
+
+def _key_pass_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_Q": bq}, num_warps=w, num_stages=2) for bq, w in ((16, 4), (32, 4), (64, 8))]
+
+
+def _prune_key_pass(configs, named_args, **kwargs):
+    chunk = channel_block(named_args["K"])
+    return [c for c in configs if c.kwargs["BLOCK_Q"] <= chunk] or configs[:1]
+
+
+@autotune(
+    _key_pass_configs(), key=["Cm", "Cv", "K", "BLOCK_K"],
+    interpreter_blocks={"BLOCK_Q": lambda a: min(channel_block(a["K"]), 64)},
+    prune_configs_by={"early_config_prune": _prune_key_pass},
+)
+@triton.heuristics({
+    "BLOCK_CM": lambda a: channel_block(a["Cm"]),
+    "BLOCK_CV": lambda a: channel_block(a["Cv"]),
+    "ACC": lambda a: tl_accumulate_dtype(a["xm_ptr"].dtype),
+    "DOT": lambda a: tl_dtype(a["xm_ptr"].dtype),
+})
+@jit
+def _key_pass(
+    grad_out_ptr, delta_ptr, lse_ptr, xm_ptr, v_ptr, lss_ptr, perm_ptr,
+    dv_slot_ptr, dkn_slot_ptr, dlss_slot_ptr, dq_part_ptr,
+    L, Cm, Cv, K, R, nc, pad, Lp, r, stat_rounds, stat_round,
+    EPS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+):
+    n_kblocks = tl.cdiv(K, BLOCK_K)
+    kc = tl.program_id(0) // n_kblocks
+    kb = tl.program_id(0) % n_kblocks
+    n = tl.program_id(1).to(tl.int64)
+    perm_row = perm_ptr + (n * R + r) * L
+    stat_row = (n * stat_rounds + stat_round) * L  # row of grad_out / delta / lse [N, R', L]
+
+    offs_cm = tl.arange(0, BLOCK_CM)
+    offs_cv = tl.arange(0, BLOCK_CV)
+    cm_ok = offs_cm < Cm
+    cv_ok = offs_cv < Cv
+
+    # this program's keys: slots kc*K + j (all < Lp; slots >= L hold padded duplicates)
+    offs_j = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = offs_j < K
+    k_slot = kc * K + offs_j
+    k_pos = slot_position(perm_row, k_slot, L, pad, k_ok)
+    k_rows = n * L + k_pos
+    key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :],
+                  mask=k_ok[:, None] & cm_ok[None, :], other=0.0).to(ACC)
+    inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(key * key, axis=1)), EPS)
+    key_n = (key * inv_norm[:, None]).to(DOT)
+    val = tl.load(v_ptr + k_rows[:, None] * Cv + offs_cv[None, :],
+                  mask=k_ok[:, None] & cv_ok[None, :], other=0.0).to(DOT)
+
+    dv = tl.zeros([BLOCK_K, BLOCK_CV], ACC)
+    dkn = tl.zeros([BLOCK_K, BLOCK_CM], ACC)
+    for q0 in range(0, K, BLOCK_Q):
+        offs_i = q0 + tl.arange(0, BLOCK_Q)
+        i_ok = offs_i < K
+        dlss = tl.zeros([BLOCK_K, BLOCK_Q], ACC)  # [key, query slot i], summed over t
+        for t in tl.static_range(3):
+            # query chunk c reads key chunk kc as its chunk t: c = kc, kc + 1, kc - 1 (mod nc)
+            if t == 0:
+                c = kc
+            elif t == 1:
+                c = (kc + 1) % nc
+            else:
+                c = (kc + nc - 1) % nc
+            q_slot = c * K + offs_i
+            q_ok = i_ok & (q_slot < L)  # padded query slots produce nothing, so get no gradient
+            q_pos = slot_position(perm_row, q_slot, L, pad, q_ok)
+            q = tl.load(xm_ptr + (n * L + q_pos)[:, None] * Cm + offs_cm[None, :],
+                        mask=q_ok[:, None] & cm_ok[None, :], other=0.0).to(DOT)
+            d_out = tl.load(grad_out_ptr + (stat_row + q_pos)[:, None] * Cv + offs_cv[None, :],
+                            mask=q_ok[:, None] & cv_ok[None, :], other=0.0).to(DOT)
+            lse = tl.load(lse_ptr + stat_row + q_pos, mask=q_ok, other=0.0).to(ACC)
+            delta = tl.load(delta_ptr + stat_row + q_pos, mask=q_ok, other=0.0).to(ACC)
+            learned = tl.load(lss_ptr + k_rows[None, :] * K + offs_i[:, None],
+                              mask=q_ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
+            s = matmul(q, tl.trans(key_n), ACC) + learned
+            valid = q_ok[:, None] & k_ok[None, :]
+            p = tl.exp(tl.where(valid, s - lse[:, None], float("-inf")))  # [BLOCK_Q, BLOCK_K]
+            dv += matmul(tl.trans(p.to(DOT)), d_out, ACC)
+            dp = matmul(d_out, tl.trans(val), ACC)
+            ds = p * (dp - delta[:, None])
+            ds_dot = ds.to(DOT)
+            dkn += matmul(tl.trans(ds_dot), q, ACC)
+            dlss += tl.trans(ds)
+            dq = matmul(ds_dot, key_n, ACC)
+            part_row = (((n * nc + c) * 3 + t) * n_kblocks + kb) * K + offs_i
+            tl.store(dq_part_ptr + part_row[:, None] * Cm + offs_cm[None, :], dq,
+                     mask=i_ok[:, None] & cm_ok[None, :])
+        tl.store(dlss_slot_ptr + (n * Lp + k_slot)[:, None] * K + offs_i[None, :], dlss,
+                 mask=k_ok[:, None] & i_ok[None, :])
+    slot_rows = n * Lp + k_slot
+    tl.store(dv_slot_ptr + slot_rows[:, None] * Cv + offs_cv[None, :], dv, mask=k_ok[:, None] & cv_ok[None, :])
+    tl.store(dkn_slot_ptr + slot_rows[:, None] * Cm + offs_cm[None, :], dkn, mask=k_ok[:, None] & cm_ok[None, :])
+
+
+@jit
+def _gather_slots(slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs, width, ok, BLOCK_P: tl.constexpr,
+                  BLOCK_W: tl.constexpr, ACC: tl.constexpr):
+    """Row ``slot`` of a ``[N, Lp, width]`` slot buffer plus the rows of its padded duplicates."""
+    w_ok = offs < width
+    total = tl.load(slot_ptr + (n * Lp + slot)[:, None] * width + offs[None, :],
+                    mask=ok[:, None] & w_ok[None, :], other=0.0).to(ACC)
+    for d in range(0, n_dup):
+        dup = dup_first + d * L
+        dup_ok = ok & (dup < Lp)
+        total += tl.load(slot_ptr + (n * Lp + dup)[:, None] * width + offs[None, :],
+                         mask=dup_ok[:, None] & w_ok[None, :], other=0.0).to(ACC)
+    return total
+
+
+@jit
+def _add_to_total(total_ptr, rows, offs, width, ok, value, FIRST: tl.constexpr):
+    """``value`` plus what earlier rounds left in ``total[rows]`` (nothing in the first round)."""
+    if not FIRST:
+        value += tl.load(total_ptr + rows[:, None] * width + offs[None, :],
+                         mask=ok[:, None] & (offs < width)[None, :], other=0.0)
+    return value
+
+
+@jit
+def _store_rows(ptr, rows, offs, width, ok, value):
+    tl.store(ptr + rows[:, None] * width + offs[None, :], value.to(ptr.dtype.element_ty),
+             mask=ok[:, None] & (offs < width)[None, :])
+
+
+@triton.heuristics({
+    "BLOCK_CM": lambda a: channel_block(a["Cm"]),
+    "BLOCK_CV": lambda a: channel_block(a["Cv"]),
+    "BLOCK_KK": lambda a: channel_block(a["K"]),
+    "ACC": lambda a: tl_accumulate_dtype(a["xm_ptr"].dtype),
+})
+@jit
+def _position_pass(
+    perm_ptr, xm_ptr, dq_part_ptr, dv_slot_ptr, dkn_slot_ptr, dlss_slot_ptr,
+    dq_tot_ptr, dkn_tot_ptr, dv_tot_ptr, dlss_tot_ptr, dxm_ptr, dv_ptr, dlss_ptr,
+    L, Cm, Cv, K, R, nc, pad, Lp, r, n_kblocks, n_dup,
+    FIRST: tl.constexpr, LAST: tl.constexpr, EPS: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr, BLOCK_KK: tl.constexpr, ACC: tl.constexpr,
+):
+    n = tl.program_id(1).to(tl.int64)
+    slot = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ok = slot < L
+    pos_rows = n * L + tl.load(perm_ptr + (n * R + r) * L + slot, mask=ok, other=0).to(tl.int64)
+    # padded slots holding the same position: L + (slot + pad) % L, then every L further, below Lp
+    dup_first = L + (slot + pad) % L
+
+    offs_cm = tl.arange(0, BLOCK_CM)
+    offs_cv = tl.arange(0, BLOCK_CV)
+    offs_k = tl.arange(0, BLOCK_KK)
+    cm_ok = offs_cm < Cm
+
+    # dq of the query at this slot (padded query slots have none): sum over t, then key blocks
+    c = slot // K
+    i = slot % K
+    dq = tl.zeros([BLOCK_P, BLOCK_CM], ACC)
+    for t in tl.static_range(3):
+        for kb in range(0, n_kblocks):
+            part_row = (((n * nc + c) * 3 + t) * n_kblocks + kb) * K + i
+            dq += tl.load(dq_part_ptr + part_row[:, None] * Cm + offs_cm[None, :],
+                          mask=ok[:, None] & cm_ok[None, :], other=0.0)
+    dq = _add_to_total(dq_tot_ptr, pos_rows, offs_cm, Cm, ok, dq, FIRST)
+    dkn = _gather_slots(dkn_slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs_cm, Cm, ok, BLOCK_P, BLOCK_CM, ACC)
+    dkn = _add_to_total(dkn_tot_ptr, pos_rows, offs_cm, Cm, ok, dkn, FIRST)
+    dv = _gather_slots(dv_slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs_cv, Cv, ok, BLOCK_P, BLOCK_CV, ACC)
+    dv = _add_to_total(dv_tot_ptr, pos_rows, offs_cv, Cv, ok, dv, FIRST)
+    dlss = _gather_slots(dlss_slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs_k, K, ok, BLOCK_P, BLOCK_KK, ACC)
+    dlss = _add_to_total(dlss_tot_ptr, pos_rows, offs_k, K, ok, dlss, FIRST)
+
+    if LAST:
+        # backward of kn = x / max(||x||, eps): (dkn - kn (kn . dkn)) / ||x||, or dkn / eps when clamped
+        x = tl.load(xm_ptr + pos_rows[:, None] * Cm + offs_cm[None, :],
+                    mask=ok[:, None] & cm_ok[None, :], other=0.0).to(ACC)
+        norm = tl.sqrt(tl.sum(x * x, axis=1))
+        kn = x / tl.maximum(norm, EPS)[:, None]
+        radial = tl.sum(kn * dkn, axis=1)
+        d_key = tl.where((norm >= EPS)[:, None], (dkn - kn * radial[:, None]) / tl.maximum(norm, EPS)[:, None],
+                         dkn / EPS)
+        _store_rows(dxm_ptr, pos_rows, offs_cm, Cm, ok, dq + d_key)
+        _store_rows(dv_ptr, pos_rows, offs_cv, Cv, ok, dv)
+        _store_rows(dlss_ptr, pos_rows, offs_k, K, ok, dlss)
+    else:
+        _store_rows(dq_tot_ptr, pos_rows, offs_cm, Cm, ok, dq)
+        _store_rows(dkn_tot_ptr, pos_rows, offs_cm, Cm, ok, dkn)
+        _store_rows(dv_tot_ptr, pos_rows, offs_cv, Cv, ok, dv)
+        _store_rows(dlss_tot_ptr, pos_rows, offs_k, K, ok, dlss)
+
+
+def _key_block(chunk_size: int, value_channels: int) -> int:
+    """Keys per ``_key_pass`` program: fixed before launch because ``dq_part`` is sized by it."""
+    return min(channel_block(chunk_size), 64 if channel_block(value_channels) <= 128 else 32)
+
+
+def attention_backward(
+    grad_out: Tensor, delta: Tensor, xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, lse: Tensor,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dxm, dv, dlss)`` of the attention (DESIGN.md "Backward: one kernel for both ops").
+
+    ``grad_out [N, R', L, Cv]``, ``delta``/``lse [N, R', L]`` with R' = R (per round: ``chunk_attention``,
+    ``delta = rowsum(grad_out * out) - grad_lse``) or R' = 1 (shared by the rounds: ``gla_attention``,
+    ``grad_out = dy[:, None]``, ``delta = rowsum(dy * y)[:, None] - grad_lse``, ``lse`` over all rounds).
+    Bitwise repeatable: no atomics, fixed summation order.
+    """
+    check_attention_inputs(xm, v, lss, chunk_size)
+    _check_perm(perm, xm)
+    n, length, cm = xm.shape
+    cv = v.shape[2]
+    rounds = perm.shape[1]
+    check_rank(grad_out, "grad_out", 4, "[N, R', L, Cv]")
+    stat_rounds = grad_out.shape[1]
+    if stat_rounds not in (1, rounds) or grad_out.shape != (n, stat_rounds, length, cv):
+        raise ValueError(f"grad_out must have shape [N, R', L, Cv] with R' in (1, {rounds}) and "
+                         f"N, L, Cv = {n}, {length}, {cv}, got {tuple(grad_out.shape)}")
+    for name, t in (("delta", delta), ("lse", lse)):
+        if not isinstance(t, Tensor) or t.shape != (n, stat_rounds, length):
+            raise ValueError(f"{name} must have shape [N, R', L] = {(n, stat_rounds, length)}, "
+                             f"got {tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    for name, t in (("grad_out", grad_out), ("delta", delta), ("lse", lse)):
+        if t.device != xm.device:
+            raise ValueError(f"xm is on {xm.device} but {name} is on {t.device}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
+    # autograd hands over gradients in any layout: these three are made contiguous here
+    grad_out, delta, lse = grad_out.contiguous(), delta.contiguous(), lse.contiguous()
+
+    dxm = torch.empty_like(xm)
+    dv = torch.empty_like(v)
+    dlss = torch.empty_like(lss)
+    if length == 0 or n == 0:
+        return dxm, dv, dlss
+
+    k = int(chunk_size)
+    pad = (k - length % k) % k
+    padded = length + pad
+    nc = padded // k
+    block_k = _key_block(k, cv)
+    n_kblocks = triton.cdiv(k, block_k)
+    acc = accumulate_dtype(xm.dtype)
+    dev = xm.device
+    # per-round slot buffers (every element written by the key pass before the position pass reads it)
+    dv_slot = torch.empty((n, padded, cv), dtype=acc, device=dev)
+    dkn_slot = torch.empty((n, padded, cm), dtype=acc, device=dev)
+    dlss_slot = torch.empty((n, padded, k), dtype=acc, device=dev)
+    dq_part = torch.empty((n, nc, 3, n_kblocks, k, cm), dtype=acc, device=dev)
+    # position totals across rounds (not needed with one round)
+    if rounds > 1:
+        dq_tot = torch.empty((n, length, cm), dtype=acc, device=dev)
+        dkn_tot = torch.empty((n, length, cm), dtype=acc, device=dev)
+        dv_tot = torch.empty((n, length, cv), dtype=acc, device=dev)
+        dlss_tot = torch.empty((n, length, k), dtype=acc, device=dev)
+    else:
+        dq_tot = dkn_tot = dv_tot = dlss_tot = dxm  # never read or written
+    n_dup = triton.cdiv(pad, length)  # padded copies one position can have
+    block_p = 32
+
+    for r in range(rounds):
+        stat_round = r if stat_rounds == rounds else 0
+        _key_pass[(nc * n_kblocks, n)](
+            grad_out, delta, lse, xm, v, lss, perm,
+            dv_slot, dkn_slot, dlss_slot, dq_part,
+            length, cm, cv, k, rounds, nc, pad, padded, r, stat_rounds, stat_round,
+            EPS=KEY_NORM_EPS, BLOCK_K=block_k,
+        )
+        _position_pass[(triton.cdiv(length, block_p), n)](
+            perm, xm, dq_part, dv_slot, dkn_slot, dlss_slot,
+            dq_tot, dkn_tot, dv_tot, dlss_tot, dxm, dv, dlss,
+            length, cm, cv, k, rounds, nc, pad, padded, r, n_kblocks, n_dup,
+            FIRST=r == 0, LAST=r == rounds - 1, EPS=KEY_NORM_EPS, BLOCK_P=block_p, num_warps=4,
+        )
+    return dxm, dv, dlss

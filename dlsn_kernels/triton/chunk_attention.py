@@ -1,0 +1,239 @@
+"""Forward chunk attention (SPEC 1.3-1.5) and the fused ``gla_attention`` as Triton kernels.
+
+One program owns a block of query slots of one chunk c of one (n, round). It gathers its queries
+through ``perm``, then walks the K key slots of chunks c, c-1, c+1 (in that order, DESIGN.md) in tiles:
+gathers the key rows through ``perm``, normalises them in registers, adds ``lss[key, query slot]``,
+and keeps an online softmax. It writes ``out``/``lse`` at the queries' original positions; padded
+query slots are never written. No sorted, padded or ``[K, 3K]`` tensor exists in memory.
+
+``gla_attention`` runs the rounds one launch after another; round r merges its result into the
+running ``(y, lse)`` of each position (written once per round, so race-free): memory does not grow
+with R and no per-round output is stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import (
+    KEY_NORM_EPS,
+    MAX_CHANNELS,
+    MAX_CHUNK,
+    accumulate_dtype,
+    autotune,
+    channel_block,
+    check_float_inputs,
+    check_index,
+    check_rank,
+    jit,
+    matmul,
+    slot_position,
+    tl_accumulate_dtype,
+    tl_dtype,
+)
+from .hash import sblsh_hash, sort_codes
+
+__all__ = ["chunk_attention", "gla_attention", "check_attention_inputs"]
+
+# What a program does with its result.
+_STORE = 0  # chunk_attention: out[n, r, q], lse[n, r, q]
+_FIRST_ROUND = 1  # gla_attention, round 0: y[n, q], lse[n, q]
+_MERGE_ROUND = 2  # gla_attention, rounds > 0: merge into y[n, q], lse[n, q]
+
+
+def _fwd_configs() -> list[triton.Config]:
+    shapes = ((16, 16, 4), (32, 32, 4), (64, 32, 4), (64, 64, 8), (128, 64, 8))
+    return [triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=2) for bq, bk, w in shapes]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    """Blocks no larger than the chunk (padded); smaller query blocks when value rows are wide."""
+    chunk = channel_block(named_args["K"])
+    wide = channel_block(named_args["Cv"]) >= 256
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_Q"] <= chunk and c.kwargs["BLOCK_K"] <= chunk
+            and not (wide and c.kwargs["BLOCK_Q"] > 64)]
+    return kept or configs[:1]
+
+
+def _interpreter_block(a) -> int:
+    return min(channel_block(a["K"]), 64)
+
+
+@autotune(
+    _fwd_configs(), key=["Cm", "Cv", "K", "MODE"],
+    interpreter_blocks={"BLOCK_Q": _interpreter_block, "BLOCK_K": _interpreter_block},
+    prune_configs_by={"early_config_prune": _prune_fwd},
+    restore_value=["out_ptr", "lse_ptr"],  # merge rounds read them: timing runs must not compound
+)
+@triton.heuristics({
+    "BLOCK_CM": lambda a: channel_block(a["Cm"]),
+    "BLOCK_CV": lambda a: channel_block(a["Cv"]),
+    "ACC": lambda a: tl_accumulate_dtype(a["xm_ptr"].dtype),
+    "DOT": lambda a: tl_dtype(a["xm_ptr"].dtype),
+})
+@jit
+def _chunk_attention_fwd_kernel(
+    xm_ptr, v_ptr, lss_ptr, perm_ptr, out_ptr, lse_ptr,
+    L, Cm, Cv, K, R, nc, pad,
+    rounds_in_grid, first_round,
+    MODE: tl.constexpr, EPS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr,
+):
+    # tl.dot operands are in the input dtype DOT (tensor cores for float16/bfloat16), sums in ACC
+    n_qblocks = tl.cdiv(K, BLOCK_Q)
+    c = tl.program_id(0) // n_qblocks
+    qb = tl.program_id(0) % n_qblocks
+    grid_row = tl.program_id(1).to(tl.int64)  # n * rounds_in_grid + round within the grid
+    n = grid_row // rounds_in_grid
+    r = first_round + grid_row % rounds_in_grid
+    perm_row = perm_ptr + (n * R + r) * L
+
+    offs_cm = tl.arange(0, BLOCK_CM)
+    offs_cv = tl.arange(0, BLOCK_CV)
+    cm_ok = offs_cm < Cm
+    cv_ok = offs_cv < Cv
+
+    # queries: slots c*K + i; padded slots (>= L) produce nothing, so they are not even loaded
+    offs_i = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_slot = c * K + offs_i
+    q_ok = (offs_i < K) & (q_slot < L)
+    q_pos = slot_position(perm_row, q_slot, L, pad, q_ok)
+    q = tl.load(xm_ptr + (n * L + q_pos)[:, None] * Cm + offs_cm[None, :],
+                mask=q_ok[:, None] & cm_ok[None, :], other=0.0).to(DOT)
+
+    m_i = tl.full([BLOCK_Q], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_Q], ACC)
+    acc = tl.zeros([BLOCK_Q, BLOCK_CV], ACC)
+    for t in tl.static_range(3):
+        # key chunks c, c-1, c+1 (mod nc), in this order
+        if t == 0:
+            kc = c
+        elif t == 1:
+            kc = (c + nc - 1) % nc
+        else:
+            kc = (c + 1) % nc
+        for k0 in range(0, K, BLOCK_K):
+            offs_j = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_j < K
+            k_pos = slot_position(perm_row, kc * K + offs_j, L, pad, k_ok)
+            k_rows = (n * L + k_pos)
+            key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :],
+                          mask=k_ok[:, None] & cm_ok[None, :], other=0.0).to(ACC)
+            inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(key * key, axis=1)), EPS)
+            key_n = (key * inv_norm[:, None]).to(DOT)
+            # lss[key position, query slot i]
+            learned = tl.load(lss_ptr + k_rows[None, :] * K + offs_i[:, None],
+                              mask=q_ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
+            s = matmul(q, tl.trans(key_n), ACC) + learned
+            s = tl.where(k_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            val = tl.load(v_ptr + k_rows[:, None] * Cv + offs_cv[None, :],
+                          mask=k_ok[:, None] & cv_ok[None, :], other=0.0).to(DOT)
+            acc = acc * alpha[:, None] + matmul(p.to(DOT), val, ACC)
+            m_i = m_new
+
+    out = acc / l_i[:, None]
+    lse = m_i + tl.log(l_i)
+    out_rows = grid_row * L + q_pos  # [N, rounds_in_grid, L] row of each query's original position
+    out_ptrs = out_ptr + out_rows[:, None] * Cv + offs_cv[None, :]
+    out_mask = q_ok[:, None] & cv_ok[None, :]
+    if MODE == 2:
+        # y = y e^{lse - lse'} + out_r e^{lse_r - lse'} with lse' = logaddexp(lse, lse_r)
+        lse_old = tl.load(lse_ptr + out_rows, mask=q_ok, other=0.0)
+        y_old = tl.load(out_ptrs, mask=out_mask, other=0.0)
+        top = tl.maximum(lse_old, lse)
+        lse_new = top + tl.log(tl.exp(lse_old - top) + tl.exp(lse - top))
+        out = y_old * tl.exp(lse_old - lse_new)[:, None] + out * tl.exp(lse - lse_new)[:, None]
+        lse = lse_new
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(lse_ptr + out_rows, lse, mask=q_ok)
+
+
+def check_attention_inputs(xm: Tensor, v: Tensor, lss: Tensor, chunk_size: int) -> None:
+    """Shapes, dtypes, devices and size limits shared by the attention ops."""
+    check_rank(xm, "xm", 3, "[N, L, Cm]")
+    check_rank(v, "v", 3, "[N, L, Cv]")
+    check_rank(lss, "lss", 3, "[N, L, K]")
+    check_float_inputs({"xm": xm, "v": v, "lss": lss})
+    n, length, cm = xm.shape
+    if v.shape[:2] != (n, length):
+        raise ValueError(f"v must have shape [N, L, Cv] with N, L = {n}, {length} (from xm), got {tuple(v.shape)}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if lss.shape != (n, length, chunk_size):
+        raise ValueError(f"lss must have shape [N, L, K] = {(n, length, chunk_size)}, got {tuple(lss.shape)}")
+    for name, size in (("xm", cm), ("v", v.shape[2])):
+        if size > MAX_CHANNELS:
+            raise ValueError(f"{name} has {size} channels; the Triton backend supports at most {MAX_CHANNELS}")
+    if chunk_size > MAX_CHUNK:
+        raise ValueError(f"chunk_size {chunk_size} is above the Triton backend's limit of {MAX_CHUNK}")
+
+
+def _check_perm(perm: Tensor, xm: Tensor, name: str = "perm") -> None:
+    check_rank(perm, name, 3, "[N, R, L]")
+    check_index(perm, name)
+    if perm.device != xm.device:
+        raise ValueError(f"xm is on {xm.device} but {name} is on {perm.device}")
+    if perm.shape[0] != xm.shape[0] or perm.shape[2] != xm.shape[1] or perm.shape[1] < 1:
+        raise ValueError(f"{name} must have shape [N, R, L] with N, L = {xm.shape[0]}, {xm.shape[1]} "
+                         f"and R >= 1, got {tuple(perm.shape)}")
+
+
+def _launch_forward(xm, v, lss, perm, out, lse, chunk_size, rounds_in_grid, first_round, mode):
+    n, length, cm = xm.shape
+    pad = (chunk_size - length % chunk_size) % chunk_size
+    nc = (length + pad) // chunk_size
+
+    def grid(meta):
+        return (nc * triton.cdiv(chunk_size, meta["BLOCK_Q"]), n * rounds_in_grid)
+
+    _chunk_attention_fwd_kernel[grid](
+        xm, v, lss, perm, out, lse,
+        length, cm, v.shape[2], chunk_size, perm.shape[1], nc, pad,
+        rounds_in_grid, first_round,
+        MODE=mode, EPS=KEY_NORM_EPS,
+    )
+
+
+def chunk_attention(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Attention of every round within adjacent chunks: ``out [N, R, L, Cv]`` (dtype of ``v``) and
+    ``lse [N, R, L]`` (float32; float64 for float64 input), in original position order.
+
+    ``perm [N, R, L]`` must hold a permutation of ``0..L-1`` per (n, round) (not checked).
+    """
+    check_attention_inputs(xm, v, lss, chunk_size)
+    _check_perm(perm, xm)
+    n, length, _ = xm.shape
+    rounds = perm.shape[1]
+    out = torch.empty((n, rounds, length, v.shape[2]), dtype=v.dtype, device=v.device)
+    lse = torch.empty((n, rounds, length), dtype=accumulate_dtype(xm.dtype), device=xm.device)
+    if out.numel() == 0 or lse.numel() == 0:
+        return out, lse
+    _launch_forward(xm, v, lss, perm, out, lse, int(chunk_size), rounds, 0, _STORE)
+    return out, lse
+
+
+def gla_attention(xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """SPEC steps 1-5 fused: ``y [N, L, Cv]`` (dtype of ``v``), ``lse [N, L]`` over all rounds (float32;
+    float64 for float64 input) and ``perm [N, R, L]`` int64 (for the backward pass)."""
+    check_attention_inputs(xm, v, lss, chunk_size)
+    codes = sblsh_hash(xm, rot)
+    perm = sort_codes(codes, rot.shape[2])
+    n, length, _ = xm.shape
+    acc_dtype = accumulate_dtype(xm.dtype)
+    # y is merged in the accumulation dtype over the rounds, cast once at the end
+    y = torch.empty((n, length, v.shape[2]), dtype=acc_dtype, device=v.device)
+    lse = torch.empty((n, length), dtype=acc_dtype, device=xm.device)
+    if y.numel() == 0 or lse.numel() == 0:
+        return y.to(v.dtype), lse, perm
+    for r in range(perm.shape[1]):
+        _launch_forward(xm, v, lss, perm, y, lse, int(chunk_size), 1, r, _FIRST_ROUND if r == 0 else _MERGE_ROUND)
+    return y.to(v.dtype), lse, perm

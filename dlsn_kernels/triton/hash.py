@@ -1,0 +1,166 @@
+"""SB-LSH hashing and the stable bucket sort (SPEC 1.1-1.2) as Triton kernels.
+
+``sblsh_hash``: one program per (block of positions, n, round) multiplies its ``xm`` rows by tiles of
+the round's rotation with ``tl.dot`` and keeps a running argmax in registers, so the ``[N, R, L, B]``
+projection is never stored. ``bucket_sort``: a counting sort, one program per (n, round).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import (
+    INTERPRETED,
+    MAX_CHANNELS,
+    autotune,
+    channel_block,
+    check_float_inputs,
+    check_index,
+    check_rank,
+    jit,
+    matmul,
+    tl_accumulate_dtype,
+)
+
+__all__ = ["sblsh_hash", "bucket_sort", "MAX_SORT_BUCKETS"]
+
+# The counting sort holds one counter per bucket in registers; more buckets fall back to torch.sort.
+MAX_SORT_BUCKETS = 1024
+
+
+def _hash_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_L": bl}, num_warps=w) for bl, w in ((32, 4), (64, 4), (128, 8))]
+
+
+@autotune(_hash_configs(), key=["Cm", "B"], interpreter_blocks={"BLOCK_L": lambda a: 64})
+@triton.heuristics({
+    "BLOCK_C": lambda a: channel_block(a["Cm"]),
+    "BLOCK_B": lambda a: min(channel_block(a["B"]), 128),
+    "ACC": lambda a: tl_accumulate_dtype(a["xm_ptr"].dtype),
+})
+@jit
+def _sblsh_hash_kernel(xm_ptr, rot_ptr, codes_ptr, L, Cm, R, B,
+                       BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+                       ACC: tl.constexpr):
+    pid_l = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    r = tl.program_id(2)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_c = tl.arange(0, BLOCK_C)
+    l_ok = offs_l < L
+    c_ok = offs_c < Cm
+    rows = (n * L + offs_l)[:, None] * Cm + offs_c[None, :]
+    x = tl.load(xm_ptr + rows, mask=l_ok[:, None] & c_ok[None, :], other=0.0)
+
+    best = tl.full([BLOCK_L], float("-inf"), ACC)
+    best_code = tl.zeros([BLOCK_L], tl.int64)
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        b_ok = offs_b < B
+        # rot is [Cm, R, B]: the tile rot[:, r, b0:b0+BLOCK_B]
+        w = tl.load(rot_ptr + offs_c[:, None] * (R * B) + r * B + offs_b[None, :],
+                    mask=c_ok[:, None] & b_ok[None, :], other=0.0)
+        proj = matmul(x, w, ACC)
+        proj = tl.where(b_ok[None, :], proj, float("-inf"))
+        tile_best = tl.max(proj, axis=1)
+        tile_code = tl.argmax(proj, axis=1, tie_break_left=True).to(tl.int64) + b0
+        # strictly greater: on a tie the earlier tile, i.e. the lower b, keeps the code
+        better = tile_best > best
+        best = tl.where(better, tile_best, best)
+        best_code = tl.where(better, tile_code, best_code)
+    tl.store(codes_ptr + (n * R + r) * L + offs_l, best_code, mask=l_ok)
+
+
+def sblsh_hash(xm: Tensor, rot: Tensor) -> Tensor:
+    """``codes[n, r, l] = argmax_b xm[n, l] . rot[:, r, b]`` (lowest b on ties) as ``[N, R, L]`` int64.
+
+    ``xm [N, L, Cm]``, ``rot [Cm, R, B]`` (cast to the dtype of ``xm``). Dot products accumulate in
+    float32 (float64 for float64 input). NaN inputs give unspecified codes.
+    """
+    check_rank(xm, "xm", 3, "[N, L, Cm]")
+    check_rank(rot, "rot", 3, "[Cm, R, B]")
+    check_float_inputs({"xm": xm})
+    if rot.device != xm.device:
+        raise ValueError(f"xm is on {xm.device} but rot is on {rot.device}")
+    if not rot.is_floating_point():
+        raise ValueError(f"rot must be a floating tensor, got {rot.dtype}")
+    n, length, cm = xm.shape
+    if rot.shape[0] != cm:
+        raise ValueError(f"rot must have shape [Cm, R, B] with Cm = {cm} (xm's channels), got {tuple(rot.shape)}")
+    if cm > MAX_CHANNELS:
+        raise ValueError(f"xm has {cm} channels; the Triton backend supports at most {MAX_CHANNELS}")
+    rounds, n_buckets = rot.shape[1], rot.shape[2]
+    if n_buckets < 1:
+        raise ValueError("rot must have at least one bucket (shape [Cm, R, B] with B >= 1)")
+    rot = rot.to(xm.dtype).contiguous()
+    codes = torch.empty((n, rounds, length), dtype=torch.int64, device=xm.device)
+    if codes.numel() == 0:
+        return codes
+
+    def grid(meta):
+        return (triton.cdiv(length, meta["BLOCK_L"]), n, rounds)
+
+    _sblsh_hash_kernel[grid](xm, rot, codes, length, cm, rounds, n_buckets)
+    return codes
+
+
+@jit
+def _counting_sort_kernel(codes_ptr, perm_ptr, L, NB, BLOCK_L: tl.constexpr, BLOCK_NB: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * L
+    bins = tl.arange(0, BLOCK_NB)
+    # pass 1: histogram of the codes
+    counts = tl.zeros([BLOCK_NB], tl.int32)
+    for l0 in range(0, L, BLOCK_L):
+        offs = l0 + tl.arange(0, BLOCK_L)
+        code = tl.load(codes_ptr + base + offs, mask=offs < L, other=-1)
+        counts += tl.sum((code[:, None] == bins[None, :]).to(tl.int32), axis=0)
+    # first free slot of every bucket (exclusive prefix sum)
+    start = tl.cumsum(counts, axis=0) - counts
+    # pass 2: in position order, every position takes the next free slot of its bucket (stable)
+    for l0 in range(0, L, BLOCK_L):
+        offs = l0 + tl.arange(0, BLOCK_L)
+        ok = offs < L
+        code = tl.load(codes_ptr + base + offs, mask=ok, other=-1)
+        onehot = (code[:, None] == bins[None, :]).to(tl.int32)
+        # rank of a position among the earlier positions of this block with the same code
+        before = tl.cumsum(onehot, axis=0) - onehot
+        dest = tl.sum(onehot * (start[None, :] + before), axis=1)
+        tl.store(perm_ptr + base + dest, offs.to(tl.int64), mask=ok)
+        start += tl.sum(onehot, axis=0)
+
+
+def bucket_sort(codes: Tensor, n_buckets: int) -> Tensor:
+    """Positions ordered by ``(code, position)`` per (n, round): ``perm [N, R, L]`` int64, stable.
+
+    A Triton counting sort for ``n_buckets <= MAX_SORT_BUCKETS`` (``torch.sort(stable=True)`` beyond).
+    Codes must lie in ``[0, n_buckets)``; this is checked (one device synchronisation).
+    """
+    check_rank(codes, "codes", 3, "[N, R, L]")
+    check_index(codes, "codes")
+    n_buckets = int(n_buckets)
+    if n_buckets < 1:
+        raise ValueError(f"n_buckets must be >= 1, got {n_buckets}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= n_buckets):
+        raise ValueError(f"codes must lie in [0, n_buckets) = [0, {n_buckets})")
+    return sort_codes(codes, n_buckets)
+
+
+def sort_codes(codes: Tensor, n_buckets: int) -> Tensor:
+    """``bucket_sort`` without the argument checks (codes from ``sblsh_hash`` are known good)."""
+    n, rounds, length = codes.shape
+    if n_buckets > MAX_SORT_BUCKETS or (codes.device.type == "cpu" and not INTERPRETED):
+        return torch.sort(codes.long(), dim=-1, stable=True).indices
+    perm = torch.empty((n, rounds, length), dtype=torch.int64, device=codes.device)
+    if perm.numel() == 0:
+        return perm
+    block_nb = triton.next_power_of_2(n_buckets)
+    # the [BLOCK_L, BLOCK_NB] one-hot tile stays near 8K entries
+    block_l = max(16, min(256, 8192 // block_nb))
+    _counting_sort_kernel[(n * rounds,)](codes, perm, length, n_buckets,
+                                         BLOCK_L=block_l, BLOCK_NB=block_nb, num_warps=4)
+    return perm
+

@@ -1,0 +1,284 @@
+"""The GLA block, DLSN, EDSR+GLA and the presets (CPU, reference attention backend)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import dlsn_kernels
+from dlsn.models import DLSN, GLA, PRESETS, build_model, model_from_config
+from dlsn_kernels import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+# The authors' parameter lists: tests/data in the repository, else the shared reference folder.
+REFERENCE_DIRS = [
+    Path(os.environ.get("DLSN_REFERENCE_DIR", ROOT / "tests" / "data")),
+    ROOT / "tests" / "data",
+    ROOT.parent / "shared" / "reference",
+]
+# Header lines of reference/official_dlsn_x*_state_dict.txt: parameters of the authors' models,
+# their unused scalar ``a`` included.
+OFFICIAL_PARAMETERS = {2: 69_842_588, 3: 72_792_988, 4: 72_202_908}
+OFFICIAL_TAIL = {
+    2: {"tail.0.0.weight": (1024, 256, 3, 3)},
+    3: {"tail.0.0.weight": (2304, 256, 3, 3)},
+    4: {"tail.0.0.weight": (1024, 256, 3, 3), "tail.0.2.weight": (1024, 256, 3, 3)},
+}
+
+
+def official_list(scale: int) -> dict[str, tuple[int, ...]] | None:
+    """``name -> shape`` from the authors' list for ``scale``, or None when the file is not here."""
+    for folder in REFERENCE_DIRS:
+        path = folder / f"official_dlsn_x{scale}_state_dict.txt"
+        if path.is_file():
+            entries = {}
+            for line in path.read_text().splitlines():
+                if line.startswith("#") or not line.strip():
+                    continue
+                name, shape = line.split(" ", 1)
+                entries[name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+            return entries
+    return None
+
+
+def meta_model(preset: str, scale: int, **overrides):
+    with torch.device("meta"):
+        return build_model(preset, scale, **overrides)
+
+
+def n_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Names and sizes.
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_paper_parameter_count_equals_official_minus_unused_scalar(scale):
+    assert n_parameters(meta_model("paper", scale)) == OFFICIAL_PARAMETERS[scale] - 1
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_paper_tail_and_head_shapes(scale):
+    shapes = {k: tuple(v.shape) for k, v in meta_model("paper", scale).state_dict().items()}
+    for name, shape in OFFICIAL_TAIL[scale].items():
+        assert shapes[name] == shape
+    assert shapes["head.0.weight"] == (256, 3, 3, 3)
+    assert shapes["body.10.weight"] == (256, 256, 3, 3)
+    assert shapes["body.9.body.4.fc.2.weight"] == (128, 128)
+    assert shapes["body.0.body.4.conv_match.0.weight"] == (64, 256, 3, 3)
+    assert "a" not in shapes
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_paper_names_and_shapes_equal_official_list(scale):
+    official = official_list(scale)
+    if official is None:
+        pytest.skip("needs reference/official_dlsn_x*_state_dict.txt (tests/data or ../shared/reference)")
+    assert official.pop("a") == (1,)
+    ours = {k: tuple(v.shape) for k, v in meta_model("paper", scale).state_dict().items()}
+    assert list(ours) == list(official)  # same names in the same order
+    assert ours == official
+
+
+def test_small_preset_is_the_papers_18_27m_model():
+    # The paper: "DLSN (C=128, about 18.27M parameters)", compared on Manga109 x4.
+    assert n_parameters(meta_model("small", 4)) == 18_268_763
+    assert n_parameters(meta_model("small", 3)) == 18_416_347
+
+
+def test_edsr_gla_is_edsr_baseline_plus_one_gla():
+    model = meta_model("edsr_gla", 2)
+    assert isinstance(model.body[8], GLA)
+    assert sum(isinstance(m, GLA) for m in model.modules()) == 1
+    gla = sum(p.numel() for p in model.body[8].parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # EDSR-baseline x2 without the frozen mean shifts: head 1,792 + 32 convs x 36,928 + body conv
+    # 36,928 + upsampler 147,712 + last conv 1,731 = 1,369,859 (the "1.37M" of the EDSR paper).
+    assert trainable - gla == 1_369_859
+
+
+def test_every_gla_has_the_authors_layers():
+    gla = GLA(32, reduction=4, chunk_size=16)
+    names = {k: tuple(v.shape) for k, v in gla.state_dict().items()}
+    assert names == {
+        "conv_match.0.weight": (8, 32, 3, 3),
+        "conv_match.0.bias": (8,),
+        "conv_assembly.0.weight": (32, 32, 3, 3),
+        "conv_assembly.0.bias": (32,),
+        "conv_assembly_fc.0.weight": (32, 32, 3, 3),
+        "conv_assembly_fc.0.bias": (32,),
+        "fc.0.weight": (16, 32),
+        "fc.0.bias": (16,),
+        "fc.2.weight": (16, 16),
+        "fc.2.bias": (16,),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward passes.
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_forward_shape_of_every_preset(preset, scale):
+    torch.manual_seed(0)
+    # The big presets keep their width (what the shapes depend on) but run one group / few blocks.
+    depth = {
+        "paper": {"n_resgroups": 1, "n_resblocks": 1},
+        "small": {"n_resgroups": 1, "n_resblocks": 1},
+        "edsr_gla": {"n_resblocks": 2, "gla_position": 1},
+    }.get(preset, {})
+    model = build_model(preset, scale, backend="reference", **depth).eval()
+    x = torch.rand(1, 3, 7, 5) * 255
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (1, 3, 7 * scale, 5 * scale)
+    assert torch.isfinite(y).all()
+
+
+def test_dlsn_output_range_convention():
+    # With zero weights everywhere the network is sub_mean -> 0 -> add_mean: the DIV2K mean * 255.
+    model = build_model("tiny", 2, backend="reference").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "mean" not in name:
+                p.zero_()
+        y = model(torch.rand(1, 3, 4, 4) * 255)
+    expected = torch.tensor([0.4488, 0.4371, 0.4040]) * 255
+    assert torch.allclose(y[0, :, 0, 0], expected, atol=1e-4)
+
+
+def test_gla_equals_composition_of_reference_functions():
+    torch.manual_seed(1)
+    gla = GLA(16, reduction=4, chunk_size=8, n_hashes=2, backend="reference").double().eval()
+    x = torch.randn(2, 16, 5, 7, dtype=torch.float64)  # L = 35: not a multiple of K, so padding
+    y = gla(x, generator=torch.Generator().manual_seed(123))
+
+    n, c, h, w = x.shape
+    length = h * w
+    # Authors' layout: view(N, C, H*W).permute(0, 2, 1).
+    xm = gla.conv_match(x).view(n, -1, length).permute(0, 2, 1).contiguous()
+    v = gla.conv_assembly(x).view(n, c, length).permute(0, 2, 1).contiguous()
+    f = gla.conv_assembly_fc(x).view(n, c, length).permute(0, 2, 1)
+    lss = gla.fc(f).contiguous()
+    n_buckets = reference.n_buckets_for(length, 8)
+    assert n_buckets == 4
+    rot = reference.random_rotations(4, 2, n_buckets, generator=torch.Generator().manual_seed(123))
+    attention = reference.gla_attention(xm, v, lss, rot.double(), 8)
+    expected = attention.permute(0, 2, 1).view(n, c, h, w) + x
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+
+
+def test_gla_gradients_reach_all_four_layers():
+    torch.manual_seed(2)
+    gla = GLA(8, reduction=2, chunk_size=4, n_hashes=2, backend="reference")
+    x = torch.randn(1, 8, 4, 5, requires_grad=True)
+    gla(x).square().mean().backward()
+    for name, p in gla.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_eval_is_reproducible_with_a_seed_and_fresh_without():
+    torch.manual_seed(3)
+    model = build_model("tiny", 2, backend="reference", chunk_size=8).eval()
+    x = torch.rand(1, 3, 9, 8) * 255  # L = 72 positions, 8 buckets: rotations matter
+    with torch.no_grad():
+        model.set_inference(seed=7)
+        first, again = model(x), model(x)
+        model.set_inference(seed=8)
+        other = model(x)
+        model.set_inference()  # back to the authors' behaviour: fresh rotations per call
+        fresh_a, fresh_b = model(x), model(x)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert not torch.equal(fresh_a, fresh_b)
+
+
+def test_seed_does_not_fix_training_rotations_and_blocks_get_distinct_seeds():
+    model = build_model("tiny", 2, backend="reference")
+    model.set_inference(n_hashes=1, seed=5)
+    blocks = [m for m in model.modules() if isinstance(m, GLA)]
+    assert len(blocks) == 2
+    assert blocks[0].inference_seed != blocks[1].inference_seed
+    assert [b.rounds() for b in blocks] == [2, 2]  # training mode keeps the preset's rounds
+    model.eval()
+    assert [b.rounds() for b in blocks] == [1, 1]
+    assert blocks[0].rotations(100, torch.device("cpu")).shape == (8, 1, 2)
+
+
+def test_inference_hash_rounds_change_the_output():
+    torch.manual_seed(4)
+    model = build_model("tiny", 2, backend="reference", chunk_size=8).eval()
+    x = torch.rand(1, 3, 8, 8) * 255
+    with torch.no_grad():
+        model.set_inference(n_hashes=1, seed=0)
+        one = model(x)
+        model.set_inference(n_hashes=4, seed=0)
+        four = model(x)
+    assert one.shape == four.shape and not torch.equal(one, four)
+
+
+def test_set_backend_reaches_every_gla():
+    model = build_model("tiny", 3)
+    model.set_backend("reference")
+    assert {m.backend for m in model.modules() if isinstance(m, GLA)} == {"reference"}
+
+
+def test_autocast_bfloat16_on_cpu_runs_through_gla():
+    torch.manual_seed(5)
+    model = build_model("tiny", 2, backend="reference").eval()
+    x = torch.rand(1, 3, 6, 6) * 255
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    with torch.no_grad():
+        y32 = model.float()(x)
+    assert y.shape == y32.shape and torch.isfinite(y).all()
+
+
+def test_config_round_trip_and_bad_configs():
+    model = build_model("tiny", 3, n_hashes=1)
+    config = model.config
+    assert config["arch"] == "dlsn" and config["scale"] == 3 and config["n_hashes"] == 1
+    rebuilt = model_from_config(config)
+    assert isinstance(rebuilt, DLSN) and rebuilt.config == config
+    assert DLSN.from_config(config).config == config
+    with pytest.raises(ValueError, match="does not take"):
+        model_from_config({**config, "n_colours": 3})
+    with pytest.raises(ValueError, match="arch"):
+        model_from_config({**config, "arch": "rcan"})
+    with pytest.raises(ValueError, match="scale"):
+        build_model("tiny", 5)
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_model("huge", 2)
+    with pytest.raises(ValueError, match="no settings"):
+        build_model("tiny", 2, n_feat=3)
+
+
+def test_bad_inputs_name_the_problem():
+    model = build_model("tiny", 2, backend="reference")
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        model(torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="divisible"):
+        GLA(10, reduction=4)
+    with pytest.raises(ValueError, match="chunk_size"):
+        GLA(8, chunk_size=0)
+    with pytest.raises(ValueError, match="seed"):
+        model.set_inference(seed=1.5)
+
+
+def test_default_backend_follows_the_kernel_package():
+    # backend=None leaves the choice to dlsn_kernels: either it runs, or it says why not.
+    gla = GLA(8, reduction=2, chunk_size=4, n_hashes=1)
+    x = torch.randn(1, 8, 3, 3)
+    try:
+        y = gla(x)
+    except dlsn_kernels.BackendUnavailableError as error:
+        assert "reference" in str(error)
+    else:
+        assert y.shape == x.shape
