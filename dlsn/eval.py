@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from dlsn.data.datasets import PairedFolderDataset, dihedral
@@ -133,7 +134,7 @@ def _mean(values: list[float]) -> float:
 
 def evaluate_dataset(
     upscale: UpscaleFn,
-    dataset: PairedFolderDataset,
+    dataset: Dataset,
     scale: int,
     *,
     set_name: str = "",
@@ -141,7 +142,8 @@ def evaluate_dataset(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> SetScore:
-    """Score ``upscale`` on every whole image of ``dataset`` (items ``{"lr", "hr", "name"}``, [0, 1])."""
+    """Score ``upscale`` on every item of ``dataset`` (``{"lr", "hr", "name"}`` in [0, 1], whole images:
+    ``PairedFolderDataset`` or ``HRImageDataset`` with ``train=False``). Call ``model.eval()`` first."""
     result = SetScore(set_name, scale, method)
     label = f"{set_name} x{scale}".strip()
     bar = tqdm(range(len(dataset)), desc=label, unit="img", disable=not progress, file=sys.stderr,

@@ -106,8 +106,10 @@ def uint8_to_tensor(image: np.ndarray, rgb_range: float = 1.0,
         image = np.repeat(image[:, :, None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] not in (3, 4):
         raise ValueError(f"image must have shape [H, W, 3], got {list(image.shape)}")
-    chw = torch.from_numpy(np.ascontiguousarray(image[:, :, :3].transpose(2, 0, 1)))
-    return chw.to(dtype).mul_(rgb_range / 255.0)
+    chw = np.ascontiguousarray(image[:, :, :3].transpose(2, 0, 1))
+    if not chw.flags.writeable:  # torch warns on read-only arrays (e.g. the cached samples)
+        chw = chw.copy()
+    return torch.from_numpy(chw).to(dtype).mul_(rgb_range / 255.0)
 
 
 def tensor_to_uint8(image: torch.Tensor, rgb_range: float = 1.0) -> np.ndarray:

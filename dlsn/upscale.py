@@ -7,7 +7,7 @@ IN is an image or a folder of images; OUT is the output image (or a folder: then
 written there as ``<name>_x<scale>.png``; a folder IN needs a folder OUT). The scale comes from
 the checkpoint (ours, or an authors' state dict). By default every image goes through the network
 in one pass, so GLA sees the whole image; ``--tile`` cuts big images into overlapping tiles
-(sizes in input pixels) whose outputs are blended with linear ramps across the overlaps. GLA is
+(sizes in input pixels) whose outputs cross-fade linearly inside the overlaps. GLA is
 global, so tiled results differ slightly from whole-image ones; tiles bound the memory.
 Hash rotations are drawn from ``--seed`` (default 0), so the same command gives the same pixels.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -44,24 +45,30 @@ def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return [*range(0, size - tile, stride), size - tile]
 
 
-def _ramp(length: int, ramp: int, fade_in: bool, fade_out: bool) -> Tensor:
-    """1-D blending weight of one tile: 1 inside, rising linearly over ``ramp`` pixels on sides
-    shared with a neighbour (always > 0, so every pixel has weight)."""
+def _ramp(length: int, overlap: float, fade_in: bool, fade_out: bool) -> Tensor:
+    """1-D blending weight of one tile (``length`` and ``overlap`` in output pixels).
+
+    On a side shared with a neighbour the weight is 0 over the first quarter of the overlap (pixels
+    that saw the tile's artificial border), then rises linearly to 1 over the next half; the
+    neighbour's weight falls over the same pixels, so the two cross-fade and sum to 1.
+    """
     weight = torch.ones(length)
-    if ramp > 0:
-        steps = (torch.arange(length, dtype=torch.float32) + 0.5) / ramp
+    if overlap > 0:
+        rise = (torch.arange(length, dtype=torch.float32) + 0.5 - overlap / 4) / (overlap / 2)
         if fade_in:
-            weight = torch.minimum(weight, steps)
+            weight = torch.minimum(weight, rise.clamp(0, 1))
         if fade_out:
-            weight = torch.minimum(weight, steps.flip(0))
-    return weight
+            weight = torch.minimum(weight, rise.flip(0).clamp(0, 1))
+    # Never exactly 0: with extreme tile/overlap settings every output pixel still gets weight.
+    return weight.clamp_min(1e-6)
 
 
 def forward_tiled(forward: Forward, x: Tensor, scale: int, tile: int, overlap: int) -> Tensor:
     """``forward`` over overlapping ``tile x tile`` crops of ``x [N, C, h, w]``, blended.
 
-    The output is accumulated on the CPU (float32) so only one tile's activations live on the
-    device. With ``tile >= max(h, w)`` this is exactly ``forward(x)``.
+    Equals ``forward(x)`` when ``tile >= max(h, w)``, and for a network whose receptive radius is at
+    most ``overlap / 4`` input pixels (the blend ignores each tile's outer quarter-overlap). The
+    output is accumulated on the CPU (float32): only one tile's activations live on the device.
     """
     if tile < MIN_SIDE:
         raise ValueError(f"tile must be >= {MIN_SIDE}, got {tile}")
@@ -73,14 +80,13 @@ def forward_tiled(forward: Forward, x: Tensor, scale: int, tile: int, overlap: i
         return forward(x)
     total: Tensor | None = None
     weight_sum = torch.zeros(1, 1, height * scale, width * scale)
-    ramp = overlap * scale
     for top, left in itertools.product(rows, cols):
         th, tw = min(tile, height), min(tile, width)
         out = forward(x[:, :, top : top + th, left : left + tw]).float().cpu()
         if total is None:
             total = torch.zeros(n, out.shape[1], height * scale, width * scale)
-        wy = _ramp(th * scale, ramp, top > 0, top + th < height)
-        wx = _ramp(tw * scale, ramp, left > 0, left + tw < width)
+        wy = _ramp(th * scale, overlap * scale, top > 0, top + th < height)
+        wx = _ramp(tw * scale, overlap * scale, left > 0, left + tw < width)
         weight = (wy[:, None] * wx[None, :])[None, None]
         region = (
             slice(None),
@@ -147,8 +153,12 @@ def upscale_array(
     return tensor_to_uint8(y[0], rgb_range)
 
 
-def _plan(source: Path, target: Path, scale: int) -> list[tuple[Path, Path]]:
-    """(input, output) pairs for IN and OUT, with the errors a user can fix."""
+def _plan(source: Path, out: str, scale: int) -> list[tuple[Path, Path]]:
+    """(input, output) pairs for IN and OUT, with the errors a user can fix.
+
+    ``out`` stays a string so that a trailing slash ("results/": a folder to create) is seen.
+    """
+    target = Path(out)
     if not source.exists():
         raise FileNotFoundError(f"input not found: {source}")
     if source.is_dir():
@@ -158,7 +168,7 @@ def _plan(source: Path, target: Path, scale: int) -> list[tuple[Path, Path]]:
         if target.exists() and not target.is_dir():
             raise ValueError(f"IN is a folder, so OUT must be a folder too, but {target} is a file")
         return [(p, target / f"{p.stem}_x{scale}.png") for p in inputs]
-    if target.is_dir() or str(target).endswith(("/", "\\")):
+    if target.is_dir() or out.endswith(("/", os.sep)):
         output = target / f"{source.stem}_x{scale}.png"
     elif is_image_file(target):
         output = target
@@ -175,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Super-resolve an image or a folder of images with a DLSN checkpoint.",
     )
     parser.add_argument("input", type=Path, help="an image, or a folder of images")
-    parser.add_argument("output", type=Path, help="output image, or folder (needed when IN is a folder)")
+    parser.add_argument("output", help="output image, or folder (needed when IN is a folder)")
     parser.add_argument(
         "--checkpoint", type=Path, required=True, help="our checkpoint or an authors' state dict"
     )

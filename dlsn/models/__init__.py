@@ -5,6 +5,7 @@ from .checkpoint import (
     infer_official_config,
     load_checkpoint,
     load_model,
+    load_weights,
     resume,
     save_checkpoint,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "infer_official_config",
     "load_checkpoint",
     "load_model",
+    "load_weights",
     "model_from_config",
     "preset_config",
     "resume",

@@ -267,7 +267,8 @@ def _torch_load(path: Path, map_location: Any) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        # "Unsupported global": a class or function in the pickle; anything else is damage.
+        if "Unsupported global" in str(error) or "Unsupported class" in str(error):
             raise CheckpointError(
                 f"{path} holds Python objects other than tensors and plain containers; they are not "
                 f"unpickled (weights_only=True) because that could run arbitrary code. If you trust the "
@@ -349,13 +350,19 @@ def _listing(names: list[str], limit: int = 8) -> str:
 
 
 def load_weights(
-    model: nn.Module, state: Mapping[str, Tensor], *, strict: bool = True, source: str = "state dict"
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    *,
+    strict: bool = True,
+    source: str = "state dict",
+    assign: bool = False,
 ) -> list[str]:
     """Copies ``state`` into ``model``.
 
     ``strict``: every name and shape must match, else :class:`CheckpointError` lists the missing,
     unexpected and mis-shaped entries. Not strict: the entries that match are loaded and the names
     left out are returned (e.g. the tail when starting x3 training from x2 weights).
+    ``assign``: use the state's tensors as the parameters (no copy; for a model built on "meta").
     """
     state = _strip_prefix(_strip_prefix(state, "_orig_mod."), "module.")
     state = {k: v for k, v in state.items() if k not in OFFICIAL_UNUSED_KEYS}
@@ -379,7 +386,7 @@ def load_weights(
         raise CheckpointError("\n".join(lines))
     skipped = set(unexpected) | {s.split(" ", 1)[0] for s in mis_shaped}
     loadable = {k: v for k, v in state.items() if k not in skipped}
-    model.load_state_dict(loadable, strict=strict)
+    model.load_state_dict(loadable, strict=strict, assign=assign)
     return sorted(missing + sorted(skipped))
 
 
@@ -401,10 +408,13 @@ def load_model(
     if scale is not None and config.get("scale") != scale:
         raise CheckpointError(f"{path} holds a x{config.get('scale')} model, but x{scale} was asked for")
     try:
-        model = model_from_config(config, backend=backend)
+        # Built without memory and filled with the file's tensors: no random init of 70M weights.
+        with torch.device("meta"):
+            model = model_from_config(config, backend=backend)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path} has a config this code cannot build ({error}): {config}") from error
-    load_weights(model, checkpoint["model"], source=str(path))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
+    load_weights(model, state, source=str(path), assign=True)
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         model.to(map_location)
     return model.eval(), config

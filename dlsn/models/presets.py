@@ -28,7 +28,8 @@ __all__ = ["ARCHITECTURES", "PRESETS", "build_model", "model_from_config", "pres
 ARCHITECTURES: dict[str, type[DLSN] | type[EDSRGLA]] = {DLSN.ARCH: DLSN, EDSRGLA.ARCH: EDSRGLA}
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Seconds per step on a laptop CPU with the reference backend; for tests and smoke training.
+    # About 0.2M parameters, for tests and CPU smoke training: a step on 16 LR patches of 48x48
+    # took about 5 s with the cpu kernels (10 s with the reference) on 2 busy CPU cores.
     "tiny": {
         "arch": "dlsn",
         "n_feats": 32,
