@@ -100,8 +100,6 @@ def check_attention(xm: Tensor, v: Tensor, lss: Tensor, chunk_size: int, backend
     check_float(xm, "xm", backend)
     check_same(xm, "xm", v, "v")
     check_same(xm, "xm", lss, "lss")
-    for t, name in ((xm, "xm"), (v, "v"), (lss, "lss")):
-        check_contiguous(t, name)
     n, length = xm.shape[:2]
     if length < 1:
         raise ValueError("xm must hold at least one position (L >= 1)")
@@ -111,12 +109,13 @@ def check_attention(xm: Tensor, v: Tensor, lss: Tensor, chunk_size: int, backend
         raise ValueError(
             f"lss must have shape [N, L, chunk_size] = [{n}, {length}, {chunk_size}], got {tuple(lss.shape)}"
         )
+    for t, name in ((xm, "xm"), (v, "v"), (lss, "lss")):
+        check_contiguous(t, name)
 
 
 def check_perm(perm: Tensor, xm: Tensor) -> None:
     check_rank(perm, "perm", "[N, R, L]")
     check_index(perm, "perm")
-    check_contiguous(perm, "perm")
     if perm.device != xm.device:
         raise ValueError(f"perm is on {perm.device} but xm is on {xm.device}")
     if perm.shape[0] != xm.shape[0] or perm.shape[2] != xm.shape[1] or perm.shape[1] < 1:
@@ -124,6 +123,7 @@ def check_perm(perm: Tensor, xm: Tensor) -> None:
             f"perm must have shape [N, R, L] with N = {xm.shape[0]}, L = {xm.shape[1]}, R >= 1, "
             f"got {tuple(perm.shape)}"
         )
+    check_contiguous(perm, "perm")
     if perm.device.type == "cpu" and perm.numel():
         # An index outside [0, L) would read out of bounds in the kernels: refuse it here.
         low, high = int(perm.min()), int(perm.max())

@@ -277,10 +277,13 @@ class _TritonOps:
         return _TRITON_OPS[name]
 
 
-@functools.cache
+_BACKEND_TABLE = {
+    "reference": Backend("reference", None),
+    "cpu": Backend("cpu", torch.ops.dlsn),
+    "cuda": Backend("cuda", torch.ops.dlsn),
+    "triton": Backend("triton", _TritonOps()),
+}
+
+
 def _backend(name: str) -> Backend:
-    if name == "reference":
-        return Backend(name, None)
-    if name == "triton":
-        return Backend(name, _TritonOps())
-    return Backend(name, torch.ops.dlsn)
+    return _BACKEND_TABLE[name]

@@ -106,13 +106,15 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
           for (int64_t j = 0; j < chunk; ++j) {
             const scalar_t* learned = in.lss + (b * length + kpos[j]) * chunk;
             scalar_t* row = p + j * chunk;
-            for (int64_t i = 0; i < chunk; ++i) row[i] = std::exp(row[i] + learned[i] - q_lse[i]);
+#pragma omp simd
+            for (int64_t i = 0; i < chunk; ++i) row[i] = softmax_exp(row[i] + learned[i] - q_lse[i]);
           }
           // dS^T = P^T * (V g^T - delta)
           at::mm_out(ds_t, values, g.t());
           for (int64_t j = 0; j < chunk; ++j) {
             scalar_t* row = ds + j * chunk;
             const scalar_t* prow = p + j * chunk;
+#pragma omp simd
             for (int64_t i = 0; i < chunk; ++i) row[i] = prow[i] * (row[i] - q_delta[i]);
           }
           if (t == 0) {

@@ -69,6 +69,7 @@ void forward_kernel(const at::Tensor& xm, const at::Tensor& v, const at::Tensor&
           const scalar_t scale = inv_ptr[key];
           const scalar_t* learned = lss_ptr + key * chunk;
           scalar_t* row = s + j * chunk;
+#pragma omp simd
           for (int64_t i = 0; i < chunk; ++i) {
             row[i] = row[i] * scale + learned[i];
             col_max[i] = std::max(col_max[i], row[i]);
@@ -77,8 +78,9 @@ void forward_kernel(const at::Tensor& xm, const at::Tensor& v, const at::Tensor&
         std::fill(col_sum.begin(), col_sum.end(), scalar_t(0));
         for (int64_t j = 0; j < kk; ++j) {
           scalar_t* row = s + j * chunk;
+#pragma omp simd
           for (int64_t i = 0; i < chunk; ++i) {
-            row[i] = std::exp(row[i] - col_max[i]);
+            row[i] = softmax_exp(row[i] - col_max[i]);
             col_sum[i] += row[i];
           }
         }

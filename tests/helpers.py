@@ -1,0 +1,61 @@
+"""Random inputs and comparisons shared by the kernel tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import dlsn_kernels as dk
+from dlsn_kernels import reference as ref
+
+
+@dataclass(frozen=True)
+class Case:
+    n: int
+    length: int
+    chunk: int
+    rounds: int
+    cm: int
+    cv: int
+
+    def __str__(self) -> str:
+        return f"N{self.n}-L{self.length}-K{self.chunk}-R{self.rounds}-Cm{self.cm}-Cv{self.cv}"
+
+
+# The size matrix of the kernel tests: L < K, L == K, L % K != 0, one and two chunks, N > 1,
+# R = 1..4, channel counts that are not powers of two; L < K/2 makes padding wrap several times.
+CASES = [
+    Case(1, 3, 8, 2, 3, 5),  # L < K/2: each position duplicated many times in the padding
+    Case(2, 6, 8, 1, 5, 3),  # L < K
+    Case(2, 8, 8, 3, 4, 6),  # L == K: one chunk, no padding
+    Case(1, 13, 8, 2, 7, 9),  # two chunks, padded
+    Case(3, 16, 8, 4, 3, 5),  # exactly two chunks
+    Case(2, 29, 5, 3, 6, 7),  # six chunks, L % K != 0
+    Case(1, 40, 8, 1, 5, 11),  # five chunks, no padding
+]
+
+
+def make_inputs(case: Case, dtype=torch.float64, seed: int = 0, requires_grad: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    xm = torch.randn(case.n, case.length, case.cm, generator=gen, dtype=dtype)
+    v = torch.randn(case.n, case.length, case.cv, generator=gen, dtype=dtype)
+    lss = torch.randn(case.n, case.length, case.chunk, generator=gen, dtype=dtype)
+    rot = dk.random_rotations(
+        case.cm, case.rounds, dk.n_buckets_for(case.length, case.chunk), generator=gen, dtype=dtype
+    )
+    codes = ref.sblsh_hash(xm, rot)
+    perm = ref.bucket_sort(codes)
+    if requires_grad:
+        for t in (xm, v, lss):
+            t.requires_grad_(True)
+    return xm, v, lss, rot, perm
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Worst absolute error relative to the largest magnitude of ``expected`` (never divides by ~0)."""
+    scale = expected.detach().abs().max().clamp_min(1e-30)
+    return float((actual.detach().double() - expected.detach().double()).abs().max() / scale)
+
+
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}

@@ -1,0 +1,164 @@
+"""Op registration (opcheck, torch.compile), backend choice, and errors on bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dlsn_kernels as dk
+from tests.helpers import CASES, make_inputs, rel_err
+
+CPU_REASON = dk.available_backends("cpu")["cpu"]
+needs_cpu = pytest.mark.skipif(CPU_REASON is not None, reason=f"compiled extension not built: {CPU_REASON}")
+
+
+@needs_cpu
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=str)
+def test_opcheck_every_op(case):
+    xm, v, lss, rot, perm = make_inputs(case, torch.float64)
+    codes = dk.sblsh_hash(xm, rot, backend="cpu")
+    out, lse = torch.ops.dlsn.chunk_attention(xm, v, lss, perm, case.chunk)
+    grad_out = torch.randn_like(out)
+    delta = torch.randn_like(lse)
+    samples = {
+        torch.ops.dlsn.sblsh_hash.default: (xm, rot),
+        torch.ops.dlsn.bucket_sort.default: (codes, rot.shape[-1]),
+        torch.ops.dlsn.chunk_attention.default: (
+            xm.requires_grad_(), v.requires_grad_(), lss.requires_grad_(), perm, case.chunk
+        ),
+        torch.ops.dlsn.gla_attention.default: (xm, v, lss, rot, case.chunk),
+        torch.ops.dlsn.attention_backward.default: (
+            grad_out, delta, xm.detach(), v.detach(), lss.detach(), perm, lse, case.chunk
+        ),
+    }
+    for op, args in samples.items():
+        torch.library.opcheck(op, args)
+
+
+@needs_cpu
+def test_torch_compile_fullgraph():
+    case = CASES[5]
+    xm, v, lss, rot, _perm = make_inputs(case, torch.float32, requires_grad=True)
+
+    def attention(xm_, v_, lss_):
+        return dk.gla_attention(xm_, v_, lss_, rot, case.chunk, backend="cpu") * 2.0
+
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    y = compiled(xm, v, lss)
+    assert rel_err(y, attention(xm, v, lss)) < 1e-6
+    (g,) = torch.autograd.grad(y.sum(), xm)
+    (g_eager,) = torch.autograd.grad(attention(xm, v, lss).sum(), xm)
+    assert rel_err(g, g_eager) < 1e-5
+
+
+def test_reference_backend_always_available():
+    assert dk.available_backends("cpu")["reference"] is None
+
+
+def test_unknown_backend_lists_choices():
+    xm, v, lss, rot, _ = make_inputs(CASES[0])
+    with pytest.raises(ValueError, match="reference, cpu, cuda, triton"):
+        dk.gla_attention(xm, v, lss, rot, CASES[0].chunk, backend="fast")
+
+
+def test_unavailable_backend_says_why_for_every_backend():
+    xm, v, lss, rot, _ = make_inputs(CASES[0])
+    with pytest.raises(dk.BackendUnavailableError) as info:
+        dk.gla_attention(xm, v, lss, rot, CASES[0].chunk, backend="cuda")
+    text = str(info.value)
+    for name in dk.BACKENDS:
+        assert f"  {name}:" in text
+
+
+def test_env_variable_picks_backend(monkeypatch):
+    xm, v, lss, rot, _ = make_inputs(CASES[0])
+    monkeypatch.setenv("DLSN_BACKEND", "cuda")
+    with pytest.raises(dk.BackendUnavailableError, match="'cuda'"):
+        dk.gla_attention(xm, v, lss, rot, CASES[0].chunk)
+    monkeypatch.setenv("DLSN_BACKEND", "reference")
+    assert dk.gla_attention(xm, v, lss, rot, CASES[0].chunk).shape == v.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument, whatever the backend.
+
+BACKENDS_HERE = ["reference"] + (["cpu"] if CPU_REASON is None else [])
+
+
+@pytest.fixture(params=BACKENDS_HERE)
+def backend(request):
+    return request.param
+
+
+def _inputs():
+    case = CASES[3]
+    xm, v, lss, rot, perm = make_inputs(case, torch.float32)
+    return case.chunk, xm, v, lss, rot, perm
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda a: a.update(xm=a["xm"][0]), r"xm must have shape \[N, L, Cm\]"),
+        (lambda a: a.update(v=a["v"][:, :-1]), "v must have shape"),
+        (lambda a: a.update(v=torch.cat([a["v"], a["v"]])), "v must have shape"),
+        (lambda a: a.update(lss=a["lss"][..., :-1]), "lss must have shape"),
+        (lambda a: a.update(chunk=0), "chunk_size must be >= 1"),
+        (lambda a: a.update(v=a["v"].double()), "v is torch.float64 but xm is torch.float32"),
+        (lambda a: a.update(v=a["v"].transpose(1, 2).contiguous().transpose(1, 2)), "v must be contiguous"),
+        (lambda a: a.update(perm=a["perm"][:, :, :-1]), "perm must have shape"),
+        (lambda a: a.update(perm=a["perm"].float()), "perm must be int32 or int64"),
+        (lambda a: a.update(perm=a["perm"] + 1), r"perm must hold positions in \[0, L"),
+        (lambda a: a.update(lss=a["lss"].to("meta")), "lss is on meta"),
+    ],
+)
+def test_chunk_attention_rejects(backend, mutate, match):
+    chunk, xm, v, lss, _rot, perm = _inputs()
+    args = {"xm": xm, "v": v, "lss": lss, "perm": perm, "chunk": chunk}
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        dk.chunk_attention(args["xm"], args["v"], args["lss"], args["perm"], args["chunk"], backend=backend)
+
+
+def test_float16_on_cpu_is_refused_by_compiled_backend():
+    if CPU_REASON is not None:
+        pytest.skip(f"compiled extension not built: {CPU_REASON}")
+    chunk, xm, v, lss, rot, _perm = _inputs()
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        dk.gla_attention(xm.half(), v.half(), lss.half(), rot.half(), chunk, backend="cpu")
+
+
+@pytest.mark.parametrize(
+    ("rot_fn", "match"),
+    [
+        (lambda r: r[:-1], "rot has"),
+        (lambda r: r[..., :0], "at least one round and one bucket"),
+        (lambda r: r[0], r"rot must have shape \[Cm, R, B\]"),
+    ],
+)
+def test_hash_rejects(backend, rot_fn, match):
+    chunk, xm, v, lss, rot, _perm = _inputs()
+    with pytest.raises(ValueError, match=match):
+        dk.gla_attention(xm, v, lss, rot_fn(rot), chunk, backend=backend)
+
+
+def test_bucket_sort_rejects(backend):
+    codes = torch.tensor([[[0, 1, 2]]])
+    with pytest.raises(ValueError, match="n_buckets must be an int >= 1"):
+        dk.bucket_sort(codes, 0, backend=backend)
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, n_buckets=2\)"):
+        dk.bucket_sort(codes, 2, backend=backend)
+    with pytest.raises(ValueError, match="codes must be int32 or int64"):
+        dk.bucket_sort(codes.float(), 3, backend=backend)
+
+
+@needs_cpu
+def test_compiled_ops_check_arguments_themselves():
+    """Calling torch.ops.dlsn directly (no Python checks) still gives a clear error, not a crash."""
+    chunk, xm, v, lss, rot, perm = _inputs()
+    with pytest.raises(RuntimeError, match="lss must have shape"):
+        torch.ops.dlsn.chunk_attention(xm, v, lss[..., :-1].contiguous(), perm, chunk)
+    with pytest.raises(RuntimeError, match="n_buckets must be >= 1"):
+        torch.ops.dlsn.bucket_sort(perm, 0)
+    with pytest.raises(RuntimeError, match=r"codes must lie in \[0, n_buckets=1\)"):
+        torch.ops.dlsn.bucket_sort(perm, 1)
