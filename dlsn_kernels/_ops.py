@@ -9,14 +9,14 @@ backends. The ``reference`` backend is plain PyTorch and differentiates through 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
-
-from . import reference
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
@@ -43,7 +43,10 @@ try:
 
     _C_ERROR: str | None = None
 except ImportError as exc:  # a missing or broken build must say how to fix it
-    _C_ERROR = f"the compiled extension dlsn_kernels._C could not be imported ({exc}); {_BUILD_HINT}"
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        _C_ERROR = f"the compiled extension dlsn_kernels._C is not built; {_BUILD_HINT}"
+    else:
+        _C_ERROR = f"the compiled extension dlsn_kernels._C failed to load ({exc}); rebuild it: {_BUILD_HINT}"
 
 
 class BackendUnavailableError(RuntimeError):
@@ -225,7 +228,10 @@ def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
         return None
     if name == "triton":
         if device.type == "cpu" and not _interpreter_on():
-            return "Triton runs on CPU tensors only in interpreter mode (set TRITON_INTERPRET=1 before importing triton)"
+            return (
+                "Triton runs on CPU tensors only in interpreter mode "
+                "(set TRITON_INTERPRET=1 before importing triton)"
+            )
         if device.type not in ("cpu", "cuda"):
             return f"Triton does not run on {device.type} tensors"
         return _triton_ready()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -162,3 +165,19 @@ def test_compiled_ops_check_arguments_themselves():
         torch.ops.dlsn.bucket_sort(perm, 0)
     with pytest.raises(RuntimeError, match=r"codes must lie in \[0, n_buckets=1\)"):
         torch.ops.dlsn.bucket_sort(perm, 1)
+
+
+def test_broken_build_says_how_to_build():
+    """Without a loadable _C, import still works and asking for a compiled backend says how to build it."""
+    code = (
+        "import sys; sys.modules['dlsn_kernels._C'] = None\n"
+        "import torch, dlsn_kernels as dk\n"
+        "assert dk.available_backends()['reference'] is None\n"
+        "try:\n"
+        "    dk.bucket_sort(torch.zeros(1, 1, 3, dtype=torch.long), 1, backend='cpu')\n"
+        "except dk.BackendUnavailableError as e:\n"
+        "    print(e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "pip install --no-build-isolation -e ." in result.stdout
