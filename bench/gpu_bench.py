@@ -1,0 +1,151 @@
+"""GPU benchmark: fused Triton and CUDA kernels against NLSN-style and DLSN-style PyTorch.
+
+    python -m bench.gpu_bench [--out bench/results/gpu.md] [--quick]
+
+Cases: the training shape at N=16 (48x48, Cm=64, Cv=256, K=128, R=3), forward and forward+backward,
+and one 512x512 inference (N=1, forward under no_grad). Time: median of CUDA-event timings after a
+warm-up (the first call also compiles/autotunes Triton). Memory: ``torch.cuda.max_memory_allocated``
+during one call minus what was allocated before it (inputs excluded). An implementation that fails
+(out of memory, missing backend) gets its error in the table instead of numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import dlsn_kernels as dk
+from bench import baselines
+
+MB = 1024.0**2
+
+
+def _inputs(n: int, side: int, cm: int, cv: int, k: int, rounds: int, grad: bool, device: str):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    length = side * side
+    xm = torch.randn(n, length, cm, generator=gen).relu().to(device)
+    v = torch.randn(n, length, cv, generator=gen).to(device)
+    f = torch.randn(n, length, cv, generator=gen).relu().to(device)
+    fc = nn.Sequential(nn.Linear(cv, k), nn.ReLU(), nn.Linear(k, k)).to(device)
+    rot = dk.random_rotations(cm, rounds, dk.n_buckets_for(length, k), generator=gen).to(device)
+    rot_half = baselines.gaussian_rotations(cm, rounds, dk.n_buckets_for(length, k)).to(device)
+    for t in (xm, v, f):
+        t.requires_grad_(grad)
+    return xm, v, f, fc, rot, rot_half
+
+
+def _impls(xm, v, f, fc, rot, rot_half, k: int) -> dict[str, Callable[[], torch.Tensor]]:
+    def fused(backend: str) -> Callable[[], torch.Tensor]:
+        return lambda: dk.gla_attention(xm, v, fc(f), rot, k, backend=backend)
+
+    return {
+        "NLSN-style": lambda: baselines.nlsn_attention(xm, v, k, rot_half=rot_half),
+        "DLSN-style": lambda: baselines.dlsn_attention(xm, v, k, f=f, fc=fc, rot=rot),
+        "fused triton": fused("triton"),
+        "fused cuda": fused("cuda"),
+    }
+
+
+def _measure(fn: Callable[[], torch.Tensor], backward: bool, repeats: int) -> tuple[float, float]:
+    def once() -> None:
+        y = fn()
+        if backward:
+            y.float().square().mean().backward()
+
+    once()  # warm-up: Triton compile/autotune, cuBLAS handles
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        once()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    once()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - before) / MB
+    return statistics.median(times), peak
+
+
+def run(quick: bool) -> list[dict[str, object]]:
+    rows = []
+    train_n, train_side, big_side = (2, 24, 64) if quick else (16, 48, 512)
+    cases = [
+        (f"train N={train_n} {train_side}x{train_side}", train_n, train_side, False),
+        (f"train N={train_n} {train_side}x{train_side}", train_n, train_side, True),
+        (f"inference N=1 {big_side}x{big_side}", 1, big_side, False),
+    ]
+    for name, n, side, backward in cases:
+        grad = backward
+        tensors = _inputs(n, side, 64, 256, 128, 3, grad, "cuda")
+        for impl, fn in _impls(*tensors, k=128).items():
+            row = {"case": name, "pass": "fwd+bwd" if backward else "fwd", "impl": impl}
+            try:
+                with torch.set_grad_enabled(grad):
+                    ms, mb = _measure(fn, backward, repeats=3 if quick else 10)
+                row.update(ms=ms, mb=mb)
+            except Exception as exc:  # noqa: BLE001 - an OOM or missing backend is a result too
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(row, flush=True)
+        del tensors
+        torch.cuda.empty_cache()
+    return rows
+
+
+def to_markdown(rows: list[dict[str, object]]) -> str:
+    lines = [
+        "# GPU benchmark",
+        "",
+        f"{datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}. Produced by `python -m bench.gpu_bench`.",
+        "",
+        "| case | pass | impl | ms | peak extra MB | time vs NLSN | memory vs NLSN |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        base = next(
+            (r for r in rows if r["case"] == row["case"] and r["pass"] == row["pass"] and r["impl"] == "NLSN-style"),
+            None,
+        )
+        if "error" in row:
+            lines.append(f"| {row['case']} | {row['pass']} | {row['impl']} | {row['error']} | | | |")
+            continue
+        speed = mem = ""
+        if base is not None and "ms" in base:
+            speed = f"{base['ms'] / row['ms']:.2f}x"
+            mem = f"{base['mb'] / max(row['mb'], 1e-3):.1f}x lower"
+        lines.append(
+            f"| {row['case']} | {row['pass']} | {row['impl']} | {row['ms']:.2f} | {row['mb']:.0f} | {speed} | {mem} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/gpu.md"))
+    parser.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.gpu_bench needs a CUDA GPU")
+    table = to_markdown(run(args.quick))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table)
+    print(table)
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
