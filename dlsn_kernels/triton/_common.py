@@ -29,6 +29,7 @@ __all__ = [
     "check_index",
     "check_rank",
     "channel_block",
+    "device_fn",
     "jit",
     "tl_accumulate_dtype",
     "tl_dtype",
@@ -38,7 +39,6 @@ __all__ = [
 MAX_CHANNELS = 512
 # A chunk row of learned scores (K values) is loaded whole by the backward scatter kernel.
 MAX_CHUNK = 1024
-
 
 
 def _triton_interprets() -> bool:
@@ -58,6 +58,15 @@ def jit(fn: Callable) -> Any:
             triton.knobs.runtime.interpret = True
             return triton.jit(fn)
     return triton.jit(fn)
+
+
+def device_fn(fn: Callable) -> Any:
+    """``triton.jit`` for helpers called from kernels; the plain function under the interpreter.
+
+    The interpreter re-patches ``triton.language`` on every call of a jitted helper, which made the
+    helpers about a tenth of the interpreted run time; as plain Python they run the same body unpatched.
+    """
+    return fn if INTERPRETED else triton.jit(fn)
 
 
 def autotune(configs: list[triton.Config], key: list[str], interpreter_blocks: dict[str, Callable],
@@ -119,7 +128,8 @@ def _check_device(t: torch.Tensor, name: str) -> None:
     if not INTERPRETED:
         raise RuntimeError(
             f"{name} is a CPU tensor: the Triton backend runs CPU tensors only under the Triton interpreter "
-            "(TRITON_INTERPRET=1 in the environment before triton is first imported); use backend='cpu' instead"
+            "(TRITON_INTERPRET=1 in the environment before triton is first imported); "
+            "use backend='cpu' instead"
         )
 
 
@@ -144,10 +154,12 @@ def check_float_inputs(named: dict[str, torch.Tensor]) -> None:
         if t.device != first.device:
             raise ValueError(f"{first_name} is on {first.device} but {name} is on {t.device}")
         if t.dtype != first.dtype:
-            raise ValueError(f"{first_name} is {first.dtype} but {name} is {t.dtype}; they must share one dtype")
+            raise ValueError(
+                f"{first_name} is {first.dtype} but {name} is {t.dtype}; they must share one dtype"
+            )
 
 
-@jit
+@device_fn
 def slot_position(perm_row, slot, length, pad, mask):
     """Position held by sorted ``slot`` (SPEC 1.3): ``perm[slot]``, or ``perm[(slot - pad) mod L]`` past L."""
     wrapped = ((slot - pad) % length + length) % length  # % truncates toward zero in Triton: fold twice
@@ -155,7 +167,7 @@ def slot_position(perm_row, slot, length, pad, mask):
     return tl.load(perm_row + source, mask=mask, other=0).to(tl.int64)
 
 
-@jit
+@device_fn
 def matmul(a, b, ACC: tl.constexpr):
     """``a @ b`` accumulated in ``ACC``; float32 operands in full precision (no TF32: it flips hash codes)."""
     return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)

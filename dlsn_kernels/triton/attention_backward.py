@@ -27,6 +27,7 @@ from ._common import (
     autotune,
     channel_block,
     check_rank,
+    device_fn,
     jit,
     matmul,
     slot_position,
@@ -39,7 +40,8 @@ __all__ = ["attention_backward"]
 
 
 def _key_pass_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_Q": bq}, num_warps=w, num_stages=2) for bq, w in ((16, 4), (32, 4), (64, 8))]
+    shapes = ((16, 4), (32, 4), (64, 8))
+    return [triton.Config({"BLOCK_Q": bq}, num_warps=w, num_stages=2) for bq, w in shapes]
 
 
 def _prune_key_pass(configs, named_args, **kwargs):
@@ -132,13 +134,14 @@ def _key_pass(
         tl.store(dlss_slot_ptr + (n * Lp + k_slot)[:, None] * K + offs_i[None, :], dlss,
                  mask=k_ok[:, None] & i_ok[None, :])
     slot_rows = n * Lp + k_slot
-    tl.store(dv_slot_ptr + slot_rows[:, None] * Cv + offs_cv[None, :], dv, mask=k_ok[:, None] & cv_ok[None, :])
-    tl.store(dkn_slot_ptr + slot_rows[:, None] * Cm + offs_cm[None, :], dkn, mask=k_ok[:, None] & cm_ok[None, :])
+    tl.store(dv_slot_ptr + slot_rows[:, None] * Cv + offs_cv[None, :], dv,
+             mask=k_ok[:, None] & cv_ok[None, :])
+    tl.store(dkn_slot_ptr + slot_rows[:, None] * Cm + offs_cm[None, :], dkn,
+             mask=k_ok[:, None] & cm_ok[None, :])
 
 
-@jit
-def _gather_slots(slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs, width, ok, BLOCK_P: tl.constexpr,
-                  BLOCK_W: tl.constexpr, ACC: tl.constexpr):
+@device_fn
+def _gather_slots(slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs, width, ok, ACC: tl.constexpr):
     """Row ``slot`` of a ``[N, Lp, width]`` slot buffer plus the rows of its padded duplicates."""
     w_ok = offs < width
     total = tl.load(slot_ptr + (n * Lp + slot)[:, None] * width + offs[None, :],
@@ -151,7 +154,7 @@ def _gather_slots(slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs, width, ok, B
     return total
 
 
-@jit
+@device_fn
 def _add_to_total(total_ptr, rows, offs, width, ok, value, FIRST: tl.constexpr):
     """``value`` plus what earlier rounds left in ``total[rows]`` (nothing in the first round)."""
     if not FIRST:
@@ -160,7 +163,7 @@ def _add_to_total(total_ptr, rows, offs, width, ok, value, FIRST: tl.constexpr):
     return value
 
 
-@jit
+@device_fn
 def _store_rows(ptr, rows, offs, width, ok, value):
     tl.store(ptr + rows[:, None] * width + offs[None, :], value.to(ptr.dtype.element_ty),
              mask=ok[:, None] & (offs < width)[None, :])
@@ -202,11 +205,11 @@ def _position_pass(
             dq += tl.load(dq_part_ptr + part_row[:, None] * Cm + offs_cm[None, :],
                           mask=ok[:, None] & cm_ok[None, :], other=0.0)
     dq = _add_to_total(dq_tot_ptr, pos_rows, offs_cm, Cm, ok, dq, FIRST)
-    dkn = _gather_slots(dkn_slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs_cm, Cm, ok, BLOCK_P, BLOCK_CM, ACC)
+    dkn = _gather_slots(dkn_slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs_cm, Cm, ok, ACC)
     dkn = _add_to_total(dkn_tot_ptr, pos_rows, offs_cm, Cm, ok, dkn, FIRST)
-    dv = _gather_slots(dv_slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs_cv, Cv, ok, BLOCK_P, BLOCK_CV, ACC)
+    dv = _gather_slots(dv_slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs_cv, Cv, ok, ACC)
     dv = _add_to_total(dv_tot_ptr, pos_rows, offs_cv, Cv, ok, dv, FIRST)
-    dlss = _gather_slots(dlss_slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs_k, K, ok, BLOCK_P, BLOCK_KK, ACC)
+    dlss = _gather_slots(dlss_slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs_k, K, ok, ACC)
     dlss = _add_to_total(dlss_tot_ptr, pos_rows, offs_k, K, ok, dlss, FIRST)
 
     if LAST:
@@ -216,8 +219,8 @@ def _position_pass(
         norm = tl.sqrt(tl.sum(x * x, axis=1))
         kn = x / tl.maximum(norm, EPS)[:, None]
         radial = tl.sum(kn * dkn, axis=1)
-        d_key = tl.where((norm >= EPS)[:, None], (dkn - kn * radial[:, None]) / tl.maximum(norm, EPS)[:, None],
-                         dkn / EPS)
+        tangent = (dkn - kn * radial[:, None]) / tl.maximum(norm, EPS)[:, None]
+        d_key = tl.where((norm >= EPS)[:, None], tangent, dkn / EPS)
         _store_rows(dxm_ptr, pos_rows, offs_cm, Cm, ok, dq + d_key)
         _store_rows(dv_ptr, pos_rows, offs_cv, Cv, ok, dv)
         _store_rows(dlss_ptr, pos_rows, offs_k, K, ok, dlss)

@@ -165,14 +165,18 @@ def check_attention_inputs(xm: Tensor, v: Tensor, lss: Tensor, chunk_size: int) 
     check_float_inputs({"xm": xm, "v": v, "lss": lss})
     n, length, cm = xm.shape
     if v.shape[:2] != (n, length):
-        raise ValueError(f"v must have shape [N, L, Cv] with N, L = {n}, {length} (from xm), got {tuple(v.shape)}")
+        raise ValueError(
+            f"v must have shape [N, L, Cv] with N, L = {n}, {length} (from xm), got {tuple(v.shape)}"
+        )
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if lss.shape != (n, length, chunk_size):
         raise ValueError(f"lss must have shape [N, L, K] = {(n, length, chunk_size)}, got {tuple(lss.shape)}")
     for name, size in (("xm", cm), ("v", v.shape[2])):
         if size > MAX_CHANNELS:
-            raise ValueError(f"{name} has {size} channels; the Triton backend supports at most {MAX_CHANNELS}")
+            raise ValueError(
+                f"{name} has {size} channels; the Triton backend supports at most {MAX_CHANNELS}"
+            )
     if chunk_size > MAX_CHUNK:
         raise ValueError(f"chunk_size {chunk_size} is above the Triton backend's limit of {MAX_CHUNK}")
 
@@ -203,7 +207,9 @@ def _launch_forward(xm, v, lss, perm, out, lse, chunk_size, rounds_in_grid, firs
     )
 
 
-def chunk_attention(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+def chunk_attention(
+    xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int
+) -> tuple[Tensor, Tensor]:
     """Attention of every round within adjacent chunks: ``out [N, R, L, Cv]`` (dtype of ``v``) and
     ``lse [N, R, L]`` (float32; float64 for float64 input), in original position order.
 
@@ -221,7 +227,9 @@ def chunk_attention(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size
     return out, lse
 
 
-def gla_attention(xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def gla_attention(
+    xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """SPEC steps 1-5 fused: ``y [N, L, Cv]`` (dtype of ``v``), ``lse [N, L]`` over all rounds (float32;
     float64 for float64 input) and ``perm [N, R, L]`` int64 (for the backward pass)."""
     check_attention_inputs(xm, v, lss, chunk_size)
@@ -235,5 +243,6 @@ def gla_attention(xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: i
     if y.numel() == 0 or lse.numel() == 0:
         return y.to(v.dtype), lse, perm
     for r in range(perm.shape[1]):
-        _launch_forward(xm, v, lss, perm, y, lse, int(chunk_size), 1, r, _FIRST_ROUND if r == 0 else _MERGE_ROUND)
+        mode = _FIRST_ROUND if r == 0 else _MERGE_ROUND
+        _launch_forward(xm, v, lss, perm, y, lse, int(chunk_size), 1, r, mode)
     return y.to(v.dtype), lse, perm

@@ -89,7 +89,9 @@ def sblsh_hash(xm: Tensor, rot: Tensor) -> Tensor:
         raise ValueError(f"rot must be a floating tensor, got {rot.dtype}")
     n, length, cm = xm.shape
     if rot.shape[0] != cm:
-        raise ValueError(f"rot must have shape [Cm, R, B] with Cm = {cm} (xm's channels), got {tuple(rot.shape)}")
+        raise ValueError(
+            f"rot must have shape [Cm, R, B] with Cm = {cm} (xm's channels), got {tuple(rot.shape)}"
+        )
     if cm > MAX_CHANNELS:
         raise ValueError(f"xm has {cm} channels; the Triton backend supports at most {MAX_CHANNELS}")
     rounds, n_buckets = rot.shape[1], rot.shape[2]

@@ -1,0 +1,334 @@
+"""The Triton backend (dlsn_kernels.triton) against the reference oracle.
+
+Without a GPU the kernels run under the Triton interpreter on CPU tensors, in float64 (tight
+tolerances); with a GPU they run compiled on CUDA tensors in float32, plus float16/bfloat16 checks.
+Shapes are tiny because the interpreter runs every program in Python.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Triton reads this when it is first imported; if another test module imported it earlier without
+    # the variable, INTERPRETED below is False and this module is skipped with that reason.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import dlsn_kernels.triton as tk  # noqa: E402
+from dlsn_kernels import reference as ref  # noqa: E402
+
+if not HAS_CUDA and not tk.INTERPRETED:
+    pytest.skip(
+        "needs a GPU, or the Triton interpreter (triton was imported before TRITON_INTERPRET=1 was set; "
+        "run this file on its own)",
+        allow_module_level=True,
+    )
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+# float64 exists on CPU only (interpreter); a GPU checks float32 at float32 tolerances
+EXACT = torch.float64 if DEVICE == "cpu" else torch.float32
+TOL = {"atol": 1e-10, "rtol": 1e-10} if EXACT == torch.float64 else {"atol": 2e-4, "rtol": 2e-4}
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (compiled kernels, float16/bfloat16)")
+
+# (N, L, K, Cm, Cv, R): L < K, L == K, L % K != 0, one and two chunks, padding longer than L,
+# many chunks, N > 1, R = 1..4, channels that are not powers of two; the last one has K > 64, so
+# several query and key tiles per chunk under the interpreter's block size of 64.
+SIZES = [
+    (1, 3, 5, 3, 5, 1),  # L < K: one chunk, two padded duplicates of some positions
+    (2, 5, 5, 4, 6, 2),  # L == K: one chunk, no padding
+    (1, 9, 8, 6, 8, 3),  # two chunks, padded
+    (2, 8, 4, 7, 9, 4),  # two chunks exactly
+    (1, 13, 5, 5, 7, 2),  # three chunks, L % K != 0
+    (2, 21, 4, 3, 5, 3),  # six chunks
+    (1, 10, 70, 3, 6, 1),  # K > 64
+]
+SIZE_IDS = [f"N{n}-L{length}-K{k}-Cm{cm}-Cv{cv}-R{r}" for n, length, k, cm, cv, r in SIZES]
+
+
+def make_inputs(size, dtype=EXACT, seed=0):
+    n, length, k, cm, cv, rounds = size
+    gen = torch.Generator().manual_seed(seed)
+    xm = torch.randn(n, length, cm, generator=gen, dtype=torch.float64)
+    v = torch.randn(n, length, cv, generator=gen, dtype=torch.float64)
+    lss = torch.randn(n, length, k, generator=gen, dtype=torch.float64)
+    rot = ref.random_rotations(cm, rounds, ref.n_buckets_for(length, k), generator=gen)
+    return [t.to(device=DEVICE, dtype=dtype) for t in (xm, v, lss, rot)]
+
+
+def reference_perm(xm, rot):
+    return ref.bucket_sort(ref.sblsh_hash(xm, rot))
+
+
+def assert_close(actual, expected, **tol):
+    torch.testing.assert_close(actual, expected.to(actual.dtype), **(tol or TOL))
+
+
+# ---------------------------------------------------------------------------------------------
+# hashing and sorting
+
+
+@pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
+def test_hash_and_sort_match_reference(size):
+    xm, _, _, rot = make_inputs(size)
+    codes = tk.sblsh_hash(xm, rot)
+    assert codes.dtype == torch.int64 and codes.shape == (size[0], size[5], size[1])
+    assert torch.equal(codes, ref.sblsh_hash(xm, rot))
+    perm = tk.bucket_sort(codes, rot.shape[2])
+    assert perm.dtype == torch.int64
+    assert torch.equal(perm, ref.bucket_sort(codes))
+
+
+def test_hash_ties_take_the_lowest_bucket_across_tiles():
+    # 130 buckets: two tiles of 128 in the kernel. Columns 5, 9 and 129 are the same direction.
+    gen = torch.Generator().manual_seed(1)
+    cm = 4
+    rot = torch.randn(cm, 2, 130, generator=gen, dtype=torch.float64) * 0.01
+    direction = torch.tensor([1.0, 2.0, -1.0, 0.5], dtype=torch.float64)
+    for b in (129, 9, 5):
+        rot[:, 0, b] = direction
+    rot[:, 1, 129] = direction  # round 1: the winner sits in the second tile only
+    xm = direction.repeat(2, 6, 1) + 1e-3 * torch.randn(2, 6, cm, generator=gen, dtype=torch.float64)
+    xm[0, 0] = 0.0  # all projections tie at 0: bucket 0
+    xm, rot = xm.to(DEVICE, EXACT), rot.to(DEVICE, EXACT)
+    codes = tk.sblsh_hash(xm, rot)
+    assert torch.equal(codes, ref.sblsh_hash(xm, rot))
+    assert int(codes[0, 0, 0]) == 0
+    assert (codes[:, 0].flatten()[1:] == 5).all()
+    assert (codes[:, 1].flatten()[1:] == 129).all()
+
+
+@pytest.mark.parametrize("n_buckets", [1, 7, 128, 2000])
+def test_bucket_sort_is_stable(n_buckets):
+    gen = torch.Generator().manual_seed(n_buckets)
+    # few distinct codes: long runs of ties whose order must stay by position
+    codes = torch.randint(0, min(n_buckets, 5), (2, 3, 300), generator=gen)
+    codes[0, 0, :7] = n_buckets - 1
+    codes = codes.to(DEVICE)
+    perm = tk.bucket_sort(codes.to(torch.int32), n_buckets)
+    assert torch.equal(perm, torch.sort(codes, dim=-1, stable=True).indices)
+
+
+def test_bucket_sort_rejects_codes_out_of_range():
+    codes = torch.tensor([[[0, 3, 1]]], device=DEVICE)
+    with pytest.raises(ValueError, match="codes"):
+        tk.bucket_sort(codes, 3)
+    with pytest.raises(ValueError, match="n_buckets"):
+        tk.bucket_sort(codes, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+
+
+@pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
+def test_chunk_attention_matches_reference(size):
+    xm, v, lss, rot = make_inputs(size)
+    perm = reference_perm(xm, rot)
+    out, lse = tk.chunk_attention(xm, v, lss, perm, size[2])
+    ref_out, ref_lse = ref.chunk_attention(xm, v, lss, perm, size[2])
+    assert out.dtype == v.dtype and lse.dtype == EXACT
+    assert_close(out, ref_out)
+    assert_close(lse, ref_lse)
+
+
+def test_chunk_attention_takes_int32_perm():
+    xm, v, lss, rot = make_inputs((2, 13, 5, 5, 7, 2))
+    perm = reference_perm(xm, rot)
+    out, lse = tk.chunk_attention(xm, v, lss, perm.to(torch.int32), 5)
+    ref_out, ref_lse = tk.chunk_attention(xm, v, lss, perm, 5)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
+def test_gla_attention_matches_reference(size):
+    xm, v, lss, rot = make_inputs(size)
+    y, lse, perm = tk.gla_attention(xm, v, lss, rot, size[2])
+    assert torch.equal(perm, reference_perm(xm, rot))
+    assert_close(y, ref.gla_attention(xm, v, lss, rot, size[2]))
+    _, round_lse = ref.chunk_attention(xm, v, lss, perm, size[2])
+    assert_close(lse, torch.logsumexp(round_lse, dim=1))
+
+
+def test_float32_forward_matches_reference():
+    size = (2, 13, 5, 5, 7, 3)
+    xm, v, lss, rot = make_inputs(size, dtype=torch.float32)
+    y, lse, perm = tk.gla_attention(xm, v, lss, rot, 5)
+    assert y.dtype == torch.float32 and lse.dtype == torch.float32
+    out, round_lse = ref.chunk_attention(xm, v, lss, perm, 5)
+    assert_close(y, ref.combine_rounds(out, round_lse), atol=2e-5, rtol=2e-5)
+    assert_close(lse, torch.logsumexp(round_lse, dim=1), atol=2e-5, rtol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+
+
+def chunk_backward_pair(size, dtype=EXACT, seed=0):
+    """(attention_backward of chunk_attention, autograd of the reference) for random incoming grads."""
+    xm, v, lss, rot = make_inputs(size, dtype, seed)
+    perm = reference_perm(xm, rot)
+    leaves = [t.clone().requires_grad_() for t in (xm, v, lss)]
+    out, lse = ref.chunk_attention(*leaves, perm, size[2])
+    gen = torch.Generator().manual_seed(seed + 1)
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    grad_lse = torch.randn(lse.shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    expected = torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse).sum(), leaves)
+    delta = (grad_out * out.detach()).sum(-1) - grad_lse
+    actual = tk.attention_backward(grad_out, delta, xm, v, lss, perm, lse.detach(), size[2])
+    return actual, expected
+
+
+def gla_backward_pair(size, dtype=EXACT, seed=0):
+    """(attention_backward with R' = 1 after the fused forward, autograd of the reference GLA).
+
+    The reference runs on the kernel's permutation (equal to its own: see the forward tests), so that
+    a rounding-level tie in the float32 hash on a GPU cannot make the comparison flaky.
+    """
+    xm, v, lss, rot = make_inputs(size, dtype, seed)
+    y, lse, perm = tk.gla_attention(xm, v, lss, rot, size[2])
+    leaves = [t.clone().requires_grad_() for t in (xm, v, lss)]
+    y_ref = ref.combine_rounds(*ref.chunk_attention(*leaves, perm, size[2]))
+    gen = torch.Generator().manual_seed(seed + 1)
+    dy = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    expected = torch.autograd.grad((y_ref * dy).sum(), leaves)
+    delta = (dy * y).sum(-1)[:, None]
+    actual = tk.attention_backward(dy[:, None], delta, xm, v, lss, perm, lse[:, None], size[2])
+    return actual, expected
+
+
+@pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
+def test_chunk_attention_backward_matches_autograd(size):
+    actual, expected = chunk_backward_pair(size)
+    for name, a, e in zip(("dxm", "dv", "dlss"), actual, expected, strict=True):
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
+def test_gla_attention_backward_matches_autograd(size):
+    actual, expected = gla_backward_pair(size)
+    for a, e in zip(actual, expected, strict=True):
+        assert_close(a, e)
+
+
+def test_backward_of_keys_below_the_norm_floor():
+    # zero and tiny rows of xm: the key normalisation is clamped at 5e-5 (gradient dkn / eps)
+    size = (1, 9, 4, 3, 5, 2)
+    xm, v, lss, rot = make_inputs(size)
+    xm[0, 2] = 0.0
+    xm[0, 6] = 1e-6
+    perm = reference_perm(xm, rot)
+    leaves = [t.clone().requires_grad_() for t in (xm, v, lss)]
+    out, lse = ref.chunk_attention(*leaves, perm, 4)
+    grad_out = torch.ones_like(out)
+    expected = torch.autograd.grad((out * grad_out).sum(), leaves)
+    delta = (grad_out * out.detach()).sum(-1)
+    actual = tk.attention_backward(grad_out, delta, xm, v, lss, perm, lse.detach(), 4)
+    # dividing by eps = 5e-5 scales rounding up by 2e4: looser tolerance than elsewhere
+    loose = {"atol": 1e-7, "rtol": 1e-7} if EXACT == torch.float64 else {"atol": 1e-2, "rtol": 1e-3}
+    assert actual[0][0, 2].abs().max() > 100  # the clamped rows really get the large dkn / eps gradient
+    for a, e in zip(actual, expected, strict=True):
+        assert_close(a, e, **loose)
+
+
+def test_backward_is_bitwise_repeatable():
+    size = (2, 13, 5, 3, 5, 2)
+    first, _ = chunk_backward_pair(size, seed=3)
+    second, _ = chunk_backward_pair(size, seed=3)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    first, _ = gla_backward_pair(size, seed=3)
+    second, _ = gla_backward_pair(size, seed=3)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_float32_backward_matches_autograd():
+    actual, expected = gla_backward_pair((1, 13, 5, 5, 7, 2), dtype=torch.float32)
+    for a, e in zip(actual, expected, strict=True):
+        assert a.dtype == torch.float32
+        assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks
+
+
+def test_bad_arguments_name_the_argument():
+    xm, v, lss, rot = make_inputs((1, 6, 4, 3, 5, 2))
+    perm = reference_perm(xm, rot)
+    with pytest.raises(ValueError, match="lss"):
+        tk.chunk_attention(xm, v, lss[..., :3].contiguous(), perm, 4)
+    with pytest.raises(ValueError, match="v"):
+        tk.chunk_attention(xm, v[:, :5].contiguous(), lss, perm, 4)
+    with pytest.raises(ValueError, match="perm"):
+        tk.chunk_attention(xm, v, lss, perm.float(), 4)
+    with pytest.raises(ValueError, match="xm"):
+        tk.chunk_attention(xm.transpose(1, 2), v, lss, perm, 4)
+    with pytest.raises(ValueError, match="dtype"):
+        tk.chunk_attention(xm, v.to(torch.float32 if EXACT == torch.float64 else torch.float16), lss, perm, 4)
+    with pytest.raises(ValueError, match="rot"):
+        tk.sblsh_hash(xm, rot[:2].contiguous())
+    with pytest.raises(ValueError, match="grad_out"):
+        tk.attention_backward(v[:, None, :, :4], v[..., 0][:, None], xm, v, lss, perm, v[..., 0][:, None], 4)
+    with pytest.raises(ValueError, match="delta"):
+        tk.attention_backward(v[:, None], v[..., :2].transpose(1, 2), xm, v, lss, perm, v[..., 0][:, None], 4)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU (interpreter) dtype rule")
+def test_half_precision_on_cpu_is_refused_with_a_reason():
+    xm, v, lss, rot = make_inputs((1, 6, 4, 3, 5, 2), dtype=torch.float16)
+    with pytest.raises(ValueError, match="CUDA"):
+        tk.gla_attention(xm, v, lss, rot, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# half precision (GPU only): float32 accumulation keeps the error at the inputs' rounding level
+
+HALF_TOL = {torch.float16: 1e-2, torch.bfloat16: 4e-2}  # relative (norm) error bounds
+GPU_SIZES = [(2, 21, 4, 3, 5, 3), (2, 300, 48, 24, 40, 3), (1, 1000, 128, 64, 96, 2)]
+
+
+def relative_error(actual, expected):
+    expected = expected.float()
+    return float((actual.float() - expected).norm() / expected.norm().clamp_min(1e-12))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("size", GPU_SIZES)
+def test_half_precision_forward_and_backward(size, dtype):
+    xm, v, lss, rot = make_inputs(size, dtype=torch.float32)
+    half = [t.to(dtype) for t in (xm, v, lss, rot)]
+    y, lse, perm = tk.gla_attention(*half, size[2])
+    assert y.dtype == dtype and lse.dtype == torch.float32
+    assert torch.equal(perm, tk.bucket_sort(tk.sblsh_hash(half[0], half[3]), rot.shape[2]))
+    # the float32 reference on the same (rounded) inputs and the same permutation
+    leaves = [t.float().requires_grad_() for t in half[:3]]
+    out, round_lse = ref.chunk_attention(*leaves, perm, size[2])
+    y_ref = ref.combine_rounds(out, round_lse)
+    assert relative_error(y, y_ref) < HALF_TOL[dtype]
+    assert (lse - torch.logsumexp(round_lse, dim=1)).abs().max() < 20 * HALF_TOL[dtype]
+    dy = torch.randn_like(y_ref)
+    expected = torch.autograd.grad((y_ref * dy).sum(), leaves)
+    dy_half = dy.to(dtype)
+    delta = (dy_half.float() * y.float()).sum(-1)[:, None]
+    actual = tk.attention_backward(dy_half[:, None], delta, *half[:3], perm, lse[:, None], size[2])
+    for a, e in zip(actual, expected, strict=True):
+        assert a.dtype == dtype
+        assert relative_error(a, e) < 2 * HALF_TOL[dtype]
+
+
+@needs_gpu
+@pytest.mark.parametrize("size", GPU_SIZES[1:])
+def test_gpu_float32_larger_shapes(size):
+    actual, expected = gla_backward_pair(size, dtype=torch.float32)
+    for a, e in zip(actual, expected, strict=True):
+        assert relative_error(a, e) < 1e-4
+    again, _ = gla_backward_pair(size, dtype=torch.float32)
+    for a, b in zip(actual, again, strict=True):
+        assert torch.equal(a, b)
