@@ -61,9 +61,7 @@ def gaussian_rotations(
     """NLSN's rotations: i.i.d. Gaussian ``[Cm, R, B/2]`` (the hash takes ``+-`` of each column)."""
     if n_buckets < 1:
         raise ValueError(f"n_buckets must be >= 1, got {n_buckets}")
-    return torch.randn(
-        channels, n_hashes, n_buckets // 2, generator=generator, dtype=dtype, device=device
-    )
+    return torch.randn(channels, n_hashes, n_buckets // 2, generator=generator, dtype=dtype, device=device)
 
 
 def nlsn_hash(xm: Tensor, rot_half: Tensor) -> Tensor:
@@ -374,14 +372,16 @@ class DLSNStyleGLA(nn.Module):
             nn.Linear(channels, chunk_size), nn.ReLU(inplace=True), nn.Linear(chunk_size, chunk_size)
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rot: Tensor | None = None) -> Tensor:
+        """``x [N, C, H, W]``; ``rot [Cm, R, B]`` fixes the rotations (tests), else fresh ones."""
         n, c, h, w = x.shape
         xm = _to_rows(self.conv_match(x))
         v = _to_rows(self.conv_assembly(x))
         f = _to_rows(self.conv_assembly_fc(x))
-        n_buckets = n_buckets_for(h * w, self.chunk_size)
-        rot = torch.stack(
-            [nn.init.orthogonal_(torch.empty(xm.shape[-1], n_buckets)) for _ in range(self.n_hashes)], dim=1
-        ).to(device=x.device, dtype=x.dtype)
+        if rot is None:
+            n_buckets = n_buckets_for(h * w, self.chunk_size)
+            # The authors' draw: one orthogonal_ [Cm, B] matrix per round, on the CPU.
+            rounds = [nn.init.orthogonal_(torch.empty(xm.shape[-1], n_buckets)) for _ in range(self.n_hashes)]
+            rot = torch.stack(rounds, dim=1).to(device=x.device, dtype=x.dtype)
         y = dlsn_attention(xm, v, self.chunk_size, f=f, fc=self.fc, rot=rot)
         return y.permute(0, 2, 1).reshape(n, c, h, w) * self.res_scale + x

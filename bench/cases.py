@@ -32,6 +32,7 @@ __all__ = [
     "core_case",
     "gla_case",
     "model_case",
+    "allocation_case",
     "fused_impl",
     "backend_of",
     "estimate_core_bytes",
@@ -55,7 +56,7 @@ def fused_impl(backend: str) -> str:
 def backend_of(impl: str) -> str | None:
     """The ``dlsn_kernels`` backend an impl runs on, or None for the baselines."""
     if impl.startswith("fused-"):
-        return impl[len("fused-"):]
+        return impl[len("fused-") :]
     return "reference" if impl == "reference" else None
 
 
@@ -67,9 +68,7 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
 
 def _score_mlp(channels: int, chunk_size: int) -> nn.Sequential:
     """GLA's ``fc``: Linear(C, K), ReLU, Linear(K, K)."""
-    return nn.Sequential(
-        nn.Linear(channels, chunk_size), nn.ReLU(inplace=True), nn.Linear(chunk_size, chunk_size)
-    )
+    return nn.Sequential(nn.Linear(channels, chunk_size), nn.ReLU(inplace=True), nn.Linear(chunk_size, chunk_size))
 
 
 def core_case(
@@ -105,12 +104,15 @@ def core_case(
 
     backend = backend_of(impl)
     if backend is not None:
+
         def forward() -> Tensor:
             return dlsn_kernels.gla_attention(xm, v, fc(f), rot, k, backend=backend)
     elif impl == "nlsn-style":
+
         def forward() -> Tensor:
             return baselines.nlsn_attention(xm, v, k, rot_half=rot_half)
     elif impl == "dlsn-style":
+
         def forward() -> Tensor:
             return baselines.dlsn_attention(xm, v, k, f=f, fc=fc, rot=rot)
     else:
@@ -118,10 +120,12 @@ def core_case(
 
     sync = _synchronizer(dev)
     if not backward:
+
         def run() -> None:
             with torch.no_grad():
                 forward()
             sync()
+
         return run
 
     leaves = [xm, v] if impl == "nlsn-style" else [xm, v, f]
@@ -177,6 +181,7 @@ def gla_case(
             with torch.no_grad():
                 module(x)
             sync()
+
         return run
 
     module.train()
@@ -217,6 +222,20 @@ def model_case(
     return run
 
 
+def allocation_case(megabytes: float, device: str = "cpu") -> Callable[[], None]:
+    """A known allocation (``megabytes`` of float32, every page written): calibrates bench.memory."""
+    dev = torch.device(device)
+    count = int(megabytes * 2**20 / 4)
+    sync = _synchronizer(dev)
+
+    def run() -> None:
+        block = torch.ones(count, device=dev)
+        del block
+        sync()
+
+    return run
+
+
 # ----------------------------------------------------------------------------------------------
 # Memory estimates, to skip a materialising baseline that would not fit. Counted in elements per
 # sorted slot (N * R * Lp slots), from the tensors each implementation keeps alive at its peak,
@@ -235,10 +254,19 @@ _SLOT_ELEMENTS = {
 
 
 def estimate_core_bytes(
-    impl: str, n: int, h: int, w: int, cm: int, cv: int, k: int, r: int, backward: bool = False,
-    dtype_bytes: int = 4,
+    impl: str,
+    n: int,
+    h: int,
+    w: int,
+    cm: int,
+    cv: int,
+    k: int,
+    r: int,
+    backward: bool = False,
+    dtype: str = "float32",
 ) -> int:
     """Rough peak extra bytes of one core call; fused kernels need only their outputs (+ grads)."""
+    dtype_bytes = _DTYPES[dtype].itemsize
     length = h * w
     lp = length + (k - length % k) % k
     if backend_of(impl) not in (None, "reference"):
@@ -250,9 +278,7 @@ def estimate_core_bytes(
     return int(max(slots * (a * cm + b * cv + c * k), hashing) * dtype_bytes)
 
 
-def estimate_gla_bytes(
-    impl: str, channels: int, size: int, k: int, r: int, reduction: int = 4, n: int = 1
-) -> int:
+def estimate_gla_bytes(impl: str, channels: int, size: int, k: int, r: int, reduction: int = 4, n: int = 1) -> int:
     """Rough forward peak of a whole block: the core plus its three ``[N, C, H, W]`` feature maps."""
     core = estimate_core_bytes(impl, n, size, size, channels // reduction, channels, k, r)
     return core + 4 * n * channels * size * size * 4

@@ -9,6 +9,7 @@ Options (each has an environment variable, for scripts):
 * ``--mem-limit-gb X`` (``DLSN_BENCH_MEM_LIMIT_GB``): materialising baselines estimated above this
   are skipped (default: half the available memory, at most 8 GB).
 * ``--bench-rounds N`` (``DLSN_BENCH_ROUNDS``, default 5): timed rounds after one warm-up.
+* ``--dtype float16`` (``DLSN_BENCH_DTYPE``, default float32): dtype of the attention core groups.
 * ``--no-memory`` (``DLSN_BENCH_MEMORY=0``): skip the child-process peak-memory measurement.
 
 Torch uses every core the process may run on (``DLSN_BENCH_THREADS`` overrides); the header
@@ -49,17 +50,41 @@ def _available_memory_bytes() -> float:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("dlsn-bench", "DLSN benchmarks (bench/)")
-    group.addoption("--quick", action="store_true", default=None,
-                    help="run every case once at small sizes (env DLSN_BENCH_QUICK=1)")
+    group.addoption(
+        "--quick",
+        action="store_true",
+        default=None,
+        help="run every case once at small sizes (env DLSN_BENCH_QUICK=1)",
+    )
     group.addoption("--device", default=None, help="cpu or cuda (env DLSN_BENCH_DEVICE; default cpu)")
-    group.addoption("--kernel-backends", default=None,
-                    help="comma-separated dlsn_kernels backends to time (env DLSN_BENCH_BACKENDS)")
-    group.addoption("--mem-limit-gb", type=float, default=None,
-                    help="skip materialising baselines estimated above this (env DLSN_BENCH_MEM_LIMIT_GB)")
-    group.addoption("--bench-rounds", type=int, default=None,
-                    help="timed rounds per case after one warm-up (env DLSN_BENCH_ROUNDS; default 5)")
-    group.addoption("--no-memory", action="store_true", default=None,
-                    help="do not measure peak memory in a child process (env DLSN_BENCH_MEMORY=0)")
+    group.addoption(
+        "--kernel-backends",
+        default=None,
+        help="comma-separated dlsn_kernels backends to time (env DLSN_BENCH_BACKENDS)",
+    )
+    group.addoption(
+        "--mem-limit-gb",
+        type=float,
+        default=None,
+        help="skip materialising baselines estimated above this (env DLSN_BENCH_MEM_LIMIT_GB)",
+    )
+    group.addoption(
+        "--bench-rounds",
+        type=int,
+        default=None,
+        help="timed rounds per case after one warm-up (env DLSN_BENCH_ROUNDS; default 5)",
+    )
+    group.addoption(
+        "--dtype",
+        default=None,
+        help="dtype of the attention core's tensors, default float32 (env DLSN_BENCH_DTYPE)",
+    )
+    group.addoption(
+        "--no-memory",
+        action="store_true",
+        default=None,
+        help="do not measure peak memory in a child process (env DLSN_BENCH_MEMORY=0)",
+    )
 
 
 def _make_config(config: pytest.Config) -> BenchConfig:
@@ -68,9 +93,7 @@ def _make_config(config: pytest.Config) -> BenchConfig:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError(f"--device {device}: no CUDA device is visible to torch")
     default_backends = "triton,cuda" if torch.device(device).type == "cuda" else "cpu"
-    backends_text = (
-        config.getoption("--kernel-backends") or os.environ.get("DLSN_BENCH_BACKENDS") or default_backends
-    )
+    backends_text = config.getoption("--kernel-backends") or os.environ.get("DLSN_BENCH_BACKENDS") or default_backends
     backends = tuple(b.strip() for b in backends_text.split(",") if b.strip() and b.strip() != "reference")
     limit_gb = config.getoption("--mem-limit-gb") or os.environ.get("DLSN_BENCH_MEM_LIMIT_GB")
     if limit_gb is not None:
@@ -81,7 +104,10 @@ def _make_config(config: pytest.Config) -> BenchConfig:
         mem_limit = min(8 * GB, 0.5 * _available_memory_bytes())
     rounds = config.getoption("--bench-rounds") or int(os.environ.get("DLSN_BENCH_ROUNDS", "5"))
     no_memory = config.getoption("--no-memory") or _env_flag("DLSN_BENCH_MEMORY") is False
-    return BenchConfig(quick, device, backends, mem_limit, max(rounds, 1), not no_memory, cpu_threads())
+    dtype = (config.getoption("--dtype") or os.environ.get("DLSN_BENCH_DTYPE") or "float32").strip()
+    if dtype not in ("float32", "float64", "float16", "bfloat16"):
+        raise pytest.UsageError(f"--dtype must be float32, float64, float16 or bfloat16, got {dtype!r}")
+    return BenchConfig(quick, device, backends, mem_limit, max(rounds, 1), not no_memory, cpu_threads(), dtype)
 
 
 _CONFIG_KEY = pytest.StashKey[BenchConfig]()
@@ -100,7 +126,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"dlsn bench: device={c.device}, torch {torch.__version__}, torch threads={torch.get_num_threads()} "
         f"(all {c.threads} usable cores), mode={'quick' if c.quick else 'full'}, "
         f"backends={','.join(c.backends) or '-'}, baseline memory limit={c.mem_limit_bytes / GB:.1f} GB, "
-        f"rounds={1 if c.quick else c.rounds}, peak memory={'on' if c.measure_memory else 'off'}"
+        f"rounds={1 if c.quick else c.rounds}, core dtype={c.dtype}, "
+        f"peak memory={'on' if c.measure_memory else 'off'}"
     ]
 
 
@@ -123,12 +150,28 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "device": c.device,
+        "dtype": c.dtype,
         "quick": c.quick,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     if torch.device(c.device).type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(torch.device(c.device))
     machine_info["dlsn_bench"] = info
+
+
+# Skipped cases (memory limit, missing backend), written into the JSON for bench/report.py.
+_SKIPPED: list[dict[str, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and report.when in ("setup", "call"):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        _SKIPPED.append({"test": report.nodeid.split("::")[-1], "reason": reason.removeprefix("Skipped: ")})
+
+
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list, output_json: dict) -> None:
+    output_json["dlsn_skipped"] = list(_SKIPPED)
 
 
 @pytest.fixture(scope="session")
@@ -139,6 +182,19 @@ def bench_config(request: pytest.FixtureRequest) -> BenchConfig:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "impl" in metafunc.fixturenames:
         metafunc.parametrize("impl", metafunc.config.stash[_CONFIG_KEY].impls())
-    if "model_backend" in metafunc.fixturenames:
-        backends = list(metafunc.config.stash[_CONFIG_KEY].backends) + ["reference"]
-        metafunc.parametrize("model_backend", backends)
+    if "model_preset" in metafunc.fixturenames and "model_backend" in metafunc.fixturenames:
+        config = metafunc.config.stash[_CONFIG_KEY]
+        pairs = []
+        for index, preset in enumerate(metafunc.module.MODEL_PRESETS):
+            for backend in [*config.backends, "reference"]:
+                # Quick mode: the slow reference path runs on the first (smallest) preset only.
+                if config.quick and backend == "reference" and index > 0:
+                    continue
+                pairs.append((preset, backend))
+        metafunc.parametrize(("model_preset", "model_backend"), pairs, ids=[f"{p}-{b}" for p, b in pairs])
+    if "scaling_side" in metafunc.fixturenames:
+        # Sizes come from the test module, so each file keeps its shapes next to its tests.
+        module = metafunc.module
+        quick = metafunc.config.stash[_CONFIG_KEY].quick
+        sides = module.SCALING_SIDES_QUICK if quick else module.SCALING_SIDES
+        metafunc.parametrize("scaling_side", sides, ids=[f"{s}x{s}" for s in sides])

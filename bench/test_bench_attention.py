@@ -32,7 +32,7 @@ SCALING_SIDES_QUICK = (16, 24)
 def test_core(benchmark, bench_config, impl, mode):
     skip_unless_backend_runs(impl, bench_config.device)
     shape = TRAIN_SHAPE_QUICK if bench_config.quick else TRAIN_SHAPE
-    kwargs = {"impl": impl, **shape, "backward": mode == "fwdbwd"}
+    kwargs = {"impl": impl, **shape, "backward": mode == "fwdbwd", "dtype": bench_config.dtype}
     estimate = cases.estimate_core_bytes(**kwargs)
     skip_if_too_big(impl, estimate, bench_config)
     measure(
@@ -49,14 +49,12 @@ def test_core(benchmark, bench_config, impl, mode):
     )
 
 
-@pytest.mark.parametrize("index", range(len(SCALING_SIDES)))
-def test_scaling(benchmark, bench_config, impl, index):
-    if bench_config.quick and index >= len(SCALING_SIDES_QUICK):
-        pytest.skip("quick mode runs the two smallest sizes only")
+def test_scaling(benchmark, bench_config, impl, scaling_side):
+    # scaling_side: SCALING_SIDES, or SCALING_SIDES_QUICK with --quick (bench/conftest.py)
     skip_unless_backend_runs(impl, bench_config.device)
-    side = (SCALING_SIDES_QUICK if bench_config.quick else SCALING_SIDES)[index]
+    side = scaling_side
     dims = QUICK_DIMS if bench_config.quick else PAPER_DIMS
-    kwargs = {"impl": impl, "n": 1, "h": side, "w": side, **dims}
+    kwargs = {"impl": impl, "n": 1, "h": side, "w": side, **dims, "dtype": bench_config.dtype}
     estimate = cases.estimate_core_bytes(**kwargs)
     skip_if_too_big(impl, estimate, bench_config)
     measure(

@@ -1,0 +1,211 @@
+"""Turns pytest-benchmark's JSON into ``bench/results/<name>.md`` and a scaling plot.
+
+    python -m pytest bench/ --benchmark-json=bench/results/cpu.json
+    python -m bench.report bench/results/cpu.json            # -> bench/results/cpu.md, cpu_scaling.png
+
+The Markdown page has the machine (CPU model, cores, torch version and threads, date), one table
+per benchmark group (mean and median ms, rounds, peak extra MB, and ratios of time and memory to
+the NLSN-style baseline of the same case, or to ``reference`` in groups without it), and the cases
+that were skipped with their reasons. The PNG plots time and peak extra memory against pixel
+count, log-log, for the ``scaling-fwd`` group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+__all__ = ["GROUP_ORDER", "load_results", "render_markdown", "plot_scaling", "main"]
+
+GROUP_ORDER = ("core-fwd", "core-fwdbwd", "scaling-fwd", "gla-fwd", "model-fwd")
+GROUP_TITLES = {
+    "core-fwd": "Attention core, forward (training shape)",
+    "core-fwdbwd": "Attention core, forward + backward (training shape)",
+    "scaling-fwd": "Attention core, inference scaling (one image)",
+    "gla-fwd": "One GLA block with its convolutions, forward",
+    "model-fwd": "Whole DLSN network, forward",
+}
+SCALING_GROUP = "scaling-fwd"
+RATIO_BASELINES = ("nlsn-style", "reference")
+
+
+def _impl_rank(impl: str) -> tuple[int, str]:
+    order = {"reference": 1, "dlsn-style": 2, "nlsn-style": 3}
+    return (0 if impl.startswith("fused-") else order.get(impl, 4), impl)
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    with open(path) as handle:
+        data = json.load(handle)
+    if "benchmarks" not in data:
+        raise ValueError(f"{path} is not a pytest-benchmark JSON file (no 'benchmarks' key)")
+    return data
+
+
+def _row(bench: dict[str, Any]) -> dict[str, Any]:
+    info = bench.get("extra_info", {})
+    stats = bench["stats"]
+    return {
+        "group": bench.get("group") or "ungrouped",
+        "impl": info.get("impl", bench["name"]),
+        "case": info.get("case", bench["name"]),
+        "pixels": info.get("pixels"),
+        "mean_ms": stats["mean"] * 1e3,
+        "median_ms": stats["median"] * 1e3,
+        "rounds": stats.get("rounds"),
+        "peak_mb": info.get("peak_extra_mb"),
+        "estimate_mb": info.get("estimate_mb"),
+    }
+
+
+def rows_by_group(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for bench in data["benchmarks"]:
+        row = _row(bench)
+        groups[row["group"]].append(row)
+    for rows in groups.values():
+        rows.sort(key=lambda r: (r["pixels"] or 0, r["case"], _impl_rank(r["impl"])))
+    ordered = [g for g in GROUP_ORDER if g in groups] + sorted(g for g in groups if g not in GROUP_ORDER)
+    return {g: groups[g] for g in ordered}
+
+
+def _machine(data: dict[str, Any]) -> dict[str, Any]:
+    """Machine facts from the JSON (our conftest's entry, else pytest-benchmark's own)."""
+    info = dict(data.get("machine_info", {}).get("dlsn_bench", {}))
+    cpu = data.get("machine_info", {}).get("cpu", {})
+    info.setdefault("cpu_model", cpu.get("brand_raw", "unknown"))
+    info.setdefault("cores", cpu.get("count", "?"))
+    info.setdefault("torch_version", "?")
+    info.setdefault("torch_threads", "?")
+    info.setdefault("device", "cpu")
+    info.setdefault("date", data.get("datetime", "?"))
+    return info
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    if value is None or base is None or base <= 0:
+        return "-"
+    return f"{value / base:.3g}x"
+
+
+def render_markdown(data: dict[str, Any], scaling_png: str | None = None) -> str:
+    machine = _machine(data)
+    mode = "full"
+    if machine.get("quick"):
+        mode = "quick (one round at small sizes: proves the benchmarks run, not a measurement)"
+    lines = [
+        f"# Benchmarks on {machine['device']}",
+        "",
+        f"- machine: {machine['cpu_model']}, {machine['cores']} cores"
+        + (f"; GPU {machine['device_name']}" if machine.get("device_name") else ""),
+        f"- torch {machine['torch_version']}, {machine['torch_threads']} threads",
+        f"- date: {machine['date']}",
+        f"- mode: {mode}",
+        "- method: bench/NOTES.md. Times are wall clock per call; peak extra memory is measured in a",
+        "  child process (CPU: VmHWM above the resident baseline; CUDA: max_memory_allocated above",
+        "  the allocated baseline). Ratios are this row / the baseline row of the same case (< 1: less).",
+        "",
+    ]
+    for group, rows in rows_by_group(data).items():
+        impls = {r["impl"] for r in rows}
+        baseline = next((b for b in RATIO_BASELINES if b in impls), None)
+        lines += [f"## {group}: {GROUP_TITLES.get(group, group)}", ""]
+        header = "| impl | case | mean ms | median ms | rounds | peak extra MB |"
+        rule = "|---|---|---:|---:|---:|---:|"
+        if baseline is not None:
+            header += f" time / {baseline} | memory / {baseline} |"
+            rule += "---:|---:|"
+        lines += [header, rule]
+        base_rows = {r["case"]: r for r in rows if r["impl"] == baseline}
+        for r in rows:
+            line = (
+                f"| {r['impl']} | {r['case']} | {_fmt(r['mean_ms'], 2)} | {_fmt(r['median_ms'], 2)} | "
+                f"{r['rounds'] or '-'} | {_fmt(r['peak_mb'])} |"
+            )
+            if baseline is not None:
+                base = base_rows.get(r["case"])
+                line += (
+                    f" {_ratio(r['mean_ms'], base and base['mean_ms'])} |"
+                    f" {_ratio(r['peak_mb'], base and base['peak_mb'])} |"
+                )
+            lines.append(line)
+        if group == SCALING_GROUP and scaling_png:
+            lines += ["", f"![time and memory against pixel count]({scaling_png})"]
+        lines.append("")
+    skipped = data.get("dlsn_skipped") or []
+    if skipped:
+        lines += ["## Not run", ""]
+        lines += [f"- `{s['test']}`: {s['reason']}" for s in skipped]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_scaling(data: dict[str, Any], path: str | os.PathLike) -> bool:
+    """Log-log time and peak memory against pixels for the scaling group; False if it has no rows."""
+    rows = rows_by_group(data).get(SCALING_GROUP, [])
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["pixels"]:
+            series[r["impl"]].append(r)
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for impl in sorted(series, key=_impl_rank):
+        points = sorted(series[impl], key=lambda r: r["pixels"])
+        px = [r["pixels"] for r in points]
+        ax_time.plot(px, [r["mean_ms"] for r in points], marker="o", label=impl)
+        mem = [(r["pixels"], r["peak_mb"]) for r in points if r["peak_mb"] and r["peak_mb"] > 0]
+        if mem:
+            ax_mem.plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=impl)
+    machine = _machine(data)
+    for ax, ylabel in ((ax_time, "time per call (ms)"), (ax_mem, "peak extra memory (MB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("pixels (H x W)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    where = f"{machine['device']} ({machine['cpu_model']}, {machine['torch_threads']} threads)"
+    fig.suptitle(f"Inference scaling on {where}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="pytest-benchmark JSON -> Markdown table and scaling plot.")
+    parser.add_argument("json", help="file written by pytest --benchmark-json=...")
+    parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--name", default=None, help="output base name (default: the device, e.g. cpu)")
+    args = parser.parse_args(argv)
+
+    data = load_results(args.json)
+    name = args.name or _machine(data)["device"].split(":")[0]
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png_name = f"{name}_scaling.png"
+    has_plot = plot_scaling(data, out_dir / png_name)
+    markdown = render_markdown(data, png_name if has_plot else None)
+    (out_dir / f"{name}.md").write_text(markdown)
+    print(f"wrote {out_dir / (name + '.md')}" + (f" and {out_dir / png_name}" if has_plot else ""))
+
+
+if __name__ == "__main__":
+    main()
