@@ -1,0 +1,256 @@
+"""The CUDA kernels (``torch.ops.dlsn.*`` on CUDA tensors) against the float64 reference.
+
+The ops are called directly, not through the Python backend layer, so these tests check the CUDA
+kernels alone: every op, forward and backward (``attention_backward`` against autograd of the
+reference), float32/float16/bfloat16 inputs (the reference runs in float64 on the same rounded
+values), int32 and int64 permutations, and bitwise-repeatable gradients.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dlsn_kernels  # noqa: F401  (importing loads the compiled extension: torch.ops.dlsn)
+from dlsn_kernels import reference as ref
+from tests.helpers import CASES, Case, make_inputs, rel_err
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DEVICE = "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Worst error relative to the largest reference magnitude; low precision is dominated by the final
+# rounding of the outputs (float32 accumulation inside the kernels).
+FWD_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+BWD_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+# Several query/key tiles of 32, several channel steps of 32 and two column slices of 128;
+# then the large end of the brief: K = 256 and Cv = 512.
+BIG_CASES = [Case(2, 97, 40, 2, 37, 133), Case(1, 300, 256, 1, 64, 512)]
+ALL_CASES = CASES + BIG_CASES
+
+
+def _inputs(case: Case, dtype: torch.dtype, seed: int = 0):
+    """Inputs in ``dtype`` on the device, and their float64 copies (the same rounded values)."""
+    xm, v, lss, rot, perm = make_inputs(case, torch.float64, seed)
+    low = [t.to(DEVICE, dtype) for t in (xm, v, lss, rot)]
+    exact = [t.double() for t in low]
+    return low, exact, perm.to(DEVICE)
+
+
+def _reference_rounds(exact, perm, chunk, requires_grad=False):
+    xm, v, lss = (t.detach().clone().requires_grad_(requires_grad) for t in exact[:3])
+    out, lse = ref.chunk_attention(xm, v, lss, perm, chunk)
+    return (xm, v, lss), out, lse
+
+
+def _check_codes(codes: torch.Tensor, xm: torch.Tensor, rot: torch.Tensor) -> None:
+    """codes is an argmax of the float64 projection; where the best bucket leads by a clear margin,
+    it is exactly the reference's (float32 accumulation may only break near-ties differently)."""
+    proj = torch.einsum("nlc,crb->nrlb", xm.double(), rot.double())
+    scale = proj.abs().amax().clamp_min(1e-30)
+    tol = 1e-5 * float(scale)
+    chosen = proj.gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+    best = proj.amax(-1)
+    assert bool((chosen >= best - tol).all())
+    top2 = proj.topk(min(2, proj.shape[-1]), dim=-1).values
+    clear = (top2[..., 0] - top2[..., -1] > tol) | (proj.shape[-1] == 1)
+    assert torch.equal(codes[clear], proj.argmax(-1)[clear])
+
+
+# ---------------------------------------------------------------- hash and sort
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ALL_CASES, ids=str)
+def test_sblsh_hash(case, dtype):
+    (xm, _v, _lss, rot), _exact, _perm = _inputs(case, dtype)
+    codes = torch.ops.dlsn.sblsh_hash(xm, rot)
+    assert codes.dtype == torch.int64 and codes.shape == (case.n, case.rounds, case.length)
+    assert codes.device == xm.device
+    _check_codes(codes, xm, rot)
+
+
+def test_sblsh_hash_many_buckets_and_ties():
+    gen = torch.Generator().manual_seed(3)
+    xm = torch.randn(2, 50, 19, generator=gen).to(DEVICE)
+    rot = torch.randn(19, 3, 128, generator=gen).to(DEVICE)  # B = 128: 16 passes of 8 buckets
+    _check_codes(torch.ops.dlsn.sblsh_hash(xm, rot), xm, rot)
+    # exact ties everywhere: the lowest bucket wins
+    zeros = torch.zeros(1, 7, 4, device=DEVICE)
+    assert torch.ops.dlsn.sblsh_hash(zeros, torch.ones(4, 2, 9, device=DEVICE)).unique().tolist() == [0]
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize(
+    "shape,n_buckets",
+    [((1, 1, 1), 1), ((2, 3, 13), 4), ((2, 3, 5000), 3), ((1, 2, 3000), 128), ((1, 1, 200_003), 64)],
+    ids=["single", "small", "ties-many-segments", "B128", "long-row"],
+)
+def test_bucket_sort_is_stable_sort(shape, n_buckets, index_dtype):
+    gen = torch.Generator().manual_seed(11)
+    codes = torch.randint(0, n_buckets, shape, generator=gen).to(DEVICE, index_dtype)
+    perm = torch.ops.dlsn.bucket_sort(codes, n_buckets)
+    assert perm.dtype == torch.int64 and perm.shape == codes.shape
+    assert torch.equal(perm.cpu(), torch.sort(codes.cpu().long(), dim=-1, stable=True).indices)
+
+
+# ---------------------------------------------------------------- chunk_attention
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ALL_CASES, ids=str)
+def test_chunk_attention_forward(case, dtype):
+    (xm, v, lss, _rot), exact, perm = _inputs(case, dtype)
+    out, lse = torch.ops.dlsn.chunk_attention(xm, v, lss, perm, case.chunk)
+    assert out.dtype == dtype and out.shape == (case.n, case.rounds, case.length, case.cv)
+    assert lse.dtype == torch.float32 and lse.shape == (case.n, case.rounds, case.length)
+    _, want_out, want_lse = _reference_rounds(exact, perm, case.chunk)
+    assert rel_err(out, want_out) < FWD_TOL[dtype]
+    assert rel_err(lse, want_lse) < FWD_TOL[dtype]
+
+
+def test_chunk_attention_int32_perm_matches_int64():
+    case = CASES[3]
+    (xm, v, lss, _rot), _exact, perm = _inputs(case, torch.float32)
+    out64, lse64 = torch.ops.dlsn.chunk_attention(xm, v, lss, perm, case.chunk)
+    out32, lse32 = torch.ops.dlsn.chunk_attention(xm, v, lss, perm.int(), case.chunk)
+    assert torch.equal(out64, out32) and torch.equal(lse64, lse32)
+
+
+def test_chunk_attention_tiny_key_norm_and_empty_batch():
+    # rows with ||xm|| below 5e-5 are divided by 5e-5, not by their norm
+    case = CASES[3]
+    (xm, v, lss, _rot), exact, perm = _inputs(case, torch.float32)
+    xm[:, ::3] *= 1e-7
+    exact[0] = xm.double()
+    out, lse = torch.ops.dlsn.chunk_attention(xm, v, lss, perm, case.chunk)
+    _, want_out, want_lse = _reference_rounds(exact, perm, case.chunk)
+    assert rel_err(out, want_out) < FWD_TOL[torch.float32]
+    assert rel_err(lse, want_lse) < FWD_TOL[torch.float32]
+    # N = 0
+    out, lse = torch.ops.dlsn.chunk_attention(xm[:0], v[:0], lss[:0], perm[:0], case.chunk)
+    assert out.shape == (0, case.rounds, case.length, case.cv) and lse.shape == (0, case.rounds, case.length)
+
+
+def _chunk_attention_grads(case, dtype, perm_dtype=torch.int64, seed=0):
+    (xm, v, lss, _rot), exact, perm = _inputs(case, dtype, seed)
+    perm = perm.to(perm_dtype)
+    out, lse = torch.ops.dlsn.chunk_attention(xm, v, lss, perm, case.chunk)
+    gen = torch.Generator().manual_seed(seed + 7)
+    g_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    g_lse = torch.randn(lse.shape, generator=gen, dtype=torch.float64).to(DEVICE, torch.float32)
+    # grad of (out * g_out).sum() + (lse * g_lse).sum(): DESIGN's delta = rowsum(g_out * out) - g_lse
+    delta = (g_out.float() * out.float()).sum(-1) - g_lse
+    got = torch.ops.dlsn.attention_backward(g_out, delta, xm, v, lss, perm, lse, case.chunk)
+    return got, (exact, perm, g_out, g_lse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ALL_CASES, ids=str)
+def test_chunk_attention_backward(case, dtype):
+    got, (exact, perm, g_out, g_lse) = _chunk_attention_grads(case, dtype)
+    leaves, want_out, want_lse = _reference_rounds(exact, perm, case.chunk, requires_grad=True)
+    loss = (want_out * g_out.double()).sum() + (want_lse * g_lse.double()).sum()
+    want = torch.autograd.grad(loss, leaves)
+    for name, a, b, like in zip(("dxm", "dv", "dlss"), got, want, leaves):
+        assert a.dtype == dtype and a.shape == like.shape, name
+        assert rel_err(a, b) < BWD_TOL[dtype], name
+
+
+def test_chunk_attention_backward_int32_perm_matches_int64():
+    case = CASES[5]
+    got64, _ = _chunk_attention_grads(case, torch.float32)
+    got32, _ = _chunk_attention_grads(case, torch.float32, perm_dtype=torch.int32)
+    for a, b in zip(got64, got32):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- gla_attention
+
+
+def _gla_reference(exact, perm, chunk, requires_grad=False):
+    leaves, out, lse = _reference_rounds(exact, perm, chunk, requires_grad)
+    return leaves, ref.combine_rounds(out, lse), torch.logsumexp(lse, dim=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ALL_CASES, ids=str)
+def test_gla_attention_forward(case, dtype):
+    (xm, v, lss, rot), exact, _perm = _inputs(case, dtype)
+    y, lse, perm = torch.ops.dlsn.gla_attention(xm, v, lss, rot, case.chunk)
+    assert y.dtype == dtype and y.shape == (case.n, case.length, case.cv)
+    assert lse.dtype == torch.float32 and lse.shape == (case.n, case.length)
+    assert perm.dtype == torch.int64 and perm.shape == (case.n, case.rounds, case.length)
+    codes = torch.ops.dlsn.sblsh_hash(xm, rot)
+    assert torch.equal(perm, torch.ops.dlsn.bucket_sort(codes, rot.shape[-1]))
+    _, want_y, want_lse = _gla_reference(exact, perm, case.chunk)
+    assert rel_err(y, want_y) < FWD_TOL[dtype]
+    assert rel_err(lse, want_lse) < FWD_TOL[dtype]
+
+
+def _gla_grads(case, dtype, seed=0):
+    (xm, v, lss, rot), exact, _perm = _inputs(case, dtype, seed)
+    y, lse, perm = torch.ops.dlsn.gla_attention(xm, v, lss, rot, case.chunk)
+    gen = torch.Generator().manual_seed(seed + 5)
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    g_lse = torch.randn(lse.shape, generator=gen, dtype=torch.float64).to(DEVICE, torch.float32)
+    # One softmax over the union of all rounds' keys (DESIGN): R' = 1, lse over all rounds.
+    delta = (dy.float() * y.float()).sum(-1) - g_lse
+    got = torch.ops.dlsn.attention_backward(
+        dy[:, None].contiguous(),
+        delta[:, None].contiguous(),
+        xm,
+        v,
+        lss,
+        perm,
+        lse[:, None].contiguous(),
+        case.chunk,
+    )
+    return got, (exact, perm, dy, g_lse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ALL_CASES, ids=str)
+def test_gla_attention_backward(case, dtype):
+    got, (exact, perm, dy, g_lse) = _gla_grads(case, dtype)
+    leaves, want_y, want_lse = _gla_reference(exact, perm, case.chunk, requires_grad=True)
+    loss = (want_y * dy.double()).sum() + (want_lse * g_lse.double()).sum()
+    want = torch.autograd.grad(loss, leaves)
+    for name, a, b, like in zip(("dxm", "dv", "dlss"), got, want, leaves):
+        assert a.dtype == dtype and a.shape == like.shape, name
+        assert rel_err(a, b) < BWD_TOL[dtype], name
+
+
+# ---------------------------------------------------------------- determinism and errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], BIG_CASES[0]], ids=str)
+def test_backward_is_bitwise_repeatable(case, dtype):
+    first, _ = _chunk_attention_grads(case, dtype, seed=2)
+    again, _ = _chunk_attention_grads(case, dtype, seed=2)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    first, _ = _gla_grads(case, dtype, seed=2)
+    again, _ = _gla_grads(case, dtype, seed=2)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
+def test_errors_name_the_argument():
+    case = CASES[3]
+    (xm, v, lss, rot), _exact, perm = _inputs(case, torch.float32)
+    with pytest.raises(RuntimeError, match="on CUDA"):
+        torch.ops.dlsn.chunk_attention(xm.double(), v.double(), lss.double(), perm, case.chunk)
+    with pytest.raises(RuntimeError, match="lss"):
+        torch.ops.dlsn.chunk_attention(xm, v, lss[..., :-1].contiguous(), perm, case.chunk)
+    with pytest.raises(RuntimeError, match="perm"):
+        torch.ops.dlsn.chunk_attention(xm, v, lss, perm.float(), case.chunk)
+    with pytest.raises(RuntimeError, match="rot"):
+        torch.ops.dlsn.sblsh_hash(xm, rot[1:].contiguous())
+    with pytest.raises(RuntimeError, match="n_buckets"):
+        torch.ops.dlsn.bucket_sort(perm, 0)
+    out, lse = torch.ops.dlsn.chunk_attention(xm, v, lss, perm, case.chunk)
+    with pytest.raises(RuntimeError, match="delta"):
+        torch.ops.dlsn.attention_backward(out, lse.double(), xm, v, lss, perm, lse, case.chunk)
