@@ -10,11 +10,47 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _locate_cuda_home() -> None:
+    """Point torch at the real toolkit when ``nvcc`` on PATH is a wrapper script.
+
+    torch derives CUDA_HOME from ``which nvcc``; a wrapper in /usr/local/bin makes that /usr/local,
+    where neither libcudart nor the CUDA headers live. The conventional /usr/local/cuda wins then.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc and not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include", "cuda.h")):
+        for candidate in ("/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)):
+            if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+                os.environ["CUDA_HOME"] = candidate
+                return
+
+
+def _cuda_library_headers(cuda_home: str) -> list[str]:
+    """Include dirs of the CUDA math libraries (cuSPARSE, cuBLAS...) that torch's headers include.
+
+    A bare toolkit may ship without them while the pip wheels of torch's CUDA dependencies
+    (``nvidia-*``) carry them; use those when the toolkit lacks ``cusparse.h``.
+    """
+    if os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for base in nvidia.__path__:
+        candidates = glob.glob(os.path.join(base, "*", "include"))
+        found += [d for d in candidates if os.path.exists(os.path.join(d, "cusparse.h"))]
+    return found[:1]
 
 
 def _want_cuda() -> bool:
@@ -36,7 +72,8 @@ def _want_cuda() -> bool:
 
 
 def _extensions():
-    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+    _locate_cuda_home()
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     def rel(paths):
         return sorted(os.path.relpath(p, ROOT) for p in paths)
@@ -47,6 +84,7 @@ def _extensions():
     include = [os.path.join(ROOT, "csrc")]
     if _want_cuda():
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        include += _cuda_library_headers(CUDA_HOME)
         return [
             CUDAExtension(
                 "dlsn_kernels._C",
