@@ -15,6 +15,7 @@
 
 #include "checks.h"
 #include "cpu/cpu_kernels.h"
+#include "cpu/vec_loops.h"
 
 namespace dlsn::cpu {
 namespace {
@@ -63,13 +64,17 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
       at::Tensor ds_t = at::empty({chunk, chunk}, xm.options());
       std::vector<int64_t> kpos(chunk), qpos(chunk);
       std::vector<scalar_t> q_delta(chunk), q_lse(chunk);
+      std::vector<const scalar_t*> learned(chunk);
       scalar_t* p = p_t.data_ptr<scalar_t>();
       scalar_t* ds = ds_t.data_ptr<scalar_t>();
 
       for (int64_t job = begin; job < end; ++job) {
         const int64_t b = job / nc, kc = job % nc;
         const int64_t* pr = in.perm + (b * rounds + r) * length;
-        for (int64_t j = 0; j < chunk; ++j) kpos[j] = layout.position(pr, kc * chunk + j);
+        for (int64_t j = 0; j < chunk; ++j) {
+          kpos[j] = layout.position(pr, kc * chunk + j);
+          learned[j] = in.lss + (b * length + kpos[j]) * chunk;
+        }
         gather_rows(in.xm + b * length * cm, cm, kpos.data(), chunk, keys.data_ptr<scalar_t>());
         gather_rows(in.v + b * length * cv, cv, kpos.data(), chunk, values.data_ptr<scalar_t>());
         scalar_t* kn = keys_n.data_ptr<scalar_t>();
@@ -103,20 +108,10 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
 
           // P^T [keys, queries] recomputed from the saved logsumexp.
           at::mm_out(p_t, keys_n, q.t());
-          for (int64_t j = 0; j < chunk; ++j) {
-            const scalar_t* learned = in.lss + (b * length + kpos[j]) * chunk;
-            scalar_t* row = p + j * chunk;
-#pragma omp simd
-            for (int64_t i = 0; i < chunk; ++i) row[i] = softmax_exp(row[i] + learned[i] - q_lse[i]);
-          }
+          probabilities_block(p, chunk, chunk, learned.data(), q_lse.data());
           // dS^T = P^T * (V g^T - delta)
           at::mm_out(ds_t, values, g.t());
-          for (int64_t j = 0; j < chunk; ++j) {
-            scalar_t* row = ds + j * chunk;
-            const scalar_t* prow = p + j * chunk;
-#pragma omp simd
-            for (int64_t i = 0; i < chunk; ++i) row[i] = prow[i] * (row[i] - q_delta[i]);
-          }
+          score_grad_block(ds, p, chunk, chunk, q_delta.data());
           if (t == 0) {
             at::mm_out(dv_keys, p_t, g);
             at::mm_out(dkn_keys, ds_t, q);
@@ -124,7 +119,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
           } else {
             dv_keys.addmm_(p_t, g);
             dkn_keys.addmm_(ds_t, q);
-            for (int64_t e = 0; e < chunk * chunk; ++e) dlss_keys[e] += ds[e];
+            add_to(dlss_keys, ds, chunk * chunk);
           }
           at::Tensor dq_dst = dq_part[b][qc][t];
           at::mm_out(dq_dst, ds_t.t(), keys_n);
@@ -150,9 +145,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
     scalar_t* dq_out = dxm.data_ptr<scalar_t>();
     const int64_t* inverse_ptr = inverse.data_ptr<int64_t>();
     at::parallel_for(0, batch * length, 64, [&](int64_t begin, int64_t end) {
-      auto add = [](scalar_t* dst, const scalar_t* src, int64_t width) {
-        for (int64_t k = 0; k < width; ++k) dst[k] += src[k];
-      };
+      const auto add = add_to<scalar_t>;
       for (int64_t pos = begin; pos < end; ++pos) {
         const int64_t b = pos / length, slot = inverse_ptr[pos];
         for (int64_t s = slot; s < lp; s = (s < length ? length + (slot + layout.pad) % length : s + length)) {

@@ -17,6 +17,7 @@
 
 #include "checks.h"
 #include "cpu/cpu_kernels.h"
+#include "cpu/vec_loops.h"
 
 namespace dlsn::cpu {
 namespace {
@@ -46,7 +47,8 @@ void forward_kernel(const at::Tensor& xm, const at::Tensor& v, const at::Tensor&
       at::Tensor scores_t = at::empty({kk, chunk}, xm.options());
       at::Tensor o = at::empty({chunk, cv}, xm.options());
       std::vector<int64_t> qpos(chunk), kpos(kk);
-      std::vector<scalar_t> col_max(chunk), col_sum(chunk);
+      std::vector<scalar_t> col_max(chunk), col_sum(chunk), key_scale(kk);
+      std::vector<const scalar_t*> learned(kk);
       scalar_t* s = scores_t.data_ptr<scalar_t>();
 
       for (int64_t job = begin; job < end; ++job) {
@@ -63,27 +65,13 @@ void forward_kernel(const at::Tensor& xm, const at::Tensor& v, const at::Tensor&
         gather_rows(v_ptr + b * length * cv, cv, kpos.data(), kk, values.data_ptr<scalar_t>());
 
         at::mm_out(scores_t, keys, q.t());
-        std::fill(col_max.begin(), col_max.end(), -std::numeric_limits<scalar_t>::infinity());
         for (int64_t j = 0; j < kk; ++j) {
           const int64_t key = b * length + kpos[j];
-          const scalar_t scale = inv_ptr[key];
-          const scalar_t* learned = lss_ptr + key * chunk;
-          scalar_t* row = s + j * chunk;
-#pragma omp simd
-          for (int64_t i = 0; i < chunk; ++i) {
-            row[i] = row[i] * scale + learned[i];
-            col_max[i] = std::max(col_max[i], row[i]);
-          }
+          key_scale[j] = inv_ptr[key];
+          learned[j] = lss_ptr + key * chunk;
         }
-        std::fill(col_sum.begin(), col_sum.end(), scalar_t(0));
-        for (int64_t j = 0; j < kk; ++j) {
-          scalar_t* row = s + j * chunk;
-#pragma omp simd
-          for (int64_t i = 0; i < chunk; ++i) {
-            row[i] = softmax_exp(row[i] - col_max[i]);
-            col_sum[i] += row[i];
-          }
-        }
+        score_block(s, kk, chunk, learned.data(), key_scale.data(), col_max.data());
+        softmax_block(s, kk, chunk, col_max.data(), col_sum.data());
         at::mm_out(o, scores_t.t(), values);
 
         const scalar_t* o_ptr = o.data_ptr<scalar_t>();

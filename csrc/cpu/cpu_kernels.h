@@ -61,28 +61,6 @@ void gather_rows(const scalar_t* src, int64_t width, const int64_t* rows, int64_
   for (int64_t i = 0; i < count; ++i) std::memcpy(dst + i * width, src + rows[i] * width, width * sizeof(scalar_t));
 }
 
-// exp for the softmax loops. The float version is a branch-free polynomial (max relative error
-// ~2e-7 on the range a softmax uses) so `#pragma omp simd` loops vectorise; libm's expf is a call
-// per element and was 6% of the forward profile. float64 (gradcheck) keeps std::exp.
-inline double softmax_exp(double x) { return std::exp(x); }
-
-inline float softmax_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, in two parts
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 // perm as contiguous int64 (int32 input is widened once; int64 input is returned as is).
 at::Tensor as_int64(const at::Tensor& index);
 
