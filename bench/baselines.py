@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# SPEC constants shared with the kernels (the bucket count and key-norm clamp are part of the method).
+from dlsn_kernels.reference import KEY_NORM_EPS, n_buckets_for
+
 __all__ = [
     "KEY_NORM_EPS",
     "n_buckets_for",
@@ -40,13 +43,6 @@ __all__ = [
     "DLSNStyleGLA",
 ]
 
-KEY_NORM_EPS = 5e-5
-
-
-def n_buckets_for(length: int, chunk_size: int) -> int:
-    """Buckets per round, SPEC section 1: ``min(L//K + (L//K) % 2, 128)``, at least 1."""
-    n = length // chunk_size
-    return max(min(n + n % 2, 128), 1)
 
 
 def gaussian_rotations(
