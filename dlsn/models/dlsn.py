@@ -146,6 +146,14 @@ class _GLANetwork(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"x must be an RGB batch [N, 3, H, W], got shape {tuple(x.shape)}")
 
+    # Both networks: mean shift, head conv, body with a long skip, upsampling tail.
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [N, 3, h, w]`` in ``[0, rgb_range]`` -> ``[N, 3, h*scale, w*scale]``."""
+        self._check_input(x)
+        x = self.head(self.sub_mean(x))
+        x = self.body(x) + x
+        return self.add_mean(self.tail(x))
+
 
 class DLSN(_GLANetwork):
     """Deep Learnable Similarity Network.
@@ -200,13 +208,6 @@ class DLSN(_GLANetwork):
         self.body = nn.Sequential(*groups)
         self.tail = nn.Sequential(Upsampler(self.scale, n_feats), conv3x3(n_feats, 3))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [N, 3, h, w]`` in ``[0, rgb_range]`` -> ``[N, 3, h*scale, w*scale]``."""
-        self._check_input(x)
-        x = self.head(self.sub_mean(x))
-        x = self.body(x) + x
-        return self.add_mean(self.tail(x))
-
 
 class EDSRGLA(_GLANetwork):
     """EDSR baseline (16 residual blocks, 64 channels) with one GLA block inserted after
@@ -259,10 +260,3 @@ class EDSRGLA(_GLANetwork):
         blocks.append(conv3x3(n_feats, n_feats))
         self.body = nn.Sequential(*blocks)
         self.tail = nn.Sequential(Upsampler(self.scale, n_feats), conv3x3(n_feats, 3))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [N, 3, h, w]`` in ``[0, rgb_range]`` -> ``[N, 3, h*scale, w*scale]``."""
-        self._check_input(x)
-        x = self.head(self.sub_mean(x))
-        x = self.body(x) + x
-        return self.add_mean(self.tail(x))
