@@ -1,0 +1,333 @@
+"""Tests of ``python -m dlsn.train``: outputs, resume, interruption, bad input, torchrun, and its parts.
+
+Runs use the ``tiny`` preset on a folder of five small crops of the embedded photos (two held out),
+2-4 LR patches of 16x16 per step, so a run takes a few seconds on a busy 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlsn import train as T
+from dlsn.data import samples
+from dlsn.data.degradations import degrade, quantize_8bit
+from dlsn.images import read_image, tensor_to_uint8, uint8_to_tensor, write_image
+from dlsn.models.checkpoint import load_checkpoint, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--batch-size", "2", "--patch-size", "16", "--val-crop", "48", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def hr_folder(tmp_path_factory) -> Path:
+    """Five 72x64 HR crops of different photos; the last two (by name) are held out."""
+    folder = tmp_path_factory.mktemp("hr")
+    for i, name in enumerate(("astronaut", "chelsea", "motorcycle_left", "coffee", "ihc")):
+        image = samples.load_sample(name)
+        write_image(folder / f"img{i}.png", image[100:164, 120:192].copy())
+    return folder
+
+
+def run(args: list[str], capsys=None) -> tuple[int, str]:
+    """``main(args)`` in this process: (exit code, stdout)."""
+    try:
+        code = T.main([str(a) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr().out if capsys is not None else ""
+    return code, out
+
+
+def log_rows(folder: Path) -> list[dict[str, str]]:
+    with (folder / "log.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole runs
+
+
+def test_tiny_run_writes_checkpoints_log_plot_and_samples(hr_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--data", hr_folder, "--max-steps", 4, "--val-every", 2, "--out", out, *TINY]
+    code, printed = run(args, capsys)
+    assert code == 0
+    for name in ("last.pt", "best.pt", "log.csv", "curves.png", "sample_img3_x2_sr.png",
+                 "sample_img3_x2_bicubic.png", "sample_img3_x2_hr.png"):
+        assert (out / name).is_file(), name
+    last = load_checkpoint(out / "last.pt")
+    assert last["step"] == 4 and last["optimizer"] is not None and last["scheduler"] is not None
+    assert last["extra"]["settings"]["preset"] == "tiny"
+    best = load_checkpoint(out / "best.pt")
+    assert best["optimizer"] is None and best["step"] in (2, 4)
+    assert best["extra"]["best_psnr"] == pytest.approx(last["extra"]["best_psnr"])
+    # The checkpoint is a usable model for dlsn.eval / dlsn.upscale.
+    model, config = load_model(out / "best.pt")
+    assert config["arch"] == "dlsn" and model(torch.rand(1, 3, 8, 8) * 255).shape == (1, 3, 16, 16)
+
+    rows = log_rows(out)
+    assert [c for c in rows[0]] == list(T.LOG_COLUMNS)
+    val_steps = [int(r["step"]) for r in rows if r["val_psnr"]]
+    assert val_steps == [2, 4]
+    assert all(math.isfinite(float(r["val_psnr"])) for r in rows if r["val_psnr"])
+    assert "bicubic" in printed and "held-out Y-PSNR" in printed and str(out / "last.pt") in printed
+    assert "img3" in printed and "img4" in printed  # the held-out images are scored
+
+
+def test_resume_continues_exactly_where_the_run_stopped(hr_folder, tmp_path, capsys):
+    common = ["--data", hr_folder, "--schedule", "constant", "--warmup-steps", 0, "--lr", "1e-3", *TINY]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run([*common, "--max-steps", 6, "--out", straight], capsys)[0] == 0
+    assert run([*common, "--max-steps", 3, "--out", split], capsys)[0] == 0
+    code, printed = run(["--resume", "--out", split, "--max-steps", 6, "--no-progress"], capsys)
+    assert code == 0
+    assert "resumed at step 3" in printed
+    resumed = load_checkpoint(split / "last.pt")
+    assert resumed["step"] == 6
+    assert resumed["extra"]["settings"]["lr"] == 1e-3  # settings come from the resumed run
+    # Same data order, RNG, optimizer state: the same weights as the uninterrupted run.
+    reference = load_checkpoint(straight / "last.pt")
+    for name, value in reference["model"].items():
+        torch.testing.assert_close(resumed["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    loss_steps = [int(r["step"]) for r in log_rows(split) if r["loss"]]
+    assert loss_steps == sorted(loss_steps) and loss_steps[-1] == 6
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(hr_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["--data", hr_folder, "--max-steps", 1, "--out", out, *TINY], capsys)[0] == 0
+    code, _ = run(["--data", hr_folder, "--max-steps", 1, "--out", out, *TINY])
+    assert code == 2
+    assert "already holds a run" in capsys.readouterr().err
+    with pytest.raises(T.TrainError, match="already holds a run"):
+        T._run_folder(out, "tiny", 2, resuming=False, overwrite=False)
+    assert T._run_folder(out, "tiny", 2, resuming=False, overwrite=True) == out
+
+
+def test_interrupted_run_saves_last_and_resumes(hr_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "dlsn.train", "--data", str(hr_folder), "--max-steps", "100000",
+               "--val-every", "0", "--save-every", "0", "--out", str(out), *TINY]
+    process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        # Wait until at least 10 steps are logged (a log row every 10 steps), then press Ctrl-C.
+        while time.monotonic() < deadline and process.poll() is None:
+            if (out / "log.csv").exists() and any(r["loss"] for r in log_rows(out)):
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, process.stdout.read()
+        assert not (out / "last.pt").exists()  # --save-every 0: only the interruption writes it
+        process.send_signal(signal.SIGINT)
+        printed, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, printed
+    assert "stopped by SIGINT" in printed
+    saved = load_checkpoint(out / "last.pt")
+    stopped_at = saved["step"]
+    assert stopped_at >= 10
+
+    code, printed = run(["--resume", out / "last.pt", "--max-steps", stopped_at + 2, "--no-progress"], capsys)
+    assert code == 0
+    assert f"resumed at step {stopped_at}" in printed
+    assert load_checkpoint(out / "last.pt")["step"] == stopped_at + 2
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda root: root / "missing", "--data folder not found"),
+        (lambda root: root, "no images found"),
+        (lambda root: (root / "file.txt").write_text("x") and root / "file.txt", "must be a folder"),
+    ],
+    ids=["missing", "empty", "file"],
+)
+def test_bad_data_folder_is_a_clear_error(tmp_path, capsys, make, message):
+    data = make(tmp_path)
+    code, _ = run(["--data", data, "--max-steps", 1, "--out", tmp_path / "out", *TINY])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_folder_with_too_few_images_is_a_clear_error(tmp_path, capsys):
+    write_image(tmp_path / "only.png", samples.load_sample("astronaut")[:64, :64].copy())
+    code, _ = run(["--data", tmp_path, "--max-steps", 1, "--out", tmp_path / "out", *TINY])
+    assert code == 2
+    assert "need more than the 1 held out" in capsys.readouterr().err
+
+
+def test_time_limit_stops_the_run(hr_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, printed = run(["--data", hr_folder, "--time-limit", "0.01", "--out", out, *TINY], capsys)
+    assert code == 0
+    assert "budget: 0.01 min" in printed and "held-out Y-PSNR" in printed
+    # 0.6 s: it stops before a step would overrun (a step of this size takes well under a second).
+    steps = load_checkpoint(out / "last.pt")["step"]
+    trained = [float(r["elapsed"]) for r in log_rows(out) if r["loss"]]
+    assert steps < 1000 and (not trained or trained[-1] < 0.6 + 2.0)
+
+
+def test_init_from_x2_weights_for_x3(hr_folder, tmp_path, capsys):
+    x2 = tmp_path / "x2"
+    assert run(["--data", hr_folder, "--max-steps", 1, "--out", x2, *TINY], capsys)[0] == 0
+    code, printed = run(["--data", hr_folder, "--scale", 3, "--init-from", x2 / "last.pt", "--max-steps", 1,
+                         "--out", tmp_path / "x3", *TINY], capsys)
+    assert code == 0
+    assert "keep their fresh init (tail.0.0.bias, tail.0.0.weight)" in printed
+    x3 = load_checkpoint(tmp_path / "x3" / "last.pt")
+    assert x3["config"]["scale"] == 3
+
+
+def test_div2k_layout_trains_on_stored_pairs_and_validates_on_valid(hr_folder, tmp_path, capsys):
+    root = tmp_path / "DIV2K"
+    for split, names in (("train", ["0001", "0002", "0003"]), ("valid", ["0801", "0802"])):
+        for name, source in zip(names, sorted(hr_folder.iterdir()), strict=False):
+            hr = read_image(source)
+            write_image(root / f"DIV2K_{split}_HR" / f"{name}.png", hr)
+            lr = tensor_to_uint8(quantize_8bit(degrade(uint8_to_tensor(hr), 2, "BI")))
+            write_image(root / f"DIV2K_{split}_LR_bicubic" / "X2" / f"{name}x2.png", lr)
+    out = tmp_path / "run"
+    code, printed = run(["--data", root, "--max-steps", 2, "--out", out, *TINY], capsys)
+    assert code == 0
+    assert "DIV2K at" in printed and "validation on 2 of DIV2K_valid" in printed
+    assert "0801" in printed and "0802" in printed
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+
+
+def test_two_process_torchrun_on_cpu(hr_folder, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+               "-m", "dlsn.train", "--data", str(hr_folder), "--max-steps", "3", "--val-every", "2",
+               "--out", str(out), *TINY]
+    result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "x 2 processes" in result.stdout
+    assert result.stdout.count("held-out Y-PSNR") == 1  # only rank 0 prints
+    saved = load_checkpoint(out / "last.pt")
+    assert saved["step"] == 3 and saved["extra"]["world_size"] == 2
+    assert (out / "best.pt").is_file() and (out / "curves.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Parts
+
+
+def _optimizer() -> torch.optim.Optimizer:
+    return torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+
+def test_step_schedule_halves_every_decay_steps_after_warmup():
+    schedule = T.LRSchedule(_optimizer(), "step", 1e-4, warmup_steps=2, decay_steps=10)
+    assert schedule.apply(0, 0.0) == pytest.approx(0.5e-4)  # warm-up
+    assert schedule.apply(9, 0.0) == pytest.approx(1e-4)
+    assert schedule.apply(10, 0.0) == pytest.approx(0.5e-4)
+    assert schedule.apply(25, 0.0) == pytest.approx(0.25e-4)
+    assert schedule.optimizer.param_groups[0]["lr"] == pytest.approx(0.25e-4)
+
+
+def test_cosine_schedule_follows_the_budget():
+    schedule = T.LRSchedule(_optimizer(), "cosine", 2e-3)
+    assert schedule.apply(5, 0.0) == pytest.approx(2e-3)
+    assert schedule.apply(5, 0.5) == pytest.approx(2e-3 * (T.COSINE_FLOOR + (1 - T.COSINE_FLOOR) / 2))
+    assert schedule.apply(5, 1.0) == pytest.approx(2e-3 * T.COSINE_FLOOR)
+    assert schedule.apply(5, 3.0) == pytest.approx(2e-3 * T.COSINE_FLOOR)
+    restored = T.LRSchedule(_optimizer(), "constant", 1.0)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.kind == "cosine" and restored.last_lr == pytest.approx(schedule.last_lr)
+
+
+def test_epoch_sampler_splits_an_epoch_between_processes_and_skips():
+    parts = []
+    for rank in range(3):
+        sampler = T.EpochSampler(10, seed=1, procs=T.Processes(rank=rank, world=3))
+        sampler.set_epoch(4)
+        parts.append(list(sampler))
+        assert len(parts[-1]) == len(sampler) == 4
+    assert set(sum(parts, [])) == set(range(10))  # 12 slots: every index, two repeated
+    again = T.EpochSampler(10, seed=1, procs=T.Processes(rank=1, world=3))
+    again.set_epoch(4, skip=3)
+    assert list(again) == parts[1][3:] and len(again) == 1
+    again.set_epoch(5)
+    assert list(again) != parts[1]
+
+
+def test_settings_follow_the_preset_and_the_paper_schedule():
+    parse = T._parser().parse_args
+    cpu = T.resolve_settings(parse([]), None)
+    assert (cpu.preset, cpu.scale, cpu.schedule, cpu.max_steps) == ("cpu_default", 2, "cosine", None)
+    assert cpu.time_limit is not None and cpu.time_limit < 10
+    assert T.resolve_settings(parse(["--max-steps", "5"]), None).time_limit is None
+    paper = T.resolve_settings(parse(["--preset", "paper"]), None)
+    assert (paper.lr, paper.batch_size, paper.patch_size, paper.schedule) == (1e-4, 16, 48, "step")
+    assert (paper.decay_epochs, paper.max_steps, paper.time_limit) == (300, 1500 * 1000, None)
+    x3 = T.resolve_settings(parse(["--preset", "paper", "--scale", "3", "--init-from", "x2.pt"]), None)
+    assert (x3.decay_epochs, x3.max_steps) == (50, 200 * 1000)
+    resumed = T.resolve_settings(parse(["--batch-size", "3"]), {"preset": "tiny", "lr": 5e-4, "max_steps": 9,
+                                                                "time_limit": None, "batch_size": 7})
+    assert (resumed.preset, resumed.lr, resumed.max_steps, resumed.batch_size) == ("tiny", 5e-4, 9, 3)
+    with pytest.raises(ValueError, match="--patch-size"):
+        T.resolve_settings(parse(["--patch-size", "0"]), None)
+    assert T._parse_model_args(["chunk_size=64", "n_hashes = 2"]) == {"chunk_size": 64, "n_hashes": 2}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        T._parse_model_args(["chunk_size"])
+    assert isinstance(parse([]), argparse.Namespace)
+
+
+def test_detailed_patches_redraw_flat_patches():
+    flat = {"lr": torch.zeros(3, 4, 4), "hr": torch.full((3, 8, 8), 0.5), "name": "flat"}
+    edge = {"lr": torch.zeros(3, 4, 4), "hr": torch.zeros(3, 8, 8), "name": "edge"}
+    edge["hr"][:, :, 4:] = 1.0
+    draws = iter([flat, flat, edge, flat])
+
+    class Source(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return next(draws)
+
+    assert T.DetailedPatches.detail(edge["hr"]) > 10 and T.DetailedPatches.detail(flat["hr"]) == 0
+    assert T.DetailedPatches(Source(), min_detail=2.0, tries=8)[0]["name"] == "edge"
+    draws = iter([flat, flat])
+    assert T.DetailedPatches(Source(), min_detail=2.0, tries=2)[0]["name"] == "flat"  # gives up
+
+
+def test_thread_tuner_keeps_the_faster_thread_count_and_checks_again():
+    before = torch.get_num_threads()
+    try:
+        tuner = T.ThreadTuner([2, 1], probe_steps=3, recheck_s=10.0)
+        now, used = 0.0, []
+        for step in range(400):
+            # Two threads are slow while another process holds a core (steps < 100), then fast.
+            slow = step < 100
+            seconds = {2: 2.0 if slow else 0.1, 1: 0.2}[torch.get_num_threads()]
+            now += seconds
+            tuner.after_step(seconds, now)
+            used.append(torch.get_num_threads())
+        assert used[10:100].count(1) > 80  # one thread while two are slow
+        assert used[-100:].count(2) > 90  # found again once two are fast
+        assert tuner.best == 2 and tuner.interval > 10.0  # the choice stood: checks get rarer
+    finally:
+        torch.set_num_threads(before)
