@@ -24,6 +24,7 @@ the main process makes training data reproducible.
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -91,7 +92,7 @@ def random_dihedral_pair(lr: torch.Tensor, hr: torch.Tensor,
 # Base: patch sampling and item building over (lr, hr) uint8 pairs
 
 
-class _PairDataset(Dataset):
+class _PairDataset(Dataset, abc.ABC):
     """Common item logic; subclasses provide ``names`` and ``_load_pair(i) -> (lr, hr)`` uint8 HWC arrays."""
 
     names: list[str]
@@ -109,8 +110,9 @@ class _PairDataset(Dataset):
         self.repeat = repeat
         self.augment = augment
 
+    @abc.abstractmethod
     def _load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """(LR, HR) uint8 arrays of image ``index``; each subclass says where they come from."""
 
     def _noise_sigma_for_training(self) -> float | None:
         """DN noise to add to each training LR patch (None: the stored LR is final)."""
