@@ -26,10 +26,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from dlsn.eval import self_ensemble as eight_fold_ensemble
 from dlsn.images import is_image_file, list_images, read_image, tensor_to_uint8, uint8_to_tensor, write_image
 from dlsn.models.checkpoint import CheckpointError, load_model
 
-__all__ = ["forward_self_ensemble", "forward_tiled", "main", "upscale_array", "upscale_tensor"]
+__all__ = ["forward_tiled", "main", "upscale_array", "upscale_tensor"]
 
 MIN_SIDE = 2  # a 1-pixel-wide image is not something to super-resolve
 
@@ -100,20 +101,6 @@ def forward_tiled(forward: Forward, x: Tensor, scale: int, tile: int, overlap: i
     return (total / weight_sum).to(x.device)
 
 
-def forward_self_ensemble(forward: Forward, x: Tensor) -> Tensor:
-    """Mean of ``forward`` over the 8 flips/transposes of ``x``, each output transformed back."""
-    outputs = []
-    for transpose, flip_h, flip_w in itertools.product((False, True), repeat=3):
-        t = x.transpose(-1, -2) if transpose else x
-        t = t.flip(-2) if flip_h else t
-        t = t.flip(-1) if flip_w else t
-        y = forward(t)
-        y = y.flip(-1) if flip_w else y
-        y = y.flip(-2) if flip_h else y
-        outputs.append(y.transpose(-1, -2) if transpose else y)
-    return torch.stack(outputs).mean(0)
-
-
 def upscale_tensor(
     model: nn.Module,
     x: Tensor,
@@ -131,7 +118,7 @@ def upscale_tensor(
         return forward_tiled(model, t, scale, tile, tile_overlap)
 
     with torch.inference_mode():
-        return forward_self_ensemble(one_pass, x) if self_ensemble else one_pass(x)
+        return eight_fold_ensemble(one_pass, x) if self_ensemble else one_pass(x)
 
 
 def upscale_array(
