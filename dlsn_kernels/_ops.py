@@ -102,6 +102,16 @@ _FAKES: dict[str, Callable[..., Any]] = {
 # Autograd: one formula for every backend (DESIGN.md, "Backward: one kernel for both ops").
 
 
+def _incoming(grad: Tensor | None, out: Tensor, lse: Tensor, grad_lse: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(grad_out, delta)`` for attention_backward: ``delta = rowsum(grad_out * out) - grad_lse``."""
+    if grad is None:
+        grad = torch.zeros_like(out)
+    delta = (grad.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse
+    return grad.contiguous(), delta.contiguous()
+
+
 def _register_autograd(chunk_op, gla_op, backward_op) -> None:
     def chunk_setup(ctx, inputs, output):
         xm, v, lss, perm, chunk_size = inputs
@@ -111,14 +121,8 @@ def _register_autograd(chunk_op, gla_op, backward_op) -> None:
 
     def chunk_backward(ctx, grad_out, grad_lse):
         xm, v, lss, perm, out, lse = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
-        if grad_lse is not None:
-            delta = delta - grad_lse
-        dxm, dv, dlss = backward_op(
-            grad_out.contiguous(), delta.contiguous(), xm, v, lss, perm, lse, ctx.chunk_size
-        )
+        grad_out, delta = _incoming(grad_out, out, lse, grad_lse)
+        dxm, dv, dlss = backward_op(grad_out, delta, xm, v, lss, perm, lse, ctx.chunk_size)
         return dxm, dv, dlss, None, None
 
     def gla_setup(ctx, inputs, output):
@@ -128,21 +132,11 @@ def _register_autograd(chunk_op, gla_op, backward_op) -> None:
         ctx.chunk_size = chunk_size
 
     def gla_backward(ctx, grad_y, grad_lse, _grad_perm):
+        # Rounds merged = one softmax over every round's keys: a single "round" of grads (R' = 1).
         xm, v, lss, perm, y, lse = ctx.saved_tensors
-        if grad_y is None:
-            grad_y = torch.zeros_like(y)
-        delta = (grad_y.to(lse.dtype) * y.to(lse.dtype)).sum(-1)
-        if grad_lse is not None:
-            delta = delta - grad_lse
+        grad_y, delta = _incoming(grad_y, y, lse, grad_lse)
         dxm, dv, dlss = backward_op(
-            grad_y.contiguous().unsqueeze(1),
-            delta.contiguous().unsqueeze(1),
-            xm,
-            v,
-            lss,
-            perm,
-            lse.unsqueeze(1),
-            ctx.chunk_size,
+            grad_y.unsqueeze(1), delta.unsqueeze(1), xm, v, lss, perm, lse.unsqueeze(1), ctx.chunk_size
         )
         return dxm, dv, dlss, None, None
 
