@@ -78,18 +78,24 @@ def _measure(fn: Callable[[], torch.Tensor], backward: bool, repeats: int) -> tu
     return statistics.median(times), peak
 
 
-def run(quick: bool) -> list[dict[str, object]]:
+CASES = ("train-fwd", "train-fwdbwd", "inference")
+
+
+def run(quick: bool, skip: tuple[str, ...] = (), cases: tuple[str, ...] = CASES) -> list[dict[str, object]]:
     rows = []
     train_n, train_side, big_side = (2, 24, 64) if quick else (16, 48, 512)
-    cases = [
+    chosen = [
         (f"train N={train_n} {train_side}x{train_side}", train_n, train_side, False),
         (f"train N={train_n} {train_side}x{train_side}", train_n, train_side, True),
         (f"inference N=1 {big_side}x{big_side}", 1, big_side, False),
     ]
-    for name, n, side, backward in cases:
+    chosen = [case for key, case in zip(CASES, chosen) if key in cases]
+    for name, n, side, backward in chosen:
         grad = backward
         tensors = _inputs(n, side, 64, 256, 128, 3, grad, "cuda")
         for impl, fn in _impls(*tensors, k=128).items():
+            if impl in skip:
+                continue
             row = {"case": name, "pass": "fwd+bwd" if backward else "fwd", "impl": impl}
             try:
                 with torch.set_grad_enabled(grad):
@@ -137,10 +143,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu.md"))
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
+    parser.add_argument("--skip", nargs="*", default=[], metavar="IMPL",
+                        help='implementations to leave out, e.g. "fused cuda" after a failed GPU test')
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.gpu_bench needs a CUDA GPU")
-    table = to_markdown(run(args.quick))
+    table = to_markdown(run(args.quick, tuple(args.skip), tuple(args.cases)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table)
     print(table)
