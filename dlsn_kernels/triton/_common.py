@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -49,6 +51,9 @@ def _triton_interprets() -> bool:
 
 
 INTERPRETED: bool = _triton_interprets()
+# DLSN_TRITON_AUTOTUNE=0: fixed block sizes on a GPU too. Autotuning compiles every configuration for
+# each new shape, which is what a test suite of many small shapes spends its time on.
+AUTOTUNE: bool = os.environ.get("DLSN_TRITON_AUTOTUNE", "1") != "0"
 
 
 def jit(fn: Callable) -> Any:
@@ -71,13 +76,12 @@ def device_fn(fn: Callable) -> Any:
 
 def autotune(configs: list[triton.Config], key: list[str], interpreter_blocks: dict[str, Callable],
              **kwargs: Any) -> Callable:
-    """``triton.autotune`` on a GPU; under the interpreter fixed block sizes from ``interpreter_blocks``.
-
-    Timing configurations of an interpreted kernel measures Python, not the kernel, and costs minutes.
+    """``triton.autotune`` on a GPU; fixed block sizes from ``interpreter_blocks`` under the interpreter
+    (timing an interpreted kernel measures Python, and costs minutes) or with DLSN_TRITON_AUTOTUNE=0.
     """
 
     def wrap(fn: Any) -> Any:
-        if INTERPRETED:
+        if INTERPRETED or not AUTOTUNE:
             return triton.heuristics(interpreter_blocks)(fn)
         return triton.autotune(configs=configs, key=key, **kwargs)(fn)
 
