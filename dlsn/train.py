@@ -19,6 +19,9 @@ periodic validation) and on the whole images. It ends within 10 minutes on a 2-c
 the stored ``DIV2K_train_LR_bicubic/X{s}`` pairs for BI, LR made from the HR for BD / DN, and the
 first ``--val-images`` images of ``DIV2K_valid_*`` for validation when present; any other folder of
 images: HR images, the last ``--val-images`` (by name) held out for validation, LR made on the fly.
+With HR images (not stored LR pairs) ``--pyramid`` adds copies of the training images downscaled by
+the given factors (CPU presets: 0.75, 0.5 and 0.35; on the embedded photos it lifted the default
+run's whole-image gain from +2.60 to +2.79 dB): a smaller copy packs more detail into each patch.
 
 **Epochs.** As in the authors' EDSR-based code an epoch is ``--epoch-steps`` batches (1000 for the
 paper presets): the training set is repeated to that length, patches being random crops anyway.
@@ -71,7 +74,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
 from dlsn.data import samples
-from dlsn.data.datasets import HRImageDataset, PairedFolderDataset
+from dlsn.data.datasets import HRImageDataset, PairedFolderDataset, check_pyramid
 from dlsn.data.degradations import DEGRADATIONS
 from dlsn.eval import SetScore, bicubic_upscaler, evaluate_dataset, model_upscaler
 from dlsn.images import IMAGE_EXTENSIONS, list_images, read_image, write_image
@@ -104,6 +107,7 @@ class PresetTraining:
     val_every: int
     warmup_steps: int = 0
     min_detail: float = 0.0
+    pyramid: tuple[float, ...] = ()  # downscaled copies of the HR training images (HR-image data only)
     time_limit: float | None = None  # minutes, used when neither --max-steps nor --time-limit is given
     epochs: int | None = None  # x2 (or from scratch) run length in epochs, for the step schedule
     decay_epochs: int | None = None
@@ -118,7 +122,7 @@ _PAPER = PresetTraining(lr=1e-4, batch_size=16, patch_size=48, schedule="step", 
 # Short CPU runs: a high peak lr with cosine decay to the time budget. Tuned for cpu_default at x2
 # on 2 busy cores (see the project README for the numbers).
 _CPU = PresetTraining(lr=2e-3, batch_size=16, patch_size=32, schedule="cosine", epoch_steps=100,
-                      val_every=100, warmup_steps=10, min_detail=2.0, time_limit=9.0)
+                      val_every=100, warmup_steps=10, min_detail=2.0, pyramid=(0.75, 0.5, 0.35), time_limit=9.0)
 TRAINING_DEFAULTS: dict[str, PresetTraining] = {
     "paper": _PAPER,
     "small": _PAPER,
@@ -160,6 +164,9 @@ def _parser() -> argparse.ArgumentParser:
     arg("--min-detail", type=float,
         help="redraw training patches flatter than this mean |HR gradient| (0-255 scale); 0: off "
              "(CPU presets: 2)")
+    arg("--pyramid", type=float, nargs="*", metavar="F",
+        help="also train on the HR images downscaled by these factors in (0, 1); no value: off "
+             "(CPU presets: 0.75 0.5 0.35; HR-image data only, not stored LR pairs)")
     arg("--out", type=Path, help="output folder (default runs/<preset>_x<scale>, numbered if taken)")
     arg("--resume", nargs="?", const="auto", metavar="PATH",
         help="continue a run: its last.pt, a folder holding one, or --out's last.pt (no PATH)")
@@ -212,6 +219,7 @@ class Settings:
     val_images: int | None
     seed: int
     init_from: Path | None
+    pyramid: tuple[float, ...] = ()
 
     def to_plain(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self).items()}
@@ -302,6 +310,8 @@ def resolve_settings(args: argparse.Namespace, saved: dict[str, Any] | None) -> 
         val_images=pick("val_images"),
         seed=pick("seed", 0),
         init_from=None if init_from is None else Path(init_from),
+        # a run saved before pyramids existed trained without one
+        pyramid=tuple(pick("pyramid", () if saved else defaults.pyramid)),
     )
     _check_settings(settings)
     return settings
@@ -331,6 +341,10 @@ def _check_settings(s: Settings) -> None:
         raise ValueError(f"--val-images must be >= 1, got {s.val_images}")
     if s.degradation == "DN" and (s.noise_sigma is None or s.noise_sigma < 0):
         raise ValueError(f"--noise-sigma must be >= 0 for DN, got {s.noise_sigma}")
+    try:
+        check_pyramid(s.pyramid)
+    except ValueError as error:
+        raise ValueError(f"--pyramid: {error}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -459,11 +473,18 @@ def _with_crops(images: dict, crop: int) -> dict:
 
 def _hr_split_datasets(train_images: dict, val_images: dict, s: Settings) -> tuple[Dataset, Dataset, Dataset]:
     common = {"degradation": s.degradation, "noise_sigma": s.noise_sigma, "seed": s.seed}
-    train = HRImageDataset(train_images, s.scale, train=True, patch_size=s.patch_size, **common)
+    train = HRImageDataset(train_images, s.scale, train=True, patch_size=s.patch_size, pyramid=s.pyramid,
+                           **common)
     val_full = HRImageDataset(val_images, s.scale, train=False, **common)
     val = HRImageDataset(_with_crops(val_images, s.val_crop), s.scale, train=False, **common) \
         if s.val_crop else val_full
     return train, val, val_full
+
+
+def _pyramid_note(s: Settings) -> str:
+    if not s.pyramid:
+        return ""
+    return f" (plus copies downscaled by {', '.join(f'{f:g}' for f in s.pyramid)})"
 
 
 def build_data(s: Settings) -> Data:
@@ -471,7 +492,8 @@ def build_data(s: Settings) -> Data:
     if s.data is None:
         train_images, val_images = samples.train_val_split()
         train, val, val_full = _hr_split_datasets(train_images, val_images, s)
-        desc = (f"embedded photos: {len(train_images)} for training, held out {', '.join(val_images)}")
+        desc = (f"embedded photos: {len(train_images)} for training{_pyramid_note(s)}, "
+                f"held out {', '.join(val_images)}")
         return Data(train, val, val_full, desc)
 
     root = s.data
@@ -498,7 +520,8 @@ def build_data(s: Settings) -> Data:
         train, val, val_full = _hr_split_datasets(train_images, val_images, s)
     except ValueError as error:
         raise TrainError(f"--data {root}: {error}") from error
-    desc = f"{root}: {len(train_images)} HR images for training, held out {', '.join(val_images)}"
+    desc = (f"{root}: {len(train_images)} HR images for training{_pyramid_note(s)}, "
+            f"held out {', '.join(val_images)}")
     return Data(train, val, val_full, desc)
 
 
@@ -512,7 +535,7 @@ def _div2k_data(root: Path, s: Settings) -> Data:
             paths = list_images(root / "DIV2K_train_HR")
             train = HRImageDataset({p.stem: read_image(p) for p in paths}, s.scale, train=True,
                                    patch_size=s.patch_size, degradation=s.degradation,
-                                   noise_sigma=s.noise_sigma, seed=s.seed)
+                                   noise_sigma=s.noise_sigma, seed=s.seed, pyramid=s.pyramid)
     except (ValueError, FileNotFoundError) as error:
         raise TrainError(f"--data {root} (DIV2K layout): {error}") from error
     desc = f"DIV2K at {root}: {len(train)} training images"

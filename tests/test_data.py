@@ -243,6 +243,24 @@ def test_dihedral_transforms_are_8_distinct_and_invertible():
         dihedral(x, 8)
 
 
+def test_pyramid_adds_downscaled_copies_that_fit_a_patch():
+    images = {"a": uint8_image(64, 80, 1), "b": uint8_image(30, 40, 2)}
+    data = HRImageDataset(images, 2, patch_size=8, pyramid=(0.5, 0.75), augment=False)
+    # b at 0.5 is 15x20: too small for a 16-pixel HR patch, so it is left out
+    assert data.names == ["a", "b", "a@0.5", "a@0.75", "b@0.75"]
+    assert data.hr_images[2].shape == (32, 40, 3)
+    assert data.hr_images[3].shape == (48, 60, 3)
+    assert data.hr_images[4].shape == (22, 30, 3)  # 23x30, cropped to a multiple of the scale
+    expected = tensor_to_uint8(imresize(uint8_to_tensor(images["a"], dtype=torch.float64), 0.5).clamp(0, 1))
+    assert np.abs(data.hr_images[2].astype(int) - expected.astype(int)).max() <= 1
+    # a downscaled copy keeps the image's content: its mean colour stays close
+    assert abs(float(data.hr_images[3].mean()) - float(images["a"].mean())) < 2.0
+    with pytest.raises(ValueError, match="pyramid"):
+        HRImageDataset(images, 2, patch_size=8, pyramid=(1.0,))
+    with pytest.raises(ValueError, match="training sets only"):
+        HRImageDataset(images, 2, train=False, pyramid=(0.5,))
+
+
 def test_hr_dataset_training_patches_are_aligned():
     images = {"a": uint8_image(64, 80, 1), "b": uint8_image(50, 61, 2)}
     data = HRImageDataset(images, 2, patch_size=8, repeat=3, augment=False)

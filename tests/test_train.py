@@ -295,6 +295,19 @@ def test_settings_follow_the_preset_and_the_paper_schedule():
     assert isinstance(parse([]), argparse.Namespace)
 
 
+def test_pyramid_setting_defaults_switches_off_and_is_checked():
+    parse = T._parser().parse_args
+    assert T.resolve_settings(parse([]), None).pyramid == (0.75, 0.5, 0.35)
+    assert T.resolve_settings(parse(["--preset", "paper"]), None).pyramid == ()
+    assert T.resolve_settings(parse(["--pyramid"]), None).pyramid == ()
+    assert T.resolve_settings(parse(["--pyramid", "0.6"]), None).pyramid == (0.6,)
+    # a run saved before the setting existed resumes without a pyramid; a saved one is kept
+    assert T.resolve_settings(parse([]), {"preset": "cpu_default"}).pyramid == ()
+    assert T.resolve_settings(parse([]), {"preset": "cpu_default", "pyramid": [0.5]}).pyramid == (0.5,)
+    with pytest.raises(ValueError, match="--pyramid"):
+        T.resolve_settings(parse(["--pyramid", "1.5"]), None)
+
+
 def test_detailed_patches_redraw_flat_patches():
     flat = {"lr": torch.zeros(3, 4, 4), "hr": torch.full((3, 8, 8), 0.5), "name": "flat"}
     edge = {"lr": torch.zeros(3, 4, 4), "hr": torch.zeros(3, 8, 8), "name": "edge"}

@@ -17,6 +17,8 @@ the main process makes training data reproducible.
 - ``HRImageDataset``: HR images given in memory (e.g. ``samples.train_val_split()``); LR made with a
   degradation (BI / BD / DN, ``degradations.py``) once per image at construction; DN noise is drawn
   afresh for every training patch (fixed per image, from ``seed``, in evaluation mode).
+  Training sets can add a ``pyramid``: copies of every HR image downscaled by given factors, which gives
+  a small set more detailed content per patch (see ``pyramid_copies``).
 - ``HRFolderDataset``: the same for a folder of HR images (decoded once, kept in memory).
 - ``PairedFolderDataset``: HR and stored LR folders (DIV2K, or ``<set>/HR`` + ``<set>/LR_bicubic/X{s}``),
   matched by file stem; an LR stem may carry the ``x{s}`` suffix of DIV2K (``0001x2.png``).
@@ -35,6 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dlsn.data.degradations import add_noise, degrade, normalize_degradation, quantize_8bit
+from dlsn.data.imresize import imresize
 from dlsn.images import IMAGE_EXTENSIONS, list_images, read_image, tensor_to_uint8, uint8_to_tensor
 
 PathLike = str | os.PathLike
@@ -148,6 +151,34 @@ class _PairDataset(Dataset, abc.ABC):
 # HR images with LR made by a degradation
 
 
+def check_pyramid(pyramid: Sequence[float]) -> tuple[float, ...]:
+    """The pyramid factors as a tuple; each must lie strictly between 0 and 1."""
+    factors = tuple(float(f) for f in pyramid)
+    for factor in factors:
+        if not 0.0 < factor < 1.0:
+            raise ValueError(f"pyramid factors must lie strictly between 0 and 1, got {factor!r}")
+    return factors
+
+
+def pyramid_copies(images: Mapping[str, np.ndarray], factors: Sequence[float],
+                   min_size: int = 1) -> dict[str, np.ndarray]:
+    """``images`` plus, for each factor, a copy of every image downscaled by it (``"name@0.5"``).
+
+    Downscaling uses MATLAB-style antialiased bicubic and rounds to 8 bits, as the LR images are made.
+    A smaller copy of a photo packs more detail into each pixel, so a short run on a few photos sees
+    patches whose statistics are closer to other photos'. Copies smaller than ``min_size`` pixels on a
+    side are left out.
+    """
+    result = dict(images)
+    for factor in check_pyramid(factors):
+        for name, image in images.items():
+            hr = uint8_to_tensor(image, dtype=torch.float64)
+            small = tensor_to_uint8(quantize_8bit(imresize(hr, factor).clamp(0.0, 1.0)))
+            if min(small.shape[:2]) >= min_size:
+                result[f"{name}@{factor:g}"] = small
+    return result
+
+
 def _crop_to_multiple(image: np.ndarray, scale: int, name: str) -> np.ndarray:
     height, width = image.shape[0] - image.shape[0] % scale, image.shape[1] - image.shape[1] % scale
     if height == 0 or width == 0:
@@ -163,6 +194,8 @@ class HRImageDataset(_PairDataset):
     degradation: "BI", "BD" or "DN"; DN needs ``noise_sigma`` (0-255 scale).
     train: random ``patch_size`` LR patches with flips/rotations (``augment``), ``repeat`` passes per epoch;
         otherwise whole images.
+    pyramid: training only; factors in (0, 1) that add a downscaled copy of every image per factor
+        (``pyramid_copies``; copies too small for a patch are left out).
     seed: seeds the DN noise of evaluation mode (image i uses seed + i), so validation is repeatable.
     """
 
@@ -178,8 +211,11 @@ class HRImageDataset(_PairDataset):
         repeat: int = 1,
         augment: bool = True,
         seed: int = 0,
+        pyramid: Sequence[float] = (),
     ) -> None:
         super().__init__(scale, train, patch_size, repeat, augment)
+        if pyramid and not train:
+            raise ValueError("pyramid copies are for training sets only (train=True)")
         self.degradation = normalize_degradation(degradation)
         if self.degradation == "DN" and (noise_sigma is None or noise_sigma < 0):
             raise ValueError(f"degradation DN needs noise_sigma >= 0 (0-255 scale), got {noise_sigma!r}")
@@ -191,19 +227,27 @@ class HRImageDataset(_PairDataset):
             named = {f"image_{i:03d}": image for i, image in enumerate(images)}
         if not named:
             raise ValueError("no images given")
+        if pyramid:
+            for name, image in named.items():
+                self._check_image(name, image)
+            named = pyramid_copies(named, pyramid, min_size=scale * patch_size)
         self.names = list(named)
         self.hr_images: list[np.ndarray] = []
         self.lr_images: list[np.ndarray] = []
         for i, (name, image) in enumerate(named.items()):
-            if not (isinstance(image, np.ndarray) and image.dtype == np.uint8
-                    and image.ndim == 3 and image.shape[2] == 3):
-                kind = getattr(image, "dtype", type(image).__name__)
-                raise ValueError(f"image {name!r} must be a [H, W, 3] uint8 array, got "
-                                 f"{kind} {getattr(image, 'shape', '')}")
+            self._check_image(name, image)
             hr = _crop_to_multiple(image, scale, name)
             self._check_patch_fits(name, (hr.shape[0] // scale, hr.shape[1] // scale))
             self.hr_images.append(hr)
             self.lr_images.append(self._make_lr(hr, i))
+
+    @staticmethod
+    def _check_image(name: str, image: object) -> None:
+        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8
+                and image.ndim == 3 and image.shape[2] == 3):
+            kind = getattr(image, "dtype", type(image).__name__)
+            raise ValueError(f"image {name!r} must be a [H, W, 3] uint8 array, got "
+                             f"{kind} {getattr(image, 'shape', '')}")
 
     def _make_lr(self, hr: np.ndarray, index: int) -> np.ndarray:
         hr_tensor = uint8_to_tensor(hr, dtype=torch.float32)

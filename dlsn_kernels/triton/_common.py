@@ -9,10 +9,9 @@ it (even if the variable was removed since), and CPU tensors get a clear error w
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
-
-import os
 
 import torch
 import triton
