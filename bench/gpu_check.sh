@@ -57,6 +57,8 @@ echo "cuda tests rc=$?: $(tail -1 "$results/tests_cuda.log")" | tee -a "$log"
 DLSN_REQUIRE_EXTENSION=1 timeout 90 python -m pytest -q -rs -p no:cacheprovider tests/test_models.py \
   -k compiled_backend >> "$results/tests_cuda.log" 2>&1
 echo "model tests rc=$?: $(tail -1 "$results/tests_cuda.log")" | tee -a "$log"
+say "bad-input calls of the CUDA ops, one process each (a crash here was seen once)"
+timeout 120 python -m bench.gpu_error_paths 2>&1 | tee -a "$log"
 grep -E "^(FAILED|ERROR)" "$results/tests_cuda.log" "$results/tests_triton.log" | head -30 | tee -a "$log"
 skip=()
 if grep -qiE "illegal memory access|unspecified launch failure|misaligned address" "$results/tests_cuda.log" \
