@@ -83,7 +83,9 @@ def _extensions():
     cxx = ["-O3", *openmp]  # the C++ standard comes from torch (C++17 or C++20 by version)
     include = [os.path.join(ROOT, "csrc")]
     if _want_cuda():
-        sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        # the .cu launchers, and registration.cpp (argument checks, built by the C++ compiler)
+        sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) +
+                       glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
         include += _cuda_library_headers(CUDA_HOME)
         return [
             CUDAExtension(

@@ -17,8 +17,6 @@
 // lse' = logaddexp(lse, lse_r), y = y e^(lse - lse') + out_r e^(lse_r - lse'). The lse of the previous
 // round is read from one buffer and the new one written to another (the column slices of a position run
 // concurrently), so there is no race; round 0 writes.
-#include <torch/library.h>
-
 #include <tuple>
 
 #include "common.cuh"
@@ -236,9 +234,6 @@ dim3 forward_grid(const Geometry& g, int64_t rounds_in_launch) {
 std::tuple<at::Tensor, at::Tensor> chunk_attention_cuda(const at::Tensor& xm, const at::Tensor& v,
                                                         const at::Tensor& lss, const at::Tensor& perm,
                                                         int64_t chunk_size) {
-  check_attention_inputs(xm, v, lss, chunk_size);
-  check_perm(perm, xm);
-  TORCH_CHECK(xm.is_cuda(), "xm must be a CUDA tensor for the CUDA chunk_attention kernel");
   const c10::cuda::CUDAGuard guard(xm.device());
   const Geometry g = geometry(xm, v, chunk_size, perm.size(1));
   auto out = at::empty({g.n, g.rounds, g.length, g.cv}, v.options());
@@ -263,9 +258,6 @@ std::tuple<at::Tensor, at::Tensor> chunk_attention_cuda(const at::Tensor& xm, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gla_attention_cuda(const at::Tensor& xm, const at::Tensor& v,
                                                                   const at::Tensor& lss, const at::Tensor& rot,
                                                                   int64_t chunk_size) {
-  check_attention_inputs(xm, v, lss, chunk_size);
-  check_hash_inputs(xm, rot);
-  TORCH_CHECK(xm.is_cuda(), "xm must be a CUDA tensor for the CUDA gla_attention kernel");
   const c10::cuda::CUDAGuard guard(xm.device());
   const at::Tensor perm = bucket_sort_cuda(sblsh_hash_cuda(xm, rot), rot.size(2));
   const Geometry g = geometry(xm, v, chunk_size, rot.size(1));
@@ -295,8 +287,3 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gla_attention_cuda(const at::Tens
 
 }  // namespace cuda_impl
 }  // namespace dlsn
-
-TORCH_LIBRARY_IMPL(dlsn, CUDA, m) {
-  m.impl("chunk_attention", &dlsn::cuda_impl::chunk_attention_cuda);
-  m.impl("gla_attention", &dlsn::cuda_impl::gla_attention_cuda);
-}

@@ -13,7 +13,8 @@
 #include <cmath>
 #include <cstdint>
 
-#include "checks.h"
+#include "checks.h"  // kKeyNormEps; the argument checks run in registration.cpp
+#include "cuda/launchers.h"
 
 namespace dlsn {
 namespace cuda_impl {
@@ -110,10 +111,6 @@ __device__ __forceinline__ void tile_dot(const T* __restrict__ A, const int64_t*
     }
   }
 }
-
-// Host entry points used across files (gla_attention runs the hash and the sort before the attention).
-at::Tensor sblsh_hash_cuda(const at::Tensor& xm, const at::Tensor& rot);
-at::Tensor bucket_sort_cuda(const at::Tensor& codes, int64_t n_buckets);
 
 }  // namespace cuda_impl
 }  // namespace dlsn

@@ -1,0 +1,26 @@
+// The CUDA implementations' host entry points. They trust their arguments: registration.cpp checks
+// them first (in host C++ compiled by the C++ compiler, like the CPU ops), then calls these.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace dlsn {
+namespace cuda_impl {
+
+at::Tensor sblsh_hash_cuda(const at::Tensor& xm, const at::Tensor& rot);
+at::Tensor bucket_sort_cuda(const at::Tensor& codes, int64_t n_buckets);
+std::tuple<at::Tensor, at::Tensor> chunk_attention_cuda(const at::Tensor& xm, const at::Tensor& v,
+                                                        const at::Tensor& lss, const at::Tensor& perm,
+                                                        int64_t chunk_size);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gla_attention_cuda(const at::Tensor& xm, const at::Tensor& v,
+                                                                  const at::Tensor& lss, const at::Tensor& rot,
+                                                                  int64_t chunk_size);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& delta, const at::Tensor& xm, const at::Tensor& v,
+    const at::Tensor& lss, const at::Tensor& perm, const at::Tensor& lse, int64_t chunk_size);
+
+}  // namespace cuda_impl
+}  // namespace dlsn
