@@ -9,17 +9,20 @@ from .checkpoint import (
     resume,
     save_checkpoint,
 )
+from .cpu_nets import DLSNResidual, PlainSR
 from .dlsn import DLSN, EDSRGLA, GLAFFM, LFFB, MeanShift, Upsampler
 from .gla import GLA, set_backend, set_inference
 from .presets import PRESETS, build_model, model_from_config, preset_config
 
 __all__ = [
     "DLSN",
+    "DLSNResidual",
     "EDSRGLA",
     "GLA",
     "GLAFFM",
     "LFFB",
     "PRESETS",
+    "PlainSR",
     "CheckpointError",
     "MeanShift",
     "Upsampler",
