@@ -227,15 +227,14 @@ class HRImageDataset(_PairDataset):
             named = {f"image_{i:03d}": image for i, image in enumerate(images)}
         if not named:
             raise ValueError("no images given")
-        if pyramid:
-            for name, image in named.items():
-                self._check_image(name, image)
+        for name, image in named.items():
+            self._check_image(name, image)
+        if pyramid:  # the copies are made from checked images, so they need no check of their own
             named = pyramid_copies(named, pyramid, min_size=scale * patch_size)
         self.names = list(named)
         self.hr_images: list[np.ndarray] = []
         self.lr_images: list[np.ndarray] = []
         for i, (name, image) in enumerate(named.items()):
-            self._check_image(name, image)
             hr = _crop_to_multiple(image, scale, name)
             self._check_patch_fits(name, (hr.shape[0] // scale, hr.shape[1] // scale))
             self.hr_images.append(hr)
