@@ -3,10 +3,12 @@
     python -m bench.gpu_bench [--out bench/results/gpu.md] [--quick]
 
 Cases: the training shape at N=16 (48x48, Cm=64, Cv=256, K=128, R=3), forward and forward+backward,
-and one 512x512 inference (N=1, forward under no_grad). Time: median of CUDA-event timings after a
-warm-up (the first call also compiles/autotunes Triton). Memory: ``torch.cuda.max_memory_allocated``
-during one call minus what was allocated before it (inputs excluded). An implementation that fails
-(out of memory, missing backend) gets its error in the table instead of numbers.
+and one 512x512 inference (N=1, forward under no_grad); inputs, calls and the backward's fixed random
+output gradient come from ``bench.cases.core_case``, as in the CPU benchmarks. Time: median of
+CUDA-event timings after a warm-up (the first call also compiles/autotunes Triton). Memory:
+``torch.cuda.max_memory_allocated`` during one call minus what was allocated before it (inputs
+excluded). An implementation that fails (out of memory, missing backend) gets its error in the table
+instead of numbers.
 """
 
 from __future__ import annotations
@@ -19,46 +21,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
-import dlsn_kernels as dk
-from bench import baselines
+from bench import cases
 
 MB = 1024.0**2
 
 
-def _inputs(n: int, side: int, cm: int, cv: int, k: int, rounds: int, grad: bool, device: str):
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    length = side * side
-    xm = torch.randn(n, length, cm, generator=gen).relu().to(device)
-    v = torch.randn(n, length, cv, generator=gen).to(device)
-    f = torch.randn(n, length, cv, generator=gen).relu().to(device)
-    fc = nn.Sequential(nn.Linear(cv, k), nn.ReLU(), nn.Linear(k, k)).to(device)
-    rot = dk.random_rotations(cm, rounds, dk.n_buckets_for(length, k), generator=gen).to(device)
-    rot_half = baselines.gaussian_rotations(cm, rounds, dk.n_buckets_for(length, k)).to(device)
-    for t in (xm, v, f):
-        t.requires_grad_(grad)
-    return xm, v, f, fc, rot, rot_half
+# Table name -> implementation name of bench.cases, which builds the inputs and the call.
+IMPLS = {
+    "NLSN-style": "nlsn-style",
+    "DLSN-style": "dlsn-style",
+    "fused triton": cases.fused_impl("triton"),
+    "fused cuda": cases.fused_impl("cuda"),
+}
 
 
-def _impls(xm, v, f, fc, rot, rot_half, k: int) -> dict[str, Callable[[], torch.Tensor]]:
-    def fused(backend: str) -> Callable[[], torch.Tensor]:
-        return lambda: dk.gla_attention(xm, v, fc(f), rot, k, backend=backend)
-
-    return {
-        "NLSN-style": lambda: baselines.nlsn_attention(xm, v, k, rot_half=rot_half),
-        "DLSN-style": lambda: baselines.dlsn_attention(xm, v, k, f=f, fc=fc, rot=rot),
-        "fused triton": fused("triton"),
-        "fused cuda": fused("cuda"),
-    }
-
-
-def _measure(fn: Callable[[], torch.Tensor], backward: bool, repeats: int) -> tuple[float, float]:
-    def once() -> None:
-        y = fn()
-        if backward:
-            y.float().square().mean().backward()
-
+def _measure(once: Callable[[], None], repeats: int) -> tuple[float, float]:
+    """Median ms of ``once`` (a ``bench.cases`` call, which synchronises) and its peak extra MB."""
     once()  # warm-up: Triton compile/autotune, cuBLAS handles
     torch.cuda.synchronize()
     times = []
@@ -81,7 +60,8 @@ def _measure(fn: Callable[[], torch.Tensor], backward: bool, repeats: int) -> tu
 CASES = ("train-fwd", "train-fwdbwd", "inference")
 
 
-def run(quick: bool, skip: tuple[str, ...] = (), cases: tuple[str, ...] = CASES) -> list[dict[str, object]]:
+def run(quick: bool, skip: tuple[str, ...] = (), chosen_cases: tuple[str, ...] = CASES,
+        device: str = "cuda") -> list[dict[str, object]]:
     rows = []
     train_n, train_side, big_side = (2, 24, 64) if quick else (16, 48, 512)
     chosen = [
@@ -89,25 +69,23 @@ def run(quick: bool, skip: tuple[str, ...] = (), cases: tuple[str, ...] = CASES)
         (f"train N={train_n} {train_side}x{train_side}", train_n, train_side, True),
         (f"inference N=1 {big_side}x{big_side}", 1, big_side, False),
     ]
-    chosen = [case for key, case in zip(CASES, chosen) if key in cases]
+    chosen = [case for key, case in zip(CASES, chosen) if key in chosen_cases]
     for name, n, side, backward in chosen:
-        grad = backward
-        tensors = _inputs(n, side, 64, 256, 128, 3, grad, "cuda")
-        for impl, fn in _impls(*tensors, k=128).items():
+        for impl, case_impl in IMPLS.items():
             if impl in skip:
                 continue
             row = {"case": name, "pass": "fwd+bwd" if backward else "fwd", "impl": impl}
             try:
-                with torch.set_grad_enabled(grad):
-                    ms, mb = _measure(fn, backward, repeats=3 if quick else 10)
+                once = cases.core_case(case_impl, n, side, side, cm=64, cv=256, k=128, r=3, backward=backward,
+                                       device=device)
+                ms, mb = _measure(once, repeats=3 if quick else 10)
                 row.update(ms=ms, mb=mb)
             except Exception as exc:  # noqa: BLE001 - an OOM or missing backend is a result too
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-                torch.cuda.empty_cache()
+            once = None  # its inputs go before the next implementation is built
+            torch.cuda.empty_cache()
             rows.append(row)
             print(row, flush=True)
-        del tensors
-        torch.cuda.empty_cache()
     return rows
 
 
