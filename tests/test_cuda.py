@@ -146,16 +146,21 @@ def _chunk_attention_grads(case, dtype, perm_dtype=torch.int64, seed=0):
     return got, (exact, perm, g_out, g_lse)
 
 
+def _assert_grads_match(got, dtype, leaves, outputs, incoming):
+    """``got`` (dxm, dv, dlss) equals the float64 gradient of sum(output * incoming) over ``leaves``."""
+    loss = sum((out * g.double()).sum() for out, g in zip(outputs, incoming))
+    want = torch.autograd.grad(loss, leaves)
+    for name, a, b, like in zip(("dxm", "dv", "dlss"), got, want, leaves):
+        assert a.dtype == dtype and a.shape == like.shape, name
+        assert rel_err(a, b) < BWD_TOL[dtype], name
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ALL_CASES, ids=str)
 def test_chunk_attention_backward(case, dtype):
     got, (exact, perm, g_out, g_lse) = _chunk_attention_grads(case, dtype)
     leaves, want_out, want_lse = _reference_rounds(exact, perm, case.chunk, requires_grad=True)
-    loss = (want_out * g_out.double()).sum() + (want_lse * g_lse.double()).sum()
-    want = torch.autograd.grad(loss, leaves)
-    for name, a, b, like in zip(("dxm", "dv", "dlss"), got, want, leaves):
-        assert a.dtype == dtype and a.shape == like.shape, name
-        assert rel_err(a, b) < BWD_TOL[dtype], name
+    _assert_grads_match(got, dtype, leaves, (want_out, want_lse), (g_out, g_lse))
 
 
 def test_chunk_attention_backward_int32_perm_matches_int64():
@@ -215,11 +220,7 @@ def _gla_grads(case, dtype, seed=0):
 def test_gla_attention_backward(case, dtype):
     got, (exact, perm, dy, g_lse) = _gla_grads(case, dtype)
     leaves, want_y, want_lse = _gla_reference(exact, perm, case.chunk, requires_grad=True)
-    loss = (want_y * dy.double()).sum() + (want_lse * g_lse.double()).sum()
-    want = torch.autograd.grad(loss, leaves)
-    for name, a, b, like in zip(("dxm", "dv", "dlss"), got, want, leaves):
-        assert a.dtype == dtype and a.shape == like.shape, name
-        assert rel_err(a, b) < BWD_TOL[dtype], name
+    _assert_grads_match(got, dtype, leaves, (want_y, want_lse), (dy, g_lse))
 
 
 # ---------------------------------------------------------------- determinism and errors
