@@ -10,8 +10,10 @@ Functions (layouts and meaning as in DESIGN.md):
 
 Limits:
 
-- Devices and dtypes: CUDA tensors in float32, float16 or bfloat16 (dot products and softmax in
-  float32; float32 dot products in full IEEE precision, no TF32). CPU tensors only under the Triton
+- Devices and dtypes: CUDA tensors in float32, float16 or bfloat16. Dot products run on tensor cores for
+  float16/bfloat16 and accumulate in float32; softmax and lse are float32. float32 dot products follow
+  ``torch.get_float32_matmul_precision()``: IEEE for "highest" (the default), TF32 for "high"/"medium".
+  The hash projection is IEEE float32 for every dtype. CPU tensors only under the Triton
   interpreter (``TRITON_INTERPRET=1`` before ``triton`` is first imported), in float32 or float64
   (float64 accumulates in float64, for gradcheck). ``INTERPRETED`` says which mode this process got.
 - Sizes: ``Cm`` and ``Cv`` up to ``MAX_CHANNELS`` (512; a channel row is held whole in registers),
@@ -21,7 +23,8 @@ Limits:
   ``torch.sort(stable=True)`` beyond. ``perm`` is assumed to be a permutation (not checked).
 - The backward pass needs ``[N, nc, 3, ceil(K / BLOCK_K), K, Cm]`` floats of ``dq`` partial sums and
   ``[N, Lp, Cm + Cv + K]`` of slot gradients (reused for every round), plus position totals when R > 1.
-- Block sizes are autotuned on a GPU (one fixed choice under the interpreter).
+- Block sizes are fixed per problem (``forward_config``, ``backward_config``), no autotuning: what
+  ``python -m bench.compile_report`` shows spill-free is what runs.
 """
 
 from ._common import INTERPRETED, MAX_CHANNELS, MAX_CHUNK

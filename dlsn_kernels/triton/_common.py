@@ -9,7 +9,6 @@ it (even if the variable was removed since), and CPU tensors get a clear error w
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -25,13 +24,19 @@ __all__ = [
     "MAX_CHANNELS",
     "MAX_CHUNK",
     "accumulate_dtype",
-    "autotune",
     "check_float_inputs",
     "check_index",
     "check_rank",
     "channel_block",
     "device_fn",
+    "dot_precision",
+    "inverse_key_norms",
     "jit",
+    "matmul",
+    "matmul_ieee",
+    "neighbour_chunk",
+    "LOG2E",
+    "LN2",
     "tl_accumulate_dtype",
     "tl_dtype",
 ]
@@ -50,11 +55,6 @@ def _triton_interprets() -> bool:
 
 
 INTERPRETED: bool = _triton_interprets()
-# DLSN_TRITON_AUTOTUNE=0: fixed block sizes on a GPU too. Autotuning compiles every configuration for
-# each new shape, which is what a test suite of many small shapes spends its time on.
-AUTOTUNE: bool = os.environ.get("DLSN_TRITON_AUTOTUNE", "1") != "0"
-
-
 def jit(fn: Callable) -> Any:
     """``triton.jit``, built for the interpreter when ``INTERPRETED`` (see the module docstring)."""
     if INTERPRETED and not triton.knobs.runtime.interpret:
@@ -71,20 +71,6 @@ def device_fn(fn: Callable) -> Any:
     helpers about a tenth of the interpreted run time; as plain Python they run the same body unpatched.
     """
     return fn if INTERPRETED else triton.jit(fn)
-
-
-def autotune(configs: list[triton.Config], key: list[str], interpreter_blocks: dict[str, Callable],
-             **kwargs: Any) -> Callable:
-    """``triton.autotune`` on a GPU; fixed block sizes from ``interpreter_blocks`` under the interpreter
-    (timing an interpreted kernel measures Python, and costs minutes) or with DLSN_TRITON_AUTOTUNE=0.
-    """
-
-    def wrap(fn: Any) -> Any:
-        if INTERPRETED or not AUTOTUNE:
-            return triton.heuristics(interpreter_blocks)(fn)
-        return triton.autotune(configs=configs, key=key, **kwargs)(fn)
-
-    return wrap
 
 
 def channel_block(size: int) -> int:
@@ -171,6 +157,49 @@ def slot_position(perm_row, slot, length, pad, mask):
 
 
 @device_fn
-def matmul(a, b, ACC: tl.constexpr):
-    """``a @ b`` accumulated in ``ACC``; float32 operands in full precision (no TF32: it flips hash codes)."""
+def neighbour_chunk(c, t: tl.constexpr, nc, SIGN: tl.constexpr):
+    """Chunk ``c``, ``c - SIGN``, ``c + SIGN`` (mod ``nc``) for ``t`` = 0, 1, 2 (DESIGN.md "Forward").
+
+    SIGN = 1: the key chunks a query chunk reads. SIGN = -1: the query chunks that read a key chunk.
+    """
+    step = (t == 2) * SIGN - (t == 1) * SIGN
+    return (c + step + nc) % nc
+
+
+@device_fn
+def matmul(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """``a @ b`` accumulated in ``ACC``. float32 operands: "ieee" (FFMA) or "tf32" (tensor cores), from
+    :func:`dot_precision`; float16/bfloat16 always run on tensor cores and ignore it."""
+    return tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
+
+
+@device_fn
+def matmul_ieee(a, b, ACC: tl.constexpr):
+    """``a @ b`` in full float32 precision, whatever the policy: the hash projection (TF32 flips codes)."""
     return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
+
+
+LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in base 2 in the attention kernels (exp2 is native)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The ``tl.dot`` input precision of the attention kernels for inputs of ``dtype`` (README "Precision").
+
+    float32 follows ``torch.get_float32_matmul_precision()``: "highest" is IEEE float32, "high" and "medium"
+    are TF32 on tensor cores. float16/bfloat16 run on tensor cores whatever is said here, float64 (the
+    interpreter only) is exact.
+    """
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def inverse_key_norms(xm: torch.Tensor) -> torch.Tensor:
+    """``1 / max(||xm[n, l]||, KEY_NORM_EPS)`` as ``[N, L]`` in the accumulation dtype, once per call.
+
+    The attention kernels scale each score column by it instead of normalising every gathered key row
+    in every program (each key row is read by up to 3 query chunks per round).
+    """
+    acc = accumulate_dtype(xm.dtype)
+    return torch.linalg.vector_norm(xm, dim=-1, dtype=acc).clamp_min(KEY_NORM_EPS).reciprocal().contiguous()

@@ -3,10 +3,12 @@
 Deterministic without atomics: every buffer element has exactly one writer and every sum runs in a
 fixed order. Per round r, two launches:
 
-1. ``_key_pass``: one program per (key block kb of key chunk c', n). It recomputes the scores of the
-   query chunks that read c' (c', c'+1, c'-1: t = 0, 1, 2) from the saved ``lse`` and owns the slot
-   gradients of its keys: ``dv``/``dkn`` rows (registers, summed over query tiles and t) and ``dlss``
-   rows. Its share of each query's ``dq`` goes to ``dq_part[n, c, t, kb, i]`` (one writer).
+1. ``_key_pass``: one program per (key block kb of key chunk c', n). It recomputes P of the query
+   chunks that read c' (c', c'+1, c'-1: t = 0, 1, 2) from the saved ``lse`` (FlashAttention-2 style) and
+   owns the slot gradients of its keys: ``dv``/``dkn`` rows (registers, summed over query tiles and t) and
+   ``dlss`` rows (the transposed dS tile). Its share of each query's ``dq`` goes to
+   ``dq_part[n, c, t, kb, i]`` (one writer). All five products run on ``tl.dot`` (tensor cores for
+   float16/bfloat16, and for float32 under TF32, see ``dot_precision``).
 2. ``_position_pass``: one program per block of sorted slots p < L. Slot p holds position
    ``perm[p]``; its key gradients are slot p plus its padded duplicates (increasing slot order), its
    ``dq`` the sum of ``dq_part`` over t then kb. They are added to the position totals (rounds in
@@ -23,13 +25,16 @@ from torch import Tensor
 
 from ._common import (
     KEY_NORM_EPS,
+    LOG2E,
     accumulate_dtype,
-    autotune,
     channel_block,
     check_rank,
     device_fn,
+    dot_precision,
+    inverse_key_norms,
     jit,
     matmul,
+    neighbour_chunk,
     slot_position,
     tl_accumulate_dtype,
     tl_dtype,
@@ -39,21 +44,18 @@ from .chunk_attention import _check_perm, check_attention_inputs
 __all__ = ["attention_backward"]
 
 
-def _key_pass_configs() -> list[triton.Config]:
-    shapes = ((16, 4), (32, 4), (64, 8))
-    return [triton.Config({"BLOCK_Q": bq}, num_warps=w, num_stages=2) for bq, w in shapes]
+def backward_config(chunk_size: int, value_channels: int, dtype: torch.dtype) -> dict[str, int]:
+    """Block sizes and launch shape of ``_key_pass``, fixed per problem (no autotuning).
+
+    A program owns BLOCK_K keys and walks the K query slots of the three chunks that read them in tiles of
+    BLOCK_Q; its ``dv`` rows ``[BLOCK_K, Cv]`` live in registers for the whole walk. 64 x 64 tiles with eight
+    warps stay spill-free on sm_90 at Cv = 256 (``python -m bench.compile_report`` checks it).
+    """
+    block = min(channel_block(chunk_size), 64)
+    wide = channel_block(value_channels) >= 256
+    return {"BLOCK_K": block, "BLOCK_Q": block, "num_warps": 8 if wide else 4, "num_stages": 2}
 
 
-def _prune_key_pass(configs, named_args, **kwargs):
-    chunk = channel_block(named_args["K"])
-    return [c for c in configs if c.kwargs["BLOCK_Q"] <= chunk] or configs[:1]
-
-
-@autotune(
-    _key_pass_configs(), key=["Cm", "Cv", "K", "BLOCK_K"],
-    interpreter_blocks={"BLOCK_Q": lambda a: min(channel_block(a["K"]), 64)},
-    prune_configs_by={"early_config_prune": _prune_key_pass},
-)
 @triton.heuristics({
     "BLOCK_CM": lambda a: channel_block(a["Cm"]),
     "BLOCK_CV": lambda a: channel_block(a["Cv"]),
@@ -62,12 +64,14 @@ def _prune_key_pass(configs, named_args, **kwargs):
 })
 @jit
 def _key_pass(
-    grad_out_ptr, delta_ptr, lse_ptr, xm_ptr, v_ptr, lss_ptr, perm_ptr,
+    grad_out_ptr, delta_ptr, lse_ptr, xm_ptr, v_ptr, lss_ptr, perm_ptr, inv_norm_ptr,
     dv_slot_ptr, dkn_slot_ptr, dlss_slot_ptr, dq_part_ptr,
     L, Cm, Cv, K, R, nc, pad, Lp, r, stat_rounds, stat_round,
-    EPS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):
+    # Tiles are kept transposed, [key, query slot]: lss rows are then read contiguously, and the dlss tile
+    # is stored as it is computed. P is recomputed from the saved lse (base 2 inside the kernel).
     n_kblocks = tl.cdiv(K, BLOCK_K)
     kc = tl.program_id(0) // n_kblocks
     kb = tl.program_id(0) % n_kblocks
@@ -84,14 +88,12 @@ def _key_pass(
     offs_j = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_j < K
     k_slot = kc * K + offs_j
-    k_pos = slot_position(perm_row, k_slot, L, pad, k_ok)
-    k_rows = n * L + k_pos
+    k_rows = n * L + slot_position(perm_row, k_slot, L, pad, k_ok)
     key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :],
-                  mask=k_ok[:, None] & cm_ok[None, :], other=0.0).to(ACC)
-    inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(key * key, axis=1)), EPS)
-    key_n = (key * inv_norm[:, None]).to(DOT)
+                  mask=k_ok[:, None] & cm_ok[None, :], other=0.0)
+    inv_norm = tl.load(inv_norm_ptr + k_rows, mask=k_ok, other=0.0)
     val = tl.load(v_ptr + k_rows[:, None] * Cv + offs_cv[None, :],
-                  mask=k_ok[:, None] & cv_ok[None, :], other=0.0).to(DOT)
+                  mask=k_ok[:, None] & cv_ok[None, :], other=0.0)
 
     dv = tl.zeros([BLOCK_K, BLOCK_CV], ACC)
     dkn = tl.zeros([BLOCK_K, BLOCK_CM], ACC)
@@ -100,34 +102,28 @@ def _key_pass(
         i_ok = offs_i < K
         dlss = tl.zeros([BLOCK_K, BLOCK_Q], ACC)  # [key, query slot i], summed over t
         for t in tl.static_range(3):
-            # query chunk c reads key chunk kc as its chunk t: c = kc, kc + 1, kc - 1 (mod nc)
-            if t == 0:
-                c = kc
-            elif t == 1:
-                c = (kc + 1) % nc
-            else:
-                c = (kc + nc - 1) % nc
+            c = neighbour_chunk(kc, t, nc, -1)  # query chunk c reads key chunk kc as its chunk t
             q_slot = c * K + offs_i
             q_ok = i_ok & (q_slot < L)  # padded query slots produce nothing, so get no gradient
             q_pos = slot_position(perm_row, q_slot, L, pad, q_ok)
             q = tl.load(xm_ptr + (n * L + q_pos)[:, None] * Cm + offs_cm[None, :],
-                        mask=q_ok[:, None] & cm_ok[None, :], other=0.0).to(DOT)
+                        mask=q_ok[:, None] & cm_ok[None, :], other=0.0)
             d_out = tl.load(grad_out_ptr + (stat_row + q_pos)[:, None] * Cv + offs_cv[None, :],
                             mask=q_ok[:, None] & cv_ok[None, :], other=0.0).to(DOT)
             lse = tl.load(lse_ptr + stat_row + q_pos, mask=q_ok, other=0.0).to(ACC)
             delta = tl.load(delta_ptr + stat_row + q_pos, mask=q_ok, other=0.0).to(ACC)
-            learned = tl.load(lss_ptr + k_rows[None, :] * K + offs_i[:, None],
-                              mask=q_ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
-            s = matmul(q, tl.trans(key_n), ACC) + learned
-            valid = q_ok[:, None] & k_ok[None, :]
-            p = tl.exp(tl.where(valid, s - lse[:, None], float("-inf")))  # [BLOCK_Q, BLOCK_K]
-            dv += matmul(tl.trans(p.to(DOT)), d_out, ACC)
-            dp = matmul(d_out, tl.trans(val), ACC)
-            ds = p * (dp - delta[:, None])
-            ds_dot = ds.to(DOT)
-            dkn += matmul(tl.trans(ds_dot), q, ACC)
-            dlss += tl.trans(ds)
-            dq = matmul(ds_dot, key_n, ACC)
+            learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :],
+                              mask=k_ok[:, None] & q_ok[None, :], other=0.0).to(ACC)
+            s = matmul(key, tl.trans(q), ACC, PRECISION) * inv_norm[:, None] + learned
+            valid = k_ok[:, None] & q_ok[None, :]
+            p = tl.exp2(tl.where(valid, (s - lse[None, :]) * LOG2E, float("-inf")))  # [BLOCK_K, BLOCK_Q]
+            dv += matmul(p.to(DOT), d_out, ACC, PRECISION)
+            dp = matmul(val, tl.trans(d_out), ACC, PRECISION)
+            ds = p * (dp - delta[None, :])
+            dkn += matmul(ds.to(DOT), q, ACC, PRECISION)
+            dlss += ds
+            # dq[i] = sum_j ds[j, i] key[j] / ||key[j]||: this key block's share, one writer per (t, kb)
+            dq = matmul(tl.trans((ds * inv_norm[:, None]).to(DOT)), key, ACC, PRECISION)
             part_row = (((n * nc + c) * 3 + t) * n_kblocks + kb) * K + offs_i
             tl.store(dq_part_ptr + part_row[:, None] * Cm + offs_cm[None, :], dq,
                      mask=i_ok[:, None] & cm_ok[None, :])
@@ -231,11 +227,6 @@ def _position_pass(
         _store_rows(dlss_tot_ptr, pos_rows, offs_k, K, ok, dlss)
 
 
-def _key_block(chunk_size: int, value_channels: int) -> int:
-    """Keys per ``_key_pass`` program: fixed before launch because ``dq_part`` is sized by it."""
-    return min(channel_block(chunk_size), 64 if channel_block(value_channels) <= 128 else 32)
-
-
 def attention_backward(
     grad_out: Tensor, delta: Tensor, xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, lse: Tensor,
     chunk_size: int,
@@ -279,8 +270,8 @@ def attention_backward(
     pad = (k - length % k) % k
     padded = length + pad
     nc = padded // k
-    block_k = _key_block(k, cv)
-    n_kblocks = triton.cdiv(k, block_k)
+    config = backward_config(k, cv, xm.dtype)
+    n_kblocks = triton.cdiv(k, config["BLOCK_K"])
     acc = accumulate_dtype(xm.dtype)
     dev = xm.device
     # per-round slot buffers (every element written by the key pass before the position pass reads it)
@@ -298,14 +289,16 @@ def attention_backward(
         dq_tot = dkn_tot = dv_tot = dlss_tot = dxm  # never read or written
     n_dup = triton.cdiv(pad, length)  # padded copies one position can have
     block_p = 32
+    inv_norm = inverse_key_norms(xm)
+    precision = dot_precision(xm.dtype)
 
     for r in range(rounds):
         stat_round = r if stat_rounds == rounds else 0
         _key_pass[(nc * n_kblocks, n)](
-            grad_out, delta, lse, xm, v, lss, perm,
+            grad_out, delta, lse, xm, v, lss, perm, inv_norm,
             dv_slot, dkn_slot, dlss_slot, dq_part,
             length, cm, cv, k, rounds, nc, pad, padded, r, stat_rounds, stat_round,
-            EPS=KEY_NORM_EPS, BLOCK_K=block_k,
+            PRECISION=precision, **config,
         )
         _position_pass[(triton.cdiv(length, block_p), n)](
             perm, xm, dq_part, dv_slot, dkn_slot, dlss_slot,

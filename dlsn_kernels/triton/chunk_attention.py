@@ -19,17 +19,20 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    KEY_NORM_EPS,
+    LN2,
+    LOG2E,
     MAX_CHANNELS,
     MAX_CHUNK,
     accumulate_dtype,
-    autotune,
     channel_block,
     check_float_inputs,
     check_index,
     check_rank,
+    dot_precision,
+    inverse_key_norms,
     jit,
     matmul,
+    neighbour_chunk,
     slot_position,
     tl_accumulate_dtype,
     tl_dtype,
@@ -44,31 +47,18 @@ _FIRST_ROUND = 1  # gla_attention, round 0: y[n, q], lse[n, q]
 _MERGE_ROUND = 2  # gla_attention, rounds > 0: merge into y[n, q], lse[n, q]
 
 
-def _fwd_configs() -> list[triton.Config]:
-    shapes = ((16, 16, 4), (32, 32, 4), (64, 32, 4), (64, 64, 8), (128, 64, 8))
-    return [triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=2) for bq, bk, w in shapes]
+def forward_config(chunk_size: int, value_channels: int, dtype: torch.dtype) -> dict[str, int]:
+    """Block sizes and launch shape of ``_chunk_attention_fwd_kernel``, fixed per problem (no autotuning).
+
+    Query tiles of 64 slots amortise the gather of the 3K key rows (SPEC 1.4) over many queries; 64 keys per
+    step keep the score tile and the ``[BLOCK_Q, Cv]`` accumulator spill-free on sm_90 at Cv = 256 with eight
+    warps (``python -m bench.compile_report`` checks it). float64 runs only under the interpreter.
+    """
+    block = min(channel_block(chunk_size), 64)
+    wide = channel_block(value_channels) >= 256
+    return {"BLOCK_Q": block, "BLOCK_K": block, "num_warps": 8 if wide else 4, "num_stages": 2}
 
 
-def _prune_fwd(configs, named_args, **kwargs):
-    """Blocks no larger than the chunk (padded); smaller query blocks when value rows are wide."""
-    chunk = channel_block(named_args["K"])
-    wide = channel_block(named_args["Cv"]) >= 256
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_Q"] <= chunk and c.kwargs["BLOCK_K"] <= chunk
-            and not (wide and c.kwargs["BLOCK_Q"] > 64)]
-    return kept or configs[:1]
-
-
-def _interpreter_block(a) -> int:
-    return min(channel_block(a["K"]), 64)
-
-
-@autotune(
-    _fwd_configs(), key=["Cm", "Cv", "K", "MODE"],
-    interpreter_blocks={"BLOCK_Q": _interpreter_block, "BLOCK_K": _interpreter_block},
-    prune_configs_by={"early_config_prune": _prune_fwd},
-    restore_value=["out_ptr", "lse_ptr"],  # merge rounds read them: timing runs must not compound
-)
 @triton.heuristics({
     "BLOCK_CM": lambda a: channel_block(a["Cm"]),
     "BLOCK_CV": lambda a: channel_block(a["Cv"]),
@@ -77,14 +67,15 @@ def _interpreter_block(a) -> int:
 })
 @jit
 def _chunk_attention_fwd_kernel(
-    xm_ptr, v_ptr, lss_ptr, perm_ptr, out_ptr, lse_ptr,
+    xm_ptr, v_ptr, lss_ptr, perm_ptr, inv_norm_ptr, out_ptr, lse_ptr,
     L, Cm, Cv, K, R, nc, pad,
     rounds_in_grid, first_round,
-    MODE: tl.constexpr, EPS: tl.constexpr,
+    MODE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr,
 ):
-    # tl.dot operands are in the input dtype DOT (tensor cores for float16/bfloat16), sums in ACC
+    # tl.dot operands stay in the input dtype DOT (tensor cores for float16/bfloat16, TF32 or IEEE for
+    # float32 by PRECISION), sums in ACC. Scores are kept in base 2 (exp2 is the hardware exponential).
     n_qblocks = tl.cdiv(K, BLOCK_Q)
     c = tl.program_id(0) // n_qblocks
     qb = tl.program_id(0) % n_qblocks
@@ -104,44 +95,37 @@ def _chunk_attention_fwd_kernel(
     q_ok = (offs_i < K) & (q_slot < L)
     q_pos = slot_position(perm_row, q_slot, L, pad, q_ok)
     q = tl.load(xm_ptr + (n * L + q_pos)[:, None] * Cm + offs_cm[None, :],
-                mask=q_ok[:, None] & cm_ok[None, :], other=0.0).to(DOT)
+                mask=q_ok[:, None] & cm_ok[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_Q], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_Q], ACC)
     acc = tl.zeros([BLOCK_Q, BLOCK_CV], ACC)
     for t in tl.static_range(3):
-        # key chunks c, c-1, c+1 (mod nc), in this order
-        if t == 0:
-            kc = c
-        elif t == 1:
-            kc = (c + nc - 1) % nc
-        else:
-            kc = (c + 1) % nc
+        kc = neighbour_chunk(c, t, nc, 1)  # key chunks c, c-1, c+1 (mod nc), in this order
         for k0 in range(0, K, BLOCK_K):
             offs_j = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_j < K
-            k_pos = slot_position(perm_row, kc * K + offs_j, L, pad, k_ok)
-            k_rows = (n * L + k_pos)
+            k_rows = n * L + slot_position(perm_row, kc * K + offs_j, L, pad, k_ok)
             key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :],
-                          mask=k_ok[:, None] & cm_ok[None, :], other=0.0).to(ACC)
-            inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(key * key, axis=1)), EPS)
-            key_n = (key * inv_norm[:, None]).to(DOT)
-            # lss[key position, query slot i]
-            learned = tl.load(lss_ptr + k_rows[None, :] * K + offs_i[:, None],
-                              mask=q_ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
-            s = matmul(q, tl.trans(key_n), ACC) + learned
-            s = tl.where(k_ok[None, :], s, float("-inf"))
+                          mask=k_ok[:, None] & cm_ok[None, :], other=0.0)
+            # 1 / max(||key||, eps) (precomputed per position) scales the score column: q . key / ||key||
+            inv_norm = tl.load(inv_norm_ptr + k_rows, mask=k_ok, other=0.0)
+            # lss[key position, query slot i]: each key's row is read contiguously, then transposed
+            learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :],
+                              mask=k_ok[:, None] & q_ok[None, :], other=0.0).to(ACC)
+            s = matmul(q, tl.trans(key), ACC, PRECISION) * inv_norm[None, :] + tl.trans(learned)
+            s = tl.where(k_ok[None, :], s * LOG2E, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             val = tl.load(v_ptr + k_rows[:, None] * Cv + offs_cv[None, :],
-                          mask=k_ok[:, None] & cv_ok[None, :], other=0.0).to(DOT)
-            acc = acc * alpha[:, None] + matmul(p.to(DOT), val, ACC)
+                          mask=k_ok[:, None] & cv_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + matmul(p.to(DOT), val, ACC, PRECISION)
             m_i = m_new
 
     out = acc / l_i[:, None]
-    lse = m_i + tl.log(l_i)
+    lse = (m_i + tl.log2(l_i)) * LN2
     out_rows = grid_row * L + q_pos  # [N, rounds_in_grid, L] row of each query's original position
     out_ptrs = out_ptr + out_rows[:, None] * Cv + offs_cv[None, :]
     out_mask = q_ok[:, None] & cv_ok[None, :]
@@ -191,19 +175,18 @@ def _check_perm(perm: Tensor, xm: Tensor, name: str = "perm") -> None:
                          f"and R >= 1, got {tuple(perm.shape)}")
 
 
-def _launch_forward(xm, v, lss, perm, out, lse, chunk_size, rounds_in_grid, first_round, mode):
+def _launch_forward(xm, v, lss, perm, inv_norm, out, lse, chunk_size, rounds_in_grid, first_round, mode):
     n, length, cm = xm.shape
     pad = (chunk_size - length % chunk_size) % chunk_size
     nc = (length + pad) // chunk_size
-
-    def grid(meta):
-        return (nc * triton.cdiv(chunk_size, meta["BLOCK_Q"]), n * rounds_in_grid)
-
+    config = forward_config(chunk_size, v.shape[2], xm.dtype)
+    block_q = config.pop("BLOCK_Q")
+    grid = (nc * triton.cdiv(chunk_size, block_q), n * rounds_in_grid)
     _chunk_attention_fwd_kernel[grid](
-        xm, v, lss, perm, out, lse,
+        xm, v, lss, perm, inv_norm, out, lse,
         length, cm, v.shape[2], chunk_size, perm.shape[1], nc, pad,
         rounds_in_grid, first_round,
-        MODE=mode, EPS=KEY_NORM_EPS,
+        MODE=mode, PRECISION=dot_precision(xm.dtype), BLOCK_Q=block_q, **config,
     )
 
 
@@ -223,7 +206,7 @@ def chunk_attention(
     lse = torch.empty((n, rounds, length), dtype=accumulate_dtype(xm.dtype), device=xm.device)
     if out.numel() == 0 or lse.numel() == 0:
         return out, lse
-    _launch_forward(xm, v, lss, perm, out, lse, int(chunk_size), rounds, 0, _STORE)
+    _launch_forward(xm, v, lss, perm, inverse_key_norms(xm), out, lse, int(chunk_size), rounds, 0, _STORE)
     return out, lse
 
 
@@ -242,7 +225,8 @@ def gla_attention(
     lse = torch.empty((n, length), dtype=acc_dtype, device=xm.device)
     if y.numel() == 0 or lse.numel() == 0:
         return y.to(v.dtype), lse, perm
+    inv_norm = inverse_key_norms(xm)
     for r in range(perm.shape[1]):
         mode = _FIRST_ROUND if r == 0 else _MERGE_ROUND
-        _launch_forward(xm, v, lss, perm, y, lse, int(chunk_size), 1, r, mode)
+        _launch_forward(xm, v, lss, perm, inv_norm, y, lse, int(chunk_size), 1, r, mode)
     return y.to(v.dtype), lse, perm

@@ -2,7 +2,8 @@
 
 ``sblsh_hash``: one program per (block of positions, n, round) multiplies its ``xm`` rows by tiles of
 the round's rotation with ``tl.dot`` and keeps a running argmax in registers, so the ``[N, R, L, B]``
-projection is never stored. ``bucket_sort``: a counting sort, one program per (n, round).
+projection is never stored. ``bucket_sort``: a counting sort, parallel over blocks of positions
+(per-block histograms, a scan, a scatter).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from torch import Tensor
 from ._common import (
     INTERPRETED,
     MAX_CHANNELS,
-    autotune,
+    accumulate_dtype,
     channel_block,
     check_float_inputs,
     check_index,
     check_rank,
     jit,
-    matmul,
+    matmul_ieee,
     tl_accumulate_dtype,
 )
 
@@ -31,11 +32,10 @@ __all__ = ["sblsh_hash", "bucket_sort", "MAX_SORT_BUCKETS"]
 MAX_SORT_BUCKETS = 1024
 
 
-def _hash_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_L": bl}, num_warps=w) for bl, w in ((32, 4), (64, 4), (128, 8))]
+# Positions per hash program: a [BLOCK_L, Cm] x [Cm, BLOCK_B] product per bucket tile (fixed, no autotuning).
+_HASH_BLOCK_L = 64
 
 
-@autotune(_hash_configs(), key=["Cm", "B"], interpreter_blocks={"BLOCK_L": lambda a: 64})
 @triton.heuristics({
     "BLOCK_C": lambda a: channel_block(a["Cm"]),
     "BLOCK_B": lambda a: min(channel_block(a["B"]), 128),
@@ -53,17 +53,18 @@ def _sblsh_hash_kernel(xm_ptr, rot_ptr, codes_ptr, L, Cm, R, B,
     l_ok = offs_l < L
     c_ok = offs_c < Cm
     rows = (n * L + offs_l)[:, None] * Cm + offs_c[None, :]
-    x = tl.load(xm_ptr + rows, mask=l_ok[:, None] & c_ok[None, :], other=0.0)
+    # float16/bfloat16 features are projected in float32 (IEEE): a TF32 or half product flips codes
+    x = tl.load(xm_ptr + rows, mask=l_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
 
     best = tl.full([BLOCK_L], float("-inf"), ACC)
     best_code = tl.zeros([BLOCK_L], tl.int64)
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         b_ok = offs_b < B
-        # rot is [Cm, R, B]: the tile rot[:, r, b0:b0+BLOCK_B]
+        # rot is [Cm, R, B] in ACC: the tile rot[:, r, b0:b0+BLOCK_B]
         w = tl.load(rot_ptr + offs_c[:, None] * (R * B) + r * B + offs_b[None, :],
                     mask=c_ok[:, None] & b_ok[None, :], other=0.0)
-        proj = matmul(x, w, ACC)
+        proj = matmul_ieee(x, w, ACC)
         proj = tl.where(b_ok[None, :], proj, float("-inf"))
         tile_best = tl.max(proj, axis=1)
         tile_code = tl.argmax(proj, axis=1, tie_break_left=True).to(tl.int64) + b0
@@ -77,8 +78,9 @@ def _sblsh_hash_kernel(xm_ptr, rot_ptr, codes_ptr, L, Cm, R, B,
 def sblsh_hash(xm: Tensor, rot: Tensor) -> Tensor:
     """``codes[n, r, l] = argmax_b xm[n, l] . rot[:, r, b]`` (lowest b on ties) as ``[N, R, L]`` int64.
 
-    ``xm [N, L, Cm]``, ``rot [Cm, R, B]`` (cast to the dtype of ``xm``). Dot products accumulate in
-    float32 (float64 for float64 input). NaN inputs give unspecified codes.
+    ``xm [N, L, Cm]``, ``rot [Cm, R, B]``. The projection is IEEE float32 for every input dtype (float64 for
+    float64 input, under the interpreter): TF32 or half-precision products would flip codes. NaN inputs give
+    unspecified codes.
     """
     check_rank(xm, "xm", 3, "[N, L, Cm]")
     check_rank(rot, "rot", 3, "[Cm, R, B]")
@@ -97,42 +99,45 @@ def sblsh_hash(xm: Tensor, rot: Tensor) -> Tensor:
     rounds, n_buckets = rot.shape[1], rot.shape[2]
     if n_buckets < 1:
         raise ValueError("rot must have at least one bucket (shape [Cm, R, B] with B >= 1)")
-    rot = rot.to(xm.dtype).contiguous()
+    rot = rot.to(accumulate_dtype(xm.dtype)).contiguous()
     codes = torch.empty((n, rounds, length), dtype=torch.int64, device=xm.device)
     if codes.numel() == 0:
         return codes
 
-    def grid(meta):
-        return (triton.cdiv(length, meta["BLOCK_L"]), n, rounds)
-
-    _sblsh_hash_kernel[grid](xm, rot, codes, length, cm, rounds, n_buckets)
+    grid = (triton.cdiv(length, _HASH_BLOCK_L), n, rounds)
+    _sblsh_hash_kernel[grid](xm, rot, codes, length, cm, rounds, n_buckets, BLOCK_L=_HASH_BLOCK_L, num_warps=4)
     return codes
 
 
 @jit
-def _counting_sort_kernel(codes_ptr, perm_ptr, L, NB, BLOCK_L: tl.constexpr, BLOCK_NB: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = row * L
+def _bucket_histogram_kernel(codes_ptr, counts_ptr, L, NB, BLOCK_L: tl.constexpr, BLOCK_NB: tl.constexpr):
+    """``counts[row, block, b]``: how many codes of this block of positions equal b."""
+    blk = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    n_blocks = tl.num_programs(0)
+    offs = blk * BLOCK_L + tl.arange(0, BLOCK_L)
     bins = tl.arange(0, BLOCK_NB)
-    # pass 1: histogram of the codes
-    counts = tl.zeros([BLOCK_NB], tl.int32)
-    for l0 in range(0, L, BLOCK_L):
-        offs = l0 + tl.arange(0, BLOCK_L)
-        code = tl.load(codes_ptr + base + offs, mask=offs < L, other=-1)
-        counts += tl.sum((code[:, None] == bins[None, :]).to(tl.int32), axis=0)
-    # first free slot of every bucket (exclusive prefix sum)
-    start = tl.cumsum(counts, axis=0) - counts
-    # pass 2: in position order, every position takes the next free slot of its bucket (stable)
-    for l0 in range(0, L, BLOCK_L):
-        offs = l0 + tl.arange(0, BLOCK_L)
-        ok = offs < L
-        code = tl.load(codes_ptr + base + offs, mask=ok, other=-1)
-        onehot = (code[:, None] == bins[None, :]).to(tl.int32)
-        # rank of a position among the earlier positions of this block with the same code
-        before = tl.cumsum(onehot, axis=0) - onehot
-        dest = tl.sum(onehot * (start[None, :] + before), axis=1)
-        tl.store(perm_ptr + base + dest, offs.to(tl.int64), mask=ok)
-        start += tl.sum(onehot, axis=0)
+    code = tl.load(codes_ptr + row * L + offs, mask=offs < L, other=-1)
+    counts = tl.sum((code[:, None] == bins[None, :]).to(tl.int32), axis=0)
+    tl.store(counts_ptr + (row * n_blocks + blk) * NB + bins, counts, mask=bins < NB)
+
+
+@jit
+def _bucket_scatter_kernel(codes_ptr, start_ptr, perm_ptr, L, NB, BLOCK_L: tl.constexpr, BLOCK_NB: tl.constexpr):
+    """Each position of the block takes the next free slot of its bucket, in position order (stable)."""
+    blk = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    n_blocks = tl.num_programs(0)
+    offs = blk * BLOCK_L + tl.arange(0, BLOCK_L)
+    ok = offs < L
+    bins = tl.arange(0, BLOCK_NB)
+    # first slot of every bucket for this block: bucket start + the same bucket's codes in earlier blocks
+    start = tl.load(start_ptr + (row * n_blocks + blk) * NB + bins, mask=bins < NB, other=0)
+    code = tl.load(codes_ptr + row * L + offs, mask=ok, other=-1)
+    onehot = (code[:, None] == bins[None, :]).to(tl.int32)
+    before = tl.cumsum(onehot, axis=0) - onehot  # earlier positions of this block with the same code
+    dest = tl.sum(onehot * (start[None, :] + before), axis=1)
+    tl.store(perm_ptr + row * L + dest, offs.to(tl.int64), mask=ok)
 
 
 def bucket_sort(codes: Tensor, n_buckets: int) -> Tensor:
@@ -159,10 +164,18 @@ def sort_codes(codes: Tensor, n_buckets: int) -> Tensor:
     perm = torch.empty((n, rounds, length), dtype=torch.int64, device=codes.device)
     if perm.numel() == 0:
         return perm
+    # A parallel counting sort: per-block histograms, a scan over (bucket, block) in torch, then every
+    # block scatters its positions. Blocks keep the [BLOCK_L, BLOCK_NB] one-hot tile near 8K entries.
     block_nb = triton.next_power_of_2(n_buckets)
-    # the [BLOCK_L, BLOCK_NB] one-hot tile stays near 8K entries
     block_l = max(16, min(256, 8192 // block_nb))
-    _counting_sort_kernel[(n * rounds,)](codes, perm, length, n_buckets,
-                                         BLOCK_L=block_l, BLOCK_NB=block_nb, num_warps=4)
+    n_blocks = triton.cdiv(length, block_l)
+    rows = n * rounds
+    counts = torch.empty((rows, n_blocks, n_buckets), dtype=torch.int32, device=codes.device)
+    _bucket_histogram_kernel[(n_blocks, rows)](codes, counts, length, n_buckets,
+                                              BLOCK_L=block_l, BLOCK_NB=block_nb, num_warps=4)
+    totals = counts.sum(dim=1, dtype=torch.int32)  # [rows, NB]
+    bucket_start = torch.cumsum(totals, dim=1, dtype=torch.int32) - totals
+    start = (bucket_start[:, None, :] + torch.cumsum(counts, dim=1, dtype=torch.int32) - counts).contiguous()
+    _bucket_scatter_kernel[(n_blocks, rows)](codes, start, perm, length, n_buckets,
+                                            BLOCK_L=block_l, BLOCK_NB=block_nb, num_warps=4)
     return perm
-
