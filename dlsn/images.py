@@ -4,7 +4,8 @@ Every image in the project travels as one of two things:
 - a ``numpy.ndarray`` of shape ``[H, W, 3]``, dtype ``uint8`` (what files hold), or
 - a ``torch.Tensor`` of shape ``[3, H, W]`` (or ``[N, 3, H, W]``), float, in ``[0, rgb_range]``
   (``rgb_range`` 1 for the data pipeline and metrics, 255 for the network, as in the authors' code).
-Greyscale files become RGB (the grey value copied to the three channels); alpha is dropped.
+Greyscale files become RGB (the grey value copied to the three channels); alpha is dropped; 16 bits
+per channel become 8. ``decode_image`` says which of these a file went through.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from dlsn.errors import UserInputError, one_line
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -41,6 +44,40 @@ def list_images(folder: PathLike) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
 
 
+def _tile_rawmode(image: Image.Image) -> str:
+    """How the file stores its pixels (e.g. ``RGB;16B`` for a 48-bit PNG), read before decoding."""
+    tile = getattr(image, "tile", None) or []
+    args = getattr(tile[0], "args", None) if tile else None
+    if isinstance(args, tuple):
+        args = args[0] if args else None
+    return args if isinstance(args, str) else ""
+
+
+def describe_conversion(image: Image.Image) -> str | None:
+    """What reading ``image`` (not yet decoded) as 8-bit RGB changes, or None for 8-bit RGB files.
+
+    PIL opens 16-bit-per-channel RGB(A) PNGs as 8-bit ``RGB``/``RGBA`` (only the file's raw mode
+    tells), so the raw mode is consulted before the pixels are decoded.
+    """
+    mode, sixteen = image.mode, ";16" in _tile_rawmode(image)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return "16-bit greyscale"
+    if mode == "I":
+        return "32-bit integer greyscale"
+    if mode == "F":
+        return "floating-point greyscale"
+    if mode == "RGB":
+        return "16-bit RGB" if sixteen else None
+    if mode == "RGBA":
+        return ("16-bit RGBA" if sixteen else "RGBA") + ", alpha dropped"
+    if mode == "P":
+        return "palette with transparency, alpha dropped" if "transparency" in image.info else "palette"
+    names = {"L": "greyscale", "LA": "greyscale with alpha, alpha dropped", "PA": "palette with alpha, "
+             "alpha dropped", "1": "1-bit black and white", "CMYK": "CMYK", "YCbCr": "YCbCr",
+             "RGBa": "premultiplied RGBA, alpha dropped", "La": "greyscale with alpha, alpha dropped"}
+    return names.get(mode, f"mode {mode}")
+
+
 def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
     """Any PIL image -> [H, W, 3] uint8 (16-bit and float greyscale are rescaled, alpha dropped)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
@@ -61,20 +98,29 @@ def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
     return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
-def read_image(path: PathLike) -> np.ndarray:
-    """Decode an image file to a ``[H, W, 3]`` uint8 array (greyscale -> RGB, alpha dropped).
-
-    Raises FileNotFoundError for a missing file and ValueError naming the file when it cannot be decoded.
-    """
+def decode_image(path: PathLike) -> tuple[np.ndarray, str | None]:
+    """``read_image`` that also says what the conversion to 8-bit RGB changed (None: nothing), e.g.
+    ``"RGBA, alpha dropped"`` or ``"16-bit greyscale"``, for the tools to report."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as image:
+            conversion = describe_conversion(image)
             image.load()
-            return _to_rgb_uint8(image)
+            return _to_rgb_uint8(image), conversion
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
+        raise UserInputError(f"cannot read image {path}: {one_line(error)}") from error
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Decode an image file to a ``[H, W, 3]`` uint8 array (greyscale -> RGB, alpha dropped, 16 bits
+    per channel -> 8; ``decode_image`` also says which of these happened).
+
+    Raises FileNotFoundError for a missing file and :class:`~dlsn.errors.UserInputError` (a ValueError)
+    naming the file when it cannot be decoded.
+    """
+    return decode_image(path)[0]
 
 
 def write_image(path: PathLike, image: np.ndarray | torch.Tensor, rgb_range: float = 1.0) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dlsn.errors import UserInputError
 from dlsn.models import build_model, checkpoint
 from dlsn.models.checkpoint import (
     CheckpointError,
@@ -125,6 +126,28 @@ def test_corrupt_truncated_and_missing_files(tmp_path):
         load_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"hello, this is a text file\n", None),  # torch's unpickler: IndexError / KeyError before
+        (bytes(range(256)) * 16, None),  # random bytes
+        (b"\x80\x02garbage", "Unsupported operand"),  # a pickle header, then nothing valid
+    ],
+    ids=["text", "binary", "bad-pickle"],
+)
+def test_files_that_are_not_checkpoints_give_one_line(tmp_path, content, reason):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(content)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(bad)
+    message = str(error.value)
+    assert isinstance(error.value, UserInputError) and isinstance(error.value, RuntimeError)
+    assert message.startswith(f"{bad} is not a readable checkpoint") and "\n" not in message
+    assert "weights_only" not in message and "file an issue" not in message
+    if reason:
+        assert reason in message
+
+
 class Arbitrary:
     pass
 
@@ -132,8 +155,9 @@ class Arbitrary:
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "pickled.pt"
     torch.save({"model": Arbitrary()}, path)
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="weights_only") as error:
         load_checkpoint(path)
+    assert "Arbitrary" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_scale_and_architecture_mismatches(tmp_path):

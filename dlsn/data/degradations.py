@@ -1,7 +1,10 @@
 """The three SR degradations of the paper (SPEC 4): BI, BD and DN.
 
-All functions take an HR image as a float tensor ``[C, H, W]`` or ``[N, C, H, W]`` in ``[0, 1]`` whose
-height and width are multiples of the scale (crop with ``modcrop`` first), and return the LR image
+All functions take an HR image as a float tensor ``[C, H, W]`` or ``[N, C, H, W]`` with values in
+``[0, 1]`` (an 8-bit image divided by 255: ``dlsn.images.uint8_to_tensor``) whose height and width are
+multiples of the scale (crop with ``modcrop`` first); values outside ``[0, 1]`` (a 0-255 image, NaN)
+raise :class:`~dlsn.errors.UserInputError`, since the 8-bit rounding would otherwise quietly turn
+them into a white image. They return the LR image
 ``[.., H / s, W / s]`` in ``[0, 1]``, clamped and rounded to 8-bit levels (``quantize=True``), because
 LR images are stored as 8-bit files and the network is trained on exactly such values.
 
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from dlsn.data.imresize import bicubic_downsample
+from dlsn.errors import UserInputError
 
 DegradationName = Literal["BI", "BD", "DN"]
 DEGRADATIONS: tuple[str, ...] = ("BI", "BD", "DN")
@@ -70,7 +74,7 @@ def gaussian_blur(image: torch.Tensor, size: int = BD_KERNEL_SIZE, sigma: float 
 
 
 def degrade_bi(hr: torch.Tensor, scale: int, quantize: bool = True) -> torch.Tensor:
-    """BI: MATLAB bicubic downsampling by ``scale``."""
+    """BI: MATLAB bicubic downsampling by ``scale`` of ``hr`` in ``[0, 1]``; the LR is in ``[0, 1]``."""
     _check_hr(hr, scale)
     lr = bicubic_downsample(hr, scale)
     return quantize_8bit(lr) if quantize else lr
@@ -78,7 +82,10 @@ def degrade_bi(hr: torch.Tensor, scale: int, quantize: bool = True) -> torch.Ten
 
 def degrade_bd(hr: torch.Tensor, scale: int, sigma: float = BD_SIGMA, kernel_size: int = BD_KERNEL_SIZE,
                quantize: bool = True) -> torch.Tensor:
-    """BD: Gaussian blur (``kernel_size`` square, ``sigma``), then keep pixel ``(s*i + s//2, s*j + s//2)``."""
+    """BD: Gaussian blur (``kernel_size`` square, ``sigma``), then keep pixel ``(s*i + s//2, s*j + s//2)``.
+
+    ``hr`` in ``[0, 1]``; the LR is in ``[0, 1]``.
+    """
     _check_hr(hr, scale)
     batched = _as_batch(hr, "hr")
     channels = batched.shape[1]
@@ -96,14 +103,19 @@ def degrade_bd(hr: torch.Tensor, scale: int, sigma: float = BD_SIGMA, kernel_siz
 
 def degrade_dn(hr: torch.Tensor, scale: int, noise_sigma: float, generator: torch.Generator | None = None,
                quantize: bool = True) -> torch.Tensor:
-    """DN: 8-bit bicubic LR plus Gaussian noise of std ``noise_sigma`` (0-255 scale), clamped and rounded."""
+    """DN: 8-bit bicubic LR plus Gaussian noise of std ``noise_sigma`` (0-255 scale), clamped and rounded.
+
+    ``hr`` in ``[0, 1]``; the LR is in ``[0, 1]``.
+    """
     _check_hr(hr, scale)
     return add_noise(degrade_bi(hr, scale, quantize=True), noise_sigma, generator, quantize)
 
 
 def add_noise(image: torch.Tensor, noise_sigma: float, generator: torch.Generator | None = None,
               quantize: bool = True) -> torch.Tensor:
-    """Add white Gaussian noise of std ``noise_sigma`` on the 0-255 scale to a ``[0, 1]`` image."""
+    """Add white Gaussian noise of std ``noise_sigma`` on the 0-255 scale to a ``[0, 1]`` image; the
+    result is clamped to ``[0, 1]``."""
+    _check_unit_range(image, "image")
     if noise_sigma is None or noise_sigma < 0:
         raise ValueError(f"noise_sigma must be a non-negative number (0-255 scale), got {noise_sigma!r}")
     noise = torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
@@ -121,7 +133,8 @@ def degrade(
     generator: torch.Generator | None = None,
     quantize: bool = True,
 ) -> torch.Tensor:
-    """Make the LR image of ``hr`` with degradation ``kind`` ("BI", "BD" or "DN"; case-insensitive).
+    """Make the LR image of ``hr`` (values in ``[0, 1]``) with degradation ``kind`` ("BI", "BD" or "DN";
+    case-insensitive); the LR is in ``[0, 1]``.
 
     ``noise_sigma`` is required for DN (0-255 scale); ``generator`` seeds its noise.
     """
@@ -158,6 +171,17 @@ def _check_hr(hr: torch.Tensor, scale: int) -> None:
     if height % scale or width % scale:
         raise ValueError(f"hr size {height}x{width} is not a multiple of scale {scale}; "
                          "crop it with modcrop() first")
+    _check_unit_range(hr, "hr")
+
+
+def _check_unit_range(image: torch.Tensor, name: str) -> None:
+    """Values must lie in [0, 1]: a 0-255 image would be clamped to white and score a plausible PSNR."""
+    if image.numel() == 0:
+        return
+    low, high = (float(v) for v in torch.aminmax(image.detach()))
+    if not (low >= 0.0 and high <= 1.0):  # also false for NaN
+        hint = "; divide 8-bit values by 255 (dlsn.images.uint8_to_tensor does)" if high > 1.0 else ""
+        raise UserInputError(f"{name} values must lie in [0, 1], got min {low:g}, max {high:g}{hint}")
 
 
 def _as_batch(image: torch.Tensor, name: str) -> torch.Tensor:

@@ -23,13 +23,14 @@ import os
 import pickle
 import re
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from dlsn.errors import UserInputError, one_line
 
 from .dlsn import DIV2K_RGB_MEAN
 from .presets import model_from_config
@@ -38,10 +39,12 @@ __all__ = [
     "FORMAT",
     "VERSION",
     "CheckpointError",
+    "CheckpointNotFoundError",
     "infer_official_config",
     "load_checkpoint",
     "load_model",
     "load_weights",
+    "restore",
     "resume",
     "save_checkpoint",
 ]
@@ -56,8 +59,16 @@ OFFICIAL_DEFAULTS = {"n_hashes": 3, "res_scale": 0.1}
 PathLike = str | os.PathLike
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read, or does not fit what it is loaded into."""
+class CheckpointError(UserInputError, RuntimeError):
+    """A checkpoint that cannot be read, or does not fit what it is loaded into.
+
+    A :class:`~dlsn.errors.UserInputError` (the tools print it as one line); still a RuntimeError, as
+    it always was.
+    """
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint path does not exist (also a FileNotFoundError)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,24 +274,54 @@ def infer_official_config(state: Mapping[str, Tensor]) -> dict[str, Any]:
 # Loading.
 
 
+# What torch.save files start with: a zip archive (torch >= 1.6) or a pickle (the legacy format,
+# protocol 2 and up start with 0x80). Anything else is not a checkpoint, and is refused before torch
+# tries to unpickle it (a text file fails there with an IndexError or KeyError of no meaning).
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_MAGIC = b"\x80"
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    return head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)
+
+
+def _unsupported_global(error: BaseException) -> str | None:
+    """The class or function a weights_only load refused, from torch's (long) message."""
+    match = re.search(r"Unsupported (?:global|class)[:\s]*(?:GLOBAL\s+)?([\w.]+)", str(error))
+    return match.group(1) if match else None
+
+
 def _torch_load(path: Path, map_location: Any) -> Any:
+    not_readable = f"{path} is not a readable checkpoint (not written by torch.save, or corrupt or truncated)"
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(not_readable)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         # "Unsupported global": a class or function in the pickle; anything else is damage.
-        if "Unsupported global" in str(error) or "Unsupported class" in str(error):
+        name = _unsupported_global(error)
+        if name is not None:
             raise CheckpointError(
-                f"{path} holds Python objects other than tensors and plain containers; they are not "
-                f"unpickled (weights_only=True) because that could run arbitrary code. If you trust the "
-                f"file, load it yourself and re-save its state_dict. Details: {error}"
+                f"{path} holds Python objects ({name}), which "
+                f"are not unpickled because that could run code; if you trust the file, load it with "
+                f"torch.load(weights_only=False) yourself and torch.save its state_dict()"
             ) from error
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (corrupt or truncated?): {error}"
-        ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, UnicodeDecodeError) as error:
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (corrupt or truncated?): {error}"
-        ) from error
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+        reason = detail.group(1).splitlines()[0] if detail else _first_line(error)
+        raise CheckpointError(f"{not_readable}: {reason}") from error
+    except Exception as error:
+        # Whatever torch's unpickler trips over in a damaged file (EOFError, RuntimeError from the
+        # zip reader, IndexError, KeyError, ...) means the same thing to the user.
+        raise CheckpointError(f"{not_readable}: {type(error).__name__}: {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    """The first sentence of the error's message (torch's run on for several more)."""
+    text = one_line(error)
+    sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    return sentence if len(sentence) <= 200 else sentence[:197] + "..."
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -311,12 +352,13 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]
     """Reads a checkpoint into our format (see the module docstring).
 
     An authors' bare state dict comes back in the same format: config inferred from its shapes,
-    ``a`` dropped, no optimizer, step 0. Raises FileNotFoundError for a missing file and
-    :class:`CheckpointError` for anything unreadable or unrecognised.
+    ``a`` dropped, no optimizer, step 0. Raises :class:`CheckpointNotFoundError` (a
+    FileNotFoundError) for a missing file and :class:`CheckpointError` for anything unreadable or
+    unrecognised; both are :class:`~dlsn.errors.UserInputError`.
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint path is not a file: {path}")
     obj = _torch_load(path, map_location)
@@ -427,12 +469,30 @@ def resume(
     scheduler: Any | None = None,
     map_location: Any = "cpu",
 ) -> dict[str, Any]:
-    """Restores a training run: weights into ``model``, states into ``optimizer``/``scheduler``.
+    """Restores a training run from ``path``: :func:`load_checkpoint`, then :func:`restore`.
 
-    The checkpoint's config must equal ``model.config`` (else :class:`CheckpointError` names the
-    settings that differ). Returns the checkpoint dict (``step``, ``extra``, ...).
+    Returns the checkpoint dict (``step``, ``extra``, ...).
     """
     checkpoint = load_checkpoint(path, map_location)
+    restore(checkpoint, model, optimizer, scheduler, source=str(path))
+    return checkpoint
+
+
+def restore(
+    checkpoint: Mapping[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    *,
+    source: str = "checkpoint",
+) -> None:
+    """Puts a loaded checkpoint back: weights into ``model``, states into ``optimizer``/``scheduler``.
+
+    For a checkpoint already read with :func:`load_checkpoint` (read once: the file may be replaced
+    by a newer save in between). The checkpoint's config must equal ``model.config`` (else
+    :class:`CheckpointError` names the settings that differ). Optimizer state tensors follow the
+    parameters' device.
+    """
     model_config = getattr(model, "config", None)
     if model_config is not None and dict(checkpoint["config"]) != dict(model_config):
         keys = sorted(set(checkpoint["config"]) | set(model_config))
@@ -442,13 +502,15 @@ def resume(
             if checkpoint["config"].get(k) != model_config.get(k)
         }
         raise CheckpointError(
-            f"{path} is a checkpoint of another architecture; (file, model) differ in {differ}"
+            f"{source} is a checkpoint of another architecture; (file, model) differ in {differ}"
         )
-    load_weights(model, checkpoint["model"], source=str(path))
+    load_weights(model, checkpoint["model"], source=source)
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
         if target is None:
             continue
         if checkpoint.get(name) is None:
-            raise CheckpointError(f"{path} holds no {name} state to resume from")
-        target.load_state_dict(checkpoint[name])
-    return checkpoint
+            raise CheckpointError(f"{source} holds no {name} state to resume from")
+        try:
+            target.load_state_dict(checkpoint[name])
+        except (KeyError, ValueError, TypeError) as error:
+            raise CheckpointError(f"{source}: its {name} state does not fit this run ({error})") from error

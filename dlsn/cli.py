@@ -1,0 +1,48 @@
+"""What the command-line tools share at their boundary: how errors, Ctrl-C and notes are printed.
+
+- A :class:`~dlsn.errors.UserInputError` prints as ``<prog>: error: <one line>`` and exits 2.
+- Ctrl-C prints ``<prog>: interrupted ...`` (one line, saying what was kept) and exits 130.
+- Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from dlsn.errors import UserInputError, one_line
+
+__all__ = ["EXIT_INTERRUPTED", "EXIT_USAGE", "format_conversions", "format_failures", "run_tool"]
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C
+
+
+def run_tool(prog: str, body: Callable[[], int], interrupted: Callable[[], str] | None = None) -> int:
+    """``body()``'s exit status; bad input and Ctrl-C become one line on stderr.
+
+    ``interrupted()`` says what the tool kept when Ctrl-C arrived (e.g. "wrote 3 of 10 images").
+    """
+    try:
+        return body()
+    except UserInputError as error:
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        kept = interrupted() if interrupted is not None else ""
+        print(f"\n{prog}: interrupted" + (f"; {kept}" if kept else ""), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+
+
+def format_failures(failures: Sequence[tuple[str, str]], total: int) -> str:
+    """``failed: 2 of 5 images: a.png (cannot read ...); b.png (...)``."""
+    listed = "; ".join(f"{name} ({reason})" for name, reason in failures)
+    return f"failed: {len(failures)} of {total} images: {listed}"
+
+
+def format_conversions(conversions: Sequence[tuple[str, str]], limit: int = 4) -> str:
+    """One line naming the images converted on reading: ``converted to 8-bit RGB: a.png (RGBA, alpha
+    dropped), b.png (16-bit greyscale)``; more than ``limit`` are counted, not listed."""
+    shown = ", ".join(f"{name} ({what})" for name, what in conversions[:limit])
+    more = f" and {len(conversions) - limit} more" if len(conversions) > limit else ""
+    return f"converted to 8-bit RGB on reading: {shown}{more}"

@@ -1,0 +1,27 @@
+"""The one exception type for bad input from the user (a file, a folder, a setting).
+
+The command-line tools print a :class:`UserInputError` as one line and exit with status 2; every
+other exception is a bug (ours, or in a kernel) and propagates with its traceback. Library code
+raises it where the input is what is wrong: an unreadable image, a file that is not a checkpoint,
+an image outside ``[0, 1]``. It is a ``ValueError``, so callers that catch ``ValueError`` keep
+working.
+"""
+
+from __future__ import annotations
+
+__all__ = ["UserInputError", "one_line"]
+
+
+class UserInputError(ValueError):
+    """Input the user can fix; the message names the argument or file and what is wrong with it."""
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a multi-line message's lines joined with "; ")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    head, rest = lines[0], lines[1:]
+    if not rest:
+        return head
+    return f"{head.rstrip(':')}: {'; '.join(rest)}"
