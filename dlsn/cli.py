@@ -10,9 +10,19 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
+import torch
+
 from dlsn.errors import UserInputError, one_line
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_USAGE", "format_conversions", "format_failures", "run_tool"]
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_USAGE",
+    "check_backend",
+    "format_conversions",
+    "format_failures",
+    "pick_device",
+    "run_tool",
+]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C
@@ -46,3 +56,33 @@ def format_conversions(conversions: Sequence[tuple[str, str]], limit: int = 4) -
     shown = ", ".join(f"{name} ({what})" for name, what in conversions[:limit])
     more = f" and {len(conversions) - limit} more" if len(conversions) > limit else ""
     return f"converted to 8-bit RGB on reading: {shown}{more}"
+
+
+def pick_device(device_arg: str | None) -> torch.device:
+    """``--device``, or cuda when available, else cpu; a device this machine lacks is bad input."""
+    try:
+        device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        raise UserInputError(f"--device {device_arg!r} is not a torch device ({one_line(error)})") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError(f"--device {device_arg}: CUDA is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserInputError(f"--device {device_arg}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_backend(backend: str | None, device: torch.device) -> str | None:
+    """``--backend`` checked against what can run on ``device`` here (None: automatic choice)."""
+    if backend is None:
+        return None
+    # Imported here: eval --bicubic must work where the kernels package cannot load.
+    import dlsn_kernels
+
+    name = backend.strip().lower()
+    if name not in dlsn_kernels.BACKENDS:
+        raise UserInputError(f"--backend {backend!r} is not a backend; choose one of "
+                             f"{', '.join(dlsn_kernels.BACKENDS)}")
+    reason = dlsn_kernels.available_backends(device)[name]
+    if reason is not None:
+        raise UserInputError(f"--backend {name} cannot run on {device.type} here: {reason}")
+    return name

@@ -10,7 +10,9 @@ per channel become 8. ``decode_image`` says which of these a file went through.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -109,7 +111,9 @@ def decode_image(path: PathLike) -> tuple[np.ndarray, str | None]:
             conversion = describe_conversion(image)
             image.load()
             return _to_rgb_uint8(image), conversion
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except UnidentifiedImageError as error:
+        raise UserInputError(f"cannot read image {path}: not an image format PIL can decode") from error
+    except (OSError, SyntaxError, ValueError) as error:
         raise UserInputError(f"cannot read image {path}: {one_line(error)}") from error
 
 
@@ -138,8 +142,25 @@ def write_image(path: PathLike, image: np.ndarray | torch.Tensor, rgb_range: flo
         dtype = getattr(array, "dtype", type(array).__name__)
         raise ValueError(f"image must be a [H, W, 3] uint8 array or a float tensor, got {dtype} {shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    # Written under a temporary name and renamed, so an interrupted run never leaves a partial image.
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            Image.fromarray(array).save(handle, format=fmt)
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes it private; give it normal permissions
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def uint8_to_tensor(image: np.ndarray, rgb_range: float = 1.0,

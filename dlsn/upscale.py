@@ -10,6 +10,11 @@ in one pass, so GLA sees the whole image; ``--tile`` cuts big images into overla
 (sizes in input pixels) whose outputs cross-fade linearly inside the overlaps. GLA is
 global, so tiled results differ slightly from whole-image ones; tiles bound the memory.
 Hash rotations are drawn from ``--seed`` (default 0), so the same command gives the same pixels.
+
+A folder run upscales every image it can read, lists the others at the end and exits with status 1;
+bad arguments (a file that is not a checkpoint, a missing input) print one line and exit with 2, and
+Ctrl-C keeps the images written so far (each file is written whole or not at all) and exits with 130.
+Images that are not 8-bit RGB (RGBA, greyscale, 16-bit) are converted, and one line says which.
 """
 
 from __future__ import annotations
@@ -26,9 +31,19 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from dlsn.cli import check_backend, format_conversions, format_failures, pick_device, run_tool
+from dlsn.errors import UserInputError, one_line
 from dlsn.eval import self_ensemble as eight_fold_ensemble
-from dlsn.images import is_image_file, list_images, read_image, tensor_to_uint8, uint8_to_tensor, write_image
-from dlsn.models.checkpoint import CheckpointError, load_model
+from dlsn.images import (
+    IMAGE_EXTENSIONS,
+    decode_image,
+    is_image_file,
+    list_images,
+    tensor_to_uint8,
+    uint8_to_tensor,
+    write_image,
+)
+from dlsn.models.checkpoint import load_model
 
 __all__ = ["forward_tiled", "main", "upscale_array", "upscale_tensor"]
 
@@ -133,7 +148,7 @@ def upscale_array(
     """``[h, w, 3]`` uint8 -> ``[h*s, w*s, 3]`` uint8."""
     height, width = image.shape[:2]
     if height < MIN_SIDE or width < MIN_SIDE:
-        raise ValueError(f"image is {width}x{height} pixels; the smallest input is {MIN_SIDE}x{MIN_SIDE}")
+        raise UserInputError(f"image is {width}x{height} pixels; the smallest input is {MIN_SIDE}x{MIN_SIDE}")
     rgb_range = float(model.config.get("rgb_range", 255.0))
     x = uint8_to_tensor(image, rgb_range).unsqueeze(0).to(device)
     y = upscale_tensor(model, x, tile=tile, tile_overlap=tile_overlap, self_ensemble=self_ensemble)
@@ -146,30 +161,36 @@ def _plan(source: Path, out: str, scale: int) -> list[tuple[Path, Path]]:
     ``out`` stays a string so that a trailing slash ("results/": a folder to create) is seen.
     """
     target = Path(out)
-    if not source.exists():
-        raise FileNotFoundError(f"input not found: {source}")
+    _check_input(source)
     if source.is_dir():
         inputs = list_images(source)
         if not inputs:
-            raise ValueError(f"no images in folder {source} (looked for image file extensions)")
+            raise UserInputError(f"no images in folder {source} (looked for {', '.join(IMAGE_EXTENSIONS)})")
         if target.exists() and not target.is_dir():
-            raise ValueError(f"IN is a folder, so OUT must be a folder too, but {target} is a file")
+            raise UserInputError(f"IN is a folder, so OUT must be a folder too, but {target} is a file")
         return [(p, target / f"{p.stem}_x{scale}.png") for p in inputs]
     if target.is_dir() or out.endswith(("/", os.sep)):
         output = target / f"{source.stem}_x{scale}.png"
     elif is_image_file(target):
         output = target
     else:
-        raise ValueError(f"OUT {target} is neither a folder nor an image file name (.png, .jpg, ...)")
+        raise UserInputError(f"OUT {target} is neither a folder nor an image file name (.png, .jpg, ...)")
     if output.resolve() == source.resolve():
-        raise ValueError(f"OUT would overwrite the input {source}")
+        raise UserInputError(f"OUT would overwrite the input {source}")
     return [(source, output)]
+
+
+def _check_input(source: Path) -> None:
+    if not source.exists():
+        raise UserInputError(f"input not found: {source}")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dlsn.upscale",
-        description="Super-resolve an image or a folder of images with a DLSN checkpoint.",
+        description="Super-resolve an image or a folder of images with a DLSN checkpoint. A folder run "
+                    "upscales every image it can, lists the ones it could not at the end and then exits "
+                    "with status 1.",
     )
     parser.add_argument("input", type=Path, help="an image, or a folder of images")
     parser.add_argument("output", help="output image, or folder (needed when IN is a folder)")
@@ -192,51 +213,88 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="process in tiles of T x T input pixels (default: whole image at once)",
     )
-    parser.add_argument("--tile-overlap", type=int, default=16, help="overlap of tiles in input pixels")
+    parser.add_argument(
+        "--tile-overlap", type=int, default=16, help="overlap of tiles in input pixels (default 16)"
+    )
     parser.add_argument(
         "--self-ensemble", action="store_true", help="average over 8 flips/transposes (x8 time)"
     )
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    prog = "dlsn.upscale"
-    try:
+OUT_OF_MEMORY_HINT = "out of memory; try --tile 256 (or smaller)"
+
+
+class _Run:
+    """One command: the images written, the ones that failed and the conversions made on reading."""
+
+    def __init__(self, args: argparse.Namespace, prog: str) -> None:
+        self.args, self.prog = args, prog
+        self.pairs: list[tuple[Path, Path]] = []
+        self.written: list[Path] = []
+        self.failed: list[tuple[str, str]] = []
+        self.conversions: list[tuple[str, str]] = []
+
+    def __call__(self) -> int:
+        args = self.args
         if args.n_hashes is not None and args.n_hashes < 1:
-            raise ValueError(f"--n-hashes must be >= 1, got {args.n_hashes}")
+            raise UserInputError(f"--n-hashes must be >= 1, got {args.n_hashes}")
         if args.tile is not None and not 0 <= args.tile_overlap < args.tile:
-            raise ValueError(
+            raise UserInputError(
                 f"--tile-overlap must be in [0, --tile), got {args.tile_overlap} with tile {args.tile}"
             )
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model, config = load_model(args.checkpoint, map_location=device, backend=args.backend)
+        _check_input(args.input)
+        device = pick_device(args.device)
+        backend = check_backend(args.backend, device)
+        model, config = load_model(args.checkpoint, map_location=device, backend=backend)
         model.set_inference(n_hashes=args.n_hashes, seed=args.seed)
         scale = int(config["scale"])
-        pairs = _plan(args.input, args.output, scale)
-        for source, target in tqdm(pairs, desc=f"x{scale}", unit="image", disable=len(pairs) == 1):
-            image = read_image(source)  # its errors name the file
+        self.pairs = _plan(args.input, args.output, scale)
+        one_image = len(self.pairs) == 1 and not args.input.is_dir()
+        for source, target in tqdm(self.pairs, desc=f"x{scale}", unit="image", disable=len(self.pairs) == 1,
+                                   file=sys.stderr):
             try:
-                result = upscale_array(
-                    model,
-                    image,
-                    device=device,
-                    tile=args.tile,
-                    tile_overlap=args.tile_overlap,
-                    self_ensemble=args.self_ensemble,
-                )
-            except ValueError as error:
-                raise ValueError(f"{source}: {error}") from error
+                self._one(model, device, source, target)
+            except (UserInputError, torch.OutOfMemoryError) as error:
+                reason = OUT_OF_MEMORY_HINT if isinstance(error, torch.OutOfMemoryError) else one_line(error)
+                if one_image:
+                    raise UserInputError(reason if str(source) in reason else f"{source}: {reason}") from error
+                self.failed.append((source.name, reason))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if self.conversions:
+            print(f"{self.prog}: note: {format_conversions(self.conversions)}")
+        if self.written:
+            where = self.written[0] if one_image else f"{len(self.written)} images in {args.output}"
+            print(f"{self.prog}: wrote {where} (x{scale}, {device.type})")
+        if self.failed:
+            print(f"{self.prog}: {format_failures(self.failed, len(self.pairs))}", file=sys.stderr)
+            return 1
+        return 0
+
+    def _one(self, model: nn.Module, device: torch.device, source: Path, target: Path) -> None:
+        image, conversion = decode_image(source)
+        if conversion is not None:
+            self.conversions.append((source.name, conversion))
+        result = upscale_array(model, image, device=device, tile=self.args.tile,
+                               tile_overlap=self.args.tile_overlap, self_ensemble=self.args.self_ensemble)
+        try:
             write_image(target, result)
-    except torch.OutOfMemoryError as error:
-        print(f"{prog}: error: out of memory ({error}); try --tile 256 (or smaller)", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, CheckpointError, RuntimeError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
-    where = pairs[0][1] if len(pairs) == 1 else f"{len(pairs)} images in {args.output}"
-    print(f"{prog}: wrote {where} (x{scale}, {device.type})")
-    return 0
+        except OSError as error:
+            raise UserInputError(f"cannot write {target}: {error}") from error
+        self.written.append(target)
+
+    def interrupted(self) -> str:
+        if not self.pairs:
+            return "nothing written"
+        return f"wrote {len(self.written)} of {len(self.pairs)} images" + (
+            f" to {self.args.output}" if self.written else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    run = _Run(args, "dlsn.upscale")
+    return run_tool(run.prog, run, run.interrupted)
 
 
 if __name__ == "__main__":

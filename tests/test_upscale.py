@@ -194,3 +194,109 @@ def test_bad_tiling_arguments():
         forward_tiled(model, x, 2, tile=4, overlap=4)
     with pytest.raises(ValueError, match="tile must be"):
         forward_tiled(model, x, 2, tile=1, overlap=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# A careless user's inputs: one line each, folder runs that finish, conversions said, Ctrl-C.
+
+
+def test_a_folder_run_upscales_every_good_image_and_lists_the_bad_ones(tiny_checkpoint, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_png(inputs / "a.png", 6, 5, seed=1)
+    (inputs / "b_broken.png").write_bytes(b"not a png")
+    write_png(inputs / "c_line.png", 6, 1, seed=3)
+    write_png(inputs / "d.png", 5, 4, seed=4)
+    outputs = tmp_path / "out"
+    assert run(inputs, outputs, "--checkpoint", tiny_checkpoint) == 1
+    assert sorted(p.name for p in outputs.iterdir()) == ["a_x2.png", "d_x2.png"]  # after the bad ones too
+    captured = capsys.readouterr()
+    assert "wrote 2 images in" in captured.out
+    failure_lines = [line for line in captured.err.splitlines() if "failed" in line]
+    assert len(failure_lines) == 1 and "Traceback" not in captured.err
+    assert "failed: 2 of 4 images: b_broken.png (cannot read image" in failure_lines[0]
+    assert "c_line.png (image is 6x1 pixels" in failure_lines[0]
+
+
+def test_colour_mode_and_bit_depth_conversions_are_stated_in_one_line(tiny_checkpoint, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (5, 6, 4), dtype=np.uint8)).save(inputs / "rgba.png")
+    Image.fromarray(rng.integers(0, 65536, (5, 6), dtype=np.uint16)).save(inputs / "grey16.png")
+    write_png(inputs / "plain.png", 6, 5)
+    assert run(inputs, tmp_path / "out", "--checkpoint", tiny_checkpoint) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "converted" in line]
+    assert notes == ["dlsn.upscale: note: converted to 8-bit RGB on reading: grey16.png (16-bit greyscale), "
+                     "rgba.png (RGBA, alpha dropped)"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"some text, not a checkpoint\n", "is not a readable checkpoint"),
+        (bytes(range(256)) * 8, "is not a readable checkpoint"),
+    ],
+    ids=["text", "binary"],
+)
+def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, capsys, content, message):
+    fake = tmp_path / "model.pt"
+    fake.write_bytes(content)
+    assert run(write_png(tmp_path / "p.png", 4, 4), tmp_path / "o.png", "--checkpoint", fake) == 2
+    err = capsys.readouterr().err
+    assert err == f"dlsn.upscale: error: {fake} {message} (not written by torch.save, or corrupt or truncated)\n"
+
+
+def test_bad_device_and_backend_are_one_line(tiny_checkpoint, tmp_path, capsys):
+    source = write_png(tmp_path / "p.png", 4, 4)
+    assert main([str(source), str(tmp_path / "o.png"), "--checkpoint", str(tiny_checkpoint),
+                 "--backend", "fastest"]) == 2
+    assert capsys.readouterr().err.startswith("dlsn.upscale: error: --backend 'fastest' is not a backend")
+    assert main([str(source), str(tmp_path / "o.png"), "--checkpoint", str(tiny_checkpoint),
+                 "--device", "nonsense"]) == 2
+    assert "--device 'nonsense' is not a torch device" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_a_bug_keeps_its_traceback(tiny_checkpoint, tmp_path, monkeypatch):
+    import dlsn.upscale as upscale_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a kernel bug")
+
+    monkeypatch.setattr(upscale_module, "upscale_array", broken)
+    with pytest.raises(RuntimeError, match="a kernel bug"):
+        run(write_png(tmp_path / "p.png", 4, 4), tmp_path / "o.png", "--checkpoint", tiny_checkpoint)
+
+
+def test_ctrl_c_keeps_the_images_written_and_says_so(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    import dlsn.upscale as upscale_module
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(3):
+        write_png(inputs / f"{i}.png", 5, 5, seed=i)
+    real, calls = upscale_module.upscale_array, []
+
+    def interrupted_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(upscale_module, "upscale_array", interrupted_on_the_second)
+    outputs = tmp_path / "out"
+    assert run(inputs, outputs, "--checkpoint", tiny_checkpoint) == 130
+    assert sorted(p.name for p in outputs.iterdir()) == ["0_x2.png"]  # whole files only, no temporaries
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"dlsn.upscale: interrupted; wrote 1 of 3 images to {outputs}"
+    assert "Traceback" not in err
+
+
+def test_help_shows_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text
+    options = " ".join(text.split()).split(" --")
+    assert all(option.count("default") <= 1 for option in options)
