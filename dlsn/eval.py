@@ -4,11 +4,17 @@
                         [--self-ensemble] [--n-hashes R] [--seed S] [--device D] [--backend NAME]
                         [--csv out.csv] [--json out.json] [--per-image] [--no-progress]
     python -m dlsn.eval --data ROOT --scale 2 3 4 --bicubic
+    python -m dlsn.eval --data PHOTOS --checkpoint FILE --degradation BD      # a plain folder of HR photos
 
 ROOT holds one folder per test set in the usual layout, ``<set>/HR/*.png`` and
-``<set>/LR_bicubic/X{s}/*.png`` (LR names may carry the ``x{s}`` suffix); ROOT may also be a single set.
+``<set>/LR_bicubic/X{s}/*.png`` (LR names may carry the ``x{s}`` suffix); ROOT may also be a single set,
+or a plain folder of HR images. The stored LR images are used for BI (``--degradation``, default);
+for BD and DN, and for a plain folder, the LR images are made from the HR ones on the fly
+(``dlsn.data.degradations``; DN noise seeded by ``--seed``, so scores repeat).
 Each LR image goes through the model whole; the output is rounded to 8 bits and scored against the HR
 (cropped to ``scale`` times the LR size) with ``dlsn.metrics.psnr_y`` / ``ssim_y``.
+An image that cannot be read is left out and listed at the end, and the command then exits with
+status 1; bad arguments print one line and exit with 2; Ctrl-C prints one line and exits with 130.
 
 A checkpoint holds a model of one scale; give one checkpoint per scale (``--scale`` defaults to the
 checkpoints' scales). ``--bicubic`` scores MATLAB-style bicubic upscaling instead (no checkpoint).
@@ -33,8 +39,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from dlsn.data.datasets import PairedFolderDataset, dihedral
+from dlsn.cli import check_backend, format_conversions, format_failures, pick_device, run_tool
+from dlsn.data.datasets import DegradedFolderDataset, PairedFolderDataset, dihedral
+from dlsn.data.degradations import DEGRADATIONS
 from dlsn.data.imresize import bicubic_upsample
+from dlsn.errors import UserInputError, one_line
+from dlsn.images import IMAGE_EXTENSIONS, list_images
 from dlsn.metrics import psnr_y, quantize, ssim_y
 
 PathLike = str | os.PathLike
@@ -42,7 +52,7 @@ UpscaleFn = Callable[[Tensor], Tensor]
 """``lr [N, 3, h, w]`` in [0, 1] -> ``sr [N, 3, s*h, s*w]`` in [0, 1]."""
 
 
-class EvalError(RuntimeError):
+class EvalError(UserInputError, RuntimeError):
     """A problem with the evaluation's inputs (checkpoint, model output) the user can act on."""
 
 
@@ -109,6 +119,7 @@ class SetScore:
     scale: int
     method: str
     images: list[ImageScore] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (image name, why it was left out)
 
     @property
     def n_images(self) -> int:
@@ -125,7 +136,8 @@ class SetScore:
     def to_dict(self) -> dict:
         return {"set": self.set_name, "scale": self.scale, "method": self.method,
                 "n_images": self.n_images, "psnr": self.psnr, "ssim": self.ssim,
-                "images": [{"name": s.name, "psnr": s.psnr, "ssim": s.ssim} for s in self.images]}
+                "images": [{"name": s.name, "psnr": s.psnr, "ssim": s.ssim} for s in self.images],
+                "failed": [{"name": name, "reason": reason} for name, reason in self.failed]}
 
 
 def _mean(values: list[float]) -> float:
@@ -141,15 +153,25 @@ def evaluate_dataset(
     method: str = "",
     device: torch.device | str = "cpu",
     progress: bool = True,
+    keep_going: bool = False,
 ) -> SetScore:
     """Score ``upscale`` on every item of ``dataset`` (``{"lr", "hr", "name"}`` in [0, 1], whole images:
-    ``PairedFolderDataset`` or ``HRImageDataset`` with ``train=False``). Call ``model.eval()`` first."""
+    ``PairedFolderDataset``, ``DegradedFolderDataset`` or ``HRImageDataset`` with ``train=False``). Call
+    ``model.eval()`` first. ``keep_going``: an item that cannot be read (``UserInputError``) is left
+    out and listed in ``failed`` instead of stopping the evaluation."""
     result = SetScore(set_name, scale, method)
     label = f"{set_name} x{scale}".strip()
     bar = tqdm(range(len(dataset)), desc=label, unit="img", disable=not progress, file=sys.stderr,
                leave=False)
+    names = getattr(dataset, "names", None)
     for index in bar:
-        item = dataset[index]
+        try:
+            item = dataset[index]
+        except UserInputError as error:
+            if not keep_going:
+                raise
+            result.failed.append((names[index] if names else f"#{index}", one_line(error)))
+            continue
         lr, hr, name = item["lr"], item["hr"], item["name"]
         sr = upscale(lr[None].to(device))
         if sr.dim() != 4 or sr.shape[0] != 1 or tuple(sr.shape[-3:]) != tuple(hr.shape):
@@ -163,7 +185,9 @@ def evaluate_dataset(
 def find_test_sets(root: PathLike, names: Sequence[str] | None = None) -> dict[str, Path]:
     """``{set name: folder}`` of the test sets under ``root`` (folders with an ``HR`` subfolder).
 
-    ``root`` itself counts as one set when it has ``HR``. ``names`` picks sets (unknown ones: error).
+    ``root`` itself counts as one set when it has ``HR``, or when it holds images and no such
+    subfolders (a plain folder of HR images: see ``is_plain_folder``). ``names`` picks sets (unknown
+    ones: error).
     """
     root = Path(root)
     if not root.is_dir():
@@ -172,6 +196,8 @@ def find_test_sets(root: PathLike, names: Sequence[str] | None = None) -> dict[s
         found = {root.resolve().name: root}
     else:
         found = {p.name: p for p in sorted(root.iterdir()) if (p / "HR").is_dir()}
+        if not found and list_images(root):
+            found = {root.resolve().name: root}
     if names:
         unknown = [n for n in names if n not in found]
         if unknown:
@@ -180,9 +206,28 @@ def find_test_sets(root: PathLike, names: Sequence[str] | None = None) -> dict[s
                                     f"{listed}; a set is a folder with HR/ and LR_bicubic/X<s>/)")
         found = {n: found[n] for n in names}
     if not found:
-        raise FileNotFoundError(f"no test sets in {root}: expected <set>/HR/*.png and "
+        raise FileNotFoundError(f"no test sets and no images in {root}: expected HR images "
+                                f"({', '.join(IMAGE_EXTENSIONS)}), or <set>/HR/*.png and "
                                 "<set>/LR_bicubic/X<s>/*.png")
     return found
+
+
+def is_plain_folder(folder: PathLike) -> bool:
+    """A folder of HR images without the ``HR`` / ``LR_bicubic`` layout: LR is made on the fly."""
+    return not (Path(folder) / "HR").is_dir()
+
+
+def dataset_for_set(folder: PathLike, scale: int, *, degradation: str = "BI", noise_sigma: float | None = None,
+                     seed: int = 0, cache: bool = False) -> Dataset:
+    """The whole-image data set of one test set at one scale: the stored LR images for BI in the
+    usual layout, else LR made from the HR images with ``degradation`` (``DegradedFolderDataset``)."""
+    folder = Path(folder)
+    if is_plain_folder(folder):
+        return DegradedFolderDataset(folder, scale, degradation=degradation, noise_sigma=noise_sigma, seed=seed)
+    if degradation.upper() == "BI":
+        return PairedFolderDataset.from_test_set(folder, scale, train=False, cache=cache)
+    return DegradedFolderDataset(folder / "HR", scale, degradation=degradation, noise_sigma=noise_sigma,
+                                 seed=seed)
 
 
 def evaluate(
@@ -193,14 +238,34 @@ def evaluate(
     device: torch.device | str = "cpu",
     progress: bool = True,
     cache: bool = False,
+    degradation: str = "BI",
+    noise_sigma: float | None = None,
+    seed: int = 0,
+    keep_going: bool = False,
+    conversions: dict[str, str] | None = None,
 ) -> list[SetScore]:
-    """Score each ``upscalers[scale]`` on each test set folder: one ``SetScore`` per (scale, set)."""
+    """Score each ``upscalers[scale]`` on each test set folder: one ``SetScore`` per (scale, set).
+
+    LR images come from ``dataset_for_set``. A set that cannot be read as a whole (missing LR
+    folder, mismatched sizes) raises :class:`~dlsn.errors.UserInputError`; ``keep_going`` leaves
+    single unreadable images out (``SetScore.failed``). ``conversions`` collects what reading files
+    as 8-bit RGB changed (``"<set>/<file>"``: description).
+    """
     results = []
     for scale, upscale in upscalers.items():
         for set_name, folder in sets.items():
-            dataset = PairedFolderDataset.from_test_set(folder, scale, train=False, cache=cache)
+            try:
+                dataset = dataset_for_set(folder, scale, degradation=degradation, noise_sigma=noise_sigma,
+                                           seed=seed, cache=cache)
+            except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+                hint = (" (or give the folder of HR images itself as --data: LR images are then made on the fly)"
+                        if isinstance(error, FileNotFoundError) else "")
+                raise UserInputError(f"test set {set_name} at x{scale}: {one_line(error)}{hint}") from error
             results.append(evaluate_dataset(upscale, dataset, scale, set_name=set_name, method=method,
-                                            device=device, progress=progress))
+                                            device=device, progress=progress, keep_going=keep_going))
+            if conversions is not None:
+                conversions.update({f"{set_name}/{name}": what
+                                    for name, what in getattr(dataset, "conversions", {}).items()})
     return results
 
 
@@ -258,18 +323,26 @@ def write_json(results: Sequence[SetScore], path: PathLike, extra: Mapping | Non
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dlsn.eval",
-        description="Y-channel PSNR/SSIM of a checkpoint (or of bicubic upscaling) on SR test sets.",
+        description="Y-channel PSNR/SSIM of a checkpoint (or of bicubic upscaling) on SR test sets, or on a "
+                    "plain folder of HR images (LR made on the fly).",
     )
     parser.add_argument("--data", required=True, type=Path,
-                        help="folder of test sets (<set>/HR, <set>/LR_bicubic/X<s>) or one such set")
+                        help="folder of test sets (<set>/HR, <set>/LR_bicubic/X<s>), one such set, or a plain "
+                             "folder of HR images")
     parser.add_argument("--scale", type=int, nargs="+",
                         help="scales to evaluate (default: the checkpoints')")
     parser.add_argument("--checkpoint", type=Path, nargs="+", help="checkpoint file(s), one per scale")
     parser.add_argument("--bicubic", action="store_true", help="evaluate bicubic upscaling (no checkpoint)")
+    parser.add_argument("--degradation", type=str.upper, choices=DEGRADATIONS, default="BI",
+                        help="how LR images are made: BI uses a set's stored LR_bicubic images; BD and DN, "
+                             "and any plain folder, make them from the HR images (default BI)")
+    parser.add_argument("--noise-sigma", type=float,
+                        help="DN noise level on the 0-255 scale (default 15)")
     parser.add_argument("--sets", nargs="+", help="test sets to evaluate (default: all under --data)")
     parser.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/transposes (x8)")
     parser.add_argument("--n-hashes", type=int, help="hash rounds at inference (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the hash rotations (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the hash rotations and of DN noise (default 0)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--backend", default=None,
                         help="attention kernel backend: reference, cpu, cuda, triton (default: automatic)")
@@ -280,82 +353,112 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_models(paths: Sequence[Path], device: str, backend: str | None, n_hashes: int | None,
+def _load_models(paths: Sequence[Path], device: torch.device | str, backend: str | None, n_hashes: int | None,
                  seed: int) -> dict[int, tuple[nn.Module, dict]]:
     """``{scale: (model, config)}``; two checkpoints of one scale are an error."""
     # Imported here: --bicubic must work without the network (and its kernels) importable.
-    from dlsn.models.checkpoint import CheckpointError, load_model
+    from dlsn.models.checkpoint import load_model
 
     models: dict[int, tuple[nn.Module, dict]] = {}
     for path in paths:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        try:
-            model, config = load_model(path, map_location=device, backend=backend)
-        except CheckpointError as error:
-            raise EvalError(str(error)) from error
+            raise EvalError(f"checkpoint not found: {path}")
+        model, config = load_model(path, map_location=device, backend=backend)
         scale = int(config["scale"])
         if scale in models:
-            raise ValueError(f"two checkpoints for scale x{scale}; give one per scale")
+            raise EvalError(f"two checkpoints for scale x{scale}; give one per scale")
         model.eval()
         if hasattr(model, "set_inference"):
             model.set_inference(n_hashes=n_hashes, seed=seed)
         elif n_hashes is not None:
-            raise ValueError(f"--n-hashes: the model in {path} has no hash rounds to set")
+            raise EvalError(f"--n-hashes: the model in {path} has no hash rounds to set")
         models[scale] = (model, config)
     return models
 
 
-def _run(args: argparse.Namespace) -> list[SetScore]:
+def _check_args(args: argparse.Namespace) -> None:
     if args.bicubic == bool(args.checkpoint):
-        raise ValueError("give --checkpoint FILE [FILE ...] or --bicubic (one of the two)")
+        raise EvalError("give --checkpoint FILE [FILE ...] or --bicubic (one of the two)")
     if args.scale and any(s < 1 for s in args.scale):
-        raise ValueError(f"--scale values must be positive integers, got {args.scale}")
+        raise EvalError(f"--scale values must be positive integers, got {args.scale}")
     if args.n_hashes is not None and args.n_hashes < 1:
-        raise ValueError(f"--n-hashes must be >= 1, got {args.n_hashes}")
-    sets = find_test_sets(args.data, args.sets)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        raise EvalError(f"--n-hashes must be >= 1, got {args.n_hashes}")
+    if args.noise_sigma is not None and args.degradation != "DN":
+        raise EvalError(f"--noise-sigma is for --degradation DN, not {args.degradation}")
+    if args.noise_sigma is not None and args.noise_sigma < 0:
+        raise EvalError(f"--noise-sigma must be >= 0, got {args.noise_sigma}")
+    if args.bicubic and not args.scale:
+        raise EvalError("--bicubic needs --scale")
+
+
+def _run(args: argparse.Namespace, conversions: dict[str, str] | None = None,
+         say: Callable[[str], None] = print) -> list[SetScore]:
+    _check_args(args)
+    try:
+        sets = find_test_sets(args.data, args.sets)
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise EvalError(str(error)) from error
+    device = pick_device(args.device)
     progress = not args.no_progress
+    noise_sigma = (15.0 if args.noise_sigma is None else args.noise_sigma) if args.degradation == "DN" else None
+    made = [name for name, folder in sets.items() if is_plain_folder(folder) or args.degradation != "BI"]
+    if made:
+        noise = f", noise sigma {noise_sigma:g}" if noise_sigma is not None else ""
+        say(f"dlsn.eval: LR images made from the HR images with {args.degradation}{noise} for "
+            f"{', '.join(made)}")
     torch.manual_seed(args.seed)
+    data_options = {"degradation": args.degradation, "noise_sigma": noise_sigma, "seed": args.seed,
+                    "keep_going": True, "conversions": conversions}
 
     if args.bicubic:
-        if not args.scale:
-            raise ValueError("--bicubic needs --scale")
         upscalers = {s: bicubic_upscaler(s) for s in dict.fromkeys(args.scale)}
-        return evaluate(upscalers, sets, method="bicubic", device=device, progress=progress)
+        return evaluate(upscalers, sets, method="bicubic", device=device, progress=progress, **data_options)
 
-    models = _load_models(args.checkpoint, device, args.backend, args.n_hashes, args.seed)
+    backend = check_backend(args.backend, device)
+    models = _load_models(args.checkpoint, device, backend, args.n_hashes, args.seed)
     scales = list(dict.fromkeys(args.scale)) if args.scale else sorted(models)
     missing = [s for s in scales if s not in models]
     if missing:
         have = ", ".join(f"x{s}" for s in sorted(models))
         wanted = ", ".join(f"x{s}" for s in missing)
-        raise ValueError(f"no checkpoint for scale(s) {wanted} (checkpoints: {have})")
+        raise EvalError(f"no checkpoint for scale(s) {wanted} (checkpoints: {have})")
     results = []
     for scale in scales:
         model, config = models[scale]
         arch = str(config.get("arch") or "model").upper().replace("_", "-")
         method = arch + ("+" if args.self_ensemble else "")
         upscale = model_upscaler(model, float(config.get("rgb_range", 255.0)), args.self_ensemble)
-        results += evaluate({scale: upscale}, sets, method=method, device=device, progress=progress)
+        results += evaluate({scale: upscale}, sets, method=method, device=device, progress=progress,
+                            **data_options)
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        results = _run(args)
-    except (FileNotFoundError, NotADirectoryError, ValueError, EvalError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+def _main(args: argparse.Namespace) -> int:
+    conversions: dict[str, str] = {}
+    results = _run(args, conversions)
+    if conversions:
+        print(f"dlsn.eval: note: {format_conversions(sorted(conversions.items()))}")
     print(format_tables(results, per_image=args.per_image))
     extra = {"data": str(args.data), "self_ensemble": bool(args.self_ensemble), "seed": args.seed,
-             "n_hashes": args.n_hashes, "checkpoints": [str(p) for p in args.checkpoint or []]}
+             "n_hashes": args.n_hashes, "checkpoints": [str(p) for p in args.checkpoint or []],
+             "degradation": args.degradation}
     if args.csv:
         print(f"wrote {write_csv(results, args.csv)}")
     if args.json:
         print(f"wrote {write_json(results, args.json, extra)}")
+    # An image fails at every scale and for every method: list it once.
+    failed = dict.fromkeys((f"{r.set_name}/{name}", reason) for r in results for name, reason in r.failed)
+    if failed:
+        total = len({(r.set_name, s.name) for r in results for s in r.images}) + len(failed)
+        print(f"dlsn.eval: {format_failures(list(failed), total)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return run_tool("dlsn.eval", lambda: _main(args),
+                    lambda: "nothing written (scores are written when every set is done)")
 
 
 if __name__ == "__main__":

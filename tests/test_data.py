@@ -216,6 +216,86 @@ def test_degradation_errors():
     assert degrade(hr, 2, "bi").shape == (3, 5, 5)  # names are case-insensitive
 
 
+
+@pytest.mark.parametrize("kind", ["BI", "BD", "DN"])
+def test_degradations_refuse_values_outside_0_1(kind):
+    from dlsn.data.degradations import add_noise, degrade_bd, degrade_bi, degrade_dn
+    from dlsn.errors import UserInputError
+
+    eight_bit = torch.rand(3, 8, 8) * 255  # a 0-255 image: once quietly clamped to white
+    function = {"BI": degrade_bi, "BD": degrade_bd, "DN": lambda hr, s: degrade_dn(hr, s, 10.0)}[kind]
+    with pytest.raises(UserInputError, match=r"hr values must lie in \[0, 1\], got min .* divide 8-bit"):
+        function(eight_bit, 2)
+    with pytest.raises(UserInputError, match=r"\[0, 1\]"):
+        degrade(torch.full((3, 8, 8), -0.5), 2, kind, noise_sigma=5.0)
+    nan = torch.rand(3, 8, 8)
+    nan[0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="max nan"):
+        function(nan, 2)
+    with pytest.raises(UserInputError, match="image values"):
+        add_noise(eight_bit, 5.0)
+    for edge in (torch.zeros(3, 8, 8), torch.ones(3, 8, 8)):  # the ends of the range are fine
+        assert function(edge, 2).shape == (3, 4, 4)
+    assert "[0, 1]" in (degrade_bi.__doc__ or "") and "[0, 1]" in (degrade_bd.__doc__ or "")
+    assert "[0, 1]" in (degrade_dn.__doc__ or "")
+
+
+def _png_16_bits_per_channel(path, pixels: np.ndarray) -> None:
+    """A 48-bit RGB (or 64-bit RGBA) PNG, written by hand: PIL writes only 8 bits per channel."""
+    import struct
+    import zlib
+
+    height, width, channels = pixels.shape
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, {3: 2, 4: 6}[channels], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def test_decode_image_names_every_colour_and_depth_conversion(tmp_path):
+    from dlsn.images import decode_image
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(np.concatenate([rgb, rgb[:, :, :1]], axis=2)).save(tmp_path / "rgba.png")
+    Image.fromarray(rgb[:, :, 0]).save(tmp_path / "grey.png")
+    Image.fromarray(rng.integers(0, 65536, (4, 5), dtype=np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
+    deep = rng.integers(0, 65536, (4, 5, 3), dtype=np.uint16)
+    _png_16_bits_per_channel(tmp_path / "rgb16.png", deep)
+    expected = {"rgb.png": None, "rgba.png": "RGBA, alpha dropped", "grey.png": "greyscale",
+                "grey16.png": "16-bit greyscale", "palette.png": "palette", "rgb16.png": "16-bit RGB"}
+    for name, conversion in expected.items():
+        array, said = decode_image(tmp_path / name)
+        assert said == conversion, name
+        assert array.dtype == np.uint8 and array.shape == (4, 5, 3)
+    np.testing.assert_array_equal(decode_image(tmp_path / "rgba.png")[0], rgb)
+    np.testing.assert_array_equal(decode_image(tmp_path / "rgb16.png")[0], (deep >> 8).astype(np.uint8))
+
+
+def test_degraded_folder_dataset_reads_lazily_and_names_bad_files(tmp_path):
+    from dlsn.data.datasets import DegradedFolderDataset
+    from dlsn.errors import UserInputError
+
+    hr = load_sample("astronaut")[:31, :40].copy()
+    write_image(tmp_path / "a.png", hr)
+    (tmp_path / "b.png").write_bytes(b"broken")
+    data = DegradedFolderDataset(tmp_path, 3, degradation="BD")
+    assert len(data) == 2 and data.names == ["a", "b"]
+    item = data[0]
+    expected_hr = uint8_to_tensor(hr[:30, :39])
+    torch.testing.assert_close(item["hr"], expected_hr)
+    torch.testing.assert_close(item["lr"], degrade(expected_hr, 3, "BD"))
+    with pytest.raises(UserInputError, match="cannot read image .*b.png"):
+        data[1]
+    with pytest.raises(ValueError, match="noise_sigma"):
+        DegradedFolderDataset(tmp_path, 2, degradation="DN")
+
 # --------------------------------------------------------------------------------------------------
 # Data sets
 

@@ -228,10 +228,9 @@ def test_cli_with_a_stand_in_model(tmp_path, monkeypatch, capsys):
 
 def test_cli_errors(tmp_path, monkeypatch, capsys):
     def fails(argv, message):
-        with pytest.raises(SystemExit) as exit_info:
-            main(argv)
-        assert exit_info.value.code == 2
-        assert message in capsys.readouterr().err
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
     fails(["--data", str(tmp_path / "nowhere"), "--scale", "2", "--bicubic"], "data folder not found")
     data = tmp_path / "data"
@@ -280,3 +279,112 @@ def test_model_upscaler_runs_without_gradients():
     up = model_upscaler(nn.Sequential(model, nn.Upsample(scale_factor=2)), 255.0)
     out = up(torch.rand(1, 3, 4, 4))
     assert out.shape == (1, 3, 8, 8) and not out.requires_grad
+
+
+# --------------------------------------------------------------------------------------------------
+# Plain folders of HR photos, and a careless user's inputs
+
+
+def plain_folder(root, sizes=((36, 48), (30, 42))):
+    """``root/*.png``: HR photos only, no HR/ or LR_bicubic/ subfolders."""
+    for i, (height, width) in enumerate(sizes):
+        write_image(root / f"photo{i}.png", photo(height, width, seed=3 + i))
+    return root
+
+
+@pytest.mark.parametrize("degradation", ["BI", "BD", "DN"])
+def test_plain_folder_of_hr_images_makes_lr_on_the_fly(tmp_path, capsys, degradation):
+    from dlsn.images import read_image
+
+    data = plain_folder(tmp_path / "photos")
+    out_json = tmp_path / "r.json"
+    code = main(["--data", str(data), "--bicubic", "--scale", "3", "--degradation", degradation.lower(),
+                 "--no-progress", "--json", str(out_json), "--seed", "4"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"LR images made from the HR images with {degradation}" in printed and "photos" in printed
+    result = json.loads(out_json.read_text())["results"][0]
+    assert result["set"] == "photos" and result["n_images"] == 2 and result["failed"] == []
+    for index, image in enumerate(result["images"]):
+        hr = uint8_to_tensor(read_image(data / f"photo{index}.png"))
+        hr = hr[:, : hr.shape[1] // 3 * 3, : hr.shape[2] // 3 * 3]
+        lr = degrade(hr, 3, degradation, noise_sigma=15.0, generator=torch.Generator().manual_seed(4 + index))
+        assert image["psnr"] == pytest.approx(psnr_y(bicubic_baseline(lr, 3), hr, 3), abs=1e-9)
+
+
+def test_benchmark_layout_with_bd_degrades_its_hr_images(tmp_path, capsys):
+    data = tmp_path / "data"
+    make_test_set(data, "SetA", scales=(2,))
+    assert main(["--data", str(data), "--bicubic", "--scale", "2", "--no-progress"]) == 0
+    stored = capsys.readouterr().out
+    assert "made from the HR images" not in stored  # BI: the stored LR_bicubic images
+    assert main(["--data", str(data), "--bicubic", "--scale", "2", "--degradation", "BD", "--no-progress"]) == 0
+    blurred = capsys.readouterr().out
+    assert "LR images made from the HR images with BD for SetA" in blurred
+    assert blurred.splitlines()[-1] != stored.splitlines()[-1]  # other LR, other scores
+
+
+def test_folder_run_scores_every_good_image_then_lists_the_bad_ones(tmp_path, capsys):
+    data = plain_folder(tmp_path / "photos")
+    (data / "broken.png").write_bytes(b"not a png")
+    write_image(data / "tiny.png", photo(12, 12, seed=1)[:1, :5].copy())
+    rgba = np.concatenate([photo(24, 24, seed=9), np.full((24, 24, 1), 128, np.uint8)], axis=2)
+    from PIL import Image
+
+    Image.fromarray(rgba).save(data / "with_alpha.png")
+    out_csv = tmp_path / "r.csv"
+    assert main(["--data", str(data), "--bicubic", "--scale", "2", "--no-progress", "--csv", str(out_csv)]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert "dlsn.eval: note: converted to 8-bit RGB on reading: photos/with_alpha.png (RGBA, alpha dropped)" \
+        in captured.out
+    failures = [line for line in captured.err.splitlines() if "failed" in line]
+    assert len(failures) == 1 and failures[0].startswith("dlsn.eval: failed: 2 of 5 images: photos/broken")
+    assert "cannot read image" in failures[0] and "smaller than the scale 2" in failures[0]
+    with out_csv.open(newline="") as handle:
+        scored = [r["image"] for r in csv.DictReader(handle)]
+    assert scored == ["photo0", "photo1", "with_alpha", "MEAN"]  # the good images, all of them
+
+
+def test_bad_inputs_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    data = plain_folder(tmp_path / "photos")
+    for content in (b"plain text\n", bytes(range(256)) * 8):
+        fake = tmp_path / "fake.pt"
+        fake.write_bytes(content)
+        assert main(["--data", str(data), "--checkpoint", str(fake), "--no-progress"]) == 2
+        assert capsys.readouterr().err == (f"dlsn.eval: error: {fake} is not a readable checkpoint (not written "
+                                           "by torch.save, or corrupt or truncated)\n")
+    assert main(["--data", str(data), "--bicubic", "--scale", "2", "--noise-sigma", "5"]) == 2
+    assert capsys.readouterr().err == "dlsn.eval: error: --noise-sigma is for --degradation DN, not BI\n"
+    assert main(["--data", str(tmp_path / "empty_place"), "--bicubic", "--scale", "2"]) == 2
+    assert "data folder not found" in capsys.readouterr().err
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug in the scoring")
+
+    monkeypatch.setattr(dlsn_eval, "psnr_y", bug)
+    with pytest.raises(RuntimeError, match="a bug in the scoring"):
+        main(["--data", str(data), "--bicubic", "--scale", "2", "--no-progress"])
+
+
+def test_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
+    data = plain_folder(tmp_path / "photos")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dlsn_eval, "evaluate_dataset", interrupted)
+    out_json = tmp_path / "r.json"
+    assert main(["--data", str(data), "--bicubic", "--scale", "2", "--json", str(out_json)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "dlsn.eval: interrupted; nothing written (scores are written when every set is done)"
+    assert not out_json.exists()
+
+
+def test_help_shows_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text
+    options = " ".join(text.split()).split(" --")
+    assert all(option.count("default") <= 1 for option in options)

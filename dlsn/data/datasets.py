@@ -20,6 +20,8 @@ the main process makes training data reproducible.
   Training sets can add a ``pyramid``: copies of every HR image downscaled by given factors, which gives
   a small set more detailed content per patch (see ``pyramid_copies``).
 - ``HRFolderDataset``: the same for a folder of HR images (decoded once, kept in memory).
+- ``DegradedFolderDataset``: whole HR images of a folder read one at a time, LR made on the fly, for
+  evaluating on plain photos.
 - ``PairedFolderDataset``: HR and stored LR folders (DIV2K, or ``<set>/HR`` + ``<set>/LR_bicubic/X{s}``),
   matched by file stem; an LR stem may carry the ``x{s}`` suffix of DIV2K (``0001x2.png``).
 """
@@ -38,7 +40,15 @@ from torch.utils.data import Dataset
 
 from dlsn.data.degradations import add_noise, degrade, normalize_degradation, quantize_8bit
 from dlsn.data.imresize import imresize
-from dlsn.images import IMAGE_EXTENSIONS, list_images, read_image, tensor_to_uint8, uint8_to_tensor
+from dlsn.errors import UserInputError
+from dlsn.images import (
+    IMAGE_EXTENSIONS,
+    decode_image,
+    list_images,
+    read_image,
+    tensor_to_uint8,
+    uint8_to_tensor,
+)
 
 PathLike = str | os.PathLike
 
@@ -280,6 +290,48 @@ class HRFolderDataset(HRImageDataset):
         super().__init__({p.stem: read_image(p) for p in paths}, scale, **kwargs)
 
 
+class DegradedFolderDataset(Dataset):
+    """Whole HR images of a folder for evaluation, read one at a time, with LR made by ``degradation``.
+
+    For test sets kept as plain photos (no stored LR). Each HR image is cropped to a multiple of
+    ``scale``; DN noise is seeded per image (``seed + index``), so scores repeat. An unreadable or too
+    small file raises :class:`~dlsn.errors.UserInputError` naming it when its item is read, so an
+    evaluation can go on with the other images. ``conversions`` collects, per name, what reading a
+    file changed (e.g. "RGBA, alpha dropped"), for the tools to report.
+    """
+
+    def __init__(self, folder: PathLike, scale: int, *, degradation: str = "BI",
+                 noise_sigma: float | None = None, seed: int = 0) -> None:
+        if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+            raise ValueError(f"scale must be a positive integer, got {scale!r}")
+        self.degradation = normalize_degradation(degradation)
+        if self.degradation == "DN" and (noise_sigma is None or noise_sigma < 0):
+            raise ValueError(f"degradation DN needs noise_sigma >= 0 (0-255 scale), got {noise_sigma!r}")
+        self.folder, self.scale, self.noise_sigma, self.seed = Path(folder), scale, noise_sigma, seed
+        self.paths = list_images(self.folder)
+        if not self.paths:
+            raise ValueError(f"no images in {self.folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        self.names = [p.stem for p in self.paths]
+        self.conversions: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        path = self.paths[index]
+        image, conversion = decode_image(path)
+        if conversion is not None:
+            self.conversions[path.name] = conversion
+        try:
+            hr = _crop_to_multiple(image, self.scale, path.name)
+        except ValueError as error:
+            raise UserInputError(str(error)) from error
+        hr_tensor = uint8_to_tensor(hr)
+        generator = torch.Generator().manual_seed(self.seed + index)
+        lr = degrade(hr_tensor, self.scale, self.degradation, noise_sigma=self.noise_sigma, generator=generator)
+        return {"lr": lr, "hr": hr_tensor, "name": self.names[index]}
+
+
 # --------------------------------------------------------------------------------------------------
 # Stored HR / LR folders
 
@@ -372,11 +424,12 @@ class PairedFolderDataset(_PairDataset):
         self.names = [stem for stem, _, _ in pairs]
         self.paths = [(hr, lr) for _, hr, lr in pairs]
         self.cache = cache
+        self.conversions: dict[str, str] = {}  # file name -> what reading it as 8-bit RGB changed
         self._cached: list[tuple[np.ndarray, np.ndarray]] = []
         self._hr_crop: list[tuple[int, int]] = []
         for name, (hr_path, lr_path) in zip(self.names, self.paths, strict=True):
             if cache:
-                lr, hr = read_image(lr_path), read_image(hr_path)
+                lr, hr = self._read(lr_path), self._read(hr_path)
                 lr_size, hr_size = lr.shape[:2], hr.shape[:2]
             else:
                 lr_size, hr_size = _image_size(lr_path), _image_size(hr_path)
@@ -385,6 +438,12 @@ class PairedFolderDataset(_PairDataset):
             self._hr_crop.append(crop)
             if cache:
                 self._cached.append((lr, hr[: crop[0], : crop[1]]))
+
+    def _read(self, path: Path) -> np.ndarray:
+        image, conversion = decode_image(path)
+        if conversion is not None:
+            self.conversions[path.name] = conversion
+        return image
 
     @classmethod
     def from_div2k(cls, root: PathLike, scale: int, split: str = "train", track: str = "bicubic",
@@ -412,6 +471,6 @@ class PairedFolderDataset(_PairDataset):
         if self.cache:
             return self._cached[index]
         hr_path, lr_path = self.paths[index]
-        lr, hr = read_image(lr_path), read_image(hr_path)
+        lr, hr = self._read(lr_path), self._read(hr_path)
         crop = hr_crop_for(lr.shape[:2], hr.shape[:2], self.scale, self.names[index])
         return lr, hr[: crop[0], : crop[1]]
