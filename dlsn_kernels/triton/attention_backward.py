@@ -3,7 +3,8 @@
 Deterministic without atomics: every buffer element has exactly one writer and every sum runs in a
 fixed order. Per round r, two launches:
 
-1. ``_key_pass``: one program per (key block kb of key chunk c', n). It recomputes P of the query
+1. ``_key_pass`` (two launches: the dv pass, then the score pass for dkn, dlss and dq, which would spill
+   together): one program per (key block kb of key chunk c', n). It recomputes P of the query
    chunks that read c' (c', c'+1, c'-1: t = 0, 1, 2) from the saved ``lse`` (FlashAttention-2 style) and
    owns the slot gradients of its keys: ``dv``/``dkn`` rows (registers, summed over query tiles and t) and
    ``dlss`` rows (the transposed dS tile). Its share of each query's ``dq`` goes to
@@ -44,16 +45,19 @@ from .chunk_attention import _check_perm, check_attention_inputs
 __all__ = ["attention_backward"]
 
 
-def backward_config(chunk_size: int, value_channels: int, dtype: torch.dtype) -> dict[str, int]:
-    """Block sizes and launch shape of ``_key_pass``, fixed per problem (no autotuning).
+def backward_config(chunk_size: int, value_channels: int, dtype: torch.dtype, dv_pass: bool) -> dict[str, int]:
+    """Block sizes and launch shape of the two ``_key_pass`` launches, fixed per problem (no autotuning).
 
     A program owns BLOCK_K keys and walks the K query slots of the three chunks that read them in tiles of
-    BLOCK_Q; its ``dv`` rows ``[BLOCK_K, Cv]`` live in registers for the whole walk. 64 x 64 tiles with eight
-    warps stay spill-free on sm_90 at Cv = 256 (``python -m bench.compile_report`` checks it).
+    BLOCK_Q. The dv pass keeps ``dv [BLOCK_K, Cv]`` in registers: 64 x 64 tiles on eight warps. The score pass
+    keeps the value rows, dkn and dlss: 64 keys x 32 query slots on four warps. Both are spill-free on sm_90
+    at Cv = 256 (``python -m bench.compile_report`` checks it).
     """
     block = min(channel_block(chunk_size), 64)
     wide = channel_block(value_channels) >= 256
-    return {"BLOCK_K": block, "BLOCK_Q": block, "num_warps": 8 if wide else 4, "num_stages": 2}
+    if dv_pass:
+        return {"BLOCK_K": block, "BLOCK_Q": block, "num_warps": 8 if wide else 4, "num_stages": 2}
+    return {"BLOCK_K": block, "BLOCK_Q": min(block, 32) if wide else block, "num_warps": 4, "num_stages": 2}
 
 
 @triton.heuristics({
@@ -67,9 +71,12 @@ def _key_pass(
     grad_out_ptr, delta_ptr, lse_ptr, xm_ptr, v_ptr, lss_ptr, perm_ptr, inv_norm_ptr,
     dv_slot_ptr, dkn_slot_ptr, dlss_slot_ptr, dq_part_ptr,
     L, Cm, Cv, K, R, nc, pad, Lp, r, stat_rounds, stat_round,
-    PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    DV_PASS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):
+    # Two launches share this body (DV_PASS): the dv pass holds the [BLOCK_K, Cv] dv rows; the score pass
+    # holds dkn and dlss and writes dq partials. Together they would not fit in registers at Cv = 256; apart,
+    # each recomputes the cheap score tile S (a Cm-deep product) and neither spills.
     # Tiles are kept transposed, [key, query slot]: lss rows are then read contiguously, and the dlss tile
     # is stored as it is computed. P is recomputed from the saved lse (base 2 inside the kernel).
     n_kblocks = tl.cdiv(K, BLOCK_K)
@@ -92,32 +99,40 @@ def _key_pass(
     key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :],
                   mask=k_ok[:, None] & cm_ok[None, :], other=0.0)
     inv_norm = tl.load(inv_norm_ptr + k_rows, mask=k_ok, other=0.0)
-    val = tl.load(v_ptr + k_rows[:, None] * Cv + offs_cv[None, :],
-                  mask=k_ok[:, None] & cv_ok[None, :], other=0.0)
+    if not DV_PASS:
+        val = tl.load(v_ptr + k_rows[:, None] * Cv + offs_cv[None, :],
+                      mask=k_ok[:, None] & cv_ok[None, :], other=0.0)
 
-    dv = tl.zeros([BLOCK_K, BLOCK_CV], ACC)
-    dkn = tl.zeros([BLOCK_K, BLOCK_CM], ACC)
-    for q0 in range(0, K, BLOCK_Q):
-        offs_i = q0 + tl.arange(0, BLOCK_Q)
-        i_ok = offs_i < K
+    if DV_PASS:
+        dv = tl.zeros([BLOCK_K, BLOCK_CV], ACC)
+    else:
+        dkn = tl.zeros([BLOCK_K, BLOCK_CM], ACC)
+    if not DV_PASS:
         dlss = tl.zeros([BLOCK_K, BLOCK_Q], ACC)  # [key, query slot i], summed over t
-        for t in tl.static_range(3):
-            c = neighbour_chunk(kc, t, nc, -1)  # query chunk c reads key chunk kc as its chunk t
-            q_slot = c * K + offs_i
-            q_ok = i_ok & (q_slot < L)  # padded query slots produce nothing, so get no gradient
-            q_pos = slot_position(perm_row, q_slot, L, pad, q_ok)
-            q = tl.load(xm_ptr + (n * L + q_pos)[:, None] * Cm + offs_cm[None, :],
-                        mask=q_ok[:, None] & cm_ok[None, :], other=0.0)
-            d_out = tl.load(grad_out_ptr + (stat_row + q_pos)[:, None] * Cv + offs_cv[None, :],
-                            mask=q_ok[:, None] & cv_ok[None, :], other=0.0).to(DOT)
-            lse = tl.load(lse_ptr + stat_row + q_pos, mask=q_ok, other=0.0).to(ACC)
-            delta = tl.load(delta_ptr + stat_row + q_pos, mask=q_ok, other=0.0).to(ACC)
-            learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :],
-                              mask=k_ok[:, None] & q_ok[None, :], other=0.0).to(ACC)
-            s = matmul(key, tl.trans(q), ACC, PRECISION) * inv_norm[:, None] + learned
-            valid = k_ok[:, None] & q_ok[None, :]
-            p = tl.exp2(tl.where(valid, (s - lse[None, :]) * LOG2E, float("-inf")))  # [BLOCK_K, BLOCK_Q]
+    # one flat loop over (query tile, t), t fastest: one set of pipelined shared-memory buffers, and the dlss
+    # tile of a query tile is complete after its three t
+    for step in range(0, 3 * tl.cdiv(K, BLOCK_Q)):
+        t = step % 3
+        offs_i = (step // 3) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        i_ok = offs_i < K
+        c = neighbour_chunk(kc, t, nc, -1)  # query chunk c reads key chunk kc as its chunk t
+        q_slot = c * K + offs_i
+        q_ok = i_ok & (q_slot < L)  # padded query slots produce nothing, so get no gradient
+        q_pos = slot_position(perm_row, q_slot, L, pad, q_ok)
+        q = tl.load(xm_ptr + (n * L + q_pos)[:, None] * Cm + offs_cm[None, :],
+                    mask=q_ok[:, None] & cm_ok[None, :], other=0.0)
+        d_out = tl.load(grad_out_ptr + (stat_row + q_pos)[:, None] * Cv + offs_cv[None, :],
+                        mask=q_ok[:, None] & cv_ok[None, :], other=0.0).to(DOT)
+        lse = tl.load(lse_ptr + stat_row + q_pos, mask=q_ok, other=0.0).to(ACC)
+        learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :],
+                          mask=k_ok[:, None] & q_ok[None, :], other=0.0).to(ACC)
+        s = matmul(key, tl.trans(q), ACC, PRECISION) * inv_norm[:, None] + learned
+        valid = k_ok[:, None] & q_ok[None, :]
+        p = tl.exp2(tl.where(valid, (s - lse[None, :]) * LOG2E, float("-inf")))  # [BLOCK_K, BLOCK_Q]
+        if DV_PASS:
             dv += matmul(p.to(DOT), d_out, ACC, PRECISION)
+        else:
+            delta = tl.load(delta_ptr + stat_row + q_pos, mask=q_ok, other=0.0).to(ACC)
             dp = matmul(val, tl.trans(d_out), ACC, PRECISION)
             ds = p * (dp - delta[None, :])
             dkn += matmul(ds.to(DOT), q, ACC, PRECISION)
@@ -127,13 +142,17 @@ def _key_pass(
             part_row = (((n * nc + c) * 3 + t) * n_kblocks + kb) * K + offs_i
             tl.store(dq_part_ptr + part_row[:, None] * Cm + offs_cm[None, :], dq,
                      mask=i_ok[:, None] & cm_ok[None, :])
-        tl.store(dlss_slot_ptr + (n * Lp + k_slot)[:, None] * K + offs_i[None, :], dlss,
-                 mask=k_ok[:, None] & i_ok[None, :])
+            if t == 2:
+                tl.store(dlss_slot_ptr + (n * Lp + k_slot)[:, None] * K + offs_i[None, :], dlss,
+                         mask=k_ok[:, None] & i_ok[None, :])
+                dlss = tl.zeros([BLOCK_K, BLOCK_Q], ACC)
     slot_rows = n * Lp + k_slot
-    tl.store(dv_slot_ptr + slot_rows[:, None] * Cv + offs_cv[None, :], dv,
-             mask=k_ok[:, None] & cv_ok[None, :])
-    tl.store(dkn_slot_ptr + slot_rows[:, None] * Cm + offs_cm[None, :], dkn,
-             mask=k_ok[:, None] & cm_ok[None, :])
+    if DV_PASS:
+        tl.store(dv_slot_ptr + slot_rows[:, None] * Cv + offs_cv[None, :], dv,
+                 mask=k_ok[:, None] & cv_ok[None, :])
+    else:
+        tl.store(dkn_slot_ptr + slot_rows[:, None] * Cm + offs_cm[None, :], dkn,
+                 mask=k_ok[:, None] & cm_ok[None, :])
 
 
 @device_fn
@@ -270,8 +289,8 @@ def attention_backward(
     pad = (k - length % k) % k
     padded = length + pad
     nc = padded // k
-    config = backward_config(k, cv, xm.dtype)
-    n_kblocks = triton.cdiv(k, config["BLOCK_K"])
+    configs = {dv_pass: backward_config(k, cv, xm.dtype, dv_pass) for dv_pass in (True, False)}
+    n_kblocks = triton.cdiv(k, configs[True]["BLOCK_K"])  # the same key blocks in both passes
     acc = accumulate_dtype(xm.dtype)
     dev = xm.device
     # per-round slot buffers (every element written by the key pass before the position pass reads it)
@@ -294,16 +313,17 @@ def attention_backward(
 
     for r in range(rounds):
         stat_round = r if stat_rounds == rounds else 0
-        _key_pass[(nc * n_kblocks, n)](
-            grad_out, delta, lse, xm, v, lss, perm, inv_norm,
-            dv_slot, dkn_slot, dlss_slot, dq_part,
-            length, cm, cv, k, rounds, nc, pad, padded, r, stat_rounds, stat_round,
-            PRECISION=precision, **config,
-        )
+        for dv_pass in (True, False):
+            _key_pass[(nc * n_kblocks, n)](
+                grad_out, delta, lse, xm, v, lss, perm, inv_norm,
+                dv_slot, dkn_slot, dlss_slot, dq_part,
+                length, cm, cv, k, rounds, nc, pad, padded, r, stat_rounds, stat_round,
+                DV_PASS=dv_pass, PRECISION=precision, **configs[dv_pass],
+            )
         _position_pass[(triton.cdiv(length, block_p), n)](
             perm, xm, dq_part, dv_slot, dkn_slot, dlss_slot,
             dq_tot, dkn_tot, dv_tot, dlss_tot, dxm, dv, dlss,
             length, cm, cv, k, rounds, nc, pad, padded, r, n_kblocks, n_dup,
-            FIRST=r == 0, LAST=r == rounds - 1, EPS=KEY_NORM_EPS, BLOCK_P=block_p, num_warps=4,
+            FIRST=r == 0, LAST=r == rounds - 1, EPS=KEY_NORM_EPS, BLOCK_P=block_p, num_warps=8,
         )
     return dxm, dv, dlss

@@ -100,29 +100,33 @@ def _chunk_attention_fwd_kernel(
     m_i = tl.full([BLOCK_Q], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_Q], ACC)
     acc = tl.zeros([BLOCK_Q, BLOCK_CV], ACC)
-    for t in tl.static_range(3):
+    # one flat loop over (t, key tile): the pipeliner then prefetches across chunk boundaries and keeps one
+    # set of shared-memory buffers (an unrolled loop over t would triple them)
+    n_kblocks = tl.cdiv(K, BLOCK_K)
+    for step in range(0, 3 * n_kblocks):
+        t = step // n_kblocks
         kc = neighbour_chunk(c, t, nc, 1)  # key chunks c, c-1, c+1 (mod nc), in this order
-        for k0 in range(0, K, BLOCK_K):
-            offs_j = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_j < K
-            k_rows = n * L + slot_position(perm_row, kc * K + offs_j, L, pad, k_ok)
-            key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :],
-                          mask=k_ok[:, None] & cm_ok[None, :], other=0.0)
-            # 1 / max(||key||, eps) (precomputed per position) scales the score column: q . key / ||key||
-            inv_norm = tl.load(inv_norm_ptr + k_rows, mask=k_ok, other=0.0)
-            # lss[key position, query slot i]: each key's row is read contiguously, then transposed
-            learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :],
-                              mask=k_ok[:, None] & q_ok[None, :], other=0.0).to(ACC)
-            s = matmul(q, tl.trans(key), ACC, PRECISION) * inv_norm[None, :] + tl.trans(learned)
-            s = tl.where(k_ok[None, :], s * LOG2E, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            val = tl.load(v_ptr + k_rows[:, None] * Cv + offs_cv[None, :],
-                          mask=k_ok[:, None] & cv_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + matmul(p.to(DOT), val, ACC, PRECISION)
-            m_i = m_new
+        k0 = (step % n_kblocks) * BLOCK_K
+        offs_j = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_j < K
+        k_rows = n * L + slot_position(perm_row, kc * K + offs_j, L, pad, k_ok)
+        key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :],
+                      mask=k_ok[:, None] & cm_ok[None, :], other=0.0)
+        # 1 / max(||key||, eps) (precomputed per position) scales the score column: q . key / ||key||
+        inv_norm = tl.load(inv_norm_ptr + k_rows, mask=k_ok, other=0.0)
+        # lss[key position, query slot i]: each key's row is read contiguously, then transposed
+        learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :],
+                          mask=k_ok[:, None] & q_ok[None, :], other=0.0).to(ACC)
+        s = matmul(q, tl.trans(key), ACC, PRECISION) * inv_norm[None, :] + tl.trans(learned)
+        s = tl.where(k_ok[None, :], s * LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        val = tl.load(v_ptr + k_rows[:, None] * Cv + offs_cv[None, :],
+                      mask=k_ok[:, None] & cv_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + matmul(p.to(DOT), val, ACC, PRECISION)
+        m_i = m_new
 
     out = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * LN2

@@ -37,8 +37,8 @@ _HASH_BLOCK_L = 64
 
 
 @triton.heuristics({
-    "BLOCK_C": lambda a: channel_block(a["Cm"]),
-    "BLOCK_B": lambda a: min(channel_block(a["B"]), 128),
+    "BLOCK_C": lambda a: 16,
+    "BLOCK_B": lambda a: min(channel_block(a["B"]), 64),
     "ACC": lambda a: tl_accumulate_dtype(a["xm_ptr"].dtype),
 })
 @jit
@@ -49,22 +49,25 @@ def _sblsh_hash_kernel(xm_ptr, rot_ptr, codes_ptr, L, Cm, R, B,
     n = tl.program_id(1).to(tl.int64)
     r = tl.program_id(2)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_c = tl.arange(0, BLOCK_C)
     l_ok = offs_l < L
-    c_ok = offs_c < Cm
-    rows = (n * L + offs_l)[:, None] * Cm + offs_c[None, :]
-    # float16/bfloat16 features are projected in float32 (IEEE): a TF32 or half product flips codes
-    x = tl.load(xm_ptr + rows, mask=l_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
-
     best = tl.full([BLOCK_L], float("-inf"), ACC)
     best_code = tl.zeros([BLOCK_L], tl.int64)
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         b_ok = offs_b < B
-        # rot is [Cm, R, B] in ACC: the tile rot[:, r, b0:b0+BLOCK_B]
-        w = tl.load(rot_ptr + offs_c[:, None] * (R * B) + r * B + offs_b[None, :],
-                    mask=c_ok[:, None] & b_ok[None, :], other=0.0)
-        proj = matmul_ieee(x, w, ACC)
+        # IEEE float32 products run on FFMA, which holds whole operand rows in registers: the channels are
+        # walked in slices of BLOCK_C so that nothing spills. float16/bfloat16 features are projected in
+        # float32 too: a TF32 or half-precision product flips codes.
+        proj = tl.zeros([BLOCK_L, BLOCK_B], ACC)
+        for c0 in range(0, Cm, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = offs_c < Cm
+            x = tl.load(xm_ptr + (n * L + offs_l)[:, None] * Cm + offs_c[None, :],
+                        mask=l_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
+            # rot is [Cm, R, B] in ACC: the tile rot[c0:c0+BLOCK_C, r, b0:b0+BLOCK_B]
+            w = tl.load(rot_ptr + offs_c[:, None] * (R * B) + r * B + offs_b[None, :],
+                        mask=c_ok[:, None] & b_ok[None, :], other=0.0)
+            proj += matmul_ieee(x, w, ACC)
         proj = tl.where(b_ok[None, :], proj, float("-inf"))
         tile_best = tl.max(proj, axis=1)
         tile_code = tl.argmax(proj, axis=1, tie_break_left=True).to(tl.int64) + b0

@@ -1,0 +1,245 @@
+"""Offline compile report of the Triton kernels for Hopper (sm_90), on a machine without a GPU.
+
+    python -m bench.compile_report [--json FILE] [--shape N L Cm Cv K R]
+
+Most of a GPU kernel's speed is decided by its code shape, which needs no GPU to read: whether its dot
+products run on tensor cores (HGMMA/wgmma or HMMA/mma.sync in the SASS) or as scalar FFMA, and whether it
+fits in registers (no spills, no stack) and in shared memory (227 KB per block on an H100/H200).
+
+How: a stand-in Triton driver reports an sm_90 target, and every kernel launch of the real Triton entry
+points (``gla_attention`` forward and backward, ``chunk_attention``) is turned into a compile-only warm-up,
+so each kernel is compiled with exactly the block sizes and specialisations a launch at this shape would
+use. The cubin is read with the ``cuobjdump`` and ``ptxas`` that Triton's wheel ships. CPU tensors stand in
+for CUDA ones (only their dtype, alignment and shape matter to the compiler); nothing is executed on them
+except the torch glue between launches.
+
+Run it in a process of its own: the Triton interpreter (``TRITON_INTERPRET=1``) must be off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+TRAINING_SHAPE = (16, 48 * 48, 64, 256, 128, 3)  # N, L, Cm, Cv, K, R: the paper's training patch
+SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
+# (label, dtype, float32 matmul precision, the "precision" field)
+MODES = (
+    ("fp32-highest", torch.float32, "highest", "ieee"),
+    ("fp32-tf32", torch.float32, "high", "tf32"),
+    ("bf16", torch.bfloat16, "highest", "native"),
+    ("fp16", torch.float16, "highest", "native"),
+)
+_TENSOR_CORE = re.compile(r"\b(HGMMA|HMMA|WGMMA)\b")
+_FFMA = re.compile(r"\bFFMA\b")
+
+
+@dataclass
+class KernelRecord:
+    kernel: str
+    dtype: str
+    precision: str
+    config: dict[str, Any]
+    registers: int
+    spill_bytes: int
+    stack_bytes: int
+    shared_bytes: int
+    tensor_core_instructions: int
+    ffma_instructions: int
+
+    @property
+    def ok(self) -> bool:
+        """Spill-free, no stack, fits in shared memory."""
+        return self.spill_bytes == 0 and self.stack_bytes == 0 and self.shared_bytes <= SHARED_LIMIT
+
+
+def _triton_tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name} is not in Triton's wheel ({path})")
+    return path
+
+
+class _Sm90StandIn:
+    """Just enough of a Triton driver to compile for sm_90 without a GPU."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _compile_only(compiled: list[tuple[str, Any, dict[str, Any]]]) -> Iterator[None]:
+    """Every Triton launch compiles (for sm_90) and records its kernel instead of running it."""
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    from dlsn_kernels.triton import _common
+
+    original_run = JITFunction.run
+    original_checks = _common._check_device, _common._check_float
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
+        options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+        blocks = {k: v for k, v in kwargs.items() if k.startswith("BLOCK_")}
+        compiled.append((self.fn.__name__, kernel, {**blocks, **options}))
+        return kernel
+
+    previous_driver = driver._active  # None until Triton first looks for a GPU
+    driver.set_active(_Sm90StandIn())
+    JITFunction.run = run
+    # CPU tensors stand in for CUDA ones (in the CUDA dtypes)
+    _common._check_device = _common._check_float = lambda t, name: None
+    try:
+        yield
+    finally:
+        JITFunction.run = original_run
+        _common._check_device, _common._check_float = original_checks
+        driver.set_active(previous_driver)
+
+
+def _resource_usage(cubin: bytes, ptx: str) -> dict[str, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin_path = os.path.join(tmp, "k.cubin")
+        with open(cubin_path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([_triton_tool("cuobjdump"), "-res-usage", cubin_path],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_triton_tool("cuobjdump"), "-sass", cubin_path],
+                              capture_output=True, text=True, check=True).stdout
+        ptx_path = os.path.join(tmp, "k.ptx")
+        with open(ptx_path, "w") as f:
+            f.write(ptx)
+        target = re.search(r"^\.target\s+(\S+)", ptx, re.M)
+        arch = target.group(1).rstrip(",") if target else "sm_90a"
+        ptxas = subprocess.run([_triton_tool("ptxas"), f"-arch={arch}", "-v", ptx_path, "-o", os.devnull],
+                               capture_output=True, text=True)
+    regs = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    local = re.search(r"LOCAL:(\d+)", usage)
+    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
+                                                      ptxas.stderr + ptxas.stdout)]
+    return {
+        "registers": int(regs.group(1)) if regs else -1,
+        "stack_bytes": max(int(stack.group(1)) if stack else 0, int(local.group(1)) if local else 0),
+        "spill_bytes": sum(spills),
+        "tensor_core_instructions": len(_TENSOR_CORE.findall(sass)),
+        "ffma_instructions": len(_FFMA.findall(sass)),
+    }
+
+
+def _problem(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    from dlsn_kernels.reference import n_buckets_for
+
+    n, length, cm, cv, k, rounds = shape
+    # torch.empty: the compiler sees dtype, shape and alignment; the values are never read by a kernel
+    xm = torch.empty(n, length, cm, dtype=dtype)
+    v = torch.empty(n, length, cv, dtype=dtype)
+    lss = torch.empty(n, length, k, dtype=dtype)
+    rot = torch.randn(cm, rounds, n_buckets_for(length, k))
+    return xm, v, lss, rot
+
+
+def _launches(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Every kernel of a training step: gla_attention forward and backward, and chunk_attention."""
+    import dlsn_kernels.triton as tk
+
+    xm, v, lss, rot = _problem(shape, dtype)
+    k = shape[4]
+    y, lse, perm = tk.gla_attention(xm, v, lss, rot, k)
+    perm = torch.arange(shape[1]).expand(shape[0], shape[5], shape[1]).contiguous()  # a valid permutation
+    delta = torch.zeros(shape[0], 1, shape[1])
+    tk.attention_backward(y.unsqueeze(1), delta, xm, v, lss, perm, lse.unsqueeze(1), k)
+    tk.chunk_attention(xm, v, lss, perm, k)
+
+
+def compile_kernels(shape: tuple[int, ...] = TRAINING_SHAPE, modes=MODES) -> list[KernelRecord]:
+    """Compile every Triton kernel at ``shape`` for each mode; one record per distinct (kernel, mode)."""
+    records: list[KernelRecord] = []
+    for label, dtype, matmul_precision, precision in modes:
+        compiled: list[tuple[str, Any, dict[str, Any]]] = []
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(matmul_precision)
+        try:
+            with _compile_only(compiled):
+                _launches(shape, dtype)
+        finally:
+            torch.set_float32_matmul_precision(previous)
+        seen: set[tuple[str, str]] = set()
+        for name, kernel, config in compiled:
+            key = (name, json.dumps(config, sort_keys=True))
+            if key in seen:
+                continue
+            seen.add(key)
+            usage = _resource_usage(kernel.asm["cubin"], kernel.asm["ptx"])
+            records.append(KernelRecord(
+                kernel=name, dtype=label, precision=precision, config=config,
+                shared_bytes=int(kernel.metadata.shared), **usage,
+            ))
+    return records
+
+
+def format_table(records: list[KernelRecord]) -> str:
+    head = (f"{'kernel':<26} {'mode':<13} {'config':<40} {'regs':>4} {'spill':>5} {'stack':>5} "
+            f"{'smem KB':>7} {'TC':>5} {'FFMA':>6}")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        config = " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in r.config.items())
+        lines.append(
+            f"{r.kernel:<26} {r.dtype:<13} {config:<40} {r.registers:>4} {r.spill_bytes:>5} {r.stack_bytes:>5} "
+            f"{r.shared_bytes / 1024:>7.1f} {r.tensor_core_instructions:>5} {r.ffma_instructions:>6}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", metavar="FILE", help="also write the records as a JSON list")
+    parser.add_argument("--shape", nargs=6, type=int, metavar=("N", "L", "Cm", "Cv", "K", "R"),
+                        default=list(TRAINING_SHAPE), help="problem shape (default: the training shape)")
+    parser.add_argument("--modes", nargs="+", choices=[m[0] for m in MODES], default=[m[0] for m in MODES],
+                        help="dtype/precision modes to compile (default: all)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("unset TRITON_INTERPRET: the report compiles real sm_90 code")
+    modes = [m for m in MODES if m[0] in args.modes]
+    records = compile_kernels(tuple(args.shape), modes)
+    print(f"Triton kernels compiled for sm_90 at N, L, Cm, Cv, K, R = {tuple(args.shape)} "
+          "(TC: tensor-core instructions, HGMMA/HMMA)")
+    print(format_table(records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in records], f, indent=1)
+        print(f"wrote {args.json}")
+    bad = [r for r in records if not r.ok]
+    for r in bad:
+        print(f"warning: {r.kernel} ({r.dtype}) spills, uses stack or exceeds shared memory", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
