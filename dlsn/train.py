@@ -62,7 +62,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,22 +73,34 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
+from dlsn.cli import (
+    EXIT_INTERRUPTED,
+    check_backend,
+    format_conversions,
+    format_failures,
+    pick_device,
+    run_tool,
+)
 from dlsn.data import samples
 from dlsn.data.datasets import HRImageDataset, PairedFolderDataset, check_pyramid
 from dlsn.data.degradations import DEGRADATIONS
+from dlsn.errors import UserInputError, one_line
 from dlsn.eval import SetScore, bicubic_upscaler, evaluate_dataset, model_upscaler
-from dlsn.images import IMAGE_EXTENSIONS, list_images, read_image, write_image
-from dlsn.models.checkpoint import CheckpointError, load_checkpoint, load_weights, resume, save_checkpoint
+from dlsn.images import IMAGE_EXTENSIONS, decode_image, list_images, write_image
+from dlsn.models.checkpoint import load_checkpoint, load_weights, restore, save_checkpoint
 from dlsn.models.presets import PRESETS, model_from_config, preset_config
 
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "val_psnr", "elapsed")
 SCHEDULES = ("step", "cosine", "constant")
 LOSSES = ("l1", "l2")
 COSINE_FLOOR = 0.01  # the cosine schedule ends at 1% of the peak lr
+# Settings the lr schedule is built from; given on a --resume command line, they replace the saved one.
+SCHEDULE_SETTINGS = ("lr", "schedule", "warmup_steps", "decay_epochs", "epoch_steps")
 
 
-class TrainError(RuntimeError):
-    """A problem with the training inputs (data, checkpoint, settings) the user can act on."""
+class TrainError(UserInputError, RuntimeError):
+    """A problem with the training inputs (data, checkpoint, settings) the user can act on: printed as
+    one line. Any other exception is a bug and keeps its traceback."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,9 +150,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m dlsn.train",
         description="Train a super-resolution network (DLSN by default). With no arguments: a short CPU "
                     "run on the embedded sample photos that beats bicubic.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    # Every default is None here and resolved in resolve_settings (preset, resumed run).
+    # Every default is None here and resolved in resolve_settings (preset, resumed run); the help
+    # texts state the defaults themselves, so argparse must not append its "(default: None)".
     arg = parser.add_argument
     arg("--data", type=Path, help="DIV2K root or a folder of HR images (default: embedded photos)")
     arg("--scale", type=int, choices=(2, 3, 4), help="upscaling factor (default 2)")
@@ -153,14 +165,17 @@ def _parser() -> argparse.ArgumentParser:
     arg("--time-limit", type=float,
         help="stop after this many minutes since the command started (a resumed run counts earlier "
              "runs); 0: no limit (CPU presets default: 9 when --max-steps is not given)")
-    arg("--batch-size", type=int, help="patches per step per process")
-    arg("--patch-size", type=int, help="LR patch size in pixels (HR patches are scale times larger)")
-    arg("--lr", type=float, help="peak learning rate")
+    arg("--batch-size", type=int, help="patches per step per process (default 16)")
+    arg("--patch-size", type=int, help="LR patch size in pixels, HR patches are scale times larger "
+                                       "(paper presets: 48; CPU presets: 32)")
+    arg("--lr", type=float, help="peak learning rate (paper presets: 1e-4; CPU presets: 2e-3)")
     arg("--loss", choices=LOSSES, help="pixel loss (default l1, as in the paper)")
     arg("--schedule", choices=SCHEDULES, help="lr schedule (paper presets: step; CPU presets: cosine)")
-    arg("--decay-epochs", type=int, help="step schedule: halve the lr every this many epochs")
-    arg("--epoch-steps", type=int, help="batches per epoch (the training set is repeated to this length)")
-    arg("--warmup-steps", type=int, help="linear lr warm-up steps")
+    arg("--decay-epochs", type=int, help="step schedule: halve the lr every this many epochs (paper: 300; "
+                                         "50 for x3/x4 from x2 weights)")
+    arg("--epoch-steps", type=int, help="batches per epoch, the training set repeated to this length "
+                                        "(paper presets: 1000; CPU presets: 100)")
+    arg("--warmup-steps", type=int, help="linear lr warm-up steps (paper presets: 0; CPU presets: 10)")
     arg("--min-detail", type=float,
         help="redraw training patches flatter than this mean |HR gradient| (0-255 scale); 0: off "
              "(CPU presets: 2)")
@@ -175,7 +190,8 @@ def _parser() -> argparse.ArgumentParser:
                                        "and any mis-shaped layer keep their fresh init)")
     arg("--device", help="torch device (default: cuda if available, else cpu)")
     arg("--backend", help="attention kernel backend: reference, cpu, cuda, triton (default: automatic)")
-    arg("--val-every", type=int, help="validate (and save best.pt) every this many steps; 0: at the end")
+    arg("--val-every", type=int, help="validate (and save best.pt) every this many steps; 0: at the end "
+                                      "(paper presets: 1000; CPU presets: 100)")
     arg("--save-every", type=int, help="write last.pt every this many steps (default: --val-every)")
     arg("--val-crop", type=int, help="periodic validation on centre crops of this HR size; 0: whole "
                                      "images (default 256)")
@@ -184,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
     arg("--threads", type=int,
         help="CPU threads per process (default: tuned while training among all cores, half, one; an "
              "OMP_NUM_THREADS in the environment fixes it)")
-    arg("--workers", type=int, default=0, help="data loader worker processes per training process")
+    arg("--workers", type=int, default=0, help="data loader worker processes per training process (default 0)")
     arg("--self-ensemble", action="store_true",
         help="also score the final model with the x8 flip/transpose self-ensemble")
     arg("--no-amp", action="store_true", help="no bfloat16 autocast on GPU")
@@ -237,7 +253,7 @@ def _parse_model_args(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--model-arg must look like KEY=VALUE, got {item!r}")
+            raise TrainError(f"--model-arg must look like KEY=VALUE, got {item!r}")
         try:
             parsed[key.strip()] = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError):
@@ -319,32 +335,32 @@ def resolve_settings(args: argparse.Namespace, saved: dict[str, Any] | None) -> 
 
 def _check_settings(s: Settings) -> None:
     if s.preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {s.preset!r}")
+        raise TrainError(f"--preset must be one of {', '.join(PRESETS)}, got {s.preset!r}")
     if s.scale not in (2, 3, 4):
-        raise ValueError(f"--scale must be 2, 3 or 4, got {s.scale}")
+        raise TrainError(f"--scale must be 2, 3 or 4, got {s.scale}")
     positive = {"--batch-size": s.batch_size, "--patch-size": s.patch_size, "--epoch-steps": s.epoch_steps}
     for name, value in positive.items():
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise TrainError(f"{name} must be a positive integer, got {value!r}")
     if not s.lr > 0:
-        raise ValueError(f"--lr must be positive, got {s.lr}")
+        raise TrainError(f"--lr must be positive, got {s.lr}")
     if s.max_steps is not None and s.max_steps < 1:
-        raise ValueError(f"--max-steps must be >= 1, got {s.max_steps}")
+        raise TrainError(f"--max-steps must be >= 1, got {s.max_steps}")
     for name, value in {"--val-every": s.val_every, "--save-every": s.save_every,
                         "--val-crop": s.val_crop, "--warmup-steps": s.warmup_steps,
                         "--min-detail": s.min_detail}.items():
         if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+            raise TrainError(f"{name} must be >= 0, got {value}")
     if s.decay_epochs is not None and s.decay_epochs < 1:
-        raise ValueError(f"--decay-epochs must be >= 1, got {s.decay_epochs}")
+        raise TrainError(f"--decay-epochs must be >= 1, got {s.decay_epochs}")
     if s.val_images is not None and s.val_images < 1:
-        raise ValueError(f"--val-images must be >= 1, got {s.val_images}")
+        raise TrainError(f"--val-images must be >= 1, got {s.val_images}")
     if s.degradation == "DN" and (s.noise_sigma is None or s.noise_sigma < 0):
-        raise ValueError(f"--noise-sigma must be >= 0 for DN, got {s.noise_sigma}")
+        raise TrainError(f"--noise-sigma must be >= 0 for DN, got {s.noise_sigma}")
     try:
         check_pyramid(s.pyramid)
     except ValueError as error:
-        raise ValueError(f"--pyramid: {error}") from None
+        raise TrainError(f"--pyramid: {error}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,10 +386,8 @@ def setup_processes(device_arg: str | None) -> tuple[Processes, torch.device]:
     """Joins the torchrun process group (if launched by torchrun) and picks the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     procs = Processes(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(device_arg)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainError(f"--device {device_arg}: CUDA is not available here")
         if device.index is None:
             device = torch.device("cuda", procs.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -461,6 +475,24 @@ class Data:
     val: Dataset  # periodic validation (centre crops)
     val_full: Dataset  # the final score (whole images)
     description: str
+    conversions: list[tuple[str, str]] = field(default_factory=list)  # (file, what reading it changed)
+
+
+def read_images(paths: Sequence[Path], conversions: list[tuple[str, str]]) -> dict[str, Any]:
+    """``{stem: [H, W, 3] uint8}`` of every file; raises one error listing all unreadable files (a run
+    on part of the data would not be the run asked for). Conversions to 8-bit RGB go to ``conversions``."""
+    images, failed = {}, []
+    for path in paths:
+        try:
+            images[path.stem], conversion = decode_image(path)
+        except UserInputError as error:
+            failed.append((path.name, one_line(error)))
+            continue
+        if conversion is not None:
+            conversions.append((path.name, conversion))
+    if failed:
+        raise TrainError(format_failures(failed, len(paths)))
+    return images
 
 
 def _is_div2k(folder: Path) -> bool:
@@ -512,37 +544,44 @@ def build_data(s: Settings) -> Data:
     if len(paths) <= n_val:
         raise TrainError(f"--data {root}: {len(paths)} image(s); need more than the {n_val} held out for "
                          f"validation (lower --val-images or add images)")
-    images = {p.stem: read_image(p) for p in paths}
-    names = list(images)
-    train_images = {n: images[n] for n in names[:-n_val]}
-    val_images = {n: images[n] for n in names[-n_val:]}
+    conversions: list[tuple[str, str]] = []
     try:
+        images = read_images(paths, conversions)
+        names = list(images)
+        train_images = {n: images[n] for n in names[:-n_val]}
+        val_images = {n: images[n] for n in names[-n_val:]}
         train, val, val_full = _hr_split_datasets(train_images, val_images, s)
     except ValueError as error:
-        raise TrainError(f"--data {root}: {error}") from error
+        raise TrainError(f"--data {root}: {one_line(error)}") from error
     desc = (f"{root}: {len(train_images)} HR images for training{_pyramid_note(s)}, "
             f"held out {', '.join(val_images)}")
-    return Data(train, val, val_full, desc)
+    return Data(train, val, val_full, desc, conversions)
 
 
 def _div2k_data(root: Path, s: Settings) -> Data:
-    n_val = s.val_images or 10
     try:
-        if s.degradation == "BI":
-            train: Dataset = PairedFolderDataset.from_div2k(root, s.scale, "train", train=True,
-                                                            patch_size=s.patch_size)
-        else:
-            paths = list_images(root / "DIV2K_train_HR")
-            train = HRImageDataset({p.stem: read_image(p) for p in paths}, s.scale, train=True,
-                                   patch_size=s.patch_size, degradation=s.degradation,
-                                   noise_sigma=s.noise_sigma, seed=s.seed, pyramid=s.pyramid)
-    except (ValueError, FileNotFoundError) as error:
-        raise TrainError(f"--data {root} (DIV2K layout): {error}") from error
+        return _div2k_datasets(root, s)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        raise TrainError(f"--data {root} (DIV2K layout): {one_line(error)}") from error
+
+
+def _div2k_datasets(root: Path, s: Settings) -> Data:
+    n_val = s.val_images or 10
+    conversions: list[tuple[str, str]] = []
+    if s.degradation == "BI":
+        paired = PairedFolderDataset.from_div2k(root, s.scale, "train", train=True, patch_size=s.patch_size)
+        conversions += list(paired.conversions.items())
+        train: Dataset = paired
+    else:
+        paths = list_images(root / "DIV2K_train_HR")
+        train = HRImageDataset(read_images(paths, conversions), s.scale, train=True,
+                               patch_size=s.patch_size, degradation=s.degradation,
+                               noise_sigma=s.noise_sigma, seed=s.seed, pyramid=s.pyramid)
     desc = f"DIV2K at {root}: {len(train)} training images"
     valid_hr = root / "DIV2K_valid_HR"
     if valid_hr.is_dir():
         paths = list_images(valid_hr)[:n_val]
-        images = {p.stem: read_image(p) for p in paths}
+        images = read_images(paths, conversions)
         if s.degradation == "BI" and (root / "DIV2K_valid_LR_bicubic" / f"X{s.scale}").is_dir():
             full = PairedFolderDataset.from_div2k(root, s.scale, "valid", train=False, cache=False)
             val_full: Dataset = Subset(full, range(min(n_val, len(full))))
@@ -552,13 +591,15 @@ def _div2k_data(root: Path, s: Settings) -> Data:
         val = HRImageDataset(_with_crops(images, s.val_crop), s.scale, train=False,
                              degradation=s.degradation, noise_sigma=s.noise_sigma, seed=s.seed) \
             if s.val_crop else val_full
-        return Data(train, val, val_full, desc + f", validation on {len(val_full)} of DIV2K_valid")
+        return Data(train, val, val_full, desc + f", validation on {len(val_full)} of DIV2K_valid",
+                    conversions)
     # No validation split: hold nothing out, validate on a few training images (said so in the log).
     hr = list_images(root / "DIV2K_train_HR")[:n_val]
-    images = {p.stem: read_image(p) for p in hr}
+    images = read_images(hr, conversions)
     val = HRImageDataset(_with_crops(images, s.val_crop), s.scale, train=False, degradation=s.degradation,
                          noise_sigma=s.noise_sigma, seed=s.seed)
-    return Data(train, val, val, desc + " (no DIV2K_valid_HR: validating on training images)")
+    return Data(train, val, val, desc + " (no DIV2K_valid_HR: validating on training images)",
+                list(dict.fromkeys(conversions)))
 
 
 class EpochSampler(Sampler[int]):
@@ -701,19 +742,21 @@ def _run_folder(out: Path | None, preset: str, scale: int, resuming: bool, overw
 
 
 class RunLog:
-    """``log.csv`` rows and the in-memory history behind ``curves.png``."""
+    """``log.csv`` rows and the in-memory history behind ``curves.png``.
+
+    The file is (re)written at the first row, not before: a run that fails before logging anything
+    leaves no header-only log behind. On resume the rows after the resumed step (logged by the run
+    that went on and was then killed) are dropped; that rewrite replaces the file atomically.
+    """
 
     def __init__(self, path: Path, keep_until_step: int | None) -> None:
         self.path = path
         self.rows: list[dict[str, str]] = []
         if keep_until_step is not None and path.exists():
             with path.open(newline="") as handle:
-                self.rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= keep_until_step]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, LOG_COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.rows)
+                self.rows = [r for r in csv.DictReader(handle)
+                             if r.get("step", "").isdigit() and int(r["step"]) <= keep_until_step]
+        self._started = False
 
     def add(self, step: int, epoch: int, loss: float | None, lr: float, val_psnr: float | None,
             elapsed: float) -> None:
@@ -721,8 +764,21 @@ class RunLog:
                "loss": "" if loss is None else f"{loss:.6f}", "lr": f"{lr:.6g}",
                "val_psnr": "" if val_psnr is None else f"{val_psnr:.4f}", "elapsed": f"{elapsed:.1f}"}
         self.rows.append(row)
+        if not self._started:
+            self._rewrite()
+            self._started = True
+            return
         with self.path.open("a", newline="") as handle:
             csv.DictWriter(handle, LOG_COLUMNS).writerow(row)
+
+    def _rewrite(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, LOG_COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
 
     def plot(self, path: Path, bicubic_psnr: float | None, title: str) -> Path:
         import matplotlib
@@ -867,14 +923,18 @@ class Trainer:
             out = resume_arg if resume_arg.is_dir() else resume_arg.parent
         self.out = _run_folder(out, preliminary.preset, preliminary.scale, args.resume is not None,
                                args.overwrite)
+        # A folder this command creates and never writes to is removed again (see remove_if_empty).
+        self.created_out = not self.out.exists()
+        self.saved_step: int | None = None  # the step last written to last.pt by this command
         self.resume_path: Path | None = None
         saved: dict[str, Any] | None = None
         if args.resume is not None:
             self.resume_path = _find_resume_file(args.resume, self.out)
+            # Read once: everything resume needs comes from this one copy of the file.
             try:
                 saved = load_checkpoint(self.resume_path, map_location="cpu")
-            except CheckpointError as error:
-                raise TrainError(f"--resume: {error}") from error
+            except UserInputError as error:
+                raise TrainError(f"--resume: {one_line(error)}") from error
             saved_settings = saved.get("extra", {}).get("settings") or {}
             if args.preset is not None and saved_settings.get("preset") not in (None, args.preset):
                 raise TrainError(f"--resume: {self.resume_path} is a {saved_settings.get('preset')!r} run; "
@@ -885,9 +945,11 @@ class Trainer:
         s = self.s
         torch.manual_seed(s.seed + self.procs.rank)
 
+        backend = check_backend(args.backend, self.device)
         self.data = build_data(s)
-        self.config = dict(saved["config"]) if saved else preset_config(s.preset, s.scale, **s.model_args)
-        self.net = model_from_config(self.config, backend=args.backend).to(self.device)
+        if self.data.conversions:
+            self.say(f"note: {format_conversions(self.data.conversions)}")
+        self.config, self.net = self._build_model(saved, backend)
         self.rgb_range = float(self.config.get("rgb_range", 255.0))
         if s.init_from is not None and saved is None:
             self._init_from(s.init_from)
@@ -924,13 +986,28 @@ class Trainer:
         if self.device.type == "cpu":
             if args.threads is not None:
                 if args.threads < 1:
-                    raise ValueError(f"--threads must be >= 1, got {args.threads}")
+                    raise TrainError(f"--threads must be >= 1, got {args.threads}")
                 torch.set_num_threads(args.threads)
             elif not os.environ.get("OMP_NUM_THREADS"):
                 budget = cpu_thread_budget(self.procs)
                 self.threads = ThreadTuner([budget, max(1, budget // 2), 1])
 
     # ---- setup pieces
+
+    def _build_model(self, saved: dict[str, Any] | None, backend: str | None) -> tuple[dict[str, Any], nn.Module]:
+        s = self.s
+        if saved is not None:
+            config = dict(saved["config"])
+            return config, model_from_config(config, backend=backend).to(self.device)
+        try:
+            config = preset_config(s.preset, s.scale, **s.model_args)
+            net = model_from_config(config, backend=backend)
+        except (TypeError, ValueError) as error:
+            if not s.model_args:  # the preset itself does not build: a bug, not an input
+                raise
+            changes = " ".join(f"{k}={v!r}" for k, v in s.model_args.items())
+            raise TrainError(f"--model-arg {changes}: {one_line(error)}") from error
+        return config, net.to(self.device)
 
     def _make_schedule(self) -> LRSchedule:
         s = self.s
@@ -940,20 +1017,27 @@ class Trainer:
     def _init_from(self, path: Path) -> None:
         try:
             source = load_checkpoint(path, map_location="cpu")
-        except (CheckpointError, FileNotFoundError) as error:
-            raise TrainError(f"--init-from: {error}") from error
+        except UserInputError as error:
+            raise TrainError(f"--init-from: {one_line(error)}") from error
         left_out = load_weights(self.net, source["model"], strict=False, source=str(path))
         shown = f" ({', '.join(left_out[:6])}{' ...' if len(left_out) > 6 else ''})" if left_out else ""
         self.say(f"init from {path}: {len(left_out)} tensors keep their fresh init{shown}")
 
     def _resume(self, saved: dict[str, Any]) -> None:
+        """Weights, optimizer, schedule, progress and RNG from ``saved`` (``last.pt``, read once)."""
         assert self.resume_path is not None
         try:
-            resume(self.resume_path, self.net, self.optimizer, self.schedule, map_location=self.device)
-        except CheckpointError as error:
-            raise TrainError(f"--resume: {error}") from error
-        # The schedule is a function of the settings (some may be given anew) and the step.
-        self.schedule = self._make_schedule()
+            restore(saved, self.net, self.optimizer, self.schedule, source=str(self.resume_path))
+        except UserInputError as error:
+            raise TrainError(f"--resume: {one_line(error)}") from error
+        # The restored schedule goes on as it was, even where this setup would derive another one (an
+        # epoch's length in steps depends on the data and the process count). Only schedule settings
+        # given anew on this command line replace it.
+        given = [f"--{name.replace('_', '-')}" for name in SCHEDULE_SETTINGS if getattr(self.args, name, None)
+                 is not None]
+        if given:
+            self.schedule = self._make_schedule()
+            self.say(f"schedule: rebuilt from {', '.join(given)} given anew (the resumed run's is replaced)")
         extra = saved.get("extra", {})
         self.state = Progress(**{k: extra[k] for k in vars(Progress()) if k in extra})
         self.state.step = int(saved["step"])
@@ -991,6 +1075,37 @@ class Trainer:
         save_checkpoint(path, self.net, config=self.config,
                         optimizer=self.optimizer if with_optimizer else None,
                         scheduler=self.schedule if with_optimizer else None, step=st.step, extra=extra)
+        if with_optimizer:
+            self.saved_step = st.step
+
+    def save_last(self) -> None:
+        """``last.pt`` at the current step, unless this command wrote it there already."""
+        if self.procs.main and self.saved_step != self.state.step:
+            self.checkpoint(self.out / "last.pt")
+
+    def interrupted_note(self) -> str:
+        """What a second Ctrl-C (or one outside the training loop) leaves behind, for the one-line message."""
+        last = self.out / "last.pt"
+        if self.saved_step is not None:
+            return f"saved {last} at step {self.saved_step} (continue with: python -m dlsn.train --resume {last})"
+        if self.resume_path is not None:
+            return f"{self.resume_path} is unchanged"
+        return "nothing saved"
+
+    def remove_if_empty(self) -> None:
+        """Removes the run folder when this command created it and wrote nothing there (a failed start)."""
+        if self.created_out and self.out.is_dir() and not any(self.out.iterdir()):
+            with contextlib.suppress(OSError):
+                self.out.rmdir()
+
+    def remove_unfinished_writes(self) -> None:
+        """Temporary files of checkpoint writes a killed run left (``kill -9`` during a save)."""
+        stale = sorted(self.out.glob(".last.pt.*.tmp")) + sorted(self.out.glob(".best.pt.*.tmp"))
+        for path in stale:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if stale:
+            self.say(f"removed {len(stale)} unfinished checkpoint write(s) of a run killed while saving")
 
     def run_validation(self) -> float:
         """Periodic validation (rank 0): log it, keep best.pt, redraw the curves."""
@@ -1062,6 +1177,8 @@ class Trainer:
 
     def run(self) -> int:
         s, st, procs = self.s, self.state, self.procs
+        if procs.main:
+            self.remove_unfinished_writes()
         self.announce()
         self.net.train()
         bar = tqdm(total=s.max_steps, initial=st.step, unit="step", dynamic_ncols=True, file=sys.stderr,
@@ -1135,21 +1252,28 @@ class Trainer:
         bar.close()
 
         if procs.main:
-            if loss_count and self.log is not None:
-                self.log.add(st.step, st.epoch, loss_sum / loss_count, self.schedule.last_lr, None,
-                             self.elapsed())
-            if interrupted:
-                self.checkpoint(self.out / "last.pt")
-                self.plot()
-                self.say(f"\nstopped by {signal_name or 'a signal'} at step {st.step}; saved "
-                         f"{self.out / 'last.pt'} (continue with: python -m dlsn.train --resume "
-                         f"{self.out / 'last.pt'})")
-            else:
-                val_psnr = self.run_validation()
-                self.checkpoint(self.out / "last.pt")
-                self.final_report(val_psnr)
+            try:
+                self._finish(interrupted, signal_name, loss_sum, loss_count)
+            except KeyboardInterrupt:  # Ctrl-C during the final validation or report: keep the steps
+                self.save_last()
+                raise
         barrier(procs)
-        return 130 if interrupted else 0
+        return EXIT_INTERRUPTED if interrupted else 0
+
+    def _finish(self, interrupted: bool, signal_name: str | None, loss_sum: float, loss_count: int) -> None:
+        st = self.state
+        if loss_count and self.log is not None:
+            self.log.add(st.step, st.epoch, loss_sum / loss_count, self.schedule.last_lr, None, self.elapsed())
+        if interrupted:
+            self.checkpoint(self.out / "last.pt")
+            self.plot()
+            self.say(f"\nstopped by {signal_name or 'a signal'} at step {st.step}; saved "
+                     f"{self.out / 'last.pt'} (continue with: python -m dlsn.train --resume "
+                     f"{self.out / 'last.pt'})")
+        else:
+            val_psnr = self.run_validation()
+            self.checkpoint(self.out / "last.pt")
+            self.final_report(val_psnr)
 
     def final_report(self, val_psnr: float) -> None:
         """Scores on the held-out images vs bicubic (the validation crops and the whole images), and a
@@ -1203,20 +1327,35 @@ def _process_age() -> float:
 
 
 def main(argv: Sequence[str] | None = None, started: float | None = None) -> int:
-    """Command-line entry point; ``started``: ``time.monotonic()`` the time limit counts from (now)."""
+    """Command-line entry point; ``started``: ``time.monotonic()`` the time limit counts from (now).
+
+    Bad input (:class:`~dlsn.errors.UserInputError`) prints one line and returns 2; Ctrl-C outside
+    the training loop (or a second one inside it) prints one line and returns 130; anything else is
+    a bug and propagates with its traceback. A run folder this command created and left empty is
+    removed.
+    """
     started = time.monotonic() if started is None else started
     parser = _parser()
     args = parser.parse_args(argv)
     if args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
+    trainer: Trainer | None = None
+
+    def body() -> int:
+        nonlocal trainer
+        trainer = Trainer(args, started)
+        return trainer.run()
+
+    def interrupted() -> str:
+        return trainer.interrupted_note() if trainer is not None else "nothing saved"
+
     try:
-        return Trainer(args, started).run()
-    except (TrainError, ValueError, FileNotFoundError, NotADirectoryError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+        return run_tool("dlsn.train", body, interrupted)
     finally:
+        if trainer is not None and trainer.procs.main:
+            trainer.remove_if_empty()
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 1  # unreachable: parser.exit raises SystemExit
 
 
 if __name__ == "__main__":
