@@ -97,8 +97,9 @@ inline void check_attention_inputs(const at::Tensor& xm, const at::Tensor& v, co
               lss.sizes());
 }
 
-// perm [N,R,L] matching xm [N,L,Cm]. Its values are trusted to be a permutation per (n, r):
-// bucket_sort produces them; checking would cost a pass over perm on every call.
+// perm [N,R,L] matching xm [N,L,Cm]: shape, dtype, device. Its values (a permutation of 0..L-1 per
+// (n, round)) are checked by each device's entry point: csrc/cpu/index_checks.cpp on the CPU, ATen ops
+// before launch in csrc/cuda/registration.cpp.
 inline void check_perm(const at::Tensor& perm, const at::Tensor& xm) {
   check_rank(perm, "perm", 3, "[N, R, L]");
   check_index(perm, "perm");

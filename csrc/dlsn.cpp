@@ -14,7 +14,22 @@ TORCH_LIBRARY(dlsn, m) {
       "Tensor perm, Tensor lse, int chunk_size) -> (Tensor, Tensor, Tensor)");
 }
 
-// Importing dlsn_kernels._C runs the static registrations above; the module itself is empty.
+// Importing dlsn_kernels._C runs the static registrations above. The module holds one flag,
+// WITH_CUDA: whether the CUDA kernels were compiled in (setup.py defines DLSN_WITH_CUDA then), so a
+// test can tell a CPU-only build from a CUDA build whose kernels failed to register.
 static struct PyModuleDef dlsn_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&dlsn_module); }
+#ifdef DLSN_WITH_CUDA
+constexpr long kWithCuda = 1;
+#else
+constexpr long kWithCuda = 0;
+#endif
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&dlsn_module);
+  if (module != nullptr && PyModule_AddIntConstant(module, "WITH_CUDA", kWithCuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -43,6 +43,7 @@ __all__ = [
 
 def sblsh_hash(xm: Tensor, rot: Tensor, backend: str | None = None) -> Tensor:
     """Super-bit LSH codes ``[N, R, L]`` (int64): argmax of ``xm . rot[:, r, :]``, lowest bucket on ties."""
+    _checks.require_tensors(xm=xm, rot=rot)
     chosen = resolve_backend(backend, xm.device)
     _checks.check_hash(xm, rot, chosen.name)
     if chosen.ops is None:
@@ -51,7 +52,11 @@ def sblsh_hash(xm: Tensor, rot: Tensor, backend: str | None = None) -> Tensor:
 
 
 def bucket_sort(codes: Tensor, n_buckets: int, backend: str | None = None) -> Tensor:
-    """Positions ordered by ``(code, position)`` per (n, round): ``perm [N, R, L]`` int64."""
+    """Positions ordered by ``(code, position)`` per (n, round): ``perm [N, R, L]`` int64.
+
+    Raises ValueError when a code lies outside ``[0, n_buckets)``.
+    """
+    _checks.require_tensors(codes=codes)
     chosen = resolve_backend(backend, codes.device)
     _checks.check_codes(codes, n_buckets)
     if chosen.ops is None:
@@ -65,7 +70,9 @@ def chunk_attention(
     """Per-round attention within adjacent buckets: ``out [N, R, L, Cv]``, ``lse [N, R, L]``.
 
     Differentiable in ``xm``, ``v`` and ``lss``. ``lse`` is float32 (float64 for float64 inputs).
+    Raises ValueError unless ``perm`` is a permutation of 0..L-1 for each (n, round).
     """
+    _checks.require_tensors(xm=xm, v=v, lss=lss, perm=perm)
     chosen = resolve_backend(backend, xm.device)
     _checks.check_attention(xm, v, lss, chunk_size, chosen.name)
     _checks.check_perm(perm, xm)
@@ -80,6 +87,7 @@ def combine_rounds(out: Tensor, lse: Tensor, backend: str | None = None) -> Tens
     A few elementwise PyTorch ops on every backend (nothing to fuse); ``backend`` is accepted for
     a uniform signature and validated.
     """
+    _checks.require_tensors(out=out, lse=lse)
     _checks.check_rounds(out, lse)
     if backend is not None:
         resolve_backend(backend, out.device)  # a named backend must still exist and be able to run
@@ -94,7 +102,9 @@ def gla_attention(
     ``xm [N, L, Cm]`` match features, ``v [N, L, Cv]`` values, ``lss [N, L, K]`` learned scores,
     ``rot [Cm, R, B]`` one orthonormal projection per hash round (see :func:`random_rotations`
     and :func:`n_buckets_for`), ``chunk_size`` K. Differentiable in ``xm``, ``v``, ``lss``.
+    The permutation comes from the package's own hash and sort, so it is not checked again.
     """
+    _checks.require_tensors(xm=xm, v=v, lss=lss, rot=rot)
     chosen = resolve_backend(backend, xm.device)
     _checks.check_attention(xm, v, lss, chunk_size, chosen.name)
     _checks.check_hash(xm, rot, chosen.name)

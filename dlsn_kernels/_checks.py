@@ -1,7 +1,13 @@
 """Argument checks of the public ops, shared by every backend (the reference included).
 
-The compiled kernels check again in C++ (csrc/checks.h); checking here first gives the same
-``ValueError`` naming the argument whatever the backend.
+The compiled kernels check again in C++ (csrc/checks.h, csrc/cpu/index_checks.cpp,
+csrc/cuda/registration.cpp); checking here first gives the same error naming the argument whatever
+the backend, Triton included.
+
+Index values are checked too, on the tensor's own device: ``perm`` must be a permutation of
+0..L-1 for each (n, round) and ``codes`` must lie in ``[0, n_buckets)``. A kernel given anything
+else would read out of bounds or leave output rows unwritten. The cost is a few vectorised passes
+over the index tensor and one host synchronisation (bench/NOTES.md, "Cost of the perm check").
 """
 
 from __future__ import annotations
@@ -80,16 +86,43 @@ def check_hash(xm: Tensor, rot: Tensor, backend: str) -> None:
         raise ValueError("xm must hold at least one position (L >= 1)")
 
 
+def require_tensors(**tensors: object) -> None:
+    """TypeError naming the first argument that is not a torch.Tensor (a numpy array, a list...)."""
+    for name, value in tensors.items():
+        _tensor(value, name)
+
+
+def _has_values(t: Tensor) -> bool:
+    """Whether the values of ``t`` can be read: not while tracing (torch.compile), not on meta tensors."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def _first_true(mask: Tensor) -> tuple[int, int, int]:
+    """(n, round, position) of the first true entry of ``mask [N, R, L]`` (argmax: the first maximum)."""
+    flat = int(mask.reshape(-1).to(torch.uint8).argmax())
+    rounds, length = mask.shape[1], mask.shape[2]
+    return flat // (rounds * length), (flat // length) % rounds, flat % length
+
+
 def check_codes(codes: Tensor, n_buckets: int) -> None:
     check_rank(codes, "codes", "[N, R, L]")
     check_index(codes, "codes")
     check_contiguous(codes, "codes")
-    if not isinstance(n_buckets, int) or n_buckets < 1:
+    if not isinstance(n_buckets, int) or isinstance(n_buckets, bool):
+        raise TypeError(f"n_buckets must be an int, got {type(n_buckets).__name__}")
+    if n_buckets < 1:
         raise ValueError(f"n_buckets must be an int >= 1, got {n_buckets!r}")
-    if codes.numel() and codes.device.type == "cpu":
-        low, high = int(codes.min()), int(codes.max())
-        if low < 0 or high >= n_buckets:
-            raise ValueError(f"codes must lie in [0, n_buckets={n_buckets}), found values in [{low}, {high}]")
+    if not _has_values(codes):
+        return
+    outside = (codes < 0) | (codes >= n_buckets)
+    if bool(outside.any()):
+        n, r, pos = _first_true(outside)
+        raise ValueError(
+            f"codes must lie in [0, n_buckets={n_buckets}): codes[n={n}, round={r}, position={pos}] = "
+            f"{int(codes[n, r, pos])}"
+        )
 
 
 def check_attention(xm: Tensor, v: Tensor, lss: Tensor, chunk_size: int, backend: str) -> None:
@@ -124,11 +157,34 @@ def check_perm(perm: Tensor, xm: Tensor) -> None:
             f"got {tuple(perm.shape)}"
         )
     check_contiguous(perm, "perm")
-    if perm.device.type == "cpu" and perm.numel():
-        # An index outside [0, L) would read out of bounds in the kernels: refuse it here.
-        low, high = int(perm.min()), int(perm.max())
-        if low < 0 or high >= xm.shape[1]:
-            raise ValueError(f"perm must hold positions in [0, L={xm.shape[1]}), found values in [{low}, {high}]")
+    if _has_values(perm):
+        check_permutation(perm)
+
+
+def check_permutation(perm: Tensor) -> None:
+    """``perm [N, R, L]`` must be a permutation of 0..L-1 for each (n, round).
+
+    Values in range, then every position hit once (L values in range that hit all L positions hold
+    none twice). Only a failure pays for counting, to name the first repeated entry.
+    """
+    length = perm.shape[2]
+    index = perm.long()
+    outside = (index < 0) | (index >= length)
+    if bool(outside.any()):
+        n, r, pos = _first_true(outside)
+        raise ValueError(
+            f"perm must hold positions in [0, L={length}): perm[n={n}, round={r}, position={pos}] = "
+            f"{int(index[n, r, pos])}"
+        )
+    seen = torch.zeros(index.shape, dtype=torch.bool, device=index.device).scatter_(2, index, True)
+    if bool(seen.all()):
+        return
+    count = torch.zeros_like(index).scatter_add_(2, index, torch.ones_like(index))
+    n, r, pos = _first_true(count.gather(2, index) > 1)
+    raise ValueError(
+        f"perm must be a permutation of 0..L-1 for each (n, round), but perm[n={n}, round={r}, position={pos}] = "
+        f"{int(index[n, r, pos])} occurs more than once in that row"
+    )
 
 
 def check_rounds(out: Tensor, lse: Tensor) -> None:

@@ -10,6 +10,8 @@ Layouts: ``xm [N, L, Cm]``, ``v [N, L, Cv]``, ``lss [N, L, K]``, ``rot [Cm, R, B
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -28,8 +30,18 @@ __all__ = [
 KEY_NORM_EPS = 5e-5
 
 
+def _positive_int(value: object, name: str) -> None:
+    """Sizes must be whole and >= 1 (SymInt: torch.compile traces sizes taken from shapes)."""
+    if not isinstance(value, (numbers.Integral, torch.SymInt)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 def n_buckets_for(length: int, chunk_size: int) -> int:
     """Number of hash buckets for a sequence of ``length`` positions (SPEC section 1)."""
+    _positive_int(length, "length")
+    _positive_int(chunk_size, "chunk_size")
     n = length // chunk_size
     n = min(n + n % 2, 128)
     return max(n, 1)
@@ -49,6 +61,9 @@ def random_rotations(
     Same law as ``torch.nn.init.orthogonal_`` on a ``[Cm, B]`` tensor (QR of a Gaussian matrix,
     signs fixed by the diagonal of R), drawn from ``generator`` when one is given.
     """
+    _positive_int(channels, "channels")
+    _positive_int(n_hashes, "n_hashes")
+    _positive_int(n_buckets, "n_buckets")
     rots = []
     for _ in range(n_hashes):
         flat = torch.randn(max(channels, n_buckets), min(channels, n_buckets), generator=generator,

@@ -59,6 +59,69 @@ BAD_CALLS = {
 }
 
 
+def _with(perm, n, r, pos, value):
+    bad = perm.clone()
+    bad[n, r, pos] = value
+    return bad
+
+
+# Index values: checked with ATen ops before launch (an out-of-range perm would be an illegal memory
+# access, an out-of-range code a device-side assert). Each must be a ValueError naming the first bad entry.
+BAD_VALUES = {
+    "chunk_attention perm all zeros": (
+        "chunk_attention", lambda a: (a["xm"], a["v"], a["lss"], torch.zeros_like(a["perm"]), a["k"]),
+        r"perm must be a permutation of 0\.\.L-1 for each \(n, round\), but perm\[n=0, round=0, position=0\] = 0"),
+    "chunk_attention perm repeated": (
+        "chunk_attention", lambda a: (a["xm"], a["v"], a["lss"], _with(a["perm"], 1, 1, 6, 2), a["k"]),
+        r"perm\[n=1, round=1, position=2\] = 2 occurs more than once"),
+    "chunk_attention perm one past the end": (
+        "chunk_attention", lambda a: (a["xm"], a["v"], a["lss"], _with(a["perm"], 1, 0, 3, 10), a["k"]),
+        r"perm must hold positions in \[0, L=10\): perm\[n=1, round=0, position=3\] = 10"),
+    "chunk_attention perm negative int32": (
+        "chunk_attention", lambda a: (a["xm"], a["v"], a["lss"], _with(a["perm"], 0, 1, 9, -3).int(), a["k"]),
+        r"perm\[n=0, round=1, position=9\] = -3"),
+    "attention_backward perm repeated": (
+        "attention_backward",
+        lambda a: (a["grad"], a["stat"], a["xm"], a["v"], a["lss"], _with(a["perm"], 0, 0, 0, 5), a["stat"], a["k"]),
+        r"perm\[n=0, round=0, position=0\] = 5 occurs more than once"),
+    "attention_backward perm out of range": (
+        "attention_backward",
+        lambda a: (a["grad"], a["stat"], a["xm"], a["v"], a["lss"], _with(a["perm"], 1, 1, 1, 2**40), a["stat"],
+                   a["k"]),
+        r"perm must hold positions in \[0, L=10\): perm\[n=1, round=1, position=1\] = 1099511627776"),
+    "bucket_sort codes too large": (
+        "bucket_sort", lambda a: (_with(a["perm"], 1, 0, 4, 3), 3), r"codes must lie in \[0, n_buckets=3\): "
+        r"codes\[n=0, round=0, position=3\] = 3"),
+    "bucket_sort codes negative": (
+        "bucket_sort", lambda a: (_with(torch.zeros_like(a["perm"]), 1, 1, 7, -1).int(), 2),
+        r"codes\[n=1, round=1, position=7\] = -1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_index_values_raise_value_error_before_launch(inputs, case):
+    op, make_args, match = BAD_VALUES[case]
+    with pytest.raises(ValueError, match=match):
+        call_cuda_kernel(op, *make_args(inputs))
+
+
+def test_grids_that_cannot_launch_are_refused_on_the_host():
+    """Sizes beyond CUDA's grid limits (65535 along y): checked before launch, never in the .cu code."""
+    xm, lss = torch.randn(1, 1, 1), torch.randn(1, 1, 1)
+    wide = torch.randn(1, 1, 65535 * 128 + 1)  # one column slice of 128 channels too many
+    perm = torch.zeros(1, 1, 1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="v has too many channels .* chunk_attention"):
+        call_cuda_kernel("chunk_attention", xm, wide, lss, perm, 1)
+    stat = torch.zeros(1, 1, 1)
+    with pytest.raises(RuntimeError, match="too many channels for the CUDA attention_backward kernel"):
+        call_cuda_kernel("attention_backward", wide.unsqueeze(1), stat, xm, wide, lss, perm, stat, 1)
+    rot = torch.randn(1, 65536, 1)
+    with pytest.raises(RuntimeError, match="rot holds 65536 hash rounds"):
+        call_cuda_kernel("sblsh_hash", xm, rot)
+    with pytest.raises(RuntimeError, match="rot holds 65536 hash rounds"):
+        call_cuda_kernel("gla_attention", xm, xm, lss, rot, 1)
+
+
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_arguments_raise_naming_the_argument(inputs, case):
     op, make_args, name = BAD_CALLS[case]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -164,8 +165,23 @@ def test_compiled_ops_check_arguments_themselves():
         torch.ops.dlsn.chunk_attention(xm, v, lss[..., :-1].contiguous(), perm, chunk)
     with pytest.raises(RuntimeError, match="n_buckets must be >= 1"):
         torch.ops.dlsn.bucket_sort(perm, 0)
-    with pytest.raises(RuntimeError, match=r"codes must lie in \[0, n_buckets=1\)"):
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, n_buckets=1\): codes\[n=0, round=0, position="):
         torch.ops.dlsn.bucket_sort(perm, 1)
+    with pytest.raises(ValueError, match=r"perm must be a permutation of 0\.\.L-1"):
+        torch.ops.dlsn.chunk_attention(xm, v, lss, torch.zeros_like(perm), chunk)
+
+
+@needs_cpu
+def test_cuda_build_registers_cuda_kernels_for_every_op():
+    """A build that compiled the CUDA kernels (DLSN_WITH_CUDA) registers one for every op, and CI's build
+    (which exports DLSN_WITH_CUDA=1) must be such a build: a lost toolkit cannot pass silently."""
+    from dlsn_kernels import _C
+    from dlsn_kernels._ops import OP_NAMES
+
+    registered = {op: torch._C._dispatch_has_kernel_for_dispatch_key(f"dlsn::{op}", "CUDA") for op in OP_NAMES}
+    assert registered == dict.fromkeys(OP_NAMES, bool(_C.WITH_CUDA))
+    if os.environ.get("DLSN_WITH_CUDA", "").strip() == "1":
+        assert _C.WITH_CUDA == 1, "DLSN_WITH_CUDA=1 is set but the installed extension has no CUDA kernels"
 
 
 def test_broken_build_says_how_to_build():

@@ -46,6 +46,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
   at::Tensor dlss_slot = at::empty({batch, lp, chunk}, xm.options());
   at::Tensor dq_part = at::empty({batch, nc, 3, chunk, cm}, xm.options());
   at::Tensor dkn = at::zeros_like(xm);
+  // Fully rewritten every round: perm is a permutation (checked by the caller), so inv[pr[s]] = s
+  // covers every position.
   at::Tensor inverse = at::empty({batch, length}, perm.options());
   dxm.zero_();
   dv.zero_();
@@ -189,6 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // kernels call ATen ops (mm) internally
   check_backward_inputs(grad_out, delta, xm, v, lss, perm, lse, chunk_size);
   const at::Tensor perm64 = as_int64(perm);
+  check_permutation(perm64, "perm");  // so every entry of the inverse permutation below gets written
   at::Tensor dxm = at::empty_like(xm), dv = at::empty_like(v), dlss = at::empty_like(lss);
   AT_DISPATCH_FLOATING_TYPES(xm.scalar_type(), "attention_backward_cpu", [&] {
     backward_kernel<scalar_t>(grad_out, delta, xm, v, lss, perm64, lse, chunk_size, dxm, dv, dlss);

@@ -27,11 +27,7 @@ void counting_sort(const at::Tensor& codes, int64_t n_buckets, at::Tensor& perm)
       const index_t* code = codes_ptr + row * length;
       int64_t* out = perm_ptr + row * length;
       std::fill(start.begin(), start.end(), 0);
-      for (int64_t l = 0; l < length; ++l) {
-        const int64_t c = static_cast<int64_t>(code[l]);
-        TORCH_CHECK(c >= 0 && c < n_buckets, "codes must lie in [0, n_buckets=", n_buckets, "), found ", c);
-        ++start[c + 1];
-      }
+      for (int64_t l = 0; l < length; ++l) ++start[static_cast<int64_t>(code[l]) + 1];  // in range: checked
       for (int64_t b = 0; b < n_buckets; ++b) start[b + 1] += start[b];
       for (int64_t l = 0; l < length; ++l) out[start[code[l]]++] = l;
     }
@@ -43,6 +39,7 @@ void counting_sort(const at::Tensor& codes, int64_t n_buckets, at::Tensor& perm)
 at::Tensor bucket_sort_cpu(const at::Tensor& codes, int64_t n_buckets) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // kernels call ATen ops (mm) internally
   check_sort_inputs(codes, n_buckets);
+  check_codes(codes, n_buckets);
   at::Tensor perm = at::empty(codes.sizes(), codes.options().dtype(at::kLong));
   if (codes.scalar_type() == at::kLong) {
     counting_sort<int64_t>(codes, n_buckets, perm);

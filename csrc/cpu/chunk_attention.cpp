@@ -114,6 +114,7 @@ std::tuple<at::Tensor, at::Tensor> chunk_attention_cpu(const at::Tensor& xm, con
   check_attention_inputs(xm, v, lss, chunk_size);
   check_perm(perm, xm);
   const at::Tensor perm64 = as_int64(perm);
+  check_permutation(perm64, "perm");  // a repeated position would leave rows of out and lse unwritten
   at::Tensor out = at::empty({xm.size(0), perm.size(1), xm.size(1), v.size(2)}, v.options());
   at::Tensor lse = at::empty({xm.size(0), perm.size(1), xm.size(1)}, xm.options());
   attention_forward(xm, v, lss, perm64, chunk_size, /*merge=*/false, out, lse);

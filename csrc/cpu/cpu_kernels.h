@@ -61,6 +61,11 @@ void gather_rows(const scalar_t* src, int64_t width, const int64_t* rows, int64_
   for (int64_t i = 0; i < count; ++i) std::memcpy(dst + i * width, src + rows[i] * width, width * sizeof(scalar_t));
 }
 
+// perm [N,R,L] int64 must be a permutation of 0..L-1 per (n, round); codes [N,R,L] must lie in
+// [0, n_buckets). Both raise ValueError naming the argument and the first bad (n, round, position).
+void check_permutation(const at::Tensor& perm64, const char* name);
+void check_codes(const at::Tensor& codes, int64_t n_buckets);
+
 // perm as contiguous int64 (int32 input is widened once; int64 input is returned as is).
 at::Tensor as_int64(const at::Tensor& index);
 

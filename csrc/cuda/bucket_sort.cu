@@ -19,8 +19,8 @@ constexpr int kSortWarpsPerBlock = 4;
 constexpr int64_t kMinSegment = 1024;
 constexpr int64_t kMaxSegmentsPerRow = 128;  // bounds the size of counts for long rows
 
-// Code at position l of a row, or -1 past the end of the segment. Codes outside [0, n_buckets) stop the
-// kernel with a device-side assert (like an out-of-range index in torch.gather) and are never written.
+// Code at position l of a row, or -1 past the end of the segment. registration.cpp refuses codes outside
+// [0, n_buckets) before launch; the assert is a last guard for a caller that bypasses it.
 template <typename code_t>
 __device__ __forceinline__ int load_code(const code_t* code_row, int64_t l, int64_t end, int64_t n_buckets) {
   if (l >= end) return -1;
@@ -96,18 +96,18 @@ at::Tensor bucket_sort_cuda(const at::Tensor& codes, int64_t n_buckets) {
   const int64_t n_tasks = n_rows * n_segments;
   const auto blocks = static_cast<unsigned>(ceil_div(n_tasks, kSortWarpsPerBlock));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_INDEX_TYPES(codes.scalar_type(), "dlsn_bucket_histogram_cuda", [&] {
+  dispatch_index(codes.scalar_type(), [&](auto index) {
+    using index_t = decltype(index);
     bucket_histogram_kernel<index_t><<<blocks, kSortWarpsPerBlock * kWarp, 0, stream>>>(
         codes.data_ptr<index_t>(), counts.data_ptr<int64_t>(), n_rows, length, n_buckets, n_segments, segment);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   // Exclusive scan along (bucket, segment); at::cumsum runs on the current stream.
   auto offsets = at::cumsum(counts, 1).sub_(counts);
-  AT_DISPATCH_INDEX_TYPES(codes.scalar_type(), "dlsn_bucket_scatter_cuda", [&] {
+  dispatch_index(codes.scalar_type(), [&](auto index) {
+    using index_t = decltype(index);
     bucket_scatter_kernel<index_t><<<blocks, kSortWarpsPerBlock * kWarp, 0, stream>>>(
         codes.data_ptr<index_t>(), offsets.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), n_rows, length, n_buckets,
         n_segments, segment);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return perm;
 }

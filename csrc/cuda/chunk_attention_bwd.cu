@@ -391,9 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   const int64_t n_cm_slices = ceil_div(cm, kCols);
   const int64_t n_dv_slices = std::max<int64_t>(1, ceil_div(cv, kCols));
   const int64_t attention_blocks = n * n_chunks * n_tiles;
-  TORCH_CHECK(attention_blocks <= INT32_MAX && n * length <= INT32_MAX,
-              "input too large for the CUDA attention_backward kernel");
-  TORCH_CHECK(n_dv_slices + n_cm_slices <= 65535, "too many channels for the CUDA attention_backward kernel");
+  // Grid sizes fit: registration.cpp checked them (check_backward_grid).
   const dim3 dq_grid(static_cast<unsigned>(attention_blocks), static_cast<unsigned>(std::max<int64_t>(1, n_cm_slices)));
   const dim3 keys_grid(static_cast<unsigned>(attention_blocks), static_cast<unsigned>(n_dv_slices + n_cm_slices));
 
@@ -409,12 +407,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   auto inv = at::empty({n, rounds, length}, xm.options().dtype(at::kLong));
 
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xm.scalar_type(), "dlsn_attention_backward_cuda", [&] {
-    AT_DISPATCH_INDEX_TYPES(perm.scalar_type(), "dlsn_attention_backward_cuda_perm", [&] {
+  dispatch_float(xm.scalar_type(), [&](auto element) {
+    using scalar_t = decltype(element);
+    dispatch_index(perm.scalar_type(), [&](auto index) {
+      using index_t = decltype(index);
       const int64_t n_perm = n * rounds * length;
       inverse_perm_kernel<index_t><<<static_cast<unsigned>(ceil_div(n_perm, 256)), 256, 0, stream>>>(
           perm.data_ptr<index_t>(), inv.data_ptr<int64_t>(), n * rounds, length);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
 
       BackwardArgs<scalar_t, index_t> a{};
       a.grad_out = grad_out.data_ptr<scalar_t>();
@@ -442,14 +441,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
       for (int64_t r = 0; r < rounds; ++r) {
         a.round = r;
         attention_bwd_dq_kernel<scalar_t, index_t><<<dq_grid, kThreads, 0, stream>>>(a);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
         attention_bwd_keys_kernel<scalar_t, index_t><<<keys_grid, kThreads, 0, stream>>>(a);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
         scatter_slots_kernel<<<static_cast<unsigned>(n * length), kScatterThreads, 0, stream>>>(
             inv.data_ptr<int64_t>(), dv_slot.data_ptr<float>(), dkn_slot.data_ptr<float>(),
             dlss_slot.data_ptr<float>(), dv_acc.data_ptr<float>(), dkn_acc.data_ptr<float>(),
             dlss_acc.data_ptr<float>(), rounds, r, length, padded_length, pad, cm, cv, chunk);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
     const int64_t n_positions = n * length;
@@ -458,7 +454,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
         xm.data_ptr<scalar_t>(), dq_acc.data_ptr<float>(), dkn_acc.data_ptr<float>(), dv_acc.data_ptr<float>(),
         dlss_acc.data_ptr<float>(), dxm.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), dlss.data_ptr<scalar_t>(),
         n_positions, cm, cv, chunk);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dxm, dv, dlss};
 }

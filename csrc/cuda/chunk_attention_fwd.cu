@@ -200,7 +200,6 @@ Geometry geometry(const at::Tensor& xm, const at::Tensor& v, int64_t chunk, int6
   g.pad = g.n_chunks * chunk - g.length;
   g.n_qtiles = ceil_div(chunk, kTile);
   g.n_slices = std::max<int64_t>(1, ceil_div(g.cv, kCols));
-  TORCH_CHECK(g.n_slices <= 65535, "v has too many channels (", g.cv, ") for the CUDA chunk_attention kernel");
   return g;
 }
 
@@ -225,7 +224,7 @@ ForwardArgs<T, idx_t> forward_args(const Geometry& g, const at::Tensor& xm, cons
 
 dim3 forward_grid(const Geometry& g, int64_t rounds_in_launch) {
   const int64_t blocks = g.n * rounds_in_launch * g.n_chunks * g.n_qtiles;
-  TORCH_CHECK(blocks <= INT32_MAX, "input too large for the CUDA chunk_attention kernel (", blocks, " blocks)");
+  // Fits in gridDim.x and gridDim.y: registration.cpp checked it (check_forward_grid).
   return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(g.n_slices));
 }
 
@@ -241,15 +240,16 @@ std::tuple<at::Tensor, at::Tensor> chunk_attention_cuda(const at::Tensor& xm, co
   if (g.n == 0) return {out, lse};
   const dim3 grid = forward_grid(g, g.rounds);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xm.scalar_type(), "dlsn_chunk_attention_cuda", [&] {
-    AT_DISPATCH_INDEX_TYPES(perm.scalar_type(), "dlsn_chunk_attention_cuda_perm", [&] {
+  dispatch_float(xm.scalar_type(), [&](auto element) {
+    using scalar_t = decltype(element);
+    dispatch_index(perm.scalar_type(), [&](auto index) {
+      using index_t = decltype(index);
       auto a = forward_args<scalar_t, index_t>(g, xm, v, lss, perm);
       a.round_offset = 0;
       a.rounds_in_launch = g.rounds;
       a.out = out.data_ptr<scalar_t>();
       a.lse = lse.data_ptr<float>();
       chunk_attention_fwd_kernel<scalar_t, index_t, false><<<grid, kThreads, 0, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return {out, lse};
@@ -268,7 +268,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gla_attention_cuda(const at::Tens
   if (g.n == 0) return {y_acc.to(xm.scalar_type()), lse_cur, perm};
   const dim3 grid = forward_grid(g, 1);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xm.scalar_type(), "dlsn_gla_attention_cuda", [&] {
+  dispatch_float(xm.scalar_type(), [&](auto element) {
+    using scalar_t = decltype(element);
     for (int64_t r = 0; r < g.rounds; ++r) {
       auto a = forward_args<scalar_t, int64_t>(g, xm, v, lss, perm);
       a.round_offset = r;
@@ -277,7 +278,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gla_attention_cuda(const at::Tens
       a.lse_prev = r == 0 ? nullptr : lse_cur.data_ptr<float>();
       a.lse_next = lse_next.data_ptr<float>();
       chunk_attention_fwd_kernel<scalar_t, int64_t, true><<<grid, kThreads, 0, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       std::swap(lse_cur, lse_next);  // lse_cur now holds the lse over rounds 0..r
     }
   });

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "checks.h"  // kKeyNormEps; the argument checks run in registration.cpp
+#include "cuda/geometry.h"  // kTile, kCols, ceil_div: registration.cpp checks the grids with them
 #include "cuda/launchers.h"
 
 namespace dlsn {
@@ -26,19 +27,38 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // Score-like quantities of the tile live in registers as (row = warp + 8 * a, key = lane), a = 0..3.
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarp;             // 8
-constexpr int kTile = 32;                            // query rows and key rows per tile
 constexpr int kRowsPerWarp = kTile / kWarps;         // 4
 constexpr int kChanTile = 32;                        // channels staged in shared memory per step
-constexpr int kCols = 128;                           // output columns (of Cv or Cm) owned by one block
 constexpr int kColsPerLane = kCols / kWarp;          // 4: column lane + 32 * u, u = 0..3
 constexpr float kKeyNormEpsF = static_cast<float>(kKeyNormEps);
 
 static_assert(kTile == kWarp, "the key of a tile is indexed by the lane");
 static_assert(kRowsPerWarp * kWarps == kTile, "every row of a tile belongs to one warp");
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// Dtype dispatch without an error branch, unlike AT_DISPATCH (whose default case throws from this
+// nvcc-compiled host code): registration.cpp has already refused every other dtype, so the last case
+// is the only one left. f receives a value of the element type.
+template <typename F>
+void dispatch_float(at::ScalarType st, F&& f) {
+  if (st == at::kHalf) {
+    f(at::Half{});
+  } else if (st == at::kBFloat16) {
+    f(at::BFloat16{});
+  } else {
+    f(float{});
+  }
+}
 
-// float16/bfloat16/float32 (and float64, instantiated by AT_DISPATCH but refused by checks.h) -> float32.
+template <typename F>
+void dispatch_index(at::ScalarType st, F&& f) {
+  if (st == at::kInt) {
+    f(int32_t{});
+  } else {
+    f(int64_t{});
+  }
+}
+
+// float16/bfloat16/float32 -> float32.
 template <typename T>
 __device__ __forceinline__ float to_float(T x) {
   return static_cast<float>(x);

@@ -61,14 +61,13 @@ at::Tensor sblsh_hash_cuda(const at::Tensor& xm, const at::Tensor& rot) {
   auto codes = at::empty({n, rounds, length}, xm.options().dtype(at::kLong));
   const int64_t n_positions = n * length;
   if (n_positions == 0) return codes;
-  TORCH_CHECK(rounds <= 65535, "rot holds ", rounds, " hash rounds; the CUDA kernel supports at most 65535");
   const dim3 grid(static_cast<unsigned>(ceil_div(n_positions, kHashThreads)), static_cast<unsigned>(rounds));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xm.scalar_type(), "dlsn_sblsh_hash_cuda", [&] {
+  dispatch_float(xm.scalar_type(), [&](auto element) {
+    using scalar_t = decltype(element);
     sblsh_hash_kernel<scalar_t><<<grid, kHashThreads, 0, stream>>>(
         xm.data_ptr<scalar_t>(), rot.data_ptr<scalar_t>(), codes.data_ptr<int64_t>(), n_positions, length, rounds,
         n_buckets, channels);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return codes;
 }
