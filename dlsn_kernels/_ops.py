@@ -206,30 +206,37 @@ def _interpreter_on() -> bool:
 
 def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot run on tensors of ``device``; None when it can."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or None")
     if name == "reference":
         return None
+    if device.type == "cuda" and name in ("cuda", "triton"):
+        # Registration alone proves nothing: a CUDA build of torch registers CUDA kernels on a machine
+        # without a GPU, and the first launch would fail far from here.
+        if torch.version.cuda is None:
+            return f"this torch build ({torch.__version__}) has no CUDA support, so no {name} kernel can run"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"CUDA device {device.index} does not exist ({torch.cuda.device_count()} visible)"
     if name == "cpu":
         if _C_ERROR is not None:
             return _C_ERROR
         return None if device.type == "cpu" else f"the cpu backend takes CPU tensors, got {device.type}"
     if name == "cuda":
-        if _C_ERROR is not None:
-            return _C_ERROR
         if device.type != "cuda":
             return f"the cuda backend takes CUDA tensors, got {device.type}"
+        if _C_ERROR is not None:
+            return _C_ERROR
         if not torch._C._dispatch_has_kernel_for_dispatch_key("dlsn::chunk_attention", "CUDA"):
             return "the extension was built without CUDA kernels (rebuild with DLSN_WITH_CUDA=1)"
         return None
-    if name == "triton":
-        if device.type == "cpu" and not _interpreter_on():
-            return (
-                "Triton runs on CPU tensors only in interpreter mode "
-                "(set TRITON_INTERPRET=1 before importing triton)"
-            )
-        if device.type not in ("cpu", "cuda"):
-            return f"Triton does not run on {device.type} tensors"
-        return _triton_ready()
-    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or None")
+    # triton
+    if device.type == "cpu" and not _interpreter_on():
+        return "Triton runs on CPU tensors only in interpreter mode (set TRITON_INTERPRET=1 before importing triton)"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton does not run on {device.type} tensors"
+    return _triton_ready()
 
 
 def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:
