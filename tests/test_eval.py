@@ -386,5 +386,5 @@ def test_help_shows_each_default_once(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert "(default: None)" not in text
-    options = " ".join(text.split()).split(" --")
-    assert all(option.count("default") <= 1 for option in options)
+    options = " ".join(text.split("options:", 1)[1].split()).split(" --")
+    assert all(option.count("(default") <= 1 for option in options)

@@ -344,3 +344,197 @@ def test_thread_tuner_keeps_the_faster_thread_count_and_checks_again():
         assert tuner.best == 2 and tuner.interval > 10.0  # the choice stood: checks get rarer
     finally:
         torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume keeps the lr schedule; kill -9 (even mid-save) leaves a last.pt to resume from
+
+
+def test_resume_with_a_decaying_schedule_repeats_the_uninterrupted_run(hr_folder, tmp_path, capsys):
+    # lr changes at every step here (warm-up, then halved every epoch of 2 steps): the weights after
+    # 3 + 3 steps equal those after 6 only if the resumed run used the same lr at every step.
+    common = ["--data", hr_folder, "--schedule", "step", "--epoch-steps", 2, "--decay-epochs", 1,
+              "--warmup-steps", 2, "--lr", "2e-3", "--val-every", 0, *TINY]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run([*common, "--max-steps", 6, "--out", straight], capsys)[0] == 0
+    assert run([*common, "--max-steps", 3, "--out", split], capsys)[0] == 0
+    assert run(["--resume", "--out", split, "--max-steps", 6, "--no-progress"], capsys)[0] == 0
+    resumed, reference = load_checkpoint(split / "last.pt"), load_checkpoint(straight / "last.pt")
+    assert resumed["scheduler"] == reference["scheduler"]
+    decay_steps = reference["scheduler"]["decay_steps"]
+    assert decay_steps < 6  # the lr halved during the run
+    assert resumed["scheduler"]["last_lr"] == pytest.approx(2e-3 * 0.5 ** (6 // decay_steps))
+    for name, value in reference["model"].items():
+        torch.testing.assert_close(resumed["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resume_uses_the_saved_schedule_state_unless_given_anew(hr_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data", hr_folder, "--schedule", "step", "--epoch-steps", 2, "--decay-epochs", 1, *TINY]
+    assert run([*common, "--max-steps", 2, "--val-every", 0, "--out", out], capsys)[0] == 0
+    saved = load_checkpoint(out / "last.pt")
+    # A run whose epochs were counted differently (another process count, images added since):
+    # its schedule halves every 5 steps, which this setup would not derive.
+    saved["scheduler"]["decay_steps"] = 5
+    torch.save(saved, out / "last.pt")
+
+    def resumed_trainer(*extra):
+        args = T._parser().parse_args(["--resume", str(out / "last.pt"), "--no-progress", *map(str, extra)])
+        return T.Trainer(args, time.monotonic())
+
+    trainer = resumed_trainer()
+    assert trainer.schedule.state_dict() == saved["scheduler"]
+    assert trainer.state.step == 2 and trainer.optimizer.state_dict()["state"]  # Adam's moments are back
+    capsys.readouterr()
+    rebuilt = resumed_trainer("--lr", "5e-4")
+    assert rebuilt.schedule.base_lr == 5e-4 and rebuilt.schedule.decay_steps == rebuilt.steps_per_epoch
+    assert "schedule: rebuilt from --lr given anew" in capsys.readouterr().out
+
+
+def _kill_during_a_save_script(out: Path, marker: Path, hr_folder: Path) -> str:
+    """A training run whose torch.save, from the third last.pt on, writes half the file and then waits
+    to be killed: ``kill -9`` lands while a checkpoint is being written."""
+    args = ["--data", str(hr_folder), "--max-steps", "1000", "--val-every", "0", "--save-every", "1",
+            "--out", str(out), *TINY]
+    return f"""
+import io, sys, time, torch
+real_save = torch.save
+def half_then_hang(obj, f, *a, **k):
+    if isinstance(obj, dict) and obj.get("optimizer") is not None and obj["step"] >= 3:
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *a, **k)
+        data = buffer.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        open({str(marker)!r}, "w").write(str(obj["step"]))
+        time.sleep(600)
+    return real_save(obj, f, *a, **k)
+torch.save = half_then_hang
+from dlsn import train
+sys.exit(train.main({args!r}))
+"""
+
+
+def test_kill_9_during_a_checkpoint_write_leaves_a_last_pt_that_resumes(hr_folder, tmp_path, capsys):
+    out, marker = tmp_path / "run", tmp_path / "writing"
+    process = subprocess.Popen([sys.executable, "-c", _kill_during_a_save_script(out, marker, hr_folder)],
+                               cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), process.stdout.read() if process.poll() is not None else "timed out"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    writing = int(marker.read_text())
+    unfinished = list(out.glob(".last.pt.*.tmp"))
+    assert len(unfinished) == 1  # the half-written file is where the kill left it, under its own name
+    saved = load_checkpoint(out / "last.pt")  # the previous save is whole
+    assert saved["step"] == writing - 1  # one --save-every interval lost, no more
+
+    code, printed = run(["--resume", out, "--max-steps", writing + 1, "--no-progress"], capsys)
+    assert code == 0
+    assert f"resumed at step {writing - 1}" in printed and "unfinished checkpoint write" in printed
+    assert load_checkpoint(out / "last.pt")["step"] == writing + 1
+    assert not list(out.glob(".*.tmp"))
+    steps = [int(r["step"]) for r in log_rows(out)]
+    assert steps == sorted(steps)  # rows the killed run logged past its last save are gone
+
+
+# --------------------------------------------------------------------------------------------------
+# A careless user's inputs
+
+
+def test_bad_images_in_the_data_folder_are_listed_in_one_line(hr_folder, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for source in sorted(hr_folder.iterdir()):
+        (data / source.name).write_bytes(source.read_bytes())
+    (data / "img1.png").write_bytes(b"not a png")
+    (data / "img2.png").write_text("nor this")
+    code, _ = run(["--data", data, "--max-steps", 1, "--out", tmp_path / "out", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith(f"dlsn.train: error: --data {data}: failed: 2 of 5 images: img1.png (cannot read")
+    assert "img2.png (cannot read image" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_conversions_of_the_training_images_are_stated(hr_folder, tmp_path, capsys):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for source in sorted(hr_folder.iterdir()):
+        (data / source.name).write_bytes(source.read_bytes())
+    Image.open(hr_folder / "img0.png").convert("L").save(data / "img0.png")
+    code, printed = run(["--data", data, "--max-steps", 1, "--out", tmp_path / "out", *TINY], capsys)
+    assert code == 0
+    assert "note: converted to 8-bit RGB on reading: img0.png (greyscale)" in printed
+
+
+@pytest.mark.parametrize(
+    ("flag", "content", "message"),
+    [
+        ("--resume", b"just some text\n", "--resume: {path} is not a readable checkpoint"),
+        ("--init-from", bytes(range(256)) * 8, "--init-from: {path} is not a readable checkpoint"),
+    ],
+    ids=["resume-text", "init-from-binary"],
+)
+def test_a_file_that_is_not_a_checkpoint_is_one_line(hr_folder, tmp_path, capsys, flag, content, message):
+    path = tmp_path / "given" / "last.pt"
+    path.parent.mkdir()
+    path.write_bytes(content)
+    out = path.parent if flag == "--resume" else tmp_path / "run"
+    code, _ = run(["--data", hr_folder, flag, path, "--max-steps", 1, "--out", out, *TINY])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("dlsn.train: error: " + message.format(path=path)) and err.count("\n") == 1
+
+
+def test_bad_settings_are_one_line(hr_folder, tmp_path, capsys):
+    for extra, message in ((["--model-arg", "n_feats=0"], "--model-arg n_feats=0: n_feats must be"),
+                           (["--model-arg", "colour=1"], "--model-arg colour=1: preset 'tiny' has no settings"),
+                           (["--backend", "fastest"], "--backend 'fastest' is not a backend"),
+                           (["--threads", "0"], "--threads must be >= 1"),
+                           (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device")):
+        out = tmp_path / "out"
+        code, _ = run(["--data", hr_folder, "--max-steps", 1, "--out", out, *TINY, *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"dlsn.train: error: {message}") and err.count("\n") == 1, err
+        assert not out.exists()  # a failed start leaves no run folder behind
+
+
+def test_a_bug_keeps_its_traceback_and_leaves_no_empty_folder(hr_folder, tmp_path, monkeypatch):
+    def broken_step(self, batch):
+        raise ValueError("a bug that happens to be a ValueError")
+
+    monkeypatch.setattr(T.Trainer, "train_step", broken_step)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="a bug that happens"):
+        T.main([str(a) for a in ["--data", hr_folder, "--max-steps", 3, "--out", out, *TINY]])
+    assert not out.exists()
+
+
+def test_ctrl_c_while_setting_up_is_one_line(hr_folder, tmp_path, capsys, monkeypatch):
+    def interrupted(settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "build_data", interrupted)
+    code, _ = run(["--data", hr_folder, "--max-steps", 1, "--out", tmp_path / "out", *TINY])
+    assert code == 130
+    assert capsys.readouterr().err.strip() == "dlsn.train: interrupted; nothing saved"
+
+
+def test_help_shows_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        T.main(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "(default 2)" in text
+    options = " ".join(text.split("options:", 1)[1].split()).split(" --")
+    assert all(option.count("(default") <= 1 for option in options)
