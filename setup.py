@@ -3,14 +3,20 @@
 CPU sources are always built. CUDA sources are built when a CUDA toolkit and a CUDA build of
 torch are present; ``DLSN_WITH_CUDA=0`` skips them, ``DLSN_WITH_CUDA=1`` forces them (and fails
 loudly when they cannot be built). ``MAX_JOBS`` and ``TORCH_CUDA_ARCH_LIST`` are honoured by
-``torch.utils.cpp_extension`` (Ninja is used when installed).
+``torch.utils.cpp_extension`` (Ninja is used when installed). Without ``TORCH_CUDA_ARCH_LIST``
+torch targets the visible GPUs; with none visible, ``_default_cuda_archs`` picks the list.
+
+Object files live in ``build/<torch version>-py<version>/`` rather than in the throwaway folder
+that pip's editable install hands to setuptools, so a rebuild with nothing changed only relinks.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -60,7 +66,9 @@ def _want_cuda() -> bool:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
-    available = torch.version.cuda is not None and CUDA_HOME is not None
+    # torch falls back to /usr/local/cuda or a stale CUDA_HOME without checking that nvcc is there
+    has_nvcc = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    available = torch.version.cuda is not None and has_nvcc
     if flag in ("1", "true", "yes", "on"):
         if not available:
             sys.exit(
@@ -69,6 +77,55 @@ def _want_cuda() -> bool:
             )
         return True
     return available
+
+
+def _nvcc_archs(cuda_home: str) -> set[str]:
+    """The real architectures nvcc can compile for, as "8.0", "9.0"... (empty if it cannot say)."""
+    try:
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-code"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return set()
+    return {f"{int(m[:-1])}.{m[-1]}" for m in re.findall(r"sm_(\d+)\b", out)}
+
+
+def _default_cuda_archs(cuda_home: str) -> str:
+    """TORCH_CUDA_ARCH_LIST when it is unset and no GPU is visible (a login node, a CI machine).
+
+    torch would otherwise take the visible GPUs' architectures and crash on an empty list. Every
+    data-centre generation this torch build ships kernels for gets machine code (A100 8.0, H100/H200
+    9.0, B200 10.0), and the newest gets PTX too, which the driver compiles for any later GPU. The
+    consumer-only variants (7.5, 8.6, 12.0) would each add a full device compile, and the 8.0 code
+    runs on 8.6; set TORCH_CUDA_ARCH_LIST to target them exactly.
+    """
+    import torch
+
+    shipped = {f"{int(a[3:-1])}.{a[-1]}" for a in torch.cuda.get_arch_list() if re.fullmatch(r"sm_\d+", a)}
+    buildable = _nvcc_archs(cuda_home) or shipped
+    wanted = [a for a in ("8.0", "9.0", "10.0") if a in shipped and a in buildable]
+    if not wanted:  # an older or unusual torch build: its own newest architecture
+        wanted = sorted(shipped & buildable, key=lambda a: tuple(map(int, a.split("."))))[-1:] or ["8.0"]
+    return ";".join(wanted) + "+PTX"
+
+
+def _choose_cuda_archs(cuda_home: str) -> None:
+    """Fills TORCH_CUDA_ARCH_LIST when unset and no GPU is visible, and says which list the build uses."""
+    import torch
+
+    given = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if given:
+        print(f"dlsn-kernels: CUDA architectures {given} (from TORCH_CUDA_ARCH_LIST)", flush=True)
+    elif torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+        print(f"dlsn-kernels: CUDA architectures of the visible GPUs ({', '.join(names)})", flush=True)
+    else:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _default_cuda_archs(cuda_home)
+        print(
+            f"dlsn-kernels: no GPU visible and TORCH_CUDA_ARCH_LIST unset; building for CUDA architectures "
+            f"{os.environ['TORCH_CUDA_ARCH_LIST']} (set TORCH_CUDA_ARCH_LIST to choose)",
+            flush=True,
+        )
 
 
 def _extensions():
@@ -108,10 +165,50 @@ def _extensions():
     ]
 
 
+def _check_isolated_torch() -> None:
+    """Fails early when pip's isolated build environment brought a torch other than the installed one.
+
+    ``pip install -e .`` without ``--no-build-isolation`` compiles against a fresh torch from the index;
+    an extension built against one torch release does not load in another.
+    """
+    from importlib.metadata import version
+
+    building_with = version("torch")
+    probe = "import importlib.metadata as m; print(m.version('torch'))"
+    try:  # -I: the interpreter's own site-packages, without the build environment pip put on PYTHONPATH
+        installed = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return
+    if installed and installed != building_with:
+        sys.exit(
+            f"dlsn-kernels: this build would compile against torch {building_with} (pip's isolated build "
+            f"environment), but torch {installed} is installed, and the extension would not load there. "
+            "Build against the installed torch: pip install --no-build-isolation -e ."
+        )
+
+
 def _build_ext():
+    import torch
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(use_ninja=True)
+    class PersistentBuildExtension(BuildExtension):
+        """Keeps object files (and Ninja's record of them) between builds so Ninja can skip them."""
+
+        def finalize_options(self) -> None:
+            super().finalize_options()
+            tag = f"{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+            self.build_temp = os.path.join(ROOT, "build", tag)
+
+        def run(self) -> None:
+            _check_isolated_torch()
+            if any(isinstance(ext.extra_compile_args, dict) and "nvcc" in ext.extra_compile_args
+                   for ext in self.extensions):
+                from torch.utils.cpp_extension import CUDA_HOME
+
+                _choose_cuda_archs(CUDA_HOME)
+            super().run()
+
+    return PersistentBuildExtension.with_options(use_ninja=True)
 
 
 setup(ext_modules=_extensions(), cmdclass={"build_ext": _build_ext()})
