@@ -11,6 +11,12 @@ Options (each has an environment variable, for scripts):
 * ``--bench-rounds N`` (``DLSN_BENCH_ROUNDS``, default 5): timed rounds after one warm-up.
 * ``--dtype float16`` (``DLSN_BENCH_DTYPE``, default float32): dtype of the attention core groups.
 * ``--no-memory`` (``DLSN_BENCH_MEMORY=0``): skip the child-process peak-memory measurement.
+* ``--bench-results DIR`` (``DLSN_BENCH_RESULTS``, default ``bench/results/latest``): where a full
+  run writes ``<device>.json``, ``<device>.md`` and ``<device>_scaling.png``. Quick runs write nothing.
+
+The run ends with one summary (``bench.report.render_summary``): every fused case against the
+NLSN-style baseline of the same case, in place of pytest-benchmark's wide per-group tables (the
+JSON keeps every statistic; ``--benchmark-verbose`` brings the tables back).
 
 Torch uses every core the process may run on (``DLSN_BENCH_THREADS`` overrides); the header
 line and the JSON's ``machine_info["dlsn_bench"]`` say how many.
@@ -19,15 +25,20 @@ line and the JSON's ``machine_info["dlsn_bench"]`` say how many.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from bench import report
 from bench.harness import GB, BenchConfig
 from bench.memory import cpu_threads
+
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "latest"
 
 
 def _env_flag(name: str) -> bool | None:
@@ -84,6 +95,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         default=None,
         help="do not measure peak memory in a child process (env DLSN_BENCH_MEMORY=0)",
+    )
+    group.addoption(
+        "--bench-results",
+        default=None,
+        help="folder for a full run's JSON, Markdown report and scaling plot "
+        "(env DLSN_BENCH_RESULTS; default bench/results/latest)",
     )
 
 
@@ -172,6 +189,58 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list, output_json: dict) -> None:
     output_json["dlsn_skipped"] = list(_SKIPPED)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session_bench = getattr(session.config, "_benchmarksession", None)
+    if session_bench is not None and not session.config.getoption("benchmark_verbose", False):
+        # Our summary replaces the per-group tables (about 250 columns); regressions are still checked.
+        session_bench.quiet = True
+
+
+def _results_json(config: pytest.Config) -> dict[str, Any] | None:
+    """This run's results in pytest-benchmark's JSON layout (what --benchmark-json would write)."""
+    session_bench = getattr(config, "_benchmarksession", None)
+    if session_bench is None or not session_bench.benchmarks:
+        return None
+    machine_info = config.hook.pytest_benchmark_generate_machine_info(config=config)
+    config.hook.pytest_benchmark_update_machine_info(config=config, machine_info=machine_info)
+    data = config.hook.pytest_benchmark_generate_json(
+        config=config,
+        benchmarks=session_bench.benchmarks,
+        include_data=False,
+        machine_info=machine_info,
+        commit_info={},
+    )
+    config.hook.pytest_benchmark_update_json(config=config, benchmarks=session_bench.benchmarks, output_json=data)
+    return data if data["benchmarks"] else None
+
+
+def _write_results(data: dict[str, Any], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder == DEFAULT_RESULTS and not (folder / ".gitignore").exists():
+        (folder / ".gitignore").write_text("# results of the latest local run, not committed\n*\n")
+    name = data["machine_info"]["dlsn_bench"]["device"].split(":")[0]
+    json_path = folder / f"{name}.json"
+    json_path.write_text(json.dumps(data, indent=1))
+    return [json_path, *report.write_report(data, folder, name)]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    data = _results_json(config)
+    if data is None:
+        return
+    c = config.stash[_CONFIG_KEY]
+    mode = "quick mode: tiny sizes, one round, not a measurement" if c.quick else "full run"
+    terminalreporter.section(f"dlsn bench: fused vs NLSN-style on {c.device} ({mode})", sep="=")
+    for line in report.render_summary(data):
+        terminalreporter.write_line(line)
+    if c.quick:
+        terminalreporter.write_line("quick mode writes no report; a full run writes one to bench/results/latest/")
+        return
+    folder = Path(config.getoption("--bench-results") or os.environ.get("DLSN_BENCH_RESULTS") or DEFAULT_RESULTS)
+    written = _write_results(data, folder)
+    terminalreporter.write_line("wrote " + ", ".join(str(p) for p in written))
 
 
 @pytest.fixture(scope="session")

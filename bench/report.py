@@ -20,7 +20,15 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GROUP_ORDER", "load_results", "render_markdown", "plot_scaling", "main"]
+__all__ = [
+    "GROUP_ORDER",
+    "load_results",
+    "render_markdown",
+    "render_summary",
+    "plot_scaling",
+    "write_report",
+    "main",
+]
 
 GROUP_ORDER = ("core-fwd", "core-fwdbwd", "scaling-fwd", "gla-fwd", "model-fwd")
 GROUP_TITLES = {
@@ -151,6 +159,74 @@ def render_markdown(data: dict[str, Any], scaling_png: str | None = None) -> str
     return "\n".join(lines)
 
 
+def _times(ratio: float) -> str:
+    return f"{ratio:.1f}x" if ratio < 10 else f"{ratio:.0f}x"
+
+
+def _speed_words(fused_ms: float | None, base_ms: float | None) -> str:
+    if not fused_ms or not base_ms:
+        return "-"
+    ratio = base_ms / fused_ms
+    return f"{_times(ratio)} faster" if ratio >= 1 else f"{_times(1 / ratio)} slower"
+
+
+def _memory_words(fused_mb: float | None, base_mb: float | None) -> str:
+    if fused_mb is None or base_mb is None or fused_mb <= 0 or base_mb <= 0:
+        return "-"
+    ratio = base_mb / fused_mb
+    return f"{_times(ratio)} less" if ratio >= 1 else f"{_times(1 / ratio)} more"
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def render_summary(data: dict[str, Any]) -> list[str]:
+    """Terminal lines (at most 120 columns): each fused row against the NLSN-style row of its case.
+
+    Groups without an NLSN-style row (the whole networks) compare with ``reference`` and say so. A
+    baseline that was not run (too big for the memory limit) shows as "not run" with no ratio.
+    """
+    lines: list[str] = []
+    columns = f"  {'case':<32} {'impl':<12}{'fused ms':>10}{'base ms':>10}{'fused MB':>10}{'base MB':>10}"
+    columns += f"  {'time':<13}{'peak memory':<11}"
+    for group, rows in rows_by_group(data).items():
+        fused = [r for r in rows if r["impl"].startswith("fused-")]
+        if not fused:
+            continue
+        impls = {r["impl"] for r in rows}
+        baseline = next((b for b in RATIO_BASELINES if b in impls), RATIO_BASELINES[0])
+        base_rows = {r["case"]: r for r in rows if r["impl"] == baseline}
+        lines += [_clip(f"{group}: {GROUP_TITLES.get(group, group)}; base = {baseline}", 120), columns]
+        for r in fused:
+            base = base_rows.get(r["case"], {})
+            base_ms = base.get("median_ms")
+            line = (
+                f"  {_clip(r['case'], 32):<32} {_clip(r['impl'], 12):<12}{_fmt(r['median_ms'], 2):>10}"
+                f"{_fmt(base_ms, 2) if base else 'not run':>10}{_fmt(r['peak_mb']):>10}{_fmt(base.get('peak_mb')):>10}"
+                f"  {_speed_words(r['median_ms'], base_ms):<13}{_memory_words(r['peak_mb'], base.get('peak_mb')):<11}"
+            )
+            lines.append(line.rstrip())
+        lines.append("")
+    if lines:
+        lines.append(
+            "time: median per call against the base; peak memory: peak extra MB against the base "
+            "(one child process per case)."
+        )
+    return lines
+
+
+def write_report(data: dict[str, Any], out_dir: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Writes ``<name>.md`` and, when the run has a scaling group, ``<name>_scaling.png``; returns the paths."""
+    name = name or _machine(data)["device"].split(":")[0]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png_name = f"{name}_scaling.png"
+    has_plot = plot_scaling(data, out / png_name)
+    (out / f"{name}.md").write_text(render_markdown(data, png_name if has_plot else None))
+    return [out / f"{name}.md"] + ([out / png_name] if has_plot else [])
+
+
 def plot_scaling(data: dict[str, Any], path: str | os.PathLike) -> bool:
     """Log-log time and peak memory against pixels for the scaling group; False if it has no rows."""
     rows = rows_by_group(data).get(SCALING_GROUP, [])
@@ -197,14 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     data = load_results(args.json)
-    name = args.name or _machine(data)["device"].split(":")[0]
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png_name = f"{name}_scaling.png"
-    has_plot = plot_scaling(data, out_dir / png_name)
-    markdown = render_markdown(data, png_name if has_plot else None)
-    (out_dir / f"{name}.md").write_text(markdown)
-    print(f"wrote {out_dir / (name + '.md')}" + (f" and {out_dir / png_name}" if has_plot else ""))
+    written = write_report(data, args.out_dir, args.name)
+    print("wrote " + " and ".join(str(p) for p in written))
 
 
 if __name__ == "__main__":
