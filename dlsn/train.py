@@ -44,6 +44,14 @@ self-ensemble score). Y-PSNR follows SPEC 5 (8-bit rounding,
 data order, RNG state, elapsed time and best PSNR; settings not given again on the command line are
 those of the run being resumed. With ``--workers 0`` a resumed run repeats the uninterrupted one.
 
+**Failures.** ``last.pt`` is replaced atomically, so ``kill -9`` at any moment, even during a save,
+leaves the previous ``last.pt`` whole: at most ``--save-every`` steps are lost, and ``--resume``
+removes the killed write's temporary file. Resume keeps the saved lr schedule (its warm-up, decay
+interval and peak lr) unless ``--lr``, ``--schedule``, ``--warmup-steps``, ``--decay-epochs`` or
+``--epoch-steps`` is given anew. Bad input (data, checkpoint, settings) prints one line and exits
+with status 2; any other error is a bug and keeps its traceback. A run folder this command created
+and left empty is removed. A second Ctrl-C stops at once, keeping the last ``last.pt`` written.
+
 Several processes (torchrun) train with DistributedDataParallel (gloo on CPU, nccl on GPU); each
 process draws its own patches, ``--batch-size`` is per process, and only rank 0 prints and writes.
 """

@@ -1,6 +1,7 @@
 """Data for super-resolution: MATLAB-style resizing, degradations, data sets and the embedded samples."""
 
 from dlsn.data.datasets import (
+    DegradedFolderDataset,
     HRFolderDataset,
     HRImageDataset,
     PairedFolderDataset,
@@ -25,6 +26,7 @@ from dlsn.data.samples import SAMPLE_NAMES, TRAIN_NAMES, VAL_NAMES, load_sample,
 
 __all__ = [
     "DEGRADATIONS",
+    "DegradedFolderDataset",
     "HRFolderDataset",
     "HRImageDataset",
     "PairedFolderDataset",
