@@ -531,7 +531,10 @@ def build_data(s: Settings) -> Data:
     """Training set and validation sets for the settings (see the module docstring)."""
     if s.data is None:
         train_images, val_images = samples.train_val_split()
-        train, val, val_full = _hr_split_datasets(train_images, val_images, s)
+        try:
+            train, val, val_full = _hr_split_datasets(train_images, val_images, s)
+        except ValueError as error:  # settings that do not fit the photos, e.g. a patch larger than one
+            raise TrainError(f"the embedded photos: {one_line(error)}") from error
         desc = (f"embedded photos: {len(train_images)} for training{_pyramid_note(s)}, "
                 f"held out {', '.join(val_images)}")
         return Data(train, val, val_full, desc)
