@@ -115,6 +115,7 @@ def gla_attention(
 
 
 def _combine_rounds_impl(out: Tensor, lse: Tensor) -> Tensor:
+    _checks.check_rounds(out, lse)  # the raw op too: a broadcast of mismatched shapes would pass silently
     return reference.combine_rounds(out, lse.to(out.dtype))
 
 

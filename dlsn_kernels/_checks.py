@@ -55,7 +55,7 @@ def check_float(t: Tensor, name: str, backend: str) -> None:
 def check_same(ref: Tensor, ref_name: str, t: Tensor, name: str) -> None:
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
-    if t.dtype != ref.dtype and t.dtype.is_floating_point:
+    if t.dtype != ref.dtype:
         raise ValueError(f"{name} is {t.dtype} but {ref_name} is {ref.dtype}; they must share one dtype")
 
 
