@@ -105,7 +105,9 @@ def _compile_only(compiled: list[tuple[str, Any, dict[str, Any]]]) -> Iterator[N
     def run(self, *args, grid, warmup, **kwargs):
         kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
         options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-        blocks = {k: v for k, v in kwargs.items() if k.startswith("BLOCK_")}
+        # block sizes, and the switches that select a variant (MODE, DV_PASS, FIRST, LAST)
+        blocks = {k: v for k, v in kwargs.items()
+                  if k.startswith("BLOCK_") or k in ("MODE", "DV_PASS", "FIRST", "LAST")}
         compiled.append((self.fn.__name__, kernel, {**blocks, **options}))
         return kernel
 
@@ -204,13 +206,13 @@ def compile_kernels(shape: tuple[int, ...] = TRAINING_SHAPE, modes=MODES) -> lis
 
 
 def format_table(records: list[KernelRecord]) -> str:
-    head = (f"{'kernel':<26} {'mode':<13} {'config':<40} {'regs':>4} {'spill':>5} {'stack':>5} "
+    head = (f"{'kernel':<28} {'mode':<13} {'config':<44} {'regs':>4} {'spill':>5} {'stack':>5} "
             f"{'smem KB':>7} {'TC':>5} {'FFMA':>6}")
     lines = [head, "-" * len(head)]
     for r in records:
-        config = " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in r.config.items())
+        config = " ".join(f"{k.replace('BLOCK_', '').replace('num_', '')}={int(v)}" for k, v in r.config.items())
         lines.append(
-            f"{r.kernel:<26} {r.dtype:<13} {config:<40} {r.registers:>4} {r.spill_bytes:>5} {r.stack_bytes:>5} "
+            f"{r.kernel:<28} {r.dtype:<13} {config:<44} {r.registers:>4} {r.spill_bytes:>5} {r.stack_bytes:>5} "
             f"{r.shared_bytes / 1024:>7.1f} {r.tensor_core_instructions:>5} {r.ffma_instructions:>6}"
         )
     return "\n".join(lines)

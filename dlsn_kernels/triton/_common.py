@@ -24,11 +24,13 @@ __all__ = [
     "MAX_CHANNELS",
     "MAX_CHUNK",
     "accumulate_dtype",
+    "check_device",
     "check_float_inputs",
     "check_index",
     "check_rank",
     "channel_block",
     "device_fn",
+    "dot_kind",
     "dot_precision",
     "inverse_key_norms",
     "jit",
@@ -107,6 +109,12 @@ def check_rank(t: torch.Tensor, name: str, rank: int, layout: str) -> None:
 def check_index(t: torch.Tensor, name: str) -> None:
     if t.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+
+
+def check_device(t: torch.Tensor, name: str) -> None:
+    """CUDA tensors, or CPU tensors under the interpreter (through a module global, so that
+    ``bench.compile_report`` can let CPU tensors stand in for CUDA ones)."""
+    _check_device(t, name)
 
 
 def _check_device(t: torch.Tensor, name: str) -> None:
@@ -193,6 +201,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
+
+
+def dot_kind(dtype: torch.dtype) -> str:
+    """How the attention dots of ``dtype`` run: "native" (float16/bfloat16 tensor cores), "tf32" or "ieee"."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "native"
+    return dot_precision(dtype) if dtype == torch.float32 else "ieee"
 
 
 def inverse_key_norms(xm: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from ._common import (
     channel_block,
     check_rank,
     device_fn,
+    dot_kind,
     dot_precision,
     inverse_key_norms,
     jit,
@@ -45,19 +46,29 @@ from .chunk_attention import _check_perm, check_attention_inputs
 __all__ = ["attention_backward"]
 
 
+# (BLOCK_K, BLOCK_Q of the dv pass, BLOCK_Q of the score pass, num_warps of each) at Cv = 256 by dot kind;
+# what ``python -m bench.compile_report`` shows spill-free on sm_90. Both passes share BLOCK_K (dq_part is
+# sized by it).
+_BACKWARD_TILES = {
+    "native": (64, (64, 8), (32, 4)),
+    "tf32": (64, (32, 8), (32, 8)),
+    "ieee": (64, (16, 8), (16, 8)),
+}
+
+
 def backward_config(chunk_size: int, value_channels: int, dtype: torch.dtype, dv_pass: bool) -> dict[str, int]:
     """Block sizes and launch shape of the two ``_key_pass`` launches, fixed per problem (no autotuning).
 
     A program owns BLOCK_K keys and walks the K query slots of the three chunks that read them in tiles of
-    BLOCK_Q. The dv pass keeps ``dv [BLOCK_K, Cv]`` in registers: 64 x 64 tiles on eight warps. The score pass
-    keeps the value rows, dkn and dlss: 64 keys x 32 query slots on four warps. Both are spill-free on sm_90
-    at Cv = 256 (``python -m bench.compile_report`` checks it).
+    BLOCK_Q. The dv pass keeps ``dv [BLOCK_K, Cv]`` in registers; the score pass keeps the value rows, dkn
+    and the dlss tile.
     """
-    block = min(channel_block(chunk_size), 64)
-    wide = channel_block(value_channels) >= 256
-    if dv_pass:
-        return {"BLOCK_K": block, "BLOCK_Q": block, "num_warps": 8 if wide else 4, "num_stages": 2}
-    return {"BLOCK_K": block, "BLOCK_Q": min(block, 32) if wide else block, "num_warps": 4, "num_stages": 2}
+    block_k, dv_tiles, score_tiles = _BACKWARD_TILES[dot_kind(dtype)]
+    block_q, warps = dv_tiles if dv_pass else score_tiles
+    chunk = channel_block(chunk_size)
+    narrow = channel_block(value_channels) <= 128
+    return {"BLOCK_K": min(block_k, chunk), "BLOCK_Q": min(block_q, chunk),
+            "num_warps": 4 if narrow else warps, "num_stages": 2}
 
 
 @triton.heuristics({

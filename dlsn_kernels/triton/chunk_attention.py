@@ -28,6 +28,7 @@ from ._common import (
     check_float_inputs,
     check_index,
     check_rank,
+    dot_kind,
     dot_precision,
     inverse_key_norms,
     jit,
@@ -47,16 +48,22 @@ _FIRST_ROUND = 1  # gla_attention, round 0: y[n, q], lse[n, q]
 _MERGE_ROUND = 2  # gla_attention, rounds > 0: merge into y[n, q], lse[n, q]
 
 
+# (BLOCK_Q, BLOCK_K, num_warps) at Cv = 256 by dot kind; what ``python -m bench.compile_report`` shows
+# spill-free on sm_90. Tensor-core tiles are larger in half precision (half the bytes per operand); IEEE float32
+# runs on FFMA, which holds whole operand rows in registers, hence its small key tiles.
+_FORWARD_TILES = {"native": (64, 64, 8), "tf32": (64, 32, 8), "ieee": (32, 16, 8)}
+
+
 def forward_config(chunk_size: int, value_channels: int, dtype: torch.dtype) -> dict[str, int]:
     """Block sizes and launch shape of ``_chunk_attention_fwd_kernel``, fixed per problem (no autotuning).
 
-    Query tiles of 64 slots amortise the gather of the 3K key rows (SPEC 1.4) over many queries; 64 keys per
-    step keep the score tile and the ``[BLOCK_Q, Cv]`` accumulator spill-free on sm_90 at Cv = 256 with eight
-    warps (``python -m bench.compile_report`` checks it). float64 runs only under the interpreter.
+    Query tiles of up to 64 slots amortise the gather of the 3K key rows (SPEC 1.4) over many queries.
     """
-    block = min(channel_block(chunk_size), 64)
-    wide = channel_block(value_channels) >= 256
-    return {"BLOCK_Q": block, "BLOCK_K": block, "num_warps": 8 if wide else 4, "num_stages": 2}
+    block_q, block_k, warps = _FORWARD_TILES[dot_kind(dtype)]
+    chunk = channel_block(chunk_size)
+    narrow = channel_block(value_channels) <= 128
+    return {"BLOCK_Q": min(block_q, chunk), "BLOCK_K": min(block_k, chunk),
+            "num_warps": 4 if narrow else warps, "num_stages": 2}
 
 
 @triton.heuristics({

@@ -14,10 +14,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    INTERPRETED,
     MAX_CHANNELS,
     accumulate_dtype,
     channel_block,
+    check_device,
     check_float_inputs,
     check_index,
     check_rank,
@@ -151,6 +151,7 @@ def bucket_sort(codes: Tensor, n_buckets: int) -> Tensor:
     """
     check_rank(codes, "codes", 3, "[N, R, L]")
     check_index(codes, "codes")
+    check_device(codes, "codes")
     n_buckets = int(n_buckets)
     if n_buckets < 1:
         raise ValueError(f"n_buckets must be >= 1, got {n_buckets}")
@@ -162,7 +163,7 @@ def bucket_sort(codes: Tensor, n_buckets: int) -> Tensor:
 def sort_codes(codes: Tensor, n_buckets: int) -> Tensor:
     """``bucket_sort`` without the argument checks (codes from ``sblsh_hash`` are known good)."""
     n, rounds, length = codes.shape
-    if n_buckets > MAX_SORT_BUCKETS or (codes.device.type == "cpu" and not INTERPRETED):
+    if n_buckets > MAX_SORT_BUCKETS:
         return torch.sort(codes.long(), dim=-1, stable=True).indices
     perm = torch.empty((n, rounds, length), dtype=torch.int64, device=codes.device)
     if perm.numel() == 0:

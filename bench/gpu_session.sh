@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One device call of at most 6 minutes on a lent GPU (torch 2.11, Triton 3.6, no internet), build included:
+# build the extension (CUDA kernels for sm_90) while the Triton GPU tests run, then bench.gpu_session
+# (correctness smoke test, determinism, the timing table, a profile), then the bad-input calls of the CUDA
+# ops under compute-sanitizer. Results go to $OUT (the device tool brings them back) and bench/results/.
+#   bash bench/gpu_session.sh            # from the repository root
+set -uo pipefail
+cd "$(dirname "$0")/.."
+results=${OUT:-bench/results/session}
+mkdir -p "$results"
+log="$results/session.log"
+: > "$log"
+export PYTHONUNBUFFERED=1
+if ! command -v python > /dev/null; then
+  mkdir -p /tmp/dlsn_pyshim && ln -sf "$(command -v python3)" /tmp/dlsn_pyshim/python
+  export PATH=/tmp/dlsn_pyshim:$PATH
+fi
+say() { echo "== $* ($(date +%T))" | tee -a "$log"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
+
+say "build in the background; Triton GPU tests meanwhile"
+(
+  export DLSN_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-12}
+  timeout 150 python setup.py build_ext --inplace > "$results/build.log" 2>&1
+  echo $? > /tmp/dlsn_build_rc
+) &
+build_job=$!
+timeout 100 python -m pytest -q -x -p no:cacheprovider -n 8 tests/test_triton.py > "$results/tests_triton.log" 2>&1
+echo "triton tests rc=$?: $(tail -1 "$results/tests_triton.log")" | tee -a "$log"
+wait "$build_job"
+say "build rc=$(cat /tmp/dlsn_build_rc 2>/dev/null || echo missing)"
+backends=(triton cuda)
+[ "$(cat /tmp/dlsn_build_rc 2>/dev/null)" = 0 ] || backends=(triton)
+
+say "bench.gpu_session"
+timeout 210 python -m bench.gpu_session --out "$results" --backends "${backends[@]}" > "$results/gpu_session.out" 2>&1
+echo "gpu_session rc=$?" | tee -a "$log"
+tail -60 "$results/gpu_session.out" | tee -a "$log"
+
+if [ "${backends[*]}" = "triton cuda" ] && command -v compute-sanitizer > /dev/null; then
+  say "bad-input calls of the CUDA ops under compute-sanitizer"
+  timeout 60 compute-sanitizer --tool memcheck --print-limit 5 python -m bench.gpu_error_paths 2>&1 \
+    | tail -40 | tee -a "$log"
+fi
+cp "$results/session.md" bench/results/gpu.md 2>/dev/null
+say "done"

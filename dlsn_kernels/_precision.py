@@ -1,0 +1,40 @@
+"""The precision policy of every backend (README "Precision", DESIGN.md "Precision").
+
+- float16/bfloat16 inputs: dot products on tensor cores with float32 accumulation; softmax and lse in float32.
+- float32 inputs follow ``torch.get_float32_matmul_precision()``: "highest" is IEEE float32, "high" and
+  "medium" allow TF32 tensor cores (the Triton backend uses them; the cpu and cuda backends are always IEEE).
+- The hash projection is IEEE float32 whatever the input dtype: TF32 or half-precision products flip codes.
+- Under ``torch.autocast`` on CUDA the attention ops cast their own floating inputs to the autocast dtype
+  (``rot`` stays float32), so a model need not cast before calling them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["autocast_dtype", "cast_for_autocast"]
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast asks for on ``device`` now, or None when autocast is off there (or on CPU, where the
+    kernels are float32/float64 only)."""
+    if device.type != "cuda" or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def cast_for_autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` in the autocast dtype of their device when autocast is on there; unchanged otherwise.
+
+    float64 inputs are left alone (they ask for an exact computation), as autocast itself does.
+    """
+    if not tensors or not isinstance(tensors[0], Tensor):
+        return tensors
+    dtype = autocast_dtype(tensors[0].device)
+    if dtype is None:
+        return tensors
+    return tuple(
+        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype == torch.float32 else t
+        for t in tensors
+    )
