@@ -23,6 +23,7 @@ from ._ops import (
     available_backends,
     resolve_backend,
 )
+from ._precision import cast_for_autocast
 from .reference import KEY_NORM_EPS, n_buckets_for, random_rotations
 
 __all__ = [
@@ -69,10 +70,12 @@ def chunk_attention(
 ) -> tuple[Tensor, Tensor]:
     """Per-round attention within adjacent buckets: ``out [N, R, L, Cv]``, ``lse [N, R, L]``.
 
-    Differentiable in ``xm``, ``v`` and ``lss``. ``lse`` is float32 (float64 for float64 inputs).
+    Differentiable in ``xm``, ``v`` and ``lss``. ``lse`` is float32 (float64 for float64 inputs). Under
+    ``torch.autocast`` on CUDA, float32 inputs are cast to the autocast dtype (README "Precision").
     Raises ValueError unless ``perm`` is a permutation of 0..L-1 for each (n, round).
     """
     _checks.require_tensors(xm=xm, v=v, lss=lss, perm=perm)
+    xm, v, lss = cast_for_autocast(xm, v, lss)
     chosen = resolve_backend(backend, xm.device)
     _checks.check_attention(xm, v, lss, chunk_size, chosen.name)
     _checks.check_perm(perm, xm)
@@ -105,6 +108,8 @@ def gla_attention(
     The permutation comes from the package's own hash and sort, so it is not checked again.
     """
     _checks.require_tensors(xm=xm, v=v, lss=lss, rot=rot)
+    # rot follows xm's dtype (the op contract); the Triton hash still multiplies in IEEE float32
+    xm, v, lss, rot = cast_for_autocast(xm, v, lss, rot)
     chosen = resolve_backend(backend, xm.device)
     _checks.check_attention(xm, v, lss, chunk_size, chosen.name)
     _checks.check_hash(xm, rot, chosen.name)

@@ -4,8 +4,9 @@
 - float32 inputs follow ``torch.get_float32_matmul_precision()``: "highest" is IEEE float32, "high" and
   "medium" allow TF32 tensor cores (the Triton backend uses them; the cpu and cuda backends are always IEEE).
 - The hash projection is IEEE float32 whatever the input dtype: TF32 or half-precision products flip codes.
-- Under ``torch.autocast`` on CUDA the attention ops cast their own floating inputs to the autocast dtype
-  (``rot`` stays float32), so a model need not cast before calling them.
+- Under ``torch.autocast`` on CUDA the attention ops cast their own float32 inputs to the autocast dtype
+  (``rot`` too, since the op contract wants it in ``xm``'s dtype; the product itself stays float32), so a
+  model need not cast before calling them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["autocast_dtype", "cast_for_autocast"]
+__all__ = ["autocast_dtype", "cast_floats", "cast_for_autocast"]
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -24,17 +25,16 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type)
 
 
-def cast_for_autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """``tensors`` in the autocast dtype of their device when autocast is on there; unchanged otherwise.
-
-    float64 inputs are left alone (they ask for an exact computation), as autocast itself does.
-    """
-    if not tensors or not isinstance(tensors[0], Tensor):
-        return tensors
-    dtype = autocast_dtype(tensors[0].device)
+def cast_floats(dtype: torch.dtype | None, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """The float32 tensors among ``tensors`` cast to ``dtype`` (None: nothing changes). float64 inputs ask for
+    an exact computation and integer ones are indices: autocast leaves both alone, and so does this."""
     if dtype is None:
         return tensors
-    return tuple(
-        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype == torch.float32 else t
-        for t in tensors
-    )
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t for t in tensors)
+
+
+def cast_for_autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` in the autocast dtype of their device when autocast is on there; unchanged otherwise."""
+    if not tensors or not isinstance(tensors[0], Tensor):
+        return tensors
+    return cast_floats(autocast_dtype(tensors[0].device), *tensors)
