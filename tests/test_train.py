@@ -93,7 +93,10 @@ def test_tiny_run_writes_checkpoints_log_plot_and_samples(hr_folder, tmp_path, c
 
 
 def test_resume_continues_exactly_where_the_run_stopped(hr_folder, tmp_path, capsys):
-    common = ["--data", hr_folder, "--schedule", "constant", "--warmup-steps", 0, "--lr", "1e-3", *TINY]
+    # The lr changes at almost every step (warm-up, then halved every epoch of a few steps): the weights
+    # after 3 + 3 steps equal those after 6 only if the resumed run used the same lr at every step.
+    common = ["--data", hr_folder, "--schedule", "step", "--epoch-steps", 2, "--decay-epochs", 1,
+              "--warmup-steps", 2, "--lr", "1e-3", *TINY]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run([*common, "--max-steps", 6, "--out", straight], capsys)[0] == 0
     assert run([*common, "--max-steps", 3, "--out", split], capsys)[0] == 0
@@ -103,8 +106,12 @@ def test_resume_continues_exactly_where_the_run_stopped(hr_folder, tmp_path, cap
     resumed = load_checkpoint(split / "last.pt")
     assert resumed["step"] == 6
     assert resumed["extra"]["settings"]["lr"] == 1e-3  # settings come from the resumed run
-    # Same data order, RNG, optimizer state: the same weights as the uninterrupted run.
+    # Same data order, RNG, optimizer state, lr schedule: the same weights as the uninterrupted run.
     reference = load_checkpoint(straight / "last.pt")
+    assert resumed["scheduler"] == reference["scheduler"]
+    decay_steps = reference["scheduler"]["decay_steps"]
+    assert decay_steps < 6  # the lr halved during the run
+    assert resumed["scheduler"]["last_lr"] == pytest.approx(1e-3 * 0.5 ** (6 // decay_steps))
     for name, value in reference["model"].items():
         torch.testing.assert_close(resumed["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
     loss_steps = [int(r["step"]) for r in log_rows(split) if r["loss"]]
@@ -350,24 +357,6 @@ def test_thread_tuner_keeps_the_faster_thread_count_and_checks_again():
 # Resume keeps the lr schedule; kill -9 (even mid-save) leaves a last.pt to resume from
 
 
-def test_resume_with_a_decaying_schedule_repeats_the_uninterrupted_run(hr_folder, tmp_path, capsys):
-    # lr changes at every step here (warm-up, then halved every epoch of 2 steps): the weights after
-    # 3 + 3 steps equal those after 6 only if the resumed run used the same lr at every step.
-    common = ["--data", hr_folder, "--schedule", "step", "--epoch-steps", 2, "--decay-epochs", 1,
-              "--warmup-steps", 2, "--lr", "2e-3", "--val-every", 0, *TINY]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run([*common, "--max-steps", 6, "--out", straight], capsys)[0] == 0
-    assert run([*common, "--max-steps", 3, "--out", split], capsys)[0] == 0
-    assert run(["--resume", "--out", split, "--max-steps", 6, "--no-progress"], capsys)[0] == 0
-    resumed, reference = load_checkpoint(split / "last.pt"), load_checkpoint(straight / "last.pt")
-    assert resumed["scheduler"] == reference["scheduler"]
-    decay_steps = reference["scheduler"]["decay_steps"]
-    assert decay_steps < 6  # the lr halved during the run
-    assert resumed["scheduler"]["last_lr"] == pytest.approx(2e-3 * 0.5 ** (6 // decay_steps))
-    for name, value in reference["model"].items():
-        torch.testing.assert_close(resumed["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
-
-
 def test_resume_uses_the_saved_schedule_state_unless_given_anew(hr_folder, tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--data", hr_folder, "--schedule", "step", "--epoch-steps", 2, "--decay-epochs", 1, *TINY]
@@ -465,17 +454,23 @@ def test_bad_images_in_the_data_folder_are_listed_in_one_line(hr_folder, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_conversions_of_the_training_images_are_stated(hr_folder, tmp_path, capsys):
+def test_conversions_of_the_training_images_are_stated(hr_folder, tmp_path):
     from PIL import Image
+
+    from dlsn.cli import format_conversions
 
     data = tmp_path / "data"
     data.mkdir()
     for source in sorted(hr_folder.iterdir()):
         (data / source.name).write_bytes(source.read_bytes())
     Image.open(hr_folder / "img0.png").convert("L").save(data / "img0.png")
-    code, printed = run(["--data", data, "--max-steps", 1, "--out", tmp_path / "out", *TINY], capsys)
-    assert code == 0
-    assert "note: converted to 8-bit RGB on reading: img0.png (greyscale)" in printed
+    Image.open(hr_folder / "img4.png").convert("RGBA").save(data / "img4.png")
+    settings = T.resolve_settings(T._parser().parse_args(["--data", str(data), *map(str, TINY)]), None)
+    conversions = T.build_data(settings).conversions
+    assert conversions == [("img0.png", "greyscale"), ("img4.png", "RGBA, alpha dropped")]
+    # Trainer prints this line before training.
+    assert format_conversions(conversions) == ("converted to 8-bit RGB on reading: img0.png (greyscale), "
+                                               "img4.png (RGBA, alpha dropped)")
 
 
 @pytest.mark.parametrize(
