@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -245,6 +246,14 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, str | No
     return {name: backend_unavailable_reason(name, device) for name in BACKENDS}
 
 
+# The automatic choice, first available wins. On CUDA tensors Triton comes first for both passes: its kernels
+# run on tensor cores (bench.compile_report) while the CUDA C++ kernels are scalar FMA. The one GPU
+# measurement (bench/results/gpu.md) predates the tensor-core Triton kernels; a per-pass split (say a CUDA
+# backward) is worth adding only if bench/gpu_session.sh measures it faster.
+AUTOMATIC_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+_log = logging.getLogger("dlsn_kernels")
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -268,9 +277,10 @@ def resolve_backend(backend: str | None, device: torch.device) -> Backend:
                 f"backends on {device.type}:\n{table}"
             )
         return _backend(requested)
-    candidates = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
-    for name in candidates:
+    for name in AUTOMATIC_ORDER.get(device.type, ()):
         if backend_unavailable_reason(name, device) is None:
+            _log.debug("dlsn_kernels: automatic backend %r on %s tensors (order %s)", name, device.type,
+                       AUTOMATIC_ORDER[device.type])
             return _backend(name)
     table = "\n".join(f"  {name}: {why or 'available'}" for name, why in available_backends(device).items())
     raise BackendUnavailableError(
