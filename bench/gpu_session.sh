@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call of at most 6 minutes on a lent GPU (torch 2.11, Triton 3.6, no internet), build included:
-# build the extension (CUDA kernels for sm_90) while the Triton GPU tests run, then bench.gpu_session
-# (correctness smoke test, determinism, the timing table, a profile), then the bad-input calls of the CUDA
-# ops under compute-sanitizer. Results go to $OUT (the device tool brings them back) and bench/results/.
+# build the extension (CUDA kernels for sm_90) while the Triton GPU tests run, the CUDA tests, then
+# bench.gpu_session (correctness smoke test, determinism, the timing table, a profile), then the bad-input
+# calls of the CUDA ops under compute-sanitizer. Budget: 100 + 45 + 180 + 40 s, each step with its own timeout. Results go to $OUT (the device tool brings them back) and bench/results/.
 #   bash bench/gpu_session.sh            # from the repository root
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,21 +25,30 @@ say "build in the background; Triton GPU tests meanwhile"
   echo $? > /tmp/dlsn_build_rc
 ) &
 build_job=$!
-timeout 100 python -m pytest -q -x -p no:cacheprovider -n 8 tests/test_triton.py > "$results/tests_triton.log" 2>&1
+timeout 100 python -m pytest -q -p no:cacheprovider -n 8 tests/test_triton.py > "$results/tests_triton.log" 2>&1
 echo "triton tests rc=$?: $(tail -1 "$results/tests_triton.log")" | tee -a "$log"
 wait "$build_job"
 say "build rc=$(cat /tmp/dlsn_build_rc 2>/dev/null || echo missing)"
 backends=(triton cuda)
-[ "$(cat /tmp/dlsn_build_rc 2>/dev/null)" = 0 ] || backends=(triton)
+if [ "$(cat /tmp/dlsn_build_rc 2>/dev/null)" = 0 ]; then
+  DLSN_REQUIRE_EXTENSION=1 timeout 45 python -m pytest -q -p no:cacheprovider -n 8 tests/test_cuda.py \
+    > "$results/tests_cuda.log" 2>&1
+  echo "cuda tests rc=$?: $(tail -1 "$results/tests_cuda.log")" | tee -a "$log"
+  grep -iqE "illegal memory access|unspecified launch failure|misaligned address" "$results/tests_cuda.log" \
+    && backends=(triton)
+else
+  backends=(triton)
+fi
+grep -hE "^(FAILED|ERROR)" "$results"/tests_*.log | head -20 | tee -a "$log"
 
 say "bench.gpu_session"
-timeout 210 python -m bench.gpu_session --out "$results" --backends "${backends[@]}" > "$results/gpu_session.out" 2>&1
+timeout 180 python -m bench.gpu_session --out "$results" --backends "${backends[@]}" > "$results/gpu_session.out" 2>&1
 echo "gpu_session rc=$?" | tee -a "$log"
 tail -60 "$results/gpu_session.out" | tee -a "$log"
 
 if [ "${backends[*]}" = "triton cuda" ] && command -v compute-sanitizer > /dev/null; then
   say "bad-input calls of the CUDA ops under compute-sanitizer"
-  timeout 60 compute-sanitizer --tool memcheck --print-limit 5 python -m bench.gpu_error_paths 2>&1 \
+  timeout 40 compute-sanitizer --tool memcheck --print-limit 5 python -m bench.gpu_error_paths 2>&1 \
     | tail -40 | tee -a "$log"
 fi
 cp "$results/session.md" bench/results/gpu.md 2>/dev/null
