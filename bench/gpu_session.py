@@ -38,6 +38,7 @@ from bench import cases
 TRAIN = dict(n=16, h=48, w=48, cm=64, cv=256, k=128, r=3)
 ODD = dict(n=3, h=37, w=29, cm=40, cv=72, k=96, r=2)  # L % K != 0, channels not powers of two
 BIG = dict(n=1, h=512, w=512, cm=64, cv=256, k=128, r=3)
+DEVICE = "cuda"  # --dry-run: "cpu", tiny shapes, the cpu backend (checks this script, not the GPU)
 IMPLS = {
     "NLSN-style": "nlsn-style",
     "DLSN-style": "dlsn-style",
@@ -73,9 +74,9 @@ def attention_gflop(n: int, h: int, w: int, cm: int, cv: int, k: int, r: int, ba
 
 def matmul_ceiling(matmul_precision: str, autocast: torch.dtype | None) -> float:
     """Measured TFLOP/s of one large square matmul in this precision mode (the ceiling for the %)."""
-    size = 8192
-    a = torch.randn(size, size, device="cuda")
-    b = torch.randn(size, size, device="cuda")
+    size = 8192 if DEVICE == "cuda" else 256
+    a = torch.randn(size, size, device=DEVICE)
+    b = torch.randn(size, size, device=DEVICE)
     with precision_mode(matmul_precision, autocast):
         ms = time_ms(lambda: torch.matmul(a, b), repeats=10)
     return 2 * size**3 / (ms * 1e-3) / 1e12
@@ -83,6 +84,10 @@ def matmul_ceiling(matmul_precision: str, autocast: torch.dtype | None) -> float
 
 def time_ms(once: Callable[[], object], repeats: int) -> float:
     once()
+    if DEVICE == "cpu":  # --dry-run
+        start = time.perf_counter()
+        once()
+        return (time.perf_counter() - start) * 1e3
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
@@ -96,6 +101,8 @@ def time_ms(once: Callable[[], object], repeats: int) -> float:
 
 
 def peak_mb(once: Callable[[], object]) -> float:
+    if DEVICE == "cpu":  # --dry-run
+        return 0.0
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -126,12 +133,12 @@ def smoke(backend: str, shape: dict[str, int], dtype: torch.dtype, matmul_precis
     lss = torch.randn(n, length, k, generator=gen, dtype=torch.float64)
     rot = dk.random_rotations(shape["cm"], shape["r"], dk.n_buckets_for(length, k), generator=gen)
     grad = torch.randn(n, length, shape["cv"], generator=gen, dtype=torch.float64)
-    inputs = [t.to("cuda", dtype).requires_grad_() for t in (xm, v, lss)]
+    inputs = [t.to(DEVICE, dtype).requires_grad_() for t in (xm, v, lss)]
     with precision_mode(matmul_precision, None):
-        y = dk.gla_attention(*inputs, rot.to("cuda"), k, backend=backend)
-        got = torch.autograd.grad(y, inputs, grad.to("cuda", dtype))
+        y = dk.gla_attention(*inputs, rot.to(DEVICE), k, backend=backend)
+        got = torch.autograd.grad(y, inputs, grad.to(DEVICE, dtype))
         # the reference attends with the backend's own codes: a near-tie may hash differently in float64
-        perm = dk.bucket_sort(dk.sblsh_hash(inputs[0].detach(), rot.to("cuda"), backend=backend),
+        perm = dk.bucket_sort(dk.sblsh_hash(inputs[0].detach(), rot.to(DEVICE), backend=backend),
                               rot.shape[2], backend=backend).cpu()
     exact = [t.requires_grad_() for t in (xm, v, lss)]
     want = ref.combine_rounds(*ref.chunk_attention(*exact, perm, k))
@@ -147,10 +154,10 @@ def deterministic(backend: str, dtype: torch.dtype) -> bool:
     shape = TRAIN
     n, length, k = shape["n"], shape["h"] * shape["w"], shape["k"]
     gen = torch.Generator().manual_seed(5)
-    xm, v, lss = (torch.randn(n, length, c, generator=gen).to("cuda", dtype).requires_grad_()
+    xm, v, lss = (torch.randn(n, length, c, generator=gen).to(DEVICE, dtype).requires_grad_()
                   for c in (shape["cm"], shape["cv"], k))
-    rot = dk.random_rotations(shape["cm"], shape["r"], dk.n_buckets_for(length, k), generator=gen).to("cuda")
-    grad = torch.randn(n, length, shape["cv"], generator=gen).to("cuda", dtype)
+    rot = dk.random_rotations(shape["cm"], shape["r"], dk.n_buckets_for(length, k), generator=gen).to(DEVICE)
+    grad = torch.randn(n, length, shape["cv"], generator=gen).to(DEVICE, dtype)
     runs = [torch.autograd.grad(dk.gla_attention(xm, v, lss, rot, k, backend=backend), (xm, v, lss), grad)
             for _ in range(2)]
     return all(torch.equal(a, b) for a, b in zip(*runs))
@@ -163,9 +170,10 @@ def deterministic(backend: str, dtype: torch.dtype) -> bool:
 def timing_rows(repeats: int, with_big: bool) -> list[dict[str, object]]:
     rows = []
     ceilings = {label: matmul_ceiling(prec, ac) for label, prec, ac in MODES}
-    cases_to_run = [("train N=16 48x48", TRAIN, False), ("train N=16 48x48", TRAIN, True)]
+    train = f"train N={TRAIN['n']} {TRAIN['h']}x{TRAIN['w']}"
+    cases_to_run = [(train, TRAIN, False), (train, TRAIN, True)]
     if with_big:
-        cases_to_run.append(("inference 512x512", BIG, False))
+        cases_to_run.append((f"inference {BIG['h']}x{BIG['w']}", BIG, False))
     for case_name, shape, backward in cases_to_run:
         for label, prec, ac in MODES:
             if case_name.startswith("inference") and label == "fp32-highest":
@@ -174,7 +182,7 @@ def timing_rows(repeats: int, with_big: bool) -> list[dict[str, object]]:
                 row: dict[str, object] = {"case": case_name, "pass": "fwd+bwd" if backward else "fwd",
                                           "mode": label, "impl": impl}
                 try:
-                    once = cases.core_case(case_impl, backward=backward, device="cuda", **shape)
+                    once = cases.core_case(case_impl, backward=backward, device=DEVICE, **shape)
 
                     def run(once=once, prec=prec, ac=ac) -> None:
                         with precision_mode(prec, ac):
@@ -187,7 +195,8 @@ def timing_rows(repeats: int, with_big: bool) -> list[dict[str, object]]:
                 except Exception as exc:  # noqa: BLE001 - an OOM or a failing backend is a result too
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
                 once = None
-                torch.cuda.empty_cache()
+                if DEVICE == "cuda":
+                    torch.cuda.empty_cache()
                 rows.append(row)
                 print(row, flush=True)
     for label, value in ceilings.items():
@@ -198,12 +207,15 @@ def timing_rows(repeats: int, with_big: bool) -> list[dict[str, object]]:
 def profile_table() -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    once = cases.core_case(cases.fused_impl("triton"), backward=True, device="cuda", **TRAIN)
-    with precision_mode("highest", torch.bfloat16):
+    backend = "triton" if DEVICE == "cuda" else "cpu"
+    once = cases.core_case(cases.fused_impl(backend), backward=True, device=DEVICE, **TRAIN)
+    activities = [ProfilerActivity.CUDA] if DEVICE == "cuda" else [ProfilerActivity.CPU]
+    sort_by = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+    with precision_mode("highest", torch.bfloat16 if DEVICE == "cuda" else None):
         once()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=activities) as prof:
             once()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50)
+    return prof.key_averages().table(sort_by=sort_by, row_limit=12, max_name_column_width=50)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,8 +254,20 @@ def to_markdown(meta: dict[str, object], accuracy: list[dict[str, object]], dete
                    f"{row['ceiling_pct']:.1f} |")
     out += ["", "Matmul ceilings measured in this run (8192^3): " +
             ", ".join(f"{r['ceiling']} {r['tflops']:.0f} TFLOP/s" for r in timings if "ceiling" in r)]
-    out += ["", "## Profile: fused triton, one training step, bf16 autocast", "", "```", profile, "```", ""]
+    out += ["", "## Profile: one fused training step (triton, bf16 autocast; cpu in a dry run)", "",
+            "```", profile, "```", ""]
     return "\n".join(out)
+
+
+def _dry_run_setup() -> None:
+    """Tiny shapes, the CPU, the cpu backend, float32 modes only: every code path of this script runs."""
+    global DEVICE, MODES, IMPLS
+    DEVICE = "cpu"
+    MODES = MODES[:1]
+    IMPLS = {"NLSN-style": "nlsn-style", "DLSN-style": "dlsn-style", "fused cpu": cases.fused_impl("cpu")}
+    for shape, small in ((TRAIN, dict(n=2, h=12, w=12, k=32)), (ODD, dict(n=2, h=7, w=9, k=16)),
+                         (BIG, dict(h=32, w=32, k=32))):
+        shape.update(small)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -252,19 +276,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-512", action="store_true", help="leave out the 512x512 inference")
     parser.add_argument("--backends", nargs="+", default=["triton", "cuda"])
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes on the CPU with the cpu backend: checks this script, measures nothing")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench.gpu_session needs a CUDA GPU")
+    if args.dry_run:
+        _dry_run_setup()
+        args.backends = ["cpu"]
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench.gpu_session needs a CUDA GPU (or --dry-run)")
     import triton
 
     start = time.time()
-    meta = {"date": datetime.date.today(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "none (dry run on the CPU)"
+    meta = {"date": datetime.date.today(), "gpu": gpu, "torch": torch.__version__,
             "triton": triton.__version__, "python": platform.python_version()}
     accuracy, determinism = [], {}
     for backend in args.backends:
         for shape_name, shape in (("training", TRAIN), ("odd", ODD)):
             for dtype, prec in ((torch.float32, "highest"), (torch.float32, "high"), (torch.bfloat16, "highest")):
-                if backend == "cuda" and prec == "high":
+                if DEVICE == "cpu" and dtype != torch.float32:
+                    continue
+                if backend != "triton" and prec == "high":
                     continue  # the cuda backend is IEEE float32 whatever the setting
                 row = {"backend": backend, "shape": shape_name, "dtype": str(dtype).replace("torch.", ""),
                        "precision": prec}
@@ -275,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
                     traceback.print_exc()
                 accuracy.append(row)
                 print(row, flush=True)
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16)[: 1 if DEVICE == "cpu" else 2]:
             try:
                 determinism[f"{backend} {dtype}"] = deterministic(backend, dtype)
             except Exception as exc:  # noqa: BLE001
