@@ -167,7 +167,6 @@ def _triton_import_error() -> str | None:
     return None
 
 
-_TRITON_ERROR = _triton_import_error()
 _TRITON_OPS: dict[str, Any] = {}
 
 
@@ -187,9 +186,11 @@ def _register_triton_ops() -> None:
 
 @functools.cache
 def _triton_ready() -> str | None:
-    """Registers the Triton ops on first use; returns why they cannot run, or None."""
-    if _TRITON_ERROR is not None:
-        return _TRITON_ERROR
+    """Imports Triton and registers its ops on first use (not at ``import dlsn_kernels``: Triton is slow to
+    import and decides the interpreter mode at its own import); returns why they cannot run, or None."""
+    error = _triton_import_error()
+    if error is not None:
+        return error
     try:
         _register_triton_ops()
     except Exception as exc:  # noqa: BLE001 - any failure here means the backend is unusable
