@@ -165,7 +165,7 @@ def slot_position(perm_row, slot, length, pad, mask):
 
 
 @device_fn
-def neighbour_chunk(c, t: tl.constexpr, nc, SIGN: tl.constexpr):
+def neighbour_chunk(c, t, nc, SIGN: tl.constexpr):
     """Chunk ``c``, ``c - SIGN``, ``c + SIGN`` (mod ``nc``) for ``t`` = 0, 1, 2 (DESIGN.md "Forward").
 
     SIGN = 1: the key chunks a query chunk reads. SIGN = -1: the query chunks that read a key chunk.
