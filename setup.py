@@ -73,7 +73,8 @@ def _want_cuda() -> bool:
         if not available:
             sys.exit(
                 "DLSN_WITH_CUDA=1 but CUDA cannot be built here: "
-                f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}"
+                f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}, "
+                f"nvcc {'found' if has_nvcc else 'not found'} there"
             )
         return True
     return available

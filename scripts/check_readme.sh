@@ -41,16 +41,20 @@ git clone --quiet "$repo" "$work/clone"
 python -m venv "$work/venv"
 
 # A clean environment: the venv first on PATH, the usual system folders after it, HOME for pip's cache.
+# Each command's output goes to a log; the end of it is shown (all of the last 200 lines on failure).
 run_clean() {
-  local label="$1" command="$2" start status
+  local label="$1" command="$2" start status log
+  log="$work/log.$(( ++step ))"
   echo "+ [$label] $command"
   start=$(date +%s)
   status=0
   env -i HOME="$HOME" PATH="$work/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
-    VIRTUAL_ENV="$work/venv" bash -c "cd '$work/clone' && $command" || status=$?
+    VIRTUAL_ENV="$work/venv" bash -c "cd '$work/clone' && $command" >"$log" 2>&1 || status=$?
+  tail -n "$([ "$status" -eq 0 ] && echo "${TAIL_LINES:-30}" || echo 200)" "$log" | sed 's/^/    /'
   echo "  [$label] $(( $(date +%s) - start )) s, exit $status"
   return "$status"
 }
+step=0
 
 for line in "${install_lines[@]}"; do
   run_clean install "$line"
