@@ -116,9 +116,9 @@ def check_codes(codes: Tensor, n_buckets: int) -> None:
         raise ValueError(f"n_buckets must be an int >= 1, got {n_buckets!r}")
     if not _has_values(codes):
         return
-    outside = (codes < 0) | (codes >= n_buckets)
-    if bool(outside.any()):
-        n, r, pos = _first_true(outside)
+    low, high = torch.stack(torch.aminmax(codes)).tolist()  # one pass, one sync; locating only on failure
+    if low < 0 or high >= n_buckets:
+        n, r, pos = _first_true((codes < 0) | (codes >= n_buckets))
         raise ValueError(
             f"codes must lie in [0, n_buckets={n_buckets}): codes[n={n}, round={r}, position={pos}] = "
             f"{int(codes[n, r, pos])}"
@@ -164,14 +164,15 @@ def check_perm(perm: Tensor, xm: Tensor) -> None:
 def check_permutation(perm: Tensor) -> None:
     """``perm [N, R, L]`` must be a permutation of 0..L-1 for each (n, round).
 
-    Values in range, then every position hit once (L values in range that hit all L positions hold
-    none twice). Only a failure pays for counting, to name the first repeated entry.
+    Values in range (min and max), then every position hit once: a scatter of True into a zeroed
+    [N, R, L] mask (L values in range that hit all L positions hold none twice). Only a failure pays
+    for locating the first bad entry.
     """
     length = perm.shape[2]
     index = perm.long()
-    outside = (index < 0) | (index >= length)
-    if bool(outside.any()):
-        n, r, pos = _first_true(outside)
+    low, high = torch.stack(torch.aminmax(index)).tolist()  # one pass, one sync for both bounds
+    if low < 0 or high >= length:
+        n, r, pos = _first_true((index < 0) | (index >= length))
         raise ValueError(
             f"perm must hold positions in [0, L={length}): perm[n={n}, round={r}, position={pos}] = "
             f"{int(index[n, r, pos])}"

@@ -68,13 +68,15 @@ def _bad_perms(perm: torch.Tensor) -> dict[str, tuple[torch.Tensor, str]]:
     }
 
 
-@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
-@pytest.mark.parametrize("which", list(_bad_perms(_inputs()[3])))
+# 2**40 does not fit in int32: that one is tried as int64 only.
+PERM_CASES = [(which, dtype) for which in _bad_perms(_inputs()[3]) for dtype in (torch.int64, torch.int32)
+              if not (which == "far out of range" and dtype == torch.int32)]
+
+
+@pytest.mark.parametrize(("which", "index_dtype"), PERM_CASES, ids=[f"{w}-{d}" for w, d in PERM_CASES])
 def test_chunk_attention_refuses_a_perm_that_is_not_a_permutation(backend, which, index_dtype):
     xm, v, lss, perm = _inputs()
     bad, match = _bad_perms(perm)[which]
-    if index_dtype == torch.int32 and bad.abs().max() >= 2**31:
-        pytest.skip("the value does not fit in int32")
     for t in (xm, v, lss):
         t.requires_grad_(True)
     with pytest.raises(ValueError, match=match):
