@@ -36,8 +36,13 @@ def test_every_kernel_of_a_training_step_is_compiled(records):
         for kernel in ("_sblsh_hash_kernel", "_chunk_attention_fwd_kernel", "_key_pass", "_position_pass",
                        "_bucket_histogram_kernel", "_bucket_scatter_kernel"):
             assert (kernel, mode) in names
-    # the backward is two launches of the key pass (dv pass, score pass) with their own tiles
-    assert len([r for r in records if r["kernel"] == "_key_pass" and r["dtype"] == "bf16"]) == 2
+    # every variant a training step launches: the forward per MODE (chunk_attention, first and merged rounds of
+    # gla_attention), the key pass per DV_PASS (dv pass, score pass)
+    for mode in ("bf16", "fp32-tf32"):
+        forward = {r["config"]["MODE"] for r in records if r["kernel"] == "_chunk_attention_fwd_kernel"
+                   and r["dtype"] == mode}
+        key = {r["config"]["DV_PASS"] for r in records if r["kernel"] == "_key_pass" and r["dtype"] == mode}
+        assert forward == {0, 1, 2} and key == {True, False}
 
 
 def test_no_kernel_spills_or_uses_stack(records):
@@ -50,7 +55,7 @@ def test_no_kernel_spills_or_uses_stack(records):
 
 def test_attention_kernels_run_on_tensor_cores(records):
     hot = [r for r in records if r["kernel"] in HOT]
-    assert len(hot) == 6
+    assert len(hot) == 10  # 3 forward variants and 2 key passes, in two modes
     for r in hot:
         assert r["tensor_core_instructions"] > 0, r
         assert r["precision"] == ("native" if r["dtype"] == "bf16" else "tf32")

@@ -39,7 +39,7 @@ def test_tiles_depend_on_the_dot_kind(matmul_precision):
     matmul_precision("high")
     tf32 = forward_config(128, 256, torch.float32)
     half = forward_config(128, 256, torch.bfloat16)
-    assert ieee["BLOCK_K"] < tf32["BLOCK_K"] <= half["BLOCK_K"]
+    assert ieee["BLOCK_K"] < tf32["BLOCK_K"] <= half["BLOCK_K"]  # FFMA holds whole operand rows in registers
     assert half["BLOCK_Q"] >= 64  # a 64-slot query tile amortises the gather of 3K keys
     # both backward passes share the key block (dq_part is sized by it), blocks never exceed the chunk
     for dtype in (torch.float32, torch.bfloat16):

@@ -49,9 +49,10 @@ _MERGE_ROUND = 2  # gla_attention, rounds > 0: merge into y[n, q], lse[n, q]
 
 
 # (BLOCK_Q, BLOCK_K, num_warps) at Cv = 256 by dot kind; what ``python -m bench.compile_report`` shows
-# spill-free on sm_90. Tensor-core tiles are larger in half precision (half the bytes per operand); IEEE float32
-# runs on FFMA, which holds whole operand rows in registers, hence its small key tiles.
-_FORWARD_TILES = {"native": (64, 64, 8), "tf32": (64, 32, 8), "ieee": (32, 16, 8)}
+# spill-free on sm_90 in every MODE (the round merge holds the old y beside the accumulator, which is what
+# caps BLOCK_K at 32 in half precision too). IEEE float32 runs on FFMA, which holds whole operand rows in
+# registers, hence its small key tiles.
+_FORWARD_TILES = {"native": (64, 32, 8), "tf32": (64, 32, 8), "ieee": (32, 16, 8)}
 
 
 def forward_config(chunk_size: int, value_channels: int, dtype: torch.dtype) -> dict[str, int]:
@@ -135,19 +136,23 @@ def _chunk_attention_fwd_kernel(
         acc = acc * alpha[:, None] + matmul(p.to(DOT), val, ACC, PRECISION)
         m_i = m_new
 
-    out = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * LN2
     out_rows = grid_row * L + q_pos  # [N, rounds_in_grid, L] row of each query's original position
     out_ptrs = out_ptr + out_rows[:, None] * Cv + offs_cv[None, :]
     out_mask = q_ok[:, None] & cv_ok[None, :]
     if MODE == 2:
-        # y = y e^{lse - lse'} + out_r e^{lse_r - lse'} with lse' = logaddexp(lse, lse_r)
+        # y = y e^{lse - lse'} + out_r e^{lse_r - lse'} with lse' = logaddexp(lse, lse_r); the 1/l of out_r is
+        # folded into its factor so that only acc and the old y are live (no spills at Cv = 256)
         lse_old = tl.load(lse_ptr + out_rows, mask=q_ok, other=0.0)
-        y_old = tl.load(out_ptrs, mask=out_mask, other=0.0)
         top = tl.maximum(lse_old, lse)
         lse_new = top + tl.log(tl.exp(lse_old - top) + tl.exp(lse - top))
-        out = y_old * tl.exp(lse_old - lse_new)[:, None] + out * tl.exp(lse - lse_new)[:, None]
+        new_weight = tl.exp(lse - lse_new) / l_i
+        old_weight = tl.exp(lse_old - lse_new)
+        out = acc * new_weight[:, None]
+        out += tl.load(out_ptrs, mask=out_mask, other=0.0) * old_weight[:, None]
         lse = lse_new
+    else:
+        out = acc / l_i[:, None]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
     tl.store(lse_ptr + out_rows, lse, mask=q_ok)
 
