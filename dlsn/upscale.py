@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from dlsn.cli import check_backend, format_conversions, format_failures, pick_device, run_tool
 from dlsn.errors import UserInputError, one_line
-from dlsn.eval import self_ensemble as eight_fold_ensemble
+from dlsn.evaluation import self_ensemble as eight_fold_ensemble
 from dlsn.images import (
     IMAGE_EXTENSIONS,
     decode_image,

@@ -1,4 +1,4 @@
-"""Tests of dlsn.eval: self-ensemble, scoring, and the ``python -m dlsn.eval`` command line."""
+"""Tests of dlsn.evaluation and dlsn.eval: self-ensemble, scoring, and the ``python -m dlsn.eval`` command line."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from dlsn import eval as dlsn_eval
+from dlsn import evaluation
 from dlsn.data import PairedFolderDataset, degrade, imresize
-from dlsn.eval import (
+from dlsn.eval import main
+from dlsn.evaluation import (
     bicubic_upscaler,
     evaluate_dataset,
     find_test_sets,
-    main,
     model_upscaler,
     self_ensemble,
     sr_forward,
@@ -126,7 +126,7 @@ def test_evaluate_dataset_scores_each_image(tmp_path):
 
 def test_evaluate_dataset_rejects_wrong_output_size(tmp_path):
     dataset = PairedFolderDataset.from_test_set(make_test_set(tmp_path), 2)
-    with pytest.raises(dlsn_eval.EvalError, match="returned shape"):
+    with pytest.raises(evaluation.EvalError, match="returned shape"):
         evaluate_dataset(bicubic_upscaler(3), dataset, 2, progress=False)
 
 
@@ -362,7 +362,7 @@ def test_bad_inputs_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys,
     def bug(*args, **kwargs):
         raise RuntimeError("a bug in the scoring")
 
-    monkeypatch.setattr(dlsn_eval, "psnr_y", bug)
+    monkeypatch.setattr(evaluation, "psnr_y", bug)
     with pytest.raises(RuntimeError, match="a bug in the scoring"):
         main(["--data", str(data), "--bicubic", "--scale", "2", "--no-progress"])
 
@@ -373,7 +373,7 @@ def test_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dlsn_eval, "evaluate_dataset", interrupted)
+    monkeypatch.setattr(evaluation, "evaluate_dataset", interrupted)
     out_json = tmp_path / "r.json"
     assert main(["--data", str(data), "--bicubic", "--scale", "2", "--json", str(out_json)]) == 130
     err = capsys.readouterr().err

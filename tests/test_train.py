@@ -19,11 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlsn import train as T
+from dlsn import train as cli
+from dlsn import training as T
 from dlsn.data import samples
 from dlsn.data.degradations import degrade, quantize_8bit
 from dlsn.images import read_image, tensor_to_uint8, uint8_to_tensor, write_image
 from dlsn.models.checkpoint import load_checkpoint, load_model
+from dlsn.training import trainer as trainer_module
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--batch-size", "2", "--patch-size", "16", "--val-crop", "48", "--no-progress"]
@@ -42,7 +44,7 @@ def hr_folder(tmp_path_factory) -> Path:
 def run(args: list[str], capsys=None) -> tuple[int, str]:
     """``main(args)`` in this process: (exit code, stdout)."""
     try:
-        code = T.main([str(a) for a in args])
+        code = cli.main([str(a) for a in args])
     except SystemExit as exit_:
         code = exit_.code
     out = capsys.readouterr().out if capsys is not None else ""
@@ -125,8 +127,8 @@ def test_an_existing_run_is_not_overwritten_without_resume(hr_folder, tmp_path, 
     assert code == 2
     assert "already holds a run" in capsys.readouterr().err
     with pytest.raises(T.TrainError, match="already holds a run"):
-        T._run_folder(out, "tiny", 2, resuming=False, overwrite=False)
-    assert T._run_folder(out, "tiny", 2, resuming=False, overwrite=True) == out
+        T.run_folder(out, "tiny", 2, resuming=False, overwrite=False)
+    assert T.run_folder(out, "tiny", 2, resuming=False, overwrite=True) == out
 
 
 def test_interrupted_run_saves_last_and_resumes(hr_folder, tmp_path, capsys):
@@ -281,7 +283,7 @@ def test_epoch_sampler_splits_an_epoch_between_processes_and_skips():
 
 
 def test_settings_follow_the_preset_and_the_paper_schedule():
-    parse = T._parser().parse_args
+    parse = cli._parser().parse_args
     cpu = T.resolve_settings(parse([]), None)
     assert (cpu.preset, cpu.scale, cpu.schedule, cpu.max_steps) == ("cpu_default", 2, "cosine", None)
     assert cpu.time_limit is not None and cpu.time_limit < 10
@@ -296,14 +298,14 @@ def test_settings_follow_the_preset_and_the_paper_schedule():
     assert (resumed.preset, resumed.lr, resumed.max_steps, resumed.batch_size) == ("tiny", 5e-4, 9, 3)
     with pytest.raises(ValueError, match="--patch-size"):
         T.resolve_settings(parse(["--patch-size", "0"]), None)
-    assert T._parse_model_args(["chunk_size=64", "n_hashes = 2"]) == {"chunk_size": 64, "n_hashes": 2}
+    assert T.parse_model_args(["chunk_size=64", "n_hashes = 2"]) == {"chunk_size": 64, "n_hashes": 2}
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        T._parse_model_args(["chunk_size"])
+        T.parse_model_args(["chunk_size"])
     assert isinstance(parse([]), argparse.Namespace)
 
 
 def test_pyramid_setting_defaults_switches_off_and_is_checked():
-    parse = T._parser().parse_args
+    parse = cli._parser().parse_args
     assert T.resolve_settings(parse([]), None).pyramid == (0.75, 0.5, 0.35)
     assert T.resolve_settings(parse(["--preset", "paper"]), None).pyramid == ()
     assert T.resolve_settings(parse(["--pyramid"]), None).pyramid == ()
@@ -368,7 +370,7 @@ def test_resume_uses_the_saved_schedule_state_unless_given_anew(hr_folder, tmp_p
     torch.save(saved, out / "last.pt")
 
     def resumed_trainer(*extra):
-        args = T._parser().parse_args(["--resume", str(out / "last.pt"), "--no-progress", *map(str, extra)])
+        args = cli._parser().parse_args(["--resume", str(out / "last.pt"), "--no-progress", *map(str, extra)])
         return T.Trainer(args, time.monotonic())
 
     trainer = resumed_trainer()
@@ -465,7 +467,7 @@ def test_conversions_of_the_training_images_are_stated(hr_folder, tmp_path):
         (data / source.name).write_bytes(source.read_bytes())
     Image.open(hr_folder / "img0.png").convert("L").save(data / "img0.png")
     Image.open(hr_folder / "img4.png").convert("RGBA").save(data / "img4.png")
-    settings = T.resolve_settings(T._parser().parse_args(["--data", str(data), *map(str, TINY)]), None)
+    settings = T.resolve_settings(cli._parser().parse_args(["--data", str(data), *map(str, TINY)]), None)
     conversions = T.build_data(settings).conversions
     assert conversions == [("img0.png", "greyscale"), ("img4.png", "RGBA, alpha dropped")]
     # Trainer prints this line before training.
@@ -512,7 +514,7 @@ def test_a_bug_keeps_its_traceback_and_leaves_no_empty_folder(hr_folder, tmp_pat
     monkeypatch.setattr(T.Trainer, "train_step", broken_step)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="a bug that happens"):
-        T.main([str(a) for a in ["--data", hr_folder, "--max-steps", 3, "--out", out, *TINY]])
+        cli.main([str(a) for a in ["--data", hr_folder, "--max-steps", 3, "--out", out, *TINY]])
     assert not out.exists()
 
 
@@ -520,7 +522,7 @@ def test_ctrl_c_while_setting_up_is_one_line(hr_folder, tmp_path, capsys, monkey
     def interrupted(settings):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(T, "build_data", interrupted)
+    monkeypatch.setattr(trainer_module, "build_data", interrupted)
     code, _ = run(["--data", hr_folder, "--max-steps", 1, "--out", tmp_path / "out", *TINY])
     assert code == 130
     assert capsys.readouterr().err.strip() == "dlsn.train: interrupted; nothing saved"
@@ -528,7 +530,7 @@ def test_ctrl_c_while_setting_up_is_one_line(hr_folder, tmp_path, capsys, monkey
 
 def test_help_shows_each_default_once(capsys):
     with pytest.raises(SystemExit):
-        T.main(["--help"])
+        cli.main(["--help"])
     text = capsys.readouterr().out
     assert "(default: None)" not in text and "(default 2)" in text
     options = " ".join(text.split("options:", 1)[1].split()).split(" --")

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dlsn.eval import self_ensemble as forward_self_ensemble
+from dlsn.evaluation import self_ensemble as forward_self_ensemble
 from dlsn.images import read_image
 from dlsn.models import build_model, save_checkpoint
 from dlsn.upscale import forward_tiled, main, upscale_tensor

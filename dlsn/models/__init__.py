@@ -12,7 +12,7 @@ from .checkpoint import (
 from .cpu_nets import DLSNResidual, PlainSR
 from .dlsn import DLSN, EDSRGLA, GLAFFM, LFFB, MeanShift, Upsampler
 from .gla import GLA, set_backend, set_inference
-from .presets import PRESETS, build_model, model_from_config, preset_config
+from .presets import PRESETS, Preset, TrainingRecipe, build_model, model_from_config, preset_config
 
 __all__ = [
     "DLSN",
@@ -22,6 +22,7 @@ __all__ = [
     "GLAFFM",
     "LFFB",
     "PRESETS",
+    "Preset",
     "PlainSR",
     "CheckpointError",
     "MeanShift",
@@ -37,4 +38,5 @@ __all__ = [
     "save_checkpoint",
     "set_backend",
     "set_inference",
+    "TrainingRecipe",
 ]

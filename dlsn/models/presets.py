@@ -1,22 +1,21 @@
-"""Named model configurations and building a model from a config dict.
+"""Presets: each is one record of a network configuration and the recipe that trains it.
 
-Parameter counts (``sum(p.numel() for p in model.parameters())``, mean shifts included, the
-authors' unused scalar ``a`` not):
+``paper`` is the authors' network (C=256, 10 GLAFFM x 4 LFFB, K=128, R=3): its parameter count equals
+their checkpoints' minus their unused scalar ``a`` (tests/test_models.py pins the counts). ``small`` is
+the paper's C=128 model of the same depth ("about 18.27M" at x4). ``tiny`` is for CPU runs and tests,
+``edsr_gla`` shows GLA as a drop-in block in EDSR-baseline, ``cpu_default`` is what
+``python -m dlsn.train`` trains with no arguments and ``cnn`` is the same network without GLA.
 
-| preset | x2 | x3 | x4 |
-|---|---|---|---|
-| ``paper`` (C=256, 10 GLAFFM x 4 LFFB, K=128, R=3) | 69,842,587 | 72,792,987 | 72,202,907 |
-| ``small`` (C=128, same depth) | 17,678,427 | 18,416,347 | 18,268,763 |
-
-``paper`` equals the authors' checkpoints minus ``a`` (header lines of
-reference/official_dlsn_x*_state_dict.txt). ``small`` is the paper's "C=128, about 18.27M" model,
-the figure being its x4 count. ``tiny`` is for CPU runs and tests, ``edsr_gla`` shows GLA as a
-drop-in block in EDSR-baseline.
+A :class:`Preset` cannot be made without its :class:`TrainingRecipe`, so every preset trains with a
+recipe chosen for it.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from torch import nn
@@ -24,16 +23,62 @@ from torch import nn
 from .cpu_nets import DLSNResidual, PlainSR
 from .dlsn import DLSN, EDSRGLA, _GLANetwork
 
-__all__ = ["ARCHITECTURES", "PRESETS", "build_model", "model_from_config", "preset_config"]
+__all__ = ["ARCHITECTURES", "PRESETS", "Preset", "TrainingRecipe", "build_model", "model_from_config",
+           "preset_config"]
 
 ARCHITECTURES: dict[str, type[_GLANetwork]] = {
     cls.ARCH: cls for cls in (DLSN, EDSRGLA, DLSNResidual, PlainSR)
 }
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # About 0.2M parameters, for tests and CPU smoke training: a step on 16 LR patches of 48x48
-    # took about 5 s with the cpu kernels (10 s with the reference) on 2 busy CPU cores.
-    "tiny": {
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """How ``python -m dlsn.train`` trains a preset when the command line does not say otherwise."""
+
+    lr: float
+    batch_size: int
+    patch_size: int
+    schedule: str
+    epoch_steps: int
+    val_every: int
+    warmup_steps: int = 0
+    min_detail: float = 0.0
+    pyramid: tuple[float, ...] = ()  # downscaled copies of the HR training images (HR-image data only)
+    time_limit: float | None = None  # minutes, used when neither --max-steps nor --time-limit is given
+    epochs: int | None = None  # x2 (or from scratch) run length in epochs, for the step schedule
+    decay_epochs: int | None = None
+    finetune_epochs: int | None = None  # x3/x4 started from x2 weights (--init-from)
+    finetune_decay_epochs: int | None = None
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named network configuration (without ``scale``) and its training recipe."""
+
+    model: Mapping[str, Any]
+    training: TrainingRecipe
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.training, TrainingRecipe):
+            raise TypeError(f"training must be a TrainingRecipe, got {type(self.training).__name__}")
+        if self.model.get("arch") not in ARCHITECTURES:
+            raise ValueError(f"model arch must be one of {sorted(ARCHITECTURES)}, got {self.model.get('arch')!r}")
+        object.__setattr__(self, "model", MappingProxyType(dict(self.model)))
+
+
+# The paper's recipe (SPEC 4) for the full-size presets.
+PAPER_RECIPE = TrainingRecipe(lr=1e-4, batch_size=16, patch_size=48, schedule="step", epoch_steps=1000,
+                              val_every=1000, epochs=1500, decay_epochs=300, finetune_epochs=200,
+                              finetune_decay_epochs=50)
+# Short CPU runs: a high peak lr with cosine decay to a 9-minute budget, tuned for cpu_default at x2 on
+# a 2-core CPU (the project README has the measurements).
+CPU_RECIPE = TrainingRecipe(lr=2e-3, batch_size=16, patch_size=32, schedule="cosine", epoch_steps=100,
+                            val_every=100, warmup_steps=10, min_detail=2.0, pyramid=(0.75, 0.5, 0.35),
+                            time_limit=9.0)
+
+PRESETS: dict[str, Preset] = {
+    # About 0.2M parameters, for tests and CPU smoke training.
+    "tiny": Preset(model={
         "arch": "dlsn",
         "n_feats": 32,
         "n_resgroups": 2,
@@ -43,8 +88,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_hashes": 2,
         "res_scale": 0.1,
         "rgb_range": 255.0,
-    },
-    "small": {
+    }, training=CPU_RECIPE),
+    "small": Preset(model={
         "arch": "dlsn",
         "n_feats": 128,
         "n_resgroups": 10,
@@ -54,8 +99,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_hashes": 3,
         "res_scale": 0.1,
         "rgb_range": 255.0,
-    },
-    "paper": {
+    }, training=PAPER_RECIPE),
+    "paper": Preset(model={
         "arch": "dlsn",
         "n_feats": 256,
         "n_resgroups": 10,
@@ -65,9 +110,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_hashes": 3,
         "res_scale": 0.1,
         "rgb_range": 255.0,
-    },
+    }, training=PAPER_RECIPE),
     # EDSR-baseline (16 blocks, 64 channels, res_scale 1) with one GLA after block 8.
-    "edsr_gla": {
+    "edsr_gla": Preset(model={
         "arch": "edsr_gla",
         "n_feats": 64,
         "n_resblocks": 16,
@@ -77,11 +122,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "chunk_size": 128,
         "n_hashes": 3,
         "rgb_range": 255.0,
-    },
+    }, training=PAPER_RECIPE),
     # The default of ``python -m dlsn.train`` (minutes on a CPU): one DLSN group of 4 LFFB, GLA and
-    # a conv, adding to a bicubic upsampling (DLSNResidual below). res_scale 1, not the paper's 0.1:
+    # a conv, adding to a bicubic upsampling (DLSNResidual). res_scale 1, not the paper's 0.1:
     # with a single group the 0.1 would damp the whole body and slow the short run down.
-    "cpu_default": {
+    "cpu_default": Preset(model={
         "arch": "dlsn_residual",
         "n_feats": 32,
         "n_resgroups": 1,
@@ -91,16 +136,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_hashes": 1,
         "res_scale": 1.0,
         "rgb_range": 255.0,
-    },
+    }, training=CPU_RECIPE),
     # cpu_default without GLA (and its group conv): the plain residual CNN baseline of the same
     # width and depth and the same bicubic residual, to show what GLA adds in the same training time.
-    "cnn": {
+    "cnn": Preset(model={
         "arch": "cnn",
         "n_feats": 32,
         "n_resblocks": 4,
         "bicubic_residual": True,
         "rgb_range": 255.0,
-    },
+    }, training=CPU_RECIPE),
 }
 
 
@@ -108,7 +153,7 @@ def preset_config(preset: str, scale: int, **overrides: Any) -> dict[str, Any]:
     """The config dict of ``preset`` at ``scale``, with ``overrides`` applied (keys must exist)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    config = copy.deepcopy(PRESETS[preset])
+    config = copy.deepcopy(dict(PRESETS[preset].model))
     unknown = sorted(set(overrides) - set(config) - {"scale"})
     if unknown:
         raise ValueError(f"preset {preset!r} has no settings {unknown}; it has {sorted(config)}")

@@ -1,0 +1,112 @@
+"""A training run's folder: where it goes, which checkpoint ``--resume`` reads, and ``log.csv`` / ``curves.png``."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from .settings import TrainError
+
+LOG_COLUMNS = ("step", "epoch", "loss", "lr", "val_psnr", "elapsed")
+
+
+def run_folder(out: Path | None, preset: str, scale: int, resuming: bool, overwrite: bool) -> Path:
+    """``--out``, or ``runs/<preset>_x<scale>`` numbered ``_2``, ``_3`` ... past folders holding a run
+    (for a resume without --out: the most recent of them)."""
+    if out is not None:
+        if (out / "last.pt").exists() and not resuming and not overwrite:
+            raise TrainError(f"{out} already holds a run (last.pt); pass --resume to continue it, "
+                             "--overwrite to start afresh, or choose another --out")
+        return out
+    base = Path("runs") / f"{preset}_x{scale}"
+    taken = [base] + [base.with_name(f"{base.name}_{i}") for i in range(2, 1000)]
+    existing = [p for p in taken if (p / "last.pt").exists()]
+    if resuming:
+        if not existing:
+            raise TrainError(f"--resume: no run to continue in {base}*; pass --out DIR or --resume FILE")
+        return max(existing, key=lambda p: (p / "last.pt").stat().st_mtime)
+    if overwrite:
+        return base
+    return next(p for p in taken if not (p / "last.pt").exists())
+
+
+def find_resume_file(resume_arg: str, out: Path) -> Path:
+    path = out / "last.pt" if resume_arg == "auto" else Path(resume_arg)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise TrainError(f"--resume: no checkpoint at {path}")
+    return path
+
+
+class RunLog:
+    """``log.csv`` rows and the in-memory history behind ``curves.png``.
+
+    The file is (re)written at the first row, not before: a run that fails before logging anything
+    leaves no header-only log behind. On resume the rows after the resumed step (logged by the run
+    that went on and was then killed) are dropped; that rewrite replaces the file atomically.
+    """
+
+    def __init__(self, path: Path, keep_until_step: int | None) -> None:
+        self.path = path
+        self.rows: list[dict[str, str]] = []
+        if keep_until_step is not None and path.exists():
+            with path.open(newline="") as handle:
+                self.rows = [r for r in csv.DictReader(handle)
+                             if r.get("step", "").isdigit() and int(r["step"]) <= keep_until_step]
+        self._started = False
+
+    def add(self, step: int, epoch: int, loss: float | None, lr: float, val_psnr: float | None,
+            elapsed: float) -> None:
+        row = {"step": str(step), "epoch": str(epoch),
+               "loss": "" if loss is None else f"{loss:.6f}", "lr": f"{lr:.6g}",
+               "val_psnr": "" if val_psnr is None else f"{val_psnr:.4f}", "elapsed": f"{elapsed:.1f}"}
+        self.rows.append(row)
+        if not self._started:
+            self._rewrite()
+            self._started = True
+            return
+        with self.path.open("a", newline="") as handle:
+            csv.DictWriter(handle, LOG_COLUMNS).writerow(row)
+
+    def _rewrite(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, LOG_COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+    def plot(self, path: Path, bicubic_psnr: float | None, title: str) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        loss = [(int(r["step"]), float(r["loss"])) for r in self.rows if r["loss"]]
+        psnr = [(int(r["step"]), float(r["val_psnr"])) for r in self.rows if r["val_psnr"]]
+        fig, (ax_loss, ax_psnr) = plt.subplots(1, 2, figsize=(11, 4))
+        if loss:
+            steps, values = zip(*loss, strict=True)
+            ax_loss.plot(steps, values, color="tab:blue", alpha=0.35, linewidth=0.8)
+            window = max(1, len(values) // 30)
+            if window > 1:  # running mean, so the trend shows through the batch-to-batch noise
+                spans = [values[max(0, i - window + 1):i + 1] for i in range(len(values))]
+                smooth = [sum(span) / len(span) for span in spans]
+                ax_loss.plot(steps, smooth, color="tab:blue", linewidth=1.5)
+            ax_loss.set_yscale("log")
+        ax_loss.set(xlabel="step", ylabel="L1 loss (0-255 scale)", title="training loss")
+        if psnr:
+            ax_psnr.plot(*zip(*psnr, strict=True), "o-", color="tab:green", label="model")
+        if bicubic_psnr is not None:
+            ax_psnr.axhline(bicubic_psnr, color="tab:gray", linestyle="--", label="bicubic")
+        ax_psnr.set(xlabel="step", ylabel="Y-PSNR (dB)", title="validation")
+        ax_psnr.legend(loc="lower right")
+        fig.suptitle(title)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path

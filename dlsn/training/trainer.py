@@ -1,0 +1,499 @@
+"""One training run: built from the command line (and a resumed checkpoint), then run step by step."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import functools
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from dlsn.cli import EXIT_INTERRUPTED, check_backend, format_conversions
+from dlsn.errors import UserInputError, one_line
+from dlsn.evaluation import SetScore, bicubic_upscaler, evaluate_dataset, model_upscaler
+from dlsn.images import write_image
+from dlsn.models.checkpoint import load_checkpoint, load_weights, restore, save_checkpoint
+from dlsn.models.presets import model_from_config, preset_config
+
+from .data import DetailedPatches, EpochSampler, build_data, quiet_worker
+from .processes import StopFlag, ThreadTuner, barrier, cpu_thread_budget, setup_processes
+from .run_folder import RunLog, find_resume_file, run_folder
+from .schedule import LRSchedule
+from .settings import SCHEDULE_SETTINGS, TrainError, resolve_settings
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def validate(model: nn.Module, dataset: Dataset, scale: int, device: torch.device, seed: int,
+             ensemble: bool = False) -> SetScore:
+    """Y-PSNR/SSIM of the model on ``dataset`` (whole items); hash rotations seeded, so repeatable."""
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
+    if hasattr(net, "set_inference"):
+        net.set_inference(seed=seed)
+    rgb_range = float(net.config.get("rgb_range", 255.0))
+    try:
+        return evaluate_dataset(model_upscaler(net, rgb_range, ensemble), dataset, scale, set_name="val",
+                                device=device, progress=False)
+    finally:
+        net.train(was_training)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in ``last.pt``'s ``extra``."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    elapsed: float = 0.0  # seconds of earlier runs (resumed) plus this one
+    best_psnr: float = -math.inf
+    best_step: int = -1
+    bicubic_psnr: float | None = None
+
+
+def _format_minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+class Trainer:
+    """One training run: set up from the command line (and a resumed checkpoint), then :meth:`run`."""
+
+    def __init__(self, args: argparse.Namespace, started: float) -> None:
+        self.args, self.started = args, started
+        self.procs, self.device = setup_processes(args.device)
+        self.say = functools.partial(print, flush=True) if self.procs.main else (lambda *a, **k: None)
+
+        # The run folder decides which checkpoint --resume reads, and that the remaining defaults.
+        preliminary = resolve_settings(args, None)
+        out = args.out
+        if out is None and args.resume not in (None, "auto"):  # --resume FILE/DIR: its folder
+            resume_arg = Path(args.resume)
+            out = resume_arg if resume_arg.is_dir() else resume_arg.parent
+        self.out = run_folder(out, preliminary.preset, preliminary.scale, args.resume is not None,
+                               args.overwrite)
+        # A folder this command creates and never writes to is removed again (see remove_if_empty).
+        self.created_out = not self.out.exists()
+        self.saved_step: int | None = None  # the step last written to last.pt by this command
+        self.resume_path: Path | None = None
+        saved: dict[str, Any] | None = None
+        if args.resume is not None:
+            self.resume_path = find_resume_file(args.resume, self.out)
+            # Read once: everything resume needs comes from this one copy of the file.
+            try:
+                saved = load_checkpoint(self.resume_path, map_location="cpu")
+            except UserInputError as error:
+                raise TrainError(f"--resume: {one_line(error)}") from error
+            saved_settings = saved.get("extra", {}).get("settings") or {}
+            if args.preset is not None and saved_settings.get("preset") not in (None, args.preset):
+                raise TrainError(f"--resume: {self.resume_path} is a {saved_settings.get('preset')!r} run; "
+                                 f"it cannot continue as --preset {args.preset}")
+            self.s = resolve_settings(args, saved_settings)
+        else:
+            self.s = preliminary
+        s = self.s
+        torch.manual_seed(s.seed + self.procs.rank)
+
+        backend = check_backend(args.backend, self.device)
+        self.data = build_data(s)
+        if self.data.conversions:
+            self.say(f"note: {format_conversions(self.data.conversions)}")
+        self.config, self.net = self._build_model(saved, backend)
+        self.rgb_range = float(self.config.get("rgb_range", 255.0))
+        if s.init_from is not None and saved is None:
+            self._init_from(s.init_from)
+
+        # Epoch length: the training set repeated to epoch_steps batches per process.
+        train_set = self.data.train
+        train_set.repeat = max(1, math.ceil(s.epoch_steps * s.batch_size * self.procs.world
+                                            / len(train_set.names)))
+        self.train_set = DetailedPatches(train_set, s.min_detail) if s.min_detail > 0 else train_set
+        self.sampler = EpochSampler(len(train_set), s.seed, self.procs)
+        self.steps_per_epoch = self.sampler.per_process() // s.batch_size
+        if self.steps_per_epoch < 1:
+            raise TrainError(f"an epoch has fewer patches ({self.sampler.per_process()}) than --batch-size "
+                             f"{s.batch_size}")
+
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=s.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.schedule = self._make_schedule()
+        self.state = Progress()
+        if saved is not None:
+            self._resume(saved)
+        self.model: nn.Module = self.net
+        if self.procs.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.amp = self.device.type == "cuda" and not args.no_amp
+        self.limit_s = None if s.time_limit is None else s.time_limit * 60.0
+        self.elapsed_before = self.state.elapsed
+        self.log = None
+        if self.procs.main:
+            self.log = RunLog(self.out / "log.csv", self.state.step if saved else None)
+        self.step_time = 0.0
+        self.last_val: float | None = None
+        self.threads: ThreadTuner | None = None
+        if self.device.type == "cpu":
+            if args.threads is not None:
+                if args.threads < 1:
+                    raise TrainError(f"--threads must be >= 1, got {args.threads}")
+                torch.set_num_threads(args.threads)
+            elif not os.environ.get("OMP_NUM_THREADS"):
+                budget = cpu_thread_budget(self.procs)
+                self.threads = ThreadTuner([budget, max(1, budget // 2), 1])
+
+    # ---- setup pieces
+
+    def _build_model(self, saved: dict[str, Any] | None, backend: str | None) -> tuple[dict[str, Any], nn.Module]:
+        s = self.s
+        if saved is not None:
+            config = dict(saved["config"])
+            return config, model_from_config(config, backend=backend).to(self.device)
+        try:
+            config = preset_config(s.preset, s.scale, **s.model_args)
+            net = model_from_config(config, backend=backend)
+        except (TypeError, ValueError) as error:
+            if not s.model_args:  # the preset itself does not build: a bug, not an input
+                raise
+            changes = " ".join(f"{k}={v!r}" for k, v in s.model_args.items())
+            raise TrainError(f"--model-arg {changes}: {one_line(error)}") from error
+        return config, net.to(self.device)
+
+    def _make_schedule(self) -> LRSchedule:
+        s = self.s
+        decay_steps = s.decay_epochs * self.steps_per_epoch if s.decay_epochs else None
+        return LRSchedule(self.optimizer, s.schedule, s.lr, s.warmup_steps, decay_steps)
+
+    def _init_from(self, path: Path) -> None:
+        try:
+            source = load_checkpoint(path, map_location="cpu")
+        except UserInputError as error:
+            raise TrainError(f"--init-from: {one_line(error)}") from error
+        left_out = load_weights(self.net, source["model"], strict=False, source=str(path))
+        shown = f" ({', '.join(left_out[:6])}{' ...' if len(left_out) > 6 else ''})" if left_out else ""
+        self.say(f"init from {path}: {len(left_out)} tensors keep their fresh init{shown}")
+
+    def _resume(self, saved: dict[str, Any]) -> None:
+        """Weights, optimizer, schedule, progress and RNG from ``saved`` (``last.pt``, read once)."""
+        assert self.resume_path is not None
+        try:
+            restore(saved, self.net, self.optimizer, self.schedule, source=str(self.resume_path))
+        except UserInputError as error:
+            raise TrainError(f"--resume: {one_line(error)}") from error
+        # The restored schedule goes on as it was, even where this setup would derive another one (an
+        # epoch's length in steps depends on the data and the process count). Only schedule settings
+        # given anew on this command line replace it.
+        given = [f"--{name.replace('_', '-')}" for name in SCHEDULE_SETTINGS if getattr(self.args, name, None)
+                 is not None]
+        if given:
+            self.schedule = self._make_schedule()
+            self.say(f"schedule: rebuilt from {', '.join(given)} given anew (the resumed run's is replaced)")
+        extra = saved.get("extra", {})
+        self.state = Progress(**{k: extra[k] for k in vars(Progress()) if k in extra})
+        self.state.step = int(saved["step"])
+        if self.procs.main and "rng" in extra:
+            _set_rng_state(extra["rng"], self.device)
+        else:  # other processes: fresh streams, not a replay of their first steps
+            torch.manual_seed(self.s.seed * 1_000_003 + self.procs.rank * 7919 + self.state.step)
+
+    # ---- bookkeeping
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.monotonic() - self.started)
+
+    def progress(self) -> float:
+        """Share of the budget used: steps of --max-steps or time of --time-limit, whichever is more."""
+        parts = [0.0]
+        if self.s.max_steps:
+            parts.append(self.state.step / self.s.max_steps)
+        if self.limit_s:
+            parts.append(self.elapsed() / self.limit_s)
+        return max(parts)
+
+    def out_of_budget(self) -> bool:
+        if self.s.max_steps and self.state.step >= self.s.max_steps:
+            return True
+        # Stop when the next step would overrun the time limit.
+        return bool(self.limit_s and self.elapsed() + self.step_time >= self.limit_s)
+
+    def checkpoint(self, path: Path, with_optimizer: bool = True) -> None:
+        st = self.state
+        extra = {"epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "elapsed": self.elapsed(),
+                 "best_psnr": st.best_psnr, "best_step": st.best_step, "bicubic_psnr": st.bicubic_psnr,
+                 "settings": self.s.to_plain(), "rng": _rng_state(self.device),
+                 "world_size": self.procs.world}
+        save_checkpoint(path, self.net, config=self.config,
+                        optimizer=self.optimizer if with_optimizer else None,
+                        scheduler=self.schedule if with_optimizer else None, step=st.step, extra=extra)
+        if with_optimizer:
+            self.saved_step = st.step
+
+    def save_last(self) -> None:
+        """``last.pt`` at the current step, unless this command wrote it there already."""
+        if self.procs.main and self.saved_step != self.state.step:
+            self.checkpoint(self.out / "last.pt")
+
+    def interrupted_note(self) -> str:
+        """What a second Ctrl-C (or one outside the training loop) leaves behind, for the one-line message."""
+        last = self.out / "last.pt"
+        if self.saved_step is not None:
+            return f"saved {last} at step {self.saved_step} (continue with: python -m dlsn.train --resume {last})"
+        if self.resume_path is not None:
+            return f"{self.resume_path} is unchanged"
+        return "nothing saved"
+
+    def remove_if_empty(self) -> None:
+        """Removes the run folder when this command created it and wrote nothing there (a failed start)."""
+        if self.created_out and self.out.is_dir() and not any(self.out.iterdir()):
+            with contextlib.suppress(OSError):
+                self.out.rmdir()
+
+    def remove_unfinished_writes(self) -> None:
+        """Temporary files of checkpoint writes a killed run left (``kill -9`` during a save)."""
+        stale = sorted(self.out.glob(".last.pt.*.tmp")) + sorted(self.out.glob(".best.pt.*.tmp"))
+        for path in stale:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if stale:
+            self.say(f"removed {len(stale)} unfinished checkpoint write(s) of a run killed while saving")
+
+    def run_validation(self) -> float:
+        """Periodic validation (rank 0): log it, keep best.pt, redraw the curves."""
+        st = self.state
+        score = validate(self.net, self.data.val, self.s.scale, self.device, self.s.seed).psnr
+        if score > st.best_psnr:
+            st.best_psnr, st.best_step = score, st.step
+            self.checkpoint(self.out / "best.pt", with_optimizer=False)
+        assert self.log is not None
+        self.log.add(st.step, st.epoch, None, self.schedule.last_lr, score, self.elapsed())
+        self.plot()
+        return score
+
+    def plot(self) -> None:
+        if self.log is not None:
+            title = f"{self.s.preset} x{self.s.scale}"
+            self.log.plot(self.out / "curves.png", self.state.bicubic_psnr, title)
+
+    def announce(self) -> None:
+        s, st = self.s, self.state
+        n_params = sum(p.numel() for p in self.net.parameters())
+        budget = [f"{s.max_steps} steps"] if s.max_steps else []
+        if self.limit_s:
+            budget.append(f"{s.time_limit:g} min")
+        self.say(f"dlsn.train: {s.preset} x{s.scale} {s.degradation}, {n_params / 1e6:.3f}M parameters, on "
+                 f"{self.device}" + (f" x {self.procs.world} processes" if self.procs.distributed else "")
+                 + (f", {torch.get_num_threads()} threads" if self.threads is None else
+                    f", threads tuned among {'/'.join(map(str, self.threads.options))}"))
+        self.say(f"data: {self.data.description}; an epoch is {self.steps_per_epoch} steps of "
+                 f"{s.batch_size} LR patches {s.patch_size}x{s.patch_size}")
+        budget_text = " or ".join(budget) or "none (Ctrl-C stops)"
+        self.say(f"schedule: {s.schedule}, lr {s.lr:g}; budget: {budget_text}; output: {self.out}"
+                 + (f"; resumed at step {st.step}" if self.resume_path else ""))
+        if self.procs.main:
+            if st.bicubic_psnr is None:
+                st.bicubic_psnr = evaluate_dataset(bicubic_upscaler(s.scale), self.data.val, s.scale,
+                                                   progress=False).psnr
+            kind = f"{s.val_crop}x{s.val_crop} HR centre crops" if s.val_crop else "whole images"
+            self.say(f"validation: {len(self.data.val)} images ({kind}); "
+                     f"bicubic Y-PSNR {st.bicubic_psnr:.2f} dB")
+
+    # ---- the loop
+
+    def train_step(self, batch: dict[str, Any]) -> Tensor:
+        lr_img = batch["lr"].to(self.device, non_blocking=True).mul_(self.rgb_range)
+        hr_img = batch["hr"].to(self.device, non_blocking=True).mul_(self.rgb_range)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            sr = self.model(lr_img)
+        loss = (F.l1_loss if self.s.loss == "l1" else F.mse_loss)(sr.float(), hr_img)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """Batches from the current position on, epoch after epoch (``state.epoch`` advances)."""
+        s, st = self.s, self.state
+        kwargs: dict[str, Any] = {"batch_size": s.batch_size, "sampler": self.sampler, "drop_last": True,
+                                  "num_workers": self.args.workers, "pin_memory": self.device.type == "cuda"}
+        if self.args.workers > 0:
+            kwargs["worker_init_fn"] = quiet_worker
+        while True:
+            self.sampler.set_epoch(st.epoch, skip=st.batch_in_epoch * s.batch_size)
+            # Its own generator: creating a loader must not draw from the global RNG (exact resume).
+            generator = torch.Generator().manual_seed(s.seed * 7919 + st.epoch * 104729 + self.procs.rank)
+            yield from DataLoader(self.train_set, generator=generator, **kwargs)
+            st.epoch += 1
+            st.batch_in_epoch = 0
+
+    def run(self) -> int:
+        s, st, procs = self.s, self.state, self.procs
+        if procs.main:
+            self.remove_unfinished_writes()
+        self.announce()
+        self.net.train()
+        bar = tqdm(total=s.max_steps, initial=st.step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                   disable=self.args.no_progress or not procs.main, smoothing=0.1)
+        loss_sum, loss_count = 0.0, 0
+        step_ends: collections.deque[float] = collections.deque([time.monotonic()], maxlen=31)
+        interrupted = False
+        self.schedule.apply(st.step, self.progress())
+        with StopFlag() as stop:
+            done = self.out_of_budget()
+            batches = self.batches()
+            while not done:
+                batch = next(batches)
+                t0 = time.monotonic()
+                loss = self.train_step(batch)
+                st.step += 1
+                st.batch_in_epoch += 1
+                took = time.monotonic() - t0
+                if self.threads is not None:
+                    self.threads.after_step(took)
+                self.step_time = 0.8 * self.step_time + 0.2 * took if self.step_time else took
+
+                # One all-reduce per step: the mean loss, and whether any process was signalled or is
+                # out of budget (time differs between processes, but they must stop at the same step).
+                status = torch.tensor([float(loss), float(stop.signal_name is not None),
+                                       float(self.out_of_budget())], dtype=torch.float64)
+                if procs.distributed:
+                    status = status.to(self.device)
+                    dist.all_reduce(status)
+                    status = status.cpu()
+                mean_loss = float(status[0]) / procs.world
+                interrupted = bool(status[1] > 0)
+                done = interrupted or bool(status[2] > 0)
+                if not math.isfinite(mean_loss):
+                    if procs.main:
+                        self.checkpoint(self.out / "last.pt")
+                    raise TrainError(f"the loss is not finite at step {st.step}; lower --lr "
+                                     f"(last.pt written for inspection)")
+                loss_sum, loss_count = loss_sum + mean_loss, loss_count + 1
+                self.schedule.apply(st.step, self.progress())
+
+                step_ends.append(time.monotonic())
+                if procs.main:
+                    # Steps per second over the last 30 steps, data loading and validation included.
+                    rate = (len(step_ends) - 1) / max(step_ends[-1] - step_ends[0], 1e-9)
+                    postfix = {"loss": f"{mean_loss:.3f}", "lr": f"{self.schedule.last_lr:.2e}",
+                               "img/s": f"{rate * s.batch_size * procs.world:.1f}"}
+                    if self.last_val is not None:
+                        postfix["val"] = f"{self.last_val:.2f}"
+                    if self.limit_s:
+                        postfix["left"] = _format_minutes(max(0.0, self.limit_s - self.elapsed()))
+                    if self.threads is not None:
+                        postfix["threads"] = str(torch.get_num_threads())
+                    bar.set_postfix(postfix, refresh=False)
+                    bar.update(1)
+                    if st.step % 10 == 0 and self.log is not None:
+                        self.log.add(st.step, st.epoch, loss_sum / loss_count, self.schedule.last_lr, None,
+                                     self.elapsed())
+                        loss_sum, loss_count = 0.0, 0
+
+                # Periodic validation and saving (the end of the run does both anyway).
+                at_val = bool(s.val_every) and st.step % s.val_every == 0 and not done
+                at_save = bool(s.save_every) and st.step % s.save_every == 0 and not done
+                if procs.main and at_val:
+                    self.last_val = self.run_validation()
+                if procs.main and at_save:
+                    self.checkpoint(self.out / "last.pt")
+                if at_val or at_save:
+                    barrier(procs)
+            signal_name = stop.signal_name
+        bar.close()
+
+        if procs.main:
+            try:
+                self._finish(interrupted, signal_name, loss_sum, loss_count)
+            except KeyboardInterrupt:  # Ctrl-C during the final validation or report: keep the steps
+                self.save_last()
+                raise
+        barrier(procs)
+        return EXIT_INTERRUPTED if interrupted else 0
+
+    def _finish(self, interrupted: bool, signal_name: str | None, loss_sum: float, loss_count: int) -> None:
+        st = self.state
+        if loss_count and self.log is not None:
+            self.log.add(st.step, st.epoch, loss_sum / loss_count, self.schedule.last_lr, None, self.elapsed())
+        if interrupted:
+            self.checkpoint(self.out / "last.pt")
+            self.plot()
+            self.say(f"\nstopped by {signal_name or 'a signal'} at step {st.step}; saved "
+                     f"{self.out / 'last.pt'} (continue with: python -m dlsn.train --resume "
+                     f"{self.out / 'last.pt'})")
+        else:
+            val_psnr = self.run_validation()
+            self.checkpoint(self.out / "last.pt")
+            self.final_report(val_psnr)
+
+    def final_report(self, val_psnr: float) -> None:
+        """Scores on the held-out images vs bicubic (the validation crops and the whole images), and a
+        sample SR image next to its bicubic version. ``val_psnr``: the model's score on ``data.val``."""
+        s, st, out = self.s, self.state, self.out
+        train_time = self.elapsed()
+        whole = validate(self.net, self.data.val_full, s.scale, self.device, s.seed)
+        bicubic = evaluate_dataset(bicubic_upscaler(s.scale), self.data.val_full, s.scale, progress=False)
+        ensemble = None
+        if self.args.self_ensemble:
+            ensemble = validate(self.net, self.data.val_full, s.scale, self.device, s.seed, ensemble=True)
+        item = self.data.val_full[0]
+        self.net.eval()
+        sr = model_upscaler(self.net, self.rgb_range)(item["lr"][None].to(self.device))[0]
+        stem = f"sample_{item['name']}_x{s.scale}"
+        sr_path = write_image(out / f"{stem}_sr.png", sr.float().clamp(0, 1))
+        bicubic_image = bicubic_upscaler(s.scale)(item["lr"][None])[0]
+        bicubic_path = write_image(out / f"{stem}_bicubic.png", bicubic_image)
+        write_image(out / f"{stem}_hr.png", item["hr"])
+
+        say = functools.partial(print, flush=True)
+        say(f"\ntrained {st.step} steps (epoch {st.epoch}) in {_format_minutes(train_time)} min")
+        say(f"checkpoints: {out / 'last.pt'} (final), {out / 'best.pt'} (best validation, step "
+            f"{st.best_step}); log {out / 'log.csv'}, curves {out / 'curves.png'}")
+        say(f"sample: {sr_path} (model) next to {bicubic_path} (bicubic)")
+        names = ", ".join(score.name for score in whole.images)
+        say(f"held-out Y-PSNR at x{s.scale} {s.degradation} ({names}; never trained on), final model:")
+        if self.data.val is not self.data.val_full and st.bicubic_psnr is not None:
+            say(f"  {s.val_crop}x{s.val_crop} HR centre crops: model {val_psnr:6.2f} dB   bicubic "
+                f"{st.bicubic_psnr:6.2f} dB   {val_psnr - st.bicubic_psnr:+.2f} dB")
+        say("  whole images:")
+        for ours, theirs in zip(whole.images, bicubic.images, strict=True):
+            say(f"    {ours.name:<16} model {ours.psnr:6.2f} dB   bicubic {theirs.psnr:6.2f} dB   "
+                f"{ours.psnr - theirs.psnr:+.2f} dB")
+        say(f"    {'mean':<16} model {whole.psnr:6.2f} dB   bicubic {bicubic.psnr:6.2f} dB   "
+            f"{whole.psnr - bicubic.psnr:+.2f} dB   (SSIM {whole.ssim:.4f} vs {bicubic.ssim:.4f})")
+        if ensemble is not None:
+            say(f"    {'mean, x8 ensemble':<16} model {ensemble.psnr:6.2f} dB   bicubic "
+                f"{bicubic.psnr:6.2f} dB   {ensemble.psnr - bicubic.psnr:+.2f} dB")
+        say(f"wall time: {_format_minutes(self.elapsed() - self.elapsed_before)} min for this command")
