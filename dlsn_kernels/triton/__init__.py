@@ -20,8 +20,9 @@ Limits:
   ``chunk_size`` up to ``MAX_CHUNK`` (1024). Any N, L >= 1, any K (L < K included), any R; channel and
   chunk sizes need not be powers of two (blocks are padded to the next power of two and masked).
 - ``bucket_sort`` is a Triton counting sort up to ``MAX_SORT_BUCKETS`` (1024) buckets, and
-  ``torch.sort(stable=True)`` beyond. These bare functions assume ``perm`` is a permutation; the public ops of ``dlsn_kernels`` check
-  it before they get here.
+  ``torch.sort(stable=True)`` beyond.
+- These bare functions assume ``perm`` is a permutation; the public ops of ``dlsn_kernels`` check it
+  before they get here.
 - The backward pass needs ``[N, nc, 3, ceil(K / BLOCK_K), K, Cm]`` floats of ``dq`` partial sums and
   ``[N, Lp, Cm + Cv + K]`` of slot gradients (reused for every round), plus position totals when R > 1.
 - Block sizes are fixed per problem (``forward_config``, ``backward_config``), no autotuning: what
