@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -192,13 +191,3 @@ def tensor_to_uint8(image: torch.Tensor, rgb_range: float = 1.0) -> np.ndarray:
         raise ValueError(f"image tensor must be floating point, got {image.dtype}")
     levels = (image.detach().to("cpu", torch.float64) * (255.0 / rgb_range)).clamp_(0, 255).round_()
     return levels.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-
-
-def read_image_tensor(path: PathLike, rgb_range: float = 1.0) -> torch.Tensor:
-    """``read_image``, then ``uint8_to_tensor``: a ``[3, H, W]`` float32 tensor in ``[0, rgb_range]``."""
-    return uint8_to_tensor(read_image(path), rgb_range)
-
-
-def read_images(paths: Sequence[PathLike]) -> list[np.ndarray]:
-    """Decode several files (see ``read_image``)."""
-    return [read_image(p) for p in paths]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dlsn_kernels
-from dlsn.models import DLSN, GLA, PRESETS, build_model, model_from_config
+from dlsn.models import DLSN, GLA, PRESETS, Preset, TrainingRecipe, build_model, model_from_config
 from dlsn_kernels import reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +121,20 @@ def test_every_gla_has_the_authors_layers():
 
 # ----------------------------------------------------------------------------------------------
 # Forward passes.
+
+
+def test_a_preset_is_a_model_config_and_its_training_recipe():
+    for name, preset in PRESETS.items():
+        assert isinstance(preset.training, TrainingRecipe), name
+        assert "scale" not in preset.model, name
+    with pytest.raises(TypeError, match="training"):
+        Preset(model={"arch": "dlsn"})  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="training must be a TrainingRecipe"):
+        Preset(model={"arch": "dlsn"}, training={"lr": 1e-3})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="arch"):
+        Preset(model={"arch": "unet"}, training=PRESETS["tiny"].training)
+    with pytest.raises(TypeError):  # the table cannot be edited through a preset
+        PRESETS["tiny"].model["n_feats"] = 8  # type: ignore[index]
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])

@@ -25,6 +25,7 @@ from dlsn.data import samples
 from dlsn.data.degradations import degrade, quantize_8bit
 from dlsn.images import read_image, tensor_to_uint8, uint8_to_tensor, write_image
 from dlsn.models.checkpoint import load_checkpoint, load_model
+from dlsn.models.presets import PRESETS
 from dlsn.training import trainer as trainer_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -302,6 +303,21 @@ def test_settings_follow_the_preset_and_the_paper_schedule():
     with pytest.raises(ValueError, match="KEY=VALUE"):
         T.parse_model_args(["chunk_size"])
     assert isinstance(parse([]), argparse.Namespace)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_trains_with_its_own_recipe(preset):
+    recipe = PRESETS[preset].training
+    settings = T.resolve_settings(cli._parser().parse_args(["--preset", preset]), None)
+    assert (settings.lr, settings.batch_size, settings.patch_size, settings.schedule, settings.epoch_steps) == (
+        recipe.lr, recipe.batch_size, recipe.patch_size, recipe.schedule, recipe.epoch_steps)
+    assert (settings.warmup_steps, settings.min_detail, settings.pyramid) == (
+        recipe.warmup_steps, recipe.min_detail, recipe.pyramid)
+
+
+def test_a_resumed_run_of_an_unknown_preset_is_a_one_line_error():
+    with pytest.raises(T.TrainError, match="--preset must be one of .*got 'retired'"):
+        T.resolve_settings(cli._parser().parse_args([]), {"preset": "retired"})
 
 
 def test_pyramid_setting_defaults_switches_off_and_is_checked():

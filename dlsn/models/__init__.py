@@ -22,8 +22,9 @@ __all__ = [
     "GLAFFM",
     "LFFB",
     "PRESETS",
-    "Preset",
     "PlainSR",
+    "Preset",
+    "TrainingRecipe",
     "CheckpointError",
     "MeanShift",
     "Upsampler",
@@ -38,5 +39,4 @@ __all__ = [
     "save_checkpoint",
     "set_backend",
     "set_inference",
-    "TrainingRecipe",
 ]

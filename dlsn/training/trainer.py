@@ -19,18 +19,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dlsn.cli import EXIT_INTERRUPTED, check_backend, format_conversions
 from dlsn.errors import UserInputError, one_line
-from dlsn.evaluation import SetScore, bicubic_upscaler, evaluate_dataset, model_upscaler
-from dlsn.images import write_image
 from dlsn.models.checkpoint import load_checkpoint, load_weights, restore, save_checkpoint
 from dlsn.models.presets import model_from_config, preset_config
 
 from .data import DetailedPatches, EpochSampler, build_data, quiet_worker
 from .processes import StopFlag, ThreadTuner, barrier, cpu_thread_budget, setup_processes
+from .report import announce, final_report, format_minutes, validate
 from .run_folder import RunLog, find_resume_file, run_folder
 from .schedule import LRSchedule
 from .settings import SCHEDULE_SETTINGS, TrainError, resolve_settings
@@ -38,22 +37,6 @@ from .settings import SCHEDULE_SETTINGS, TrainError, resolve_settings
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def validate(model: nn.Module, dataset: Dataset, scale: int, device: torch.device, seed: int,
-             ensemble: bool = False) -> SetScore:
-    """Y-PSNR/SSIM of the model on ``dataset`` (whole items); hash rotations seeded, so repeatable."""
-    net = _unwrap(model)
-    was_training = net.training
-    net.eval()
-    if hasattr(net, "set_inference"):
-        net.set_inference(seed=seed)
-    rgb_range = float(net.config.get("rgb_range", 255.0))
-    try:
-        return evaluate_dataset(model_upscaler(net, rgb_range, ensemble), dataset, scale, set_name="val",
-                                device=device, progress=False)
-    finally:
-        net.train(was_training)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -80,10 +63,6 @@ class Progress:
     best_psnr: float = -math.inf
     best_step: int = -1
     bicubic_psnr: float | None = None
-
-
-def _format_minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,6 +143,7 @@ class Trainer:
         if self.procs.main:
             self.log = RunLog(self.out / "log.csv", self.state.step if saved else None)
         self.step_time = 0.0
+        self.loss_sum, self.loss_count = 0.0, 0  # the losses since the last log.csv row
         self.last_val: float | None = None
         self.threads: ThreadTuner | None = None
         if self.device.type == "cpu":
@@ -307,29 +287,6 @@ class Trainer:
             title = f"{self.s.preset} x{self.s.scale}"
             self.log.plot(self.out / "curves.png", self.state.bicubic_psnr, title)
 
-    def announce(self) -> None:
-        s, st = self.s, self.state
-        n_params = sum(p.numel() for p in self.net.parameters())
-        budget = [f"{s.max_steps} steps"] if s.max_steps else []
-        if self.limit_s:
-            budget.append(f"{s.time_limit:g} min")
-        self.say(f"dlsn.train: {s.preset} x{s.scale} {s.degradation}, {n_params / 1e6:.3f}M parameters, on "
-                 f"{self.device}" + (f" x {self.procs.world} processes" if self.procs.distributed else "")
-                 + (f", {torch.get_num_threads()} threads" if self.threads is None else
-                    f", threads tuned among {'/'.join(map(str, self.threads.options))}"))
-        self.say(f"data: {self.data.description}; an epoch is {self.steps_per_epoch} steps of "
-                 f"{s.batch_size} LR patches {s.patch_size}x{s.patch_size}")
-        budget_text = " or ".join(budget) or "none (Ctrl-C stops)"
-        self.say(f"schedule: {s.schedule}, lr {s.lr:g}; budget: {budget_text}; output: {self.out}"
-                 + (f"; resumed at step {st.step}" if self.resume_path else ""))
-        if self.procs.main:
-            if st.bicubic_psnr is None:
-                st.bicubic_psnr = evaluate_dataset(bicubic_upscaler(s.scale), self.data.val, s.scale,
-                                                   progress=False).psnr
-            kind = f"{s.val_crop}x{s.val_crop} HR centre crops" if s.val_crop else "whole images"
-            self.say(f"validation: {len(self.data.val)} images ({kind}); "
-                     f"bicubic Y-PSNR {st.bicubic_psnr:.2f} dB")
-
     # ---- the loop
 
     def train_step(self, batch: dict[str, Any]) -> Tensor:
@@ -359,14 +316,13 @@ class Trainer:
             st.batch_in_epoch = 0
 
     def run(self) -> int:
-        s, st, procs = self.s, self.state, self.procs
+        st, procs = self.state, self.procs
         if procs.main:
             self.remove_unfinished_writes()
-        self.announce()
+        announce(self)
         self.net.train()
-        bar = tqdm(total=s.max_steps, initial=st.step, unit="step", dynamic_ncols=True, file=sys.stderr,
+        bar = tqdm(total=self.s.max_steps, initial=st.step, unit="step", dynamic_ncols=True, file=sys.stderr,
                    disable=self.args.no_progress or not procs.main, smoothing=0.1)
-        loss_sum, loss_count = 0.0, 0
         step_ends: collections.deque[float] = collections.deque([time.monotonic()], maxlen=31)
         interrupted = False
         self.schedule.apply(st.step, self.progress())
@@ -383,70 +339,84 @@ class Trainer:
                 if self.threads is not None:
                     self.threads.after_step(took)
                 self.step_time = 0.8 * self.step_time + 0.2 * took if self.step_time else took
-
-                # One all-reduce per step: the mean loss, and whether any process was signalled or is
-                # out of budget (time differs between processes, but they must stop at the same step).
-                status = torch.tensor([float(loss), float(stop.signal_name is not None),
-                                       float(self.out_of_budget())], dtype=torch.float64)
-                if procs.distributed:
-                    status = status.to(self.device)
-                    dist.all_reduce(status)
-                    status = status.cpu()
-                mean_loss = float(status[0]) / procs.world
-                interrupted = bool(status[1] > 0)
-                done = interrupted or bool(status[2] > 0)
-                if not math.isfinite(mean_loss):
-                    if procs.main:
-                        self.checkpoint(self.out / "last.pt")
-                    raise TrainError(f"the loss is not finite at step {st.step}; lower --lr "
-                                     f"(last.pt written for inspection)")
-                loss_sum, loss_count = loss_sum + mean_loss, loss_count + 1
+                mean_loss, interrupted, done = self._agree(loss, stop.signal_name is not None)
                 self.schedule.apply(st.step, self.progress())
-
                 step_ends.append(time.monotonic())
                 if procs.main:
-                    # Steps per second over the last 30 steps, data loading and validation included.
-                    rate = (len(step_ends) - 1) / max(step_ends[-1] - step_ends[0], 1e-9)
-                    postfix = {"loss": f"{mean_loss:.3f}", "lr": f"{self.schedule.last_lr:.2e}",
-                               "img/s": f"{rate * s.batch_size * procs.world:.1f}"}
-                    if self.last_val is not None:
-                        postfix["val"] = f"{self.last_val:.2f}"
-                    if self.limit_s:
-                        postfix["left"] = _format_minutes(max(0.0, self.limit_s - self.elapsed()))
-                    if self.threads is not None:
-                        postfix["threads"] = str(torch.get_num_threads())
-                    bar.set_postfix(postfix, refresh=False)
-                    bar.update(1)
-                    if st.step % 10 == 0 and self.log is not None:
-                        self.log.add(st.step, st.epoch, loss_sum / loss_count, self.schedule.last_lr, None,
-                                     self.elapsed())
-                        loss_sum, loss_count = 0.0, 0
-
-                # Periodic validation and saving (the end of the run does both anyway).
-                at_val = bool(s.val_every) and st.step % s.val_every == 0 and not done
-                at_save = bool(s.save_every) and st.step % s.save_every == 0 and not done
-                if procs.main and at_val:
-                    self.last_val = self.run_validation()
-                if procs.main and at_save:
-                    self.checkpoint(self.out / "last.pt")
-                if at_val or at_save:
-                    barrier(procs)
+                    self._show_step(bar, mean_loss, step_ends)
+                self._validate_and_save(done)
             signal_name = stop.signal_name
         bar.close()
 
         if procs.main:
             try:
-                self._finish(interrupted, signal_name, loss_sum, loss_count)
+                self._finish(interrupted, signal_name)
             except KeyboardInterrupt:  # Ctrl-C during the final validation or report: keep the steps
                 self.save_last()
                 raise
         barrier(procs)
         return EXIT_INTERRUPTED if interrupted else 0
 
-    def _finish(self, interrupted: bool, signal_name: str | None, loss_sum: float, loss_count: int) -> None:
+    def _agree(self, loss: Tensor, signalled: bool) -> tuple[float, bool, bool]:
+        """(mean loss over processes, whether any was signalled, whether to stop): one all-reduce per step.
+        Time differs between processes, but they must stop at the same step."""
+        procs = self.procs
+        status = torch.tensor([float(loss), float(signalled), float(self.out_of_budget())], dtype=torch.float64)
+        if procs.distributed:
+            status = status.to(self.device)
+            dist.all_reduce(status)
+            status = status.cpu()
+        mean_loss = float(status[0]) / procs.world
+        interrupted = bool(status[1] > 0)
+        if not math.isfinite(mean_loss):
+            if procs.main:
+                self.checkpoint(self.out / "last.pt")
+            raise TrainError(f"the loss is not finite at step {self.state.step}; lower --lr "
+                             f"(last.pt written for inspection)")
+        self.loss_sum, self.loss_count = self.loss_sum + mean_loss, self.loss_count + 1
+        return mean_loss, interrupted, interrupted or bool(status[2] > 0)
+
+    def _show_step(self, bar: tqdm, mean_loss: float, step_ends: collections.deque[float]) -> None:
+        """The progress bar after a step, and a ``log.csv`` row of the mean loss every 10 steps (rank 0)."""
         st = self.state
-        if loss_count and self.log is not None:
-            self.log.add(st.step, st.epoch, loss_sum / loss_count, self.schedule.last_lr, None, self.elapsed())
+        # Steps per second over the last 30 steps, data loading and validation included.
+        rate = (len(step_ends) - 1) / max(step_ends[-1] - step_ends[0], 1e-9)
+        postfix = {"loss": f"{mean_loss:.3f}", "lr": f"{self.schedule.last_lr:.2e}",
+                   "img/s": f"{rate * self.s.batch_size * self.procs.world:.1f}"}
+        if self.last_val is not None:
+            postfix["val"] = f"{self.last_val:.2f}"
+        if self.limit_s:
+            postfix["left"] = format_minutes(max(0.0, self.limit_s - self.elapsed()))
+        if self.threads is not None:
+            postfix["threads"] = str(torch.get_num_threads())
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+        if st.step % 10 == 0:
+            self._log_loss()
+
+    def _log_loss(self) -> None:
+        """A ``log.csv`` row with the mean loss of the steps since the last one."""
+        if self.loss_count and self.log is not None:
+            st = self.state
+            self.log.add(st.step, st.epoch, self.loss_sum / self.loss_count, self.schedule.last_lr, None,
+                         self.elapsed())
+            self.loss_sum, self.loss_count = 0.0, 0
+
+    def _validate_and_save(self, done: bool) -> None:
+        """Periodic validation and saving (the end of the run does both anyway)."""
+        s, step = self.s, self.state.step
+        at_val = bool(s.val_every) and step % s.val_every == 0 and not done
+        at_save = bool(s.save_every) and step % s.save_every == 0 and not done
+        if self.procs.main and at_val:
+            self.last_val = self.run_validation()
+        if self.procs.main and at_save:
+            self.checkpoint(self.out / "last.pt")
+        if at_val or at_save:
+            barrier(self.procs)
+
+    def _finish(self, interrupted: bool, signal_name: str | None) -> None:
+        st = self.state
+        self._log_loss()
         if interrupted:
             self.checkpoint(self.out / "last.pt")
             self.plot()
@@ -456,44 +426,4 @@ class Trainer:
         else:
             val_psnr = self.run_validation()
             self.checkpoint(self.out / "last.pt")
-            self.final_report(val_psnr)
-
-    def final_report(self, val_psnr: float) -> None:
-        """Scores on the held-out images vs bicubic (the validation crops and the whole images), and a
-        sample SR image next to its bicubic version. ``val_psnr``: the model's score on ``data.val``."""
-        s, st, out = self.s, self.state, self.out
-        train_time = self.elapsed()
-        whole = validate(self.net, self.data.val_full, s.scale, self.device, s.seed)
-        bicubic = evaluate_dataset(bicubic_upscaler(s.scale), self.data.val_full, s.scale, progress=False)
-        ensemble = None
-        if self.args.self_ensemble:
-            ensemble = validate(self.net, self.data.val_full, s.scale, self.device, s.seed, ensemble=True)
-        item = self.data.val_full[0]
-        self.net.eval()
-        sr = model_upscaler(self.net, self.rgb_range)(item["lr"][None].to(self.device))[0]
-        stem = f"sample_{item['name']}_x{s.scale}"
-        sr_path = write_image(out / f"{stem}_sr.png", sr.float().clamp(0, 1))
-        bicubic_image = bicubic_upscaler(s.scale)(item["lr"][None])[0]
-        bicubic_path = write_image(out / f"{stem}_bicubic.png", bicubic_image)
-        write_image(out / f"{stem}_hr.png", item["hr"])
-
-        say = functools.partial(print, flush=True)
-        say(f"\ntrained {st.step} steps (epoch {st.epoch}) in {_format_minutes(train_time)} min")
-        say(f"checkpoints: {out / 'last.pt'} (final), {out / 'best.pt'} (best validation, step "
-            f"{st.best_step}); log {out / 'log.csv'}, curves {out / 'curves.png'}")
-        say(f"sample: {sr_path} (model) next to {bicubic_path} (bicubic)")
-        names = ", ".join(score.name for score in whole.images)
-        say(f"held-out Y-PSNR at x{s.scale} {s.degradation} ({names}; never trained on), final model:")
-        if self.data.val is not self.data.val_full and st.bicubic_psnr is not None:
-            say(f"  {s.val_crop}x{s.val_crop} HR centre crops: model {val_psnr:6.2f} dB   bicubic "
-                f"{st.bicubic_psnr:6.2f} dB   {val_psnr - st.bicubic_psnr:+.2f} dB")
-        say("  whole images:")
-        for ours, theirs in zip(whole.images, bicubic.images, strict=True):
-            say(f"    {ours.name:<16} model {ours.psnr:6.2f} dB   bicubic {theirs.psnr:6.2f} dB   "
-                f"{ours.psnr - theirs.psnr:+.2f} dB")
-        say(f"    {'mean':<16} model {whole.psnr:6.2f} dB   bicubic {bicubic.psnr:6.2f} dB   "
-            f"{whole.psnr - bicubic.psnr:+.2f} dB   (SSIM {whole.ssim:.4f} vs {bicubic.ssim:.4f})")
-        if ensemble is not None:
-            say(f"    {'mean, x8 ensemble':<16} model {ensemble.psnr:6.2f} dB   bicubic "
-                f"{bicubic.psnr:6.2f} dB   {ensemble.psnr - bicubic.psnr:+.2f} dB")
-        say(f"wall time: {_format_minutes(self.elapsed() - self.elapsed_before)} min for this command")
+            final_report(self, val_psnr)

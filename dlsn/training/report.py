@@ -1,0 +1,106 @@
+"""What a training run scores and says: validation, the opening lines and the final report."""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from dlsn.evaluation import SetScore, bicubic_upscaler, evaluate_dataset, model_upscaler
+from dlsn.images import write_image
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def validate(model: nn.Module, dataset: Dataset, scale: int, device: torch.device, seed: int,
+             ensemble: bool = False) -> SetScore:
+    """Y-PSNR/SSIM of the model on ``dataset`` (whole items); hash rotations seeded, so repeatable."""
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
+    if hasattr(net, "set_inference"):
+        net.set_inference(seed=seed)
+    rgb_range = float(net.config.get("rgb_range", 255.0))
+    try:
+        return evaluate_dataset(model_upscaler(net, rgb_range, ensemble), dataset, scale, set_name="val",
+                                device=device, progress=False)
+    finally:
+        net.train(was_training)
+
+
+def format_minutes(seconds: float) -> str:
+    """``125.0`` -> ``"2:05"``."""
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def announce(trainer: Trainer) -> None:
+    """The opening lines: network, data, schedule and budget, and the bicubic score to beat (rank 0)."""
+    s, st, say = trainer.s, trainer.state, trainer.say
+    n_params = sum(p.numel() for p in trainer.net.parameters())
+    budget = [f"{s.max_steps} steps"] if s.max_steps else []
+    if trainer.limit_s:
+        budget.append(f"{s.time_limit:g} min")
+    say(f"dlsn.train: {s.preset} x{s.scale} {s.degradation}, {n_params / 1e6:.3f}M parameters, on "
+        f"{trainer.device}" + (f" x {trainer.procs.world} processes" if trainer.procs.distributed else "")
+        + (f", {torch.get_num_threads()} threads" if trainer.threads is None else
+           f", threads tuned among {'/'.join(map(str, trainer.threads.options))}"))
+    say(f"data: {trainer.data.description}; an epoch is {trainer.steps_per_epoch} steps of "
+        f"{s.batch_size} LR patches {s.patch_size}x{s.patch_size}")
+    budget_text = " or ".join(budget) or "none (Ctrl-C stops)"
+    say(f"schedule: {s.schedule}, lr {s.lr:g}; budget: {budget_text}; output: {trainer.out}"
+        + (f"; resumed at step {st.step}" if trainer.resume_path else ""))
+    if trainer.procs.main:
+        if st.bicubic_psnr is None:
+            st.bicubic_psnr = evaluate_dataset(bicubic_upscaler(s.scale), trainer.data.val, s.scale,
+                                               progress=False).psnr
+        kind = f"{s.val_crop}x{s.val_crop} HR centre crops" if s.val_crop else "whole images"
+        say(f"validation: {len(trainer.data.val)} images ({kind}); bicubic Y-PSNR {st.bicubic_psnr:.2f} dB")
+
+
+def final_report(trainer: Trainer, val_psnr: float) -> None:
+    """Scores on the held-out images vs bicubic (the validation crops and the whole images), and a
+    sample SR image next to its bicubic version. ``val_psnr``: the model's score on ``data.val``."""
+    s, st, out = trainer.s, trainer.state, trainer.out
+    train_time = trainer.elapsed()
+    whole = validate(trainer.net, trainer.data.val_full, s.scale, trainer.device, s.seed)
+    bicubic = evaluate_dataset(bicubic_upscaler(s.scale), trainer.data.val_full, s.scale, progress=False)
+    ensemble = None
+    if trainer.args.self_ensemble:
+        ensemble = validate(trainer.net, trainer.data.val_full, s.scale, trainer.device, s.seed, ensemble=True)
+    item = trainer.data.val_full[0]
+    trainer.net.eval()
+    sr = model_upscaler(trainer.net, trainer.rgb_range)(item["lr"][None].to(trainer.device))[0]
+    stem = f"sample_{item['name']}_x{s.scale}"
+    sr_path = write_image(out / f"{stem}_sr.png", sr.float().clamp(0, 1))
+    bicubic_image = bicubic_upscaler(s.scale)(item["lr"][None])[0]
+    bicubic_path = write_image(out / f"{stem}_bicubic.png", bicubic_image)
+    write_image(out / f"{stem}_hr.png", item["hr"])
+
+    say = functools.partial(print, flush=True)
+    say(f"\ntrained {st.step} steps (epoch {st.epoch}) in {format_minutes(train_time)} min")
+    say(f"checkpoints: {out / 'last.pt'} (final), {out / 'best.pt'} (best validation, step "
+        f"{st.best_step}); log {out / 'log.csv'}, curves {out / 'curves.png'}")
+    say(f"sample: {sr_path} (model) next to {bicubic_path} (bicubic)")
+    names = ", ".join(score.name for score in whole.images)
+    say(f"held-out Y-PSNR at x{s.scale} {s.degradation} ({names}; never trained on), final model:")
+    if trainer.data.val is not trainer.data.val_full and st.bicubic_psnr is not None:
+        say(f"  {s.val_crop}x{s.val_crop} HR centre crops: model {val_psnr:6.2f} dB   bicubic "
+            f"{st.bicubic_psnr:6.2f} dB   {val_psnr - st.bicubic_psnr:+.2f} dB")
+    say("  whole images:")
+    for ours, theirs in zip(whole.images, bicubic.images, strict=True):
+        say(f"    {ours.name:<16} model {ours.psnr:6.2f} dB   bicubic {theirs.psnr:6.2f} dB   "
+            f"{ours.psnr - theirs.psnr:+.2f} dB")
+    say(f"    {'mean':<16} model {whole.psnr:6.2f} dB   bicubic {bicubic.psnr:6.2f} dB   "
+        f"{whole.psnr - bicubic.psnr:+.2f} dB   (SSIM {whole.ssim:.4f} vs {bicubic.ssim:.4f})")
+    if ensemble is not None:
+        say(f"    {'mean, x8 ensemble':<16} model {ensemble.psnr:6.2f} dB   bicubic "
+            f"{bicubic.psnr:6.2f} dB   {ensemble.psnr - bicubic.psnr:+.2f} dB")
+    say(f"wall time: {format_minutes(trainer.elapsed() - trainer.elapsed_before)} min for this command")
