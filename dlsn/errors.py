@@ -1,4 +1,4 @@
-"""The one exception type for bad input from the user (a file, a folder, a setting).
+"""The exception types for bad input from the user (a file, a folder, a setting, a checkpoint).
 
 The command-line tools print a :class:`UserInputError` as one line and exit with status 2; every
 other exception is a bug (ours, or in a kernel) and propagates with its traceback. Library code
@@ -9,11 +9,22 @@ working.
 
 from __future__ import annotations
 
-__all__ = ["UserInputError", "one_line"]
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "UserInputError", "one_line"]
 
 
 class UserInputError(ValueError):
     """Input the user can fix; the message names the argument or file and what is wrong with it."""
+
+
+class CheckpointError(UserInputError, RuntimeError):
+    """A checkpoint that cannot be read, or does not fit what it is loaded into.
+
+    A :class:`UserInputError` (the tools print it as one line); still a RuntimeError, as it always was.
+    """
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint path does not exist (also a FileNotFoundError)."""
 
 
 def one_line(error: BaseException) -> str:

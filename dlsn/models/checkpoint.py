@@ -12,8 +12,8 @@ strings, tensors), so it loads with ``torch.load(weights_only=True)`` and no cod
 Files are written atomically: a temporary file in the same folder, flushed and fsync'ed, then
 renamed over the target, so a crash mid-write leaves the previous checkpoint intact.
 
-The authors' checkpoints are bare ``state_dict``s of their DLSN. Their architecture is read off
-the tensor shapes (:func:`infer_official_config`); their unused scalar ``a`` is dropped.
+The authors' checkpoints are bare ``state_dict``s of their DLSN, loaded here too: their architecture
+is read off the tensor shapes (``dlsn.models.official``); their unused scalar ``a`` is dropped.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dlsn.errors import UserInputError, one_line
+from dlsn.errors import CheckpointError, CheckpointNotFoundError, one_line
 
-from .dlsn import DIV2K_RGB_MEAN
+from .official import OFFICIAL_UNUSED_KEYS, infer_official_config
 from .presets import model_from_config
 
 __all__ = [
@@ -51,24 +51,8 @@ __all__ = [
 
 FORMAT = "dlsn-checkpoint"
 VERSION = 1
-# Entries of the authors' state dicts that no module here holds.
-OFFICIAL_UNUSED_KEYS = ("a",)
-# Settings the weights cannot tell: the authors' values (SPEC section 4).
-OFFICIAL_DEFAULTS = {"n_hashes": 3, "res_scale": 0.1}
 
 PathLike = str | os.PathLike
-
-
-class CheckpointError(UserInputError, RuntimeError):
-    """A checkpoint that cannot be read, or does not fit what it is loaded into.
-
-    A :class:`~dlsn.errors.UserInputError` (the tools print it as one line); still a RuntimeError, as
-    it always was.
-    """
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """The checkpoint path does not exist (also a FileNotFoundError)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,81 +177,6 @@ def save_checkpoint(
     for key in ("config", "optimizer", "scheduler", "extra"):
         _check_plain(checkpoint[key], key)
     return atomic_torch_save(checkpoint, path)
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading the authors' state dicts.
-
-
-def _shape(state: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
-    if key not in state:
-        raise CheckpointError(f"not a DLSN state dict: it has no {key!r}")
-    return tuple(state[key].shape)
-
-
-def _indices(state: Mapping[str, Any], pattern: str) -> list[int]:
-    regex = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in state if (m := regex.match(k))})
-
-
-def _infer_rgb_range(state: Mapping[str, Tensor]) -> float:
-    bias = state.get("sub_mean.bias")
-    if bias is None or bias.device.type == "meta":
-        return 255.0
-    value = -float(bias.reshape(-1)[0]) / DIV2K_RGB_MEAN[0]  # sub_mean bias = -rgb_range * mean
-    rounded = round(value)
-    return float(rounded) if rounded > 0 and abs(value - rounded) < 1e-3 * rounded else value
-
-
-def infer_official_config(state: Mapping[str, Tensor]) -> dict[str, Any]:
-    """The DLSN config of an authors' state dict, read from tensor shapes.
-
-    ``n_hashes`` and ``res_scale`` are not in the weights: the authors' 3 and 0.1 are assumed.
-    """
-    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
-        raise CheckpointError("not a state dict (a mapping of names to tensors)")
-    head = _shape(state, "head.0.weight")
-    if len(head) != 4 or head[1] != 3:
-        raise CheckpointError(f"head.0.weight has shape {head}; a DLSN head is [n_feats, 3, 3, 3]")
-    n_feats = head[0]
-
-    groups = _indices(state, r"^body\.(\d+)\.body\.")
-    if not groups or groups != list(range(len(groups))):
-        raise CheckpointError(f"not a DLSN state dict: body groups found at indices {groups}")
-    n_resgroups = len(groups)
-    _shape(state, f"body.{n_resgroups}.weight")  # the conv after the groups
-
-    gla_blocks = _indices(state, r"^body\.0\.body\.(\d+)\.conv_match\.")
-    if len(gla_blocks) != 1:
-        raise CheckpointError(f"not a DLSN state dict: expected one GLA in body.0, found {len(gla_blocks)}")
-    n_resblocks = gla_blocks[0]
-    gla = f"body.0.body.{n_resblocks}"
-    match_channels = _shape(state, f"{gla}.conv_match.0.weight")[0]
-    if match_channels < 1 or n_feats % match_channels:
-        raise CheckpointError(f"{gla}.conv_match has {match_channels} channels, not a divisor of {n_feats}")
-    chunk_size = _shape(state, f"{gla}.fc.0.weight")[0]
-
-    tail_convs = [
-        _shape(state, f"tail.0.{i}.weight")[0] for i in _indices(state, r"^tail\.0\.(\d+)\.weight$")
-    ]
-    if tail_convs == [9 * n_feats]:
-        scale = 3
-    elif tail_convs and all(c == 4 * n_feats for c in tail_convs):
-        scale = 2 ** len(tail_convs)
-    else:
-        raise CheckpointError(f"cannot read the scale from the tail convs' output channels {tail_convs}")
-
-    return {
-        "arch": "dlsn",
-        "scale": scale,
-        "n_feats": n_feats,
-        "n_resgroups": n_resgroups,
-        "n_resblocks": n_resblocks,
-        "reduction": n_feats // match_channels,
-        "chunk_size": chunk_size,
-        **OFFICIAL_DEFAULTS,
-        "rgb_range": _infer_rgb_range(state),
-    }
 
 
 # ----------------------------------------------------------------------------------------------
