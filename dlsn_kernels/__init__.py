@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, reference
+from ._hash_setup import KEY_NORM_EPS, n_buckets_for, random_rotations
 from ._ops import (
     BACKENDS,
     BackendUnavailableError,
@@ -24,7 +25,6 @@ from ._ops import (
     resolve_backend,
 )
 from ._precision import cast_for_autocast
-from .reference import KEY_NORM_EPS, n_buckets_for, random_rotations
 
 __all__ = [
     "BACKENDS",

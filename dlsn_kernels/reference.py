@@ -10,10 +10,11 @@ Layouts: ``xm [N, L, Cm]``, ``v [N, L, Cv]``, ``lss [N, L, K]``, ``rot [Cm, R, B
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
+
+# Re-exported: these lived here before; the model and the kernels take them from _hash_setup.
+from ._hash_setup import KEY_NORM_EPS, n_buckets_for, random_rotations
 
 __all__ = [
     "KEY_NORM_EPS",
@@ -26,55 +27,6 @@ __all__ = [
     "combine_rounds",
     "gla_attention",
 ]
-
-KEY_NORM_EPS = 5e-5
-
-
-def _positive_int(value: object, name: str) -> None:
-    """Sizes must be whole and >= 1 (SymInt: torch.compile traces sizes taken from shapes)."""
-    if not isinstance(value, (numbers.Integral, torch.SymInt)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-
-
-def n_buckets_for(length: int, chunk_size: int) -> int:
-    """Number of hash buckets for a sequence of ``length`` positions (SPEC section 1)."""
-    _positive_int(length, "length")
-    _positive_int(chunk_size, "chunk_size")
-    n = length // chunk_size
-    n = min(n + n % 2, 128)
-    return max(n, 1)
-
-
-def random_rotations(
-    channels: int,
-    n_hashes: int,
-    n_buckets: int,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """``rot [Cm, R, B]``: one random orthonormal ``[Cm, B]`` matrix per hash round.
-
-    Same law as ``torch.nn.init.orthogonal_`` on a ``[Cm, B]`` tensor (QR of a Gaussian matrix,
-    signs fixed by the diagonal of R), drawn from ``generator`` when one is given.
-    """
-    _positive_int(channels, "channels")
-    _positive_int(n_hashes, "n_hashes")
-    _positive_int(n_buckets, "n_buckets")
-    rots = []
-    for _ in range(n_hashes):
-        flat = torch.randn(max(channels, n_buckets), min(channels, n_buckets), generator=generator,
-                           dtype=torch.float64)
-        q, r = torch.linalg.qr(flat)
-        q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
-        if channels < n_buckets:
-            q = q.t()
-        rots.append(q)
-    return torch.stack(rots, dim=1).to(device=device, dtype=dtype)
-
 
 def sblsh_hash(xm: Tensor, rot: Tensor) -> Tensor:
     """``codes[n, r, l] = argmax_b xm[n, l] . rot[:, r, b]`` (lowest b on ties), int64."""

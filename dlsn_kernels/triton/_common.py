@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import KEY_NORM_EPS
+from .._hash_setup import KEY_NORM_EPS
 
 __all__ = [
     "INTERPRETED",
