@@ -139,14 +139,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Python's start-up and imports take seconds; a process older than this was a shell that exec'd python
+# (`bash -c "pip install ... && python -m dlsn.train"` runs the build in the same process), and the time
+# limit must not be spent on what ran before python.
+_MAX_STARTUP_S = 60.0
+
+
 def _process_age() -> float:
     """Seconds since this process started (Linux; 0 elsewhere), so time limits include imports."""
     try:
         start_ticks = float(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+        age = max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return 0.0
+    return age if age <= _MAX_STARTUP_S else 0.0
 
 
 def main(argv: Sequence[str] | None = None, started: float | None = None) -> int:
