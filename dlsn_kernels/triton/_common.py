@@ -24,6 +24,8 @@ __all__ = [
     "MAX_CHANNELS",
     "MAX_CHUNK",
     "accumulate_dtype",
+    "attention_heuristics",
+    "launch_tiles",
     "check_device",
     "check_float_inputs",
     "check_index",
@@ -80,6 +82,15 @@ def channel_block(size: int) -> int:
     return max(16, triton.next_power_of_2(max(int(size), 1)))
 
 
+def launch_tiles(chunk_size: int, value_channels: int, block_q: int, block_k: int, warps: int) -> dict[str, int]:
+    """Launch options of an attention kernel from its tile table row: blocks no larger than the (padded)
+    chunk, and four warps when value rows are narrow (the tables are sized for Cv = 256)."""
+    chunk = channel_block(chunk_size)
+    narrow = channel_block(value_channels) <= 128
+    return {"BLOCK_Q": min(block_q, chunk), "BLOCK_K": min(block_k, chunk),
+            "num_warps": 4 if narrow else warps, "num_stages": 2}
+
+
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -95,6 +106,15 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float1
 def tl_dtype(dtype: torch.dtype) -> Any:
     """The Triton dtype of a floating torch dtype (``tl.dot`` operands use the input dtype)."""
     return _TL_DTYPES[dtype]
+
+
+# What every attention kernel derives from its arguments: padded channel blocks, accumulation and dot dtypes.
+attention_heuristics = triton.heuristics({
+    "BLOCK_CM": lambda a: channel_block(a["Cm"]),
+    "BLOCK_CV": lambda a: channel_block(a["Cv"]),
+    "ACC": lambda a: tl_accumulate_dtype(a["xm_ptr"].dtype),
+    "DOT": lambda a: tl_dtype(a["xm_ptr"].dtype),
+})
 
 
 def check_rank(t: torch.Tensor, name: str, rank: int, layout: str) -> None:

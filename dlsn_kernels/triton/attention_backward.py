@@ -28,6 +28,7 @@ from ._common import (
     KEY_NORM_EPS,
     LOG2E,
     accumulate_dtype,
+    attention_heuristics,
     channel_block,
     check_rank,
     device_fn,
@@ -35,11 +36,11 @@ from ._common import (
     dot_precision,
     inverse_key_norms,
     jit,
+    launch_tiles,
     matmul,
     neighbour_chunk,
     slot_position,
     tl_accumulate_dtype,
-    tl_dtype,
 )
 from .chunk_attention import _check_perm, check_attention_inputs
 
@@ -65,18 +66,10 @@ def backward_config(chunk_size: int, value_channels: int, dtype: torch.dtype, dv
     """
     block_k, dv_tiles, score_tiles = _BACKWARD_TILES[dot_kind(dtype)]
     block_q, warps = dv_tiles if dv_pass else score_tiles
-    chunk = channel_block(chunk_size)
-    narrow = channel_block(value_channels) <= 128
-    return {"BLOCK_K": min(block_k, chunk), "BLOCK_Q": min(block_q, chunk),
-            "num_warps": 4 if narrow else warps, "num_stages": 2}
+    return launch_tiles(chunk_size, value_channels, block_q, block_k, warps)
 
 
-@triton.heuristics({
-    "BLOCK_CM": lambda a: channel_block(a["Cm"]),
-    "BLOCK_CV": lambda a: channel_block(a["Cv"]),
-    "ACC": lambda a: tl_accumulate_dtype(a["xm_ptr"].dtype),
-    "DOT": lambda a: tl_dtype(a["xm_ptr"].dtype),
-})
+@attention_heuristics
 @jit
 def _key_pass(
     grad_out_ptr, delta_ptr, lse_ptr, xm_ptr, v_ptr, lss_ptr, perm_ptr, inv_norm_ptr,

@@ -24,7 +24,7 @@ from ._common import (
     MAX_CHANNELS,
     MAX_CHUNK,
     accumulate_dtype,
-    channel_block,
+    attention_heuristics,
     check_float_inputs,
     check_index,
     check_rank,
@@ -32,11 +32,10 @@ from ._common import (
     dot_precision,
     inverse_key_norms,
     jit,
+    launch_tiles,
     matmul,
     neighbour_chunk,
     slot_position,
-    tl_accumulate_dtype,
-    tl_dtype,
 )
 from .hash import sblsh_hash, sort_codes
 
@@ -60,19 +59,10 @@ def forward_config(chunk_size: int, value_channels: int, dtype: torch.dtype) -> 
 
     Query tiles of up to 64 slots amortise the gather of the 3K key rows (SPEC 1.4) over many queries.
     """
-    block_q, block_k, warps = _FORWARD_TILES[dot_kind(dtype)]
-    chunk = channel_block(chunk_size)
-    narrow = channel_block(value_channels) <= 128
-    return {"BLOCK_Q": min(block_q, chunk), "BLOCK_K": min(block_k, chunk),
-            "num_warps": 4 if narrow else warps, "num_stages": 2}
+    return launch_tiles(chunk_size, value_channels, *_FORWARD_TILES[dot_kind(dtype)])
 
 
-@triton.heuristics({
-    "BLOCK_CM": lambda a: channel_block(a["Cm"]),
-    "BLOCK_CV": lambda a: channel_block(a["Cv"]),
-    "ACC": lambda a: tl_accumulate_dtype(a["xm_ptr"].dtype),
-    "DOT": lambda a: tl_dtype(a["xm_ptr"].dtype),
-})
+@attention_heuristics
 @jit
 def _chunk_attention_fwd_kernel(
     xm_ptr, v_ptr, lss_ptr, perm_ptr, inv_norm_ptr, out_ptr, lse_ptr,
