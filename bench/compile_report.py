@@ -1,6 +1,7 @@
 """Offline compile report of the Triton kernels for Hopper (sm_90), on a machine without a GPU.
 
     python -m bench.compile_report [--json FILE] [--shape N L Cm Cv K R]
+    python -m bench.compile_report --cuda      # the CUDA C++ kernels of the built extension
 
 Most of a GPU kernel's speed is decided by its code shape, which needs no GPU to read: whether its dot
 products run on tensor cores (HGMMA/wgmma or HMMA/mma.sync in the SASS) or as scalar FFMA, and whether it
@@ -205,12 +206,58 @@ def compile_kernels(shape: tuple[int, ...] = TRAINING_SHAPE, modes=MODES) -> lis
     return records
 
 
+_CUDA_DTYPES = {"float": "fp32", "double": "fp64", "c10::BFloat16": "bf16", "c10::Half": "fp16"}
+
+
+def _demangle(names: list[str]) -> list[str]:
+    try:
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True)
+        return out.stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return names
+
+
+def cuda_kernels(library: str | None = None, arch: str = "sm_90") -> list[KernelRecord]:
+    """The CUDA C++ kernels of the built extension (``dlsn_kernels._C``), read with ``cuobjdump``: one record
+    per instantiation for ``arch``, the dtype from its first template argument."""
+    if library is None:
+        import dlsn_kernels._C as ext
+
+        library = ext.__file__
+    usage = subprocess.run([_triton_tool("cuobjdump"), "-arch", arch, "-res-usage", library],
+                           capture_output=True, text=True).stdout
+    sass = subprocess.run([_triton_tool("cuobjdump"), "-arch", arch, "-sass", library],
+                          capture_output=True, text=True).stdout
+    resources = dict(re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", usage))
+    bodies = dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass, re.S))
+    mangled = sorted(resources)
+    records = []
+    for name, readable in zip(mangled, _demangle(mangled)):
+        kernel = re.search(r"(\w+)<", readable)
+        dtype = re.search(r"<([\w:]+)", readable)
+        template = re.search(r"<(.*?)>\s*\(", readable)
+        res = resources[name]
+        body = bodies.get(name, "")
+        field = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res)}
+        label = _CUDA_DTYPES.get(dtype.group(1), dtype.group(1)) if dtype else "-"
+        records.append(KernelRecord(
+            kernel=kernel.group(1) if kernel else readable[:40], dtype=label,
+            precision="native" if label in ("bf16", "fp16") else "ieee",
+            config={"template": template.group(1).replace("c10::", "") if template else ""},
+            registers=field.get("REG", -1), spill_bytes=field.get("LOCAL", 0), stack_bytes=field.get("STACK", 0),
+            shared_bytes=field.get("SHARED", 0), tensor_core_instructions=len(_TENSOR_CORE.findall(body)),
+            ffma_instructions=len(_FFMA.findall(body)),
+        ))
+    return records
+
+
 def format_table(records: list[KernelRecord]) -> str:
     head = (f"{'kernel':<28} {'mode':<13} {'config':<44} {'regs':>4} {'spill':>5} {'stack':>5} "
             f"{'smem KB':>7} {'TC':>5} {'FFMA':>6}")
     lines = [head, "-" * len(head)]
     for r in records:
-        config = " ".join(f"{k.replace('BLOCK_', '').replace('num_', '')}={int(v)}" for k, v in r.config.items())
+        config = " ".join(f"{k.replace('BLOCK_', '').replace('num_', '')}={v if isinstance(v, str) else int(v)}"
+                          for k, v in r.config.items())
         lines.append(
             f"{r.kernel:<28} {r.dtype:<13} {config:<44} {r.registers:>4} {r.spill_bytes:>5} {r.stack_bytes:>5} "
             f"{r.shared_bytes / 1024:>7.1f} {r.tensor_core_instructions:>5} {r.ffma_instructions:>6}"
@@ -223,15 +270,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the records as a JSON list")
     parser.add_argument("--shape", nargs=6, type=int, metavar=("N", "L", "Cm", "Cv", "K", "R"),
                         default=list(TRAINING_SHAPE), help="problem shape (default: the training shape)")
+    parser.add_argument("--cuda", action="store_true",
+                        help="report the CUDA C++ kernels of the built extension instead (spill = local memory)")
     parser.add_argument("--modes", nargs="+", choices=[m[0] for m in MODES], default=[m[0] for m in MODES],
                         help="dtype/precision modes to compile (default: all)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the report compiles real sm_90 code")
-    modes = [m for m in MODES if m[0] in args.modes]
-    records = compile_kernels(tuple(args.shape), modes)
-    print(f"Triton kernels compiled for sm_90 at N, L, Cm, Cv, K, R = {tuple(args.shape)} "
-          "(TC: tensor-core instructions, HGMMA/HMMA)")
+    if args.cuda:
+        records = cuda_kernels()
+        print("CUDA C++ kernels of dlsn_kernels._C, sm_90 code (spill: local memory bytes; TC: HGMMA/HMMA)")
+    else:
+        modes = [m for m in MODES if m[0] in args.modes]
+        records = compile_kernels(tuple(args.shape), modes)
+        print(f"Triton kernels compiled for sm_90 at N, L, Cm, Cv, K, R = {tuple(args.shape)} "
+              "(TC: tensor-core instructions, HGMMA/HMMA)")
     print(format_table(records))
     if args.json:
         with open(args.json, "w") as f:
