@@ -150,7 +150,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
       const auto add = add_to<scalar_t>;
       for (int64_t pos = begin; pos < end; ++pos) {
         const int64_t b = pos / length, slot = inverse_ptr[pos];
-        for (int64_t s = slot; s < lp; s = (s < length ? length + (slot + layout.pad) % length : s + length)) {
+        for (int64_t s = slot; s < lp; s = (s < length ? layout.first_copy(slot) : s + length)) {
           const int64_t row = b * lp + s;
           add(dv_out + pos * cv, dv_s + row * cv, cv);
           add(dkn_out + pos * cm, dkn_s + row * cm, cm);

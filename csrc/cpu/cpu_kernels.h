@@ -10,34 +10,9 @@
 #include <cstring>
 
 #include "checks.h"
+#include "slot_layout.h"  // SlotLayout: the sorted-slot layout of SPEC 1.3
 
 namespace dlsn::cpu {
-
-// Sorted-slot layout of one (n, round) (SPEC 1.3): slot p < L holds perm[p], a padded slot p >= L
-// holds perm[(p - pad) mod L].
-struct SlotLayout {
-  int64_t length, chunk, pad, padded, n_chunks;
-
-  SlotLayout(int64_t length_, int64_t chunk_)
-      : length(length_), chunk(chunk_), pad((chunk_ - length_ % chunk_) % chunk_), padded(length_ + pad),
-        n_chunks(padded / chunk_) {}
-
-  int64_t position(const int64_t* perm, int64_t slot) const {
-    if (slot < length) return perm[slot];
-    int64_t k = (slot - pad) % length;
-    return perm[k < 0 ? k + length : k];
-  }
-  // Query chunk c reads key chunks c, c-1, c+1 (t = 0, 1, 2), modulo the chunk count.
-  int64_t key_chunk(int64_t c, int t) const {
-    const int64_t offset = t == 0 ? 0 : (t == 1 ? -1 : 1);
-    return ((c + offset) % n_chunks + n_chunks) % n_chunks;
-  }
-  // The query chunk whose t-th key chunk is c (the inverse of key_chunk for a fixed t).
-  int64_t query_chunk(int64_t c, int t) const {
-    const int64_t offset = t == 0 ? 0 : (t == 1 ? 1 : -1);
-    return ((c + offset) % n_chunks + n_chunks) % n_chunks;
-  }
-};
 
 // 1 / max(||xm[n, l]||, eps) for every position: keys are normalised through this factor.
 template <typename scalar_t>

@@ -328,14 +328,7 @@ __global__ void __launch_bounds__(kScatterThreads)
                          int64_t cm, int64_t cv, int64_t chunk) {
   const int64_t n = blockIdx.x / length, pos = blockIdx.x % length;
   const int64_t slot0 = inv[(n * rounds + round) * length + pos];
-  // Padded slot p >= L holds position perm[(p - pad) mod L]: ours are p = slot0 + pad + mL in [L, Lp);
-  // the first is the one in [L, 2L).
-  int64_t first_dup = padded_length;
-  if (pad > 0) {
-    int64_t shift = (slot0 + pad - length) % length;
-    if (shift < 0) shift += length;
-    first_dup = length + shift;
-  }
+  const int64_t first_dup = first_padded_copy(slot0, length, pad);  // >= Lp when there is no padding
   add_slot_rows(dv_slot, dv_acc, cv, n, pos, slot0, first_dup, length, padded_length);
   add_slot_rows(dkn_slot, dkn_acc, cm, n, pos, slot0, first_dup, length, padded_length);
   add_slot_rows(dlss_slot, dlss_acc, chunk, n, pos, slot0, first_dup, length, padded_length);
@@ -383,8 +376,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   const c10::cuda::CUDAGuard guard(xm.device());
   const int64_t n = xm.size(0), length = xm.size(1), cm = xm.size(2), cv = v.size(2), chunk = chunk_size;
   const int64_t rounds = perm.size(1), grad_rounds = grad_out.size(1);
-  const int64_t n_chunks = ceil_div(length, chunk), padded_length = n_chunks * chunk;
-  const int64_t pad = padded_length - length, n_tiles = ceil_div(chunk, kTile);
+  const SlotLayout layout(length, chunk);
+  const int64_t n_chunks = layout.n_chunks, padded_length = layout.padded, pad = layout.pad;
+  const int64_t n_tiles = ceil_div(chunk, kTile);
   auto dxm = at::empty_like(xm), dv = at::empty_like(v), dlss = at::empty_like(lss);
   if (n == 0) return {dxm, dv, dlss};
 

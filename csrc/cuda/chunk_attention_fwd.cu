@@ -196,8 +196,9 @@ Geometry geometry(const at::Tensor& xm, const at::Tensor& v, int64_t chunk, int6
   g.cv = v.size(2);
   g.chunk = chunk;
   g.rounds = rounds;
-  g.n_chunks = ceil_div(g.length, chunk);
-  g.pad = g.n_chunks * chunk - g.length;
+  const SlotLayout layout(g.length, chunk);
+  g.n_chunks = layout.n_chunks;
+  g.pad = layout.pad;
   g.n_qtiles = ceil_div(chunk, kTile);
   g.n_slices = std::max<int64_t>(1, ceil_div(g.cv, kCols));
   return g;

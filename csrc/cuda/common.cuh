@@ -1,6 +1,6 @@
-// Shared pieces of the CUDA kernels: tile sizes, float32 accumulation, warp reductions, the sorted-slot
-// layout of SPEC 1.3 (padding, adjacent chunks) and the block-wide "32 rows x 32 rows" dot-product tile
-// used by the attention forward and backward kernels.
+// Shared pieces of the CUDA kernels: tile sizes, float32 accumulation, warp reductions and the block-wide
+// "32 rows x 32 rows" dot-product tile used by the attention forward and backward kernels. The sorted-slot
+// layout (padding, adjacent chunks) is slot_layout.h, shared with the CPU kernels.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,6 +16,7 @@
 #include "checks.h"  // kKeyNormEps; the argument checks run in registration.cpp
 #include "cuda/geometry.h"  // kTile, kCols, ceil_div: registration.cpp checks the grids with them
 #include "cuda/launchers.h"
+#include "slot_layout.h"  // slot_position, key_chunk_of, query_chunk_reading, first_padded_copy
 
 namespace dlsn {
 namespace cuda_impl {
@@ -74,30 +75,6 @@ __device__ __forceinline__ float warp_max(float x) {
 __device__ __forceinline__ float warp_sum(float x) {
   for (int offset = kWarp / 2; offset > 0; offset >>= 1) x += __shfl_xor_sync(kFullMask, x, offset);
   return x;
-}
-
-// Position held by sorted slot `slot` of one (n, round) row of perm (SPEC 1.3): slot < L holds perm[slot],
-// a padded slot holds perm[(slot - pad) mod L] (a duplicate; with L < pad the index wraps several times).
-template <typename idx_t>
-__device__ __forceinline__ int64_t slot_position(const idx_t* perm_row, int64_t slot, int64_t length, int64_t pad) {
-  if (slot < length) return static_cast<int64_t>(perm_row[slot]);
-  int64_t wrapped = (slot - pad) % length;
-  if (wrapped < 0) wrapped += length;
-  return static_cast<int64_t>(perm_row[wrapped]);
-}
-
-// Key chunk t (0, 1, 2) of query chunk c: c, c - 1, c + 1 (mod nc), the order of the reference.
-__device__ __forceinline__ int64_t key_chunk_of(int64_t c, int t, int64_t n_chunks) {
-  if (t == 0) return c;
-  if (t == 1) return (c + n_chunks - 1) % n_chunks;
-  return (c + 1) % n_chunks;
-}
-
-// The query chunk that reads key chunk ck as its key chunk t: ck, ck + 1, ck - 1 (mod nc).
-__device__ __forceinline__ int64_t query_chunk_reading(int64_t ck, int t, int64_t n_chunks) {
-  if (t == 0) return ck;
-  if (t == 1) return (ck + 1) % n_chunks;
-  return (ck + n_chunks - 1) % n_chunks;
 }
 
 // Block-wide tile of dot products over C channels:
