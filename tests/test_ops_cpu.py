@@ -88,6 +88,17 @@ def test_combine_rounds_matches_reference():
 GRADCHECK_CASES = [CASES[0], CASES[3], Case(1, 14, 4, 3, 3, 4)]
 
 
+@pytest.fixture
+def one_thread():
+    """gradcheck runs the op thousands of times on tiny inputs; on a busy machine each multi-threaded
+    ``at::parallel_for`` then waits for cores held by other processes, so one thread is much faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=str)
 def test_gradcheck_float64(case):
     xm, v, lss, rot, perm = make_inputs(case, torch.float64, requires_grad=True)
