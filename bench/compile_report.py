@@ -98,10 +98,11 @@ def _compile_only(compiled: list[tuple[str, Any, dict[str, Any]]]) -> Iterator[N
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
+    from dlsn_kernels import _checks
     from dlsn_kernels.triton import _common
 
     original_run = JITFunction.run
-    original_checks = _common._check_device, _common._check_float
+    original_checks = _common._check_device, _checks.check_float
 
     def run(self, *args, grid, warmup, **kwargs):
         kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
@@ -116,12 +117,13 @@ def _compile_only(compiled: list[tuple[str, Any, dict[str, Any]]]) -> Iterator[N
     driver.set_active(_Sm90StandIn())
     JITFunction.run = run
     # CPU tensors stand in for CUDA ones (in the CUDA dtypes)
-    _common._check_device = _common._check_float = lambda t, name: None
+    _common._check_device = lambda t, name: None
+    _checks.check_float = lambda t, name, backend: None
     try:
         yield
     finally:
         JITFunction.run = original_run
-        _common._check_device, _common._check_float = original_checks
+        _common._check_device, _checks.check_float = original_checks
         driver.set_active(previous_driver)
 
 
@@ -163,7 +165,7 @@ def _problem(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, 
     xm = torch.empty(n, length, cm, dtype=dtype)
     v = torch.empty(n, length, cv, dtype=dtype)
     lss = torch.empty(n, length, k, dtype=dtype)
-    rot = torch.randn(cm, rounds, n_buckets_for(length, k))
+    rot = torch.randn(cm, rounds, n_buckets_for(length, k)).to(dtype)
     return xm, v, lss, rot
 
 

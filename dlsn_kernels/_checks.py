@@ -146,7 +146,9 @@ def check_attention(xm: Tensor, v: Tensor, lss: Tensor, chunk_size: int, backend
         check_contiguous(t, name)
 
 
-def check_perm(perm: Tensor, xm: Tensor) -> None:
+def check_perm(perm: Tensor, xm: Tensor, values: bool = True) -> None:
+    """Rank, dtype, device and shape of ``perm``; with ``values`` also that each row is a permutation (one
+    host synchronisation: kernels that get ``perm`` from the package itself skip it)."""
     check_rank(perm, "perm", "[N, R, L]")
     check_index(perm, "perm")
     if perm.device != xm.device:
@@ -157,7 +159,7 @@ def check_perm(perm: Tensor, xm: Tensor) -> None:
             f"got {tuple(perm.shape)}"
         )
     check_contiguous(perm, "perm")
-    if _has_values(perm):
+    if values and _has_values(perm):
         check_permutation(perm)
 
 

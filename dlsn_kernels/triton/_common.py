@@ -27,9 +27,6 @@ __all__ = [
     "attention_heuristics",
     "launch_tiles",
     "check_device",
-    "check_float_inputs",
-    "check_index",
-    "check_rank",
     "channel_block",
     "device_fn",
     "dot_kind",
@@ -117,24 +114,12 @@ attention_heuristics = triton.heuristics({
 })
 
 
-def check_rank(t: torch.Tensor, name: str, rank: int, layout: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != rank:
-        raise ValueError(f"{name} must have shape {layout} ({rank} dims), got {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
-
-
-def check_index(t: torch.Tensor, name: str) -> None:
-    if t.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
-
-
-def check_device(t: torch.Tensor, name: str) -> None:
-    """CUDA tensors, or CPU tensors under the interpreter (through a module global, so that
-    ``bench.compile_report`` can let CPU tensors stand in for CUDA ones)."""
-    _check_device(t, name)
+def check_device(*named: tuple[torch.Tensor, str]) -> None:
+    """CUDA tensors, or CPU tensors under the interpreter. Shapes, dtypes and the rest are the public ops'
+    checks (``dlsn_kernels._checks``), shared by every backend; this is the one rule of Triton's own. Through
+    a module global, so that ``bench.compile_report`` can let CPU tensors stand in for CUDA ones."""
+    for t, name in named:
+        _check_device(t, name)
 
 
 def _check_device(t: torch.Tensor, name: str) -> None:
@@ -148,32 +133,6 @@ def _check_device(t: torch.Tensor, name: str) -> None:
             "(TRITON_INTERPRET=1 in the environment before triton is first imported); "
             "use backend='cpu' instead"
         )
-
-
-def _check_float(t: torch.Tensor, name: str) -> None:
-    if t.is_cuda:
-        allowed = (torch.float32, torch.float16, torch.bfloat16)
-        if t.dtype not in allowed:
-            raise ValueError(f"{name} must be float32, float16 or bfloat16 on CUDA, got {t.dtype}")
-    elif t.dtype not in (torch.float32, torch.float64):
-        raise ValueError(
-            f"{name} must be float32 or float64 on CPU (Triton interpreter), got {t.dtype} "
-            "(float16/bfloat16 are supported on CUDA tensors only)"
-        )
-
-
-def check_float_inputs(named: dict[str, torch.Tensor]) -> None:
-    """Device, dtype and shared-dtype/shared-device checks of the floating inputs, in order."""
-    first_name, first = next(iter(named.items()))
-    for name, t in named.items():
-        _check_device(t, name)
-        _check_float(t, name)
-        if t.device != first.device:
-            raise ValueError(f"{first_name} is on {first.device} but {name} is on {t.device}")
-        if t.dtype != first.dtype:
-            raise ValueError(
-                f"{first_name} is {first.dtype} but {name} is {t.dtype}; they must share one dtype"
-            )
 
 
 @device_fn

@@ -24,13 +24,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import _checks
 from ._common import (
     KEY_NORM_EPS,
     LOG2E,
     accumulate_dtype,
     attention_heuristics,
     channel_block,
-    check_rank,
     device_fn,
     dot_kind,
     dot_precision,
@@ -42,7 +42,7 @@ from ._common import (
     slot_position,
     tl_accumulate_dtype,
 )
-from .chunk_attention import _check_perm, check_attention_inputs
+from .chunk_attention import check_attention_inputs, check_perm_shape
 
 __all__ = ["attention_backward"]
 
@@ -262,11 +262,11 @@ def attention_backward(
     Bitwise repeatable: no atomics, fixed summation order.
     """
     check_attention_inputs(xm, v, lss, chunk_size)
-    _check_perm(perm, xm)
+    check_perm_shape(perm, xm)
     n, length, cm = xm.shape
     cv = v.shape[2]
     rounds = perm.shape[1]
-    check_rank(grad_out, "grad_out", 4, "[N, R', L, Cv]")
+    _checks.check_rank(grad_out, "grad_out", "[N, R', L, Cv]")
     stat_rounds = grad_out.shape[1]
     if stat_rounds not in (1, rounds) or grad_out.shape != (n, stat_rounds, length, cv):
         raise ValueError(f"grad_out must have shape [N, R', L, Cv] with R' in (1, {rounds}) and "

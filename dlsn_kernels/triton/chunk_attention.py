@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import _checks
 from ._common import (
     LN2,
     LOG2E,
@@ -25,9 +26,7 @@ from ._common import (
     MAX_CHUNK,
     accumulate_dtype,
     attention_heuristics,
-    check_float_inputs,
-    check_index,
-    check_rank,
+    check_device,
     dot_kind,
     dot_precision,
     inverse_key_norms,
@@ -39,7 +38,7 @@ from ._common import (
 )
 from .hash import sblsh_hash, sort_codes
 
-__all__ = ["chunk_attention", "gla_attention", "check_attention_inputs"]
+__all__ = ["chunk_attention", "gla_attention", "check_attention_inputs", "check_perm_shape"]
 
 # What a program does with its result.
 _STORE = 0  # chunk_attention: out[n, r, q], lse[n, r, q]
@@ -148,21 +147,10 @@ def _chunk_attention_fwd_kernel(
 
 
 def check_attention_inputs(xm: Tensor, v: Tensor, lss: Tensor, chunk_size: int) -> None:
-    """Shapes, dtypes, devices and size limits shared by the attention ops."""
-    check_rank(xm, "xm", 3, "[N, L, Cm]")
-    check_rank(v, "v", 3, "[N, L, Cv]")
-    check_rank(lss, "lss", 3, "[N, L, K]")
-    check_float_inputs({"xm": xm, "v": v, "lss": lss})
-    n, length, cm = xm.shape
-    if v.shape[:2] != (n, length):
-        raise ValueError(
-            f"v must have shape [N, L, Cv] with N, L = {n}, {length} (from xm), got {tuple(v.shape)}"
-        )
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if lss.shape != (n, length, chunk_size):
-        raise ValueError(f"lss must have shape [N, L, K] = {(n, length, chunk_size)}, got {tuple(lss.shape)}")
-    for name, size in (("xm", cm), ("v", v.shape[2])):
+    """The public ops' checks (same messages on every backend), the device rule and Triton's size limits."""
+    _checks.check_attention(xm, v, lss, chunk_size, "triton")
+    check_device((xm, "xm"))
+    for name, size in (("xm", xm.shape[2]), ("v", v.shape[2])):
         if size > MAX_CHANNELS:
             raise ValueError(
                 f"{name} has {size} channels; the Triton backend supports at most {MAX_CHANNELS}"
@@ -171,14 +159,9 @@ def check_attention_inputs(xm: Tensor, v: Tensor, lss: Tensor, chunk_size: int) 
         raise ValueError(f"chunk_size {chunk_size} is above the Triton backend's limit of {MAX_CHUNK}")
 
 
-def _check_perm(perm: Tensor, xm: Tensor, name: str = "perm") -> None:
-    check_rank(perm, name, 3, "[N, R, L]")
-    check_index(perm, name)
-    if perm.device != xm.device:
-        raise ValueError(f"xm is on {xm.device} but {name} is on {perm.device}")
-    if perm.shape[0] != xm.shape[0] or perm.shape[2] != xm.shape[1] or perm.shape[1] < 1:
-        raise ValueError(f"{name} must have shape [N, R, L] with N, L = {xm.shape[0]}, {xm.shape[1]} "
-                         f"and R >= 1, got {tuple(perm.shape)}")
+def check_perm_shape(perm: Tensor, xm: Tensor) -> None:
+    """``perm``'s rank, dtype, device and shape; its values are the public op's check (``_checks``)."""
+    _checks.check_perm(perm, xm, values=False)
 
 
 def _launch_forward(xm, v, lss, perm, inv_norm, out, lse, chunk_size, rounds_in_grid, first_round, mode):
@@ -205,7 +188,7 @@ def chunk_attention(
     ``perm [N, R, L]`` must hold a permutation of ``0..L-1`` per (n, round) (not checked).
     """
     check_attention_inputs(xm, v, lss, chunk_size)
-    _check_perm(perm, xm)
+    check_perm_shape(perm, xm)
     n, length, _ = xm.shape
     rounds = perm.shape[1]
     out = torch.empty((n, rounds, length, v.shape[2]), dtype=v.dtype, device=v.device)

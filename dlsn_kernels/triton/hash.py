@@ -13,14 +13,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import _checks
 from ._common import (
     MAX_CHANNELS,
     accumulate_dtype,
     channel_block,
     check_device,
-    check_float_inputs,
-    check_index,
-    check_rank,
     jit,
     matmul_ieee,
     tl_accumulate_dtype,
@@ -85,23 +83,12 @@ def sblsh_hash(xm: Tensor, rot: Tensor) -> Tensor:
     float64 input, under the interpreter): TF32 or half-precision products would flip codes. NaN inputs give
     unspecified codes.
     """
-    check_rank(xm, "xm", 3, "[N, L, Cm]")
-    check_rank(rot, "rot", 3, "[Cm, R, B]")
-    check_float_inputs({"xm": xm})
-    if rot.device != xm.device:
-        raise ValueError(f"xm is on {xm.device} but rot is on {rot.device}")
-    if not rot.is_floating_point():
-        raise ValueError(f"rot must be a floating tensor, got {rot.dtype}")
+    _checks.check_hash(xm, rot, "triton")
+    check_device((xm, "xm"))
     n, length, cm = xm.shape
-    if rot.shape[0] != cm:
-        raise ValueError(
-            f"rot must have shape [Cm, R, B] with Cm = {cm} (xm's channels), got {tuple(rot.shape)}"
-        )
     if cm > MAX_CHANNELS:
         raise ValueError(f"xm has {cm} channels; the Triton backend supports at most {MAX_CHANNELS}")
     rounds, n_buckets = rot.shape[1], rot.shape[2]
-    if n_buckets < 1:
-        raise ValueError("rot must have at least one bucket (shape [Cm, R, B] with B >= 1)")
     rot = rot.to(accumulate_dtype(xm.dtype)).contiguous()
     codes = torch.empty((n, rounds, length), dtype=torch.int64, device=xm.device)
     if codes.numel() == 0:
@@ -149,14 +136,8 @@ def bucket_sort(codes: Tensor, n_buckets: int) -> Tensor:
     A Triton counting sort for ``n_buckets <= MAX_SORT_BUCKETS`` (``torch.sort(stable=True)`` beyond).
     Codes must lie in ``[0, n_buckets)``; this is checked (one device synchronisation).
     """
-    check_rank(codes, "codes", 3, "[N, R, L]")
-    check_index(codes, "codes")
-    check_device(codes, "codes")
-    n_buckets = int(n_buckets)
-    if n_buckets < 1:
-        raise ValueError(f"n_buckets must be >= 1, got {n_buckets}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= n_buckets):
-        raise ValueError(f"codes must lie in [0, n_buckets) = [0, {n_buckets})")
+    _checks.check_codes(codes, n_buckets)
+    check_device((codes, "codes"))
     return sort_codes(codes, n_buckets)
 
 
