@@ -10,15 +10,14 @@ per channel become 8. ``decode_image`` says which of these a file went through.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from dlsn.atomic_files import write_atomically
 from dlsn.errors import UserInputError, one_line
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -140,26 +139,9 @@ def write_image(path: PathLike, image: np.ndarray | torch.Tensor, rgb_range: flo
         shape = getattr(array, "shape", None)
         dtype = getattr(array, "dtype", type(array).__name__)
         raise ValueError(f"image must be a [H, W, 3] uint8 array or a float tensor, got {dtype} {shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written under a temporary name and renamed, so an interrupted run never leaves a partial image.
     fmt = Image.registered_extensions().get(path.suffix.lower())
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            Image.fromarray(array).save(handle, format=fmt)
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes it private; give it normal permissions
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    # an interrupted run never leaves a partial image
+    return write_atomically(path, lambda handle: Image.fromarray(array).save(handle, format=fmt))
 
 
 def uint8_to_tensor(image: np.ndarray, rgb_range: float = 1.0,

@@ -18,11 +18,9 @@ is read off the tensor shapes (``dlsn.models.official``); their unused scalar ``
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dlsn.atomic_files import write_atomically
 from dlsn.errors import CheckpointError, CheckpointNotFoundError, one_line
 
 from .official import OFFICIAL_UNUSED_KEYS, infer_official_config
@@ -106,41 +105,9 @@ def _model_state(model: nn.Module) -> dict[str, Tensor]:
     return _strip_prefix(state, "module.")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Makes the rename itself durable (best effort: not every platform opens folders)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: PathLike) -> Path:
     """``torch.save(obj, path)`` that never leaves a half-written ``path``."""
-    path = Path(path)
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes it private; give it normal permissions
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_folder(folder)
-    return path
+    return write_atomically(Path(path), lambda handle: torch.save(obj, handle), durable=True)
 
 
 def save_checkpoint(
