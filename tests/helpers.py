@@ -59,3 +59,10 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def assert_each_default_once(help_text: str) -> None:
+    """An argparse --help where no option states its default twice or shows "(default: None)"."""
+    assert "(default: None)" not in help_text
+    options = " ".join(help_text.split("options:", 1)[1].split()).split(" --")
+    assert all(option.count("(default") <= 1 for option in options)

@@ -26,6 +26,7 @@ from dlsn.evaluation import (
 )
 from dlsn.images import tensor_to_uint8, uint8_to_tensor, write_image
 from dlsn.metrics import bicubic_baseline, psnr_y, ssim_y
+from tests.helpers import assert_each_default_once
 
 
 def photo(height: int, width: int, seed: int) -> np.ndarray:
@@ -384,7 +385,4 @@ def test_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
 def test_help_shows_each_default_once(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
-    text = capsys.readouterr().out
-    assert "(default: None)" not in text
-    options = " ".join(text.split("options:", 1)[1].split()).split(" --")
-    assert all(option.count("(default") <= 1 for option in options)
+    assert_each_default_once(capsys.readouterr().out)

@@ -16,6 +16,7 @@ from dlsn.evaluation import self_ensemble as forward_self_ensemble
 from dlsn.images import read_image
 from dlsn.models import build_model, save_checkpoint
 from dlsn.upscale import forward_tiled, main, upscale_tensor
+from tests.helpers import assert_each_default_once
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -296,7 +297,4 @@ def test_ctrl_c_keeps_the_images_written_and_says_so(tiny_checkpoint, tmp_path, 
 def test_help_shows_each_default_once(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
-    text = capsys.readouterr().out
-    assert "(default: None)" not in text
-    options = " ".join(text.split("options:", 1)[1].split()).split(" --")
-    assert all(option.count("(default") <= 1 for option in options)
+    assert_each_default_once(capsys.readouterr().out)
