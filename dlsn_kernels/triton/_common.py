@@ -114,12 +114,11 @@ attention_heuristics = triton.heuristics({
 })
 
 
-def check_device(*named: tuple[torch.Tensor, str]) -> None:
+def check_device(t: torch.Tensor, name: str) -> None:
     """CUDA tensors, or CPU tensors under the interpreter. Shapes, dtypes and the rest are the public ops'
     checks (``dlsn_kernels._checks``), shared by every backend; this is the one rule of Triton's own. Through
     a module global, so that ``bench.compile_report`` can let CPU tensors stand in for CUDA ones."""
-    for t, name in named:
-        _check_device(t, name)
+    _check_device(t, name)
 
 
 def _check_device(t: torch.Tensor, name: str) -> None:

@@ -149,7 +149,7 @@ def _chunk_attention_fwd_kernel(
 def check_attention_inputs(xm: Tensor, v: Tensor, lss: Tensor, chunk_size: int) -> None:
     """The public ops' checks (same messages on every backend), the device rule and Triton's size limits."""
     _checks.check_attention(xm, v, lss, chunk_size, "triton")
-    check_device((xm, "xm"))
+    check_device(xm, "xm")
     for name, size in (("xm", xm.shape[2]), ("v", v.shape[2])):
         if size > MAX_CHANNELS:
             raise ValueError(

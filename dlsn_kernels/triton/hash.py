@@ -84,7 +84,7 @@ def sblsh_hash(xm: Tensor, rot: Tensor) -> Tensor:
     unspecified codes.
     """
     _checks.check_hash(xm, rot, "triton")
-    check_device((xm, "xm"))
+    check_device(xm, "xm")
     n, length, cm = xm.shape
     if cm > MAX_CHANNELS:
         raise ValueError(f"xm has {cm} channels; the Triton backend supports at most {MAX_CHANNELS}")
@@ -137,7 +137,7 @@ def bucket_sort(codes: Tensor, n_buckets: int) -> Tensor:
     Codes must lie in ``[0, n_buckets)``; this is checked (one device synchronisation).
     """
     _checks.check_codes(codes, n_buckets)
-    check_device((codes, "codes"))
+    check_device(codes, "codes")
     return sort_codes(codes, n_buckets)
 
 
