@@ -19,6 +19,7 @@
 // concurrently), so there is no race; round 0 writes.
 #include <tuple>
 
+#include "chunk_attention_fwd_tc.cuh"
 #include "common.cuh"
 
 namespace dlsn {
@@ -229,6 +230,66 @@ dim3 forward_grid(const Geometry& g, int64_t rounds_in_launch) {
   return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(g.n_slices));
 }
 
+// The tensor-core kernel runs bfloat16/float16 always and float32 when the precision policy allows TF32
+// (torch.get_float32_matmul_precision() != "highest"), on sm_80 or newer, when its shared memory fits; the
+// scalar kernel above (IEEE float32 FFMA) runs the rest.
+bool use_tensor_cores(const at::Tensor& xm) {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  if (props->major < 8) return false;
+  if (xm.scalar_type() == at::kFloat &&
+      at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST) {
+    return false;
+  }
+  int64_t bytes = 0;
+  dispatch_float(xm.scalar_type(), [&](auto element) {
+    using scalar_t = decltype(element);
+    tc::ForwardTcArgs<scalar_t> a{};
+    tc::tc_forward_sizes(a, 1, xm.size(1), xm.size(2), 1, 1);
+    bytes = tc::tc_forward_smem<scalar_t>(a.cm_pad).bytes;
+  });
+  return bytes <= static_cast<int64_t>(props->sharedMemPerBlockOptin);
+}
+
+at::Tensor inverse_key_norms(const at::Tensor& xm, cudaStream_t stream) {
+  auto inv = at::empty({xm.size(0), xm.size(1)}, xm.options().dtype(at::kFloat));
+  const int64_t rows = xm.size(0) * xm.size(1);
+  if (rows == 0) return inv;
+  dispatch_float(xm.scalar_type(), [&](auto element) {
+    using scalar_t = decltype(element);
+    tc::key_norms_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream>>>(
+        xm.data_ptr<scalar_t>(), inv.data_ptr<float>(), rows, xm.size(2), kKeyNormEpsF);
+  });
+  return inv;
+}
+
+// Fills the pointers and sizes shared by both ops; the caller sets the outputs and the round range.
+template <typename T>
+tc::ForwardTcArgs<T> tc_forward_args(const at::Tensor& xm, const at::Tensor& v, const at::Tensor& lss,
+                                     const at::Tensor& perm, const at::Tensor& inv_norm, int64_t chunk) {
+  tc::ForwardTcArgs<T> a{};
+  tc::tc_forward_sizes(a, perm.size(1), xm.size(1), xm.size(2), v.size(2), chunk);
+  a.xm = xm.data_ptr<T>();
+  a.v = v.data_ptr<T>();
+  a.lss = lss.data_ptr<T>();
+  a.perm = perm.data_ptr<int64_t>();
+  a.inv_norm = inv_norm.data_ptr<float>();
+  a.xm_aligned = tc::rows_aligned16(a.xm, a.cm, sizeof(T));
+  a.v_aligned = tc::rows_aligned16(a.v, a.cv, sizeof(T));
+  a.lss_aligned = tc::rows_aligned16(a.lss, chunk, sizeof(T));
+  return a;
+}
+
+template <typename T>
+void launch_tc_forward(const tc::ForwardTcArgs<T>& a, int64_t n, cudaStream_t stream) {
+  const int64_t smem = tc::tc_forward_smem<T>(a.cm_pad).bytes;
+  auto* kernel = &tc::chunk_attention_fwd_tc_kernel<T>;
+  // Above 48 KB a kernel must opt in; use_tensor_cores() checked the device allows this much.
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  const dim3 grid(static_cast<unsigned>(n * a.rounds_in_launch * a.n_chunks * a.n_qtiles),
+                  static_cast<unsigned>(tc::tc_forward_slices(a.cv)));
+  kernel<<<grid, tc::kFwdThreads, smem, stream>>>(a);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> chunk_attention_cuda(const at::Tensor& xm, const at::Tensor& v,
@@ -239,8 +300,22 @@ std::tuple<at::Tensor, at::Tensor> chunk_attention_cuda(const at::Tensor& xm, co
   auto out = at::empty({g.n, g.rounds, g.length, g.cv}, v.options());
   auto lse = at::empty({g.n, g.rounds, g.length}, xm.options().dtype(at::kFloat));
   if (g.n == 0) return {out, lse};
-  const dim3 grid = forward_grid(g, g.rounds);
   const auto stream = at::cuda::getCurrentCUDAStream();
+  if (use_tensor_cores(xm)) {
+    const at::Tensor perm64 = perm.to(at::kLong);
+    const at::Tensor inv_norm = inverse_key_norms(xm, stream);
+    dispatch_float(xm.scalar_type(), [&](auto element) {
+      using scalar_t = decltype(element);
+      auto a = tc_forward_args<scalar_t>(xm, v, lss, perm64, inv_norm, chunk_size);
+      a.round_offset = 0;
+      a.rounds_in_launch = g.rounds;
+      a.out = out.data_ptr<scalar_t>();
+      a.lse = lse.data_ptr<float>();
+      launch_tc_forward(a, g.n, stream);
+    });
+    return {out, lse};
+  }
+  const dim3 grid = forward_grid(g, g.rounds);
   dispatch_float(xm.scalar_type(), [&](auto element) {
     using scalar_t = decltype(element);
     dispatch_index(perm.scalar_type(), [&](auto index) {
@@ -269,6 +344,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gla_attention_cuda(const at::Tens
   if (g.n == 0) return {y_acc.to(xm.scalar_type()), lse_cur, perm};
   const dim3 grid = forward_grid(g, 1);
   const auto stream = at::cuda::getCurrentCUDAStream();
+  if (use_tensor_cores(xm)) {
+    const at::Tensor inv_norm = inverse_key_norms(xm, stream);
+    dispatch_float(xm.scalar_type(), [&](auto element) {
+      using scalar_t = decltype(element);
+      auto a = tc_forward_args<scalar_t>(xm, v, lss, perm, inv_norm, chunk_size);
+      a.merge = true;
+      a.y_acc = y_acc.data_ptr<float>();
+      a.rounds_in_launch = 1;
+      for (int64_t r = 0; r < g.rounds; ++r) {
+        a.round_offset = r;
+        a.lse_prev = r == 0 ? nullptr : lse_cur.data_ptr<float>();
+        a.lse_next = lse_next.data_ptr<float>();
+        launch_tc_forward(a, g.n, stream);
+        std::swap(lse_cur, lse_next);
+      }
+    });
+    at::Tensor y = xm.scalar_type() == at::kFloat ? y_acc : y_acc.to(xm.scalar_type());
+    return {y, lse_cur, perm};
+  }
   dispatch_float(xm.scalar_type(), [&](auto element) {
     using scalar_t = decltype(element);
     for (int64_t r = 0; r < g.rounds; ++r) {

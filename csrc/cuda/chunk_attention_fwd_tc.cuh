@@ -1,0 +1,300 @@
+// Tensor-core forward of the chunked attention (DESIGN "Forward"): bfloat16/float16 on m16n8k16 and float32 as
+// TF32 m16n8k8, float32 accumulation and softmax, FlashAttention-2 structure.
+//
+// Block (4 warps) = (n, round, query chunk c, query tile qt, column slice): the 64 sorted slots
+// c*K + qt*64 + 0..63 against the 3K keys of chunks c, c - 1, c + 1 (slot_layout.h), 64 keys per step, for
+// value columns [slice*256, slice*256 + 256). Warp w owns query rows 16w..16w+15: their scores, running
+// max and sum, and their output accumulator stay in its registers (FragA/Acc layouts of tensor_core.cuh).
+// Per key tile: the key rows of xm, the value rows and the lss rows [key, this tile's query slots] are
+// gathered through perm into shared memory (staging.cuh), S = Q K^T runs once on tensor cores, the scores
+// get the inverse key norms (computed once per call by key_norms_kernel) and lss, the online softmax
+// updates in registers, and P (rounded to the input type, as FlashAttention does) multiplies V.
+// Rows past the chunk and padded slots are computed on zeros and not stored.
+//
+// Writes as the scalar kernel does: chunk_attention stores out/lse at the query's position; gla_attention
+// (merge) folds round r into a float32 running (y, lse), reading lse_prev and writing lse_next.
+// Limits: sm_80 or newer; the launcher checks the shared memory (tc_forward_smem) against the device's.
+// Torch-free: tests/cuda_emulation runs this kernel on the CPU through a SIMT emulator.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/staging.cuh"
+#include "cuda/tensor_core.cuh"
+#include "slot_layout.h"
+
+namespace dlsn {
+namespace cuda_impl {
+namespace tc {
+
+constexpr int kFwdWarps = 4;
+constexpr int kFwdThreads = 32 * kFwdWarps;
+constexpr int kFwdRows = 16 * kFwdWarps;      // query rows per block
+constexpr int kFwdKeys = 32;                  // keys per step
+constexpr int kFwdCols = 256;                 // value columns per block
+constexpr int kFwdKeyTiles = kFwdKeys / 8;    // n8 tiles of a score row
+constexpr int kFwdColTiles = kFwdCols / 8;    // n8 tiles of an output row
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <typename T>
+struct ForwardTcArgs {
+  const T* xm;           // [N, L, Cm]
+  const T* v;            // [N, L, Cv]
+  const T* lss;          // [N, L, K]
+  const int64_t* perm;   // [N, R, L]
+  const float* inv_norm; // [N, L]: 1 / max(||xm||, eps)
+  int64_t rounds, length, chunk, cm, cv, n_chunks, n_qtiles, pad;
+  int64_t round_offset, rounds_in_launch;  // rounds of this launch: round_offset + 0..rounds_in_launch-1
+  int cm_pad;                              // cm rounded up to the mma depth
+  bool xm_aligned, v_aligned, lss_aligned; // rows_aligned16 of each tensor
+  bool merge;                              // gla_attention: fold into (y_acc, lse_next)
+  T* out;                 // [N, R, L, Cv]
+  float* lse;             // [N, R, L]
+  float* y_acc;           // [N, L, Cv]
+  const float* lse_prev;  // [N, L]; nullptr for round 0
+  float* lse_next;        // [N, L]
+};
+
+// Dynamic shared memory: Q and K tiles [rows][cm_pad + 8], V tile [keys][256 + 16 bytes], lss tile
+// [keys][64 + 16 bytes]. The pads make every fragment load and ldmatrix conflict-free and keep rows 16-byte
+// aligned for cp.async.
+struct ForwardTcSmem {
+  int ld_qk, ld_v, ld_lss;
+  int64_t q, k, v, lss, bytes;
+};
+
+template <typename T>
+__host__ __device__ inline ForwardTcSmem tc_forward_smem(int cm_pad) {
+  ForwardTcSmem s{};
+  s.ld_qk = cm_pad + 8;
+  s.ld_v = kFwdCols + 16 / static_cast<int>(sizeof(T));
+  s.ld_lss = kFwdRows + 16 / static_cast<int>(sizeof(T));
+  s.q = 0;
+  s.k = s.q + int64_t(kFwdRows) * s.ld_qk * sizeof(T);
+  s.v = s.k + int64_t(kFwdKeys) * s.ld_qk * sizeof(T);
+  s.lss = s.v + int64_t(kFwdKeys) * s.ld_v * sizeof(T);
+  s.bytes = s.lss + int64_t(kFwdKeys) * s.ld_lss * sizeof(T);
+  return s;
+}
+
+// The sizes of a launch (everything but pointers, flags and the round range). Grid: blocks_x =
+// N * rounds_in_launch * n_chunks * n_qtiles, gridDim.y = ceil(Cv / 256) column slices.
+template <typename T>
+__host__ __device__ inline void tc_forward_sizes(ForwardTcArgs<T>& a, int64_t n_rounds, int64_t length, int64_t cm,
+                                                 int64_t cv, int64_t chunk) {
+  a.rounds = n_rounds;
+  a.length = length;
+  a.chunk = chunk;
+  a.cm = cm;
+  a.cv = cv;
+  a.pad = padding_for(length, chunk);
+  a.n_chunks = (length + a.pad) / chunk;
+  a.n_qtiles = (chunk + kFwdRows - 1) / kFwdRows;
+  a.cm_pad = static_cast<int>((cm + Kind<T>::kDepth - 1) / Kind<T>::kDepth * Kind<T>::kDepth);
+}
+
+inline int64_t tc_forward_slices(int64_t cv) { return cv <= kFwdCols ? 1 : (cv + kFwdCols - 1) / kFwdCols; }
+
+template <typename T>
+__global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(const ForwardTcArgs<T> a) {
+  DLSN_DYNAMIC_SHARED(smem);
+  __shared__ int64_t s_qrow[kFwdRows];    // xm row n*L + position of query row q; -1 past the chunk
+  __shared__ int64_t s_qstore[kFwdRows];  // position where row q is written; -1 for padding / past the chunk
+  __shared__ int64_t s_krow[kFwdKeys];    // row n*L + position of key j of the step; -1 past 3K
+  __shared__ float s_inv[kFwdKeys];       // its inverse norm
+
+  const ForwardTcSmem plan = tc_forward_smem<T>(a.cm_pad);
+  T* sq = reinterpret_cast<T*>(smem + plan.q);
+  T* sk = reinterpret_cast<T*>(smem + plan.k);
+  T* sv = reinterpret_cast<T*>(smem + plan.v);
+  T* slss = reinterpret_cast<T*>(smem + plan.lss);
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int g = group_of(lane), t = thread_in_group(lane);
+  int64_t block = blockIdx.x;
+  const int64_t qt = block % a.n_qtiles;
+  block /= a.n_qtiles;
+  const int64_t c = block % a.n_chunks;
+  block /= a.n_chunks;
+  const int64_t r = a.round_offset + block % a.rounds_in_launch;
+  const int64_t n = block / a.rounds_in_launch;
+  const int64_t L = a.length, K = a.chunk;
+  const int64_t* perm_row = a.perm + (n * a.rounds + r) * L;
+  const int64_t q0 = qt * kFwdRows;  // slot index in the chunk of query row 0
+  const int64_t col0 = int64_t(blockIdx.y) * kFwdCols;
+  const int64_t cols = a.cv - col0 < kFwdCols ? a.cv - col0 : kFwdCols;  // valid columns of the slice
+  const int n_col_tiles = static_cast<int>((cols + 7) / 8);
+  const int v_width = (n_col_tiles + 1) / 2 * 16;  // staged columns: whole pairs of n8 tiles (ldmatrix x4)
+
+  if (tid < kFwdRows) {
+    const int64_t i = q0 + tid, slot = c * K + i;
+    if (i < K) {
+      const int64_t pos = slot_position(perm_row, slot, L, a.pad);
+      s_qrow[tid] = n * L + pos;
+      s_qstore[tid] = slot < L ? pos : -1;
+    } else {
+      s_qrow[tid] = -1;
+      s_qstore[tid] = -1;
+    }
+  }
+  __syncthreads();
+  stage_rows<T, kFwdThreads>(sq, plan.ld_qk, a.xm, s_qrow, kFwdRows, a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
+
+  Acc o[kFwdColTiles];
+#pragma unroll
+  for (int vt = 0; vt < kFwdColTiles; ++vt) o[vt][0] = o[vt][1] = o[vt][2] = o[vt][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows g and g + 8 of the warp, log2 domain
+
+  const T* qw = sq + warp * 16 * plan.ld_qk;
+  const int64_t n_keys = 3 * K;
+  for (int64_t k0 = 0; k0 < n_keys; k0 += kFwdKeys) {
+    __syncthreads();  // everyone is done with the previous step's tiles
+    if (tid < kFwdKeys) {
+      const int64_t key = k0 + tid;
+      int64_t row = -1;
+      if (key < n_keys) {
+        const int64_t slot = key_chunk_of(c, static_cast<int>(key / K), a.n_chunks) * K + key % K;
+        row = n * L + slot_position(perm_row, slot, L, a.pad);
+      }
+      s_krow[tid] = row;
+      s_inv[tid] = row >= 0 ? a.inv_norm[row] : 0.f;
+    }
+    __syncthreads();
+    stage_rows<T, kFwdThreads>(sk, plan.ld_qk, a.xm, s_krow, kFwdKeys, a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
+    stage_rows<T, kFwdThreads>(sv, plan.ld_v, a.v, s_krow, kFwdKeys, a.cv, col0, cols, v_width,
+                               a.v_aligned, tid);
+    stage_rows<T, kFwdThreads>(slss, plan.ld_lss, a.lss, s_krow, kFwdKeys, K, q0, K - q0, kFwdRows,
+                               a.lss_aligned, tid);
+    stage_wait();
+    __syncthreads();
+
+    // S = Q K^T for the warp's 16 rows and the 64 keys.
+    Acc s[kFwdKeyTiles];
+#pragma unroll
+    for (int nt = 0; nt < kFwdKeyTiles; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    for (int kc = 0; kc < a.cm_pad; kc += Kind<T>::kDepth) {
+      const FragA qa = load_a(qw + kc, plan.ld_qk, lane);
+#pragma unroll
+      for (int nt = 0; nt < kFwdKeyTiles; ++nt) mma<T>(s[nt], qa, load_b(sk + nt * 8 * plan.ld_qk + kc, plan.ld_qk, lane));
+    }
+
+    // Scores in the log2 domain, then the online softmax of rows g (h = 0) and g + 8 (h = 1).
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < kFwdKeyTiles; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = nt * 8 + 2 * t + (e & 1), row = warp * 16 + g + 8 * (e >> 1);
+        const float score = s[nt][e] * s_inv[key] + static_cast<float>(slss[key * plan.ld_lss + row]);
+        s[nt][e] = s_krow[key] >= 0 ? score * kLog2e : -INFINITY;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+      }
+    }
+    float rescale[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      const float m_new = fmaxf(m[h], mx[h]);  // finite: key k0 of every step is a real key
+      rescale[h] = exp2f(m[h] - m_new);        // 0 on the first step
+      m[h] = m_new;
+      l[h] *= rescale[h];
+    }
+#pragma unroll
+    for (int nt = 0; nt < kFwdKeyTiles; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - m[e >> 1]);
+        l[e >> 1] += s[nt][e];
+      }
+    }
+#pragma unroll
+    for (int vt = 0; vt < kFwdColTiles; ++vt) {
+      o[vt][0] *= rescale[0];
+      o[vt][1] *= rescale[0];
+      o[vt][2] *= rescale[1];
+      o[vt][3] *= rescale[1];
+    }
+
+    // O += P V, P from the score registers.
+#pragma unroll
+    for (int kb = 0; kb < kFwdKeys / Kind<T>::kDepth; ++kb) {
+      const FragA pa = acc_to_a<T>(&s[kb * Kind<T>::kDepth / 8]);
+      const T* vk = sv + kb * Kind<T>::kDepth * plan.ld_v;
+#pragma unroll
+      for (int vt = 0; vt < kFwdColTiles; vt += 2) {
+        if (vt < n_col_tiles) {
+          FragB b0, b1;
+          load_b_kn_x2(b0, b1, vk + vt * 8, plan.ld_v, lane);
+          mma<T>(o[vt], pa, b0);
+          mma<T>(o[vt + 1], pa, b1);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    const int64_t pos = s_qstore[warp * 16 + g + 8 * h];
+    if (pos < 0) continue;
+    const float inv_l = 1.f / l[h];
+    const float lse_r = (m[h] + log2f(l[h])) * kLn2;
+    if (!a.merge) {
+      T* out_row = a.out + ((n * a.rounds + r) * L + pos) * a.cv + col0;
+#pragma unroll
+      for (int vt = 0; vt < kFwdColTiles; ++vt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = vt * 8 + 2 * t + e;
+          if (col < cols) out_row[col] = static_cast<T>(o[vt][2 * h + e] * inv_l);
+        }
+      }
+      if (blockIdx.y == 0 && t == 0) a.lse[(n * a.rounds + r) * L + pos] = lse_r;
+    } else {
+      float* y_row = a.y_acc + (n * L + pos) * a.cv + col0;
+      float w_old = 0.f, w_new = 1.f, lse_merged = lse_r;
+      if (a.lse_prev != nullptr) {
+        const float lse_old = a.lse_prev[n * L + pos];
+        const float hi = fmaxf(lse_old, lse_r);
+        lse_merged = hi + logf(expf(lse_old - hi) + expf(lse_r - hi));
+        w_old = expf(lse_old - lse_merged);
+        w_new = expf(lse_r - lse_merged);
+      }
+#pragma unroll
+      for (int vt = 0; vt < kFwdColTiles; ++vt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = vt * 8 + 2 * t + e;
+          if (col >= cols) continue;
+          const float out_r = o[vt][2 * h + e] * inv_l;
+          y_row[col] = a.lse_prev != nullptr ? y_row[col] * w_old + out_r * w_new : out_r;
+        }
+      }
+      if (blockIdx.y == 0 && t == 0) a.lse_next[n * L + pos] = lse_merged;
+    }
+  }
+}
+
+// inv_norm[row] = 1 / max(||xm[row]||, eps) for the N*L rows of xm [N*L, Cm]; a warp per row.
+template <typename T>
+__global__ void __launch_bounds__(256) key_norms_kernel(const T* __restrict__ xm, float* __restrict__ inv_norm,
+                                                        int64_t n_rows, int64_t cm, float eps) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;
+  if (row >= n_rows) return;  // the whole warp leaves together
+  float sumsq = 0.f;
+  for (int64_t col = lane; col < cm; col += 32) {
+    const float x = static_cast<float>(xm[row * cm + col]);
+    sumsq += x * x;
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) sumsq += __shfl_xor_sync(0xffffffffu, sumsq, offset);
+  if (lane == 0) inv_norm[row] = 1.f / fmaxf(sqrtf(sumsq), eps);
+}
+
+}  // namespace tc
+}  // namespace cuda_impl
+}  // namespace dlsn
