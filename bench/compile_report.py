@@ -235,7 +235,7 @@ def cuda_kernels(library: str | None = None, arch: str = "sm_90") -> list[Kernel
     mangled = sorted(resources)
     records = []
     for name, readable in zip(mangled, _demangle(mangled)):
-        kernel = re.search(r"(\w+)<", readable)
+        kernel = re.search(r"(\w+)(?:<[^()]*>)?\(", readable)
         dtype = re.search(r"<([\w:]+)", readable)
         template = re.search(r"<(.*?)>\s*\(", readable)
         res = resources[name]
@@ -244,7 +244,8 @@ def cuda_kernels(library: str | None = None, arch: str = "sm_90") -> list[Kernel
         label = _CUDA_DTYPES.get(dtype.group(1), dtype.group(1)) if dtype else "-"
         records.append(KernelRecord(
             kernel=kernel.group(1) if kernel else readable[:40], dtype=label,
-            precision="native" if label in ("bf16", "fp16") else "ieee",
+            # the *_tc_kernel templates run float32 as TF32 (chosen only when the precision policy allows it)
+            precision="native" if label in ("bf16", "fp16") else "tf32" if "_tc_" in readable else "ieee",
             config={"template": template.group(1).replace("c10::", "") if template else ""},
             registers=field.get("REG", -1), spill_bytes=field.get("LOCAL", 0), stack_bytes=field.get("STACK", 0),
             shared_bytes=field.get("SHARED", 0), tensor_core_instructions=len(_TENSOR_CORE.findall(body)),

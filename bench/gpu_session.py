@@ -296,8 +296,6 @@ def main(argv: list[str] | None = None) -> None:
             for dtype, prec in ((torch.float32, "highest"), (torch.float32, "high"), (torch.bfloat16, "highest")):
                 if DEVICE == "cpu" and dtype != torch.float32:
                     continue
-                if backend != "triton" and prec == "high":
-                    continue  # the cuda backend is IEEE float32 whatever the setting
                 row = {"backend": backend, "shape": shape_name, "dtype": str(dtype).replace("torch.", ""),
                        "precision": prec}
                 try:

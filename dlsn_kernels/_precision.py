@@ -2,7 +2,7 @@
 
 - float16/bfloat16 inputs: dot products on tensor cores with float32 accumulation; softmax and lse in float32.
 - float32 inputs follow ``torch.get_float32_matmul_precision()``: "highest" is IEEE float32, "high" and
-  "medium" allow TF32 tensor cores (the Triton backend uses them; the cpu and cuda backends are always IEEE).
+  "medium" allow TF32 tensor cores (the Triton and cuda backends use them; the cpu backend is always IEEE).
 - The hash projection is IEEE float32 whatever the input dtype: TF32 or half-precision products flip codes.
 - Under ``torch.autocast`` on CUDA the attention ops cast their own float32 inputs to the autocast dtype
   (``rot`` too, since the op contract wants it in ``xm``'s dtype; the product itself stays float32), so a

@@ -1,8 +1,9 @@
-"""The Triton kernels' code shape on Hopper, read offline: tensor cores, no spills, shared memory that fits.
+"""The GPU kernels' code shape on Hopper, read offline: tensor cores, no spills, shared memory that fits.
 
-Compiles the training-shape kernels for sm_90 in bfloat16 and in float32 with TF32 (``bench.compile_report``,
-in a subprocess: it needs the Triton interpreter off). This keeps the GPU path fast between GPU runs: a change
-that makes a hot kernel spill or fall back to FFMA fails here, on a machine without a GPU.
+Triton: compiles the training-shape kernels for sm_90 in bfloat16 and in float32 with TF32
+(``bench.compile_report``, in a subprocess: it needs the Triton interpreter off). CUDA C++: reads the sm_90
+code of the built extension with cuobjdump (``bench.compile_report --cuda``). This keeps the GPU path fast
+between GPU runs: a change that makes a hot kernel spill or fall back to FFMA fails here, without a GPU.
 """
 
 import json
@@ -59,3 +60,54 @@ def test_attention_kernels_run_on_tensor_cores(records):
     for r in hot:
         assert r["tensor_core_instructions"] > 0, r
         assert r["precision"] == ("native" if r["dtype"] == "bf16" else "tf32")
+
+
+# --- the CUDA C++ kernels of the built extension ---------------------------------------------------------
+
+ATTENTION_TC = {"chunk_attention_fwd_tc_kernel", "attention_bwd_dq_tc_kernel", "attention_bwd_keys_tc_kernel"}
+
+
+@pytest.fixture(scope="module")
+def cuda_records():
+    ext = pytest.importorskip("dlsn_kernels._C")
+    if not getattr(ext, "WITH_CUDA", False):
+        pytest.skip("the extension was built without CUDA kernels")
+    from bench.compile_report import cuda_kernels
+
+    records = [r for r in cuda_kernels() if r.registers >= 0]
+    if not records:
+        pytest.skip("the extension holds no sm_90 code (TORCH_CUDA_ARCH_LIST without 9.0)")
+    return records
+
+
+def test_cuda_attention_kernels_run_on_tensor_cores(cuda_records):
+    """Every tensor-core attention kernel (forward, dq pass, dv and score passes) in fp16, bf16 and float32 (TF32)
+    holds mma instructions, and the float32 instantiation is the TF32 one."""
+    tc = [r for r in cuda_records if r.kernel in ATTENTION_TC]
+    found = {(r.kernel, r.dtype, r.config["template"].split(", ")[-1]) for r in tc}
+    for dtype, name in (("fp16", "Half"), ("bf16", "BFloat16"), ("fp32", "float")):
+        assert ("chunk_attention_fwd_tc_kernel", dtype, name) in found
+        assert ("attention_bwd_dq_tc_kernel", dtype, name) in found
+        assert ("attention_bwd_keys_tc_kernel", dtype, "true") in found  # dv pass
+        assert ("attention_bwd_keys_tc_kernel", dtype, "false") in found  # score pass
+    for r in tc:
+        assert r.tensor_core_instructions > 0, r
+        assert r.precision == ("tf32" if r.dtype == "fp32" else "native"), r
+
+
+def test_cuda_attention_kernels_use_no_local_memory(cuda_records):
+    """No spills in any kernel; no stack in the tensor-core attention kernels (the hot path)."""
+    for r in cuda_records:
+        assert r.spill_bytes == 0, r
+        assert r.registers <= 255, r
+    for r in cuda_records:
+        if r.kernel in ATTENTION_TC:
+            assert r.stack_bytes == 0, r
+
+
+def test_cuda_scalar_attention_kernels_are_float32_only(cuda_records):
+    """The scalar attention kernels are the IEEE float32 path: half inputs never reach them (they run on
+    tensor cores, or in float32 copies where the tensor-core kernels cannot take them)."""
+    scalar = [r for r in cuda_records if r.kernel in
+              {"chunk_attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_keys_kernel"}]
+    assert scalar and {r.dtype for r in scalar} == {"fp32"}

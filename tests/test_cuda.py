@@ -24,8 +24,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FWD_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 BWD_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 
-# Several query/key tiles of 32, several channel steps of 32 and two column slices of 128;
-# then the large end of the brief: K = 256 and Cv = 512.
+# Several query/key tiles (32 in the scalar kernels, 64 queries x 32 keys in the tensor-core ones), two column
+# slices of 128 (scalar) and one partial tile of 256 (tensor cores); then the large end of the brief: K = 256
+# and Cv = 512 (two column slices of the tensor-core kernels).
 BIG_CASES = [Case(2, 97, 40, 2, 37, 133), Case(1, 300, 256, 1, 64, 512)]
 ALL_CASES = CASES + BIG_CASES
 
@@ -108,6 +109,33 @@ def test_chunk_attention_forward(case, dtype):
     _, want_out, want_lse = _reference_rounds(exact, perm, case.chunk)
     assert rel_err(out, want_out) < FWD_TOL[dtype]
     assert rel_err(lse, want_lse) < FWD_TOL[dtype]
+
+
+@pytest.fixture
+def tf32():
+    """float32 under "high": the tensor-core (TF32) kernels instead of the IEEE scalar ones."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+TF32_TOL = {"fwd": 5e-3, "bwd": 2e-2}  # 10-bit mantissa products (the emulator measures 2e-3 / 8e-3)
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=str)
+def test_chunk_attention_tf32(case, tf32):
+    (xm, v, lss, _rot), exact, perm = _inputs(case, torch.float32)
+    out, lse = torch.ops.dlsn.chunk_attention(xm, v, lss, perm, case.chunk)
+    leaves, want_out, want_lse = _reference_rounds(exact, perm, case.chunk, requires_grad=True)
+    assert rel_err(out, want_out) < TF32_TOL["fwd"]
+    assert rel_err(lse, want_lse) < TF32_TOL["fwd"]
+    g_out = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    delta = (g_out.float().to(DEVICE) * out).sum(-1)
+    got = torch.ops.dlsn.attention_backward(g_out.float().to(DEVICE), delta, xm, v, lss, perm, lse, case.chunk)
+    want = torch.autograd.grad((want_out * g_out).sum(), leaves)
+    for name, a, b in zip(("dxm", "dv", "dlss"), got, want):
+        assert rel_err(a, b) < TF32_TOL["bwd"], name
 
 
 def test_chunk_attention_int32_perm_matches_int64():

@@ -7,7 +7,11 @@
 //   dq[q] += ds kn[j];  dv[j] += P grad_out[r', q];  dkn[j] += ds xm[q];  dlss[j, i] += ds
 // Padded query slots (slot >= L) produce no output, hence no gradient; padded key slots are ordinary keys.
 //
-// Kernels, launched per round in this order on the current stream:
+// Per round, in this order on the current stream: the attention kernels, then the scatter of their slot
+// gradients to positions (attention_bwd_steps.cuh); after all rounds, finish (key-norm backward, casts).
+// The attention kernels are the tensor-core passes of attention_bwd_tc.cuh (dq, dv, scores) when the
+// dtype, precision policy and device allow (as in the forward), else the two scalar IEEE float32 kernels
+// below, on float32 copies of the inputs:
 //   1. dq (query-centric, like the forward): block (n, c, query tile, column slice of Cm) streams the 3K
 //      keys of its 32 query rows, and adds sum_j ds kn_j of its columns to dq_acc[n, position] (float32).
 //      A position is the query of exactly one slot < L per round: one writer per element.
@@ -16,16 +20,13 @@
 //      comes several times, as it was read several times). It writes the slot gradients of its keys:
 //      dv_slot [N, Lp, Cv] or dkn_slot [N, Lp, Cm] for its column slice (slices 0..n_dv-1 are columns of
 //      dv, the rest columns of dkn), and dlss_slot [N, Lp, K] (slice 0). One writer per element.
-//   3. scatter: block (n, position) adds the slot gradients of the position's slot inv[q] and of its padded
-//      duplicates (slots inv[q] + pad + mL in [L, Lp)), in increasing slot order, to dv/dkn/dlss_acc.
-// Then, after all rounds, finish: warp per position applies the key-normalisation backward to dkn_acc
-// (it is linear in dkn, so once per position is enough), adds dq_acc, and casts to the input dtype.
-//
-// Thread ownership inside the attention blocks (8 warps): scores and ds of query row w + 8a (a = 0..3)
+// Thread ownership inside the scalar blocks (8 warps): scores and ds of query row w + 8a (a = 0..3)
 // against key = lane live in the registers of (warp w, lane); column accumulators hold columns
 // slice*128 + lane + 32u (u = 0..3) of 4 rows per warp (query rows in kernel 1, key rows w + 8b in kernel 2).
 #include <tuple>
 
+#include "attention_bwd_steps.cuh"
+#include "attention_bwd_tc.cuh"
 #include "common.cuh"
 
 namespace dlsn {
@@ -296,76 +297,35 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_keys_kernel(const Back
   }
 }
 
-// inv[n, r, perm[n, r, p]] = p for p < L (all rounds at once).
-template <typename idx_t>
-__global__ void inverse_perm_kernel(const idx_t* __restrict__ perm, int64_t* __restrict__ inv, int64_t n_rows,
-                                    int64_t length) {
-  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= n_rows * length) return;
-  const int64_t row = e / length, slot = e % length;
-  inv[row * length + static_cast<int64_t>(perm[e])] = slot;
+// The tensor-core passes when the dtype, precision policy and device allow them and the largest one's shared
+// memory fits.
+bool use_tensor_cores(const at::Tensor& xm, const at::Tensor& v) {
+  if (!tensor_cores_allowed(xm)) return false;
+  int64_t bytes = 0;
+  dispatch_float(xm.scalar_type(), [&](auto element) {
+    using scalar_t = decltype(element);
+    tc::BackwardTcArgs<scalar_t> a{};
+    tc::tc_backward_sizes(a, 1, 1, xm.size(1), xm.size(2), v.size(2), 1);
+    for (auto pass : {tc::BwdPass::kDq, tc::BwdPass::kDv, tc::BwdPass::kScore}) {
+      bytes = std::max(bytes, tc::tc_backward_smem<scalar_t>(pass, a.cm_pad, a.cv_pad).bytes);
+    }
+  });
+  return fits_shared_memory(bytes);
 }
 
-constexpr int kScatterThreads = 128;
-
-// dst[position] += sum of src over the position's slots, slot inv[q] first, then its padded duplicates.
-__device__ __forceinline__ void add_slot_rows(const float* __restrict__ src, float* __restrict__ dst, int64_t width,
-                                              int64_t n, int64_t pos, int64_t slot0, int64_t first_dup,
-                                              int64_t length, int64_t padded_length) {
-  for (int64_t col = threadIdx.x; col < width; col += kScatterThreads) {
-    float sum = src[(n * padded_length + slot0) * width + col];
-    for (int64_t slot = first_dup; slot < padded_length; slot += length) sum += src[(n * padded_length + slot) * width + col];
-    dst[(n * length + pos) * width + col] += sum;
-  }
-}
-
-// Kernel 3: block (n, position) per round.
-__global__ void __launch_bounds__(kScatterThreads)
-    scatter_slots_kernel(const int64_t* __restrict__ inv, const float* __restrict__ dv_slot,
-                         const float* __restrict__ dkn_slot, const float* __restrict__ dlss_slot,
-                         float* __restrict__ dv_acc, float* __restrict__ dkn_acc, float* __restrict__ dlss_acc,
-                         int64_t rounds, int64_t round, int64_t length, int64_t padded_length, int64_t pad,
-                         int64_t cm, int64_t cv, int64_t chunk) {
-  const int64_t n = blockIdx.x / length, pos = blockIdx.x % length;
-  const int64_t slot0 = inv[(n * rounds + round) * length + pos];
-  const int64_t first_dup = first_padded_copy(slot0, length, pad);  // >= Lp when there is no padding
-  add_slot_rows(dv_slot, dv_acc, cv, n, pos, slot0, first_dup, length, padded_length);
-  add_slot_rows(dkn_slot, dkn_acc, cm, n, pos, slot0, first_dup, length, padded_length);
-  add_slot_rows(dlss_slot, dlss_acc, chunk, n, pos, slot0, first_dup, length, padded_length);
-}
-
-constexpr int kFinishWarps = 8;
-
-// dxm = dq + (dkn - kn (kn . dkn)) / ||xm||  (dkn / eps when ||xm|| < eps), then casts. Warp per position.
+// The three tensor-core passes of round a.round, in order: dq, dv, scores (dkn, dlss).
 template <typename T>
-__global__ void __launch_bounds__(kFinishWarps* kWarp)
-    finish_grads_kernel(const T* __restrict__ xm, const float* __restrict__ dq_acc, const float* __restrict__ dkn_acc,
-                        const float* __restrict__ dv_acc, const float* __restrict__ dlss_acc, T* __restrict__ dxm,
-                        T* __restrict__ dv, T* __restrict__ dlss, int64_t n_positions, int64_t cm, int64_t cv,
-                        int64_t chunk) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t row = int64_t(blockIdx.x) * kFinishWarps + threadIdx.x / kWarp;
-  if (row >= n_positions) return;  // the whole warp leaves together
-  const T* x = xm + row * cm;
-  const float* dkn = dkn_acc + row * cm;
-  float sumsq = 0.f, dot = 0.f;
-  for (int64_t col = lane; col < cm; col += kWarp) {
-    const float xv = to_float(x[col]);
-    sumsq += xv * xv;
-    dot += xv * dkn[col];
-  }
-  sumsq = warp_sum(sumsq);
-  dot = warp_sum(dot);
-  const float norm = sqrtf(sumsq);
-  const bool clamped = norm < kKeyNormEpsF;
-  const float inv_norm = 1.f / (clamped ? kKeyNormEpsF : norm);
-  const float along = clamped ? 0.f : dot / sumsq;  // kn . dkn / ||xm||
-  for (int64_t col = lane; col < cm; col += kWarp) {
-    const float key_grad = (dkn[col] - to_float(x[col]) * along) * inv_norm;
-    dxm[row * cm + col] = static_cast<T>(dq_acc[row * cm + col] + key_grad);
-  }
-  for (int64_t col = lane; col < cv; col += kWarp) dv[row * cv + col] = static_cast<T>(dv_acc[row * cv + col]);
-  for (int64_t col = lane; col < chunk; col += kWarp) dlss[row * chunk + col] = static_cast<T>(dlss_acc[row * chunk + col]);
+void launch_tc_round(const tc::BackwardTcArgs<T>& a, int64_t n, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(n * a.n_chunks * a.n_own_tiles);
+  const auto launch = [&](auto* kernel, tc::BwdPass pass) {
+    const int64_t smem = tc::tc_backward_smem<T>(pass, a.cm_pad, a.cv_pad).bytes;
+    allow_shared_memory(kernel, smem);
+    const dim3 grid(blocks, static_cast<unsigned>(tc::tc_backward_slices(pass, a.cm, a.cv)));
+    kernel<<<grid, tc::kBwdThreads, smem, stream>>>(a);
+  };
+  launch(&tc::attention_bwd_dq_tc_kernel<T>, tc::BwdPass::kDq);
+  launch(&tc::attention_bwd_keys_tc_kernel<T, true>, tc::BwdPass::kDv);
+  launch(&tc::attention_bwd_keys_tc_kernel<T, false>, tc::BwdPass::kScore);
 }
 
 }  // namespace
@@ -378,76 +338,111 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   const int64_t rounds = perm.size(1), grad_rounds = grad_out.size(1);
   const SlotLayout layout(length, chunk);
   const int64_t n_chunks = layout.n_chunks, padded_length = layout.padded, pad = layout.pad;
-  const int64_t n_tiles = ceil_div(chunk, kTile);
   auto dxm = at::empty_like(xm), dv = at::empty_like(v), dlss = at::empty_like(lss);
   if (n == 0) return {dxm, dv, dlss};
-
-  const int64_t n_cm_slices = ceil_div(cm, kCols);
-  const int64_t n_dv_slices = std::max<int64_t>(1, ceil_div(cv, kCols));
-  const int64_t attention_blocks = n * n_chunks * n_tiles;
-  // Grid sizes fit: registration.cpp checked them (check_backward_grid).
-  const dim3 dq_grid(static_cast<unsigned>(attention_blocks), static_cast<unsigned>(std::max<int64_t>(1, n_cm_slices)));
-  const dim3 keys_grid(static_cast<unsigned>(attention_blocks), static_cast<unsigned>(n_dv_slices + n_cm_slices));
 
   const auto f32 = xm.options().dtype(at::kFloat);
   auto dq_acc = at::zeros({n, length, cm}, f32);
   auto dkn_acc = at::zeros({n, length, cm}, f32);
   auto dv_acc = at::zeros({n, length, cv}, f32);
   auto dlss_acc = at::zeros({n, length, chunk}, f32);
-  // Slot buffers, fully rewritten by every round's kernel 2.
+  // Slot buffers, fully rewritten by every round's key kernels.
   auto dv_slot = at::empty({n, padded_length, cv}, f32);
   auto dkn_slot = at::empty({n, padded_length, cm}, f32);
   auto dlss_slot = at::empty({n, padded_length, chunk}, f32);
   auto inv = at::empty({n, rounds, length}, xm.options().dtype(at::kLong));
+  const at::Tensor perm64 = perm.to(at::kLong);
 
   const auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_float(xm.scalar_type(), [&](auto element) {
-    using scalar_t = decltype(element);
-    dispatch_index(perm.scalar_type(), [&](auto index) {
-      using index_t = decltype(index);
-      const int64_t n_perm = n * rounds * length;
-      inverse_perm_kernel<index_t><<<static_cast<unsigned>(ceil_div(n_perm, 256)), 256, 0, stream>>>(
-          perm.data_ptr<index_t>(), inv.data_ptr<int64_t>(), n * rounds, length);
+  const int64_t n_perm = n * rounds * length;
+  inverse_perm_kernel<int64_t><<<static_cast<unsigned>(ceil_div(n_perm, 256)), 256, 0, stream>>>(
+      perm64.data_ptr<int64_t>(), inv.data_ptr<int64_t>(), n * rounds, length);
+  const auto scatter = [&](int64_t r) {
+    scatter_slots_kernel<<<static_cast<unsigned>(n * length), kScatterThreads, 0, stream>>>(
+        inv.data_ptr<int64_t>(), dv_slot.data_ptr<float>(), dkn_slot.data_ptr<float>(), dlss_slot.data_ptr<float>(),
+        dv_acc.data_ptr<float>(), dkn_acc.data_ptr<float>(), dlss_acc.data_ptr<float>(), rounds, r, length,
+        padded_length, pad, cm, cv, chunk);
+  };
 
-      BackwardArgs<scalar_t, index_t> a{};
+  if (use_tensor_cores(xm, v)) {
+    const at::Tensor inv_norm = inverse_key_norms(xm, stream);
+    dispatch_float(xm.scalar_type(), [&](auto element) {
+      using scalar_t = decltype(element);
+      tc::BackwardTcArgs<scalar_t> a{};
+      tc::tc_backward_sizes(a, rounds, grad_rounds, length, cm, cv, chunk);
       a.grad_out = grad_out.data_ptr<scalar_t>();
       a.delta = delta.data_ptr<float>();
       a.lse = lse.data_ptr<float>();
       a.xm = xm.data_ptr<scalar_t>();
       a.v = v.data_ptr<scalar_t>();
       a.lss = lss.data_ptr<scalar_t>();
-      a.perm = perm.data_ptr<index_t>();
-      a.rounds = rounds;
-      a.grad_rounds = grad_rounds;
-      a.length = length;
-      a.chunk = chunk;
-      a.cm = cm;
-      a.cv = cv;
-      a.n_chunks = n_chunks;
-      a.n_tiles = n_tiles;
-      a.pad = pad;
-      a.padded_length = padded_length;
-      a.n_dv_slices = n_dv_slices;
+      a.perm = perm64.data_ptr<int64_t>();
+      a.inv_norm = inv_norm.data_ptr<float>();
+      a.xm_aligned = tc::rows_aligned16(a.xm, cm, sizeof(scalar_t));
+      a.v_aligned = tc::rows_aligned16(a.v, cv, sizeof(scalar_t));
+      a.lss_aligned = tc::rows_aligned16(a.lss, chunk, sizeof(scalar_t));
+      a.grad_aligned = tc::rows_aligned16(a.grad_out, cv, sizeof(scalar_t));
       a.dq_acc = dq_acc.data_ptr<float>();
       a.dv_slot = dv_slot.data_ptr<float>();
       a.dkn_slot = dkn_slot.data_ptr<float>();
       a.dlss_slot = dlss_slot.data_ptr<float>();
       for (int64_t r = 0; r < rounds; ++r) {
         a.round = r;
-        attention_bwd_dq_kernel<scalar_t, index_t><<<dq_grid, kThreads, 0, stream>>>(a);
-        attention_bwd_keys_kernel<scalar_t, index_t><<<keys_grid, kThreads, 0, stream>>>(a);
-        scatter_slots_kernel<<<static_cast<unsigned>(n * length), kScatterThreads, 0, stream>>>(
-            inv.data_ptr<int64_t>(), dv_slot.data_ptr<float>(), dkn_slot.data_ptr<float>(),
-            dlss_slot.data_ptr<float>(), dv_acc.data_ptr<float>(), dkn_acc.data_ptr<float>(),
-            dlss_acc.data_ptr<float>(), rounds, r, length, padded_length, pad, cm, cv, chunk);
+        launch_tc_round(a, n, stream);
+        scatter(r);
       }
     });
-    const int64_t n_positions = n * length;
-    finish_grads_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(n_positions, kFinishWarps)), kFinishWarps * kWarp,
-                                    0, stream>>>(
-        xm.data_ptr<scalar_t>(), dq_acc.data_ptr<float>(), dkn_acc.data_ptr<float>(), dv_acc.data_ptr<float>(),
-        dlss_acc.data_ptr<float>(), dxm.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), dlss.data_ptr<scalar_t>(),
-        n_positions, cm, cv, chunk);
+  } else {
+    // The scalar kernels, in float32 (a no-op cast for float32 inputs).
+    const at::Tensor go32 = grad_out.to(at::kFloat), xm32 = xm.to(at::kFloat), v32 = v.to(at::kFloat),
+                     lss32 = lss.to(at::kFloat);
+    const int64_t n_tiles = ceil_div(chunk, kTile);
+    const int64_t n_cm_slices = ceil_div(cm, kCols);
+    const int64_t n_dv_slices = std::max<int64_t>(1, ceil_div(cv, kCols));
+    const int64_t attention_blocks = n * n_chunks * n_tiles;
+    // Grid sizes fit: registration.cpp checked them (check_backward_grid).
+    const dim3 dq_grid(static_cast<unsigned>(attention_blocks),
+                       static_cast<unsigned>(std::max<int64_t>(1, n_cm_slices)));
+    const dim3 keys_grid(static_cast<unsigned>(attention_blocks), static_cast<unsigned>(n_dv_slices + n_cm_slices));
+    BackwardArgs<float, int64_t> a{};
+    a.grad_out = go32.data_ptr<float>();
+    a.delta = delta.data_ptr<float>();
+    a.lse = lse.data_ptr<float>();
+    a.xm = xm32.data_ptr<float>();
+    a.v = v32.data_ptr<float>();
+    a.lss = lss32.data_ptr<float>();
+    a.perm = perm64.data_ptr<int64_t>();
+    a.rounds = rounds;
+    a.grad_rounds = grad_rounds;
+    a.length = length;
+    a.chunk = chunk;
+    a.cm = cm;
+    a.cv = cv;
+    a.n_chunks = n_chunks;
+    a.n_tiles = n_tiles;
+    a.pad = pad;
+    a.padded_length = padded_length;
+    a.n_dv_slices = n_dv_slices;
+    a.dq_acc = dq_acc.data_ptr<float>();
+    a.dv_slot = dv_slot.data_ptr<float>();
+    a.dkn_slot = dkn_slot.data_ptr<float>();
+    a.dlss_slot = dlss_slot.data_ptr<float>();
+    for (int64_t r = 0; r < rounds; ++r) {
+      a.round = r;
+      attention_bwd_dq_kernel<float, int64_t><<<dq_grid, kThreads, 0, stream>>>(a);
+      attention_bwd_keys_kernel<float, int64_t><<<keys_grid, kThreads, 0, stream>>>(a);
+      scatter(r);
+    }
+  }
+
+  const int64_t n_positions = n * length;
+  dispatch_float(xm.scalar_type(), [&](auto element) {
+    using scalar_t = decltype(element);
+    finish_grads_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(n_positions, kFinishWarps)),
+                                    kFinishWarps * kWarp, 0, stream>>>(
+        kKeyNormEpsF, xm.data_ptr<scalar_t>(), dq_acc.data_ptr<float>(), dkn_acc.data_ptr<float>(),
+        dv_acc.data_ptr<float>(), dlss_acc.data_ptr<float>(), dxm.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+        dlss.data_ptr<scalar_t>(), n_positions, cm, cv, chunk);
   });
   return {dxm, dv, dlss};
 }

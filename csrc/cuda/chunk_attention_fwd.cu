@@ -1,5 +1,8 @@
 // Forward of the chunked attention on CUDA: chunk_attention (per round) and gla_attention (hash, sort, and
-// rounds merged on the fly), SPEC 1.3-1.5 and DESIGN "Forward".
+// rounds merged on the fly), DESIGN "Forward". Two kernels: the tensor-core one (chunk_attention_fwd_tc.cuh)
+// for bfloat16/float16, and float32 when the precision policy allows TF32; and the scalar one below, IEEE
+// float32 FFMA, for float32 under "highest" and for what the tensor-core kernel cannot take (GPUs before
+// sm_80, channel counts whose tiles exceed the shared memory), computed in float32.
 //
 // Who owns what: one block (256 threads, 8 warps) per (n, r, query chunk c, query tile qt, column slice).
 //   - The block's queries are the 32 sorted slots c*K + qt*32 + 0..31 (query row q = 0..31); rows past the
@@ -230,16 +233,9 @@ dim3 forward_grid(const Geometry& g, int64_t rounds_in_launch) {
   return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(g.n_slices));
 }
 
-// The tensor-core kernel runs bfloat16/float16 always and float32 when the precision policy allows TF32
-// (torch.get_float32_matmul_precision() != "highest"), on sm_80 or newer, when its shared memory fits; the
-// scalar kernel above (IEEE float32 FFMA) runs the rest.
+// The tensor-core kernel when the dtype, precision policy and device allow it and its shared memory fits.
 bool use_tensor_cores(const at::Tensor& xm) {
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  if (props->major < 8) return false;
-  if (xm.scalar_type() == at::kFloat &&
-      at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST) {
-    return false;
-  }
+  if (!tensor_cores_allowed(xm)) return false;
   int64_t bytes = 0;
   dispatch_float(xm.scalar_type(), [&](auto element) {
     using scalar_t = decltype(element);
@@ -247,19 +243,7 @@ bool use_tensor_cores(const at::Tensor& xm) {
     tc::tc_forward_sizes(a, 1, xm.size(1), xm.size(2), 1, 1);
     bytes = tc::tc_forward_smem<scalar_t>(a.cm_pad).bytes;
   });
-  return bytes <= static_cast<int64_t>(props->sharedMemPerBlockOptin);
-}
-
-at::Tensor inverse_key_norms(const at::Tensor& xm, cudaStream_t stream) {
-  auto inv = at::empty({xm.size(0), xm.size(1)}, xm.options().dtype(at::kFloat));
-  const int64_t rows = xm.size(0) * xm.size(1);
-  if (rows == 0) return inv;
-  dispatch_float(xm.scalar_type(), [&](auto element) {
-    using scalar_t = decltype(element);
-    tc::key_norms_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream>>>(
-        xm.data_ptr<scalar_t>(), inv.data_ptr<float>(), rows, xm.size(2), kKeyNormEpsF);
-  });
-  return inv;
+  return fits_shared_memory(bytes);
 }
 
 // Fills the pointers and sizes shared by both ops; the caller sets the outputs and the round range.
@@ -283,8 +267,7 @@ template <typename T>
 void launch_tc_forward(const tc::ForwardTcArgs<T>& a, int64_t n, cudaStream_t stream) {
   const int64_t smem = tc::tc_forward_smem<T>(a.cm_pad).bytes;
   auto* kernel = &tc::chunk_attention_fwd_tc_kernel<T>;
-  // Above 48 KB a kernel must opt in; use_tensor_cores() checked the device allows this much.
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  allow_shared_memory(kernel, smem);
   const dim3 grid(static_cast<unsigned>(n * a.rounds_in_launch * a.n_chunks * a.n_qtiles),
                   static_cast<unsigned>(tc::tc_forward_slices(a.cv)));
   kernel<<<grid, tc::kFwdThreads, smem, stream>>>(a);
@@ -301,8 +284,8 @@ std::tuple<at::Tensor, at::Tensor> chunk_attention_cuda(const at::Tensor& xm, co
   auto lse = at::empty({g.n, g.rounds, g.length}, xm.options().dtype(at::kFloat));
   if (g.n == 0) return {out, lse};
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor perm64 = perm.to(at::kLong);
   if (use_tensor_cores(xm)) {
-    const at::Tensor perm64 = perm.to(at::kLong);
     const at::Tensor inv_norm = inverse_key_norms(xm, stream);
     dispatch_float(xm.scalar_type(), [&](auto element) {
       using scalar_t = decltype(element);
@@ -315,19 +298,16 @@ std::tuple<at::Tensor, at::Tensor> chunk_attention_cuda(const at::Tensor& xm, co
     });
     return {out, lse};
   }
-  const dim3 grid = forward_grid(g, g.rounds);
-  dispatch_float(xm.scalar_type(), [&](auto element) {
-    using scalar_t = decltype(element);
-    dispatch_index(perm.scalar_type(), [&](auto index) {
-      using index_t = decltype(index);
-      auto a = forward_args<scalar_t, index_t>(g, xm, v, lss, perm);
-      a.round_offset = 0;
-      a.rounds_in_launch = g.rounds;
-      a.out = out.data_ptr<scalar_t>();
-      a.lse = lse.data_ptr<float>();
-      chunk_attention_fwd_kernel<scalar_t, index_t, false><<<grid, kThreads, 0, stream>>>(a);
-    });
-  });
+  // The scalar kernel, in float32 (a no-op cast for float32 inputs).
+  const at::Tensor xm32 = xm.to(at::kFloat), v32 = v.to(at::kFloat), lss32 = lss.to(at::kFloat);
+  at::Tensor out32 = xm.scalar_type() == at::kFloat ? out : at::empty(out.sizes(), out.options().dtype(at::kFloat));
+  auto a = forward_args<float, int64_t>(g, xm32, v32, lss32, perm64);
+  a.round_offset = 0;
+  a.rounds_in_launch = g.rounds;
+  a.out = out32.data_ptr<float>();
+  a.lse = lse.data_ptr<float>();
+  chunk_attention_fwd_kernel<float, int64_t, false><<<forward_grid(g, g.rounds), kThreads, 0, stream>>>(a);
+  if (xm.scalar_type() != at::kFloat) out.copy_(out32);
   return {out, lse};
 }
 
@@ -342,7 +322,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gla_attention_cuda(const at::Tens
   at::Tensor lse_cur = at::empty({g.n, g.length}, f32);
   at::Tensor lse_next = at::empty({g.n, g.length}, f32);
   if (g.n == 0) return {y_acc.to(xm.scalar_type()), lse_cur, perm};
-  const dim3 grid = forward_grid(g, 1);
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (use_tensor_cores(xm)) {
     const at::Tensor inv_norm = inverse_key_norms(xm, stream);
@@ -357,25 +336,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gla_attention_cuda(const at::Tens
         a.lse_prev = r == 0 ? nullptr : lse_cur.data_ptr<float>();
         a.lse_next = lse_next.data_ptr<float>();
         launch_tc_forward(a, g.n, stream);
-        std::swap(lse_cur, lse_next);
+        std::swap(lse_cur, lse_next);  // lse_cur now holds the lse over rounds 0..r
       }
     });
-    at::Tensor y = xm.scalar_type() == at::kFloat ? y_acc : y_acc.to(xm.scalar_type());
-    return {y, lse_cur, perm};
-  }
-  dispatch_float(xm.scalar_type(), [&](auto element) {
-    using scalar_t = decltype(element);
+  } else {
+    // The scalar kernel, in float32 (a no-op cast for float32 inputs).
+    const at::Tensor xm32 = xm.to(at::kFloat), v32 = v.to(at::kFloat), lss32 = lss.to(at::kFloat);
     for (int64_t r = 0; r < g.rounds; ++r) {
-      auto a = forward_args<scalar_t, int64_t>(g, xm, v, lss, perm);
+      auto a = forward_args<float, int64_t>(g, xm32, v32, lss32, perm);
       a.round_offset = r;
       a.rounds_in_launch = 1;
       a.y_acc = y_acc.data_ptr<float>();
       a.lse_prev = r == 0 ? nullptr : lse_cur.data_ptr<float>();
       a.lse_next = lse_next.data_ptr<float>();
-      chunk_attention_fwd_kernel<scalar_t, int64_t, true><<<grid, kThreads, 0, stream>>>(a);
-      std::swap(lse_cur, lse_next);  // lse_cur now holds the lse over rounds 0..r
+      chunk_attention_fwd_kernel<float, int64_t, true><<<forward_grid(g, 1), kThreads, 0, stream>>>(a);
+      std::swap(lse_cur, lse_next);
     }
-  });
+  }
   at::Tensor y = xm.scalar_type() == at::kFloat ? y_acc : y_acc.to(xm.scalar_type());
   return {y, lse_cur, perm};
 }

@@ -15,6 +15,7 @@
 
 #include "checks.h"  // kKeyNormEps; the argument checks run in registration.cpp
 #include "cuda/geometry.h"  // kTile, kCols, ceil_div: registration.cpp checks the grids with them
+#include "cuda/key_norms.cuh"
 #include "cuda/launchers.h"
 #include "slot_layout.h"  // slot_position, key_chunk_of, query_chunk_reading, first_padded_copy
 
@@ -107,6 +108,38 @@ __device__ __forceinline__ void tile_dot(const T* __restrict__ A, const int64_t*
       for (int a = 0; a < kRowsPerWarp; ++a) acc[a] += s_a[warp + kWarps * a][cc] * bv;  // broadcast read
     }
   }
+}
+
+// The tensor-core kernels (*_tc.cuh) run bfloat16/float16 always and float32 when the precision policy
+// allows TF32 (torch.get_float32_matmul_precision() != "highest"), on sm_80 or newer; the scalar kernels
+// (IEEE float32 FFMA) run the rest. Each launcher also checks its kernels' shared memory (fits_shared_memory).
+inline bool tensor_cores_allowed(const at::Tensor& xm) {
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
+  return xm.scalar_type() != at::kFloat ||
+         at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
+}
+
+inline bool fits_shared_memory(int64_t bytes) {
+  return bytes <= static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+}
+
+// Above 48 KB of dynamic shared memory a kernel must opt in; fits_shared_memory() checked the device has it.
+template <typename Kernel>
+void allow_shared_memory(Kernel* kernel, int64_t bytes) {
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+// 1 / max(||xm||, eps) per position [N, L], float32.
+inline at::Tensor inverse_key_norms(const at::Tensor& xm, cudaStream_t stream) {
+  auto inv = at::empty({xm.size(0), xm.size(1)}, xm.options().dtype(at::kFloat));
+  const int64_t rows = xm.size(0) * xm.size(1);
+  if (rows == 0) return inv;
+  dispatch_float(xm.scalar_type(), [&](auto element) {
+    using scalar_t = decltype(element);
+    tc::key_norms_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream>>>(
+        xm.data_ptr<scalar_t>(), inv.data_ptr<float>(), rows, xm.size(2), kKeyNormEpsF);
+  });
+  return inv;
 }
 
 }  // namespace cuda_impl

@@ -1,0 +1,421 @@
+// Tensor-core kernels of attention_backward (DESIGN "Backward"), FlashAttention-2 decomposition: P is
+// recomputed from the saved lse, every gradient element has one writer, no atomics, fixed summation order.
+//
+// For round r (grad round r' = r, or 0 for gla_attention), query q at slot i, key j of its 3K keys:
+//   P = exp(s - lse[q]),  dS = P (dO[q] . v[j] - delta[q]),  s = xm[q] . xm[j] / max(||xm[j]||, eps) + lss[j, i]
+//   dq[q] += dS inv[j] xm[j];  dv[j] += P dO[q];  dkn[j] += dS xm[q];  dlss[j, i] += dS
+// Padded query slots (slot >= L) have no output, so P is zero there; padded key slots are ordinary keys.
+//
+// dq kernel (query-centric): block (n, chunk c, 64-query tile, 64-column slice of Cm); warp w owns queries
+//   16w..16w+15 and streams their 3K keys 32 at a time: S = Q K^T and dP = dO V^T on tensor cores, then
+//   dq += (dS * inv) K. It adds its slice of dq into dq_acc[n, position] (one slot < L per position and round).
+// key kernels (key-centric): block (n, key chunk c', 64-key tile, column slice); warp w owns keys 16w..16w+15
+//   and visits the query chunks that read c' (c', c'+1, c'-1: t = 0, 1, 2), 32 query slots at a time.
+//   S^T = K Q^T recomputes P^T. Two variants (together they would need more registers than a thread has):
+//   - kDvPass: dv += P^T dO for a 256-column slice of Cv;
+//   - score pass: dP^T = V dO^T, dS^T, dkn += dS^T Q for a 64-column slice of Cm, and (slice 0) dlss rows,
+//     dS summed over t in registers.
+//   Both write the slot buffers dv_slot/dkn_slot/dlss_slot [N, Lp, *] of their keys; attention_bwd_steps.cuh
+//   scatters them to positions.
+// Torch-free: tests/cuda_emulation runs these kernels on the CPU.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/staging.cuh"
+#include "cuda/tensor_core.cuh"
+#include "slot_layout.h"
+
+namespace dlsn {
+namespace cuda_impl {
+namespace tc {
+
+constexpr int kBwdWarps = 4;
+constexpr int kBwdThreads = 32 * kBwdWarps;
+constexpr int kBwdOwn = 16 * kBwdWarps;     // rows a block owns: queries (dq kernel) or keys (key kernels)
+constexpr int kBwdStep = 32;                // rows streamed per step: keys (dq kernel) or queries (key kernels)
+constexpr int kBwdStepTiles = kBwdStep / 8;
+constexpr int kBwdCmCols = 64;              // dq / dkn columns per block
+constexpr int kBwdCmTiles = kBwdCmCols / 8;
+constexpr int kBwdDvCols = 256;             // dv columns per block
+constexpr int kBwdDvTiles = kBwdDvCols / 8;
+constexpr float kBwdLog2e = 1.4426950408889634f;
+
+enum class BwdPass { kDq, kDv, kScore };
+
+template <typename T>
+struct BackwardTcArgs {
+  const T* grad_out;      // [N, R', L, Cv]
+  const float* delta;     // [N, R', L]
+  const float* lse;       // [N, R', L]
+  const T* xm;            // [N, L, Cm]
+  const T* v;             // [N, L, Cv]
+  const T* lss;           // [N, L, K]
+  const int64_t* perm;    // [N, R, L]
+  const float* inv_norm;  // [N, L]
+  int64_t rounds, grad_rounds, round, length, chunk, cm, cv, n_chunks, pad, padded_length;
+  int64_t n_own_tiles;    // ceil(K / 64)
+  int cm_pad, cv_pad;     // Cm, Cv rounded up to 16
+  bool xm_aligned, v_aligned, lss_aligned, grad_aligned;
+  float* dq_acc;          // [N, L, Cm]
+  float* dv_slot;         // [N, Lp, Cv]
+  float* dkn_slot;        // [N, Lp, Cm]
+  float* dlss_slot;       // [N, Lp, K]
+};
+
+// Dynamic shared memory of a pass: the block's own rows (xm; plus dO or v), the streamed rows (xm; plus v or
+// dO) and the lss tile [key][query slot]. Pads of 16 bytes keep fragment loads conflict-free and rows aligned.
+struct BackwardTcSmem {
+  int ld_cm, ld_own_x, ld_step_x, ld_lss;
+  int64_t own, own_x, step, step_x, lss, bytes;
+};
+
+template <typename T>
+__host__ __device__ inline BackwardTcSmem tc_backward_smem(BwdPass pass, int cm_pad, int cv_pad) {
+  const int pad = 16 / static_cast<int>(sizeof(T));
+  const int dv_width = cv_pad < kBwdDvCols ? cv_pad : kBwdDvCols;
+  BackwardTcSmem s{};
+  s.ld_cm = cm_pad + pad;
+  s.ld_own_x = pass == BwdPass::kDv ? 0 : cv_pad + pad;  // dO (dq kernel) or v (score pass)
+  s.ld_step_x = (pass == BwdPass::kDv ? dv_width : cv_pad) + pad;  // v (dq kernel) or dO (key kernels)
+  s.ld_lss = (pass == BwdPass::kDq ? kBwdOwn : kBwdStep) + pad;
+  const int lss_rows = pass == BwdPass::kDq ? kBwdStep : kBwdOwn;
+  s.own = 0;
+  s.own_x = s.own + int64_t(kBwdOwn) * s.ld_cm * sizeof(T);
+  s.step = s.own_x + int64_t(kBwdOwn) * s.ld_own_x * sizeof(T);
+  s.step_x = s.step + int64_t(kBwdStep) * s.ld_cm * sizeof(T);
+  s.lss = s.step_x + int64_t(kBwdStep) * s.ld_step_x * sizeof(T);
+  s.bytes = s.lss + int64_t(lss_rows) * s.ld_lss * sizeof(T);
+  return s;
+}
+
+template <typename T>
+__host__ __device__ inline void tc_backward_sizes(BackwardTcArgs<T>& a, int64_t rounds, int64_t grad_rounds,
+                                                  int64_t length, int64_t cm, int64_t cv, int64_t chunk) {
+  a.rounds = rounds;
+  a.grad_rounds = grad_rounds;
+  a.length = length;
+  a.chunk = chunk;
+  a.cm = cm;
+  a.cv = cv;
+  a.pad = padding_for(length, chunk);
+  a.padded_length = length + a.pad;
+  a.n_chunks = a.padded_length / chunk;
+  a.n_own_tiles = (chunk + kBwdOwn - 1) / kBwdOwn;
+  a.cm_pad = static_cast<int>((cm + 15) / 16 * 16);
+  a.cv_pad = static_cast<int>((cv + 15) / 16 * 16);
+}
+
+// Column slices (gridDim.y) of each pass.
+inline int64_t tc_backward_slices(BwdPass pass, int64_t cm, int64_t cv) {
+  if (pass == BwdPass::kDv) return cv <= kBwdDvCols ? 1 : (cv + kBwdDvCols - 1) / kBwdDvCols;
+  return cm <= kBwdCmCols ? 1 : (cm + kBwdCmCols - 1) / kBwdCmCols;
+}
+
+// Query slot i of chunk c in round a.round: fills its xm row, dO row, lse (log2 domain) and delta, or -1 rows
+// and zeros for slots past the chunk and padded slots.
+template <typename T>
+__device__ __forceinline__ void query_row(const BackwardTcArgs<T>& a, int64_t n, int64_t c, int64_t i,
+                                          int64_t* qrow, int64_t* grow, float* lse2, float* delta) {
+  const int64_t L = a.length, K = a.chunk, slot = c * K + i;
+  if (i < K && slot < L) {
+    const int64_t pos = a.perm[(n * a.rounds + a.round) * L + slot];
+    const int64_t g = (n * a.grad_rounds + (a.grad_rounds == a.rounds ? a.round : 0)) * L + pos;
+    *qrow = n * L + pos;
+    *grow = g;
+    *lse2 = a.lse[g] * kBwdLog2e;
+    *delta = a.delta[g];
+  } else {
+    *qrow = -1;
+    *grow = -1;
+    *lse2 = 0.f;
+    *delta = 0.f;
+  }
+}
+
+// acc[tiles] += A B over `depth_total` (a multiple of the mma depth): A rows from a [row][k] tile (the
+// warp's 16 rows), B = the n8 tiles of a [n][k] tile.
+template <typename T, int kTiles>
+__device__ __forceinline__ void gemm_rows_by_cols(Acc (&acc)[kTiles], const T* a_rows, int lda, const T* b_rows,
+                                                  int ldb, int depth_total, int lane) {
+  for (int kc = 0; kc < depth_total; kc += Kind<T>::kDepth) {
+    const FragA fa = load_a(a_rows + kc, lda, lane);
+#pragma unroll
+    for (int nt = 0; nt < kTiles; ++nt) mma<T>(acc[nt], fa, load_b(b_rows + nt * 8 * ldb + kc, ldb, lane));
+  }
+}
+
+// acc[tiles] += W B where W (16 x kBwdStep) sits in accumulator tiles w[kBwdStepTiles] and B is a [k][n]
+// shared tile (k = the kBwdStep streamed or owned rows), columns col0 + 8 * tile; only tiles < n_tiles run.
+template <typename T, int kTiles>
+__device__ __forceinline__ void gemm_acc_by_rows(Acc (&acc)[kTiles], const Acc (&w)[kBwdStepTiles], const T* b,
+                                                 int ldb, int n_tiles, int lane) {
+#pragma unroll
+  for (int kb = 0; kb < kBwdStep / Kind<T>::kDepth; ++kb) {
+    const FragA fa = acc_to_a<T>(&w[kb * Kind<T>::kDepth / 8]);
+    const T* bk = b + kb * Kind<T>::kDepth * ldb;
+#pragma unroll
+    for (int ct = 0; ct < kTiles; ct += 2) {
+      if (ct < n_tiles) {
+        FragB b0, b1;
+        load_b_kn_x2(b0, b1, bk + ct * 8, ldb, lane);
+        mma<T>(acc[ct], fa, b0);
+        mma<T>(acc[ct + 1], fa, b1);
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const BackwardTcArgs<T> a) {
+  DLSN_DYNAMIC_SHARED(smem);
+  __shared__ int64_t s_qrow[kBwdOwn], s_grow[kBwdOwn], s_krow[kBwdStep];
+  __shared__ float s_lse2[kBwdOwn], s_delta[kBwdOwn], s_inv[kBwdStep];
+
+  const BackwardTcSmem plan = tc_backward_smem<T>(BwdPass::kDq, a.cm_pad, a.cv_pad);
+  T* sq = reinterpret_cast<T*>(smem + plan.own);
+  T* sdo = reinterpret_cast<T*>(smem + plan.own_x);
+  T* sk = reinterpret_cast<T*>(smem + plan.step);
+  T* sv = reinterpret_cast<T*>(smem + plan.step_x);
+  T* slss = reinterpret_cast<T*>(smem + plan.lss);
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int g = group_of(lane), t = thread_in_group(lane);
+  int64_t block = blockIdx.x;
+  const int64_t qt = block % a.n_own_tiles;
+  block /= a.n_own_tiles;
+  const int64_t c = block % a.n_chunks;
+  const int64_t n = block / a.n_chunks;
+  const int64_t L = a.length, K = a.chunk;
+  const int64_t* perm_row = a.perm + (n * a.rounds + a.round) * L;
+  const int64_t q0 = qt * kBwdOwn;
+  const int64_t cm0 = int64_t(blockIdx.y) * kBwdCmCols;
+  const int64_t cols = a.cm - cm0 < kBwdCmCols ? a.cm - cm0 : kBwdCmCols;
+  const int n_col_tiles = static_cast<int>((cols + 7) / 8);
+
+  if (tid < kBwdOwn) query_row(a, n, c, q0 + tid, &s_qrow[tid], &s_grow[tid], &s_lse2[tid], &s_delta[tid]);
+  __syncthreads();
+  stage_rows<T, kBwdThreads>(sq, plan.ld_cm, a.xm, s_qrow, kBwdOwn, a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
+  stage_rows<T, kBwdThreads>(sdo, plan.ld_own_x, a.grad_out, s_grow, kBwdOwn, a.cv, 0, a.cv, a.cv_pad,
+                             a.grad_aligned, tid);
+
+  Acc dq[kBwdCmTiles];
+#pragma unroll
+  for (int ct = 0; ct < kBwdCmTiles; ++ct) dq[ct][0] = dq[ct][1] = dq[ct][2] = dq[ct][3] = 0.f;
+  const int row0 = warp * 16 + g;  // the lane's queries: row0 (h = 0) and row0 + 8 (h = 1)
+  const float lse2[2] = {s_lse2[row0], s_lse2[row0 + 8]};
+  const float delta[2] = {s_delta[row0], s_delta[row0 + 8]};
+
+  const int64_t n_keys = 3 * K;
+  for (int64_t k0 = 0; k0 < n_keys; k0 += kBwdStep) {
+    __syncthreads();  // everyone is done with the previous step's tiles
+    if (tid < kBwdStep) {
+      const int64_t key = k0 + tid;
+      int64_t row = -1;
+      if (key < n_keys) {
+        const int64_t slot = key_chunk_of(c, static_cast<int>(key / K), a.n_chunks) * K + key % K;
+        row = n * L + slot_position(perm_row, slot, L, a.pad);
+      }
+      s_krow[tid] = row;
+      s_inv[tid] = row >= 0 ? a.inv_norm[row] : 0.f;
+    }
+    __syncthreads();
+    stage_rows<T, kBwdThreads>(sk, plan.ld_cm, a.xm, s_krow, kBwdStep, a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
+    stage_rows<T, kBwdThreads>(sv, plan.ld_step_x, a.v, s_krow, kBwdStep, a.cv, 0, a.cv, a.cv_pad, a.v_aligned,
+                               tid);
+    stage_rows<T, kBwdThreads>(slss, plan.ld_lss, a.lss, s_krow, kBwdStep, K, q0, K - q0, kBwdOwn, a.lss_aligned,
+                               tid);
+    stage_wait();
+    __syncthreads();
+
+    Acc s[kBwdStepTiles], dp[kBwdStepTiles];
+#pragma unroll
+    for (int nt = 0; nt < kBwdStepTiles; ++nt)
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+    gemm_rows_by_cols<T>(s, sq + warp * 16 * plan.ld_cm, plan.ld_cm, sk, plan.ld_cm, a.cm_pad, lane);
+    gemm_rows_by_cols<T>(dp, sdo + warp * 16 * plan.ld_own_x, plan.ld_own_x, sv, plan.ld_step_x, a.cv_pad, lane);
+
+    // w = dS * inv[j]; P is zero for keys past 3K (and the rows of invalid queries are not stored).
+#pragma unroll
+    for (int nt = 0; nt < kBwdStepTiles; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = nt * 8 + 2 * t + (e & 1), h = e >> 1, row = row0 + 8 * h;
+        const float score = s[nt][e] * s_inv[key] + static_cast<float>(slss[key * plan.ld_lss + row]);
+        const float p = s_krow[key] >= 0 ? exp2f(score * kBwdLog2e - lse2[h]) : 0.f;
+        s[nt][e] = p * (dp[nt][e] - delta[h]) * s_inv[key];
+      }
+    }
+    gemm_acc_by_rows<T>(dq, s, sk + cm0, plan.ld_cm, n_col_tiles, lane);
+  }
+
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = row0 + 8 * h;
+    if (s_grow[row] < 0) continue;
+    float* dq_row = a.dq_acc + s_qrow[row] * a.cm + cm0;
+#pragma unroll
+    for (int ct = 0; ct < kBwdCmTiles; ++ct) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = ct * 8 + 2 * t + e;
+        if (col < cols) dq_row[col] += dq[ct][2 * h + e];
+      }
+    }
+  }
+}
+
+template <typename T, bool kDvPass>
+__global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(const BackwardTcArgs<T> a) {
+  DLSN_DYNAMIC_SHARED(smem);
+  __shared__ int64_t s_krow[kBwdOwn], s_kslot[kBwdOwn], s_qrow[kBwdStep], s_grow[kBwdStep];
+  __shared__ float s_inv[kBwdOwn], s_lse2[kBwdStep], s_delta[kBwdStep];
+
+  constexpr BwdPass kPass = kDvPass ? BwdPass::kDv : BwdPass::kScore;
+  constexpr int kTiles = kDvPass ? kBwdDvTiles : kBwdCmTiles;
+  constexpr int kCols = kDvPass ? kBwdDvCols : kBwdCmCols;
+  const BackwardTcSmem plan = tc_backward_smem<T>(kPass, a.cm_pad, a.cv_pad);
+  T* sk = reinterpret_cast<T*>(smem + plan.own);
+  T* sv = reinterpret_cast<T*>(smem + plan.own_x);  // score pass only
+  T* sq = reinterpret_cast<T*>(smem + plan.step);
+  T* sdo = reinterpret_cast<T*>(smem + plan.step_x);
+  T* slss = reinterpret_cast<T*>(smem + plan.lss);
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int g = group_of(lane), t = thread_in_group(lane);
+  int64_t block = blockIdx.x;
+  const int64_t kt = block % a.n_own_tiles;
+  block /= a.n_own_tiles;
+  const int64_t ck = block % a.n_chunks;
+  const int64_t n = block / a.n_chunks;
+  const int64_t L = a.length, K = a.chunk, Lp = a.padded_length;
+  const int64_t* perm_row = a.perm + (n * a.rounds + a.round) * L;
+  const int64_t col0 = int64_t(blockIdx.y) * kCols;
+  const int64_t width = kDvPass ? a.cv : a.cm;
+  const int64_t cols = width - col0 < kCols ? width - col0 : kCols;
+  const int n_col_tiles = static_cast<int>((cols + 7) / 8);
+  const int dv_width = (n_col_tiles + 1) / 2 * 16;  // dO columns staged by the dv pass: whole tile pairs
+
+  if (tid < kBwdOwn) {
+    const int64_t j = kt * kBwdOwn + tid;
+    int64_t row = -1, slot = -1;
+    if (j < K) {
+      slot = ck * K + j;
+      row = n * L + slot_position(perm_row, slot, L, a.pad);
+    }
+    s_kslot[tid] = slot;
+    s_krow[tid] = row;
+    s_inv[tid] = row >= 0 ? a.inv_norm[row] : 0.f;
+  }
+  __syncthreads();
+  stage_rows<T, kBwdThreads>(sk, plan.ld_cm, a.xm, s_krow, kBwdOwn, a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
+  if (!kDvPass) {
+    stage_rows<T, kBwdThreads>(sv, plan.ld_own_x, a.v, s_krow, kBwdOwn, a.cv, 0, a.cv, a.cv_pad, a.v_aligned, tid);
+  }
+
+  Acc acc[kTiles];
+#pragma unroll
+  for (int ct = 0; ct < kTiles; ++ct) acc[ct][0] = acc[ct][1] = acc[ct][2] = acc[ct][3] = 0.f;
+  const int key0 = warp * 16 + g;  // the lane's keys: key0 (h = 0) and key0 + 8 (h = 1)
+  const float inv[2] = {s_inv[key0], s_inv[key0 + 8]};
+  const bool key_valid[2] = {s_krow[key0] >= 0, s_krow[key0 + 8] >= 0};
+
+  const int64_t n_qsteps = (K + kBwdStep - 1) / kBwdStep;
+  for (int64_t qs = 0; qs < n_qsteps; ++qs) {
+    const int64_t i0 = qs * kBwdStep;  // query slot index of the step's row 0
+    Acc dl[kBwdStepTiles];               // dlss of (key, query slot i0 + column), summed over t
+#pragma unroll
+    for (int nt = 0; nt < kBwdStepTiles; ++nt) dl[nt][0] = dl[nt][1] = dl[nt][2] = dl[nt][3] = 0.f;
+    for (int tq = 0; tq < 3; ++tq) {
+      const int64_t cq = query_chunk_reading(ck, tq, a.n_chunks);
+      __syncthreads();  // everyone is done with the previous step's tiles
+      if (tid < kBwdStep) query_row(a, n, cq, i0 + tid, &s_qrow[tid], &s_grow[tid], &s_lse2[tid], &s_delta[tid]);
+      __syncthreads();
+      if (tq == 0) {  // lss[key, i0..i0+31] is the same for the three query chunks
+        stage_rows<T, kBwdThreads>(slss, plan.ld_lss, a.lss, s_krow, kBwdOwn, K, i0, K - i0, kBwdStep,
+                                   a.lss_aligned, tid);
+      }
+      stage_rows<T, kBwdThreads>(sq, plan.ld_cm, a.xm, s_qrow, kBwdStep, a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
+      if (kDvPass) {
+        stage_rows<T, kBwdThreads>(sdo, plan.ld_step_x, a.grad_out, s_grow, kBwdStep, a.cv, col0, cols, dv_width,
+                                   a.grad_aligned, tid);
+      } else {
+        stage_rows<T, kBwdThreads>(sdo, plan.ld_step_x, a.grad_out, s_grow, kBwdStep, a.cv, 0, a.cv, a.cv_pad,
+                                   a.grad_aligned, tid);
+      }
+      stage_wait();
+      __syncthreads();
+
+      // P^T: rows = the warp's keys, columns = the step's queries.
+      Acc s[kBwdStepTiles];
+#pragma unroll
+      for (int nt = 0; nt < kBwdStepTiles; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      gemm_rows_by_cols<T>(s, sk + warp * 16 * plan.ld_cm, plan.ld_cm, sq, plan.ld_cm, a.cm_pad, lane);
+#pragma unroll
+      for (int nt = 0; nt < kBwdStepTiles; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int q = nt * 8 + 2 * t + (e & 1), h = e >> 1;
+          const float score = s[nt][e] * inv[h] + static_cast<float>(slss[(key0 + 8 * h) * plan.ld_lss + q]);
+          s[nt][e] = key_valid[h] && s_grow[q] >= 0 ? exp2f(score * kBwdLog2e - s_lse2[q]) : 0.f;
+        }
+      }
+
+      if (kDvPass) {
+        gemm_acc_by_rows<T>(acc, s, sdo, plan.ld_step_x, n_col_tiles, lane);
+      } else {
+        Acc dp[kBwdStepTiles];
+#pragma unroll
+        for (int nt = 0; nt < kBwdStepTiles; ++nt) dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+        gemm_rows_by_cols<T>(dp, sv + warp * 16 * plan.ld_own_x, plan.ld_own_x, sdo, plan.ld_step_x, a.cv_pad, lane);
+#pragma unroll
+        for (int nt = 0; nt < kBwdStepTiles; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int q = nt * 8 + 2 * t + (e & 1);
+            s[nt][e] *= dp[nt][e] - s_delta[q];  // dS^T
+            dl[nt][e] += s[nt][e];
+          }
+        }
+        gemm_acc_by_rows<T>(acc, s, sq + col0, plan.ld_cm, n_col_tiles, lane);
+      }
+    }
+    if (!kDvPass && blockIdx.y == 0) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t kslot = s_kslot[key0 + 8 * h];
+        if (kslot < 0) continue;
+        float* row = a.dlss_slot + (n * Lp + kslot) * K + i0;
+#pragma unroll
+        for (int nt = 0; nt < kBwdStepTiles; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int q = nt * 8 + 2 * t + e;
+            if (i0 + q < K) row[q] = dl[nt][2 * h + e];
+          }
+        }
+      }
+    }
+  }
+
+  float* slot_grad = kDvPass ? a.dv_slot : a.dkn_slot;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t kslot = s_kslot[key0 + 8 * h];
+    if (kslot < 0) continue;
+    float* row = slot_grad + (n * Lp + kslot) * width + col0;
+#pragma unroll
+    for (int ct = 0; ct < kTiles; ++ct) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = ct * 8 + 2 * t + e;
+        if (col < cols) row[col] = acc[ct][2 * h + e];
+      }
+    }
+  }
+}
+
+}  // namespace tc
+}  // namespace cuda_impl
+}  // namespace dlsn
