@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/block_index.cuh"
 #include "cuda/staging.cuh"
 #include "cuda/tensor_core.cuh"
 #include "slot_layout.h"
@@ -182,11 +183,8 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const 
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = group_of(lane), t = thread_in_group(lane);
-  int64_t block = blockIdx.x;
-  const int64_t qt = block % a.n_own_tiles;
-  block /= a.n_own_tiles;
-  const int64_t c = block % a.n_chunks;
-  const int64_t n = block / a.n_chunks;
+  const BlockWork work = decode_block(blockIdx.x, a.n_own_tiles, a.n_chunks, 1);
+  const int64_t qt = work.tile, c = work.chunk, n = work.n;
   const int64_t L = a.length, K = a.chunk;
   const int64_t* perm_row = a.perm + (n * a.rounds + a.round) * L;
   const int64_t q0 = qt * kBwdOwn;
@@ -284,11 +282,8 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = group_of(lane), t = thread_in_group(lane);
-  int64_t block = blockIdx.x;
-  const int64_t kt = block % a.n_own_tiles;
-  block /= a.n_own_tiles;
-  const int64_t ck = block % a.n_chunks;
-  const int64_t n = block / a.n_chunks;
+  const BlockWork work = decode_block(blockIdx.x, a.n_own_tiles, a.n_chunks, 1);
+  const int64_t kt = work.tile, ck = work.chunk, n = work.n;
   const int64_t L = a.length, K = a.chunk, Lp = a.padded_length;
   const int64_t* perm_row = a.perm + (n * a.rounds + a.round) * L;
   const int64_t col0 = int64_t(blockIdx.y) * kCols;

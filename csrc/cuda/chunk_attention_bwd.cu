@@ -87,11 +87,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Backwa
   __shared__ float s_lse[kTile], s_delta[kTile];
 
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
-  int64_t block = blockIdx.x;
-  const int64_t qt = block % a.n_tiles;
-  block /= a.n_tiles;
-  const int64_t c = block % a.n_chunks;
-  const int64_t n = block / a.n_chunks;
+  const BlockWork work = decode_block(blockIdx.x, a.n_tiles, a.n_chunks, 1);
+  const int64_t qt = work.tile, c = work.chunk, n = work.n;
   const int64_t L = a.length, K = a.chunk;
   const idx_t* perm_row = a.perm + (n * a.rounds + a.round) * L;
   const int64_t col0 = int64_t(blockIdx.y) * kCols;
@@ -182,11 +179,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_keys_kernel(const Back
   __shared__ float s_lse[kTile], s_delta[kTile];
 
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
-  int64_t block = blockIdx.x;
-  const int64_t kt = block % a.n_tiles;
-  block /= a.n_tiles;
-  const int64_t ck = block % a.n_chunks;
-  const int64_t n = block / a.n_chunks;
+  const BlockWork work = decode_block(blockIdx.x, a.n_tiles, a.n_chunks, 1);
+  const int64_t kt = work.tile, ck = work.chunk, n = work.n;
   const int64_t L = a.length, K = a.chunk, Lp = a.padded_length;
   const idx_t* perm_row = a.perm + (n * a.rounds + a.round) * L;
   const int64_t slice = blockIdx.y;

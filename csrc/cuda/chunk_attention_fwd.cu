@@ -57,13 +57,8 @@ __global__ void __launch_bounds__(kThreads) chunk_attention_fwd_kernel(const For
   __shared__ int64_t s_krow[kTile];    // xm/v/lss row n*L + position of key j of the current tile; -1 past 3K
 
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
-  int64_t block = blockIdx.x;
-  const int64_t qt = block % a.n_qtiles;
-  block /= a.n_qtiles;
-  const int64_t c = block % a.n_chunks;
-  block /= a.n_chunks;
-  const int64_t r = a.round_offset + block % a.rounds_in_launch;
-  const int64_t n = block / a.rounds_in_launch;
+  const BlockWork work = decode_block(blockIdx.x, a.n_qtiles, a.n_chunks, a.rounds_in_launch);
+  const int64_t qt = work.tile, c = work.chunk, r = a.round_offset + work.round, n = work.n;
   const int64_t L = a.length, K = a.chunk;
   const idx_t* perm_row = a.perm + (n * a.rounds + r) * L;
   const int64_t col0 = int64_t(blockIdx.y) * kCols;

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/block_index.cuh"
 #include "cuda/staging.cuh"
 #include "cuda/tensor_core.cuh"
 #include "slot_layout.h"
@@ -113,13 +114,8 @@ __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(con
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = group_of(lane), t = thread_in_group(lane);
-  int64_t block = blockIdx.x;
-  const int64_t qt = block % a.n_qtiles;
-  block /= a.n_qtiles;
-  const int64_t c = block % a.n_chunks;
-  block /= a.n_chunks;
-  const int64_t r = a.round_offset + block % a.rounds_in_launch;
-  const int64_t n = block / a.rounds_in_launch;
+  const BlockWork work = decode_block(blockIdx.x, a.n_qtiles, a.n_chunks, a.rounds_in_launch);
+  const int64_t qt = work.tile, c = work.chunk, r = a.round_offset + work.round, n = work.n;
   const int64_t L = a.length, K = a.chunk;
   const int64_t* perm_row = a.perm + (n * a.rounds + r) * L;
   const int64_t q0 = qt * kFwdRows;  // slot index in the chunk of query row 0

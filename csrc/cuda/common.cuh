@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "checks.h"  // kKeyNormEps; the argument checks run in registration.cpp
+#include "cuda/block_index.cuh"
 #include "cuda/geometry.h"  // kTile, kCols, ceil_div: registration.cpp checks the grids with them
 #include "cuda/key_norms.cuh"
 #include "cuda/launchers.h"
