@@ -143,6 +143,20 @@ def slot_position(perm_row, slot, length, pad, mask):
 
 
 @device_fn
+def first_padded_copy(slot, length, pad):
+    """The first padded slot holding the same position as real ``slot`` (< L): ``L + (slot + pad) mod L``;
+    the others follow every L below Lp (csrc/slot_layout.h ``first_padded_copy``, DESIGN.md 1.3). With no
+    padding it is >= Lp, so a loop over the copies runs zero times."""
+    return length + (slot + pad) % length
+
+
+def slot_layout(length: int, chunk_size: int) -> tuple[int, int, int]:
+    """``(pad, Lp, nc)`` of a row of L sorted slots cut into chunks of K (DESIGN.md 1.3)."""
+    pad = (chunk_size - length % chunk_size) % chunk_size
+    return pad, length + pad, (length + pad) // chunk_size
+
+
+@device_fn
 def neighbour_chunk(c, t, nc, SIGN: tl.constexpr):
     """Chunk ``c``, ``c - SIGN``, ``c + SIGN`` (mod ``nc``) for ``t`` = 0, 1, 2 (DESIGN.md "Forward").
 

@@ -34,11 +34,13 @@ from ._common import (
     device_fn,
     dot_kind,
     dot_precision,
+    first_padded_copy,
     inverse_key_norms,
     jit,
     launch_tiles,
     matmul,
     neighbour_chunk,
+    slot_layout,
     slot_position,
     tl_accumulate_dtype,
 )
@@ -206,8 +208,7 @@ def _position_pass(
     slot = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     ok = slot < L
     pos_rows = n * L + tl.load(perm_ptr + (n * R + r) * L + slot, mask=ok, other=0).to(tl.int64)
-    # padded slots holding the same position: L + (slot + pad) % L, then every L further, below Lp
-    dup_first = L + (slot + pad) % L
+    dup_first = first_padded_copy(slot, L, pad)
 
     offs_cm = tl.arange(0, BLOCK_CM)
     offs_cv = tl.arange(0, BLOCK_CV)
@@ -290,9 +291,7 @@ def attention_backward(
         return dxm, dv, dlss
 
     k = int(chunk_size)
-    pad = (k - length % k) % k
-    padded = length + pad
-    nc = padded // k
+    pad, padded, nc = slot_layout(length, k)
     configs = {dv_pass: backward_config(k, cv, xm.dtype, dv_pass) for dv_pass in (True, False)}
     n_kblocks = triton.cdiv(k, configs[True]["BLOCK_K"])  # the same key blocks in both passes
     acc = accumulate_dtype(xm.dtype)

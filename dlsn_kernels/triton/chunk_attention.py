@@ -34,6 +34,7 @@ from ._common import (
     launch_tiles,
     matmul,
     neighbour_chunk,
+    slot_layout,
     slot_position,
 )
 from .hash import sblsh_hash, sort_codes
@@ -166,8 +167,7 @@ def check_perm_shape(perm: Tensor, xm: Tensor) -> None:
 
 def _launch_forward(xm, v, lss, perm, inv_norm, out, lse, chunk_size, rounds_in_grid, first_round, mode):
     n, length, cm = xm.shape
-    pad = (chunk_size - length % chunk_size) % chunk_size
-    nc = (length + pad) // chunk_size
+    pad, _, nc = slot_layout(length, chunk_size)
     config = forward_config(chunk_size, v.shape[2], xm.dtype)
     block_q = config.pop("BLOCK_Q")
     grid = (nc * triton.cdiv(chunk_size, block_q), n * rounds_in_grid)
