@@ -1,20 +1,10 @@
-// Operator schemas of the `dlsn` namespace and the Python module of the extension.
-// Kernels register themselves per device in csrc/cpu/*.cpp and csrc/cuda/*.cu; autograd and
-// fake (meta) kernels are registered from Python (dlsn_kernels/_ops.py), once for all backends.
+// The Python module of the extension. The operator schemas are defined once, in Python
+// (dlsn_kernels/_ops.py SCHEMAS), before this module is imported; the kernels register their
+// implementations per device in csrc/cpu/*.cpp and csrc/cuda/registration.cpp. Autograd and fake (meta)
+// kernels are registered from Python too, once for all backends.
 #include <Python.h>
-#include <torch/library.h>
 
-TORCH_LIBRARY(dlsn, m) {
-  m.def("sblsh_hash(Tensor xm, Tensor rot) -> Tensor");
-  m.def("bucket_sort(Tensor codes, int n_buckets) -> Tensor");
-  m.def("chunk_attention(Tensor xm, Tensor v, Tensor lss, Tensor perm, int chunk_size) -> (Tensor, Tensor)");
-  m.def("gla_attention(Tensor xm, Tensor v, Tensor lss, Tensor rot, int chunk_size) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "attention_backward(Tensor grad_out, Tensor delta, Tensor xm, Tensor v, Tensor lss, "
-      "Tensor perm, Tensor lse, int chunk_size) -> (Tensor, Tensor, Tensor)");
-}
-
-// Importing dlsn_kernels._C runs the static registrations above. The module holds one flag,
+// Importing dlsn_kernels._C runs the static kernel registrations. The module holds one flag,
 // WITH_CUDA: whether the CUDA kernels were compiled in (setup.py defines DLSN_WITH_CUDA then), so a
 // test can tell a CPU-only build from a CUDA build whose kernels failed to register.
 static struct PyModuleDef dlsn_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

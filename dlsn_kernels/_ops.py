@@ -21,7 +21,9 @@ from torch import Tensor
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
-# The same schemas as csrc/dlsn.cpp, for the ops defined in Python (Triton).
+# The operator contract, written once: the dlsn namespace is defined here, before the compiled extension is
+# loaded, and its CPU/CUDA kernels (csrc/cpu, csrc/cuda) register implementations of these names; the Triton
+# backend defines dlsn::triton_<name> with the same schemas.
 SCHEMAS = {
     "sblsh_hash": "(Tensor xm, Tensor rot) -> Tensor",
     "bucket_sort": "(Tensor codes, int n_buckets) -> Tensor",
@@ -33,6 +35,10 @@ SCHEMAS = {
     ),
 }
 OP_NAMES = tuple(SCHEMAS)
+
+_LIBRARY = torch.library.Library("dlsn", "DEF")  # kept alive: dropping it would remove the definitions
+for _name, _schema in SCHEMAS.items():
+    _LIBRARY.define(_name + _schema)
 
 _BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` from the repository root "
