@@ -58,7 +58,16 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.detach().double() - expected.detach().double()).abs().max() / scale)
 
 
-TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+def tolerance(dtype: torch.dtype, *, grad: bool = False, tf32: bool = False) -> float:
+    """Bound on ``rel_err`` against the float64 reference, derived from the dtype: four units of roundoff of
+    its products (TF32: a 10-bit mantissa), at least 2e-5 (float32 sums over thousands of terms). Gradients
+    go through P and dS rounded to the input type and through the key-norm backward: four times that, at
+    least 1e-4. float64 kernels must agree to rounding."""
+    if dtype == torch.float64:
+        return 1e-10 if grad else 1e-12
+    unit = 2.0**-10 if tf32 else torch.finfo(dtype).eps
+    bound = max(4 * unit, 2e-5)
+    return max(4 * bound, 1e-4) if grad else bound
 
 
 def assert_each_default_once(help_text: str) -> None:

@@ -15,6 +15,8 @@ import pytest
 
 pytest.importorskip("triton")
 
+pytestmark = pytest.mark.slow  # minutes of sm_90 compiles
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOT = {"_chunk_attention_fwd_kernel", "_key_pass"}  # the attention forward and both backward passes
 

@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 import dlsn_kernels as dk
 from dlsn_kernels import reference as ref
 
+pytestmark = pytest.mark.slow  # hundreds of drawn cases, about 100 s
+
 HAS_CUDA = torch.cuda.is_available()
 CPU_REASON = dk.available_backends("cpu")["cpu"]
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"

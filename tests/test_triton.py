@@ -32,7 +32,10 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 # float64 exists on CPU only (interpreter); a GPU checks float32 at float32 tolerances
 EXACT = torch.float64 if DEVICE == "cpu" else torch.float32
 TOL = {"atol": 1e-10, "rtol": 1e-10} if EXACT == torch.float64 else {"atol": 2e-4, "rtol": 2e-4}
-needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (compiled kernels, float16/bfloat16)")
+def needs_gpu(test):
+    """Compiled kernels, float16/bfloat16: the ``cuda`` marker, skipped without a GPU."""
+    skip = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (compiled kernels, float16/bfloat16)")
+    return pytest.mark.cuda(skip(test))
 
 # (N, L, K, Cm, Cv, R): L < K, L == K, L % K != 0, one and two chunks, padding longer than L,
 # many chunks, N > 1, R = 1..4, channels that are not powers of two; the last one has K > 64, so
