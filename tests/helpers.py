@@ -35,6 +35,18 @@ CASES = [
     Case(1, 40, 8, 1, 5, 11),  # five chunks, no padding
 ]
 
+# Sizes around the GPU kernels' tiles (64 query slots, 32-64 keys per step, column slices of 64-256 channels):
+# K > 64 (several query tiles per chunk), 3K keys in several partial steps, Cv > 256 and Cm > 64 (two column
+# slices, the second partial).
+TILE_CASES = [
+    Case(1, 10, 70, 1, 3, 6),      # K > 64, L < K: one chunk of padding-heavy slots
+    Case(1, 150, 70, 2, 32, 40),   # two query tiles, 3K = 210 keys in partial steps
+    Case(1, 30, 24, 1, 20, 300),   # Cv > 256
+    Case(2, 20, 12, 2, 70, 16),    # Cm > 64
+    Case(2, 97, 40, 2, 37, 133),   # several tiles in every direction, odd widths
+    Case(1, 300, 256, 1, 64, 512),  # the large end of the brief: K = 256, Cv = 512
+]
+
 
 def make_inputs(case: Case, dtype=torch.float64, seed: int = 0, requires_grad: bool = False):
     gen = torch.Generator().manual_seed(seed)

@@ -13,18 +13,14 @@ import torch
 
 import dlsn_kernels  # noqa: F401  (importing loads the compiled extension: torch.ops.dlsn)
 from dlsn_kernels import reference as ref
-from tests.helpers import CASES, Case, make_inputs, rel_err, tolerance
+from tests.helpers import CASES, TILE_CASES, Case, make_inputs, rel_err, tolerance
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 DEVICE = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-# Several query/key tiles (32 in the scalar kernels, 64 queries x 32 keys in the tensor-core ones), two column
-# slices of 128 (scalar) and one partial tile of 256 (tensor cores); then the large end of the brief: K = 256
-# and Cv = 512 (two column slices of the tensor-core kernels).
-BIG_CASES = [Case(2, 97, 40, 2, 37, 133), Case(1, 300, 256, 1, 64, 512)]
-ALL_CASES = CASES + BIG_CASES
+ALL_CASES = CASES + TILE_CASES
 
 
 def _inputs(case: Case, dtype: torch.dtype, seed: int = 0):
@@ -248,7 +244,7 @@ def test_gla_attention_backward(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", [CASES[0], CASES[4], BIG_CASES[0]], ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], TILE_CASES[4]], ids=str)
 def test_backward_is_bitwise_repeatable(case, dtype):
     first, _ = _chunk_attention_grads(case, dtype, seed=2)
     again, _ = _chunk_attention_grads(case, dtype, seed=2)

@@ -21,7 +21,8 @@ from torch.utils.cpp_extension import include_paths
 
 from dlsn_kernels import reference as ref
 
-from .helpers import Case, make_inputs, rel_err, tolerance
+from .helpers import CASES as SHARED_CASES
+from .helpers import TILE_CASES, Case, make_inputs, rel_err, tolerance
 
 pytestmark = pytest.mark.slow  # every CUDA thread a fiber: about a minute
 
@@ -35,16 +36,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def _tolerance(dtype: str, grad: bool = False) -> float:
     return tolerance(DTYPES[dtype], grad=grad, tf32=dtype == "fp32")
 
-# Sizes around the kernel's tiles: 64 query rows and 64 keys per step, 256 value columns per block, channels
-# staged 16 bytes at a time (aligned) or one by one (odd widths).
-CASES = [
-    Case(1, 3, 8, 2, 3, 5),     # L < K/2: positions duplicated in the padding; odd widths, plain loads
-    Case(2, 13, 8, 2, 16, 24),  # two chunks, padded; aligned rows (cp.async path)
-    Case(1, 40, 8, 1, 7, 9),    # five chunks
-    Case(1, 150, 70, 2, 32, 40),  # K > 64: two query tiles, 3K = 210 keys in four steps, partial tiles
-    Case(1, 30, 24, 1, 20, 300),  # Cv > 256: two column slices, the second partial; 3K = 72 keys
-    Case(2, 20, 12, 2, 70, 16),   # Cm > 64: two column slices of dq and dkn in the backward
-]
+# The small shared cases that exercise both staging paths (odd widths: plain loads; 16-byte rows: cp.async)
+# and the cases around the tensor-core kernels' tiles (emulating the two largest would take minutes).
+CASES = [SHARED_CASES[0], Case(2, 13, 8, 2, 16, 24), SHARED_CASES[3], *TILE_CASES[1:4]]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ pytest.importorskip("triton")
 
 import dlsn_kernels.triton as tk  # noqa: E402
 from dlsn_kernels import reference as ref  # noqa: E402
+from tests.helpers import CASES, TILE_CASES, Case  # noqa: E402
 
 if not HAS_CUDA and not tk.INTERPRETED:
     pytest.skip(
@@ -37,23 +38,14 @@ def needs_gpu(test):
     skip = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (compiled kernels, float16/bfloat16)")
     return pytest.mark.cuda(skip(test))
 
-# (N, L, K, Cm, Cv, R): L < K, L == K, L % K != 0, one and two chunks, padding longer than L,
-# many chunks, N > 1, R = 1..4, channels that are not powers of two; the last one has K > 64, so
-# several query and key tiles per chunk under the interpreter's block size of 64.
-SIZES = [
-    (1, 3, 5, 3, 5, 1),  # L < K: one chunk, two padded duplicates of some positions
-    (2, 5, 5, 4, 6, 2),  # L == K: one chunk, no padding
-    (1, 9, 8, 6, 8, 3),  # two chunks, padded
-    (2, 8, 4, 7, 9, 4),  # two chunks exactly
-    (1, 13, 5, 5, 7, 2),  # three chunks, L % K != 0
-    (2, 21, 4, 3, 5, 3),  # six chunks
-    (1, 10, 70, 3, 6, 1),  # K > 64
-]
-SIZE_IDS = [f"N{n}-L{length}-K{k}-Cm{cm}-Cv{cv}-R{r}" for n, length, k, cm, cv, r in SIZES]
+# The shared case table (tests/helpers.py) plus one with K > 64: several query and key tiles per chunk under
+# the interpreter's block size of 64.
+SIZES = [*CASES, TILE_CASES[0]]
+SIZE_IDS = [str(c) for c in SIZES]
 
 
 def make_inputs(size, dtype=EXACT, seed=0):
-    n, length, k, cm, cv, rounds = size
+    n, length, k, cm, cv, rounds = size.n, size.length, size.chunk, size.cm, size.cv, size.rounds
     gen = torch.Generator().manual_seed(seed)
     xm = torch.randn(n, length, cm, generator=gen, dtype=torch.float64)
     v = torch.randn(n, length, cv, generator=gen, dtype=torch.float64)
@@ -78,7 +70,7 @@ def assert_close(actual, expected, **tol):
 def test_hash_and_sort_match_reference(size):
     xm, _, _, rot = make_inputs(size)
     codes = tk.sblsh_hash(xm, rot)
-    assert codes.dtype == torch.int64 and codes.shape == (size[0], size[5], size[1])
+    assert codes.dtype == torch.int64 and codes.shape == (size.n, size.rounds, size.length)
     assert torch.equal(codes, ref.sblsh_hash(xm, rot))
     perm = tk.bucket_sort(codes, rot.shape[2])
     assert perm.dtype == torch.int64
@@ -131,15 +123,15 @@ def test_bucket_sort_rejects_codes_out_of_range():
 def test_chunk_attention_matches_reference(size):
     xm, v, lss, rot = make_inputs(size)
     perm = reference_perm(xm, rot)
-    out, lse = tk.chunk_attention(xm, v, lss, perm, size[2])
-    ref_out, ref_lse = ref.chunk_attention(xm, v, lss, perm, size[2])
+    out, lse = tk.chunk_attention(xm, v, lss, perm, size.chunk)
+    ref_out, ref_lse = ref.chunk_attention(xm, v, lss, perm, size.chunk)
     assert out.dtype == v.dtype and lse.dtype == EXACT
     assert_close(out, ref_out)
     assert_close(lse, ref_lse)
 
 
 def test_chunk_attention_takes_int32_perm():
-    xm, v, lss, rot = make_inputs((2, 13, 5, 5, 7, 2))
+    xm, v, lss, rot = make_inputs(Case(2, 13, 5, 2, 5, 7))
     perm = reference_perm(xm, rot)
     out, lse = tk.chunk_attention(xm, v, lss, perm.to(torch.int32), 5)
     ref_out, ref_lse = tk.chunk_attention(xm, v, lss, perm, 5)
@@ -149,15 +141,15 @@ def test_chunk_attention_takes_int32_perm():
 @pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
 def test_gla_attention_matches_reference(size):
     xm, v, lss, rot = make_inputs(size)
-    y, lse, perm = tk.gla_attention(xm, v, lss, rot, size[2])
+    y, lse, perm = tk.gla_attention(xm, v, lss, rot, size.chunk)
     assert torch.equal(perm, reference_perm(xm, rot))
-    assert_close(y, ref.gla_attention(xm, v, lss, rot, size[2]))
-    _, round_lse = ref.chunk_attention(xm, v, lss, perm, size[2])
+    assert_close(y, ref.gla_attention(xm, v, lss, rot, size.chunk))
+    _, round_lse = ref.chunk_attention(xm, v, lss, perm, size.chunk)
     assert_close(lse, torch.logsumexp(round_lse, dim=1))
 
 
 def test_float32_forward_matches_reference():
-    size = (2, 13, 5, 5, 7, 3)
+    size = Case(2, 13, 5, 3, 5, 7)
     xm, v, lss, rot = make_inputs(size, dtype=torch.float32)
     y, lse, perm = tk.gla_attention(xm, v, lss, rot, 5)
     assert y.dtype == torch.float32 and lse.dtype == torch.float32
@@ -175,13 +167,13 @@ def chunk_backward_pair(size, dtype=EXACT, seed=0):
     xm, v, lss, rot = make_inputs(size, dtype, seed)
     perm = reference_perm(xm, rot)
     leaves = [t.clone().requires_grad_() for t in (xm, v, lss)]
-    out, lse = ref.chunk_attention(*leaves, perm, size[2])
+    out, lse = ref.chunk_attention(*leaves, perm, size.chunk)
     gen = torch.Generator().manual_seed(seed + 1)
     grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
     grad_lse = torch.randn(lse.shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
     expected = torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse).sum(), leaves)
     delta = (grad_out * out.detach()).sum(-1) - grad_lse
-    actual = tk.attention_backward(grad_out, delta, xm, v, lss, perm, lse.detach(), size[2])
+    actual = tk.attention_backward(grad_out, delta, xm, v, lss, perm, lse.detach(), size.chunk)
     return actual, expected
 
 
@@ -192,14 +184,14 @@ def gla_backward_pair(size, dtype=EXACT, seed=0):
     a rounding-level tie in the float32 hash on a GPU cannot make the comparison flaky.
     """
     xm, v, lss, rot = make_inputs(size, dtype, seed)
-    y, lse, perm = tk.gla_attention(xm, v, lss, rot, size[2])
+    y, lse, perm = tk.gla_attention(xm, v, lss, rot, size.chunk)
     leaves = [t.clone().requires_grad_() for t in (xm, v, lss)]
-    y_ref = ref.combine_rounds(*ref.chunk_attention(*leaves, perm, size[2]))
+    y_ref = ref.combine_rounds(*ref.chunk_attention(*leaves, perm, size.chunk))
     gen = torch.Generator().manual_seed(seed + 1)
     dy = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
     expected = torch.autograd.grad((y_ref * dy).sum(), leaves)
     delta = (dy * y).sum(-1)[:, None]
-    actual = tk.attention_backward(dy[:, None], delta, xm, v, lss, perm, lse[:, None], size[2])
+    actual = tk.attention_backward(dy[:, None], delta, xm, v, lss, perm, lse[:, None], size.chunk)
     return actual, expected
 
 
@@ -220,7 +212,7 @@ def test_gla_attention_backward_matches_autograd(size):
 
 def test_backward_of_keys_below_the_norm_floor():
     # zero and tiny rows of xm: the key normalisation is clamped at 5e-5 (gradient dkn / eps)
-    size = (1, 9, 4, 3, 5, 2)
+    size = Case(1, 9, 4, 2, 3, 5)
     xm, v, lss, rot = make_inputs(size)
     xm[0, 2] = 0.0
     xm[0, 6] = 1e-6
@@ -239,7 +231,7 @@ def test_backward_of_keys_below_the_norm_floor():
 
 
 def test_backward_is_bitwise_repeatable():
-    size = (2, 13, 5, 3, 5, 2)
+    size = Case(2, 13, 5, 2, 3, 5)
     first, _ = chunk_backward_pair(size, seed=3)
     second, _ = chunk_backward_pair(size, seed=3)
     for a, b in zip(first, second, strict=True):
@@ -251,7 +243,7 @@ def test_backward_is_bitwise_repeatable():
 
 
 def test_float32_backward_matches_autograd():
-    actual, expected = gla_backward_pair((1, 13, 5, 5, 7, 2), dtype=torch.float32)
+    actual, expected = gla_backward_pair(Case(1, 13, 5, 2, 5, 7), dtype=torch.float32)
     for a, e in zip(actual, expected, strict=True):
         assert a.dtype == torch.float32
         assert_close(a, e, atol=1e-4, rtol=1e-4)
@@ -262,7 +254,7 @@ def test_float32_backward_matches_autograd():
 
 
 def test_bad_arguments_name_the_argument():
-    xm, v, lss, rot = make_inputs((1, 6, 4, 3, 5, 2))
+    xm, v, lss, rot = make_inputs(Case(1, 6, 4, 2, 3, 5))
     perm = reference_perm(xm, rot)
     with pytest.raises(ValueError, match="lss"):
         tk.chunk_attention(xm, v, lss[..., :3].contiguous(), perm, 4)
@@ -284,7 +276,7 @@ def test_bad_arguments_name_the_argument():
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU (interpreter) dtype rule")
 def test_half_precision_on_cpu_is_refused_with_a_reason():
-    xm, v, lss, rot = make_inputs((1, 6, 4, 3, 5, 2), dtype=torch.float16)
+    xm, v, lss, rot = make_inputs(Case(1, 6, 4, 2, 3, 5), dtype=torch.float16)
     with pytest.raises(ValueError, match="CUDA"):
         tk.gla_attention(xm, v, lss, rot, 4)
 
@@ -293,7 +285,7 @@ def test_half_precision_on_cpu_is_refused_with_a_reason():
 # half precision (GPU only): float32 accumulation keeps the error at the inputs' rounding level
 
 HALF_TOL = {torch.float16: 1e-2, torch.bfloat16: 4e-2}  # relative (norm) error bounds
-GPU_SIZES = [(2, 21, 4, 3, 5, 3), (2, 300, 48, 24, 40, 3), (1, 1000, 128, 64, 96, 2)]
+GPU_SIZES = [Case(2, 21, 4, 3, 3, 5), Case(2, 300, 48, 3, 24, 40), Case(1, 1000, 128, 2, 64, 96)]
 
 
 def relative_error(actual, expected):
@@ -307,12 +299,12 @@ def relative_error(actual, expected):
 def test_half_precision_forward_and_backward(size, dtype):
     xm, v, lss, rot = make_inputs(size, dtype=torch.float32)
     half = [t.to(dtype) for t in (xm, v, lss, rot)]
-    y, lse, perm = tk.gla_attention(*half, size[2])
+    y, lse, perm = tk.gla_attention(*half, size.chunk)
     assert y.dtype == dtype and lse.dtype == torch.float32
     assert torch.equal(perm, tk.bucket_sort(tk.sblsh_hash(half[0], half[3]), rot.shape[2]))
     # the float32 reference on the same (rounded) inputs and the same permutation
     leaves = [t.float().requires_grad_() for t in half[:3]]
-    out, round_lse = ref.chunk_attention(*leaves, perm, size[2])
+    out, round_lse = ref.chunk_attention(*leaves, perm, size.chunk)
     y_ref = ref.combine_rounds(out, round_lse)
     assert relative_error(y, y_ref) < HALF_TOL[dtype]
     assert (lse - torch.logsumexp(round_lse, dim=1)).abs().max() < 20 * HALF_TOL[dtype]
@@ -320,7 +312,7 @@ def test_half_precision_forward_and_backward(size, dtype):
     expected = torch.autograd.grad((y_ref * dy).sum(), leaves)
     dy_half = dy.to(dtype)
     delta = (dy_half.float() * y.float()).sum(-1)[:, None]
-    actual = tk.attention_backward(dy_half[:, None], delta, *half[:3], perm, lse[:, None], size[2])
+    actual = tk.attention_backward(dy_half[:, None], delta, *half[:3], perm, lse[:, None], size.chunk)
     for a, e in zip(actual, expected, strict=True):
         assert a.dtype == dtype
         assert relative_error(a, e) < 2 * HALF_TOL[dtype]
