@@ -108,6 +108,25 @@ __host__ __device__ inline void tc_backward_sizes(BackwardTcArgs<T>& a, int64_t 
   a.cv_pad = static_cast<int>((cv + 15) / 16 * 16);
 }
 
+// The input pointers, and whether their rows can be staged with cp.async (after tc_backward_sizes).
+template <typename T>
+__host__ __device__ inline void tc_backward_inputs(BackwardTcArgs<T>& a, const T* grad_out, const float* delta,
+                                                   const float* lse, const T* xm, const T* v, const T* lss,
+                                                   const int64_t* perm, const float* inv_norm) {
+  a.grad_out = grad_out;
+  a.delta = delta;
+  a.lse = lse;
+  a.xm = xm;
+  a.v = v;
+  a.lss = lss;
+  a.perm = perm;
+  a.inv_norm = inv_norm;
+  a.xm_aligned = rows_aligned16(xm, a.cm, sizeof(T));
+  a.v_aligned = rows_aligned16(v, a.cv, sizeof(T));
+  a.lss_aligned = rows_aligned16(lss, a.chunk, sizeof(T));
+  a.grad_aligned = rows_aligned16(grad_out, a.cv, sizeof(T));
+}
+
 // Column slices (gridDim.y) of each pass.
 inline int64_t tc_backward_slices(BwdPass pass, int64_t cm, int64_t cv) {
   if (pass == BwdPass::kDv) return cv <= kBwdDvCols ? 1 : (cv + kBwdDvCols - 1) / kBwdDvCols;

@@ -364,18 +364,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
       using scalar_t = decltype(element);
       tc::BackwardTcArgs<scalar_t> a{};
       tc::tc_backward_sizes(a, rounds, grad_rounds, length, cm, cv, chunk);
-      a.grad_out = grad_out.data_ptr<scalar_t>();
-      a.delta = delta.data_ptr<float>();
-      a.lse = lse.data_ptr<float>();
-      a.xm = xm.data_ptr<scalar_t>();
-      a.v = v.data_ptr<scalar_t>();
-      a.lss = lss.data_ptr<scalar_t>();
-      a.perm = perm64.data_ptr<int64_t>();
-      a.inv_norm = inv_norm.data_ptr<float>();
-      a.xm_aligned = tc::rows_aligned16(a.xm, cm, sizeof(scalar_t));
-      a.v_aligned = tc::rows_aligned16(a.v, cv, sizeof(scalar_t));
-      a.lss_aligned = tc::rows_aligned16(a.lss, chunk, sizeof(scalar_t));
-      a.grad_aligned = tc::rows_aligned16(a.grad_out, cv, sizeof(scalar_t));
+      tc::tc_backward_inputs(a, grad_out.data_ptr<scalar_t>(), delta.data_ptr<float>(), lse.data_ptr<float>(),
+                             xm.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), lss.data_ptr<scalar_t>(),
+                             perm64.data_ptr<int64_t>(), inv_norm.data_ptr<float>());
       a.dq_acc = dq_acc.data_ptr<float>();
       a.dv_slot = dv_slot.data_ptr<float>();
       a.dkn_slot = dkn_slot.data_ptr<float>();

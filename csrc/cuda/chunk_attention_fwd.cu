@@ -247,14 +247,8 @@ tc::ForwardTcArgs<T> tc_forward_args(const at::Tensor& xm, const at::Tensor& v, 
                                      const at::Tensor& perm, const at::Tensor& inv_norm, int64_t chunk) {
   tc::ForwardTcArgs<T> a{};
   tc::tc_forward_sizes(a, perm.size(1), xm.size(1), xm.size(2), v.size(2), chunk);
-  a.xm = xm.data_ptr<T>();
-  a.v = v.data_ptr<T>();
-  a.lss = lss.data_ptr<T>();
-  a.perm = perm.data_ptr<int64_t>();
-  a.inv_norm = inv_norm.data_ptr<float>();
-  a.xm_aligned = tc::rows_aligned16(a.xm, a.cm, sizeof(T));
-  a.v_aligned = tc::rows_aligned16(a.v, a.cv, sizeof(T));
-  a.lss_aligned = tc::rows_aligned16(a.lss, chunk, sizeof(T));
+  tc::tc_forward_inputs(a, xm.data_ptr<T>(), v.data_ptr<T>(), lss.data_ptr<T>(), perm.data_ptr<int64_t>(),
+                        inv_norm.data_ptr<float>());
   return a;
 }
 

@@ -96,6 +96,20 @@ __host__ __device__ inline void tc_forward_sizes(ForwardTcArgs<T>& a, int64_t n_
   a.cm_pad = static_cast<int>((cm + Kind<T>::kDepth - 1) / Kind<T>::kDepth * Kind<T>::kDepth);
 }
 
+// The input pointers, and whether their rows can be staged with cp.async (after tc_forward_sizes).
+template <typename T>
+__host__ __device__ inline void tc_forward_inputs(ForwardTcArgs<T>& a, const T* xm, const T* v, const T* lss,
+                                                  const int64_t* perm, const float* inv_norm) {
+  a.xm = xm;
+  a.v = v;
+  a.lss = lss;
+  a.perm = perm;
+  a.inv_norm = inv_norm;
+  a.xm_aligned = rows_aligned16(xm, a.cm, sizeof(T));
+  a.v_aligned = rows_aligned16(v, a.cv, sizeof(T));
+  a.lss_aligned = rows_aligned16(lss, a.chunk, sizeof(T));
+}
+
 inline int64_t tc_forward_slices(int64_t cv) { return cv <= kFwdCols ? 1 : (cv + kFwdCols - 1) / kFwdCols; }
 
 template <typename T>

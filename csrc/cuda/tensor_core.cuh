@@ -145,7 +145,7 @@ __device__ __forceinline__ FragB load_b<float>(const float* s, int ld, int lane)
 template <typename T>
 __device__ __forceinline__ void load_b_kn_x2(FragB& b0, FragB& b1, const T* s, int ld, int lane) {
   const T* row = s + (lane & 15) * ld + (lane >> 4) * 8;
-  uint32_t r[4];
+  uint32_t r[4] = {0, 0, 0, 0};  // set below (the host pass of nvcc compiles no branch)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
@@ -189,43 +189,31 @@ __device__ __forceinline__ void mma(Acc& d, const FragA& a, const FragB& b) {
   simt::mma_sync<T>(d, a.r, b.r);
 }
 #else
+// One warp-wide mma.sync with float32 accumulators in place; TYPES names the operand types and shape.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define DLSN_MMA_SYNC(TYPES, d, a, b)                                                                \
+  asm volatile("mma.sync.aligned." TYPES " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};" \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                       \
+               : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]))
+#elif defined(__CUDA_ARCH__)
+#define DLSN_MMA_SYNC(TYPES, d, a, b) __trap()  // no mma.sync before sm_80: the launchers never pick these
+#else
+#define DLSN_MMA_SYNC(TYPES, d, a, b) ((void)0)  // the host pass of nvcc: never called
+#endif
+
 template <>
 __device__ __forceinline__ void mma<c10::BFloat16>(Acc& d, const FragA& a, const FragB& b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
-#elif defined(__CUDA_ARCH__)
-  __trap();  // no mma.sync before sm_80: the launchers never pick these kernels there
-#endif
+  DLSN_MMA_SYNC("m16n8k16.row.col.f32.bf16.bf16.f32", d, a, b);
 }
 
 template <>
 __device__ __forceinline__ void mma<c10::Half>(Acc& d, const FragA& a, const FragB& b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
-#elif defined(__CUDA_ARCH__)
-  __trap();  // no mma.sync before sm_80: the launchers never pick these kernels there
-#endif
+  DLSN_MMA_SYNC("m16n8k16.row.col.f32.f16.f16.f32", d, a, b);
 }
 
 template <>
 __device__ __forceinline__ void mma<float>(Acc& d, const FragA& a, const FragB& b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
-#elif defined(__CUDA_ARCH__)
-  __trap();  // no mma.sync before sm_80: the launchers never pick these kernels there
-#endif
+  DLSN_MMA_SYNC("m16n8k8.row.col.f32.tf32.tf32.f32", d, a, b);
 }
 #endif
 

@@ -73,18 +73,8 @@ int run_backward(int64_t n, int64_t length, int64_t cm, int64_t cv, int64_t chun
   std::vector<float> dq_acc(n * length * cm), dkn_acc(n * length * cm), dv_acc(n * length * cv),
       dlss_acc(n * length * chunk);
   std::vector<float> dv_slot(n * lp * cv, NAN), dkn_slot(n * lp * cm, NAN), dlss_slot(n * lp * chunk, NAN);
-  a.grad_out = grad_out.data();
-  a.delta = delta.data();
-  a.lse = lse.data();
-  a.xm = xm.data();
-  a.v = v.data();
-  a.lss = lss.data();
-  a.perm = perm.data();
-  a.inv_norm = inv_norm.data();
-  a.xm_aligned = rows_aligned16(a.xm, cm, sizeof(T));
-  a.v_aligned = rows_aligned16(a.v, cv, sizeof(T));
-  a.lss_aligned = rows_aligned16(a.lss, chunk, sizeof(T));
-  a.grad_aligned = rows_aligned16(a.grad_out, cv, sizeof(T));
+  tc_backward_inputs(a, grad_out.data(), delta.data(), lse.data(), xm.data(), v.data(), lss.data(), perm.data(),
+                     inv_norm.data());
   a.dq_acc = dq_acc.data();
   a.dv_slot = dv_slot.data();
   a.dkn_slot = dkn_slot.data();
@@ -134,14 +124,7 @@ int run(int64_t n, int64_t length, int64_t cm, int64_t cv, int64_t chunk, int64_
 
   ForwardTcArgs<T> a{};
   tc_forward_sizes(a, rounds, length, cm, cv, chunk);
-  a.xm = xm.data();
-  a.v = v.data();
-  a.lss = lss.data();
-  a.perm = perm.data();
-  a.inv_norm = inv_norm.data();
-  a.xm_aligned = rows_aligned16(a.xm, cm, sizeof(T));
-  a.v_aligned = rows_aligned16(a.v, cv, sizeof(T));
-  a.lss_aligned = rows_aligned16(a.lss, chunk, sizeof(T));
+  tc_forward_inputs(a, xm.data(), v.data(), lss.data(), perm.data(), inv_norm.data());
   a.merge = merge;
   const auto smem = tc_forward_smem<T>(a.cm_pad);
   const unsigned slices = static_cast<unsigned>(tc_forward_slices(cv));
