@@ -1,6 +1,6 @@
 """Baselines written the way their authors write them, to time and size against our fused op.
 
-Two attentions, both in plain PyTorch with every intermediate materialised (SPEC section 3):
+Two attentions, both in plain PyTorch with every intermediate materialised (bench/NOTES.md "What is compared"):
 
 * **NLSN-style** (Non-Local Sparse Attention, Mei et al. 2021): Gaussian random rotations
   ``[Cm, R, B/2]``, hash code = argmax over ``cat[proj, -proj]``, one sort over all rounds with
@@ -12,13 +12,13 @@ Two attentions, both in plain PyTorch with every intermediate materialised (SPEC
   position). It can also take a precomputed ``lss = fc(f)`` so tests can feed identical inputs
   to it and to ``dlsn_kernels``.
 
-Both normalise the keys only, with ``F.normalize(eps=5e-5)`` (SPEC 1.4); queries stay raw.
+Both normalise the keys only, with ``F.normalize(eps=5e-5)`` (DESIGN.md 1.4); queries stay raw.
 
 The cores take ``xm [N, L, Cm]`` and ``v [N, L, Cv]`` plus either ready-made ``perm [N, R, L]``
 (positions in bucket order per round) or rotations to hash with. With the same ``perm`` the
 DLSN-style core computes exactly what ``dlsn_kernels.chunk_attention`` + ``combine_rounds``
 compute; given the same orthonormal ``rot`` it computes ``dlsn_kernels.gla_attention`` (its sort
-is stable, as SPEC 1.2 defines; the authors' CPU sort is not).
+is stable, as DESIGN.md 1.2 defines; the authors' CPU sort is not).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# SPEC constants shared with the kernels (the bucket count and key-norm clamp are part of the method).
+# Constants shared with the kernels (the bucket count and key-norm clamp are part of the method).
 from dlsn_kernels.reference import KEY_NORM_EPS, n_buckets_for
 
 __all__ = [
@@ -88,7 +88,7 @@ def sort_by_codes(codes: Tensor, n_buckets: int) -> tuple[Tensor, Tensor]:
 
     Codes get an offset of ``r * n_buckets`` so rounds never mix, then one sort over ``R*L``.
     ``indices % L`` is the position in each slot; ``undo_sort`` puts slots back in position order.
-    Stable, so ties keep position order (SPEC 1.2).
+    Stable, so ties keep position order (DESIGN.md 1.2).
     """
     n, rounds, _ = codes.shape
     offsets = torch.arange(rounds, device=codes.device).reshape(1, -1, 1) * n_buckets
@@ -120,7 +120,7 @@ def _add_adjacent_buckets(x: Tensor) -> Tensor:
 
 
 def _pad_to_chunks(x: Tensor, padding: int) -> Tensor:
-    """Append ``padding`` slots copied from the end of each round (SPEC 1.3), as a new tensor.
+    """Append ``padding`` slots copied from the end of each round (DESIGN.md 1.3), as a new tensor.
 
     The authors copy ``x[:, :, -padding:]``; when ``padding > L`` that slice is too short, so the
     same rule ``slot p -> slot (p - pad) mod L`` is applied with an index instead.
@@ -338,7 +338,7 @@ class NLSAttention(nn.Module):
 class DLSNStyleGLA(nn.Module):
     """Global Learnable Attention as the authors' code runs it (``fc`` on every key copy).
 
-    Layers and parameter names as SPEC section 1 (``conv_match``, ``conv_assembly``,
+    Layers and parameter names as DESIGN.md "Semantics" (``conv_match``, ``conv_assembly``,
     ``conv_assembly_fc``: conv 3x3 with bias + ReLU; ``fc``: Linear, ReLU, Linear), so a state dict
     of our ``GLA`` or of the official checkpoints loads into it. Fresh orthonormal rotations per call.
     """

@@ -1,4 +1,4 @@
-// The sorted-slot layout of one (n, round) row (SPEC 1.3), shared by the CPU and CUDA kernels.
+// The sorted-slot layout of one (n, round) row (DESIGN.md 1.3), shared by the CPU and CUDA kernels.
 //
 // perm [L] orders the positions; the row is padded to Lp = L + pad slots, a multiple of the chunk
 // size K, and cut into nc = Lp / K chunks. Slot p < L holds perm[p]; a padded slot p >= L holds

@@ -1,4 +1,4 @@
-"""Evaluate SR on test sets: Y-channel PSNR / SSIM tables (SPEC 5); the command line of ``dlsn.evaluation``.
+"""Evaluate SR on test sets: Y-channel PSNR / SSIM tables; the command line of ``dlsn.evaluation``.
 
     python -m dlsn.eval --data ROOT --checkpoint FILE [FILE ...] [--scale 2 [3 4]] [--sets Set5 Set14]
                         [--self-ensemble] [--n-hashes R] [--seed S] [--device D] [--backend NAME]

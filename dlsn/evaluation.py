@@ -1,4 +1,4 @@
-"""Scoring SR methods on test sets: Y-channel PSNR / SSIM (SPEC 5) and their tables.
+"""Scoring SR methods on test sets: Y-channel PSNR / SSIM (dlsn/metrics.py) and their tables.
 
 The library behind ``python -m dlsn.eval`` (``dlsn/eval.py``, the command line), also used by training
 (periodic validation) and ``dlsn.upscale`` (the self-ensemble). An *upscaler* (``UpscaleFn``) maps

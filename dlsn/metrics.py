@@ -1,4 +1,4 @@
-"""PSNR and SSIM on the Y channel, the way SR papers report them (SPEC 5).
+"""PSNR and SSIM on the Y channel, the way SR papers report them.
 
 For an SR output ``sr`` and its ground truth ``hr`` (float RGB in ``[0, 1]``, ``[3, H, W]`` or
 ``[N, 3, H, W]``):

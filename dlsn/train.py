@@ -38,7 +38,7 @@ and ``sample_<image>_x<s>_{sr,bicubic,hr}.png`` for the first held-out image.
 
 Periodic validation scores centre crops of the held-out images (``--val-crop``, HR pixels; 0: whole
 images); the final report adds the whole held-out images (and with ``--self-ensemble`` their x8
-self-ensemble score). Y-PSNR follows SPEC 5 (8-bit rounding,
+self-ensemble score). Y-PSNR follows dlsn/metrics.py (8-bit rounding,
 ``scale`` border pixels shaved). Resume (``--resume``) restores the model, optimizer, schedule, step,
 data order, RNG state, elapsed time and best PSNR; settings not given again on the command line are
 those of the run being resumed. With ``--workers 0`` a resumed run repeats the uninterrupted one.

@@ -1,6 +1,6 @@
 """Fused kernels for Global Learnable Attention (GLA).
 
-Public ops (SPEC section 2); every one takes ``backend=None`` (automatic: triton or cuda on CUDA
+Public ops (DESIGN.md "Operators"); every one takes ``backend=None`` (automatic: triton or cuda on CUDA
 tensors, cpu on CPU tensors; ``$DLSN_BACKEND`` overrides) or one of ``"reference"``, ``"cpu"``,
 ``"cuda"``, ``"triton"``:
 
@@ -100,7 +100,7 @@ def combine_rounds(out: Tensor, lse: Tensor, backend: str | None = None) -> Tens
 def gla_attention(
     xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int, backend: str | None = None
 ) -> Tensor:
-    """Global Learnable Attention without its convolutions: SPEC steps 1-5, ``y [N, L, Cv]``.
+    """Global Learnable Attention without its convolutions: DESIGN.md 1.1-1.5, ``y [N, L, Cv]``.
 
     ``xm [N, L, Cm]`` match features, ``v [N, L, Cv]`` values, ``lss [N, L, K]`` learned scores,
     ``rot [Cm, R, B]`` one orthonormal projection per hash round (see :func:`random_rotations`

@@ -13,10 +13,10 @@ from torch import Tensor
 
 __all__ = ["KEY_NORM_EPS", "n_buckets_for", "random_rotations"]
 
-# Keys are ``xm / max(||xm||, KEY_NORM_EPS)`` (SPEC 1.4): the floor keeps near-zero keys finite.
+# Keys are ``xm / max(||xm||, KEY_NORM_EPS)`` (DESIGN.md 1.4): the floor keeps near-zero keys finite.
 KEY_NORM_EPS = 5e-5
 
-MAX_BUCKETS = 128  # the cap in SPEC section 1's bucket count
+MAX_BUCKETS = 128  # the cap in bucket count of DESIGN.md "Semantics"
 
 
 def _positive_int(value: object, name: str) -> None:
@@ -28,7 +28,7 @@ def _positive_int(value: object, name: str) -> None:
 
 
 def n_buckets_for(length: int, chunk_size: int) -> int:
-    """Number of hash buckets for a sequence of ``length`` positions (SPEC section 1)."""
+    """Number of hash buckets for a sequence of ``length`` positions (DESIGN.md "Semantics")."""
     _positive_int(length, "length")
     _positive_int(chunk_size, "chunk_size")
     n = length // chunk_size

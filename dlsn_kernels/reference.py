@@ -1,6 +1,6 @@
 """Plain PyTorch Global Learnable Attention: the oracle every kernel is tested against.
 
-This module follows SPEC section 1 step by step and materialises everything (sorted copies,
+This module follows DESIGN.md "Semantics" step by step and materialises everything (sorted copies,
 padded copies, the ``[N, R, nc, K, 3K]`` score tensor), the way the authors' code does. It is
 meant to be read, not to be fast. Autograd gives its gradients.
 
@@ -41,7 +41,7 @@ def bucket_sort(codes: Tensor, n_buckets: int | None = None) -> Tensor:
 
 
 def padded_slot_positions(perm: Tensor, chunk_size: int) -> Tensor:
-    """Position held by each of the ``Lp`` sorted slots, padded slots included (SPEC 1.3)."""
+    """Position held by each of the ``Lp`` sorted slots, padded slots included (DESIGN.md 1.3)."""
     length = perm.shape[-1]
     pad = (chunk_size - length % chunk_size) % chunk_size
     if pad == 0:
@@ -60,7 +60,7 @@ def _adjacent(x: Tensor) -> Tensor:
 def chunk_attention(
     xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int
 ) -> tuple[Tensor, Tensor]:
-    """Attention of every round within adjacent buckets (SPEC 1.3-1.4).
+    """Attention of every round within adjacent buckets (DESIGN.md 1.3-1.4).
 
     Returns ``out [N, R, L, Cv]`` and ``lse [N, R, L]`` in original position order.
     """
@@ -96,13 +96,13 @@ def chunk_attention(
 
 
 def combine_rounds(out: Tensor, lse: Tensor) -> Tensor:
-    """``y = sum_r softmax_r(lse) out_r`` (SPEC 1.5): ``[N, R, L, Cv], [N, R, L] -> [N, L, Cv]``."""
+    """``y = sum_r softmax_r(lse) out_r`` (DESIGN.md 1.5): ``[N, R, L, Cv], [N, R, L] -> [N, L, Cv]``."""
     weights = torch.softmax(lse, dim=1).unsqueeze(-1)
     return (weights * out).sum(dim=1)
 
 
 def gla_attention(xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int) -> Tensor:
-    """SPEC steps 1-5: hash, sort, chunk attention, round combination. ``y [N, L, Cv]``."""
+    """DESIGN.md 1.1-1.5: hash, sort, chunk attention, round combination. ``y [N, L, Cv]``."""
     codes = sblsh_hash(xm.detach(), rot)
     perm = bucket_sort(codes, rot.shape[-1])
     out, lse = chunk_attention(xm, v, lss, perm, chunk_size)

@@ -1,4 +1,4 @@
-"""The reference itself against a literal, loop-by-loop reading of SPEC section 1."""
+"""The reference itself against a literal, loop-by-loop reading of DESIGN.md "Semantics"."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tests.helpers import CASES, make_inputs, rel_err
 
 
 def literal_chunk_attention(xm, v, lss, perm, chunk):
-    """SPEC 1.3-1.4 written as loops over (n, round, chunk, query slot, key)."""
+    """DESIGN.md 1.3-1.4 written as loops over (n, round, chunk, query slot, key)."""
     n_batch, length, _ = xm.shape
     rounds = perm.shape[1]
     pad = (chunk - length % chunk) % chunk
@@ -61,7 +61,7 @@ def test_bucket_sort_is_stable():
 
 
 def test_combination_equals_softmax_over_all_keys_of_all_rounds():
-    """SPEC 1.5 equals one softmax over the union of every round's keys (DESIGN.md's backward)."""
+    """DESIGN.md 1.5 equals one softmax over the union of every round's keys (DESIGN.md's backward)."""
     xm, v, lss, rot, perm = make_inputs(CASES[3])
     out, lse = ref.chunk_attention(xm, v, lss, perm, CASES[3].chunk)
     y = ref.combine_rounds(out, lse)

@@ -10,7 +10,7 @@
 #include <cstring>
 
 #include "checks.h"
-#include "slot_layout.h"  // SlotLayout: the sorted-slot layout of SPEC 1.3
+#include "slot_layout.h"  // SlotLayout: the sorted-slot layout of DESIGN.md 1.3
 
 namespace dlsn::cpu {
 

@@ -1,4 +1,4 @@
-// Stable counting sort of the hash codes on CUDA (SPEC 1.2): perm[n, r, :] = positions ordered by (code, position).
+// Stable counting sort of the hash codes on CUDA (DESIGN.md 1.2): perm[n, r, :] = positions ordered by (code, position).
 //
 // Who owns what: every (n, r) row of L codes is cut into S segments of `segment` positions; one warp owns
 // one (row, segment) and walks it in order, 32 positions at a time.

@@ -1,4 +1,4 @@
-// SB-LSH codes on CUDA (SPEC 1.1): codes[n, r, l] = argmax_b xm[n, l, :] . rot[:, r, b], lowest b on ties.
+// SB-LSH codes on CUDA (DESIGN.md 1.1): codes[n, r, l] = argmax_b xm[n, l, :] . rot[:, r, b], lowest b on ties.
 //
 // Who owns what: one thread per (position n*L + l, round r); blockIdx.y is the round. The thread computes
 // the projections kBucketsPerPass buckets at a time in float32 registers and keeps the running argmax, so

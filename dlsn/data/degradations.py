@@ -1,4 +1,4 @@
-"""The three SR degradations of the paper (SPEC 4): BI, BD and DN.
+"""The three SR degradations of the paper: BI, BD and DN.
 
 All functions take an HR image as a float tensor ``[C, H, W]`` or ``[N, C, H, W]`` with values in
 ``[0, 1]`` (an 8-bit image divided by 255: ``dlsn.images.uint8_to_tensor``) whose height and width are

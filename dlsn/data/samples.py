@@ -1,4 +1,4 @@
-"""The embedded default data set: real colour photos that ship inside installed wheels (SPEC 6).
+"""The embedded default data set: real colour photos that ship inside installed wheels.
 
 scikit-image bundles nine colour photos and matplotlib bundles ``grace_hopper.jpg``; together they
 let ``python -m dlsn.train`` run with no download. The split is fixed:

@@ -1,4 +1,4 @@
-"""The DLSN network (SPEC section 4) and an EDSR baseline with one GLA block.
+"""The DLSN network and an EDSR baseline with one GLA block.
 
 Module and parameter names follow the authors' code, so their state dicts load as they are
 (see ``checkpoint.py``). Pixel range: like the authors' models, these take and return RGB images

@@ -1,4 +1,4 @@
-"""Global Learnable Attention (GLA) as a network block (SPEC section 1).
+"""Global Learnable Attention (GLA) as a network block (DESIGN.md "Semantics").
 
 The four layers carry the authors' parameter names (``conv_match``, ``conv_assembly``,
 ``conv_assembly_fc``, ``fc``) so their checkpoints load unchanged. The attention itself (hashing,

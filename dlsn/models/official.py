@@ -16,7 +16,7 @@ __all__ = ["OFFICIAL_DEFAULTS", "OFFICIAL_UNUSED_KEYS", "infer_official_config"]
 
 # Entries of the authors' state dicts that no module here holds.
 OFFICIAL_UNUSED_KEYS = ("a",)
-# Settings the weights cannot tell: the authors' values (SPEC section 4).
+# Settings the weights cannot tell: the authors' values (from the paper).
 OFFICIAL_DEFAULTS = {"n_hashes": 3, "res_scale": 0.1}
 
 

@@ -66,7 +66,7 @@ class Preset:
         object.__setattr__(self, "model", MappingProxyType(dict(self.model)))
 
 
-# The paper's recipe (SPEC 4) for the full-size presets.
+# The paper's recipe for the full-size presets.
 PAPER_RECIPE = TrainingRecipe(lr=1e-4, batch_size=16, patch_size=48, schedule="step", epoch_steps=1000,
                               val_every=1000, epochs=1500, decay_epochs=300, finetune_epochs=200,
                               finetune_decay_epochs=50)

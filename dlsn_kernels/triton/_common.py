@@ -136,7 +136,7 @@ def _check_device(t: torch.Tensor, name: str) -> None:
 
 @device_fn
 def slot_position(perm_row, slot, length, pad, mask):
-    """Position held by sorted ``slot`` (SPEC 1.3): ``perm[slot]``, or ``perm[(slot - pad) mod L]`` past L."""
+    """Position held by sorted ``slot`` (DESIGN.md 1.3): ``perm[slot]``, or ``perm[(slot - pad) mod L]`` past L."""
     wrapped = ((slot - pad) % length + length) % length  # % truncates toward zero in Triton: fold twice
     source = tl.where(slot < length, slot, wrapped)
     return tl.load(perm_row + source, mask=mask, other=0).to(tl.int64)

@@ -1,4 +1,4 @@
-"""Backward of ``chunk_attention`` and ``gla_attention`` as Triton kernels (DESIGN.md, SPEC 8).
+"""Backward of ``chunk_attention`` and ``gla_attention`` as Triton kernels (DESIGN.md, DESIGN.md 8).
 
 Deterministic without atomics: every buffer element has exactly one writer and every sum runs in a
 fixed order. Per round r, two launches:

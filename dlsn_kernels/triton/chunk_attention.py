@@ -1,4 +1,4 @@
-"""Forward chunk attention (SPEC 1.3-1.5) and the fused ``gla_attention`` as Triton kernels.
+"""Forward chunk attention (DESIGN.md 1.3-1.5) and the fused ``gla_attention`` as Triton kernels.
 
 One program owns a block of query slots of one chunk c of one (n, round). It gathers its queries
 through ``perm``, then walks the K key slots of chunks c, c-1, c+1 (in that order, DESIGN.md) in tiles:
@@ -57,7 +57,7 @@ _FORWARD_TILES = {"native": (64, 32, 8), "tf32": (64, 32, 8), "ieee": (32, 16, 8
 def forward_config(chunk_size: int, value_channels: int, dtype: torch.dtype) -> dict[str, int]:
     """Block sizes and launch shape of ``_chunk_attention_fwd_kernel``, fixed per problem (no autotuning).
 
-    Query tiles of up to 64 slots amortise the gather of the 3K key rows (SPEC 1.4) over many queries.
+    Query tiles of up to 64 slots amortise the gather of the 3K key rows (DESIGN.md 1.4) over many queries.
     """
     return launch_tiles(chunk_size, value_channels, *_FORWARD_TILES[dot_kind(dtype)])
 
@@ -202,7 +202,7 @@ def chunk_attention(
 def gla_attention(
     xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """SPEC steps 1-5 fused: ``y [N, L, Cv]`` (dtype of ``v``), ``lse [N, L]`` over all rounds (float32;
+    """DESIGN.md 1.1-1.5 fused: ``y [N, L, Cv]`` (dtype of ``v``), ``lse [N, L]`` over all rounds (float32;
     float64 for float64 input) and ``perm [N, R, L]`` int64 (for the backward pass)."""
     check_attention_inputs(xm, v, lss, chunk_size)
     codes = sblsh_hash(xm, rot)

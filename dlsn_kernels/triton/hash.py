@@ -1,4 +1,4 @@
-"""SB-LSH hashing and the stable bucket sort (SPEC 1.1-1.2) as Triton kernels.
+"""SB-LSH hashing and the stable bucket sort (DESIGN.md 1.1-1.2) as Triton kernels.
 
 ``sblsh_hash``: one program per (block of positions, n, round) multiplies its ``xm`` rows by tiles of
 the round's rotation with ``tl.dot`` and keeps a running argmax in registers, so the ``[N, R, L, B]``
