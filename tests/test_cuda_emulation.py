@@ -55,12 +55,16 @@ def harness(tmp_path_factory) -> Path:
     return exe
 
 
-def _run(harness: Path, tmp: Path, what: str, dtype: str, case: Case, last: int, **tensors) -> None:
+def _run(harness: Path, tmp: Path, what: str, dtype: str, case: Case, last: int, copies: str = "deferred",
+         **tensors) -> None:
+    """copies: when the emulator lands cp.async copies: "eager" (at issue: catches a copy into a buffer that
+    other threads still read) or "deferred" (at the wait: catches a read before the wait)."""
     for name, t in tensors.items():
         t.detach().to(torch.int64 if name == "perm" else torch.float32).numpy().tofile(tmp / name)
     sizes = (case.n, case.length, case.cm, case.cv, case.chunk, case.rounds, last)
     args = [str(harness), what, dtype, *(str(s) for s in sizes), repr(ref.KEY_NORM_EPS), str(tmp)]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "DLSN_SIMT_ASYNC": copies}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -68,8 +72,9 @@ def _read(tmp: Path, name: str, *shape: int) -> torch.Tensor:
     return torch.from_numpy(np.fromfile(tmp / name, dtype=np.float32).reshape(shape))
 
 
-def _run_forward(harness: Path, tmp: Path, dtype: str, case: Case, xm, v, lss, perm, merge: bool):
-    _run(harness, tmp, "forward", dtype, case, int(merge), xm=xm, v=v, lss=lss, perm=perm)
+def _run_forward(harness: Path, tmp: Path, dtype: str, case: Case, xm, v, lss, perm, merge: bool,
+                 copies: str = "deferred"):
+    _run(harness, tmp, "forward", dtype, case, int(merge), copies, xm=xm, v=v, lss=lss, perm=perm)
     rounds = 1 if merge else case.rounds
     shape = (case.n, case.length, case.cv) if merge else (case.n, case.rounds, case.length, case.cv)
     out = _read(tmp, "out", *shape)
@@ -83,12 +88,13 @@ def _inputs(case: Case, dtype: torch.dtype, seed: int = 0):
     return tuple(t.to(dtype).double() for t in (xm, v, lss)) + (perm,)
 
 
+@pytest.mark.parametrize("copies", ["eager", "deferred"])
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_forward_matches_reference(harness, tmp_path, dtype, case):
+def test_forward_matches_reference(harness, tmp_path, dtype, case, copies):
     tol = _tolerance(dtype)
     xm, v, lss, perm = _inputs(case, DTYPES[dtype])
-    out, lse = _run_forward(harness, tmp_path, dtype, case, xm, v, lss, perm, merge=False)
+    out, lse = _run_forward(harness, tmp_path, dtype, case, xm, v, lss, perm, merge=False, copies=copies)
     want_out, want_lse = ref.chunk_attention(xm, v, lss, perm, case.chunk)
     assert rel_err(out, want_out) < tol
     assert (lse.double() - want_lse).abs().max() < tol * want_lse.abs().max().clamp_min(1)

@@ -37,6 +37,13 @@ constexpr int kFwdCols = 256;                 // value columns per block
 constexpr int kFwdKeyTiles = kFwdKeys / 8;    // n8 tiles of a score row
 constexpr int kFwdColTiles = kFwdCols / 8;    // n8 tiles of an output row
 constexpr float kLog2e = 1.4426950408889634f;
+
+// Key steps in flight: 16-bit tiles are double-buffered (the gathers of step k + 1 run during the products of
+// step k); float32 tiles are twice as large, and two copies would leave room for one block per SM.
+template <typename T>
+constexpr int fwd_stages() {
+  return sizeof(T) == 2 ? 2 : 1;
+}
 constexpr float kLn2 = 0.6931471805599453f;
 
 template <typename T>
@@ -58,12 +65,12 @@ struct ForwardTcArgs {
   float* lse_next;        // [N, L]
 };
 
-// Dynamic shared memory: Q and K tiles [rows][cm_pad + 8], V tile [keys][256 + 16 bytes], lss tile
-// [keys][64 + 16 bytes]. The pads make every fragment load and ldmatrix conflict-free and keep rows 16-byte
-// aligned for cp.async.
+// Dynamic shared memory: the Q tile [rows][cm_pad + 8], and per stage a K tile [keys][cm_pad + 8], a V tile
+// [keys][256 + 16 bytes] and an lss tile [keys][64 + 16 bytes]. The pads make every fragment load and
+// ldmatrix conflict-free and keep rows 16-byte aligned for cp.async.
 struct ForwardTcSmem {
   int ld_qk, ld_v, ld_lss;
-  int64_t q, k, v, lss, bytes;
+  int64_t q, k, v, lss, stage, bytes;  // k, v, lss: offsets in stage 0; stage: bytes between stages
 };
 
 template <typename T>
@@ -76,7 +83,8 @@ __host__ __device__ inline ForwardTcSmem tc_forward_smem(int cm_pad) {
   s.k = s.q + int64_t(kFwdRows) * s.ld_qk * sizeof(T);
   s.v = s.k + int64_t(kFwdKeys) * s.ld_qk * sizeof(T);
   s.lss = s.v + int64_t(kFwdKeys) * s.ld_v * sizeof(T);
-  s.bytes = s.lss + int64_t(kFwdKeys) * s.ld_lss * sizeof(T);
+  s.stage = s.lss + int64_t(kFwdKeys) * s.ld_lss * sizeof(T) - s.k;
+  s.bytes = s.k + fwd_stages<T>() * s.stage;
   return s;
 }
 
@@ -117,14 +125,12 @@ __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(con
   DLSN_DYNAMIC_SHARED(smem);
   __shared__ int64_t s_qrow[kFwdRows];    // xm row n*L + position of query row q; -1 past the chunk
   __shared__ int64_t s_qstore[kFwdRows];  // position where row q is written; -1 for padding / past the chunk
-  __shared__ int64_t s_krow[kFwdKeys];    // row n*L + position of key j of the step; -1 past 3K
-  __shared__ float s_inv[kFwdKeys];       // its inverse norm
+  constexpr int kStages = fwd_stages<T>();
+  __shared__ int64_t s_krow[kStages][kFwdKeys];  // row n*L + position of key j of a step; -1 past 3K
+  __shared__ float s_inv[kStages][kFwdKeys];     // its inverse norm
 
   const ForwardTcSmem plan = tc_forward_smem<T>(a.cm_pad);
   T* sq = reinterpret_cast<T*>(smem + plan.q);
-  T* sk = reinterpret_cast<T*>(smem + plan.k);
-  T* sv = reinterpret_cast<T*>(smem + plan.v);
-  T* slss = reinterpret_cast<T*>(smem + plan.lss);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = group_of(lane), t = thread_in_group(lane);
@@ -159,28 +165,56 @@ __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(con
 
   const T* qw = sq + warp * 16 * plan.ld_qk;
   const int64_t n_keys = 3 * K;
-  for (int64_t k0 = 0; k0 < n_keys; k0 += kFwdKeys) {
-    __syncthreads();  // everyone is done with the previous step's tiles
+  const int64_t n_steps = (n_keys + kFwdKeys - 1) / kFwdKeys;
+  // Key j of step `step`: its row and inverse norm (threads tid < kFwdKeys), loaded a step ahead of use.
+  const auto key_of_step = [&](int64_t step, int64_t& row, float& inv) {
+    const int64_t key = step * kFwdKeys + tid;
+    row = -1;
+    if (key < n_keys) {
+      const int64_t slot = key_chunk_of(c, static_cast<int>(key / K), a.n_chunks) * K + key % K;
+      row = n * L + slot_position(perm_row, slot, L, a.pad);
+    }
+    inv = row >= 0 ? a.inv_norm[row] : 0.f;
+  };
+  // Publishes the key rows of a step in stage `buf`, then starts the gathers of its tiles.
+  const auto prefetch = [&](int buf, int64_t row, float inv) {
     if (tid < kFwdKeys) {
-      const int64_t key = k0 + tid;
-      int64_t row = -1;
-      if (key < n_keys) {
-        const int64_t slot = key_chunk_of(c, static_cast<int>(key / K), a.n_chunks) * K + key % K;
-        row = n * L + slot_position(perm_row, slot, L, a.pad);
-      }
-      s_krow[tid] = row;
-      s_inv[tid] = row >= 0 ? a.inv_norm[row] : 0.f;
+      s_krow[buf][tid] = row;
+      s_inv[buf][tid] = inv;
     }
     __syncthreads();
-    stage_rows<T, kFwdThreads>(sk, plan.ld_qk, a.xm, s_krow, kFwdKeys, a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
-    stage_rows<T, kFwdThreads>(sv, plan.ld_v, a.v, s_krow, kFwdKeys, a.cv, col0, cols, v_width,
-                               a.v_aligned, tid);
-    stage_rows<T, kFwdThreads>(slss, plan.ld_lss, a.lss, s_krow, kFwdKeys, K, q0, K - q0, kFwdRows,
-                               a.lss_aligned, tid);
-    stage_wait();
-    __syncthreads();
+    unsigned char* stage = smem + buf * plan.stage;
+    stage_rows<T, kFwdThreads>(reinterpret_cast<T*>(stage + plan.k), plan.ld_qk, a.xm, s_krow[buf], kFwdKeys, a.cm,
+                               0, a.cm, a.cm_pad, a.xm_aligned, tid);
+    stage_rows<T, kFwdThreads>(reinterpret_cast<T*>(stage + plan.v), plan.ld_v, a.v, s_krow[buf], kFwdKeys, a.cv,
+                               col0, cols, v_width, a.v_aligned, tid);
+    stage_rows<T, kFwdThreads>(reinterpret_cast<T*>(stage + plan.lss), plan.ld_lss, a.lss, s_krow[buf], kFwdKeys, K,
+                               q0, K - q0, kFwdRows, a.lss_aligned, tid);
+    stage_commit();
+  };
 
-    // S = Q K^T for the warp's 16 rows and the 64 keys.
+  int64_t next_row = -1;  // key rows of the step after the one being gathered (threads tid < kFwdKeys)
+  float next_inv = 0.f;
+  if (tid < kFwdKeys) key_of_step(0, next_row, next_inv);
+  prefetch(0, next_row, next_inv);  // the Q tile's copies join this first group
+  if (tid < kFwdKeys && n_steps > 1) key_of_step(1, next_row, next_inv);
+
+  for (int64_t step = 0; step < n_steps; ++step) {
+    const int buf = static_cast<int>(step % kStages);
+    stage_wait_groups<0>();
+    __syncthreads();  // this step's tiles are in place for everyone; the other stage is free again
+    if (kStages == 2 && step + 1 < n_steps) {
+      prefetch(buf ^ 1, next_row, next_inv);  // gathered while this step's products run
+      if (tid < kFwdKeys && step + 2 < n_steps) key_of_step(step + 2, next_row, next_inv);
+    }
+    const int64_t* krow = s_krow[buf];
+    const float* kinv = s_inv[buf];
+    const unsigned char* stage = smem + buf * plan.stage;
+    const T* sk = reinterpret_cast<const T*>(stage + plan.k);
+    const T* sv = reinterpret_cast<const T*>(stage + plan.v);
+    const T* slss = reinterpret_cast<const T*>(stage + plan.lss);
+
+    // S = Q K^T for the warp's 16 rows and the step's keys.
     Acc s[kFwdKeyTiles];
 #pragma unroll
     for (int nt = 0; nt < kFwdKeyTiles; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
@@ -197,8 +231,8 @@ __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(con
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = nt * 8 + 2 * t + (e & 1), row = warp * 16 + g + 8 * (e >> 1);
-        const float score = s[nt][e] * s_inv[key] + static_cast<float>(slss[key * plan.ld_lss + row]);
-        s[nt][e] = s_krow[key] >= 0 ? score * kLog2e : -INFINITY;
+        const float score = s[nt][e] * kinv[key] + static_cast<float>(slss[key * plan.ld_lss + row]);
+        s[nt][e] = krow[key] >= 0 ? score * kLog2e : -INFINITY;
         mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
       }
     }
@@ -242,6 +276,11 @@ __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(con
           mma<T>(o[vt + 1], pa, b1);
         }
       }
+    }
+    if (kStages == 1 && step + 1 < n_steps) {
+      __syncthreads();  // everyone is done with the only stage
+      prefetch(0, next_row, next_inv);
+      if (tid < kFwdKeys && step + 2 < n_steps) key_of_step(step + 2, next_row, next_inv);
     }
   }
 

@@ -24,19 +24,37 @@ __device__ __forceinline__ void copy16_async(void* dst, const void* src, int src
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
-#elif !defined(__CUDA_ARCH__)
-  std::memset(dst, 0, 16);
-  if (src_bytes > 0) std::memcpy(dst, src, static_cast<size_t>(src_bytes));
-#else
+#elif defined(DLSN_SIMT_EMULATION) && !defined(__CUDA_ARCH__)
+  simt::async_copy(dst, src, src_bytes);
+#elif defined(__CUDA_ARCH__)
   __trap();
 #endif
 }
 
-// Waits for this thread's cp.async copies; a __syncthreads() must follow before others read them.
-__device__ __forceinline__ void stage_wait() {
+// Closes this thread's group of cp.async copies issued since the last commit.
+__device__ __forceinline__ void stage_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif defined(DLSN_SIMT_EMULATION) && !defined(__CUDA_ARCH__)
+  simt::async_commit();
 #endif
+}
+
+// Waits until at most kPending of this thread's committed groups are still in flight; a __syncthreads()
+// must follow before other threads read what the finished groups wrote.
+template <int kPending>
+__device__ __forceinline__ void stage_wait_groups() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#elif defined(DLSN_SIMT_EMULATION) && !defined(__CUDA_ARCH__)
+  simt::async_wait(kPending);
+#endif
+}
+
+// Commits and waits for all of this thread's copies.
+__device__ __forceinline__ void stage_wait() {
+  stage_commit();
+  stage_wait_groups<0>();
 }
 
 // dst[row * ld + col] = src[rows[row] * pitch + col0 + col] for row < n_rows, col < width_pad; zero where

@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -99,6 +100,8 @@ inline void fiber_entry() {
   swapcontext(&s.fibers[s.current].context, &s.scheduler);
 }
 
+inline void check_no_copies_in_flight();
+
 // Runs body() as every thread of every block of the grid, blocks in order.
 inline void launch(dim3 grid, dim3 block, size_t dynamic_bytes, std::function<void()> body) {
   State& s = state();
@@ -145,10 +148,78 @@ inline void launch(dim3 grid, dim3 block, size_t dynamic_bytes, std::function<vo
             std::exit(3);
           }
         }
+        check_no_copies_in_flight();
       }
 }
 
 inline void syncthreads() { wait(state().block_barrier); }
+
+// cp.async: DLSN_SIMT_ASYNC=deferred runs a thread's copies only when it waits for their group (the latest a
+// GPU may land them: a read before the wait sees stale bytes); otherwise they run when issued (the earliest:
+// a copy into a buffer other threads still read overwrites it). Testing both modes covers both hazards.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes;
+};
+
+inline bool deferred_copies() {
+  static const bool deferred = [] {
+    const char* mode = std::getenv("DLSN_SIMT_ASYNC");
+    return mode != nullptr && std::string(mode) == "deferred";
+  }();
+  return deferred;
+}
+
+inline void run_copy(const AsyncCopy& c) {
+  std::memset(c.dst, 0, 16);
+  if (c.bytes > 0) std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
+}
+
+// Per thread: the open group, then the committed groups, oldest first.
+inline std::vector<std::vector<std::vector<AsyncCopy>>>& async_groups() {
+  static std::vector<std::vector<std::vector<AsyncCopy>>> groups;
+  const size_t threads = state().block_dim.x;
+  if (groups.size() != threads) groups.assign(threads, {});
+  return groups;
+}
+
+inline void async_copy(void* dst, const void* src, int bytes) {
+  if (!deferred_copies()) return run_copy({dst, src, bytes});
+  auto& mine = async_groups()[state().thread_idx.x];
+  if (mine.empty()) mine.emplace_back();
+  mine.back().push_back({dst, src, bytes});  // the open group is the last one
+}
+
+inline void async_commit() {
+  if (!deferred_copies()) return;
+  auto& mine = async_groups()[state().thread_idx.x];
+  if (mine.empty()) mine.emplace_back();
+  mine.emplace_back();  // a new open group; the previous one is committed
+}
+
+inline void check_no_copies_in_flight() {
+  for (auto& mine : async_groups()) {
+    for (const auto& group : mine) {
+      if (!group.empty()) {
+        std::fprintf(stderr, "simt: a block ended with cp.async copies it never waited for\n");
+        std::exit(5);
+      }
+    }
+    mine.clear();
+  }
+}
+
+inline void async_wait(int pending) {
+  if (!deferred_copies()) return;
+  auto& mine = async_groups()[state().thread_idx.x];
+  // committed groups: all but the last (open) one
+  const int committed = mine.empty() ? 0 : static_cast<int>(mine.size()) - 1;
+  for (int g = 0; g < committed - pending; ++g) {
+    for (const AsyncCopy& c : mine.front()) run_copy(c);
+    mine.erase(mine.begin());
+  }
+}
 
 template <typename V>
 inline V shfl_xor(V value, int mask) {
