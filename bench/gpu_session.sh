@@ -31,7 +31,7 @@ wait "$build_job"
 say "build rc=$(cat /tmp/dlsn_build_rc 2>/dev/null || echo missing)"
 backends=(triton cuda)
 if [ "$(cat /tmp/dlsn_build_rc 2>/dev/null)" = 0 ]; then
-  DLSN_REQUIRE_EXTENSION=1 timeout 45 python -m pytest -q -p no:cacheprovider -n 8 tests/test_cuda.py \
+  DLSN_REQUIRE_EXTENSION=1 timeout 45 python -m pytest -q -p no:cacheprovider -n 8 tests/test_cuda.py tests/test_public_api.py \
     > "$results/tests_cuda.log" 2>&1
   echo "cuda tests rc=$?: $(tail -1 "$results/tests_cuda.log")" | tee -a "$log"
   grep -iqE "illegal memory access|unspecified launch failure|misaligned address" "$results/tests_cuda.log" \
