@@ -166,21 +166,24 @@ __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(con
   const T* qw = sq + warp * 16 * plan.ld_qk;
   const int64_t n_keys = 3 * K;
   const int64_t n_steps = (n_keys + kFwdKeys - 1) / kFwdKeys;
-  // Key j of step `step`: its row and inverse norm (threads tid < kFwdKeys), loaded a step ahead of use.
-  const auto key_of_step = [&](int64_t step, int64_t& row, float& inv) {
-    const int64_t key = step * kFwdKeys + tid;
-    row = -1;
-    if (key < n_keys) {
-      const int64_t slot = key_chunk_of(c, static_cast<int>(key / K), a.n_chunks) * K + key % K;
-      row = n * L + slot_position(perm_row, slot, L, a.pad);
-    }
-    inv = row >= 0 ? a.inv_norm[row] : 0.f;
+  struct KeyMeta {
+    int64_t row;  // key j = tid of the step (threads tid < kFwdKeys): its row, -1 past 3K
+    float inv;    // and its inverse norm
   };
-  // Publishes the key rows of a step in stage `buf`, then starts the gathers of its tiles.
-  const auto prefetch = [&](int buf, int64_t row, float inv) {
+  const auto fetch = [&](int64_t step) {
+    KeyMeta k{-1, 0.f};
+    const int64_t key = step * kFwdKeys + tid;
+    if (tid < kFwdKeys && key < n_keys) {
+      const int64_t slot = key_chunk_of(c, static_cast<int>(key / K), a.n_chunks) * K + key % K;
+      k.row = n * L + slot_position(perm_row, slot, L, a.pad);
+      k.inv = a.inv_norm[k.row];
+    }
+    return k;
+  };
+  const auto publish = [&](int buf, const KeyMeta& k) {
     if (tid < kFwdKeys) {
-      s_krow[buf][tid] = row;
-      s_inv[buf][tid] = inv;
+      s_krow[buf][tid] = k.row;
+      s_inv[buf][tid] = k.inv;
     }
     __syncthreads();
     unsigned char* stage = smem + buf * plan.stage;
@@ -192,21 +195,8 @@ __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(con
                                q0, K - q0, kFwdRows, a.lss_aligned, tid);
     stage_commit();
   };
-
-  int64_t next_row = -1;  // key rows of the step after the one being gathered (threads tid < kFwdKeys)
-  float next_inv = 0.f;
-  if (tid < kFwdKeys) key_of_step(0, next_row, next_inv);
-  prefetch(0, next_row, next_inv);  // the Q tile's copies join this first group
-  if (tid < kFwdKeys && n_steps > 1) key_of_step(1, next_row, next_inv);
-
-  for (int64_t step = 0; step < n_steps; ++step) {
-    const int buf = static_cast<int>(step % kStages);
-    stage_wait_groups<0>();
-    __syncthreads();  // this step's tiles are in place for everyone; the other stage is free again
-    if (kStages == 2 && step + 1 < n_steps) {
-      prefetch(buf ^ 1, next_row, next_inv);  // gathered while this step's products run
-      if (tid < kFwdKeys && step + 2 < n_steps) key_of_step(step + 2, next_row, next_inv);
-    }
+  // The Q tile's copies join the first step's group.
+  run_steps<kStages>(n_steps, fetch, publish, [&](int64_t, int buf) {
     const int64_t* krow = s_krow[buf];
     const float* kinv = s_inv[buf];
     const unsigned char* stage = smem + buf * plan.stage;
@@ -277,12 +267,7 @@ __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(con
         }
       }
     }
-    if (kStages == 1 && step + 1 < n_steps) {
-      __syncthreads();  // everyone is done with the only stage
-      prefetch(0, next_row, next_inv);
-      if (tid < kFwdKeys && step + 2 < n_steps) key_of_step(step + 2, next_row, next_inv);
-    }
-  }
+  });
 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {

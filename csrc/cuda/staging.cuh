@@ -57,6 +57,38 @@ __device__ __forceinline__ void stage_wait() {
   stage_wait_groups<0>();
 }
 
+// The step loop of the attention kernels, with kStages (1 or 2) sets of shared tiles. Per step a block
+// gathers rows picked by a few index values (the step's "meta": key rows and norms, or query rows, lse and
+// delta), then multiplies. Called by every thread of the block:
+//   fetch(step) -> Meta      loads the step's meta from global memory into registers, two steps ahead of use
+//                            (the loads are in flight during a step's products);
+//   publish(buf, meta)       writes it to shared memory, __syncthreads(), issues the gathers into stage buf
+//                            (stage_rows) and stage_commit();
+//   compute(step, buf)       the products of a step, reading stage buf only.
+// With two stages the gathers of step k + 1 run during the products of step k; with one they follow them.
+template <int kStages, typename Fetch, typename Publish, typename Compute>
+__device__ __forceinline__ void run_steps(int64_t n_steps, Fetch&& fetch, Publish&& publish, Compute&& compute) {
+  static_assert(kStages == 1 || kStages == 2, "one or two stages");
+  auto next = fetch(int64_t(0));
+  publish(0, next);
+  if (n_steps > 1) next = fetch(int64_t(1));
+  for (int64_t step = 0; step < n_steps; ++step) {
+    const int buf = static_cast<int>(step % kStages);
+    stage_wait_groups<0>();
+    __syncthreads();  // the step's tiles are in place for everyone, and the other stage is free again
+    if (kStages == 2 && step + 1 < n_steps) {
+      publish(buf ^ 1, next);
+      if (step + 2 < n_steps) next = fetch(step + 2);
+    }
+    compute(step, buf);
+    if (kStages == 1 && step + 1 < n_steps) {
+      __syncthreads();  // everyone is done with the only stage
+      publish(0, next);
+      if (step + 2 < n_steps) next = fetch(step + 2);
+    }
+  }
+}
+
 // dst[row * ld + col] = src[rows[row] * pitch + col0 + col] for row < n_rows, col < width_pad; zero where
 // col >= width or rows[row] < 0. With `aligned` (rows_aligned16 of src and col0 a multiple of 16 bytes) and
 // width_pad a multiple of 16 bytes, and ld too, the copies are asynchronous.
