@@ -65,11 +65,18 @@ struct BackwardTcArgs {
   float* dlss_slot;       // [N, Lp, K]
 };
 
-// Dynamic shared memory of a pass: the block's own rows (xm; plus dO or v), the streamed rows (xm; plus v or
-// dO) and the lss tile [key][query slot]. Pads of 16 bytes keep fragment loads conflict-free and rows aligned.
+// Steps in flight, as in the forward: 16-bit tiles double-buffered, float32 single-buffered.
+template <typename T>
+constexpr int bwd_stages() {
+  return sizeof(T) == 2 ? 2 : 1;
+}
+
+// Dynamic shared memory of a pass: the block's own rows (xm; plus dO or v), then per stage the streamed rows
+// (xm; plus v or dO) and the lss tile [key][query slot]. Pads of 16 bytes keep fragment loads conflict-free and
+// rows aligned.
 struct BackwardTcSmem {
   int ld_cm, ld_own_x, ld_step_x, ld_lss;
-  int64_t own, own_x, step, step_x, lss, bytes;
+  int64_t own, own_x, step, step_x, lss, stage, bytes;  // step, step_x, lss: in stage 0; stage: bytes apart
 };
 
 template <typename T>
@@ -87,7 +94,8 @@ __host__ __device__ inline BackwardTcSmem tc_backward_smem(BwdPass pass, int cm_
   s.step = s.own_x + int64_t(kBwdOwn) * s.ld_own_x * sizeof(T);
   s.step_x = s.step + int64_t(kBwdStep) * s.ld_cm * sizeof(T);
   s.lss = s.step_x + int64_t(kBwdStep) * s.ld_step_x * sizeof(T);
-  s.bytes = s.lss + int64_t(lss_rows) * s.ld_lss * sizeof(T);
+  s.stage = s.lss + int64_t(lss_rows) * s.ld_lss * sizeof(T) - s.step;
+  s.bytes = s.step + bwd_stages<T>() * s.stage;
   return s;
 }
 
@@ -189,16 +197,14 @@ __device__ __forceinline__ void gemm_acc_by_rows(Acc (&acc)[kTiles], const Acc (
 
 template <typename T>
 __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const BackwardTcArgs<T> a) {
+  constexpr int kStages = bwd_stages<T>();
   DLSN_DYNAMIC_SHARED(smem);
-  __shared__ int64_t s_qrow[kBwdOwn], s_grow[kBwdOwn], s_krow[kBwdStep];
-  __shared__ float s_lse2[kBwdOwn], s_delta[kBwdOwn], s_inv[kBwdStep];
+  __shared__ int64_t s_qrow[kBwdOwn], s_grow[kBwdOwn], s_krow[kStages][kBwdStep];
+  __shared__ float s_lse2[kBwdOwn], s_delta[kBwdOwn], s_inv[kStages][kBwdStep];
 
   const BackwardTcSmem plan = tc_backward_smem<T>(BwdPass::kDq, a.cm_pad, a.cv_pad);
   T* sq = reinterpret_cast<T*>(smem + plan.own);
   T* sdo = reinterpret_cast<T*>(smem + plan.own_x);
-  T* sk = reinterpret_cast<T*>(smem + plan.step);
-  T* sv = reinterpret_cast<T*>(smem + plan.step_x);
-  T* slss = reinterpret_cast<T*>(smem + plan.lss);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = group_of(lane), t = thread_in_group(lane);
@@ -213,6 +219,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const 
 
   if (tid < kBwdOwn) query_row(a, n, c, q0 + tid, &s_qrow[tid], &s_grow[tid], &s_lse2[tid], &s_delta[tid]);
   __syncthreads();
+  // Their copies join the first step's group.
   stage_rows<T, kBwdThreads>(sq, plan.ld_cm, a.xm, s_qrow, kBwdOwn, a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
   stage_rows<T, kBwdThreads>(sdo, plan.ld_own_x, a.grad_out, s_grow, kBwdOwn, a.cv, 0, a.cv, a.cv_pad,
                              a.grad_aligned, tid);
@@ -225,26 +232,42 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const 
   const float delta[2] = {s_delta[row0], s_delta[row0 + 8]};
 
   const int64_t n_keys = 3 * K;
-  for (int64_t k0 = 0; k0 < n_keys; k0 += kBwdStep) {
-    __syncthreads();  // everyone is done with the previous step's tiles
+  struct KeyMeta {
+    int64_t row;  // key j = tid of the step (threads tid < kBwdStep): its row, -1 past 3K
+    float inv;    // and its inverse norm
+  };
+  const auto fetch = [&](int64_t step) {
+    KeyMeta k{-1, 0.f};
+    const int64_t key = step * kBwdStep + tid;
+    if (tid < kBwdStep && key < n_keys) {
+      const int64_t slot = key_chunk_of(c, static_cast<int>(key / K), a.n_chunks) * K + key % K;
+      k.row = n * L + slot_position(perm_row, slot, L, a.pad);
+      k.inv = a.inv_norm[k.row];
+    }
+    return k;
+  };
+  const auto publish = [&](int buf, const KeyMeta& k) {
     if (tid < kBwdStep) {
-      const int64_t key = k0 + tid;
-      int64_t row = -1;
-      if (key < n_keys) {
-        const int64_t slot = key_chunk_of(c, static_cast<int>(key / K), a.n_chunks) * K + key % K;
-        row = n * L + slot_position(perm_row, slot, L, a.pad);
-      }
-      s_krow[tid] = row;
-      s_inv[tid] = row >= 0 ? a.inv_norm[row] : 0.f;
+      s_krow[buf][tid] = k.row;
+      s_inv[buf][tid] = k.inv;
     }
     __syncthreads();
-    stage_rows<T, kBwdThreads>(sk, plan.ld_cm, a.xm, s_krow, kBwdStep, a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
-    stage_rows<T, kBwdThreads>(sv, plan.ld_step_x, a.v, s_krow, kBwdStep, a.cv, 0, a.cv, a.cv_pad, a.v_aligned,
-                               tid);
-    stage_rows<T, kBwdThreads>(slss, plan.ld_lss, a.lss, s_krow, kBwdStep, K, q0, K - q0, kBwdOwn, a.lss_aligned,
-                               tid);
-    stage_wait();
-    __syncthreads();
+    unsigned char* stage = smem + buf * plan.stage;
+    stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.step), plan.ld_cm, a.xm, s_krow[buf], kBwdStep,
+                               a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
+    stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.step_x), plan.ld_step_x, a.v, s_krow[buf], kBwdStep,
+                               a.cv, 0, a.cv, a.cv_pad, a.v_aligned, tid);
+    stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.lss), plan.ld_lss, a.lss, s_krow[buf], kBwdStep, K,
+                               q0, K - q0, kBwdOwn, a.lss_aligned, tid);
+    stage_commit();
+  };
+  run_steps<kStages>((n_keys + kBwdStep - 1) / kBwdStep, fetch, publish, [&](int64_t, int buf) {
+    const int64_t* krow = s_krow[buf];
+    const float* kinv = s_inv[buf];
+    const unsigned char* stage = smem + buf * plan.stage;
+    const T* sk = reinterpret_cast<const T*>(stage + plan.step);
+    const T* sv = reinterpret_cast<const T*>(stage + plan.step_x);
+    const T* slss = reinterpret_cast<const T*>(stage + plan.lss);
 
     Acc s[kBwdStepTiles], dp[kBwdStepTiles];
 #pragma unroll
@@ -259,13 +282,13 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const 
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = nt * 8 + 2 * t + (e & 1), h = e >> 1, row = row0 + 8 * h;
-        const float score = s[nt][e] * s_inv[key] + static_cast<float>(slss[key * plan.ld_lss + row]);
-        const float p = s_krow[key] >= 0 ? exp2f(score * kBwdLog2e - lse2[h]) : 0.f;
-        s[nt][e] = p * (dp[nt][e] - delta[h]) * s_inv[key];
+        const float score = s[nt][e] * kinv[key] + static_cast<float>(slss[key * plan.ld_lss + row]);
+        const float p = krow[key] >= 0 ? exp2f(score * kBwdLog2e - lse2[h]) : 0.f;
+        s[nt][e] = p * (dp[nt][e] - delta[h]) * kinv[key];
       }
     }
     gemm_acc_by_rows<T>(dq, s, sk + cm0, plan.ld_cm, n_col_tiles, lane);
-  }
+  });
 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -285,9 +308,10 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const 
 
 template <typename T, bool kDvPass>
 __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(const BackwardTcArgs<T> a) {
+  constexpr int kStages = bwd_stages<T>();
   DLSN_DYNAMIC_SHARED(smem);
-  __shared__ int64_t s_krow[kBwdOwn], s_kslot[kBwdOwn], s_qrow[kBwdStep], s_grow[kBwdStep];
-  __shared__ float s_inv[kBwdOwn], s_lse2[kBwdStep], s_delta[kBwdStep];
+  __shared__ int64_t s_krow[kBwdOwn], s_kslot[kBwdOwn], s_qrow[kStages][kBwdStep], s_grow[kStages][kBwdStep];
+  __shared__ float s_inv[kBwdOwn], s_lse2[kStages][kBwdStep], s_delta[kStages][kBwdStep];
 
   constexpr BwdPass kPass = kDvPass ? BwdPass::kDv : BwdPass::kScore;
   constexpr int kTiles = kDvPass ? kBwdDvTiles : kBwdCmTiles;
@@ -295,9 +319,6 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
   const BackwardTcSmem plan = tc_backward_smem<T>(kPass, a.cm_pad, a.cv_pad);
   T* sk = reinterpret_cast<T*>(smem + plan.own);
   T* sv = reinterpret_cast<T*>(smem + plan.own_x);  // score pass only
-  T* sq = reinterpret_cast<T*>(smem + plan.step);
-  T* sdo = reinterpret_cast<T*>(smem + plan.step_x);
-  T* slss = reinterpret_cast<T*>(smem + plan.lss);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = group_of(lane), t = thread_in_group(lane);
@@ -323,6 +344,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
     s_inv[tid] = row >= 0 ? a.inv_norm[row] : 0.f;
   }
   __syncthreads();
+  // Their copies join the first step's group.
   stage_rows<T, kBwdThreads>(sk, plan.ld_cm, a.xm, s_krow, kBwdOwn, a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
   if (!kDvPass) {
     stage_rows<T, kBwdThreads>(sv, plan.ld_own_x, a.v, s_krow, kBwdOwn, a.cv, 0, a.cv, a.cv_pad, a.v_aligned, tid);
@@ -334,68 +356,94 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
   const int key0 = warp * 16 + g;  // the lane's keys: key0 (h = 0) and key0 + 8 (h = 1)
   const float inv[2] = {s_inv[key0], s_inv[key0 + 8]};
   const bool key_valid[2] = {s_krow[key0] >= 0, s_krow[key0 + 8] >= 0};
+  Acc dl[kBwdStepTiles];  // score pass: dlss of (key, query slot i0 + column), summed over t
 
-  const int64_t n_qsteps = (K + kBwdStep - 1) / kBwdStep;
-  for (int64_t qs = 0; qs < n_qsteps; ++qs) {
-    const int64_t i0 = qs * kBwdStep;  // query slot index of the step's row 0
-    Acc dl[kBwdStepTiles];               // dlss of (key, query slot i0 + column), summed over t
+  // Steps: query slots i0 = 32 qs .. 32 qs + 31 (qs outer) of the query chunks c', c'+1, c'-1 (t inner).
+  struct QueryMeta {
+    int64_t step, qrow, grow;  // query i0 + tid of the step (threads tid < kBwdStep)
+    float lse2, delta;
+  };
+  const auto fetch = [&](int64_t step) {
+    QueryMeta q{step, -1, -1, 0.f, 0.f};
+    if (tid < kBwdStep) {
+      const int64_t cq = query_chunk_reading(ck, static_cast<int>(step % 3), a.n_chunks);
+      query_row(a, n, cq, (step / 3) * kBwdStep + tid, &q.qrow, &q.grow, &q.lse2, &q.delta);
+    }
+    return q;
+  };
+  const auto publish = [&](int buf, const QueryMeta& q) {
+    if (tid < kBwdStep) {
+      s_qrow[buf][tid] = q.qrow;
+      s_grow[buf][tid] = q.grow;
+      s_lse2[buf][tid] = q.lse2;
+      s_delta[buf][tid] = q.delta;
+    }
+    __syncthreads();
+    const int64_t i0 = (q.step / 3) * kBwdStep;
+    unsigned char* stage = smem + buf * plan.stage;
+    // lss[key, i0..i0+31] is the same for the three query chunks; staged with each, like the rest
+    stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.lss), plan.ld_lss, a.lss, s_krow, kBwdOwn, K, i0,
+                               K - i0, kBwdStep, a.lss_aligned, tid);
+    stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.step), plan.ld_cm, a.xm, s_qrow[buf], kBwdStep,
+                               a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
+    T* sdo = reinterpret_cast<T*>(stage + plan.step_x);
+    if (kDvPass) {
+      stage_rows<T, kBwdThreads>(sdo, plan.ld_step_x, a.grad_out, s_grow[buf], kBwdStep, a.cv, col0, cols, dv_width,
+                                 a.grad_aligned, tid);
+    } else {
+      stage_rows<T, kBwdThreads>(sdo, plan.ld_step_x, a.grad_out, s_grow[buf], kBwdStep, a.cv, 0, a.cv, a.cv_pad,
+                                 a.grad_aligned, tid);
+    }
+    stage_commit();
+  };
+  run_steps<kStages>((K + kBwdStep - 1) / kBwdStep * 3, fetch, publish, [&](int64_t step, int buf) {
+    const int64_t i0 = (step / 3) * kBwdStep;
+    const int tq = static_cast<int>(step % 3);
+    const int64_t* grow = s_grow[buf];
+    const float* lse2 = s_lse2[buf];
+    const unsigned char* stage = smem + buf * plan.stage;
+    const T* sq = reinterpret_cast<const T*>(stage + plan.step);
+    const T* sdo = reinterpret_cast<const T*>(stage + plan.step_x);
+    const T* slss = reinterpret_cast<const T*>(stage + plan.lss);
+    if (!kDvPass && tq == 0) {
 #pragma unroll
-    for (int nt = 0; nt < kBwdStepTiles; ++nt) dl[nt][0] = dl[nt][1] = dl[nt][2] = dl[nt][3] = 0.f;
-    for (int tq = 0; tq < 3; ++tq) {
-      const int64_t cq = query_chunk_reading(ck, tq, a.n_chunks);
-      __syncthreads();  // everyone is done with the previous step's tiles
-      if (tid < kBwdStep) query_row(a, n, cq, i0 + tid, &s_qrow[tid], &s_grow[tid], &s_lse2[tid], &s_delta[tid]);
-      __syncthreads();
-      if (tq == 0) {  // lss[key, i0..i0+31] is the same for the three query chunks
-        stage_rows<T, kBwdThreads>(slss, plan.ld_lss, a.lss, s_krow, kBwdOwn, K, i0, K - i0, kBwdStep,
-                                   a.lss_aligned, tid);
-      }
-      stage_rows<T, kBwdThreads>(sq, plan.ld_cm, a.xm, s_qrow, kBwdStep, a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
-      if (kDvPass) {
-        stage_rows<T, kBwdThreads>(sdo, plan.ld_step_x, a.grad_out, s_grow, kBwdStep, a.cv, col0, cols, dv_width,
-                                   a.grad_aligned, tid);
-      } else {
-        stage_rows<T, kBwdThreads>(sdo, plan.ld_step_x, a.grad_out, s_grow, kBwdStep, a.cv, 0, a.cv, a.cv_pad,
-                                   a.grad_aligned, tid);
-      }
-      stage_wait();
-      __syncthreads();
+      for (int nt = 0; nt < kBwdStepTiles; ++nt) dl[nt][0] = dl[nt][1] = dl[nt][2] = dl[nt][3] = 0.f;
+    }
 
-      // P^T: rows = the warp's keys, columns = the step's queries.
-      Acc s[kBwdStepTiles];
+    // P^T: rows = the warp's keys, columns = the step's queries.
+    Acc s[kBwdStepTiles];
 #pragma unroll
-      for (int nt = 0; nt < kBwdStepTiles; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      gemm_rows_by_cols<T>(s, sk + warp * 16 * plan.ld_cm, plan.ld_cm, sq, plan.ld_cm, a.cm_pad, lane);
+    for (int nt = 0; nt < kBwdStepTiles; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    gemm_rows_by_cols<T>(s, sk + warp * 16 * plan.ld_cm, plan.ld_cm, sq, plan.ld_cm, a.cm_pad, lane);
 #pragma unroll
-      for (int nt = 0; nt < kBwdStepTiles; ++nt) {
+    for (int nt = 0; nt < kBwdStepTiles; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int q = nt * 8 + 2 * t + (e & 1), h = e >> 1;
-          const float score = s[nt][e] * inv[h] + static_cast<float>(slss[(key0 + 8 * h) * plan.ld_lss + q]);
-          s[nt][e] = key_valid[h] && s_grow[q] >= 0 ? exp2f(score * kBwdLog2e - s_lse2[q]) : 0.f;
-        }
-      }
-
-      if (kDvPass) {
-        gemm_acc_by_rows<T>(acc, s, sdo, plan.ld_step_x, n_col_tiles, lane);
-      } else {
-        Acc dp[kBwdStepTiles];
-#pragma unroll
-        for (int nt = 0; nt < kBwdStepTiles; ++nt) dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
-        gemm_rows_by_cols<T>(dp, sv + warp * 16 * plan.ld_own_x, plan.ld_own_x, sdo, plan.ld_step_x, a.cv_pad, lane);
-#pragma unroll
-        for (int nt = 0; nt < kBwdStepTiles; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int q = nt * 8 + 2 * t + (e & 1);
-            s[nt][e] *= dp[nt][e] - s_delta[q];  // dS^T
-            dl[nt][e] += s[nt][e];
-          }
-        }
-        gemm_acc_by_rows<T>(acc, s, sq + col0, plan.ld_cm, n_col_tiles, lane);
+      for (int e = 0; e < 4; ++e) {
+        const int q = nt * 8 + 2 * t + (e & 1), h = e >> 1;
+        const float score = s[nt][e] * inv[h] + static_cast<float>(slss[(key0 + 8 * h) * plan.ld_lss + q]);
+        s[nt][e] = key_valid[h] && grow[q] >= 0 ? exp2f(score * kBwdLog2e - lse2[q]) : 0.f;
       }
     }
-    if (!kDvPass && blockIdx.y == 0) {
+
+    if (kDvPass) {
+      gemm_acc_by_rows<T>(acc, s, sdo, plan.ld_step_x, n_col_tiles, lane);
+      return;
+    }
+    Acc dp[kBwdStepTiles];
+#pragma unroll
+    for (int nt = 0; nt < kBwdStepTiles; ++nt) dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+    gemm_rows_by_cols<T>(dp, sv + warp * 16 * plan.ld_own_x, plan.ld_own_x, sdo, plan.ld_step_x, a.cv_pad, lane);
+#pragma unroll
+    for (int nt = 0; nt < kBwdStepTiles; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int q = nt * 8 + 2 * t + (e & 1);
+        s[nt][e] *= dp[nt][e] - s_delta[buf][q];  // dS^T
+        dl[nt][e] += s[nt][e];
+      }
+    }
+    gemm_acc_by_rows<T>(acc, s, sq + col0, plan.ld_cm, n_col_tiles, lane);
+    if (tq == 2 && blockIdx.y == 0) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t kslot = s_kslot[key0 + 8 * h];
@@ -411,7 +459,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
         }
       }
     }
-  }
+  });
 
   float* slot_grad = kDvPass ? a.dv_slot : a.dkn_slot;
 #pragma unroll
