@@ -232,19 +232,9 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const 
   const float delta[2] = {s_delta[row0], s_delta[row0 + 8]};
 
   const int64_t n_keys = 3 * K;
-  struct KeyMeta {
-    int64_t row;  // key j = tid of the step (threads tid < kBwdStep): its row, -1 past 3K
-    float inv;    // and its inverse norm
-  };
-  const auto fetch = [&](int64_t step) {
-    KeyMeta k{-1, 0.f};
-    const int64_t key = step * kBwdStep + tid;
-    if (tid < kBwdStep && key < n_keys) {
-      const int64_t slot = key_chunk_of(c, static_cast<int>(key / K), a.n_chunks) * K + key % K;
-      k.row = n * L + slot_position(perm_row, slot, L, a.pad);
-      k.inv = a.inv_norm[k.row];
-    }
-    return k;
+  const auto fetch = [&](int64_t step) {  // key j = tid of the step (threads tid < kBwdStep)
+    return tid < kBwdStep ? key_meta(perm_row, a.inv_norm, n, c, step * kBwdStep + tid, L, K, a.pad, a.n_chunks)
+                          : KeyMeta{-1, 0.f};
   };
   const auto publish = [&](int buf, const KeyMeta& k) {
     if (tid < kBwdStep) {

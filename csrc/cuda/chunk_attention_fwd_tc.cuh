@@ -166,19 +166,9 @@ __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(con
   const T* qw = sq + warp * 16 * plan.ld_qk;
   const int64_t n_keys = 3 * K;
   const int64_t n_steps = (n_keys + kFwdKeys - 1) / kFwdKeys;
-  struct KeyMeta {
-    int64_t row;  // key j = tid of the step (threads tid < kFwdKeys): its row, -1 past 3K
-    float inv;    // and its inverse norm
-  };
-  const auto fetch = [&](int64_t step) {
-    KeyMeta k{-1, 0.f};
-    const int64_t key = step * kFwdKeys + tid;
-    if (tid < kFwdKeys && key < n_keys) {
-      const int64_t slot = key_chunk_of(c, static_cast<int>(key / K), a.n_chunks) * K + key % K;
-      k.row = n * L + slot_position(perm_row, slot, L, a.pad);
-      k.inv = a.inv_norm[k.row];
-    }
-    return k;
+  const auto fetch = [&](int64_t step) {  // key j = tid of the step (threads tid < kFwdKeys)
+    return tid < kFwdKeys ? key_meta(perm_row, a.inv_norm, n, c, step * kFwdKeys + tid, L, K, a.pad, a.n_chunks)
+                          : KeyMeta{-1, 0.f};
   };
   const auto publish = [&](int buf, const KeyMeta& k) {
     if (tid < kFwdKeys) {
