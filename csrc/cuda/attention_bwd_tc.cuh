@@ -17,6 +17,8 @@
 //     dS summed over t in registers.
 //   Both write the slot buffers dv_slot/dkn_slot/dlss_slot [N, Lp, *] of their keys; attention_bwd_steps.cuh
 //   scatters them to positions.
+// All three stream their steps through run_steps (staging.cuh): 16-bit tiles double-buffered, the index values
+// of a step loaded two steps ahead.
 // Torch-free: tests/cuda_emulation runs these kernels on the CPU.
 #pragma once
 

@@ -2,11 +2,12 @@
 // TF32 m16n8k8, float32 accumulation and softmax, FlashAttention-2 structure.
 //
 // Block (4 warps) = (n, round, query chunk c, query tile qt, column slice): the 64 sorted slots
-// c*K + qt*64 + 0..63 against the 3K keys of chunks c, c - 1, c + 1 (slot_layout.h), 64 keys per step, for
+// c*K + qt*64 + 0..63 against the 3K keys of chunks c, c - 1, c + 1 (slot_layout.h), 32 keys per step, for
 // value columns [slice*256, slice*256 + 256). Warp w owns query rows 16w..16w+15: their scores, running
 // max and sum, and their output accumulator stay in its registers (FragA/Acc layouts of tensor_core.cuh).
 // Per key tile: the key rows of xm, the value rows and the lss rows [key, this tile's query slots] are
-// gathered through perm into shared memory (staging.cuh), S = Q K^T runs once on tensor cores, the scores
+// gathered through perm into shared memory (staging.cuh, run_steps: the next tile's gathers overlap this
+// tile's products), S = Q K^T runs once on tensor cores, the scores
 // get the inverse key norms (computed once per call by key_norms_kernel) and lss, the online softmax
 // updates in registers, and P (rounded to the input type, as FlashAttention does) multiplies V.
 // Rows past the chunk and padded slots are computed on zeros and not stored.
