@@ -43,7 +43,6 @@ constexpr int kBwdCmCols = 64;              // dq / dkn columns per block
 constexpr int kBwdCmTiles = kBwdCmCols / 8;
 constexpr int kBwdDvCols = 256;             // dv columns per block
 constexpr int kBwdDvTiles = kBwdDvCols / 8;
-constexpr float kBwdLog2e = 1.4426950408889634f;
 
 enum class BwdPass { kDq, kDv, kScore };
 
@@ -154,46 +153,13 @@ __device__ __forceinline__ void query_row(const BackwardTcArgs<T>& a, int64_t n,
     const int64_t g = (n * a.grad_rounds + (a.grad_rounds == a.rounds ? a.round : 0)) * L + pos;
     *qrow = n * L + pos;
     *grow = g;
-    *lse2 = a.lse[g] * kBwdLog2e;
+    *lse2 = a.lse[g] * kLog2e;
     *delta = a.delta[g];
   } else {
     *qrow = -1;
     *grow = -1;
     *lse2 = 0.f;
     *delta = 0.f;
-  }
-}
-
-// acc[tiles] += A B over `depth_total` (a multiple of the mma depth): A rows from a [row][k] tile (the
-// warp's 16 rows), B = the n8 tiles of a [n][k] tile.
-template <typename T, int kTiles>
-__device__ __forceinline__ void gemm_rows_by_cols(Acc (&acc)[kTiles], const T* a_rows, int lda, const T* b_rows,
-                                                  int ldb, int depth_total, int lane) {
-  for (int kc = 0; kc < depth_total; kc += Kind<T>::kDepth) {
-    const FragA fa = load_a(a_rows + kc, lda, lane);
-#pragma unroll
-    for (int nt = 0; nt < kTiles; ++nt) mma<T>(acc[nt], fa, load_b(b_rows + nt * 8 * ldb + kc, ldb, lane));
-  }
-}
-
-// acc[tiles] += W B where W (16 x kBwdStep) sits in accumulator tiles w[kBwdStepTiles] and B is a [k][n]
-// shared tile (k = the kBwdStep streamed or owned rows), columns col0 + 8 * tile; only tiles < n_tiles run.
-template <typename T, int kTiles>
-__device__ __forceinline__ void gemm_acc_by_rows(Acc (&acc)[kTiles], const Acc (&w)[kBwdStepTiles], const T* b,
-                                                 int ldb, int n_tiles, int lane) {
-#pragma unroll
-  for (int kb = 0; kb < kBwdStep / Kind<T>::kDepth; ++kb) {
-    const FragA fa = acc_to_a<T>(&w[kb * Kind<T>::kDepth / 8]);
-    const T* bk = b + kb * Kind<T>::kDepth * ldb;
-#pragma unroll
-    for (int ct = 0; ct < kTiles; ct += 2) {
-      if (ct < n_tiles) {
-        FragB b0, b1;
-        load_b_kn_x2(b0, b1, bk + ct * 8, ldb, lane);
-        mma<T>(acc[ct], fa, b0);
-        mma<T>(acc[ct + 1], fa, b1);
-      }
-    }
   }
 }
 
@@ -227,8 +193,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const 
                              a.grad_aligned, tid);
 
   Acc dq[kBwdCmTiles];
-#pragma unroll
-  for (int ct = 0; ct < kBwdCmTiles; ++ct) dq[ct][0] = dq[ct][1] = dq[ct][2] = dq[ct][3] = 0.f;
+  zero_tiles(dq);
   const int row0 = warp * 16 + g;  // the lane's queries: row0 (h = 0) and row0 + 8 (h = 1)
   const float lse2[2] = {s_lse2[row0], s_lse2[row0 + 8]};
   const float delta[2] = {s_delta[row0], s_delta[row0 + 8]};
@@ -262,9 +227,8 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const 
     const T* slss = reinterpret_cast<const T*>(stage + plan.lss);
 
     Acc s[kBwdStepTiles], dp[kBwdStepTiles];
-#pragma unroll
-    for (int nt = 0; nt < kBwdStepTiles; ++nt)
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+    zero_tiles(s);
+    zero_tiles(dp);
     gemm_rows_by_cols<T>(s, sq + warp * 16 * plan.ld_cm, plan.ld_cm, sk, plan.ld_cm, a.cm_pad, lane);
     gemm_rows_by_cols<T>(dp, sdo + warp * 16 * plan.ld_own_x, plan.ld_own_x, sv, plan.ld_step_x, a.cv_pad, lane);
 
@@ -275,7 +239,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const 
       for (int e = 0; e < 4; ++e) {
         const int key = nt * 8 + 2 * t + (e & 1), h = e >> 1, row = row0 + 8 * h;
         const float score = s[nt][e] * kinv[key] + static_cast<float>(slss[key * plan.ld_lss + row]);
-        const float p = krow[key] >= 0 ? exp2f(score * kBwdLog2e - lse2[h]) : 0.f;
+        const float p = krow[key] >= 0 ? exp2f(score * kLog2e - lse2[h]) : 0.f;
         s[nt][e] = p * (dp[nt][e] - delta[h]) * kinv[key];
       }
     }
@@ -343,8 +307,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
   }
 
   Acc acc[kTiles];
-#pragma unroll
-  for (int ct = 0; ct < kTiles; ++ct) acc[ct][0] = acc[ct][1] = acc[ct][2] = acc[ct][3] = 0.f;
+  zero_tiles(acc);
   const int key0 = warp * 16 + g;  // the lane's keys: key0 (h = 0) and key0 + 8 (h = 1)
   const float inv[2] = {s_inv[key0], s_inv[key0 + 8]};
   const bool key_valid[2] = {s_krow[key0] >= 0, s_krow[key0 + 8] >= 0};
@@ -397,15 +360,11 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
     const T* sq = reinterpret_cast<const T*>(stage + plan.step);
     const T* sdo = reinterpret_cast<const T*>(stage + plan.step_x);
     const T* slss = reinterpret_cast<const T*>(stage + plan.lss);
-    if (!kDvPass && tq == 0) {
-#pragma unroll
-      for (int nt = 0; nt < kBwdStepTiles; ++nt) dl[nt][0] = dl[nt][1] = dl[nt][2] = dl[nt][3] = 0.f;
-    }
+    if (!kDvPass && tq == 0) zero_tiles(dl);
 
     // P^T: rows = the warp's keys, columns = the step's queries.
     Acc s[kBwdStepTiles];
-#pragma unroll
-    for (int nt = 0; nt < kBwdStepTiles; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    zero_tiles(s);
     gemm_rows_by_cols<T>(s, sk + warp * 16 * plan.ld_cm, plan.ld_cm, sq, plan.ld_cm, a.cm_pad, lane);
 #pragma unroll
     for (int nt = 0; nt < kBwdStepTiles; ++nt) {
@@ -413,7 +372,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
       for (int e = 0; e < 4; ++e) {
         const int q = nt * 8 + 2 * t + (e & 1), h = e >> 1;
         const float score = s[nt][e] * inv[h] + static_cast<float>(slss[(key0 + 8 * h) * plan.ld_lss + q]);
-        s[nt][e] = key_valid[h] && grow[q] >= 0 ? exp2f(score * kBwdLog2e - lse2[q]) : 0.f;
+        s[nt][e] = key_valid[h] && grow[q] >= 0 ? exp2f(score * kLog2e - lse2[q]) : 0.f;
       }
     }
 
@@ -422,8 +381,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
       return;
     }
     Acc dp[kBwdStepTiles];
-#pragma unroll
-    for (int nt = 0; nt < kBwdStepTiles; ++nt) dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+    zero_tiles(dp);
     gemm_rows_by_cols<T>(dp, sv + warp * 16 * plan.ld_own_x, plan.ld_own_x, sdo, plan.ld_step_x, a.cv_pad, lane);
 #pragma unroll
     for (int nt = 0; nt < kBwdStepTiles; ++nt) {

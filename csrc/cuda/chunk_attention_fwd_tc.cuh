@@ -37,7 +37,6 @@ constexpr int kFwdKeys = 32;                  // keys per step
 constexpr int kFwdCols = 256;                 // value columns per block
 constexpr int kFwdKeyTiles = kFwdKeys / 8;    // n8 tiles of a score row
 constexpr int kFwdColTiles = kFwdCols / 8;    // n8 tiles of an output row
-constexpr float kLog2e = 1.4426950408889634f;
 
 // Key steps in flight: 16-bit tiles are double-buffered (the gathers of step k + 1 run during the products of
 // step k); float32 tiles are twice as large, and two copies would leave room for one block per SM.
@@ -45,7 +44,6 @@ template <typename T>
 constexpr int fwd_stages() {
   return sizeof(T) == 2 ? 2 : 1;
 }
-constexpr float kLn2 = 0.6931471805599453f;
 
 template <typename T>
 struct ForwardTcArgs {
@@ -160,8 +158,7 @@ __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(con
   stage_rows<T, kFwdThreads>(sq, plan.ld_qk, a.xm, s_qrow, kFwdRows, a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
 
   Acc o[kFwdColTiles];
-#pragma unroll
-  for (int vt = 0; vt < kFwdColTiles; ++vt) o[vt][0] = o[vt][1] = o[vt][2] = o[vt][3] = 0.f;
+  zero_tiles(o);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows g and g + 8 of the warp, log2 domain
 
   const T* qw = sq + warp * 16 * plan.ld_qk;
@@ -197,13 +194,8 @@ __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(con
 
     // S = Q K^T for the warp's 16 rows and the step's keys.
     Acc s[kFwdKeyTiles];
-#pragma unroll
-    for (int nt = 0; nt < kFwdKeyTiles; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-    for (int kc = 0; kc < a.cm_pad; kc += Kind<T>::kDepth) {
-      const FragA qa = load_a(qw + kc, plan.ld_qk, lane);
-#pragma unroll
-      for (int nt = 0; nt < kFwdKeyTiles; ++nt) mma<T>(s[nt], qa, load_b(sk + nt * 8 * plan.ld_qk + kc, plan.ld_qk, lane));
-    }
+    zero_tiles(s);
+    gemm_rows_by_cols<T>(s, qw, plan.ld_qk, sk, plan.ld_qk, a.cm_pad, lane);
 
     // Scores in the log2 domain, then the online softmax of rows g (h = 0) and g + 8 (h = 1).
     float mx[2] = {-INFINITY, -INFINITY};
@@ -243,21 +235,7 @@ __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(con
       o[vt][3] *= rescale[1];
     }
 
-    // O += P V, P from the score registers.
-#pragma unroll
-    for (int kb = 0; kb < kFwdKeys / Kind<T>::kDepth; ++kb) {
-      const FragA pa = acc_to_a<T>(&s[kb * Kind<T>::kDepth / 8]);
-      const T* vk = sv + kb * Kind<T>::kDepth * plan.ld_v;
-#pragma unroll
-      for (int vt = 0; vt < kFwdColTiles; vt += 2) {
-        if (vt < n_col_tiles) {
-          FragB b0, b1;
-          load_b_kn_x2(b0, b1, vk + vt * 8, plan.ld_v, lane);
-          mma<T>(o[vt], pa, b0);
-          mma<T>(o[vt + 1], pa, b1);
-        }
-      }
-    }
+    gemm_acc_by_rows<T>(o, s, sv, plan.ld_v, n_col_tiles, lane);  // O += P V, P from the score registers
   });
 
 #pragma unroll

@@ -217,6 +217,49 @@ __device__ __forceinline__ void mma<float>(Acc& d, const FragA& a, const FragB& 
 }
 #endif
 
+// The kernels' softmax runs in base 2.
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int kTiles>
+__device__ __forceinline__ void zero_tiles(Acc (&acc)[kTiles]) {
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+}
+
+// acc[tiles] += A B over `depth_total` (a multiple of the mma depth): A = the warp's 16 rows of a [row][k]
+// shared tile, B = the n8 tiles of a [n][k] shared tile.
+template <typename T, int kTiles>
+__device__ __forceinline__ void gemm_rows_by_cols(Acc (&acc)[kTiles], const T* a_rows, int lda, const T* b_rows,
+                                                  int ldb, int depth_total, int lane) {
+  for (int kc = 0; kc < depth_total; kc += Kind<T>::kDepth) {
+    const FragA fa = load_a(a_rows + kc, lda, lane);
+#pragma unroll
+    for (int nt = 0; nt < kTiles; ++nt) mma<T>(acc[nt], fa, load_b(b_rows + nt * 8 * ldb + kc, ldb, lane));
+  }
+}
+
+// acc[tiles] += W B where W (16 x 8 kWTiles) sits in accumulator tiles (a score or gradient tile, reused as
+// the A operand) and B is a [k][n] shared tile of 8 kWTiles rows; only the n8 tiles below n_tiles run.
+template <typename T, int kTiles, int kWTiles>
+__device__ __forceinline__ void gemm_acc_by_rows(Acc (&acc)[kTiles], const Acc (&w)[kWTiles], const T* b, int ldb,
+                                                 int n_tiles, int lane) {
+#pragma unroll
+  for (int kb = 0; kb < 8 * kWTiles / Kind<T>::kDepth; ++kb) {
+    const FragA fa = acc_to_a<T>(&w[kb * Kind<T>::kDepth / 8]);
+    const T* bk = b + kb * Kind<T>::kDepth * ldb;
+#pragma unroll
+    for (int ct = 0; ct < kTiles; ct += 2) {
+      if (ct < n_tiles) {
+        FragB b0, b1;
+        load_b_kn_x2(b0, b1, bk + ct * 8, ldb, lane);
+        mma<T>(acc[ct], fa, b0);
+        mma<T>(acc[ct + 1], fa, b1);
+      }
+    }
+  }
+}
+
 }  // namespace tc
 }  // namespace cuda_impl
 }  // namespace dlsn
