@@ -2,8 +2,9 @@
 // an index array (the sorted slots' positions), zero-filled past the valid width and for rows marked -1.
 //
 // Aligned rows go through cp.async, 16 bytes per instruction, so the copies run while the block computes;
-// TMA cannot gather rows, cp.async can. stage_wait() ends them. Rows whose pitch or start is not 16-byte
-// aligned take plain loads; the launcher decides which (rows_aligned16) once per tensor.
+// TMA cannot gather rows, cp.async can. stage_commit() and stage_wait_groups() end them (run_steps does).
+// Rows whose pitch or start is not 16-byte aligned take plain loads; the launcher decides which
+// (rows_aligned16) once per tensor.
 // Torch-free: also compiled by the host SIMT emulator of tests/cuda_emulation.
 #pragma once
 
@@ -49,12 +50,6 @@ __device__ __forceinline__ void stage_wait_groups() {
 #elif defined(DLSN_SIMT_EMULATION) && !defined(__CUDA_ARCH__)
   simt::async_wait(kPending);
 #endif
-}
-
-// Commits and waits for all of this thread's copies.
-__device__ __forceinline__ void stage_wait() {
-  stage_commit();
-  stage_wait_groups<0>();
 }
 
 // The step loop of the attention kernels, with kStages (1 or 2) sets of shared tiles. Per step a block
