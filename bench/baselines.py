@@ -83,17 +83,18 @@ def dlsn_hash(xm: Tensor, rot: Tensor) -> Tensor:
     return torch.argmax(rotated, dim=-1)
 
 
-def sort_by_codes(codes: Tensor, n_buckets: int) -> tuple[Tensor, Tensor]:
+def sort_by_codes(codes: Tensor, n_buckets: int, stable: bool = True) -> tuple[Tensor, Tensor]:
     """The authors' single sort over all rounds: ``(indices, undo_sort)``, both ``[N, R*L]``.
 
     Codes get an offset of ``r * n_buckets`` so rounds never mix, then one sort over ``R*L``.
     ``indices % L`` is the position in each slot; ``undo_sort`` puts slots back in position order.
-    Stable, so ties keep position order (DESIGN.md 1.2).
+    Stable by default, so ties keep position order (DESIGN.md 1.2); ``stable=False`` is the authors'
+    own ``torch.sort`` (what the whole-network benchmark times).
     """
     n, rounds, _ = codes.shape
     offsets = torch.arange(rounds, device=codes.device).reshape(1, -1, 1) * n_buckets
     flat = (codes.long() + offsets).reshape(n, -1)
-    _, indices = flat.sort(dim=-1, stable=True)
+    _, indices = flat.sort(dim=-1, stable=stable)
     _, undo_sort = indices.sort(dim=-1)
     return indices, undo_sort
 
@@ -250,13 +251,15 @@ def dlsn_attention(
     rot: Tensor | None = None,
     perm: Tensor | None = None,
     return_rounds: bool = False,
+    stable: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """DLSN-style attention core (the authors' GLA): ``y [N, L, Cv]`` (or per round ``(ret, lse)``).
 
     Learned score: either ``f [N, L, C]`` and ``fc`` (``C -> K``), applied as the authors do to every
     gathered, padded, adjacent copy of ``f`` (3R times per position), or a precomputed
     ``lss [N, L, K]`` that is gathered the same way (what ``fc`` would give, 3R times cheaper).
-    Hash input: ``perm [N, R, L]``, or orthonormal ``rot [Cm, R, B]`` (argmax, stable sort).
+    Hash input: ``perm [N, R, L]``, or orthonormal ``rot [Cm, R, B]`` (argmax; a stable sort, or the
+    authors' unstable one with ``stable=False``).
     """
     _check_core_inputs(xm, v, chunk_size)
     if (perm is None) == (rot is None):
@@ -275,7 +278,7 @@ def dlsn_attention(
         rounds = rot.shape[1]
         with torch.no_grad():
             codes = dlsn_hash(xm.detach(), rot)
-        indices, undo_sort = sort_by_codes(codes, rot.shape[-1])
+        indices, undo_sort = sort_by_codes(codes, rot.shape[-1], stable)
 
     n, length, _ = xm.shape
     source = f if f is not None else lss
@@ -350,6 +353,7 @@ class DLSNStyleGLA(nn.Module):
         chunk_size: int = 144,
         n_hashes: int = 4,
         res_scale: float = 1.0,
+        stable: bool = True,
     ) -> None:
         super().__init__()
         if channels % reduction:
@@ -357,6 +361,7 @@ class DLSNStyleGLA(nn.Module):
         self.chunk_size = chunk_size
         self.n_hashes = n_hashes
         self.res_scale = res_scale
+        self.stable = stable  # False: the authors' unstable torch.sort
 
         def conv_relu(out_channels: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(channels, out_channels, 3, padding=1), nn.ReLU(inplace=True))
@@ -379,5 +384,5 @@ class DLSNStyleGLA(nn.Module):
             # The authors' draw: one orthogonal_ [Cm, B] matrix per round, on the CPU.
             rounds = [nn.init.orthogonal_(torch.empty(xm.shape[-1], n_buckets)) for _ in range(self.n_hashes)]
             rot = torch.stack(rounds, dim=1).to(device=x.device, dtype=x.dtype)
-        y = dlsn_attention(xm, v, self.chunk_size, f=f, fc=self.fc, rot=rot)
+        y = dlsn_attention(xm, v, self.chunk_size, f=f, fc=self.fc, rot=rot, stable=self.stable)
         return y.permute(0, 2, 1).reshape(n, c, h, w) * self.res_scale + x

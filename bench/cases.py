@@ -32,6 +32,7 @@ __all__ = [
     "core_case",
     "gla_case",
     "model_case",
+    "network_case",
     "allocation_case",
     "fused_impl",
     "backend_of",
@@ -220,6 +221,13 @@ def model_case(
         sync()
 
     return run
+
+
+def network_case(impl: str, preset: str, size: int, device: str = "cpu", **kwargs) -> Callable[[], None]:
+    """A whole network's train step or inference, ours or DLSN-style: :func:`bench.network.network_case`."""
+    from bench.network import network_case as build
+
+    return build(impl, preset, size, device=device, **kwargs)
 
 
 def allocation_case(megabytes: float, device: str = "cpu") -> Callable[[], None]:

@@ -261,6 +261,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                     continue
                 pairs.append((preset, backend))
         metafunc.parametrize(("model_preset", "model_backend"), pairs, ids=[f"{p}-{b}" for p, b in pairs])
+    if "network_case" in metafunc.fixturenames:
+        # Whole-network cases and impls (bench/network.py), quick or full.
+        from bench.network import network_cases, network_impls
+
+        config = metafunc.config.stash[_CONFIG_KEY]
+        net_cases = network_cases(config.quick)
+        metafunc.parametrize("network_case", net_cases, ids=[c.id for c in net_cases])
+        metafunc.parametrize("network_impl", network_impls(config.backends))
     if "scaling_side" in metafunc.fixturenames:
         # Sizes come from the test module, so each file keeps its shapes next to its tests.
         module = metafunc.module

@@ -30,16 +30,18 @@ __all__ = [
     "main",
 ]
 
-GROUP_ORDER = ("core-fwd", "core-fwdbwd", "scaling-fwd", "gla-fwd", "model-fwd")
+GROUP_ORDER = ("core-fwd", "core-fwdbwd", "scaling-fwd", "gla-fwd", "model-fwd", "network")
 GROUP_TITLES = {
     "core-fwd": "Attention core, forward (training shape)",
     "core-fwdbwd": "Attention core, forward + backward (training shape)",
     "scaling-fwd": "Attention core, inference scaling (one image)",
     "gla-fwd": "One GLA block with its convolutions, forward",
     "model-fwd": "Whole DLSN network, forward",
+    "network": "Whole DLSN network vs the same network with DLSN-style attention",
 }
 SCALING_GROUP = "scaling-fwd"
-RATIO_BASELINES = ("nlsn-style", "reference")
+# The first one a group has is its base; the whole-network group has only dlsn-style.
+RATIO_BASELINES = ("nlsn-style", "reference", "dlsn-style")
 
 
 def _impl_rank(impl: str) -> tuple[int, str]:
@@ -188,7 +190,7 @@ def render_summary(data: dict[str, Any]) -> list[str]:
     baseline that was not run (too big for the memory limit) shows as "not run" with no ratio.
     """
     lines: list[str] = []
-    columns = f"  {'case':<32} {'impl':<12}{'fused ms':>10}{'base ms':>10}{'fused MB':>10}{'base MB':>10}"
+    columns = f"  {'case':<32} {'impl':<17}{'fused ms':>10}{'base ms':>10}{'fused MB':>10}{'base MB':>10}"
     columns += f"  {'time':<13}{'peak memory':<11}"
     for group, rows in rows_by_group(data).items():
         fused = [r for r in rows if r["impl"].startswith("fused-")]
@@ -202,7 +204,7 @@ def render_summary(data: dict[str, Any]) -> list[str]:
             base = base_rows.get(r["case"], {})
             base_ms = base.get("median_ms")
             line = (
-                f"  {_clip(r['case'], 32):<32} {_clip(r['impl'], 12):<12}{_fmt(r['median_ms'], 2):>10}"
+                f"  {_clip(r['case'], 32):<32} {_clip(r['impl'], 17):<17}{_fmt(r['median_ms'], 2):>10}"
                 f"{_fmt(base_ms, 2) if base else 'not run':>10}{_fmt(r['peak_mb']):>10}{_fmt(base.get('peak_mb')):>10}"
                 f"  {_speed_words(r['median_ms'], base_ms):<13}{_memory_words(r['peak_mb'], base.get('peak_mb')):<11}"
             )

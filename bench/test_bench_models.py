@@ -7,15 +7,22 @@ Groups:
   NLSN's ``NLSAttention`` and the authors-style ``DLSNStyleGLA`` (``fc`` on every key copy).
 * ``model-fwd``: ``dlsn.models.build_model(preset, 2)`` forward on a 128x128 RGB image (the
   ``tiny`` and ``small`` presets), with our fused backend and with ``reference``.
+* ``network``: the whole ``small`` and ``paper`` DLSN x2 against the same network and weights with
+  the authors' attention (``dlsn-style``, their unstable sort): train step (forward, L1 loss,
+  backward) at N=1 and 4 on 48x48, inference at 96x96, 192x192 and 512x512, ours in float32 and
+  under bf16 autocast (``fused-<backend>-bf16``). Cases and method: ``bench/network.py``; a baseline
+  estimated above ``--mem-limit-gb`` is skipped. Paper and 512x512 cases run one round, no warm-up.
 
 ``--quick`` uses C=32, K=32, R=2 on 24x24 for the block and 24x24 images for the networks, and
-runs the (slow) reference backend on the ``tiny`` network only.
+runs the (slow) reference backend on the ``tiny`` network only; the ``network`` group runs the
+``tiny`` preset (train step on 16x16, inference on 24x24).
 """
 
 from __future__ import annotations
 
 from bench import cases
 from bench.harness import measure, skip_if_too_big, skip_unless_backend_runs
+from bench.network import measure_network
 
 GLA_BLOCK = {"channels": 256, "size": 128, "k": 128, "r": 3, "reduction": 4}
 GLA_BLOCK_QUICK = {"channels": 32, "size": 24, "k": 32, "r": 2, "reduction": 4}
@@ -61,3 +68,8 @@ def test_model(benchmark, bench_config, model_preset, model_backend):
         label=f"{preset} x{MODEL_SCALE} {size}x{size}",
         pixels=size * size,
     )
+
+
+def test_network(benchmark, bench_config, network_case, network_impl):
+    # network_case x network_impl: bench.network.network_cases / network_impls, see bench/conftest.py
+    measure_network(benchmark, bench_config, network_case, network_impl)

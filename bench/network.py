@@ -1,0 +1,250 @@
+"""Whole-network cases (bench group ``network``): DLSN with our fused attention against the same
+network with the authors' attention written their way (:class:`bench.baselines.DLSNStyleGLA`, with
+their unstable ``torch.sort``), the same weights, a train step (forward + L1 loss + backward) or one
+inference call.
+
+Implementations (``impl``):
+
+* ``fused-<backend>``: ``dlsn.models.build_model(preset, scale, backend=<backend>)`` in float32;
+* ``fused-<backend>-bf16``: the same under ``torch.autocast(<device>, dtype=torch.bfloat16)``;
+* ``dlsn-style``: the same network and weights, every ``GLA`` swapped for ``DLSNStyleGLA``, float32.
+
+:func:`network_case` is a builder in the sense of :mod:`bench.cases` (plain keyword arguments, returns
+``run()``), so :mod:`bench.memory` rebuilds it in a child process; ``bench.cases.network_case`` points
+here. :func:`measure_network` is the pytest step: it times with pytest-benchmark and measures the peak
+in a child, with fewer rounds for cases that take tens of seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bench import baselines
+from bench.harness import BenchConfig, skip_if_too_big, skip_unless_backend_runs
+from bench.memory import MemoryMeasurementError, measure_peak
+
+__all__ = [
+    "BF16_SUFFIX",
+    "NetworkCase",
+    "dlsn_style_network",
+    "estimate_network_bytes",
+    "measure_network",
+    "network_case",
+    "network_cases",
+    "network_impls",
+]
+
+BF16_SUFFIX = "-bf16"
+GROUP = "network"
+
+
+@dataclass(frozen=True)
+class NetworkCase:
+    """One whole-network case: ``preset`` x``scale`` on ``n`` images of ``size x size`` LR pixels."""
+
+    preset: str
+    size: int
+    n: int = 1
+    train: bool = False
+    scale: int = 2
+
+    @property
+    def label(self) -> str:
+        what = f"train N={self.n}" if self.train else ("infer" if self.n == 1 else f"infer N={self.n}")
+        return f"{self.preset} x{self.scale} {what} {self.size}x{self.size}"
+
+    @property
+    def id(self) -> str:
+        return self.label.replace(" ", "-").replace("=", "")
+
+    @property
+    def heavy(self) -> bool:
+        """Tens of seconds per call on a 2-core CPU: one timed round, no warm-up calls."""
+        return self.preset == "paper" or self.size >= 512
+
+
+def network_cases(quick: bool) -> list[NetworkCase]:
+    """The issue-19 cases: train step at N=1 and 4 on 48x48, inference at 96, 192 and 512 (``small`` and
+    ``paper``); quick mode: the ``tiny`` preset on 16x16 (train) and 24x24 (inference)."""
+    if quick:
+        return [NetworkCase("tiny", 16, n=1, train=True), NetworkCase("tiny", 24)]
+    out = []
+    for preset in ("small", "paper"):
+        out += [NetworkCase(preset, 48, n=n, train=True) for n in (1, 4)]
+        out += [NetworkCase(preset, size) for size in (96, 192, 512)]
+    return out
+
+
+def network_impls(backends: tuple[str, ...]) -> list[str]:
+    """Ours in float32 and under bf16 autocast, per backend, then the DLSN-style network."""
+    out = []
+    for backend in backends:
+        out += [f"fused-{backend}", f"fused-{backend}{BF16_SUFFIX}"]
+    return [*out, "dlsn-style"]
+
+
+def _split_impl(impl: str) -> tuple[str, bool]:
+    """``fused-cpu-bf16`` -> (``fused-cpu``, True); ``dlsn-style`` -> (``dlsn-style``, False)."""
+    if impl.startswith("fused-") and impl.endswith(BF16_SUFFIX):
+        return impl[: -len(BF16_SUFFIX)], True
+    return impl, False
+
+
+def dlsn_style_network(model: nn.Module, stable: bool = False) -> nn.Module:
+    """``model`` with every ``dlsn.models.GLA`` replaced, in place, by a ``DLSNStyleGLA`` holding its weights.
+
+    ``stable=False`` is the authors' own unstable sort. Returns ``model``.
+    """
+    from dlsn.models import GLA
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, GLA):
+                swap = baselines.DLSNStyleGLA(child.channels, child.reduction, child.chunk_size, child.n_hashes,
+                                              child.res_scale, stable=stable)
+                swap.load_state_dict(child.state_dict())
+                setattr(parent, name, swap.to(next(child.parameters()).device))
+    return model
+
+
+@contextlib.contextmanager
+def _autocast(device: torch.device, bf16: bool) -> Iterator[None]:
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        yield
+
+
+def network_case(
+    impl: str,
+    preset: str,
+    size: int,
+    n: int = 1,
+    train: bool = False,
+    scale: int = 2,
+    channels_last: bool = False,
+    seed: int = 0,
+    device: str = "cpu",
+) -> Callable[[], None]:
+    """A whole network's train step (``train``: forward, L1 loss, backward, no optimiser step) or one
+    inference call (eval mode, no graph) on ``n x 3 x size x size`` images in ``[0, 255]``.
+
+    ``channels_last``: model and input in ``torch.channels_last`` memory format.
+    """
+    from dlsn.models import build_model
+
+    dev = torch.device(device)
+    base, bf16 = _split_impl(impl)
+    if base == "dlsn-style":
+        backend = "reference"  # never runs: every GLA is swapped out below
+    elif base.startswith("fused-"):
+        backend = base[len("fused-"):]
+    else:
+        raise ValueError(f"unknown impl {impl!r}; use {', '.join(network_impls(('<backend>',)))}")
+    torch.manual_seed(seed)
+    model = build_model(preset, scale, backend=backend)
+    if base == "dlsn-style":
+        dlsn_style_network(model)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(dev, memory_format=fmt)
+    gen = torch.Generator().manual_seed(seed)
+    lr = (torch.rand(n, 3, size, size, generator=gen) * 255.0).to(dev).contiguous(memory_format=fmt)
+    sync: Callable[[], None] = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+
+    if not train:
+        model.eval()
+
+        def run() -> None:
+            with torch.no_grad(), _autocast(dev, bf16):
+                model(lr)
+            sync()
+
+        return run
+
+    model.train()
+    hr = (torch.rand(n, 3, size * scale, size * scale, generator=gen) * 255.0).to(dev)
+
+    def run_train() -> None:
+        model.zero_grad(set_to_none=True)
+        with _autocast(dev, bf16):
+            sr: Tensor = model(lr)
+        F.l1_loss(sr.float(), hr).backward()
+        sync()
+
+    return run_train
+
+
+def estimate_network_bytes(impl: str, preset: str, size: int, n: int = 1, train: bool = False,
+                           scale: int = 2) -> int:
+    """Rough peak extra bytes, to skip a DLSN-style network that would not fit (good to ~2x).
+
+    Feature maps: about 4 live ``[N, C, H, W]`` maps in inference, about 20 kept per group for the
+    backward (12 in the LFFBs, the GLA's, the group conv), plus the upsampler's. DLSN-style adds its
+    materialised attention (``bench.cases.estimate_core_bytes``): one block at a time in inference, every
+    block's saved tensors in a train step.
+    """
+    from bench.cases import estimate_core_bytes
+    from dlsn.models import preset_config
+
+    config = preset_config(preset, scale)
+    c, groups = config["n_feats"], config["n_resgroups"]
+    k, r, reduction = config["chunk_size"], config["n_hashes"], config["reduction"]
+    fmap = n * c * size * size * 4
+    maps = (20 * groups + 8) * fmap if train else 4 * fmap
+    maps += 2 * n * c * size * size * scale * scale * 4  # upsampler output and the last conv's input
+    base, _ = _split_impl(impl)
+    if base != "dlsn-style":
+        return maps
+    core = estimate_core_bytes("dlsn-style", n, size, size, c // reduction, c, k, r, backward=train)
+    return maps + core * (groups if train else 1)
+
+
+def measure_network(benchmark, config: BenchConfig, case: NetworkCase, impl: str, *,
+                    channels_last: bool = False) -> None:
+    """Times one case with pytest-benchmark here, then its peak extra memory in a child process.
+
+    Heavy cases (``NetworkCase.heavy``) get one timed round with no warm-up, and the child measures its
+    first call: each costs two calls, not seven. Skips a baseline that would not fit the memory limit.
+    """
+    base, bf16 = _split_impl(impl)
+    skip_unless_backend_runs(base, config.device)
+    if bf16 and torch.device(config.device).type == "cpu" and not _cpu_bf16_works():
+        pytest.skip("torch.autocast('cpu', bfloat16) does not run here")
+    kwargs = {"impl": impl, "preset": case.preset, "size": case.size, "n": case.n, "train": case.train,
+              "scale": case.scale, "channels_last": channels_last}
+    estimate = estimate_network_bytes(impl, case.preset, case.size, case.n, case.train, case.scale)
+    skip_if_too_big(base, estimate, config)
+    benchmark.group = GROUP
+    benchmark.extra_info.update({"impl": impl, "case": case.label, "pixels": case.size ** 2,
+                                 "device": config.device, "threads": config.threads,
+                                 "estimate_mb": round(estimate / 2**20, 1), "channels_last": channels_last})
+    heavy = case.heavy and not config.quick
+    rounds = 1 if config.quick or heavy else config.rounds
+    run = network_case(**kwargs, device=config.device)
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0 if heavy else 1)
+    del run
+    gc.collect()
+    if torch.device(config.device).type == "cuda":
+        torch.cuda.empty_cache()
+    if config.measure_memory:
+        try:
+            peak = measure_peak("bench.cases:network_case", kwargs, config.device, threads=config.threads,
+                                warmup=not heavy, timeout_s=1800.0)
+        except MemoryMeasurementError as exc:
+            pytest.fail(f"peak memory of {impl} {case.label}: {exc}")
+        benchmark.extra_info.update(peak.as_extra_info())
+
+
+def _cpu_bf16_works() -> bool:
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.functional.conv2d(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 1, 1))
+    except RuntimeError:
+        return False
+    return True
