@@ -3,13 +3,16 @@
 The library behind ``python -m dlsn.eval`` (``dlsn/eval.py``, the command line), also used by training
 (periodic validation) and ``dlsn.upscale`` (the self-ensemble). An *upscaler* (``UpscaleFn``) maps
 ``lr [N, 3, h, w]`` in [0, 1] to ``sr [N, 3, s*h, s*w]`` in [0, 1]: ``bicubic_upscaler`` or a network
-through ``model_upscaler``. Each LR image goes through it whole; the output is rounded to 8 bits and
-scored against the HR (cropped to ``scale`` times the LR size) with ``dlsn.metrics.psnr_y`` / ``ssim_y``.
+through ``model_upscaler``. Each LR image goes through it whole, or in pieces: ``forward_chop`` (the
+authors' ``--chop`` protocol, four overlapping quadrants, recursively) or ``forward_tiled`` (overlapping
+tiles blended across the seams). The output is rounded to 8 bits and scored against the HR (cropped to
+``scale`` times the LR size) with ``dlsn.metrics.psnr_y`` / ``ssim_y``.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -64,16 +67,134 @@ def self_ensemble(model_fn: Callable[[Tensor], Tensor], lr: Tensor) -> Tensor:
     return total / 8.0
 
 
+# --------------------------------------------------------------------------------------------------
+# Whole images in pieces: the authors' chop protocol and overlapping tiles
+
+
+def forward_chop(model: Callable[[Tensor], Tensor], lr: Tensor, scale: int, shave: int = 10,
+                 min_size: int = 120000) -> Tensor:
+    """``model`` over ``lr [N, C, h, w]`` in four overlapping quadrants, the authors' ``--chop``.
+
+    The protocol of EDSR's ``forward_chop`` (the DLSN code's ``src/model/__init__.py``, one GPU): each
+    quadrant is ``h // 2 + shave`` by ``w // 2 + shave`` LR pixels, its height then raised by
+    ``4 - height % 4`` and its width by ``8 - width % 8`` (a full 4 or 8 when already a multiple, as
+    there). Quadrants of at least ``min_size`` LR pixels are chopped again the same way; the others go
+    through ``model`` one at a time. The output takes each quadrant's corner of ``scale * h // 2`` by
+    ``scale * w // 2`` (its far side), so every output pixel comes from exactly one quadrant.
+    """
+    _, _, h, w = lr.shape
+    h_half, w_half = h // 2, w // 2
+    h_size, w_size = h_half + shave, w_half + shave
+    h_size += 4 - h_size % 4
+    w_size += 8 - w_size % 8
+    if h_size > h or w_size > w:
+        # The authors' slicing would read past the image here and return garbage.
+        raise ValueError(f"forward_chop: a {w}x{h} LR image is too small to chop with shave={shave} "
+                         f"(its quadrants would be {w_size}x{h_size})")
+    crops = [lr[:, :, :h_size, :w_size], lr[:, :, :h_size, w - w_size:],
+             lr[:, :, h - h_size:, :w_size], lr[:, :, h - h_size:, w - w_size:]]
+    if h_size * w_size < min_size:
+        outs = [model(crop) for crop in crops]
+    else:
+        outs = [forward_chop(model, crop, scale, shave, min_size) for crop in crops]
+    H, W, H_half, W_half, H_size, W_size = (scale * v for v in (h, w, h_half, w_half, h_size, w_size))
+    out = outs[0].new_empty(outs[0].shape[0], outs[0].shape[1], H, W)
+    out[:, :, :H_half, :W_half] = outs[0][:, :, :H_half, :W_half]
+    out[:, :, :H_half, W_half:] = outs[1][:, :, :H_half, W_size - W + W_half:]
+    out[:, :, H_half:, :W_half] = outs[2][:, :, H_size - H + H_half:, :W_half]
+    out[:, :, H_half:, W_half:] = outs[3][:, :, H_size - H + H_half:, W_size - W + W_half:]
+    return out
+
+
+MIN_TILE = 2  # a 1-pixel tile is not something to super-resolve
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Starts of tiles of length ``tile`` covering ``[0, size)``, consecutive ones overlapping by
+    at least ``overlap``; the last tile is moved back to end at the border."""
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    return [*range(0, size - tile, stride), size - tile]
+
+
+def _ramp(length: int, overlap: float, fade_in: bool, fade_out: bool) -> Tensor:
+    """1-D blending weight of one tile (``length`` and ``overlap`` in output pixels).
+
+    On a side shared with a neighbour the weight is 0 over the first quarter of the overlap (pixels
+    that saw the tile's artificial border), then rises linearly to 1 over the next half; the
+    neighbour's weight falls over the same pixels, so the two cross-fade and sum to 1.
+    """
+    weight = torch.ones(length)
+    if overlap > 0:
+        rise = (torch.arange(length, dtype=torch.float32) + 0.5 - overlap / 4) / (overlap / 2)
+        if fade_in:
+            weight = torch.minimum(weight, rise.clamp(0, 1))
+        if fade_out:
+            weight = torch.minimum(weight, rise.flip(0).clamp(0, 1))
+    # Never exactly 0: with extreme tile/overlap settings every output pixel still gets weight.
+    return weight.clamp_min(1e-6)
+
+
+def forward_tiled(forward: Callable[[Tensor], Tensor], x: Tensor, scale: int, tile: int, overlap: int) -> Tensor:
+    """``forward`` over overlapping ``tile x tile`` crops of ``x [N, C, h, w]``, blended.
+
+    Equals ``forward(x)`` when ``tile >= max(h, w)``, and for a network whose receptive radius is at
+    most ``overlap / 4`` input pixels (the blend ignores each tile's outer quarter-overlap). The
+    output is accumulated on the CPU (float32): only one tile's activations live on the device.
+    """
+    if tile < MIN_TILE:
+        raise ValueError(f"tile must be >= {MIN_TILE}, got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile_overlap must be in [0, tile={tile}), got {overlap}")
+    n, _, height, width = x.shape
+    rows, cols = _tile_starts(height, tile, overlap), _tile_starts(width, tile, overlap)
+    if len(rows) == 1 and len(cols) == 1:
+        return forward(x)
+    total: Tensor | None = None
+    weight_sum = torch.zeros(1, 1, height * scale, width * scale)
+    for top, left in itertools.product(rows, cols):
+        th, tw = min(tile, height), min(tile, width)
+        out = forward(x[:, :, top : top + th, left : left + tw]).float().cpu()
+        if total is None:
+            total = torch.zeros(n, out.shape[1], height * scale, width * scale)
+        wy = _ramp(th * scale, overlap * scale, top > 0, top + th < height)
+        wx = _ramp(tw * scale, overlap * scale, left > 0, left + tw < width)
+        weight = (wy[:, None] * wx[None, :])[None, None]
+        region = (slice(None), slice(None), slice(top * scale, (top + th) * scale),
+                  slice(left * scale, (left + tw) * scale))
+        total[region] += out * weight
+        weight_sum[region] += weight
+    assert total is not None
+    return (total / weight_sum).to(x.device)
+
+
+def pieces(forward: Callable[[Tensor], Tensor], scale: int, *, chop: bool = False, tile: int | None = None,
+           tile_overlap: int = 16) -> Callable[[Tensor], Tensor]:
+    """``forward`` run whole, through ``forward_chop`` (``chop``) or through ``forward_tiled`` (``tile``)."""
+    if chop and tile is not None:
+        raise ValueError("chop and tile are two ways of cutting the image: choose one")
+    if chop:
+        return lambda x: forward_chop(forward, x, scale)
+    if tile is not None:
+        return lambda x: forward_tiled(forward, x, scale, tile, tile_overlap)
+    return forward
+
+
 def bicubic_upscaler(scale: int) -> UpscaleFn:
     """The bicubic baseline as an ``UpscaleFn`` (MATLAB-style ``imresize(lr, scale)``)."""
     return lambda lr: bicubic_upsample(lr, scale)
 
 
-def model_upscaler(model: nn.Module, rgb_range: float = 255.0, ensemble: bool = False) -> UpscaleFn:
-    """A network as an ``UpscaleFn``: ``sr_forward`` without gradients, optionally self-ensembled."""
+def model_upscaler(model: nn.Module, rgb_range: float = 255.0, ensemble: bool = False, *, chop: bool = False,
+                   tile: int | None = None, tile_overlap: int = 16) -> UpscaleFn:
+    """A network as an ``UpscaleFn``: ``sr_forward`` without gradients, optionally self-ensembled, each
+    pass whole, chopped (``chop``: the authors' protocol) or tiled (``tile``, ``tile_overlap``: LR pixels)."""
+    cut = chop or tile is not None
+    run = pieces(model, int(model.scale) if cut else 1, chop=chop, tile=tile, tile_overlap=tile_overlap)
 
     def one_pass(lr: Tensor) -> Tensor:
-        return sr_forward(model, lr, rgb_range)
+        return sr_forward(run, lr, rgb_range)
 
     def upscale(lr: Tensor) -> Tensor:
         with torch.inference_mode():
