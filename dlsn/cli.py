@@ -1,6 +1,8 @@
 """What the command-line tools share at their boundary: how errors, Ctrl-C and notes are printed.
 
 - A :class:`~dlsn.errors.UserInputError` prints as ``<prog>: error: <one line>`` and exits 2.
+- Unreadable images, one policy for train, eval and upscale: the tool goes on with the readable ones,
+  lists the others in one ``failed: ...`` line at the end (``format_failures``) and exits 1.
 - Ctrl-C prints ``<prog>: interrupted ...`` (one line, saying what was kept) and exits 130.
 - Anything else is a bug and keeps its traceback.
 """
@@ -16,6 +18,7 @@ from dlsn.errors import UserInputError, one_line
 
 __all__ = [
     "EXIT_INTERRUPTED",
+    "EXIT_SOME_FAILED",
     "EXIT_USAGE",
     "check_backend",
     "format_conversions",
@@ -24,6 +27,7 @@ __all__ = [
     "run_tool",
 ]
 
+EXIT_SOME_FAILED = 1  # done with every readable image; the others are listed
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C
 
@@ -82,7 +86,7 @@ def check_backend(backend: str | None, device: torch.device) -> str | None:
     if name not in dlsn_kernels.BACKENDS:
         raise UserInputError(f"--backend {backend!r} is not a backend; choose one of "
                              f"{', '.join(dlsn_kernels.BACKENDS)}")
-    reason = dlsn_kernels.available_backends(device)[name]
+    reason = dlsn_kernels.available_backends(device)[name].reason
     if reason is not None:
         raise UserInputError(f"--backend {name} cannot run on {device.type} here: {reason}")
     return name

@@ -22,6 +22,7 @@ from dlsn.data import (
 from dlsn.data.degradations import gaussian_blur, gaussian_kernel
 from dlsn.data.imresize import bicubic_downsample, cubic, resize_matrix
 from dlsn.data.samples import SAMPLE_NAMES, TRAIN_NAMES, VAL_NAMES, load_sample, train_val_split
+from dlsn.errors import UserInputError
 from dlsn.images import read_image, tensor_to_uint8, uint8_to_tensor, write_image
 
 # --------------------------------------------------------------------------------------------------
@@ -484,6 +485,29 @@ def test_paired_dataset_errors(tmp_path):
     (tmp_path / "lr" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read image"):
         PairedFolderDataset(tmp_path / "hr", tmp_path / "lr", 2, train=False)
+
+
+def test_paired_folder_skips_or_defers_unreadable_pairs(tmp_path):
+    # One policy for every tool: the readable pairs are used, the others listed (training), or refused
+    # when their item is read (evaluation goes on with the rest).
+    write_image(tmp_path / "hr" / "a.png", uint8_image(20, 24, 0))
+    write_image(tmp_path / "lr" / "ax2.png", uint8_image(10, 12, 1))
+    write_image(tmp_path / "hr" / "b.png", uint8_image(20, 24, 2))
+    (tmp_path / "lr" / "bx2.png").write_bytes(b"not a png")
+    for cache in (True, False):
+        data = PairedFolderDataset(tmp_path / "hr", tmp_path / "lr", 2, train=False, cache=cache,
+                                   skip_unreadable=True)
+        assert data.names == ["a"] and len(data) == 1 and data[0]["hr"].shape == (3, 20, 24)
+        assert len(data.failed) == 1 and data.failed[0][0] == "lr/bx2.png"
+        assert "cannot read image" in data.failed[0][1] and "bx2.png" in data.failed[0][1]
+    deferred = PairedFolderDataset(tmp_path / "hr", tmp_path / "lr", 2, train=False, cache=False)
+    assert deferred.names == ["a", "b"] and deferred.failed == []
+    assert deferred[0]["name"] == "a"
+    with pytest.raises(UserInputError, match="cannot read image .*bx2.png"):
+        deferred[1]
+    (tmp_path / "lr" / "ax2.png").write_bytes(b"nor this")
+    with pytest.raises(UserInputError, match="no readable image pairs .*ax2.png .*bx2.png"):
+        PairedFolderDataset(tmp_path / "hr", tmp_path / "lr", 2, train=False, skip_unreadable=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -209,6 +209,25 @@ def test_init_from_x2_weights_for_x3(hr_folder, tmp_path, capsys):
     x3 = load_checkpoint(tmp_path / "x3" / "last.pt")
     assert x3["config"]["scale"] == 3
 
+    # A resumed run continues its own network: another scale, network setting or --init-from is one line.
+    resume = ["--resume", tmp_path / "x3" / "last.pt", "--max-steps", 2, "--no-progress"]
+    path = tmp_path / "x3" / "last.pt"
+    for extra, message in (
+        (["--preset", "tiny", "--scale", 2], f"--resume: {path} is an x3 run; it cannot continue at --scale 2 "
+                                             f"(to train x2 from its weights, start a new run with --init-from "),
+        (["--model-arg", "n_feats=8"], f"--resume: {path} holds a network with n_feats="),
+        (["--model-arg", "colour=1"], f"--resume: {path} holds a network with no such settings"),
+        (["--init-from", tmp_path / "elsewhere.pt"], "--resume: a resumed run continues from its own weights"),
+        (["--preset", "cnn"], f"--resume: {path} is a 'tiny' run; it cannot continue as --preset cnn"),
+    ):
+        code, _ = run([*resume, *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"dlsn.train: error: {message}") and err.count("\n") == 1, err
+    assert load_checkpoint(path)["step"] == 1
+    # The run's own command repeated with --resume fits.
+    code, printed = run([*resume, "--scale", 3, "--init-from", x2 / "last.pt", "--preset", "tiny"], capsys)
+    assert code == 0 and "resumed at step 1" in printed and load_checkpoint(path)["step"] == 2
+
 
 def test_div2k_layout_trains_on_stored_pairs_and_validates_on_valid(hr_folder, tmp_path, capsys):
     root = tmp_path / "DIV2K"
@@ -458,18 +477,40 @@ def test_kill_9_during_a_checkpoint_write_leaves_a_last_pt_that_resumes(hr_folde
 # A careless user's inputs
 
 
-def test_bad_images_in_the_data_folder_are_listed_in_one_line(hr_folder, tmp_path, capsys):
+def test_bad_images_in_the_data_folder_are_left_out_listed_and_exit_1(hr_folder, tmp_path, capsys):
+    # The policy of eval and upscale: go on with the readable images, list the others, exit with 1.
     data = tmp_path / "data"
     data.mkdir()
     for source in sorted(hr_folder.iterdir()):
         (data / source.name).write_bytes(source.read_bytes())
     (data / "img1.png").write_bytes(b"not a png")
     (data / "img2.png").write_text("nor this")
+    code, _ = run(["--data", data, "--max-steps", 2, "--out", tmp_path / "out", *TINY])
+    out, err = capsys.readouterr()
+    assert code == 1 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("dlsn.train:")]
+    listed = "dlsn.train: failed: 2 of 5 images: img1.png (cannot read image"
+    assert len(lines) == 2 and all(line.startswith(listed) for line in lines), err
+    assert "img2.png (cannot read image" in lines[0] and lines[0].endswith("; training on the others")
+    assert "2 HR images for training" in out and "held out img4" in out
+    assert (tmp_path / "out" / "last.pt").is_file()
+    assert load_checkpoint(tmp_path / "out" / "last.pt")["step"] == 2
+
+
+def test_a_folder_without_enough_readable_images_is_one_line(hr_folder, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.png", "b.png"):
+        (data / name).write_bytes(b"not a png")
     code, _ = run(["--data", data, "--max-steps", 1, "--out", tmp_path / "out", *TINY])
     err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
-    assert err.startswith(f"dlsn.train: error: --data {data}: failed: 2 of 5 images: img1.png (cannot read")
-    assert "img2.png (cannot read image" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"dlsn.train: error: --data {data}: no readable image: failed: 2 of 2 images: a.png")
+    (data / "c.png").write_bytes((hr_folder / "img0.png").read_bytes())
+    code, _ = run(["--data", data, "--max-steps", 1, "--out", tmp_path / "out", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"dlsn.train: error: --data {data}: 1 image(s) readable (of 3); need "
+                                        "more than the 1 held out")
     assert not (tmp_path / "out").exists()
 
 

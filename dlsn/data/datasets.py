@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 
 from dlsn.data.degradations import add_noise, degrade, normalize_degradation, quantize_8bit
 from dlsn.data.imresize import imresize
-from dlsn.errors import UserInputError
+from dlsn.errors import UserInputError, one_line
 from dlsn.images import (
     IMAGE_EXTENSIONS,
     decode_image,
@@ -378,7 +378,7 @@ def _image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as image:
             width, height = image.size
     except (OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
+        raise UserInputError(f"cannot read image {path}: {one_line(error)}") from error
     return height, width
 
 
@@ -404,6 +404,10 @@ class PairedFolderDataset(_PairDataset):
         otherwise whole images with the HR cropped to ``scale`` times the LR size.
     cache: decode every image once at construction and keep it (DIV2K x2 train: about 8 GB); with False,
         files are decoded at every access (sizes are still checked up front from the headers).
+    skip_unreadable: a pair with a file that cannot be read is left out and listed in ``failed``
+        (``(file name, reason)``) instead of raising :class:`~dlsn.errors.UserInputError`. Without it and
+        with ``cache=False``, such a pair raises that error when its item is read (as
+        ``DegradedFolderDataset`` does), so an evaluation can go on with the other images.
     """
 
     def __init__(
@@ -417,27 +421,40 @@ class PairedFolderDataset(_PairDataset):
         repeat: int = 1,
         augment: bool = True,
         cache: bool = True,
+        skip_unreadable: bool = False,
     ) -> None:
         super().__init__(scale, train, patch_size, repeat, augment)
         self.hr_dir, self.lr_dir = Path(hr_dir), Path(lr_dir)
-        pairs = match_pairs(self.hr_dir, self.lr_dir, scale)
-        self.names = [stem for stem, _, _ in pairs]
-        self.paths = [(hr, lr) for _, hr, lr in pairs]
         self.cache = cache
         self.conversions: dict[str, str] = {}  # file name -> what reading it as 8-bit RGB changed
+        self.failed: list[tuple[str, str]] = []  # (file name, why it was left out), with skip_unreadable
         self._cached: list[tuple[np.ndarray, np.ndarray]] = []
-        self._hr_crop: list[tuple[int, int]] = []
-        for name, (hr_path, lr_path) in zip(self.names, self.paths, strict=True):
-            if cache:
-                lr, hr = self._read(lr_path), self._read(hr_path)
-                lr_size, hr_size = lr.shape[:2], hr.shape[:2]
-            else:
-                lr_size, hr_size = _image_size(lr_path), _image_size(hr_path)
-            crop = hr_crop_for(lr_size, hr_size, scale, name)
-            self._check_patch_fits(name, lr_size)
-            self._hr_crop.append(crop)
-            if cache:
-                self._cached.append((lr, hr[: crop[0], : crop[1]]))
+        self.names, self.paths = [], []
+        for name, hr_path, lr_path in match_pairs(self.hr_dir, self.lr_dir, scale):
+            try:
+                if cache:
+                    lr, hr = self._read(lr_path), self._read(hr_path)
+                    lr_size, hr_size = lr.shape[:2], hr.shape[:2]
+                else:
+                    lr_size, hr_size = _image_size(lr_path), _image_size(hr_path)
+            except UserInputError as error:
+                if skip_unreadable:
+                    bad = lr_path if str(lr_path) in str(error) else hr_path
+                    self.failed.append((f"{bad.parent.name}/{bad.name}", one_line(error)))
+                    continue
+                if cache:
+                    raise
+                lr_size = hr_size = None  # read (and refused) at access
+            if lr_size is not None and hr_size is not None:
+                crop = hr_crop_for(lr_size, hr_size, scale, name)
+                self._check_patch_fits(name, lr_size)
+                if cache:
+                    self._cached.append((lr, hr[: crop[0], : crop[1]]))
+            self.names.append(name)
+            self.paths.append((hr_path, lr_path))
+        if not self.names:
+            raise UserInputError(f"no readable image pairs in {self.hr_dir} and {self.lr_dir}: "
+                                 + "; ".join(f"{n} ({why})" for n, why in self.failed))
 
     def _read(self, path: Path) -> np.ndarray:
         image, conversion = decode_image(path)

@@ -30,12 +30,17 @@ class Data:
     val_full: Dataset  # the final score (whole images)
     description: str
     conversions: list[tuple[str, str]] = field(default_factory=list)  # (file, what reading it changed)
+    # (file, why): unreadable images left out; the run trains on the rest, lists them and exits with 1
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    total: int = 0  # image files found, readable or not (for the failure line)
 
 
-def read_images(paths: Sequence[Path], conversions: list[tuple[str, str]]) -> dict[str, Any]:
-    """``{stem: [H, W, 3] uint8}`` of every file; raises one error listing all unreadable files (a run
-    on part of the data would not be the run asked for). Conversions to 8-bit RGB go to ``conversions``."""
-    images, failed = {}, []
+def read_images(paths: Sequence[Path], conversions: list[tuple[str, str]],
+                failed: list[tuple[str, str]]) -> dict[str, Any]:
+    """``{stem: [H, W, 3] uint8}`` of every readable file. Like eval and upscale, training goes on with
+    the readable images: each unreadable one goes to ``failed`` (file name, reason), conversions to
+    8-bit RGB go to ``conversions``. No readable image at all is an error."""
+    images = {}
     for path in paths:
         try:
             images[path.stem], conversion = decode_image(path)
@@ -44,8 +49,8 @@ def read_images(paths: Sequence[Path], conversions: list[tuple[str, str]]) -> di
             continue
         if conversion is not None:
             conversions.append((path.name, conversion))
-    if failed:
-        raise TrainError(format_failures(failed, len(paths)))
+    if paths and not images:
+        raise TrainError(f"no readable image: {format_failures(failed, len(paths))}")
     return images
 
 
@@ -97,13 +102,18 @@ def build_data(s: Settings) -> Data:
     if not paths:
         raise TrainError(f"--data {root}: no images found directly inside it (looked for "
                          f"{', '.join(IMAGE_EXTENSIONS)}) and it is not a DIV2K root (no DIV2K_train_HR)")
-    n_val = s.val_images or (2 if len(paths) >= 4 else 1)
-    if len(paths) <= n_val:
-        raise TrainError(f"--data {root}: {len(paths)} image(s); need more than the {n_val} held out for "
-                         f"validation (lower --val-images or add images)")
     conversions: list[tuple[str, str]] = []
+    failed: list[tuple[str, str]] = []
     try:
-        images = read_images(paths, conversions)
+        images = read_images(paths, conversions, failed)
+    except TrainError as error:
+        raise TrainError(f"--data {root}: {one_line(error)}") from error
+    n_val = s.val_images or (2 if len(images) >= 4 else 1)
+    if len(images) <= n_val:
+        unreadable = f" readable (of {len(paths)})" if failed else ""
+        raise TrainError(f"--data {root}: {len(images)} image(s){unreadable}; need more than the {n_val} held "
+                         f"out for validation (lower --val-images or add images)")
+    try:
         names = list(images)
         train_images = {n: images[n] for n in names[:-n_val]}
         val_images = {n: images[n] for n in names[-n_val:]}
@@ -112,7 +122,7 @@ def build_data(s: Settings) -> Data:
         raise TrainError(f"--data {root}: {one_line(error)}") from error
     desc = (f"{root}: {len(train_images)} HR images for training{_pyramid_note(s)}, "
             f"held out {', '.join(val_images)}")
-    return Data(train, val, val_full, desc, conversions)
+    return Data(train, val, val_full, desc, conversions, failed, len(paths))
 
 
 def _div2k_data(root: Path, s: Settings) -> Data:
@@ -125,22 +135,27 @@ def _div2k_data(root: Path, s: Settings) -> Data:
 def _div2k_datasets(root: Path, s: Settings) -> Data:
     n_val = s.val_images or 10
     conversions: list[tuple[str, str]] = []
+    failed: list[tuple[str, str]] = []
+    train_hr = list_images(root / "DIV2K_train_HR")
     if s.degradation == "BI":
-        paired = PairedFolderDataset.from_div2k(root, s.scale, "train", train=True, patch_size=s.patch_size)
+        paired = PairedFolderDataset.from_div2k(root, s.scale, "train", train=True, patch_size=s.patch_size,
+                                                skip_unreadable=True)
         conversions += list(paired.conversions.items())
+        failed += paired.failed
         train: Dataset = paired
     else:
-        paths = list_images(root / "DIV2K_train_HR")
-        train = HRImageDataset(read_images(paths, conversions), s.scale, train=True,
+        train = HRImageDataset(read_images(train_hr, conversions, failed), s.scale, train=True,
                                patch_size=s.patch_size, degradation=s.degradation,
                                noise_sigma=s.noise_sigma, seed=s.seed, pyramid=s.pyramid)
     desc = f"DIV2K at {root}: {len(train)} training images"
     valid_hr = root / "DIV2K_valid_HR"
     if valid_hr.is_dir():
         paths = list_images(valid_hr)[:n_val]
-        images = read_images(paths, conversions)
+        images = read_images(paths, conversions, failed)
         if s.degradation == "BI" and (root / "DIV2K_valid_LR_bicubic" / f"X{s.scale}").is_dir():
-            full = PairedFolderDataset.from_div2k(root, s.scale, "valid", train=False, cache=False)
+            full = PairedFolderDataset.from_div2k(root, s.scale, "valid", train=False, cache=False,
+                                                  skip_unreadable=True)
+            failed += [item for item in full.failed if item not in failed]
             val_full: Dataset = Subset(full, range(min(n_val, len(full))))
         else:
             val_full = HRImageDataset(images, s.scale, train=False, degradation=s.degradation,
@@ -149,14 +164,13 @@ def _div2k_datasets(root: Path, s: Settings) -> Data:
                              degradation=s.degradation, noise_sigma=s.noise_sigma, seed=s.seed) \
             if s.val_crop else val_full
         return Data(train, val, val_full, desc + f", validation on {len(val_full)} of DIV2K_valid",
-                    conversions)
+                    conversions, failed, len(train_hr) + len(paths))
     # No validation split: hold nothing out, validate on a few training images (said so in the log).
-    hr = list_images(root / "DIV2K_train_HR")[:n_val]
-    images = read_images(hr, conversions)
+    images = read_images(train_hr[:n_val], conversions, [])  # their failures are listed already
     val = HRImageDataset(_with_crops(images, s.val_crop), s.scale, train=False, degradation=s.degradation,
                          noise_sigma=s.noise_sigma, seed=s.seed)
     return Data(train, val, val, desc + " (no DIV2K_valid_HR: validating on training images)",
-                list(dict.fromkeys(conversions)))
+                list(dict.fromkeys(conversions)), list(dict.fromkeys(failed)), len(train_hr))
 
 
 class EpochSampler(Sampler[int]):

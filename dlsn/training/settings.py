@@ -78,6 +78,30 @@ def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
     return parsed
 
 
+def check_resume_fits(args: argparse.Namespace, saved: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+    """A resumed run continues its own network: ``--preset``, ``--scale``, ``--model-arg`` and ``--init-from``
+    given on the command line must agree with the checkpoint (``saved``: its settings, ``config``: its
+    network), else one line says what differs. Data and optimisation settings may change."""
+    preset = saved.get("preset")
+    if args.preset is not None and preset not in (None, args.preset):
+        raise TrainError(f"--resume: {path} is a {preset!r} run; it cannot continue as --preset {args.preset}")
+    scale = saved.get("scale", config.get("scale"))
+    if args.scale is not None and scale is not None and int(scale) != args.scale:
+        raise TrainError(f"--resume: {path} is an x{scale} run; it cannot continue at --scale {args.scale} "
+                         f"(to train x{args.scale} from its weights, start a new run with --init-from {path})")
+    given = _given(args, "model_args") or {}
+    differ = {key: value for key, value in given.items() if key not in config or config[key] != value}
+    if differ:
+        changes = " ".join(f"{key}={value!r}" for key, value in differ.items())
+        had = ", ".join(f"{key}={config[key]!r}" for key in differ if key in config) or "no such settings"
+        raise TrainError(f"--resume: {path} holds a network with {had}; it cannot continue with --model-arg "
+                         f"{changes} (start a new run for another network)")
+    init_from = getattr(args, "init_from", None)
+    if init_from is not None and str(init_from) != str(saved.get("init_from")):
+        raise TrainError(f"--resume: a resumed run continues from its own weights in {path}; drop --init-from "
+                         f"{init_from}")
+
+
 def resolve_settings(args: argparse.Namespace, saved: dict[str, Any] | None) -> Settings:
     """Command line, else the resumed run's value (``saved``), else the preset's default."""
     saved = saved or {}

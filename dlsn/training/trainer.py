@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dlsn.cli import EXIT_INTERRUPTED, check_backend, format_conversions
+from dlsn.cli import EXIT_INTERRUPTED, EXIT_SOME_FAILED, check_backend, format_conversions, format_failures
 from dlsn.errors import UserInputError, one_line
 from dlsn.models.checkpoint import load_checkpoint, load_weights, restore, save_checkpoint
 from dlsn.models.presets import model_from_config, preset_config
@@ -32,7 +32,7 @@ from .processes import StopFlag, ThreadTuner, barrier, cpu_thread_budget, setup_
 from .report import announce, final_report, format_minutes, validate
 from .run_folder import RunLog, find_resume_file, run_folder
 from .schedule import LRSchedule
-from .settings import SCHEDULE_SETTINGS, TrainError, resolve_settings
+from .settings import SCHEDULE_SETTINGS, TrainError, check_resume_fits, resolve_settings
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -98,9 +98,7 @@ class Trainer:
             except UserInputError as error:
                 raise TrainError(f"--resume: {one_line(error)}") from error
             saved_settings = saved.get("extra", {}).get("settings") or {}
-            if args.preset is not None and saved_settings.get("preset") not in (None, args.preset):
-                raise TrainError(f"--resume: {self.resume_path} is a {saved_settings.get('preset')!r} run; "
-                                 f"it cannot continue as --preset {args.preset}")
+            check_resume_fits(args, saved_settings, saved.get("config") or {}, self.resume_path)
             self.s = resolve_settings(args, saved_settings)
         else:
             self.s = preliminary
@@ -111,6 +109,8 @@ class Trainer:
         self.data = build_data(s)
         if self.data.conversions:
             self.say(f"note: {format_conversions(self.data.conversions)}")
+        if self.data.failed:  # the policy of eval and upscale: go on with the rest, list them, exit with 1
+            self.say(f"dlsn.train: {self.failures_line()}; training on the others", file=sys.stderr)
         self.config, self.net = self._build_model(saved, backend)
         self.rgb_range = float(self.config.get("rgb_range", 255.0))
         if s.init_from is not None and saved is None:
@@ -355,7 +355,13 @@ class Trainer:
                 self.save_last()
                 raise
         barrier(procs)
-        return EXIT_INTERRUPTED if interrupted else 0
+        if interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_SOME_FAILED if self.data.failed else 0
+
+    def failures_line(self) -> str:
+        """``failed: 1 of 5 images: a.png (cannot read ...)``: the images the run left out."""
+        return format_failures(self.data.failed, self.data.total or len(self.data.failed))
 
     def _agree(self, loss: Tensor, signalled: bool) -> tuple[float, bool, bool]:
         """(mean loss over processes, whether any was signalled, whether to stop): one all-reduce per step.
@@ -427,3 +433,5 @@ class Trainer:
             val_psnr = self.run_validation()
             self.checkpoint(self.out / "last.pt")
             final_report(self, val_psnr)
+            if self.data.failed:
+                self.say(f"dlsn.train: {self.failures_line()}", file=sys.stderr)
