@@ -1,7 +1,7 @@
 """Super-resolve images with a trained checkpoint.
 
     python -m dlsn.upscale IN OUT --checkpoint FILE [--device D] [--backend B]
-                           [--n-hashes R] [--seed S] [--tile T --tile-overlap O] [--self-ensemble]
+                           [--n-hashes R] [--seed S] [--tile T --tile-overlap O | --chop] [--self-ensemble]
 
 IN is an image or a folder of images; OUT is the output image (or a folder: then each result is
 written there as ``<name>_x<scale>.png``; a folder IN needs a folder OUT). The scale comes from
@@ -9,6 +9,8 @@ the checkpoint (ours, or an authors' state dict). By default every image goes th
 in one pass, so GLA sees the whole image; ``--tile`` cuts big images into overlapping tiles
 (sizes in input pixels) whose outputs cross-fade linearly inside the overlaps. GLA is
 global, so tiled results differ slightly from whole-image ones; tiles bound the memory.
+``--chop`` runs the authors' protocol instead (``dlsn.evaluation.forward_chop``: four overlapping
+quadrants, split again while one holds 120000 LR pixels or more), as their published test command does.
 Hash rotations are drawn from ``--seed`` (default 0), so the same command gives the same pixels.
 
 A folder run upscales every image it can read, lists the others at the end and exits with status 1;
@@ -20,7 +22,6 @@ Images that are not 8-bit RGB (RGBA, greyscale, 16-bit) are converted, and one l
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from dlsn.cli import check_backend, format_conversions, format_failures, pick_device, run_tool
 from dlsn.errors import UserInputError, one_line
+from dlsn.evaluation import forward_tiled, pieces
 from dlsn.evaluation import self_ensemble as eight_fold_ensemble
 from dlsn.images import (
     IMAGE_EXTENSIONS,
@@ -52,70 +54,6 @@ MIN_SIDE = 2  # a 1-pixel-wide image is not something to super-resolve
 Forward = Callable[[Tensor], Tensor]
 
 
-def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Starts of tiles of length ``tile`` covering ``[0, size)``, consecutive ones overlapping by
-    at least ``overlap``; the last tile is moved back to end at the border."""
-    if size <= tile:
-        return [0]
-    stride = tile - overlap
-    return [*range(0, size - tile, stride), size - tile]
-
-
-def _ramp(length: int, overlap: float, fade_in: bool, fade_out: bool) -> Tensor:
-    """1-D blending weight of one tile (``length`` and ``overlap`` in output pixels).
-
-    On a side shared with a neighbour the weight is 0 over the first quarter of the overlap (pixels
-    that saw the tile's artificial border), then rises linearly to 1 over the next half; the
-    neighbour's weight falls over the same pixels, so the two cross-fade and sum to 1.
-    """
-    weight = torch.ones(length)
-    if overlap > 0:
-        rise = (torch.arange(length, dtype=torch.float32) + 0.5 - overlap / 4) / (overlap / 2)
-        if fade_in:
-            weight = torch.minimum(weight, rise.clamp(0, 1))
-        if fade_out:
-            weight = torch.minimum(weight, rise.flip(0).clamp(0, 1))
-    # Never exactly 0: with extreme tile/overlap settings every output pixel still gets weight.
-    return weight.clamp_min(1e-6)
-
-
-def forward_tiled(forward: Forward, x: Tensor, scale: int, tile: int, overlap: int) -> Tensor:
-    """``forward`` over overlapping ``tile x tile`` crops of ``x [N, C, h, w]``, blended.
-
-    Equals ``forward(x)`` when ``tile >= max(h, w)``, and for a network whose receptive radius is at
-    most ``overlap / 4`` input pixels (the blend ignores each tile's outer quarter-overlap). The
-    output is accumulated on the CPU (float32): only one tile's activations live on the device.
-    """
-    if tile < MIN_SIDE:
-        raise ValueError(f"tile must be >= {MIN_SIDE}, got {tile}")
-    if not 0 <= overlap < tile:
-        raise ValueError(f"tile_overlap must be in [0, tile={tile}), got {overlap}")
-    n, _, height, width = x.shape
-    rows, cols = _tile_starts(height, tile, overlap), _tile_starts(width, tile, overlap)
-    if len(rows) == 1 and len(cols) == 1:
-        return forward(x)
-    total: Tensor | None = None
-    weight_sum = torch.zeros(1, 1, height * scale, width * scale)
-    for top, left in itertools.product(rows, cols):
-        th, tw = min(tile, height), min(tile, width)
-        out = forward(x[:, :, top : top + th, left : left + tw]).float().cpu()
-        if total is None:
-            total = torch.zeros(n, out.shape[1], height * scale, width * scale)
-        wy = _ramp(th * scale, overlap * scale, top > 0, top + th < height)
-        wx = _ramp(tw * scale, overlap * scale, left > 0, left + tw < width)
-        weight = (wy[:, None] * wx[None, :])[None, None]
-        region = (
-            slice(None),
-            slice(None),
-            slice(top * scale, (top + th) * scale),
-            slice(left * scale, (left + tw) * scale),
-        )
-        total[region] += out * weight
-        weight_sum[region] += weight
-    assert total is not None
-    return (total / weight_sum).to(x.device)
-
-
 def upscale_tensor(
     model: nn.Module,
     x: Tensor,
@@ -123,14 +61,12 @@ def upscale_tensor(
     tile: int | None = None,
     tile_overlap: int = 16,
     self_ensemble: bool = False,
+    chop: bool = False,
 ) -> Tensor:
-    """``x [N, 3, h, w]`` (in the model's ``[0, rgb_range]``) -> ``[N, 3, h*s, w*s]``, no gradients."""
-    scale = model.scale
+    """``x [N, 3, h, w]`` (in the model's ``[0, rgb_range]``) -> ``[N, 3, h*s, w*s]``, no gradients.
 
-    def one_pass(t: Tensor) -> Tensor:
-        if tile is None:
-            return model(t)
-        return forward_tiled(model, t, scale, tile, tile_overlap)
+    ``chop``: the authors' protocol (``dlsn.evaluation.forward_chop``); ``tile``: overlapping tiles."""
+    one_pass = pieces(model, model.scale, chop=chop, tile=tile, tile_overlap=tile_overlap)
 
     with torch.inference_mode():
         return eight_fold_ensemble(one_pass, x) if self_ensemble else one_pass(x)
@@ -144,6 +80,7 @@ def upscale_array(
     tile: int | None = None,
     tile_overlap: int = 16,
     self_ensemble: bool = False,
+    chop: bool = False,
 ) -> np.ndarray:
     """``[h, w, 3]`` uint8 -> ``[h*s, w*s, 3]`` uint8."""
     height, width = image.shape[:2]
@@ -151,7 +88,7 @@ def upscale_array(
         raise UserInputError(f"image is {width}x{height} pixels; the smallest input is {MIN_SIDE}x{MIN_SIDE}")
     rgb_range = float(model.config.get("rgb_range", 255.0))
     x = uint8_to_tensor(image, rgb_range).unsqueeze(0).to(device)
-    y = upscale_tensor(model, x, tile=tile, tile_overlap=tile_overlap, self_ensemble=self_ensemble)
+    y = upscale_tensor(model, x, tile=tile, tile_overlap=tile_overlap, self_ensemble=self_ensemble, chop=chop)
     return tensor_to_uint8(y[0], rgb_range)
 
 
@@ -219,6 +156,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--self-ensemble", action="store_true", help="average over 8 flips/transposes (x8 time)"
     )
+    parser.add_argument(
+        "--chop", action="store_true",
+        help="the authors' --chop: four overlapping quadrants (shave 10), split again while one has "
+             ">= 120000 LR pixels (not with --tile)",
+    )
     return parser
 
 
@@ -239,6 +181,8 @@ class _Run:
         args = self.args
         if args.n_hashes is not None and args.n_hashes < 1:
             raise UserInputError(f"--n-hashes must be >= 1, got {args.n_hashes}")
+        if args.chop and args.tile is not None:
+            raise UserInputError("--chop and --tile are two ways of cutting the image: give one")
         if args.tile is not None and not 0 <= args.tile_overlap < args.tile:
             raise UserInputError(
                 f"--tile-overlap must be in [0, --tile), got {args.tile_overlap} with tile {args.tile}"
@@ -277,7 +221,8 @@ class _Run:
         if conversion is not None:
             self.conversions.append((source.name, conversion))
         result = upscale_array(model, image, device=device, tile=self.args.tile,
-                               tile_overlap=self.args.tile_overlap, self_ensemble=self.args.self_ensemble)
+                               tile_overlap=self.args.tile_overlap, self_ensemble=self.args.self_ensemble,
+                               chop=self.args.chop)
         try:
             write_image(target, result)
         except OSError as error:
