@@ -142,32 +142,49 @@ inline int64_t tc_backward_slices(BwdPass pass, int64_t cm, int64_t cv) {
   return cm <= kBwdCmCols ? 1 : (cm + kBwdCmCols - 1) / kBwdCmCols;
 }
 
-// Query slot i of chunk c in round a.round: fills its xm row, dO row, lse (log2 domain) and delta, or -1 rows
-// and zeros for slots past the chunk and padded slots.
+// The block's batch row n of every input, and of the gradient round it reads, offset once so that the staging
+// works with 32-bit positions as row indices.
 template <typename T>
-__device__ __forceinline__ void query_row(const BackwardTcArgs<T>& a, int64_t n, int64_t c, int64_t i,
-                                          int64_t* qrow, int64_t* grow, float* lse2, float* delta) {
-  const int64_t L = a.length, K = a.chunk, slot = c * K + i;
-  if (i < K && slot < L) {
-    const int64_t pos = a.perm[(n * a.rounds + a.round) * L + slot];
-    const int64_t g = (n * a.grad_rounds + (a.grad_rounds == a.rounds ? a.round : 0)) * L + pos;
-    *qrow = n * L + pos;
-    *grow = g;
-    *lse2 = a.lse[g] * kLog2e;
-    *delta = a.delta[g];
-  } else {
-    *qrow = -1;
-    *grow = -1;
-    *lse2 = 0.f;
-    *delta = 0.f;
+struct BackwardBases {
+  const T *xm, *v, *lss, *grad_out;
+  const float *lse, *delta, *inv_norm;
+};
+
+template <typename T>
+__device__ __forceinline__ BackwardBases<T> backward_bases(const BackwardTcArgs<T>& a, int64_t n) {
+  const int64_t L = a.length, grad_row = (n * a.grad_rounds + (a.grad_rounds == a.rounds ? a.round : 0)) * L;
+  return {a.xm + n * L * a.cm, a.v + n * L * a.cv, a.lss + n * L * a.chunk, a.grad_out + grad_row * a.cv,
+          a.lse + grad_row, a.delta + grad_row, a.inv_norm + n * L};
+}
+
+template <typename T>
+__device__ __forceinline__ RowLayout32 backward_layout(const BackwardTcArgs<T>& a, int64_t n) {
+  return {a.perm + (n * a.rounds + a.round) * a.length, static_cast<int>(a.length), static_cast<int>(a.chunk),
+          static_cast<int>(a.pad), static_cast<int>(a.n_chunks)};
+}
+
+// Query slot i of chunk c: its position (the row of xm and of the gradient round), lse (log2 domain) and
+// delta, or -1 and zeros for slots past the chunk and padded slots.
+struct QueryMeta {
+  int pos;
+  float lse2, delta;
+};
+
+template <typename T>
+__device__ __forceinline__ QueryMeta query_meta(const RowLayout32& layout, const BackwardBases<T>& b, int c, int i) {
+  const int slot = c * layout.chunk + i;
+  if (i < layout.chunk && slot < layout.length) {
+    const int pos = static_cast<int>(layout.perm_row[slot]);
+    return {pos, b.lse[pos] * kLog2e, b.delta[pos]};
   }
+  return {-1, 0.f, 0.f};
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const BackwardTcArgs<T> a) {
   constexpr int kStages = bwd_stages<T>();
   DLSN_DYNAMIC_SHARED(smem);
-  __shared__ int64_t s_qrow[kBwdOwn], s_grow[kBwdOwn], s_krow[kStages][kBwdStep];
+  __shared__ int s_qpos[kBwdOwn], s_krow[kStages][kBwdStep];
   __shared__ float s_lse2[kBwdOwn], s_delta[kBwdOwn], s_inv[kStages][kBwdStep];
 
   const BackwardTcSmem plan = tc_backward_smem<T>(BwdPass::kDq, a.cm_pad, a.cv_pad);
@@ -176,21 +193,29 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const 
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = group_of(lane), t = thread_in_group(lane);
-  const BlockWork work = decode_block(blockIdx.x, a.n_own_tiles, a.n_chunks, 1);
-  const int64_t qt = work.tile, c = work.chunk, n = work.n;
-  const int64_t L = a.length, K = a.chunk;
-  const int64_t* perm_row = a.perm + (n * a.rounds + a.round) * L;
-  const int64_t q0 = qt * kBwdOwn;
-  const int64_t cm0 = int64_t(blockIdx.y) * kBwdCmCols;
-  const int64_t cols = a.cm - cm0 < kBwdCmCols ? a.cm - cm0 : kBwdCmCols;
-  const int n_col_tiles = static_cast<int>((cols + 7) / 8);
+  const BlockWork32 work = decode_block32(blockIdx.x, static_cast<unsigned>(a.n_own_tiles),
+                                          static_cast<unsigned>(a.n_chunks), 1u);
+  const int qt = work.tile, c = work.chunk;
+  const int64_t n = work.n;
+  const int K = static_cast<int>(a.chunk), cm = static_cast<int>(a.cm), cv = static_cast<int>(a.cv);
+  const RowLayout32 layout = backward_layout(a, n);
+  const BackwardBases<T> base = backward_bases(a, n);
+  const int q0 = qt * kBwdOwn;
+  const int cm0 = static_cast<int>(blockIdx.y) * kBwdCmCols;
+  const int cols = cm - cm0 < kBwdCmCols ? cm - cm0 : kBwdCmCols;
+  const int n_col_tiles = (cols + 7) / 8;
 
-  if (tid < kBwdOwn) query_row(a, n, c, q0 + tid, &s_qrow[tid], &s_grow[tid], &s_lse2[tid], &s_delta[tid]);
+  if (tid < kBwdOwn) {
+    const QueryMeta q = query_meta(layout, base, c, q0 + tid);
+    s_qpos[tid] = q.pos;
+    s_lse2[tid] = q.lse2;
+    s_delta[tid] = q.delta;
+  }
   __syncthreads();
   // Their copies join the first step's group.
-  stage_rows<T, kBwdThreads>(sq, plan.ld_cm, a.xm, s_qrow, kBwdOwn, a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
-  stage_rows<T, kBwdThreads>(sdo, plan.ld_own_x, a.grad_out, s_grow, kBwdOwn, a.cv, 0, a.cv, a.cv_pad,
-                             a.grad_aligned, tid);
+  stage_rows<T, kBwdThreads>(sq, plan.ld_cm, base.xm, s_qpos, kBwdOwn, cm, cm, a.cm_pad, a.xm_aligned, tid);
+  stage_rows<T, kBwdThreads>(sdo, plan.ld_own_x, base.grad_out, s_qpos, kBwdOwn, cv, cv, a.cv_pad, a.grad_aligned,
+                             tid);
 
   Acc dq[kBwdCmTiles];
   zero_tiles(dq);
@@ -198,28 +223,27 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const 
   const float lse2[2] = {s_lse2[row0], s_lse2[row0 + 8]};
   const float delta[2] = {s_delta[row0], s_delta[row0 + 8]};
 
-  const int64_t n_keys = 3 * K;
-  const auto fetch = [&](int64_t step) {  // key j = tid of the step (threads tid < kBwdStep)
-    return tid < kBwdStep ? key_meta(perm_row, a.inv_norm, n, c, step * kBwdStep + tid, L, K, a.pad, a.n_chunks)
-                          : KeyMeta{-1, 0.f};
+  const auto fetch = [&](int step) {  // key j = tid of the step (threads tid < kBwdStep)
+    return tid < kBwdStep ? key_meta(layout, base.inv_norm, c, step * kBwdStep + tid) : KeyMeta{-1, 0.f};
   };
+  const T* lss_q = base.lss + q0;
   const auto publish = [&](int buf, const KeyMeta& k) {
     if (tid < kBwdStep) {
-      s_krow[buf][tid] = k.row;
+      s_krow[buf][tid] = k.pos;
       s_inv[buf][tid] = k.inv;
     }
     __syncthreads();
     unsigned char* stage = smem + buf * plan.stage;
-    stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.step), plan.ld_cm, a.xm, s_krow[buf], kBwdStep,
-                               a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
-    stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.step_x), plan.ld_step_x, a.v, s_krow[buf], kBwdStep,
-                               a.cv, 0, a.cv, a.cv_pad, a.v_aligned, tid);
-    stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.lss), plan.ld_lss, a.lss, s_krow[buf], kBwdStep, K,
-                               q0, K - q0, kBwdOwn, a.lss_aligned, tid);
+    stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.step), plan.ld_cm, base.xm, s_krow[buf], kBwdStep,
+                               cm, cm, a.cm_pad, a.xm_aligned, tid);
+    stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.step_x), plan.ld_step_x, base.v, s_krow[buf],
+                               kBwdStep, cv, cv, a.cv_pad, a.v_aligned, tid);
+    stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.lss), plan.ld_lss, lss_q, s_krow[buf], kBwdStep, K,
+                               K - q0, kBwdOwn, a.lss_aligned, tid);
     stage_commit();
   };
-  run_steps<kStages>((n_keys + kBwdStep - 1) / kBwdStep, fetch, publish, [&](int64_t, int buf) {
-    const int64_t* krow = s_krow[buf];
+  run_steps<kStages>((3 * K + kBwdStep - 1) / kBwdStep, fetch, publish, [&](int, int buf) {
+    const int* krow = s_krow[buf];
     const float* kinv = s_inv[buf];
     const unsigned char* stage = smem + buf * plan.stage;
     const T* sk = reinterpret_cast<const T*>(stage + plan.step);
@@ -249,8 +273,8 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = row0 + 8 * h;
-    if (s_grow[row] < 0) continue;
-    float* dq_row = a.dq_acc + s_qrow[row] * a.cm + cm0;
+    if (s_qpos[row] < 0) continue;
+    float* dq_row = a.dq_acc + (n * a.length + s_qpos[row]) * a.cm + cm0;
 #pragma unroll
     for (int ct = 0; ct < kBwdCmTiles; ++ct) {
 #pragma unroll
@@ -266,7 +290,7 @@ template <typename T, bool kDvPass>
 __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(const BackwardTcArgs<T> a) {
   constexpr int kStages = bwd_stages<T>();
   DLSN_DYNAMIC_SHARED(smem);
-  __shared__ int64_t s_krow[kBwdOwn], s_kslot[kBwdOwn], s_qrow[kStages][kBwdStep], s_grow[kStages][kBwdStep];
+  __shared__ int s_krow[kBwdOwn], s_kslot[kBwdOwn], s_qpos[kStages][kBwdStep];
   __shared__ float s_inv[kBwdOwn], s_lse2[kStages][kBwdStep], s_delta[kStages][kBwdStep];
 
   constexpr BwdPass kPass = kDvPass ? BwdPass::kDv : BwdPass::kScore;
@@ -278,32 +302,33 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = group_of(lane), t = thread_in_group(lane);
-  const BlockWork work = decode_block(blockIdx.x, a.n_own_tiles, a.n_chunks, 1);
-  const int64_t kt = work.tile, ck = work.chunk, n = work.n;
-  const int64_t L = a.length, K = a.chunk, Lp = a.padded_length;
-  const int64_t* perm_row = a.perm + (n * a.rounds + a.round) * L;
-  const int64_t col0 = int64_t(blockIdx.y) * kCols;
-  const int64_t width = kDvPass ? a.cv : a.cm;
-  const int64_t cols = width - col0 < kCols ? width - col0 : kCols;
-  const int n_col_tiles = static_cast<int>((cols + 7) / 8);
+  const BlockWork32 work = decode_block32(blockIdx.x, static_cast<unsigned>(a.n_own_tiles),
+                                          static_cast<unsigned>(a.n_chunks), 1u);
+  const int kt = work.tile, ck = work.chunk;
+  const int64_t n = work.n;
+  const int K = static_cast<int>(a.chunk), cm = static_cast<int>(a.cm), cv = static_cast<int>(a.cv);
+  const int64_t Lp = a.padded_length;
+  const RowLayout32 layout = backward_layout(a, n);
+  const BackwardBases<T> base = backward_bases(a, n);
+  const int col0 = static_cast<int>(blockIdx.y) * kCols;
+  const int width = kDvPass ? cv : cm;
+  const int cols = width - col0 < kCols ? width - col0 : kCols;
+  const int n_col_tiles = (cols + 7) / 8;
   const int dv_width = (n_col_tiles + 1) / 2 * 16;  // dO columns staged by the dv pass: whole tile pairs
 
   if (tid < kBwdOwn) {
-    const int64_t j = kt * kBwdOwn + tid;
-    int64_t row = -1, slot = -1;
-    if (j < K) {
-      slot = ck * K + j;
-      row = n * L + slot_position(perm_row, slot, L, a.pad);
-    }
+    const int j = kt * kBwdOwn + tid;
+    const int slot = j < K ? ck * K + j : -1;
+    const int pos = slot >= 0 ? layout.position(slot) : -1;
     s_kslot[tid] = slot;
-    s_krow[tid] = row;
-    s_inv[tid] = row >= 0 ? a.inv_norm[row] : 0.f;
+    s_krow[tid] = pos;
+    s_inv[tid] = pos >= 0 ? base.inv_norm[pos] : 0.f;
   }
   __syncthreads();
   // Their copies join the first step's group.
-  stage_rows<T, kBwdThreads>(sk, plan.ld_cm, a.xm, s_krow, kBwdOwn, a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
+  stage_rows<T, kBwdThreads>(sk, plan.ld_cm, base.xm, s_krow, kBwdOwn, cm, cm, a.cm_pad, a.xm_aligned, tid);
   if (!kDvPass) {
-    stage_rows<T, kBwdThreads>(sv, plan.ld_own_x, a.v, s_krow, kBwdOwn, a.cv, 0, a.cv, a.cv_pad, a.v_aligned, tid);
+    stage_rows<T, kBwdThreads>(sv, plan.ld_own_x, base.v, s_krow, kBwdOwn, cv, cv, a.cv_pad, a.v_aligned, tid);
   }
 
   Acc acc[kTiles];
@@ -314,47 +339,36 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
   Acc dl[kBwdStepTiles];  // score pass: dlss of (key, query slot i0 + column), summed over t
 
   // Steps: query slots i0 = 32 qs .. 32 qs + 31 (qs outer) of the query chunks c', c'+1, c'-1 (t inner).
-  struct QueryMeta {
-    int64_t step, qrow, grow;  // query i0 + tid of the step (threads tid < kBwdStep)
-    float lse2, delta;
-  };
-  const auto fetch = [&](int64_t step) {
-    QueryMeta q{step, -1, -1, 0.f, 0.f};
-    if (tid < kBwdStep) {
-      const int64_t cq = query_chunk_reading(ck, static_cast<int>(step % 3), a.n_chunks);
-      query_row(a, n, cq, (step / 3) * kBwdStep + tid, &q.qrow, &q.grow, &q.lse2, &q.delta);
-    }
+  const auto fetch = [&](int step) {  // query i0 + tid of the step (threads tid < kBwdStep)
+    QueryMeta q{-1, 0.f, 0.f};
+    if (tid < kBwdStep) q = query_meta(layout, base, layout.query_chunk(ck, step % 3), (step / 3) * kBwdStep + tid);
     return q;
   };
+  const T* go_cols = kDvPass ? base.grad_out + col0 : base.grad_out;
+  int publish_step = 0;  // publish is called once per step, in order
   const auto publish = [&](int buf, const QueryMeta& q) {
     if (tid < kBwdStep) {
-      s_qrow[buf][tid] = q.qrow;
-      s_grow[buf][tid] = q.grow;
+      s_qpos[buf][tid] = q.pos;
       s_lse2[buf][tid] = q.lse2;
       s_delta[buf][tid] = q.delta;
     }
     __syncthreads();
-    const int64_t i0 = (q.step / 3) * kBwdStep;
+    const int i0 = (publish_step++ / 3) * kBwdStep;
     unsigned char* stage = smem + buf * plan.stage;
     // lss[key, i0..i0+31] is the same for the three query chunks; staged with each, like the rest
-    stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.lss), plan.ld_lss, a.lss, s_krow, kBwdOwn, K, i0,
+    stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.lss), plan.ld_lss, base.lss + i0, s_krow, kBwdOwn, K,
                                K - i0, kBwdStep, a.lss_aligned, tid);
-    stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.step), plan.ld_cm, a.xm, s_qrow[buf], kBwdStep,
-                               a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
+    stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.step), plan.ld_cm, base.xm, s_qpos[buf], kBwdStep,
+                               cm, cm, a.cm_pad, a.xm_aligned, tid);
     T* sdo = reinterpret_cast<T*>(stage + plan.step_x);
-    if (kDvPass) {
-      stage_rows<T, kBwdThreads>(sdo, plan.ld_step_x, a.grad_out, s_grow[buf], kBwdStep, a.cv, col0, cols, dv_width,
-                                 a.grad_aligned, tid);
-    } else {
-      stage_rows<T, kBwdThreads>(sdo, plan.ld_step_x, a.grad_out, s_grow[buf], kBwdStep, a.cv, 0, a.cv, a.cv_pad,
-                                 a.grad_aligned, tid);
-    }
+    stage_rows<T, kBwdThreads>(sdo, plan.ld_step_x, go_cols, s_qpos[buf], kBwdStep, cv, kDvPass ? cols : cv,
+                               kDvPass ? dv_width : a.cv_pad, a.grad_aligned, tid);
     stage_commit();
   };
-  run_steps<kStages>((K + kBwdStep - 1) / kBwdStep * 3, fetch, publish, [&](int64_t step, int buf) {
-    const int64_t i0 = (step / 3) * kBwdStep;
-    const int tq = static_cast<int>(step % 3);
-    const int64_t* grow = s_grow[buf];
+  run_steps<kStages>((K + kBwdStep - 1) / kBwdStep * 3, fetch, publish, [&](int step, int buf) {
+    const int i0 = (step / 3) * kBwdStep;
+    const int tq = step % 3;
+    const int* qpos = s_qpos[buf];
     const float* lse2 = s_lse2[buf];
     const unsigned char* stage = smem + buf * plan.stage;
     const T* sq = reinterpret_cast<const T*>(stage + plan.step);
@@ -372,7 +386,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
       for (int e = 0; e < 4; ++e) {
         const int q = nt * 8 + 2 * t + (e & 1), h = e >> 1;
         const float score = s[nt][e] * inv[h] + static_cast<float>(slss[(key0 + 8 * h) * plan.ld_lss + q]);
-        s[nt][e] = key_valid[h] && grow[q] >= 0 ? exp2f(score * kLog2e - lse2[q]) : 0.f;
+        s[nt][e] = key_valid[h] && qpos[q] >= 0 ? exp2f(score * kLog2e - lse2[q]) : 0.f;
       }
     }
 
@@ -396,7 +410,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
     if (tq == 2 && blockIdx.y == 0) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t kslot = s_kslot[key0 + 8 * h];
+        const int kslot = s_kslot[key0 + 8 * h];
         if (kslot < 0) continue;
         float* row = a.dlss_slot + (n * Lp + kslot) * K + i0;
 #pragma unroll
@@ -414,7 +428,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
   float* slot_grad = kDvPass ? a.dv_slot : a.dkn_slot;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int64_t kslot = s_kslot[key0 + 8 * h];
+    const int kslot = s_kslot[key0 + 8 * h];
     if (kslot < 0) continue;
     float* row = slot_grad + (n * Lp + kslot) * width + col0;
 #pragma unroll

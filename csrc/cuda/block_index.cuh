@@ -25,22 +25,72 @@ __host__ __device__ inline BlockWork decode_block(int64_t block, int64_t n_tiles
   return w;
 }
 
-// Key `key` (0..3K-1, DESIGN.md 1.4 order) of query chunk c in a row of perm: its xm row n*L + position and its
-// inverse norm; row -1 and norm 0 past 3K.
+// The same decomposition in 32-bit arithmetic, for the tensor-core kernels (gridDim.x < 2^31): a 32-bit
+// division is a few instructions, a 64-bit one a subroutine.
+struct BlockWork32 {
+  int tile, chunk, round, n;
+};
+
+__host__ __device__ inline BlockWork32 decode_block32(unsigned block, unsigned n_tiles, unsigned n_chunks,
+                                                      unsigned n_rounds) {
+  BlockWork32 w;
+  unsigned rest = block / n_tiles;
+  w.tile = static_cast<int>(block - rest * n_tiles);
+  block = rest;
+  rest = block / n_chunks;
+  w.chunk = static_cast<int>(block - rest * n_chunks);
+  block = rest;
+  rest = block / n_rounds;
+  w.round = static_cast<int>(block - rest * n_rounds);
+  w.n = static_cast<int>(rest);
+  return w;
+}
+
+// The sorted-slot layout of one (n, round) row in 32-bit ints (L + pad < 2^31, checked by registration.cpp),
+// without divisions on the common paths: the position of a slot, and the key chunks of a query chunk.
+struct RowLayout32 {
+  const int64_t* perm_row;  // [L]
+  int length, chunk, pad, n_chunks;
+
+  // slot_position of slot_layout.h: a padded slot (slot >= L) holds perm[(slot - pad) mod L]; slot - pad
+  // is in [0, L) unless L < pad, the one case that needs the remainder.
+  __host__ __device__ int position(int slot) const {
+    int s = slot;
+    if (s >= length) {
+      s -= pad;
+      if (s < 0) s = (s % length + length) % length;
+    }
+    return static_cast<int>(perm_row[s]);
+  }
+  // key_chunk_of: c, c - 1, c + 1 (mod nc), t = 0, 1, 2.
+  __host__ __device__ int key_chunk(int c, int t) const {
+    if (t == 0) return c;
+    if (t == 1) return c == 0 ? n_chunks - 1 : c - 1;
+    return c + 1 == n_chunks ? 0 : c + 1;
+  }
+  // query_chunk_reading: ck, ck + 1, ck - 1 (mod nc).
+  __host__ __device__ int query_chunk(int ck, int t) const {
+    if (t == 0) return ck;
+    if (t == 1) return ck + 1 == n_chunks ? 0 : ck + 1;
+    return ck == 0 ? n_chunks - 1 : ck - 1;
+  }
+  // Position of key `key` (0..3K-1, DESIGN.md 1.4 order) of query chunk c; -1 past 3K.
+  __host__ __device__ int key_position(int c, int key) const {
+    if (key >= 3 * chunk) return -1;
+    const int t = key < chunk ? 0 : key < 2 * chunk ? 1 : 2;
+    return position(key_chunk(c, t) * chunk + key - t * chunk);
+  }
+};
+
+// Key `key` of a step: its position in the block's batch row (-1 past 3K) and its inverse norm (0 there).
 struct KeyMeta {
-  int64_t row;
+  int pos;
   float inv;
 };
 
-__host__ __device__ inline KeyMeta key_meta(const int64_t* perm_row, const float* inv_norm, int64_t n, int64_t c,
-                                            int64_t key, int64_t length, int64_t chunk, int64_t pad,
-                                            int64_t n_chunks) {
-  KeyMeta k{-1, 0.f};
-  if (key < 3 * chunk) {
-    const int64_t slot = key_chunk_of(c, static_cast<int>(key / chunk), n_chunks) * chunk + key % chunk;
-    k.row = n * length + slot_position(perm_row, slot, length, pad);
-    k.inv = inv_norm[k.row];
-  }
+__host__ __device__ inline KeyMeta key_meta(const RowLayout32& row, const float* inv_norm_n, int c, int key) {
+  KeyMeta k{row.key_position(c, key), 0.f};
+  if (k.pos >= 0) k.inv = inv_norm_n[k.pos];
   return k;
 }
 

@@ -37,6 +37,7 @@ constexpr int kFwdKeys = 32;                  // keys per step
 constexpr int kFwdCols = 256;                 // value columns per block
 constexpr int kFwdKeyTiles = kFwdKeys / 8;    // n8 tiles of a score row
 constexpr int kFwdColTiles = kFwdCols / 8;    // n8 tiles of an output row
+constexpr int kFwdOutLd = kFwdCols + 4;       // float32 output tile [rows][kFwdOutLd] staged at the end
 
 // Key steps in flight: 16-bit tiles are double-buffered (the gathers of step k + 1 run during the products of
 // step k); float32 tiles are twice as large, and two copies would leave room for one block per SM.
@@ -66,7 +67,8 @@ struct ForwardTcArgs {
 
 // Dynamic shared memory: the Q tile [rows][cm_pad + 8], and per stage a K tile [keys][cm_pad + 8], a V tile
 // [keys][256 + 16 bytes] and an lss tile [keys][64 + 16 bytes]. The pads make every fragment load and
-// ldmatrix conflict-free and keep rows 16-byte aligned for cp.async.
+// ldmatrix conflict-free and keep rows 16-byte aligned for cp.async. At the end the same memory holds the
+// float32 output tile [rows][kFwdOutLd] (bytes covers both).
 struct ForwardTcSmem {
   int ld_qk, ld_v, ld_lss;
   int64_t q, k, v, lss, stage, bytes;  // k, v, lss: offsets in stage 0; stage: bytes between stages
@@ -84,6 +86,8 @@ __host__ __device__ inline ForwardTcSmem tc_forward_smem(int cm_pad) {
   s.lss = s.v + int64_t(kFwdKeys) * s.ld_v * sizeof(T);
   s.stage = s.lss + int64_t(kFwdKeys) * s.ld_lss * sizeof(T) - s.k;
   s.bytes = s.k + fwd_stages<T>() * s.stage;
+  const int64_t out_bytes = int64_t(kFwdRows) * kFwdOutLd * sizeof(float);  // the epilogue's, over the tiles
+  if (s.bytes < out_bytes) s.bytes = out_bytes;
   return s;
 }
 
@@ -122,70 +126,72 @@ inline int64_t tc_forward_slices(int64_t cv) { return cv <= kFwdCols ? 1 : (cv +
 template <typename T>
 __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(const ForwardTcArgs<T> a) {
   DLSN_DYNAMIC_SHARED(smem);
-  __shared__ int64_t s_qrow[kFwdRows];    // xm row n*L + position of query row q; -1 past the chunk
-  __shared__ int64_t s_qstore[kFwdRows];  // position where row q is written; -1 for padding / past the chunk
+  __shared__ int s_qrow[kFwdRows];    // position of query row q; -1 past the chunk
+  __shared__ int s_qstore[kFwdRows];  // position where row q is written; -1 for padding / past the chunk
   constexpr int kStages = fwd_stages<T>();
-  __shared__ int64_t s_krow[kStages][kFwdKeys];  // row n*L + position of key j of a step; -1 past 3K
-  __shared__ float s_inv[kStages][kFwdKeys];     // its inverse norm
+  __shared__ int s_krow[kStages][kFwdKeys];   // position of key j of a step; -1 past 3K
+  __shared__ float s_inv[kStages][kFwdKeys];  // its inverse norm
 
   const ForwardTcSmem plan = tc_forward_smem<T>(a.cm_pad);
   T* sq = reinterpret_cast<T*>(smem + plan.q);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = group_of(lane), t = thread_in_group(lane);
-  const BlockWork work = decode_block(blockIdx.x, a.n_qtiles, a.n_chunks, a.rounds_in_launch);
-  const int64_t qt = work.tile, c = work.chunk, r = a.round_offset + work.round, n = work.n;
-  const int64_t L = a.length, K = a.chunk;
-  const int64_t* perm_row = a.perm + (n * a.rounds + r) * L;
-  const int64_t q0 = qt * kFwdRows;  // slot index in the chunk of query row 0
-  const int64_t col0 = int64_t(blockIdx.y) * kFwdCols;
-  const int64_t cols = a.cv - col0 < kFwdCols ? a.cv - col0 : kFwdCols;  // valid columns of the slice
-  const int n_col_tiles = static_cast<int>((cols + 7) / 8);
+  const BlockWork32 work = decode_block32(blockIdx.x, static_cast<unsigned>(a.n_qtiles),
+                                          static_cast<unsigned>(a.n_chunks), static_cast<unsigned>(a.rounds_in_launch));
+  const int qt = work.tile, c = work.chunk;
+  const int64_t r = a.round_offset + work.round, n = work.n;
+  const int L = static_cast<int>(a.length), K = static_cast<int>(a.chunk), cm = static_cast<int>(a.cm);
+  const int cv = static_cast<int>(a.cv);
+  const RowLayout32 layout{a.perm + (n * a.rounds + r) * L, L, K, static_cast<int>(a.pad),
+                           static_cast<int>(a.n_chunks)};
+  const int q0 = qt * kFwdRows;  // slot index in the chunk of query row 0
+  const int col0 = static_cast<int>(blockIdx.y) * kFwdCols;
+  const int cols = cv - col0 < kFwdCols ? cv - col0 : kFwdCols;  // valid columns of the slice
+  const int n_col_tiles = (cols + 7) / 8;
   const int v_width = (n_col_tiles + 1) / 2 * 16;  // staged columns: whole pairs of n8 tiles (ldmatrix x4)
+  // The block's batch row of each input, offset once here so that the staging works in 32-bit rows.
+  const T* xm_n = a.xm + n * L * cm;
+  const T* v_n = a.v + n * L * cv + col0;
+  const T* lss_n = a.lss + n * L * K + q0;
+  const float* inv_n = a.inv_norm + n * L;
 
   if (tid < kFwdRows) {
-    const int64_t i = q0 + tid, slot = c * K + i;
-    if (i < K) {
-      const int64_t pos = slot_position(perm_row, slot, L, a.pad);
-      s_qrow[tid] = n * L + pos;
-      s_qstore[tid] = slot < L ? pos : -1;
-    } else {
-      s_qrow[tid] = -1;
-      s_qstore[tid] = -1;
-    }
+    const int i = q0 + tid, slot = c * K + i;
+    const int pos = i < K ? layout.position(slot) : -1;
+    s_qrow[tid] = pos;
+    s_qstore[tid] = i < K && slot < L ? pos : -1;
   }
   __syncthreads();
-  stage_rows<T, kFwdThreads>(sq, plan.ld_qk, a.xm, s_qrow, kFwdRows, a.cm, 0, a.cm, a.cm_pad, a.xm_aligned, tid);
+  stage_rows<T, kFwdThreads>(sq, plan.ld_qk, xm_n, s_qrow, kFwdRows, cm, cm, a.cm_pad, a.xm_aligned, tid);
 
   Acc o[kFwdColTiles];
   zero_tiles(o);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows g and g + 8 of the warp, log2 domain
 
   const T* qw = sq + warp * 16 * plan.ld_qk;
-  const int64_t n_keys = 3 * K;
-  const int64_t n_steps = (n_keys + kFwdKeys - 1) / kFwdKeys;
-  const auto fetch = [&](int64_t step) {  // key j = tid of the step (threads tid < kFwdKeys)
-    return tid < kFwdKeys ? key_meta(perm_row, a.inv_norm, n, c, step * kFwdKeys + tid, L, K, a.pad, a.n_chunks)
-                          : KeyMeta{-1, 0.f};
+  const int n_steps = (3 * K + kFwdKeys - 1) / kFwdKeys;
+  const auto fetch = [&](int step) {  // key j = tid of the step (threads tid < kFwdKeys)
+    return tid < kFwdKeys ? key_meta(layout, inv_n, c, step * kFwdKeys + tid) : KeyMeta{-1, 0.f};
   };
   const auto publish = [&](int buf, const KeyMeta& k) {
     if (tid < kFwdKeys) {
-      s_krow[buf][tid] = k.row;
+      s_krow[buf][tid] = k.pos;
       s_inv[buf][tid] = k.inv;
     }
     __syncthreads();
     unsigned char* stage = smem + buf * plan.stage;
-    stage_rows<T, kFwdThreads>(reinterpret_cast<T*>(stage + plan.k), plan.ld_qk, a.xm, s_krow[buf], kFwdKeys, a.cm,
-                               0, a.cm, a.cm_pad, a.xm_aligned, tid);
-    stage_rows<T, kFwdThreads>(reinterpret_cast<T*>(stage + plan.v), plan.ld_v, a.v, s_krow[buf], kFwdKeys, a.cv,
-                               col0, cols, v_width, a.v_aligned, tid);
-    stage_rows<T, kFwdThreads>(reinterpret_cast<T*>(stage + plan.lss), plan.ld_lss, a.lss, s_krow[buf], kFwdKeys, K,
-                               q0, K - q0, kFwdRows, a.lss_aligned, tid);
+    stage_rows<T, kFwdThreads>(reinterpret_cast<T*>(stage + plan.k), plan.ld_qk, xm_n, s_krow[buf], kFwdKeys, cm, cm,
+                               a.cm_pad, a.xm_aligned, tid);
+    stage_rows<T, kFwdThreads>(reinterpret_cast<T*>(stage + plan.v), plan.ld_v, v_n, s_krow[buf], kFwdKeys, cv, cols,
+                               v_width, a.v_aligned, tid);
+    stage_rows<T, kFwdThreads>(reinterpret_cast<T*>(stage + plan.lss), plan.ld_lss, lss_n, s_krow[buf], kFwdKeys, K,
+                               K - q0, kFwdRows, a.lss_aligned, tid);
     stage_commit();
   };
   // The Q tile's copies join the first step's group.
-  run_steps<kStages>(n_steps, fetch, publish, [&](int64_t, int buf) {
-    const int64_t* krow = s_krow[buf];
+  run_steps<kStages>(n_steps, fetch, publish, [&](int, int buf) {
+    const int* krow = s_krow[buf];
     const float* kinv = s_inv[buf];
     const unsigned char* stage = smem + buf * plan.stage;
     const T* sk = reinterpret_cast<const T*>(stage + plan.k);
@@ -238,46 +244,60 @@ __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(con
     gemm_acc_by_rows<T>(o, s, sv, plan.ld_v, n_col_tiles, lane);  // O += P V, P from the score registers
   });
 
+  // Per row: 1 / l, the round's lse, and with merge the weights of the running and the new output.
+  __shared__ float s_inv_l[kFwdRows], s_w_old[kFwdRows], s_w_new[kFwdRows];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
     l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-    const int64_t pos = s_qstore[warp * 16 + g + 8 * h];
-    if (pos < 0) continue;
-    const float inv_l = 1.f / l[h];
+    const int row = warp * 16 + g + 8 * h, pos = s_qstore[row];
+    if (t != 0 || pos < 0) continue;
     const float lse_r = (m[h] + log2f(l[h])) * kLn2;
+    float w_old = 0.f, w_new = 1.f, lse_merged = lse_r;
+    if (a.merge && a.lse_prev != nullptr) {
+      const float lse_old = a.lse_prev[n * L + pos];
+      const float hi = fmaxf(lse_old, lse_r);
+      lse_merged = hi + logf(expf(lse_old - hi) + expf(lse_r - hi));
+      w_old = expf(lse_old - lse_merged);
+      w_new = expf(lse_r - lse_merged);
+    }
+    s_inv_l[row] = 1.f / l[h];
+    s_w_old[row] = w_old;
+    s_w_new[row] = w_new;
+    if (blockIdx.y == 0) {
+      if (a.merge) {
+        a.lse_next[n * L + pos] = lse_merged;
+      } else {
+        a.lse[(n * a.rounds + r) * L + pos] = lse_r;
+      }
+    }
+  }
+
+  // The accumulators go through shared memory (the tiles are free once every warp is done), so that the
+  // stores are coalesced rows and the code that writes them is one loop, not 128 unrolled guarded stores.
+  __syncthreads();
+  float* so = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int vt = 0; vt < kFwdColTiles; ++vt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) so[(warp * 16 + g + 8 * (e >> 1)) * kFwdOutLd + vt * 8 + 2 * t + (e & 1)] = o[vt][e];
+  }
+  __syncwarp();
+  for (int i = 0; i < 16; ++i) {
+    const int row = warp * 16 + i, pos = s_qstore[row];
+    if (pos < 0) continue;
+    const float* src = so + row * kFwdOutLd;
+    const float inv_l = s_inv_l[row];
     if (!a.merge) {
-      T* out_row = a.out + ((n * a.rounds + r) * L + pos) * a.cv + col0;
-#pragma unroll
-      for (int vt = 0; vt < kFwdColTiles; ++vt) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = vt * 8 + 2 * t + e;
-          if (col < cols) out_row[col] = static_cast<T>(o[vt][2 * h + e] * inv_l);
-        }
-      }
-      if (blockIdx.y == 0 && t == 0) a.lse[(n * a.rounds + r) * L + pos] = lse_r;
+      T* out_row = a.out + ((n * a.rounds + r) * L + pos) * cv + col0;
+      for (int col = lane; col < cols; col += 32) out_row[col] = static_cast<T>(src[col] * inv_l);
     } else {
-      float* y_row = a.y_acc + (n * L + pos) * a.cv + col0;
-      float w_old = 0.f, w_new = 1.f, lse_merged = lse_r;
-      if (a.lse_prev != nullptr) {
-        const float lse_old = a.lse_prev[n * L + pos];
-        const float hi = fmaxf(lse_old, lse_r);
-        lse_merged = hi + logf(expf(lse_old - hi) + expf(lse_r - hi));
-        w_old = expf(lse_old - lse_merged);
-        w_new = expf(lse_r - lse_merged);
+      float* y_row = a.y_acc + (n * L + pos) * cv + col0;
+      const float w_old = s_w_old[row], w_new = s_w_new[row];
+      for (int col = lane; col < cols; col += 32) {
+        const float out_r = src[col] * inv_l;
+        y_row[col] = a.lse_prev != nullptr ? y_row[col] * w_old + out_r * w_new : out_r;
       }
-#pragma unroll
-      for (int vt = 0; vt < kFwdColTiles; ++vt) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = vt * 8 + 2 * t + e;
-          if (col >= cols) continue;
-          const float out_r = o[vt][2 * h + e] * inv_l;
-          y_row[col] = a.lse_prev != nullptr ? y_row[col] * w_old + out_r * w_new : out_r;
-        }
-      }
-      if (blockIdx.y == 0 && t == 0) a.lse_next[n * L + pos] = lse_merged;
     }
   }
 }

@@ -62,13 +62,13 @@ __device__ __forceinline__ void stage_wait_groups() {
 //   compute(step, buf)       the products of a step, reading stage buf only.
 // With two stages the gathers of step k + 1 run during the products of step k; with one they follow them.
 template <int kStages, typename Fetch, typename Publish, typename Compute>
-__device__ __forceinline__ void run_steps(int64_t n_steps, Fetch&& fetch, Publish&& publish, Compute&& compute) {
+__device__ __forceinline__ void run_steps(int n_steps, Fetch&& fetch, Publish&& publish, Compute&& compute) {
   static_assert(kStages == 1 || kStages == 2, "one or two stages");
-  auto next = fetch(int64_t(0));
+  auto next = fetch(0);
   publish(0, next);
-  if (n_steps > 1) next = fetch(int64_t(1));
-  for (int64_t step = 0; step < n_steps; ++step) {
-    const int buf = static_cast<int>(step % kStages);
+  if (n_steps > 1) next = fetch(1);
+  for (int step = 0; step < n_steps; ++step) {
+    const int buf = step & (kStages - 1);
     stage_wait_groups<0>();
     __syncthreads();  // the step's tiles are in place for everyone, and the other stage is free again
     if (kStages == 2 && step + 1 < n_steps) {
@@ -84,29 +84,56 @@ __device__ __forceinline__ void run_steps(int64_t n_steps, Fetch&& fetch, Publis
   }
 }
 
-// dst[row * ld + col] = src[rows[row] * pitch + col0 + col] for row < n_rows, col < width_pad; zero where
-// col >= width or rows[row] < 0. With `aligned` (rows_aligned16 of src and col0 a multiple of 16 bytes) and
-// width_pad a multiple of 16 bytes, and ld too, the copies are asynchronous.
+// ceil(log2(x)) for 1 <= x, capped at log2(kCap) (a power of two).
+template <int kCap>
+__device__ __forceinline__ int lanes_shift(int x) {
+  int shift;
+#if defined(__CUDA_ARCH__)
+  shift = x <= 1 ? 0 : 32 - __clz(x - 1);
+#else
+  shift = 0;
+  while ((1 << shift) < x) ++shift;
+#endif
+  int cap = 0;
+  while ((1 << cap) < kCap) ++cap;  // constant-folded
+  return shift < cap ? shift : cap;
+}
+
+// dst[row * ld + col] = src[rows[row] * pitch + col] for row < n_rows, col < width_pad; zero where col >= width
+// or rows[row] < 0. src already points at the block's matrix and first column (so row indices and pitches fit
+// in 32 bits; the one 64-bit product per copy is an IMAD.WIDE). With `aligned` (rows_aligned16 of src) and
+// width_pad and ld multiples of 16 bytes, the copies are asynchronous.
+//
+// Thread mapping, chosen so that the copy loop has no division: a row's 16-byte pieces (or elements) are
+// spread over 2^s consecutive threads, 2^s the smallest power of two covering the row (at most kThreads);
+// thread tid takes piece tid % 2^s of rows tid / 2^s, + kThreads / 2^s, ... A thread's column, and so its
+// byte count, is fixed for the whole call; per copy it reads one row index and computes two addresses.
 template <typename T, int kThreads>
-__device__ __forceinline__ void stage_rows(T* dst, int ld, const T* __restrict__ src, const int64_t* rows,
-                                           int n_rows, int64_t pitch, int64_t col0, int64_t width, int width_pad,
-                                           bool aligned, int tid) {
+__device__ __forceinline__ void stage_rows(T* dst, int ld, const T* __restrict__ src, const int* rows, int n_rows,
+                                           int pitch, int width, int width_pad, bool aligned, int tid) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int unit = aligned ? kVec : 1;  // elements per copy
+  const int per_row = width_pad / unit;
+  const int shift = lanes_shift<kThreads>(per_row);
+  const int lanes = 1 << shift, row_step = kThreads >> shift;
+  const int row0 = tid >> shift;
   if (aligned) {
-    constexpr int kVec = 16 / sizeof(T);
-    const int per_row = width_pad / kVec;
-    for (int e = tid; e < n_rows * per_row; e += kThreads) {
-      const int row = e / per_row, col = (e % per_row) * kVec;
-      const int64_t r = rows[row];
-      const int64_t left = r >= 0 ? width - col : 0;
-      const int bytes = left <= 0 ? 0 : static_cast<int>((left < kVec ? left : kVec) * sizeof(T));
-      const T* from = bytes > 0 ? src + r * pitch + col0 + col : src;
-      copy16_async(dst + row * ld + col, from, bytes);
+    for (int piece = tid & (lanes - 1); piece < per_row; piece += lanes) {
+      const int col = piece * kVec, left = width - col;
+      const int bytes = left <= 0 ? 0 : (left < kVec ? left : kVec) * static_cast<int>(sizeof(T));
+      const T* from_col = bytes > 0 ? src + col : src;  // a readable address even when nothing is read
+      for (int row = row0; row < n_rows; row += row_step) {
+        const int r = rows[row];
+        copy16_async(dst + row * ld + col, from_col + int64_t(r < 0 ? 0 : r) * pitch, r < 0 ? 0 : bytes);
+      }
     }
   } else {
-    for (int e = tid; e < n_rows * width_pad; e += kThreads) {
-      const int row = e / width_pad, col = e % width_pad;
-      const int64_t r = rows[row];
-      dst[row * ld + col] = (r >= 0 && col < width) ? src[r * pitch + col0 + col] : T(0.f);
+    for (int col = tid & (lanes - 1); col < width_pad; col += lanes) {
+      const bool in = col < width;
+      for (int row = row0; row < n_rows; row += row_step) {
+        const int r = rows[row];
+        dst[row * ld + col] = (r >= 0 && in) ? src[int64_t(r) * pitch + col] : T(0.f);
+      }
     }
   }
 }

@@ -310,6 +310,7 @@ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_address) {
 #define DLSN_DYNAMIC_SHARED(name) unsigned char* name = simt::state().dynamic_shared.data()
 
 inline void __syncthreads() { simt::syncthreads(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { simt::warp_sync(); }
 template <typename V>
 inline V __shfl_xor_sync(unsigned, V value, int mask) {
   return simt::shfl_xor(value, mask);
