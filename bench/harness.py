@@ -43,7 +43,8 @@ def skip_unless_backend_runs(impl: str, device: str) -> None:
         return
     import dlsn_kernels
 
-    reason = dlsn_kernels.available_backends(device).get(backend, f"unknown backend {backend!r}")
+    status = dlsn_kernels.available_backends(device).get(backend)
+    reason = status.reason if status is not None else f"unknown backend {backend!r}"
     if reason is not None:
         pytest.skip(f"backend {backend!r} unavailable: {reason}")
 

@@ -1,8 +1,11 @@
 """Fused kernels for Global Learnable Attention (GLA).
 
-Public ops (DESIGN.md "Operators"); every one takes ``backend=None`` (automatic: triton or cuda on CUDA
-tensors, cpu on CPU tensors; ``$DLSN_BACKEND`` overrides) or one of ``"reference"``, ``"cpu"``,
-``"cuda"``, ``"triton"``:
+Public ops (DESIGN.md "Operators"); every one takes ``backend=None`` (automatic: per pass, the fastest
+backend that bench/gpu_session.py measured on this GPU and dtype, else triton then cuda on CUDA tensors, cpu
+on CPU tensors; ``$DLSN_BACKEND`` overrides) or one of ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``,
+``"flex"`` (FlexAttention; forward only on CPU tensors), or ``"<forward>:<backward>"`` such as ``"flex:cpu"``.
+:func:`available_backends` says what runs where, which backward is deterministic, and the automatic choice.
+
 
 - :func:`sblsh_hash` ``(xm [N,L,Cm], rot [Cm,R,B]) -> codes [N,R,L]``
 - :func:`bucket_sort` ``(codes, n_buckets) -> perm [N,R,L]`` (stable)
@@ -20,6 +23,7 @@ from . import _checks, reference
 from ._hash_setup import KEY_NORM_EPS, n_buckets_for, random_rotations
 from ._ops import (
     BACKENDS,
+    BackendStatus,
     BackendUnavailableError,
     available_backends,
     resolve_backend,
@@ -29,6 +33,7 @@ from ._precision import cast_for_autocast
 __all__ = [
     "BACKENDS",
     "KEY_NORM_EPS",
+    "BackendStatus",
     "BackendUnavailableError",
     "available_backends",
     "bucket_sort",
@@ -76,7 +81,7 @@ def chunk_attention(
     """
     _checks.require_tensors(xm=xm, v=v, lss=lss, perm=perm)
     xm, v, lss = cast_for_autocast(xm, v, lss)
-    chosen = resolve_backend(backend, xm.device)
+    chosen = resolve_backend(backend, xm.device, xm.dtype)
     _checks.check_attention(xm, v, lss, chunk_size, chosen.name)
     _checks.check_perm(perm, xm)
     if chosen.ops is None:
@@ -110,7 +115,7 @@ def gla_attention(
     _checks.require_tensors(xm=xm, v=v, lss=lss, rot=rot)
     # rot follows xm's dtype (the op contract); the Triton hash still multiplies in IEEE float32
     xm, v, lss, rot = cast_for_autocast(xm, v, lss, rot)
-    chosen = resolve_backend(backend, xm.device)
+    chosen = resolve_backend(backend, xm.device, xm.dtype)
     _checks.check_attention(xm, v, lss, chunk_size, chosen.name)
     _checks.check_hash(xm, rot, chosen.name)
     if chosen.ops is None:

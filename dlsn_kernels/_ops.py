@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
+BACKENDS = ("reference", "cpu", "cuda", "triton", "flex")
 
 # The operator contract, written once: the dlsn namespace is defined here, before the compiled extension is
 # loaded, and its CPU/CUDA kernels (csrc/cpu, csrc/cuda) register implementations of these names; the Triton
@@ -218,6 +218,10 @@ def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or None")
     if name == "reference":
         return None
+    if name == "flex":
+        from . import flex
+
+        return flex.unavailable_reason(device)
     if device.type == "cuda" and name in ("cuda", "triton"):
         # Registration alone proves nothing: a CUDA build of torch registers CUDA kernels on a machine
         # without a GPU, and the first launch would fail far from here.
@@ -247,16 +251,83 @@ def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
     return _triton_ready()
 
 
-def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:
-    """Every backend mapped to why it cannot run on ``device`` (None: it can)."""
+@dataclass(frozen=True)
+class BackendStatus:
+    """What ``available_backends`` says about one backend on one device.
+
+    ``reason`` is None when it can run (``usable``), else why not. ``passes`` says which passes run
+    ("forward and backward", or "forward only" with why); ``deterministic_backward`` whether its backward
+    is bitwise repeatable (measured by bench/gpu_session.py, else by design); ``automatic`` lists the passes
+    the automatic choice gives it for the dtype asked about, with the choice's source. ``str()`` is
+    "available" or the reason.
+    """
+
+    name: str
+    reason: str | None
+    passes: str = ""
+    deterministic_backward: bool | None = None
+    automatic: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return self.reason is None
+
+    def __str__(self) -> str:
+        if self.reason is not None:
+            return self.reason
+        notes = [n for n in (self.passes, self.automatic) if n]
+        if self.deterministic_backward is not None and "forward only" not in self.passes:
+            notes.append("deterministic backward" if self.deterministic_backward
+                         else "backward not bitwise repeatable")
+        return "available" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _passes(name: str, device: torch.device) -> str:
+    if name == "flex" and device.type == "cpu":
+        from . import flex
+
+        return f"forward only: {flex.CPU_BACKWARD_REASON}"
+    return "forward and backward"
+
+
+def available_backends(
+    device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> dict[str, BackendStatus]:
+    """Every backend on ``device`` (``status.reason`` None: it runs), its passes, whether its backward is
+    deterministic, and which passes the automatic choice gives it for ``dtype`` (float32 when None, in the
+    current float32 matmul precision) and where that choice comes from."""
+    from . import _backend_choice
+
     device = torch.device(device)
-    return {name: backend_unavailable_reason(name, device) for name in BACKENDS}
+    reasons = {name: backend_unavailable_reason(name, device) for name in BACKENDS}
+    choice = _automatic_choice(device, dtype, reasons)
+    table = _backend_choice.load_table()
+    cap, precision = _backend_choice.capability(device), _backend_choice.precision_key(dtype)
+    statuses = {}
+    for name, reason in reasons.items():
+        automatic = ""
+        if choice is not None:
+            picked = [p for p, b in (("forward", choice.forward), ("backward", choice.backward)) if b == name]
+            if picked:
+                automatic = f"automatic {' and '.join(picked)} for {precision}: {choice.source}"
+        statuses[name] = BackendStatus(
+            name, reason, _passes(name, device) if reason is None else "",
+            _backend_choice.is_deterministic(name, cap, precision, table) if reason is None else None, automatic)
+    return statuses
+
+
+def _automatic_choice(device: torch.device, dtype: torch.dtype | None, reasons: dict[str, str | None]):
+    from . import _backend_choice
+
+    usable = {name for name, why in reasons.items() if why is None}
+    return _backend_choice.choose(device, dtype, AUTOMATIC_ORDER.get(device.type, ()), usable)
 
 
 # The automatic choice, first available wins. On CUDA tensors Triton comes first for both passes: its kernels
 # run on tensor cores (bench.compile_report) while the CUDA C++ kernels are scalar FMA. The one GPU
-# measurement (bench/results/gpu.md) predates the tensor-core Triton kernels; a per-pass split (say a CUDA
-# backward) is worth adding only if bench/gpu_session.sh measures it faster.
+# measurement (bench/results/gpu.md) predates the tensor-core Triton kernels. This order is the fallback: where
+# bench/gpu_session.py measured a case, its table picks the fastest backend per pass (_backend_choice.py).
+# flex is never in the fallback (it is a baseline until measured faster; its backward is not deterministic).
 AUTOMATIC_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 _log = logging.getLogger("dlsn_kernels")
 
@@ -267,33 +338,55 @@ class Backend:
     ops: Any  # an object with the five ops as attributes, or None for the reference
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> Backend:
-    """The backend to run on ``device``: ``backend`` if given, else ``$DLSN_BACKEND``, else automatic."""
+def _status_table(device: torch.device) -> str:
+    return "\n".join(f"  {name}: {status}" for name, status in available_backends(device).items())
+
+
+def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
+    """The backend to run on ``device``: ``backend`` if given, else ``$DLSN_BACKEND``, else automatic.
+
+    ``"<forward>:<backward>"`` (say ``"flex:cpu"``) runs the forward of one backend and the backward of
+    another. Automatic: per pass, the measured choice for ``dtype`` on this GPU (``_backend_choice``), else
+    the first available of ``AUTOMATIC_ORDER``.
+    """
     requested = backend if backend is not None else (os.environ.get("DLSN_BACKEND") or None)
+    if requested is not None and ":" in requested:
+        forward, _, backward = requested.partition(":")
+        return _pair(resolve_backend(forward, device), resolve_backend(backward, device))
     if requested is not None:
         requested = requested.strip().lower()
         if requested not in BACKENDS:
             raise ValueError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)} or None")
         reason = backend_unavailable_reason(requested, device)
         if reason is not None:
-            table = "\n".join(
-                f"  {name}: {why or 'available'}" for name, why in available_backends(device).items()
-            )
             raise BackendUnavailableError(
                 f"backend {requested!r} cannot run on {device.type} tensors: {reason}\n"
-                f"backends on {device.type}:\n{table}"
+                f"backends on {device.type}:\n{_status_table(device)}"
             )
         return _backend(requested)
-    for name in AUTOMATIC_ORDER.get(device.type, ()):
-        if backend_unavailable_reason(name, device) is None:
-            _log.debug("dlsn_kernels: automatic backend %r on %s tensors (order %s)", name, device.type,
-                       AUTOMATIC_ORDER[device.type])
-            return _backend(name)
-    table = "\n".join(f"  {name}: {why or 'available'}" for name, why in available_backends(device).items())
+    reasons = {name: backend_unavailable_reason(name, device) for name in AUTOMATIC_ORDER.get(device.type, ())}
+    if any(why is None for why in reasons.values()):
+        # only now is every backend asked (flex, triton): the fallback order found one that runs
+        reasons.update({name: backend_unavailable_reason(name, device) for name in BACKENDS if name not in reasons})
+    choice = _automatic_choice(device, dtype, reasons)
+    if choice is not None:
+        _log.debug("dlsn_kernels: automatic backends forward %r, backward %r on %s tensors (%s)", choice.forward,
+                   choice.backward, device.type, choice.source)
+        return _pair(_backend(choice.forward), _backend(choice.backward))
+    table = _status_table(device)
     raise BackendUnavailableError(
         f"no compiled backend can run on {device.type} tensors; pass backend='reference' for the slow "
         f"plain-PyTorch path, or fix one of:\n{table}"
     )
+
+
+def _pair(forward: Backend, backward: Backend) -> Backend:
+    """One backend, or the forward of one with the backward of another (named ``"<forward>:<backward>"``)."""
+    if forward.name == backward.name:
+        return forward
+    from ._backend_choice import MixedOps
+
+    return Backend(f"{forward.name}:{backward.name}", MixedOps(forward, backward))
 
 
 class _TritonOps:
@@ -306,6 +399,7 @@ _BACKEND_TABLE = {
     "cpu": Backend("cpu", torch.ops.dlsn),
     "cuda": Backend("cuda", torch.ops.dlsn),
     "triton": Backend("triton", _TritonOps()),
+    "flex": Backend("flex", importlib.import_module(f"{__package__}.flex")),  # plain functions, flex autograd
 }
 
 

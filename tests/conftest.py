@@ -20,6 +20,6 @@ def pytest_sessionstart(session):
     if os.environ.get("DLSN_REQUIRE_EXTENSION") == "1":
         import dlsn_kernels
 
-        reason = dlsn_kernels.available_backends("cpu")["cpu"]
+        reason = dlsn_kernels.available_backends("cpu")["cpu"].reason
         if reason is not None:
             pytest.exit(f"DLSN_REQUIRE_EXTENSION=1 but the CPU backend cannot run: {reason}", returncode=3)

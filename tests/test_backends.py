@@ -9,11 +9,15 @@ import torch
 import dlsn_kernels as dk
 from dlsn_kernels._ops import backend_unavailable_reason
 
+
+def _reasons(device: str) -> dict[str, str | None]:
+    return {name: status.reason for name, status in dk.available_backends(device).items()}
+
 NO_GPU = "no CUDA GPU is visible"
 
 
 def test_this_machine_reports_the_truth_for_cuda_tensors():
-    reasons = dk.available_backends("cuda")
+    reasons = _reasons("cuda")
     assert reasons["reference"] is None
     if torch.version.cuda is None:
         for name in ("cuda", "triton"):
@@ -28,7 +32,7 @@ def test_this_machine_reports_the_truth_for_cuda_tensors():
 def test_no_visible_gpu_makes_both_gpu_backends_unavailable(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    reasons = dk.available_backends("cuda:0")
+    reasons = _reasons("cuda:0")
     assert NO_GPU in reasons["cuda"]
     assert NO_GPU in reasons["triton"]
     assert reasons["reference"] is None
@@ -37,7 +41,7 @@ def test_no_visible_gpu_makes_both_gpu_backends_unavailable(monkeypatch):
 
 def test_cpu_only_torch_build_is_named(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
-    reasons = dk.available_backends("cuda")
+    reasons = _reasons("cuda")
     for name in ("cuda", "triton"):
         assert "has no CUDA support" in reasons[name]
         assert torch.__version__ in reasons[name]
@@ -47,13 +51,13 @@ def test_missing_device_index_is_named(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    reasons = dk.available_backends("cuda:3")
+    reasons = _reasons("cuda:3")
     assert reasons["cuda"] == reasons["triton"] == "CUDA device 3 does not exist (1 visible)"
 
 
 def test_cpu_tensors_are_unaffected_by_the_gpu_checks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    reasons = dk.available_backends("cpu")
+    reasons = _reasons("cpu")
     assert reasons["cuda"] == "the cuda backend takes CUDA tensors, got cpu"
     assert NO_GPU not in (reasons["triton"] or "")
 

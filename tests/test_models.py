@@ -292,7 +292,7 @@ def test_default_backend_follows_the_kernel_package(monkeypatch):
     monkeypatch.delenv("DLSN_BACKEND", raising=False)
     gla = GLA(8, reduction=2, chunk_size=4, n_hashes=1)
     x = torch.randn(1, 8, 3, 3)
-    cpu_missing = dlsn_kernels.available_backends("cpu")["cpu"]
+    cpu_missing = dlsn_kernels.available_backends("cpu")["cpu"].reason
     if cpu_missing is not None:
         with pytest.raises(dlsn_kernels.BackendUnavailableError, match="backend='reference'"):
             gla(x)
@@ -306,7 +306,7 @@ def test_default_backend_follows_the_kernel_package(monkeypatch):
 def test_gla_compiled_backend_matches_reference(backend):
     device = "cuda" if backend in ("triton", "cuda") else "cpu"
     reason = (
-        dlsn_kernels.available_backends(device)[backend]
+        dlsn_kernels.available_backends(device)[backend].reason
         if device == "cpu" or torch.cuda.is_available()
         else "needs a GPU"
     )

@@ -10,8 +10,8 @@ from dlsn_kernels import reference as ref
 from tests.helpers import CASES, Case, make_inputs, rel_err, tolerance
 
 pytestmark = pytest.mark.skipif(
-    dk.available_backends("cpu")["cpu"] is not None,
-    reason=f"the compiled extension is not built: {dk.available_backends('cpu')['cpu']}",
+    not dk.available_backends("cpu")["cpu"].usable,
+    reason=f"the compiled extension is not built: {dk.available_backends('cpu')['cpu'].reason}",
 )
 
 DTYPES = [torch.float64, torch.float32]

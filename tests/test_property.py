@@ -24,9 +24,9 @@ from dlsn_kernels import reference as ref
 pytestmark = pytest.mark.slow  # hundreds of drawn cases, about 100 s
 
 HAS_CUDA = torch.cuda.is_available()
-CPU_REASON = dk.available_backends("cpu")["cpu"]
+CPU_REASON = dk.available_backends("cpu")["cpu"].reason
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
-TRITON_REASON = dk.available_backends(TRITON_DEVICE)["triton"]
+TRITON_REASON = dk.available_backends(TRITON_DEVICE)["triton"].reason
 
 SETTINGS = settings(
     derandomize=os.environ.get("HYPOTHESIS_RANDOM") != "1",

@@ -34,7 +34,7 @@ def run(request):
     name, device, dtype, precision = request.param
     if device == "cuda":
         request.applymarker(pytest.mark.cuda)
-    reason = dk.available_backends(device)[name]
+    reason = dk.available_backends(device)[name].reason
     if reason is not None:
         pytest.skip(f"{name} on {device}: {reason}")
     before = torch.get_float32_matmul_precision()

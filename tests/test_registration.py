@@ -12,7 +12,7 @@ import torch
 import dlsn_kernels as dk
 from tests.helpers import CASES, make_inputs, rel_err
 
-CPU_REASON = dk.available_backends("cpu")["cpu"]
+CPU_REASON = dk.available_backends("cpu")["cpu"].reason
 needs_cpu = pytest.mark.skipif(CPU_REASON is not None, reason=f"compiled extension not built: {CPU_REASON}")
 
 
@@ -57,7 +57,8 @@ def test_torch_compile_fullgraph():
 
 
 def test_reference_backend_always_available():
-    assert dk.available_backends("cpu")["reference"] is None
+    assert dk.available_backends("cpu")["reference"].usable
+    assert str(dk.available_backends("cpu")["reference"]).startswith("available")
 
 
 def test_unknown_backend_lists_choices():
@@ -189,7 +190,7 @@ def test_broken_build_says_how_to_build():
     code = (
         "import sys; sys.modules['dlsn_kernels._C'] = None\n"
         "import torch, dlsn_kernels as dk\n"
-        "assert dk.available_backends()['reference'] is None\n"
+        "assert dk.available_backends()['reference'].usable\n"
         "try:\n"
         "    dk.bucket_sort(torch.zeros(1, 1, 3, dtype=torch.long), 1, backend='cpu')\n"
         "except dk.BackendUnavailableError as e:\n"

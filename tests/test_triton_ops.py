@@ -10,7 +10,7 @@ import dlsn_kernels as dk
 from tests.helpers import CASES, make_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-REASON = dk.available_backends(DEVICE)["triton"]
+REASON = dk.available_backends(DEVICE)["triton"].reason
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"triton backend cannot run here: {REASON}")
 
 

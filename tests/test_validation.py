@@ -19,8 +19,8 @@ import torch
 
 import dlsn_kernels as dk
 
-BACKENDS_HERE = [name for name, why in dk.available_backends("cpu").items() if why is None]
-CPU_REASON = dk.available_backends("cpu")["cpu"]
+BACKENDS_HERE = [name for name, why in dk.available_backends("cpu").items() if why.usable]
+CPU_REASON = dk.available_backends("cpu")["cpu"].reason
 needs_cpu = pytest.mark.skipif(CPU_REASON is not None, reason=f"compiled extension not built: {CPU_REASON}")
 
 N, R, L, K, CM, CV = 2, 3, 11, 4, 5, 6

@@ -1,0 +1,369 @@
+"""The ``flex`` backend: GLA's chunk attention written with ``torch.nn.attention.flex_attention``.
+
+The formulation a PyTorch user would write (DESIGN.md 1.3-1.5, exactly):
+
+- the R hash rounds become flex's heads, the batch stays the batch;
+- ``xm`` (queries), the normalised keys (norm clamped at ``KEY_NORM_EPS``), ``v`` and ``lss`` are gathered
+  into each round's padded sorted order (``reference.padded_slot_positions``);
+- a block mask with one block per chunk keeps the key chunks c, c - 1 and c + 1 (mod nc) of query chunk c;
+- ``score_mod`` adds the learned score ``lss_sorted[b, h, kv_idx, q_idx % K]`` (``lss`` is ``[key, query
+  slot]``), with ``scale=1.0``;
+- the rounds are merged by their lse (DESIGN.md 1.5).
+
+Chunks read more than once. DESIGN.md 1.4 reads the chunks c, c - 1, c + 1 *with duplicates*: with nc = 2 the
+other chunk is read twice, with nc = 1 the only chunk three times. A block mask can list a block only once,
+so the score of a key chunk read m times gets ``+ log(m)`` (``exp(s + log m) = m exp(s)``: the softmax, the
+lse and every gradient are those of m copies). nc >= 3 needs no bias.
+
+Chunk sizes that are not a multiple of 16. FlexAttention's Triton kernels work on tiles of at least 16 rows
+that divide the block size, so each chunk is laid out in ``Kp = ceil(K / 16) * 16`` flex slots; slots K..Kp-1
+of a chunk are masked out as keys (``mask_mod``) and dropped as queries. With K % 16 == 0 (K = 128 in the
+paper) nothing is padded and every kept block is a full block (no mask evaluated in the kernel). The CPU path
+uses the same layout, so the CPU tests cover what runs on the GPU.
+
+Passes. On CUDA tensors the forward is compiled FlexAttention and the backward is flex's own autograd
+(through the gathers, into the captured ``lss``). On CPU tensors the forward is eager FlexAttention (it
+materialises ``[N, R, nc Kp, nc Kp]`` scores: small inputs, tests, inference), and a backward raises
+:class:`BackendUnavailableError` naming the cpu backend: compiled FlexAttention has no CPU backward.
+
+API. torch >= 2.9 returns the lse through ``return_aux=AuxRequest(lse=True)`` (2.11, the GPU image, and 2.14,
+tested here, both have it); older versions through ``return_lse=True``. Both are supported
+(:func:`_flex_with_lse`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._hash_setup import KEY_NORM_EPS
+from .reference import bucket_sort as _stable_sort
+from .reference import padded_slot_positions
+
+__all__ = [
+    "ROW_MULTIPLE",
+    "block_mask_for",
+    "chunk_attention",
+    "chunk_multiplicity",
+    "flex_slots",
+    "gla_attention",
+    "attention_backward",
+    "sblsh_hash",
+    "bucket_sort",
+    "unavailable_reason",
+]
+
+ROW_MULTIPLE = 16  # the smallest tile of FlexAttention's Triton kernels; chunks are laid out in multiples
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the flex backend cannot run on ``device`` (None: it can, forward at least)."""
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError as exc:
+        return f"torch {torch.__version__} has no torch.nn.attention.flex_attention ({exc})"
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"FlexAttention does not run on {device.type} tensors here"
+    if torch.version.cuda is None:
+        return f"this torch build ({torch.__version__}) has no CUDA support"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"CUDA device {device.index} does not exist ({torch.cuda.device_count()} visible)"
+    try:
+        import triton  # noqa: F401  (compiled FlexAttention generates Triton kernels)
+    except ImportError as exc:
+        return f"compiled FlexAttention needs triton ({exc})"
+    return None
+
+
+CPU_BACKWARD_REASON = (
+    "the flex backend has no backward on CPU tensors (compiled FlexAttention has no CPU backward); "
+    "use backend='cpu' (the fused CPU kernels) or backend='reference' for gradients"
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout: sorted slots, flex slots, the block mask.
+
+
+def _padded_chunk(k: int) -> int:
+    return -(-k // ROW_MULTIPLE) * ROW_MULTIPLE
+
+
+def flex_slots(perm: Tensor, chunk_size: int) -> Tensor:
+    """Position held by each flex slot ``[N, R, nc Kp]``: chunk c's K sorted slots (DESIGN.md 1.3), then
+    ``Kp - K`` fillers (the chunk's first position; masked out as keys, never stored as queries)."""
+    slots = padded_slot_positions(perm, chunk_size)
+    kp = _padded_chunk(chunk_size)
+    if kp == chunk_size:
+        return slots
+    n, rounds, lp = slots.shape
+    chunks = slots.reshape(n, rounds, lp // chunk_size, chunk_size)
+    filler = chunks[..., :1].expand(-1, -1, -1, kp - chunk_size)
+    return torch.cat([chunks, filler], dim=-1).reshape(n, rounds, -1)
+
+
+def chunk_multiplicity(nc: int) -> Tensor:
+    """``m[c, c']``: how many times query chunk c reads key chunk c' among c, c - 1, c + 1 (mod nc)."""
+    m = torch.zeros(nc, nc, dtype=torch.int64)
+    for c in range(nc):
+        for d in (0, -1, 1):
+            m[c, (c + d) % nc] += 1
+    return m
+
+
+def _key_blocks(nc: int) -> list[list[int]]:
+    """Distinct key chunks of each query chunk, in the order c, c - 1, c + 1 (DESIGN.md 1.4)."""
+    blocks = []
+    for c in range(nc):
+        seen: list[int] = []
+        for d in (0, -1, 1):
+            if (c + d) % nc not in seen:
+                seen.append((c + d) % nc)
+        blocks.append(seen)
+    return blocks
+
+
+def _mask_mod(k: int, kp: int, nc: int) -> Callable[..., Tensor]:
+    def mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        step = (kv_idx // kp - q_idx // kp + nc) % nc
+        adjacent = (step == 0) | (step == 1) | (step == nc - 1)
+        return adjacent & (kv_idx % kp < k)
+
+    return mask
+
+
+def block_mask_for(length: int, chunk_size: int, device: torch.device | str) -> Any:
+    """The BlockMask of GLA: one block per chunk (``BLOCK_SIZE = Kp``), query chunk c keeping key chunks c, c - 1,
+    c + 1 (mod nc), each distinct chunk once. Built from the block lists (O(nc)), never from a dense mask."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    k = chunk_size
+    kp = _padded_chunk(k)
+    nc = -(-length // k)
+    blocks = _key_blocks(nc)
+    counts = torch.tensor([len(b) for b in blocks], dtype=torch.int32, device=device).reshape(1, 1, nc)
+    indices = torch.zeros(1, 1, nc, nc, dtype=torch.int32)
+    for c, b in enumerate(blocks):
+        indices[0, 0, c, : len(b)] = torch.tensor(b, dtype=torch.int32)
+    indices = indices.to(device)
+    none = torch.zeros_like(counts)
+    if kp == k:  # every kept block is whole: the kernels skip mask_mod on full blocks
+        partial, full = (none, indices), (counts, indices)
+    else:  # filler key slots in every block: partial blocks, mask_mod applies
+        partial, full = (counts, indices), (none, indices)
+    return BlockMask.from_kv_blocks(
+        *partial, *full, BLOCK_SIZE=kp, mask_mod=_mask_mod(k, kp, nc), seq_lengths=(nc * kp, nc * kp)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# FlexAttention calls.
+
+_COMPILED: dict[str, Callable[..., Any]] = {}
+
+
+def _compiled_flex() -> Callable[..., Any]:
+    """One compiled flex_attention per float32 matmul precision: the kernels read it when they are generated
+    (IEEE under "highest", TF32 otherwise), so a compiled graph must not be reused across a change."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    key = torch.get_float32_matmul_precision()
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED[key]
+
+
+@functools.cache
+def _has_return_aux() -> bool:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return "return_aux" in inspect.signature(flex_attention).parameters
+
+
+def _kernel_options(kp: int, device: torch.device) -> dict[str, int] | None:
+    """Tiles that divide the block size when Kp is not a multiple of the default 128-row tiles."""
+    if device.type != "cuda" or kp % 128 == 0:
+        return None
+    tile = min(64, kp & -kp)  # the largest power of two dividing Kp (>= 16)
+    return {name: tile for name in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
+
+
+def _flex_with_lse(q: Tensor, k: Tensor, v: Tensor, score_mod, block_mask, compiled: bool,
+                   kernel_options: dict[str, int] | None) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of flex_attention, natural-log lse, with the API of this torch version."""
+    from torch.nn.attention import flex_attention as fa
+
+    fn = _compiled_flex() if compiled else fa.flex_attention
+    kwargs: dict[str, Any] = {"score_mod": score_mod, "block_mask": block_mask, "scale": 1.0,
+                              "kernel_options": kernel_options}
+    with warnings.catch_warnings():
+        # eager on purpose (CPU): the "called without torch.compile()" advice does not apply
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        if _has_return_aux():
+            out, aux = fn(q, k, v, **kwargs, return_aux=fa.AuxRequest(lse=True))
+            return out, aux.lse
+        return fn(q, k, v, **kwargs, return_lse=True)
+
+
+def _gather_rows(t: Tensor, slots: Tensor) -> Tensor:
+    """``t [N, L, C]`` at ``slots [N, R, S]`` -> ``[N, R, S, C]`` (differentiable)."""
+    batch = torch.arange(t.shape[0], device=t.device).reshape(-1, 1, 1)
+    return t[batch, slots]
+
+
+def _rounds(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Per-round ``out [N, R, L, Cv]`` and ``lse [N, R, L]`` (accumulation dtype) at the original positions."""
+    n, length, _ = xm.shape
+    rounds = perm.shape[1]
+    k = chunk_size
+    kp = _padded_chunk(k)
+    nc = -(-length // k)
+    acc = torch.float64 if xm.dtype == torch.float64 else torch.float32
+    slots = flex_slots(perm, k)  # [N, R, nc Kp]
+
+    norms = xm.to(acc).norm(dim=-1, keepdim=True).clamp_min(KEY_NORM_EPS)
+    keys = (xm.to(acc) / norms).to(xm.dtype)
+    q, kn, vv = (_gather_rows(t, slots) for t in (xm, keys, v))
+    lss_sorted = _gather_rows(lss, slots)  # [N, R, nc Kp, K]: row = key slot, column = query slot index
+    bias = None
+    if nc <= 2:  # chunks read 2 or 3 times (module docstring)
+        bias = chunk_multiplicity(nc).to(device=xm.device, dtype=acc).log()
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        slot = q_idx % kp
+        if kp != k:
+            slot = torch.clamp(slot, max=k - 1)  # filler query rows: any in-bounds column, never stored
+        score = score + lss_sorted[b, h, kv_idx, slot]
+        if bias is not None:
+            score = score + bias[q_idx // kp, kv_idx // kp]
+        return score
+
+    out, lse = _flex_with_lse(q, kn, vv, score_mod, block_mask_for(length, k, xm.device),
+                              compiled=xm.device.type == "cuda", kernel_options=_kernel_options(kp, xm.device))
+    # back from flex slots to sorted slots (drop fillers), then to positions (drop padded slots)
+    out = out.reshape(n, rounds, nc, kp, -1)[:, :, :, :k].reshape(n, rounds, nc * k, -1)[:, :, :length]
+    lse = lse.reshape(n, rounds, nc, kp)[:, :, :, :k].reshape(n, rounds, nc * k)[:, :, :length].to(acc)
+    inverse = torch.argsort(perm.long(), dim=-1)
+    out = torch.gather(out, 2, inverse.unsqueeze(-1).expand_as(out))
+    lse = torch.gather(lse, 2, inverse)
+    return out.to(v.dtype), lse
+
+
+def _merge(out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Rounds merged by their lse (DESIGN.md 1.5): ``y [N, L, Cv]`` and the lse over all rounds ``[N, L]``."""
+    total = torch.logsumexp(lse, dim=1)
+    weights = torch.exp(lse - total.unsqueeze(1)).unsqueeze(-1)
+    return (weights * out.to(lse.dtype)).sum(dim=1).to(out.dtype), total
+
+
+def _on_cpu(*tensors: Tensor) -> bool:
+    return any(t.device.type == "cpu" for t in tensors)
+
+
+class _NoCpuBackward(torch.autograd.Function):
+    """The forward's outputs, attached to the differentiable inputs by a node whose backward raises."""
+
+    @staticmethod
+    def forward(ctx, n_inputs: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        outputs = tensors[n_inputs:]
+        ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
+        return tuple(o.clone() for o in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        from ._ops import BackendUnavailableError
+
+        raise BackendUnavailableError(CPU_BACKWARD_REASON)
+
+
+def _cpu_forward_only(fn: Callable[..., tuple[Tensor, ...]], differentiable: tuple[Tensor, ...],
+                      *args: Any) -> tuple[Tensor, ...]:
+    """Runs ``fn`` without a graph; if an input wants gradients, the outputs get a node whose backward raises
+    (at backward time, so that inference with parameters that require grad still works)."""
+    with torch.no_grad():
+        outputs = fn(*args)
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in differentiable):
+        return outputs
+    return _NoCpuBackward.apply(len(differentiable), *differentiable, *outputs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The five ops of the backend table (DESIGN.md "Operators"; arguments already checked).
+
+
+def sblsh_hash(xm: Tensor, rot: Tensor) -> Tensor:
+    """Codes ``[N, R, L]``: the projection in IEEE float32 (float64 for float64), whatever the matmul precision
+    (README "Precision": TF32 or half products move near-ties)."""
+    acc = torch.float64 if xm.dtype == torch.float64 else torch.float32
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.autocast(xm.device.type, enabled=False):
+            proj = torch.einsum("nlc,crb->nrlb", xm.detach().to(acc), rot.to(acc))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    return proj.argmax(dim=-1)  # first maximum: the lowest bucket on ties
+
+
+def bucket_sort(codes: Tensor, n_buckets: int) -> Tensor:
+    """Stable sort by code (DESIGN.md 1.2): ``perm [N, R, L]`` int64."""
+    return _stable_sort(codes, n_buckets)
+
+
+def chunk_attention(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Per-round ``out [N, R, L, Cv]`` and ``lse [N, R, L]``; differentiable on CUDA (flex's autograd)."""
+    if _on_cpu(xm):
+        return _cpu_forward_only(_rounds, (xm, v, lss), xm, v, lss, perm, chunk_size)
+    return _rounds(xm, v, lss, perm, chunk_size)
+
+
+def _gla(xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    perm = bucket_sort(sblsh_hash(xm, rot), rot.shape[-1])
+    y, lse = _merge(*_rounds(xm, v, lss, perm, chunk_size))
+    return y, lse, perm
+
+
+def gla_attention(xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``y [N, L, Cv]``, ``lse [N, L]`` over all rounds, ``perm [N, R, L]``; differentiable on CUDA."""
+    if _on_cpu(xm):
+        return _cpu_forward_only(_gla, (xm, v, lss), xm, v, lss, rot, chunk_size)
+    return _gla(xm, v, lss, rot, chunk_size)
+
+
+def recompute_backward(forward: Callable[..., tuple[Tensor, Tensor]], grad_out: Tensor, delta: Tensor, xm: Tensor,
+                       v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``attention_backward`` (DESIGN.md "Backward") for a backend that differentiates by autograd: recompute
+    ``forward(xm, v, lss, perm, K) -> (out, lse)`` per round with a graph and pull back
+    ``grad_out . out + g_lse lse`` with ``g_lse = rowsum(grad_out out) - delta``, so that
+    ``ds = P (grad_out . v - delta)`` exactly as the formula. ``grad_out`` with one "round" (R' = 1) means the
+    rounds merged (gla_attention): then ``out, lse`` are ``y`` and the lse over all rounds."""
+    inputs = [t.detach().requires_grad_(True) for t in (xm, v, lss)]
+    with torch.enable_grad():
+        out, lse = forward(*inputs, perm, chunk_size)
+        if grad_out.shape[1] == 1 and perm.shape[1] != 1:
+            y, total = _merge(out, lse)
+            out, lse = y.unsqueeze(1), total.unsqueeze(1)
+        g_lse = (grad_out.to(lse.dtype) * out.detach().to(lse.dtype)).sum(-1) - delta.to(lse.dtype)
+        grads = torch.autograd.grad((out, lse), inputs, (grad_out.to(out.dtype), g_lse), allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, (xm, v, lss)))  # type: ignore[return-value]
+
+
+def attention_backward(grad_out: Tensor, delta: Tensor, xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor,
+                       lse: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The common backward op, by flex's autograd of a recomputed forward (CUDA only; ``lse`` is recomputed)."""
+    from ._ops import BackendUnavailableError
+
+    if _on_cpu(xm):
+        raise BackendUnavailableError(CPU_BACKWARD_REASON)
+    del lse  # flex recomputes its own
+    return recompute_backward(_rounds, grad_out, delta, xm, v, lss, perm, chunk_size)
