@@ -257,3 +257,52 @@ def test_state_dict_of_another_network_is_refused(tmp_path):
     torch.save(state, path)
     with pytest.raises(CheckpointError, match="unexpected keys: body.0.extra.weight"):
         load_model(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors, and the config stored with the weights.
+
+
+def test_safetensors_round_trip_with_metadata(tmp_path):
+    from safetensors import safe_open
+
+    model, _, _, last = trained_run(tmp_path)
+    path = checkpoint.save_safetensors(tmp_path / "model.safetensors", model, preset="tiny")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["format"] == "dlsn-safetensors" and metadata["preset"] == "tiny"
+    assert metadata["scale"] == "2" and checkpoint.json.loads(metadata["config"]) == model.config
+    loaded, config = load_model(path)
+    assert config == model.config
+    x = torch.rand(1, 3, 7, 6) * 255
+    torch.testing.assert_close(seeded_output(loaded, x), seeded_output(model, x), rtol=0, atol=1e-3)
+    assert load_checkpoint(path)["extra"]["preset"] == "tiny"
+    # the .pt carries its config inside the model state too (for loaders that keep only the weights),
+    # and load_checkpoint takes it out again
+    raw = torch.load(last, weights_only=True)["model"]
+    assert checkpoint.config_from_tensor(raw[checkpoint.CONFIG_KEY]) == model.config
+    assert checkpoint.CONFIG_KEY not in load_checkpoint(last)["model"]
+    bare = tmp_path / "weights.pth"
+    torch.save(raw, bare)  # what spandrel's unwrapping leaves: the config still says dlsn tiny
+    assert load_model(bare)[1] == model.config
+
+
+def test_authors_state_dict_in_safetensors_and_damaged_files(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    authors = tiny(n_hashes=3)
+    state = {k: v.contiguous() for k, v in authors.state_dict().items()}
+    state["a"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "official.safetensors"))
+    model, config = load_model(tmp_path / "official.safetensors")
+    assert config == authors.config
+    x = torch.rand(1, 3, 6, 5) * 255
+    torch.testing.assert_close(seeded_output(model, x), seeded_output(authors, x), rtol=0, atol=1e-3)
+    # recognised by content, so the name does not matter; a truncated one is one line
+    data = (tmp_path / "official.safetensors").read_bytes()
+    (tmp_path / "renamed.pt").write_bytes(data)
+    assert load_model(tmp_path / "renamed.pt")[1] == authors.config
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_checkpoint(tmp_path / "cut.safetensors")

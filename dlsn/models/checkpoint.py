@@ -9,6 +9,15 @@ strings, tensors), so it loads with ``torch.load(weights_only=True)`` and no cod
      "optimizer": state_dict or None, "scheduler": state_dict or None,
      "step": int, "extra": dict}        # extra: anything plain the trainer wants back (epoch, RNG, ...)
 
+The model's state also holds ``dlsn_config`` (``CONFIG_KEY``), its config as UTF-8 JSON bytes in a uint8
+tensor, so that a loader that keeps only the weights (spandrel unwraps ``"model"``) still knows the
+network; :func:`load_checkpoint` takes it out again.
+
+``model.safetensors`` (:func:`save_safetensors`) holds the weights for inference only: the tensors, the same
+``dlsn_config`` tensor, and string metadata ``{"format": "dlsn-safetensors", "config": JSON, "arch", "scale",
+"preset"}``. :func:`load_checkpoint` reads it, a ``.pt``/``.pth`` of ours, and bare state dicts in either
+container (recognised by their first bytes, not by their names).
+
 Files are written atomically: a temporary file in the same folder, flushed and fsync'ed, then
 renamed over the target, so a crash mid-write leaves the previous checkpoint intact.
 
@@ -18,9 +27,11 @@ is read off the tensor shapes (``dlsn.models.official``); their unused scalar ``
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +46,9 @@ from .official import OFFICIAL_UNUSED_KEYS, infer_official_config
 from .presets import model_from_config
 
 __all__ = [
+    "CONFIG_KEY",
     "FORMAT",
+    "SAFETENSORS_FORMAT",
     "VERSION",
     "CheckpointError",
     "CheckpointNotFoundError",
@@ -46,10 +59,13 @@ __all__ = [
     "restore",
     "resume",
     "save_checkpoint",
+    "save_safetensors",
 ]
 
 FORMAT = "dlsn-checkpoint"
 VERSION = 1
+SAFETENSORS_FORMAT = "dlsn-safetensors"
+CONFIG_KEY = "dlsn_config"
 
 PathLike = str | os.PathLike
 
@@ -105,6 +121,23 @@ def _model_state(model: nn.Module) -> dict[str, Tensor]:
     return _strip_prefix(state, "module.")
 
 
+def config_tensor(config: Mapping[str, Any]) -> Tensor:
+    """``config`` as UTF-8 JSON bytes in a uint8 tensor (the ``dlsn_config`` entry of a state dict)."""
+    data = json.dumps(dict(config), sort_keys=True).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def config_from_tensor(value: Tensor) -> dict[str, Any]:
+    """The config a :func:`config_tensor` holds; :class:`CheckpointError` when it is not one."""
+    try:
+        config = json.loads(bytes(value.cpu().to(torch.uint8).tolist()).decode())
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise CheckpointError(f"its {CONFIG_KEY} entry is not a JSON config ({error})") from error
+    if not isinstance(config, dict) or "arch" not in config:
+        raise CheckpointError(f"its {CONFIG_KEY} entry is not a network config: {config!r}")
+    return config
+
+
 def atomic_torch_save(obj: Any, path: PathLike) -> Path:
     """``torch.save(obj, path)`` that never leaves a half-written ``path``."""
     return write_atomically(Path(path), lambda handle: torch.save(obj, handle), durable=True)
@@ -135,7 +168,7 @@ def save_checkpoint(
         "format": FORMAT,
         "version": VERSION,
         "config": dict(config),
-        "model": _model_state(model),
+        "model": {**_model_state(model), CONFIG_KEY: config_tensor(config)},
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "step": step,
@@ -146,8 +179,63 @@ def save_checkpoint(
     return atomic_torch_save(checkpoint, path)
 
 
+def save_safetensors(
+    path: PathLike,
+    state: nn.Module | Mapping[str, Tensor],
+    config: Mapping[str, Any] | None = None,
+    *,
+    preset: str | None = None,
+) -> Path:
+    """Writes inference weights to ``path`` in the safetensors format, atomically (see the module docstring).
+
+    ``state``: a model (its config is the default ``config``) or a state dict. The tensors are stored in
+    float32 on the CPU, each with its own memory (safetensors refuses shared storage).
+    """
+    from safetensors.torch import save
+
+    if isinstance(state, nn.Module):
+        config = getattr(state, "config", None) if config is None else config
+        state = _model_state(state)
+    if config is None:
+        raise ValueError("config is required for a state dict")
+    tensors = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous().clone()
+               for k, v in state.items() if k != CONFIG_KEY}
+    tensors[CONFIG_KEY] = config_tensor(config)
+    metadata = {"format": SAFETENSORS_FORMAT, "version": str(VERSION), "config": json.dumps(dict(config)),
+                "arch": str(config.get("arch")), "scale": str(config.get("scale"))}
+    if preset is not None:
+        metadata["preset"] = preset
+    data = save(tensors, metadata=metadata)
+    return write_atomically(Path(path), lambda handle: handle.write(data), durable=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading.
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then that many bytes of JSON."""
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    return 2 <= length <= path.stat().st_size - 8
+
+
+def _read_safetensors(path: Path, map_location: Any) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    device = map_location if isinstance(map_location, str) else "cpu"
+    try:
+        with safe_open(str(path), framework="pt", device=device) as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # the reader's errors for damaged files are of several types
+        raise CheckpointError(f"{path} is not a readable safetensors file: {_first_line(error)}") from error
+    if isinstance(map_location, torch.device):
+        tensors = {k: v.to(map_location) for k, v in tensors.items()}
+    return tensors, metadata
 
 
 # What torch.save files start with: a zip archive (torch >= 1.6) or a pickle (the legacy format,
@@ -208,10 +296,15 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
-def _from_state_dict(state: Mapping[str, Tensor]) -> dict[str, Any]:
-    state = _strip_prefix(state, "module.")
-    config = infer_official_config(state)
-    weights = {k: v for k, v in state.items() if k not in OFFICIAL_UNUSED_KEYS}
+def _from_state_dict(state: Mapping[str, Tensor], source: str = "bare state_dict") -> dict[str, Any]:
+    state = _strip_prefix(_strip_prefix(state, "_orig_mod."), "module.")
+    if CONFIG_KEY in state:  # written here: the config travels with the weights
+        config = config_from_tensor(state[CONFIG_KEY])
+        how = "config stored with the weights"
+    else:
+        config = infer_official_config(state)
+        how = "architecture inferred from shapes"
+    weights = {k: v for k, v in state.items() if k not in OFFICIAL_UNUSED_KEYS and k != CONFIG_KEY}
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -220,7 +313,7 @@ def _from_state_dict(state: Mapping[str, Tensor]) -> dict[str, Any]:
         "optimizer": None,
         "scheduler": None,
         "step": 0,
-        "extra": {"source": "bare state_dict (architecture inferred from shapes)"},
+        "extra": {"source": f"{source} ({how})"},
     }
 
 
@@ -237,6 +330,17 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]
         raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint path is not a file: {path}")
+    if _looks_like_safetensors(path):
+        tensors, metadata = _read_safetensors(path, map_location)
+        if not tensors:
+            raise CheckpointError(f"{path} is a safetensors file without tensors")
+        try:
+            checkpoint = _from_state_dict(tensors, "safetensors")
+        except CheckpointError as error:
+            raise CheckpointError(f"{path}: {error}") from error
+        if "preset" in metadata:
+            checkpoint["extra"]["preset"] = metadata["preset"]
+        return checkpoint
     obj = _torch_load(path, map_location)
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         if obj.get("version") != VERSION:
@@ -246,7 +350,9 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]
         missing = [k for k in ("config", "model") if not isinstance(obj.get(k), Mapping)]
         if missing:
             raise CheckpointError(f"{path} is a damaged dlsn checkpoint: no {', '.join(missing)}")
-        return dict(obj)
+        checkpoint = dict(obj)
+        checkpoint["model"] = {k: v for k, v in obj["model"].items() if k != CONFIG_KEY}
+        return checkpoint
     # Common wrappers of bare state dicts in SR code bases.
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and _is_state_dict(obj.get(key)):
@@ -283,7 +389,7 @@ def load_weights(
     ``assign``: use the state's tensors as the parameters (no copy; for a model built on "meta").
     """
     state = _strip_prefix(_strip_prefix(state, "_orig_mod."), "module.")
-    state = {k: v for k, v in state.items() if k not in OFFICIAL_UNUSED_KEYS}
+    state = {k: v for k, v in state.items() if k not in OFFICIAL_UNUSED_KEYS and k != CONFIG_KEY}
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -317,7 +423,8 @@ def load_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Builds the model a checkpoint describes and loads its weights: ``(model, config)``.
 
-    Works for our checkpoints and the authors' bare state dicts. The model is on
+    Works for our checkpoints (``.pt``, ``model.safetensors``) and the authors' bare state dicts (in a
+    torch file or a safetensors file). The model is on
     ``map_location`` and in eval mode. ``scale``: raise :class:`CheckpointError` unless the file
     holds a model of this scale. ``backend``: kernel backend of its GLA blocks.
     """
