@@ -142,6 +142,48 @@ def write_table(path: Path, choices: dict[str, dict[str, Any]], deterministic: d
     return table
 
 
+def choices_from_session(fwd_ms: dict[str, dict[str, float]], step_ms: dict[str, dict[str, float]],
+                         passed: dict[str, set[str]], deterministic: dict[str, dict[str, bool]],
+                         cap: str) -> dict[str, dict[str, Any]]:
+    """The table entries of one GPU session, per precision (``fwd_ms[precision][backend]``: forward time,
+    ``step_ms``: forward + backward, ``passed[precision]``: backends that passed the correctness check).
+
+    - ``fwd``: the fastest forward.
+    - ``bwd``: the backward that makes the cheapest training step after that forward: ``fwd_ms[f] + step_ms[b]
+      - fwd_ms[b]`` (b's backward alone), except flex, whose backward after another forward recomputes its own
+      (``fwd_ms[f] + step_ms[flex]``); flex after flex is flex's step.
+    - ``bwd-deterministic``: the same among backends whose two backward runs were ``torch.equal``.
+    """
+    entries: dict[str, dict[str, Any]] = {}
+    for precision, forward_times in fwd_ms.items():
+        ok = {b for b in passed.get(precision, set()) if b in forward_times and b in step_ms.get(precision, {})}
+        if not ok:
+            continue
+        forward = min(sorted(ok), key=lambda b: forward_times[b])
+        steps = step_ms[precision]
+
+        def step(b: str, forward: str = forward, steps: dict[str, float] = steps,
+                 forward_times: dict[str, float] = forward_times) -> float:
+            if b == forward:
+                return steps[b]
+            if b == "flex":
+                return forward_times[forward] + steps[b]
+            return forward_times[forward] + steps[b] - forward_times[b]
+
+        key = f"{cap}/{precision}"
+        ranking = sorted(ok, key=lambda b: (forward_times[b], b))
+        entries[f"{key}/fwd"] = {"backend": forward, "ranking": ranking,
+                                 "ms": {b: round(forward_times[b], 4) for b in ranking}}
+        repeatable = deterministic.get(key, {})
+        for pass_, candidates in (("bwd", ok), ("bwd-deterministic", {b for b in ok if repeatable.get(b, False)})):
+            if not candidates:
+                continue
+            ranking = sorted(candidates, key=lambda b: (step(b), b))
+            entries[f"{key}/{pass_}"] = {"backend": ranking[0], "ranking": ranking, "after_forward": forward,
+                                         "step_ms": {b: round(step(b), 4) for b in ranking}}
+    return entries
+
+
 # ----------------------------------------------------------------------------------------------
 # A forward from one backend, a backward from another.
 
