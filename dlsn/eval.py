@@ -57,10 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, type=Path,
                         help="folder of test sets (<set>/HR, <set>/LR_bicubic/X<s>), one such set, or a plain "
                              "folder of HR images")
-    parser.add_argument("--scale", type=int, nargs="+",
-                        help="scales to evaluate (default: the checkpoints')")
+    parser.add_argument("--scale", type=int, nargs="+", choices=(2, 3, 4),
+                        help="scales to evaluate, 2, 3 or 4 as in training (default: the checkpoints')")
     parser.add_argument("--checkpoint", type=Path, nargs="+", help="checkpoint file(s), one per scale")
-    parser.add_argument("--bicubic", action="store_true", help="evaluate bicubic upscaling (no checkpoint)")
+    parser.add_argument("--bicubic", action="store_true",
+                        help="also (or, without --checkpoint, only) score bicubic upscaling, in the same table")
     parser.add_argument("--degradation", type=str.upper, choices=DEGRADATIONS, default="BI",
                         help="how LR images are made: BI uses a set's stored LR_bicubic images; BD and DN, "
                              "and any plain folder, make them from the HR images (default BI)")
@@ -105,18 +106,36 @@ def _load_models(paths: Sequence[Path], device: torch.device | str, backend: str
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.bicubic == bool(args.checkpoint):
-        raise EvalError("give --checkpoint FILE [FILE ...] or --bicubic (one of the two)")
-    if args.scale and any(s < 1 for s in args.scale):
-        raise EvalError(f"--scale values must be positive integers, got {args.scale}")
+    if not args.bicubic and not args.checkpoint:
+        raise EvalError("give --checkpoint FILE [FILE ...], --bicubic, or both")
     if args.n_hashes is not None and args.n_hashes < 1:
         raise EvalError(f"--n-hashes must be >= 1, got {args.n_hashes}")
     if args.noise_sigma is not None and args.degradation != "DN":
         raise EvalError(f"--noise-sigma is for --degradation DN, not {args.degradation}")
     if args.noise_sigma is not None and args.noise_sigma < 0:
         raise EvalError(f"--noise-sigma must be >= 0, got {args.noise_sigma}")
-    if args.bicubic and not args.scale:
-        raise EvalError("--bicubic needs --scale")
+    if args.bicubic and not args.checkpoint and not args.scale:
+        raise EvalError("--bicubic needs --scale (or a --checkpoint, whose scale it then takes)")
+
+
+def method_name(config: dict) -> str:
+    """The name README gives a checkpoint's network: its preset (``cpu_default``, ``paper``...), with the
+    settings that differ from it (``tiny (n_feats=16)``); a network no preset is close to: its arch."""
+    from dlsn.models.presets import PRESETS
+
+    net = {key: value for key, value in config.items() if key != "scale"}
+    closest: tuple[str, list[str]] | None = None
+    for name, preset in PRESETS.items():
+        model = dict(preset.model)
+        if model.get("arch") != net.get("arch"):
+            continue
+        differ = sorted(key for key in set(model) | set(net) if model.get(key) != net.get(key))
+        if closest is None or len(differ) < len(closest[1]):
+            closest = (name, differ)
+    if closest is None or len(closest[1]) > 2:
+        return str(config.get("arch") or "model").upper().replace("_", "-")
+    name, differ = closest
+    return name + (f" ({', '.join(f'{key}={net.get(key)!r}' for key in differ)})" if differ else "")
 
 
 def _run(args: argparse.Namespace, conversions: dict[str, str] | None = None,
@@ -129,6 +148,17 @@ def _run(args: argparse.Namespace, conversions: dict[str, str] | None = None,
     device = pick_device(args.device)
     progress = not args.no_progress
     noise_sigma = (15.0 if args.noise_sigma is None else args.noise_sigma) if args.degradation == "DN" else None
+    models: dict[int, tuple[nn.Module, dict]] = {}
+    if args.checkpoint:
+        backend = check_backend(args.backend, device)
+        models = _load_models(args.checkpoint, device, backend, args.n_hashes, args.seed)
+    scales = list(dict.fromkeys(args.scale)) if args.scale else sorted(models)
+    missing = [s for s in scales if models and s not in models]
+    if missing:
+        have = ", ".join(f"x{s}" for s in sorted(models))
+        wanted = ", ".join(f"x{s}" for s in missing)
+        raise EvalError(f"no checkpoint for scale(s) {wanted} (checkpoints: {have})")
+    # Said once the arguments and checkpoints are known to be good: no note line before an error line.
     made = [name for name, folder in sets.items() if is_plain_folder(folder) or args.degradation != "BI"]
     if made:
         noise = f", noise sigma {noise_sigma:g}" if noise_sigma is not None else ""
@@ -138,27 +168,66 @@ def _run(args: argparse.Namespace, conversions: dict[str, str] | None = None,
     data_options = {"degradation": args.degradation, "noise_sigma": noise_sigma, "seed": args.seed,
                     "keep_going": True, "conversions": conversions}
 
-    if args.bicubic:
-        upscalers = {s: bicubic_upscaler(s) for s in dict.fromkeys(args.scale)}
-        return evaluate(upscalers, sets, method="bicubic", device=device, progress=progress, **data_options)
-
-    backend = check_backend(args.backend, device)
-    models = _load_models(args.checkpoint, device, backend, args.n_hashes, args.seed)
-    scales = list(dict.fromkeys(args.scale)) if args.scale else sorted(models)
-    missing = [s for s in scales if s not in models]
-    if missing:
-        have = ", ".join(f"x{s}" for s in sorted(models))
-        wanted = ", ".join(f"x{s}" for s in missing)
-        raise EvalError(f"no checkpoint for scale(s) {wanted} (checkpoints: {have})")
     results = []
     for scale in scales:
+        if args.bicubic:
+            results += evaluate({scale: bicubic_upscaler(scale)}, sets, method="bicubic", device=device,
+                                progress=progress, **data_options)
+        if scale not in models:
+            continue
         model, config = models[scale]
-        arch = str(config.get("arch") or "model").upper().replace("_", "-")
-        method = arch + ("+" if args.self_ensemble else "")
+        method = method_name(config) + ("+" if args.self_ensemble else "")
         upscale = model_upscaler(model, float(config.get("rgb_range", 255.0)), args.self_ensemble)
         results += evaluate({scale: upscale}, sets, method=method, device=device, progress=progress,
                             **data_options)
     return results
+
+
+def _score_cell(values: dict[str, tuple[float, float]], method: str) -> str:
+    return f"{values[method][0]:.2f} / {values[method][1]:.4f}" if method in values else "-"
+
+
+def _gain_cell(values: dict[str, tuple[float, float]], method: str) -> str:
+    if method not in values or "bicubic" not in values:
+        return "-"
+    return f"{values[method][0] - values['bicubic'][0]:+.2f} dB"
+
+
+def _side_by_side(results: list[SetScore], per_image: bool) -> str:
+    """One scale's table: a ``PSNR / SSIM`` column per method, then each model's gain over bicubic."""
+    methods = list(dict.fromkeys(r.method for r in results))
+    gains = [m for m in methods if m != "bicubic"] if "bicubic" in methods else []
+    set_names = list(dict.fromkeys(r.set_name for r in results))
+    image_names = [f"  {s.name}" for r in results for s in r.images] if per_image else []
+    width = max(len(name) for name in ["Set", *set_names, *image_names])
+    cell = max(16, *(len(m) for m in methods))
+    gain_labels = {m: "vs bicubic" if len(gains) == 1 else f"{m} vs bicubic" for m in gains}
+    header = (f"{'Set':<{width}}  {'Images':>6}" + "".join(f"  {m:>{cell}}" for m in methods)
+              + "".join(f"  {label:>10}" for label in gain_labels.values()))
+    lines = [f"x{results[0].scale}: Y-PSNR (dB) / SSIM", header, "-" * len(header)]
+
+    def row(label: str, images: str, values: dict[str, tuple[float, float]]) -> str:
+        return (f"{label:<{width}}  {images:>6}" + "".join(f"  {_score_cell(values, m):>{cell}}" for m in methods)
+                + "".join(f"  {_gain_cell(values, m):>{max(10, len(gain_labels[m]))}}" for m in gains))
+
+    for set_name in set_names:
+        rows = {r.method: r for r in results if r.set_name == set_name}
+        count = max(r.n_images for r in rows.values())
+        lines.append(row(set_name, str(count), {m: (r.psnr, r.ssim) for m, r in rows.items()}))
+        if per_image:
+            for image in dict.fromkeys(s.name for r in rows.values() for s in r.images):
+                lines.append(row(f"  {image}", "", {m: (s.psnr, s.ssim) for m, r in rows.items()
+                                                     for s in r.images if s.name == image}))
+    return "\n".join(lines)
+
+
+def format_side_by_side(results: Sequence[SetScore], per_image: bool = False) -> str:
+    """``format_tables``, except that the methods scored at one scale (``--checkpoint X --bicubic``) share
+    one table: a ``PSNR / SSIM`` column per method, and each model's gain over bicubic."""
+    scales = list(dict.fromkeys(r.scale for r in results))
+    if all(len({r.method for r in results if r.scale == s}) == 1 for s in scales):
+        return format_tables(results, per_image=per_image)
+    return "\n\n".join(_side_by_side([r for r in results if r.scale == s], per_image) for s in scales)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -166,7 +235,7 @@ def _main(args: argparse.Namespace) -> int:
     results = _run(args, conversions)
     if conversions:
         print(f"dlsn.eval: note: {format_conversions(sorted(conversions.items()))}")
-    print(format_tables(results, per_image=args.per_image))
+    print(format_side_by_side(results, per_image=args.per_image))
     extra = {"data": str(args.data), "self_ensemble": bool(args.self_ensemble), "seed": args.seed,
              "n_hashes": args.n_hashes, "checkpoints": [str(p) for p in args.checkpoint or []],
              "degradation": args.degradation}

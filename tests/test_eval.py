@@ -183,6 +183,8 @@ def test_cli_bicubic_tables_csv_and_json(tmp_path, capsys):
 
 def install_fake_checkpoints(monkeypatch, scales_by_path):
     """Replace dlsn.models.checkpoint.load_model with one returning RecordingUpscaler models."""
+    import dlsn.models.presets  # noqa: F401  (imported for real first: eval names networks after presets)
+
     loaded = {}
 
     def load_model(path, map_location="cpu", *, scale=None, backend=None):
@@ -269,10 +271,60 @@ def test_cli_with_a_real_tiny_checkpoint(tmp_path, capsys):
             "--n-hashes", "1", "--no-progress", "--json", str(out_json)]
     assert main(argv) == 0
     first = json.loads(out_json.read_text())["results"][0]
-    assert first["scale"] == 2 and first["n_images"] == 1 and first["method"] == "DLSN"
+    assert first["scale"] == 2 and first["n_images"] == 1 and first["method"] == "tiny (n_feats=16)"
     assert math.isfinite(first["psnr"]) and 0 < first["psnr"] < 100
     assert main(argv) == 0  # seeded hash rotations: the same numbers again
     assert json.loads(out_json.read_text())["results"][0]["psnr"] == first["psnr"]
+
+
+def test_tables_name_networks_by_their_preset():
+    from dlsn.eval import method_name
+    from dlsn.models.presets import preset_config
+
+    assert method_name(preset_config("cpu_default", 2)) == "cpu_default"
+    assert method_name(preset_config("paper", 3)) == "paper"
+    assert method_name(preset_config("tiny", 4, n_feats=16)) == "tiny (n_feats=16)"
+    assert method_name({"arch": "fake_net", "scale": 2}) == "FAKE-NET"
+    far = preset_config("small", 2, n_feats=8, n_resgroups=1, chunk_size=16)
+    assert method_name(far) == "DLSN"  # three settings away from every preset: the architecture's name
+
+
+def test_checkpoint_and_bicubic_in_one_table(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    make_test_set(data, "SetA", scales=(2,))
+    make_test_set(data, "SetB", scales=(2,), sizes=((24, 24),))
+    ckpt = tmp_path / "x2.pt"
+    ckpt.write_bytes(b"")
+    install_fake_checkpoints(monkeypatch, {str(ckpt): 2})
+    out_json = tmp_path / "r.json"
+    assert main(["--data", str(data), "--checkpoint", str(ckpt), "--bicubic", "--no-progress", "--per-image",
+                 "--json", str(out_json)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "x2: Y-PSNR (dB) / SSIM"
+    assert lines[1].split() == ["Set", "Images", "bicubic", "FAKE-NET", "vs", "bicubic"]
+    results = json.loads(out_json.read_text())["results"]
+    assert [(r["method"], r["set"]) for r in results] == [("bicubic", "SetA"), ("bicubic", "SetB"),
+                                                          ("FAKE-NET", "SetA"), ("FAKE-NET", "SetB")]
+    set_a = next(line for line in lines if line.startswith("SetA"))
+    bicubic_a = results[0]
+    # The stand-in network is bicubic: the same scores, and a gain of 0.00 dB.
+    assert set_a.split() == ["SetA", "2", f"{bicubic_a['psnr']:.2f}", "/", f"{bicubic_a['ssim']:.4f}",
+                             f"{bicubic_a['psnr']:.2f}", "/", f"{bicubic_a['ssim']:.4f}", "+0.00", "dB"]
+    assert any(line.startswith("  img1") for line in lines)  # --per-image rows
+    # Scales outside 2, 3, 4 are refused, as train refuses them.
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data", str(data), "--bicubic", "--scale", "5"])
+    assert exit_.value.code == 2 and "invalid choice: 5 (choose from 2, 3, 4)" in capsys.readouterr().err
+
+
+def test_an_unreadable_image_of_a_benchmark_set_is_listed_not_fatal(tmp_path, capsys):
+    data = tmp_path / "data"
+    make_test_set(data, "SetA", scales=(2,))
+    (data / "SetA" / "LR_bicubic" / "X2" / "img1x2.png").write_bytes(b"not a png")
+    assert main(["--data", str(data), "--bicubic", "--scale", "2", "--no-progress"]) == 1
+    out, err = capsys.readouterr()
+    assert next(line for line in out.splitlines() if line.startswith("SetA")).split()[:2] == ["SetA", "1"]
+    assert err.startswith("dlsn.eval: failed: 1 of 2 images: SetA/img1 (cannot read image") and "img1x2.png" in err
 
 
 def test_model_upscaler_runs_without_gradients():
@@ -353,8 +405,10 @@ def test_bad_inputs_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys,
         fake = tmp_path / "fake.pt"
         fake.write_bytes(content)
         assert main(["--data", str(data), "--checkpoint", str(fake), "--no-progress"]) == 2
-        assert capsys.readouterr().err == (f"dlsn.eval: error: {fake} is not a readable checkpoint (not written "
-                                           "by torch.save, or corrupt or truncated)\n")
+        out, err = capsys.readouterr()
+        assert err == (f"dlsn.eval: error: {fake} is not a readable checkpoint (not written "
+                       "by torch.save, or corrupt or truncated)\n")
+        assert out == ""  # no note line ("LR images made ...") before the error
     assert main(["--data", str(data), "--bicubic", "--scale", "2", "--noise-sigma", "5"]) == 2
     assert capsys.readouterr().err == "dlsn.eval: error: --noise-sigma is for --degradation DN, not BI\n"
     assert main(["--data", str(tmp_path / "empty_place"), "--bicubic", "--scale", "2"]) == 2
