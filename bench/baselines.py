@@ -14,6 +14,12 @@ Two attentions, both in plain PyTorch with every intermediate materialised (benc
 
 Both normalise the keys only, with ``F.normalize(eps=5e-5)`` (DESIGN.md 1.4); queries stay raw.
 
+A third, the strongest plain-PyTorch alternative on a GPU: **flex-gla**, GLA written with
+``torch.nn.attention.flex_attention`` (rounds as heads, a block mask keeping the adjacent chunks, the learned
+score in ``score_mod``, rounds merged by lse; ``dlsn_kernels/flex.py`` has the details, including how chunks
+read twice or three times stay exact). It is the ``flex`` backend of dlsn_kernels called without the op
+checks and the dispatcher; compiled on CUDA tensors (with flex's own backward), eager and forward-only on CPU.
+
 The cores take ``xm [N, L, Cm]`` and ``v [N, L, Cv]`` plus either ready-made ``perm [N, R, L]``
 (positions in bucket order per round) or rotations to hash with. With the same ``perm`` the
 DLSN-style core computes exactly what ``dlsn_kernels.chunk_attention`` + ``combine_rounds``
@@ -39,6 +45,7 @@ __all__ = [
     "sort_by_codes",
     "nlsn_attention",
     "dlsn_attention",
+    "flex_gla_attention",
     "NLSAttention",
     "DLSNStyleGLA",
 ]
@@ -295,6 +302,33 @@ def dlsn_attention(
     if return_rounds:
         return ret, bucket_score
     return _combine_rounds(ret, bucket_score)
+
+
+def flex_gla_attention(
+    xm: Tensor,
+    v: Tensor,
+    lss: Tensor,
+    chunk_size: int,
+    *,
+    rot: Tensor | None = None,
+    perm: Tensor | None = None,
+) -> Tensor:
+    """GLA as FlexAttention: ``y [N, L, Cv]`` from ``lss [N, L, K]`` and either orthonormal ``rot [Cm, R, B]``
+    (hashed in IEEE float32, stable sort) or ``perm [N, R, L]``. Same semantics as ``dlsn_kernels``
+    (DESIGN.md 1.1-1.5). Differentiable on CUDA tensors; on CPU tensors forward only (eager, materialising the
+    ``[N, R, Lp', Lp']`` scores, ``Lp'`` the padded length with chunks rounded up to 16 slots)."""
+    from dlsn_kernels import flex
+
+    _check_core_inputs(xm, v, chunk_size)
+    if (perm is None) == (rot is None):
+        raise ValueError("give exactly one of perm and rot")
+    if lss.shape[:2] != xm.shape[:2] or lss.shape[-1] != chunk_size:
+        raise ValueError(f"lss must be [N, L, chunk_size={chunk_size}], got {tuple(lss.shape)}")
+    if rot is not None:
+        return flex.gla_attention(xm, v, lss, rot, chunk_size)[0]
+    _check_perm(perm, xm)
+    out, lse = flex.chunk_attention(xm, v, lss, perm, chunk_size)
+    return flex.merge_rounds(out, lse)[0]
 
 
 def _to_rows(x: Tensor) -> Tensor:

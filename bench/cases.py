@@ -10,11 +10,13 @@ Implementations (``impl``) compared on the same tensors:
 * ``fused-<backend>``: ``dlsn_kernels.gla_attention(..., backend=<backend>)`` (cpu, cuda, triton);
 * ``reference``: the same call with ``backend="reference"`` (plain PyTorch, materialising);
 * ``nlsn-style``: :func:`bench.baselines.nlsn_attention` (no learned score, Gaussian hashing);
-* ``dlsn-style``: :func:`bench.baselines.dlsn_attention` with ``fc`` on every key copy.
+* ``dlsn-style``: :func:`bench.baselines.dlsn_attention` with ``fc`` on every key copy;
+* ``flex-gla``: :func:`bench.baselines.flex_gla_attention`, GLA as FlexAttention (compiled on CUDA; on the
+  CPU eager and forward only, so its forward + backward there is "Not run", see :func:`impl_unavailable_reason`).
 
 Core inputs: ``xm [N, L, Cm]``, ``v [N, L, Cv]``, ``f [N, L, Cv]`` and ``fc`` (``Cv -> K -> K``).
 The DLSN family's timed region includes the learned score: ``lss = fc(f)`` once per position for
-``fused-*`` and ``reference``, ``fc`` on every key copy for ``dlsn-style``. ``nlsn-style`` has no
+``fused-*``, ``reference`` and ``flex-gla``, ``fc`` on every key copy for ``dlsn-style``. ``nlsn-style`` has no
 learned score and uses ``xm`` and ``v`` only.
 """
 
@@ -36,12 +38,13 @@ __all__ = [
     "allocation_case",
     "fused_impl",
     "backend_of",
+    "impl_unavailable_reason",
     "estimate_core_bytes",
     "estimate_gla_bytes",
 ]
 
 # The implementations that are not ours (always runnable, plain PyTorch).
-CORE_IMPLS_BASELINE = ("reference", "nlsn-style", "dlsn-style")
+CORE_IMPLS_BASELINE = ("reference", "nlsn-style", "dlsn-style", "flex-gla")
 _DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -59,6 +62,18 @@ def backend_of(impl: str) -> str | None:
     if impl.startswith("fused-"):
         return impl[len("fused-") :]
     return "reference" if impl == "reference" else None
+
+
+def impl_unavailable_reason(impl: str, device: str, backward: bool) -> str | None:
+    """Why a baseline cannot run this case here (None: it can). Fused impls: see dlsn_kernels.available_backends."""
+    if impl != "flex-gla":
+        return None
+    from dlsn_kernels import flex
+
+    why = flex.unavailable_reason(torch.device(device))
+    if why is None and backward and torch.device(device).type == "cpu":
+        why = "flex-gla has no backward on CPU tensors (compiled FlexAttention has no CPU backward)"
+    return why
 
 
 def _synchronizer(device: torch.device) -> Callable[[], None]:
@@ -116,6 +131,10 @@ def core_case(
 
         def forward() -> Tensor:
             return baselines.dlsn_attention(xm, v, k, f=f, fc=fc, rot=rot)
+    elif impl == "flex-gla":
+
+        def forward() -> Tensor:
+            return baselines.flex_gla_attention(xm, v, fc(f), k, rot=rot)
     else:
         raise ValueError(f"unknown impl {impl!r}; use fused-<backend>, {', '.join(CORE_IMPLS_BASELINE)}")
 
@@ -272,6 +291,7 @@ def estimate_core_bytes(
     r: int,
     backward: bool = False,
     dtype: str = "float32",
+    device_type: str = "cpu",
 ) -> int:
     """Rough peak extra bytes of one core call; fused kernels need only their outputs (+ grads)."""
     dtype_bytes = _DTYPES[dtype].itemsize
@@ -280,6 +300,13 @@ def estimate_core_bytes(
     if backend_of(impl) not in (None, "reference"):
         per_position = cv + k + (2 * cm + 3 * cv + k if backward else 0)
         return n * length * per_position * dtype_bytes
+    if impl == "flex-gla":
+        # gathered copies per flex slot (chunks rounded up to 16 slots): q, keys, v, lss, out (+ grads); on the
+        # CPU the eager path also holds the [N, R, S, S] scores in float32 (a few copies: scores, mask, softmax)
+        slots = n * r * -(-lp // k) * (-(-k // 16) * 16)
+        copies = slots * (2 * cm + 2 * cv + k) * (2 if backward else 1) * dtype_bytes
+        dense = 3 * n * r * (slots // (n * r)) ** 2 * 4 if device_type == "cpu" else 0
+        return int(copies + dense)
     a, b, c = _SLOT_ELEMENTS[("reference" if backend_of(impl) == "reference" else impl, backward)]
     slots = n * r * lp
     hashing = n * r * length * (1.5 * baselines.n_buckets_for(length, k) + 4)  # projections, codes

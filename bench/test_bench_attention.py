@@ -14,6 +14,7 @@ Groups (one table each in bench/results/<device>.md):
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bench import cases
 from bench.harness import measure, skip_if_too_big, skip_unless_backend_runs
@@ -28,12 +29,19 @@ SCALING_SIDES = (64, 128, 256, 512)
 SCALING_SIDES_QUICK = (16, 24)
 
 
+def _skip_unless_impl_runs(impl: str, device: str, backward: bool) -> None:
+    reason = cases.impl_unavailable_reason(impl, device, backward)
+    if reason is not None:
+        pytest.skip(f"{impl}: {reason}")  # listed under "Not run" in the report
+
+
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 def test_core(benchmark, bench_config, impl, mode):
     skip_unless_backend_runs(impl, bench_config.device)
     shape = TRAIN_SHAPE_QUICK if bench_config.quick else TRAIN_SHAPE
     kwargs = {"impl": impl, **shape, "backward": mode == "fwdbwd", "dtype": bench_config.dtype}
-    estimate = cases.estimate_core_bytes(**kwargs)
+    _skip_unless_impl_runs(impl, bench_config.device, mode == "fwdbwd")
+    estimate = cases.estimate_core_bytes(**kwargs, device_type=torch.device(bench_config.device).type)
     skip_if_too_big(impl, estimate, bench_config)
     measure(
         benchmark,
@@ -55,7 +63,8 @@ def test_scaling(benchmark, bench_config, impl, scaling_side):
     side = scaling_side
     dims = QUICK_DIMS if bench_config.quick else PAPER_DIMS
     kwargs = {"impl": impl, "n": 1, "h": side, "w": side, **dims, "dtype": bench_config.dtype}
-    estimate = cases.estimate_core_bytes(**kwargs)
+    _skip_unless_impl_runs(impl, bench_config.device, False)
+    estimate = cases.estimate_core_bytes(**kwargs, device_type=torch.device(bench_config.device).type)
     skip_if_too_big(impl, estimate, bench_config)
     measure(
         benchmark,

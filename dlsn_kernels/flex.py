@@ -54,6 +54,7 @@ __all__ = [
     "flex_slots",
     "gla_attention",
     "attention_backward",
+    "merge_rounds",
     "sblsh_hash",
     "bucket_sort",
     "unavailable_reason",
@@ -259,7 +260,7 @@ def _rounds(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int) -
     return out.to(v.dtype), lse
 
 
-def _merge(out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+def merge_rounds(out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
     """Rounds merged by their lse (DESIGN.md 1.5): ``y [N, L, Cv]`` and the lse over all rounds ``[N, L]``."""
     total = torch.logsumexp(lse, dim=1)
     weights = torch.exp(lse - total.unsqueeze(1)).unsqueeze(-1)
@@ -329,7 +330,7 @@ def chunk_attention(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size
 
 def _gla(xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
     perm = bucket_sort(sblsh_hash(xm, rot), rot.shape[-1])
-    y, lse = _merge(*_rounds(xm, v, lss, perm, chunk_size))
+    y, lse = merge_rounds(*_rounds(xm, v, lss, perm, chunk_size))
     return y, lse, perm
 
 
@@ -351,7 +352,7 @@ def recompute_backward(forward: Callable[..., tuple[Tensor, Tensor]], grad_out: 
     with torch.enable_grad():
         out, lse = forward(*inputs, perm, chunk_size)
         if grad_out.shape[1] == 1 and perm.shape[1] != 1:
-            y, total = _merge(out, lse)
+            y, total = merge_rounds(out, lse)
             out, lse = y.unsqueeze(1), total.unsqueeze(1)
         g_lse = (grad_out.to(lse.dtype) * out.detach().to(lse.dtype)).sum(-1) - delta.to(lse.dtype)
         grads = torch.autograd.grad((out, lse), inputs, (grad_out.to(out.dtype), g_lse), allow_unused=True)

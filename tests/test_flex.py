@@ -224,3 +224,21 @@ def test_hash_is_ieee_float32_under_tf32_precision():
         torch.set_float32_matmul_precision(before)
     assert torch.equal(codes, ref.sblsh_hash(xm, rot))
     assert torch.equal(dk.bucket_sort(codes, rot.shape[-1], backend="flex"), ref.bucket_sort(codes))
+
+
+def test_bench_baseline_is_the_flex_formulation():
+    from bench import baselines, cases
+
+    case = CASES[5]
+    xm, v, lss, rot, perm = make_inputs(case)
+    want = baselines.dlsn_attention(xm, v, case.chunk, lss=lss, rot=rot)
+    assert rel_err(baselines.flex_gla_attention(xm, v, lss, case.chunk, rot=rot), want) < 1e-12
+    assert rel_err(baselines.flex_gla_attention(xm, v, lss, case.chunk, perm=perm), want) < 1e-12
+    with pytest.raises(ValueError, match="exactly one of perm and rot"):
+        baselines.flex_gla_attention(xm, v, lss, case.chunk)
+    cases.core_case("flex-gla", n=1, h=5, w=7, cm=4, cv=6, k=8, r=2)()  # the CPU forward runs
+    assert cases.impl_unavailable_reason("flex-gla", "cpu", backward=False) is None
+    assert "no backward on CPU" in cases.impl_unavailable_reason("flex-gla", "cpu", backward=True)
+    small, big = (cases.estimate_core_bytes("flex-gla", 1, s, s, 64, 256, 128, 3) for s in (48, 512))
+    assert 0 < small < big and big > 2**40  # eager on the CPU materialises [N, R, S, S] scores: skipped at 512
+    assert cases.estimate_core_bytes("flex-gla", 1, 512, 512, 64, 256, 128, 3, device_type="cuda") < 2**32
