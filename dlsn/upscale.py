@@ -13,8 +13,8 @@ global, so tiled results differ slightly from whole-image ones; tiles bound the 
 quadrants, split again while one holds 120000 LR pixels or more), as their published test command does.
 Hash rotations are drawn from ``--seed`` (default 0), so the same command gives the same pixels.
 
-A folder run upscales every image it can read, lists the others at the end and exits with status 1;
-bad arguments (a file that is not a checkpoint, a missing input) print one line and exit with 2, and
+A folder run upscales every image it can read; if some could not be, it lists them at the end and exits
+with status 1. Bad arguments (a file that is not a checkpoint, a missing input) print one line and exit with 2, and
 Ctrl-C keeps the images written so far (each file is written whole or not at all) and exits with 130.
 Images that are not 8-bit RGB (RGBA, greyscale, 16-bit) are converted, and one line says which.
 """
@@ -125,12 +125,14 @@ def _check_input(source: Path) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dlsn.upscale",
-        description="Super-resolve an image or a folder of images with a DLSN checkpoint. A folder run "
-                    "upscales every image it can, lists the ones it could not at the end and then exits "
-                    "with status 1.",
+        description="Super-resolve an image or a folder of images with a DLSN checkpoint. Exit status: 0 "
+                    "when every image was written; 1 when some images of a folder could not be read or "
+                    "upscaled (the others are written, and these listed at the end); 2 for bad arguments; "
+                    "130 on Ctrl-C.",
     )
-    parser.add_argument("input", type=Path, help="an image, or a folder of images")
-    parser.add_argument("output", help="output image, or folder (needed when IN is a folder)")
+    parser.add_argument("input", type=Path, metavar="IN", help="an image, or a folder of images")
+    parser.add_argument("output", metavar="OUT", help="output image file, or a folder to write "
+                                                      "<name>_x<scale>.png into (must be a folder when IN is one)")
     parser.add_argument(
         "--checkpoint", type=Path, required=True, help="our checkpoint or an authors' state dict"
     )

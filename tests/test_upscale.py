@@ -298,3 +298,14 @@ def test_help_shows_each_default_once(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert_each_default_once(capsys.readouterr().out)
+
+
+def test_help_says_when_each_exit_status_comes_and_that_out_is_required(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "IN OUT" in text and "needed when" not in text
+    assert "OUT output image file, or a folder to write <name>_x<scale>.png into (must be a folder when IN is one)" \
+        in text
+    assert ("Exit status: 0 when every image was written; 1 when some images of a folder could not be read or "
+            "upscaled") in text
