@@ -592,3 +592,24 @@ def test_help_shows_each_default_once(capsys):
     text = capsys.readouterr().out
     assert "(default 2)" in text
     assert_each_default_once(text)
+
+
+def test_curves_have_readable_loss_ticks_and_a_legend_clear_of_the_lines(tmp_path):
+    log = T.RunLog(tmp_path / "log.csv", None)
+    for step in range(10, 2010, 10):
+        log.add(step, step // 100, 9 * math.exp(-step / 500) + 3.5, 1e-3, None, step / 4)
+        if step % 200 == 0:
+            log.add(step, step // 100, None, 1e-3, 29.5 + 3 * (1 - math.exp(-step / 600)), step / 4)
+    fig = log.figure(30.53, "tiny x2")
+    fig.canvas.draw()
+    ax_loss, ax_psnr = fig.axes
+    low, high = ax_loss.get_ylim()
+    labelled = [t for t in ax_loss.yaxis.get_major_ticks()
+                if t.label1.get_text() and low <= t.get_loc() <= high]
+    assert len(labelled) >= 4, [t.label1.get_text() for t in labelled]
+    assert all(float(t.label1.get_text()) == pytest.approx(t.get_loc()) for t in labelled)  # plain numbers
+    legend = ax_psnr.get_legend().get_window_extent()
+    assert [text.get_text() for text in ax_psnr.get_legend().get_texts()] == ["model", "bicubic"]
+    assert not legend.overlaps(ax_psnr.get_window_extent())  # outside the plot: covers no line
+    path = log.plot(tmp_path / "curves.png", 30.53, "tiny x2")
+    assert path.stat().st_size > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 from pathlib import Path
 
@@ -80,10 +81,21 @@ class RunLog:
         os.replace(tmp, self.path)
 
     def plot(self, path: Path, bicubic_psnr: float | None, title: str) -> Path:
+        import matplotlib.pyplot as plt
+
+        fig = self.figure(bicubic_psnr, title)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def figure(self, bicubic_psnr: float | None, title: str):  # -> matplotlib.figure.Figure
+        """The two panels of ``curves.png``: training loss (log scale) and validation Y-PSNR vs bicubic."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
         loss = [(int(r["step"]), float(r["loss"])) for r in self.rows if r["loss"]]
         psnr = [(int(r["step"]), float(r["val_psnr"])) for r in self.rows if r["val_psnr"]]
@@ -97,16 +109,24 @@ class RunLog:
                 smooth = [sum(span) / len(span) for span in spans]
                 ax_loss.plot(steps, smooth, color="tab:blue", linewidth=1.5)
             ax_loss.set_yscale("log")
+            # A loss spans about one decade: labelled ticks at 1, 2, 5 (every digit within one decade) x 10^k,
+            # written as plain numbers, instead of matplotlib's two labels at powers of ten.
+            positive = [v for v in values if v > 0]
+            decades = math.log10(max(positive) / min(positive)) if positive else 0.0
+            subs = (1.0, 2.0, 5.0) if decades > 1.2 else tuple(float(d) for d in range(1, 10))
+            ax_loss.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
+            ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax_loss.yaxis.set_minor_formatter(NullFormatter())
         ax_loss.set(xlabel="step", ylabel="L1 loss (0-255 scale)", title="training loss")
         if psnr:
             ax_psnr.plot(*zip(*psnr, strict=True), "o-", color="tab:green", label="model")
         if bicubic_psnr is not None:
             ax_psnr.axhline(bicubic_psnr, color="tab:gray", linestyle="--", label="bicubic")
         ax_psnr.set(xlabel="step", ylabel="Y-PSNR (dB)", title="validation")
-        ax_psnr.legend(loc="lower right")
+        if psnr or bicubic_psnr is not None:
+            # Outside the axes, under the title: inside, it covered the bicubic line or the curve.
+            ax_psnr.legend(loc="lower right", bbox_to_anchor=(1.0, 1.08), ncol=2, frameon=False,
+                           borderaxespad=0.0)
         fig.suptitle(title)
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return fig
