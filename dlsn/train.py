@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     arg("--pyramid", type=float, nargs="*", metavar="F",
         help="also train on the HR images downscaled by these factors in (0, 1); no value: off "
              "(CPU presets: 0.75 0.5 0.35; HR-image data only, not stored LR pairs)")
+    arg("--ema", type=float, metavar="DECAY",
+        help="keep a moving average of the weights with this decay, used for validation, best.pt and "
+             "model.safetensors; 0: off (paper presets: 0.999, as BasicSR; CPU presets: off)")
     arg("--out", type=Path, help="output folder (default runs/<preset>_x<scale>, numbered if taken)")
     arg("--resume", nargs="?", const="auto", metavar="PATH",
         help="continue a run: its last.pt, a folder holding one, or --out's last.pt (no PATH)")

@@ -1,9 +1,15 @@
-"""What a training run scores and says: validation, the opening lines and the final report."""
+"""What a training run scores and says: validation, the opening lines and the final report.
+
+The run is described by the :class:`TrainingRun` protocol (what ``Trainer`` has), not by ``Trainer``
+itself: ``trainer`` imports this module, and this module imports nothing of ``trainer``.
+"""
 
 from __future__ import annotations
 
+import argparse
 import functools
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -12,8 +18,35 @@ from torch.utils.data import Dataset
 from dlsn.evaluation import SetScore, bicubic_upscaler, evaluate_dataset, model_upscaler
 from dlsn.images import write_image
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from .data import Data
+from .processes import Processes
+from .settings import Settings
+
+
+class TrainingRun(Protocol):
+    """What the opening lines and the final report read of a run (``dlsn.training.trainer.Trainer``)."""
+
+    args: argparse.Namespace
+    s: Settings
+    state: Any  # trainer.Progress: step, epoch, best_step, bicubic_psnr
+    procs: Processes
+    device: torch.device
+    net: nn.Module
+    data: Data
+    out: Path
+    rgb_range: float
+    steps_per_epoch: int
+    limit_s: float | None
+    threads: Any  # processes.ThreadTuner or None
+    resume_path: Path | None
+    elapsed_before: float
+
+    def say(self, *args: Any, **kwargs: Any) -> None: ...
+
+    def elapsed(self) -> float: ...
+
+    @property
+    def eval_net(self) -> nn.Module: ...
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -41,7 +74,7 @@ def format_minutes(seconds: float) -> str:
     return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
 
-def announce(trainer: Trainer) -> None:
+def announce(trainer: TrainingRun) -> None:
     """The opening lines: network, data, schedule and budget, and the bicubic score to beat (rank 0)."""
     s, st, say = trainer.s, trainer.state, trainer.say
     n_params = sum(p.numel() for p in trainer.net.parameters())
@@ -65,19 +98,20 @@ def announce(trainer: Trainer) -> None:
         say(f"validation: {len(trainer.data.val)} images ({kind}); bicubic Y-PSNR {st.bicubic_psnr:.2f} dB")
 
 
-def final_report(trainer: Trainer, val_psnr: float) -> None:
+def final_report(trainer: TrainingRun, val_psnr: float) -> None:
     """Scores on the held-out images vs bicubic (the validation crops and the whole images), and a
     sample SR image next to its bicubic version. ``val_psnr``: the model's score on ``data.val``."""
     s, st, out = trainer.s, trainer.state, trainer.out
     train_time = trainer.elapsed()
-    whole = validate(trainer.net, trainer.data.val_full, s.scale, trainer.device, s.seed)
+    net = trainer.eval_net  # the moving average with --ema
+    whole = validate(net, trainer.data.val_full, s.scale, trainer.device, s.seed)
     bicubic = evaluate_dataset(bicubic_upscaler(s.scale), trainer.data.val_full, s.scale, progress=False)
     ensemble = None
     if trainer.args.self_ensemble:
-        ensemble = validate(trainer.net, trainer.data.val_full, s.scale, trainer.device, s.seed, ensemble=True)
+        ensemble = validate(net, trainer.data.val_full, s.scale, trainer.device, s.seed, ensemble=True)
     item = trainer.data.val_full[0]
-    trainer.net.eval()
-    sr = model_upscaler(trainer.net, trainer.rgb_range)(item["lr"][None].to(trainer.device))[0]
+    net.eval()
+    sr = model_upscaler(net, trainer.rgb_range)(item["lr"][None].to(trainer.device))[0]
     stem = f"sample_{item['name']}_x{s.scale}"
     sr_path = write_image(out / f"{stem}_sr.png", sr.float().clamp(0, 1))
     bicubic_image = bicubic_upscaler(s.scale)(item["lr"][None])[0]
@@ -86,11 +120,12 @@ def final_report(trainer: Trainer, val_psnr: float) -> None:
 
     say = functools.partial(print, flush=True)
     say(f"\ntrained {st.step} steps (epoch {st.epoch}) in {format_minutes(train_time)} min")
-    say(f"checkpoints: {out / 'last.pt'} (final), {out / 'best.pt'} (best validation, step "
-        f"{st.best_step}); log {out / 'log.csv'}, curves {out / 'curves.png'}")
+    say(f"checkpoints: {out / 'last.pt'} (final), {out / 'best.pt'} and {out / 'model.safetensors'} (best "
+        f"validation, step {st.best_step}); log {out / 'log.csv'}, curves {out / 'curves.png'}")
     say(f"sample: {sr_path} (model) next to {bicubic_path} (bicubic)")
     names = ", ".join(score.name for score in whole.images)
-    say(f"held-out Y-PSNR at x{s.scale} {s.degradation} ({names}; never trained on), final model:")
+    which = f"final EMA weights (decay {s.ema:g})" if s.ema else "final model"
+    say(f"held-out Y-PSNR at x{s.scale} {s.degradation} ({names}; never trained on), {which}:")
     if trainer.data.val is not trainer.data.val_full and st.bicubic_psnr is not None:
         say(f"  {s.val_crop}x{s.val_crop} HR centre crops: model {val_psnr:6.2f} dB   bicubic "
             f"{st.bicubic_psnr:6.2f} dB   {val_psnr - st.bicubic_psnr:+.2f} dB")

@@ -53,6 +53,7 @@ class Settings:
     seed: int
     init_from: Path | None
     pyramid: tuple[float, ...] = ()
+    ema: float = 0.0  # decay of the weights' moving average used for validation and best.pt (0: off)
 
     def to_plain(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self).items()}
@@ -171,6 +172,8 @@ def resolve_settings(args: argparse.Namespace, saved: dict[str, Any] | None) -> 
         init_from=None if init_from is None else Path(init_from),
         # a run saved before pyramids existed trained without one
         pyramid=tuple(pick("pyramid", () if saved else defaults.pyramid)),
+        # a run saved before EMA existed trained without one
+        ema=float(pick("ema", 0.0 if saved else defaults.ema)),
     )
     _check_settings(settings)
     return settings
@@ -198,6 +201,8 @@ def _check_settings(s: Settings) -> None:
         raise TrainError(f"--val-images must be >= 1, got {s.val_images}")
     if s.degradation == "DN" and (s.noise_sigma is None or s.noise_sigma < 0):
         raise TrainError(f"--noise-sigma must be >= 0 for DN, got {s.noise_sigma}")
+    if not 0.0 <= s.ema < 1.0:
+        raise TrainError(f"--ema must lie in [0, 1) (0: off), got {s.ema}")
     try:
         check_pyramid(s.pyramid)
     except ValueError as error:

@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 from dlsn.cli import EXIT_INTERRUPTED, EXIT_SOME_FAILED, check_backend, format_conversions, format_failures
 from dlsn.errors import UserInputError, one_line
-from dlsn.models.checkpoint import load_checkpoint, load_weights, restore, save_checkpoint
+from dlsn.models.checkpoint import load_checkpoint, load_weights, restore, save_checkpoint, save_safetensors
 from dlsn.models.presets import model_from_config, preset_config
 
 from .data import DetailedPatches, EpochSampler, build_data, quiet_worker
+from .ema import EMA
 from .processes import StopFlag, ThreadTuner, barrier, cpu_thread_budget, setup_processes
 from .report import announce, final_report, format_minutes, validate
 from .run_folder import RunLog, find_resume_file, run_folder
@@ -130,6 +131,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=s.lr, betas=(0.9, 0.999), eps=1e-8)
         self.schedule = self._make_schedule()
         self.state = Progress()
+        # The weights' moving average (--ema): what validation scores and best.pt / model.safetensors hold.
+        self.ema = EMA(self.net, s.ema) if s.ema > 0 else None
         if saved is not None:
             self._resume(saved)
         self.model: nn.Module = self.net
@@ -202,6 +205,10 @@ class Trainer:
             self.schedule = self._make_schedule()
             self.say(f"schedule: rebuilt from {', '.join(given)} given anew (the resumed run's is replaced)")
         extra = saved.get("extra", {})
+        if self.ema is not None and extra.get("ema") is not None:
+            self.ema.load_state_dict(extra["ema"])
+        elif self.ema is not None:  # --ema given anew: the average starts from the resumed weights
+            self.ema = EMA(self.net, self.s.ema)
         self.state = Progress(**{k: extra[k] for k in vars(Progress()) if k in extra})
         self.state.step = int(saved["step"])
         if self.procs.main and "rng" in extra:
@@ -229,17 +236,29 @@ class Trainer:
         # Stop when the next step would overrun the time limit.
         return bool(self.limit_s and self.elapsed() + self.step_time >= self.limit_s)
 
+    @property
+    def eval_net(self) -> nn.Module:
+        """The weights validation scores and best.pt holds: the moving average with --ema, else the live ones."""
+        return self.ema.model if self.ema is not None else self.net
+
     def checkpoint(self, path: Path, with_optimizer: bool = True) -> None:
+        """``last.pt`` (``with_optimizer``: the live weights, the EMA in ``extra``) or ``best.pt`` (the
+        :attr:`eval_net` weights only, and ``model.safetensors`` beside it)."""
         st = self.state
         extra = {"epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "elapsed": self.elapsed(),
                  "best_psnr": st.best_psnr, "best_step": st.best_step, "bicubic_psnr": st.bicubic_psnr,
                  "settings": self.s.to_plain(), "rng": _rng_state(self.device),
                  "world_size": self.procs.world}
-        save_checkpoint(path, self.net, config=self.config,
+        if with_optimizer and self.ema is not None:
+            extra["ema"] = self.ema.state_dict()
+        net = self.net if with_optimizer else self.eval_net
+        save_checkpoint(path, net, config=self.config,
                         optimizer=self.optimizer if with_optimizer else None,
                         scheduler=self.schedule if with_optimizer else None, step=st.step, extra=extra)
         if with_optimizer:
             self.saved_step = st.step
+        else:
+            save_safetensors(path.with_name("model.safetensors"), net, self.config, preset=self.s.preset)
 
     def save_last(self) -> None:
         """``last.pt`` at the current step, unless this command wrote it there already."""
@@ -263,7 +282,8 @@ class Trainer:
 
     def remove_unfinished_writes(self) -> None:
         """Temporary files of checkpoint writes a killed run left (``kill -9`` during a save)."""
-        stale = sorted(self.out.glob(".last.pt.*.tmp")) + sorted(self.out.glob(".best.pt.*.tmp"))
+        stale = [p for name in ("last.pt", "best.pt", "model.safetensors")
+                 for p in sorted(self.out.glob(f".{name}.*.tmp"))]
         for path in stale:
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -273,7 +293,7 @@ class Trainer:
     def run_validation(self) -> float:
         """Periodic validation (rank 0): log it, keep best.pt, redraw the curves."""
         st = self.state
-        score = validate(self.net, self.data.val, self.s.scale, self.device, self.s.seed).psnr
+        score = validate(self.eval_net, self.data.val, self.s.scale, self.device, self.s.seed).psnr
         if score > st.best_psnr:
             st.best_psnr, st.best_step = score, st.step
             self.checkpoint(self.out / "best.pt", with_optimizer=False)
@@ -298,6 +318,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.net)
         return loss.detach()
 
     def batches(self) -> Iterator[dict[str, Any]]:
