@@ -1,6 +1,6 @@
 """One GPU session: correctness smoke test, determinism, the timing table and a profile, in minutes.
 
-    python -m bench.gpu_session [--out DIR] [--repeats 20] [--skip-512]
+    python -m bench.gpu_session [--out DIR] [--repeats 20] [--skip-512] [--deadline-s 175] [--flex-budget-s 80]
 
 Made for a lent GPU with a few minutes of time (``bench/gpu_session.sh`` builds first, then runs this):
 
@@ -8,10 +8,18 @@ Made for a lent GPU with a few minutes of time (``bench/gpu_session.sh`` builds 
    matmul precisions) and bfloat16: worst relative error of y and of the three gradients; NaN fails.
 2. Determinism: two backward passes give ``torch.equal`` gradients, per backend.
 3. Timing table, CUDA events, median of ``--repeats`` runs: {NLSN-style, DLSN-style, fused triton, fused
-   cuda} x {fp32-highest, fp32-high (TF32 on both sides), bf16 autocast (both sides)} x {fwd, fwd+bwd} at
-   the training shape, and a 512x512 inference, with GFLOP/s of the attention core and its share of the
-   measured matmul ceiling in the same precision.
-4. A torch.profiler table of the top CUDA kernels of one fused Triton training step (bf16 autocast).
+   cuda, flex} x {fp32-highest, fp32-high (TF32 on both sides), bf16 autocast (both sides)} x {fwd, fwd+bwd}
+   at the training shape, and a 512x512 inference, with GFLOP/s of the attention core and its share of the
+   measured matmul ceiling in the same precision. flex is the ``flex`` backend (FlexAttention, compiled; the
+   bench's ``flex-gla``): its first call per row compiles, is timed on its own (``compile_s``) and is not in
+   the median. flex's rows stop when ``--flex-budget-s`` is spent (compiling is the unknown cost).
+4. ``backend_choice.json``: per (GPU capability, precision, pass) the fastest backend among triton, cuda
+   and flex that passed step 1, and which backward passes were bitwise repeatable in step 2
+   (``dlsn_kernels/_backend_choice.py`` reads it; gpu_session.sh copies it to bench/results/).
+5. A torch.profiler table of the top CUDA kernels of one fused Triton training step (bf16 autocast).
+
+``--deadline-s``: past it, the remaining steps are skipped (rows say so) and the report is still written, so
+that the shell's timeout never loses a whole session.
 
 Block sizes are fixed (no autotuning), so the minutes go to measuring, not to compiling candidates.
 Everything is printed and written under ``--out`` (session.md, session.json).
@@ -38,13 +46,20 @@ from bench import cases
 TRAIN = dict(n=16, h=48, w=48, cm=64, cv=256, k=128, r=3)
 ODD = dict(n=3, h=37, w=29, cm=40, cv=72, k=96, r=2)  # L % K != 0, channels not powers of two
 BIG = dict(n=1, h=512, w=512, cm=64, cv=256, k=128, r=3)
-DEVICE = "cuda"  # --dry-run: "cpu", tiny shapes, the cpu backend (checks this script, not the GPU)
+DEVICE = "cuda"  # --dry-run: "cpu", tiny shapes, the cpu and flex backends (checks this script, not the GPU)
 IMPLS = {
     "NLSN-style": "nlsn-style",
     "DLSN-style": "dlsn-style",
     "fused triton": cases.fused_impl("triton"),
     "fused cuda": cases.fused_impl("cuda"),
+    "flex": cases.fused_impl("flex"),
 }
+CHOICE_BACKENDS = {"fused triton": "triton", "fused cuda": "cuda", "flex": "flex"}  # impl label -> backend
+# Worst relative error (y, gradients) for a backend to pass the smoke test in a precision: a few times what
+# tests/helpers.tolerance allows, so that only a broken kernel fails (those are off by O(1) or NaN).
+PASS_BOUNDS = {"fp32-highest": (1e-4, 1e-3), "fp32-high": (2e-2, 6e-2), "bf16": (6e-2, 0.25)}
+DEADLINE = math.inf  # time.time() past which remaining work is skipped (--deadline-s)
+FLEX_BUDGET = {"left_s": math.inf}  # --flex-budget-s, spent by flex rows (compile included)
 # (label, float32 matmul precision, autocast dtype or None)
 MODES = (
     ("fp32-highest", "highest", None),
@@ -100,6 +115,17 @@ def time_ms(once: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def first_call_s(once: Callable[[], object]) -> float:
+    """Seconds of one call, synchronised: a compiling first call."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    once()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def peak_mb(once: Callable[[], object]) -> float:
     if DEVICE == "cpu":  # --dry-run
         return 0.0
@@ -133,10 +159,11 @@ def smoke(backend: str, shape: dict[str, int], dtype: torch.dtype, matmul_precis
     lss = torch.randn(n, length, k, generator=gen, dtype=torch.float64)
     rot = dk.random_rotations(shape["cm"], shape["r"], dk.n_buckets_for(length, k), generator=gen)
     grad = torch.randn(n, length, shape["cv"], generator=gen, dtype=torch.float64)
-    inputs = [t.to(DEVICE, dtype).requires_grad_() for t in (xm, v, lss)]
+    forward_only = "forward only" in dk.available_backends(DEVICE)[backend].passes  # flex on the CPU
+    inputs = [t.to(DEVICE, dtype).requires_grad_(not forward_only) for t in (xm, v, lss)]
     with precision_mode(matmul_precision, None):
         y = dk.gla_attention(*inputs, rot.to(DEVICE), k, backend=backend)
-        got = torch.autograd.grad(y, inputs, grad.to(DEVICE, dtype))
+        got = None if forward_only else torch.autograd.grad(y, inputs, grad.to(DEVICE, dtype))
         # the reference attends with the backend's own codes: a near-tie may hash differently in float64
         perm = dk.bucket_sort(dk.sblsh_hash(inputs[0].detach(), rot.to(DEVICE), backend=backend),
                               rot.shape[2], backend=backend).cpu()
@@ -144,8 +171,22 @@ def smoke(backend: str, shape: dict[str, int], dtype: torch.dtype, matmul_precis
     want = ref.combine_rounds(*ref.chunk_attention(*exact, perm, k))
     want_g = torch.autograd.grad(want, exact, grad)
     errors = {"y": rel_err(y.detach(), want)}
-    errors.update({f"d{name}": rel_err(a, b) for name, a, b in zip(("xm", "v", "lss"), got, want_g)})
+    if got is not None:
+        errors.update({f"d{name}": rel_err(a, b) for name, a, b in zip(("xm", "v", "lss"), got, want_g)})
     return errors
+
+
+def precision_label(dtype: str, matmul_precision: str) -> str:
+    """The backend choice's precision key of a smoke row (bf16, fp32-highest, fp32-high)."""
+    return "bf16" if dtype == "bfloat16" else f"fp32-{'highest' if matmul_precision == 'highest' else 'high'}"
+
+
+def passed(row: dict[str, object]) -> bool:
+    if "error" in row or "y" not in row:
+        return False
+    y_bound, grad_bound = PASS_BOUNDS[precision_label(str(row["dtype"]), str(row["precision"]))]
+    grads = [row[k] for k in ("dxm", "dv", "dlss") if k in row]
+    return row["y"] <= y_bound and all(g <= grad_bound for g in grads)  # NaN/inf compare False
 
 
 def deterministic(backend: str, dtype: torch.dtype) -> bool:
@@ -181,19 +222,28 @@ def timing_rows(repeats: int, with_big: bool) -> list[dict[str, object]]:
             for impl, case_impl in IMPLS.items():
                 row: dict[str, object] = {"case": case_name, "pass": "fwd+bwd" if backward else "fwd",
                                           "mode": label, "impl": impl}
+                started = time.time()
                 try:
+                    if started > DEADLINE:
+                        raise TimeoutError("skipped: --deadline-s reached")
+                    if impl == "flex" and FLEX_BUDGET["left_s"] <= 0:
+                        raise TimeoutError("skipped: --flex-budget-s spent")
                     once = cases.core_case(case_impl, backward=backward, device=DEVICE, **shape)
 
                     def run(once=once, prec=prec, ac=ac) -> None:
                         with precision_mode(prec, ac):
                             once()
 
+                    if impl == "flex":  # the first call compiles: timed on its own, kept out of the median
+                        row["compile_s"] = first_call_s(run)
                     ms = time_ms(run, repeats)
                     gflop = attention_gflop(**shape, backward=backward)
                     row.update(ms=ms, mb=peak_mb(run), gflops=gflop / (ms * 1e-3),
                                ceiling_pct=100 * gflop / (ms * 1e-3) / (ceilings[label] * 1e3))
                 except Exception as exc:  # noqa: BLE001 - an OOM or a failing backend is a result too
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
+                if impl == "flex":
+                    FLEX_BUDGET["left_s"] -= time.time() - started
                 once = None
                 if DEVICE == "cuda":
                     torch.cuda.empty_cache()
@@ -202,6 +252,70 @@ def timing_rows(repeats: int, with_big: bool) -> list[dict[str, object]]:
     for label, value in ceilings.items():
         rows.append({"ceiling": label, "tflops": value})
     return rows
+
+
+def choice_table(accuracy: list[dict[str, object]], determinism: dict[str, object],
+                 timings: list[dict[str, object]], cap: str) -> tuple[dict[str, dict], dict[str, dict[str, bool]]]:
+    """The backend choice of this session: (choices, deterministic) in the format of
+    ``dlsn_kernels/_backend_choice.py`` (training shape; backends that passed the smoke test there)."""
+    from dlsn_kernels import _backend_choice
+
+    train = f"train N={TRAIN['n']} {TRAIN['h']}x{TRAIN['w']}"
+    fwd_ms: dict[str, dict[str, float]] = {}
+    step_ms: dict[str, dict[str, float]] = {}
+    for row in timings:
+        backend = CHOICE_BACKENDS.get(str(row.get("impl")))
+        if backend is None or row.get("case") != train or "ms" not in row:
+            continue
+        precision = "bf16" if str(row["mode"]).startswith("bf16") else str(row["mode"])
+        (fwd_ms if row["pass"] == "fwd" else step_ms).setdefault(precision, {})[backend] = float(row["ms"])
+    ok: dict[str, set[str]] = {}
+    for row in accuracy:
+        if row["shape"] == "training" and passed(row):
+            ok.setdefault(precision_label(str(row["dtype"]), str(row["precision"])), set()).add(str(row["backend"]))
+    repeatable: dict[str, dict[str, bool]] = {}
+    for key, value in determinism.items():
+        backend, dtype = key.split(" ", 1)
+        precisions = ("bf16",) if "bfloat16" in dtype else ("fp32-highest", "fp32-high")
+        if not isinstance(value, bool):
+            continue  # the check failed to run (no backward here, out of time): not measured
+        for precision in precisions:
+            repeatable.setdefault(f"{cap}/{precision}", {})[backend] = value
+    return _backend_choice.choices_from_session(fwd_ms, step_ms, ok, repeatable, cap), repeatable
+
+
+def choice_markdown(choices: dict[str, dict], repeatable: dict[str, dict[str, bool]],
+                    timings: list[dict[str, object]]) -> list[str]:
+    out = ["", "## Automatic backend per pass (backend_choice.json)", "",
+           "| capability/precision/pass | chosen | ranking (ms; bwd: training step after the chosen forward) |",
+           "|---|---|---|"]
+    for key in sorted(choices):
+        entry = choices[key]
+        times = entry.get("ms") or entry.get("step_ms") or {}
+        out.append(f"| {key} | {entry['backend']} | " + ", ".join(f"{b} {t:.3f}" for b, t in times.items()) + " |")
+    out += ["", "Bitwise repeatable backward (two runs, torch.equal): " + "; ".join(
+        f"{key}: " + ", ".join(f"{b} {'yes' if v else 'no'}" for b, v in sorted(values.items()))
+        for key, values in sorted(repeatable.items()))]
+    wins = [key for key, entry in choices.items() if entry["backend"] == "flex"]
+    out += ["", ("flex is the fastest in " + ", ".join(sorted(wins)) + ": the automatic choice uses flex there."
+                 if wins else "flex is not the fastest in any measured pass: the automatic choice never uses it.")]
+    compile_rows = [r for r in timings if "compile_s" in r]
+    if compile_rows:
+        out += ["", "## flex first calls (compile), kept out of the medians", "",
+                "| case | pass | mode | first call s |", "|---|---|---|---:|"]
+        out += [f"| {r['case']} | {r['pass']} | {r['mode']} | {r['compile_s']:.1f} |" for r in compile_rows]
+    ratios = []
+    for r in timings:
+        if r.get("impl") != "flex" or "ms" not in r:
+            continue
+        ours = [o["ms"] for o in timings if o.get("impl") in ("fused triton", "fused cuda") and "ms" in o
+                and all(o.get(k) == r[k] for k in ("case", "pass", "mode"))]
+        if ours:
+            ratios.append(f"| {r['case']} | {r['pass']} | {r['mode']} | {r['ms'] / min(ours):.2f}x |")
+    if ratios:
+        out += ["", "## Our best kernel vs flex (flex ms / best of triton, cuda; target >= 1.5x in bf16)", "",
+                "| case | pass | mode | speed-up |", "|---|---|---|---:|", *ratios]
+    return out
 
 
 def profile_table() -> str:
@@ -234,7 +348,7 @@ def to_markdown(meta: dict[str, object], accuracy: list[dict[str, object]], dete
                        f"{row['error']} | | | |")
             continue
         out.append(f"| {row['backend']} | {row['shape']} | {row['dtype']} | {row['precision']} | " +
-                   " | ".join(f"{row[k]:.1e}" for k in ("y", "dxm", "dv", "dlss")) + " |")
+                   " | ".join(f"{row[k]:.1e}" if k in row else "-" for k in ("y", "dxm", "dv", "dlss")) + " |")
     out += ["", "## Determinism (two backward passes, torch.equal)", ""]
     out += [f"- {name}: {value}" for name, value in determinism.items()]
     out += ["", "## Timings (CUDA events, median)", "",
@@ -260,11 +374,14 @@ def to_markdown(meta: dict[str, object], accuracy: list[dict[str, object]], dete
 
 
 def _dry_run_setup() -> None:
-    """Tiny shapes, the CPU, the cpu backend, float32 modes only: every code path of this script runs."""
-    global DEVICE, MODES, IMPLS
+    """Tiny shapes, the CPU, the cpu and flex backends, float32 modes only: every code path of this script runs
+    (flex forward only: it has no CPU backward, so its fwd+bwd rows are errors that say so)."""
+    global DEVICE, MODES, IMPLS, CHOICE_BACKENDS
     DEVICE = "cpu"
-    MODES = MODES[:1]
-    IMPLS = {"NLSN-style": "nlsn-style", "DLSN-style": "dlsn-style", "fused cpu": cases.fused_impl("cpu")}
+    MODES = MODES[:2]  # fp32-high too, so that the 512x512 inference rows run (at 32x32)
+    IMPLS = {"NLSN-style": "nlsn-style", "DLSN-style": "dlsn-style", "fused cpu": cases.fused_impl("cpu"),
+             "flex": cases.fused_impl("flex")}
+    CHOICE_BACKENDS = {"fused cpu": "cpu", "flex": "flex"}
     for shape, small in ((TRAIN, dict(n=2, h=12, w=12, k=32)), (ODD, dict(n=2, h=7, w=9, k=16)),
                          (BIG, dict(h=32, w=32, k=32))):
         shape.update(small)
@@ -275,18 +392,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-512", action="store_true", help="leave out the 512x512 inference")
-    parser.add_argument("--backends", nargs="+", default=["triton", "cuda"])
+    parser.add_argument("--backends", nargs="+", default=["triton", "cuda", "flex"])
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="skip what is left after this many seconds and still write the report")
+    parser.add_argument("--flex-budget-s", type=float, default=80.0,
+                        help="seconds flex may spend (its compiles included) before its remaining rows are skipped")
     parser.add_argument("--dry-run", action="store_true",
-                        help="tiny shapes on the CPU with the cpu backend: checks this script, measures nothing")
+                        help="tiny shapes on the CPU, cpu and flex backends: checks this script, measures nothing")
     args = parser.parse_args(argv)
     if args.dry_run:
         _dry_run_setup()
-        args.backends = ["cpu"]
+        args.backends = ["cpu", "flex"]
     elif not torch.cuda.is_available():
         raise SystemExit("bench.gpu_session needs a CUDA GPU (or --dry-run)")
+    else:
+        # flex compiles once per shape, dtype, precision and grad mode (about 10 here): above dynamo's default
+        # limit of 8, past which it would fall back to eager FlexAttention (dense scores, out of memory at 512)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     import triton
 
+    global DEADLINE
     start = time.time()
+    if args.deadline_s is not None:
+        DEADLINE = start + args.deadline_s
+    FLEX_BUDGET["left_s"] = args.flex_budget_s
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "none (dry run on the CPU)"
     meta = {"date": datetime.date.today(), "gpu": gpu, "torch": torch.__version__,
             "triton": triton.__version__, "python": platform.python_version()}
@@ -296,30 +425,54 @@ def main(argv: list[str] | None = None) -> None:
             for dtype, prec in ((torch.float32, "highest"), (torch.float32, "high"), (torch.bfloat16, "highest")):
                 if DEVICE == "cpu" and dtype != torch.float32:
                     continue
+                if backend == "flex" and shape_name == "odd" and (dtype, prec) != (torch.float32, "highest"):
+                    continue  # one odd case for flex (K = 96: 32-row tiles); each new case costs a compile
                 row = {"backend": backend, "shape": shape_name, "dtype": str(dtype).replace("torch.", ""),
                        "precision": prec}
+                started = time.time()
                 try:
+                    if started > DEADLINE:
+                        raise TimeoutError("skipped: --deadline-s reached")
+                    if backend == "flex" and FLEX_BUDGET["left_s"] <= 0:
+                        raise TimeoutError("skipped: --flex-budget-s spent")
                     row.update(smoke(backend, shape, dtype, prec))
                 except Exception as exc:  # noqa: BLE001
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
                     traceback.print_exc()
+                if backend == "flex":
+                    FLEX_BUDGET["left_s"] -= time.time() - started
                 accuracy.append(row)
                 print(row, flush=True)
         for dtype in (torch.float32, torch.bfloat16)[: 1 if DEVICE == "cpu" else 2]:
+            started = time.time()
             try:
+                if started > DEADLINE or (backend == "flex" and FLEX_BUDGET["left_s"] <= 0):
+                    raise TimeoutError("skipped: --deadline-s reached or --flex-budget-s spent")
                 determinism[f"{backend} {dtype}"] = deterministic(backend, dtype)
             except Exception as exc:  # noqa: BLE001
-                determinism[f"{backend} {dtype}"] = f"{type(exc).__name__}: {exc}"
+                determinism[f"{backend} {dtype}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            if backend == "flex":
+                FLEX_BUDGET["left_s"] -= time.time() - started
             print("deterministic", backend, dtype, determinism[f"{backend} {dtype}"], flush=True)
     print(f"correctness done in {time.time() - start:.0f} s", flush=True)
     timings = timing_rows(args.repeats, not args.skip_512)
     print(f"timings done in {time.time() - start:.0f} s", flush=True)
+    from dlsn_kernels import _backend_choice
+
+    cap = _backend_choice.capability(torch.device(DEVICE))
+    choices, repeatable = choice_table(accuracy, determinism, timings, cap)
     try:
+        if time.time() > DEADLINE:
+            raise TimeoutError("skipped: --deadline-s reached")
         profile = profile_table()
     except Exception as exc:  # noqa: BLE001
         profile = f"profiler failed: {type(exc).__name__}: {exc}"
     report = to_markdown(meta, accuracy, determinism, timings, profile)
+    report += "\n".join(choice_markdown(choices, repeatable, timings)) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
+    # a dry run's table (capability "cpu") must never be read as a measurement
+    table_name = "backend_choice.json" if DEVICE == "cuda" else "backend_choice.dry_run.json"
+    _backend_choice.write_table(args.out / table_name, choices, repeatable, gpu)
     (args.out / "session.md").write_text(report)
     (args.out / "session.json").write_text(json.dumps(
         {"meta": {k: str(v) for k, v in meta.items()}, "accuracy": accuracy, "determinism": determinism,

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # One device call of at most 6 minutes on a lent GPU (torch 2.11, Triton 3.6, no internet), build included:
 # build the extension (CUDA kernels for sm_90) while the Triton GPU tests run, the CUDA tests, then
-# bench.gpu_session (correctness smoke test, determinism, the timing table, a profile), then the bad-input
-# calls of the CUDA ops under compute-sanitizer. Budget: 100 + 45 + 180 + 40 s, each step with its own timeout. Results go to $OUT (the device tool brings them back) and bench/results/.
+# bench.gpu_session (correctness smoke test, determinism, the timing table with FlexAttention, the per-pass
+# backend choice, a profile), then the bad-input calls of the CUDA ops under compute-sanitizer.
+# Budget, each step with its own timeout: Triton tests 85 s (the build, 35 s measured, runs meanwhile),
+# CUDA tests 45 s, gpu_session 200 s (flex's compiles and rows at most 80 of them, --flex-budget-s; the
+# session starts no new row after 175 s, --deadline-s, and still writes its report), sanitizer 30 s: 360 s.
+# Results go to $OUT (the device tool brings them back) and bench/results/ (gpu.md, backend_choice.json).
 #   bash bench/gpu_session.sh            # from the repository root
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,31 +29,33 @@ say "build in the background; Triton GPU tests meanwhile"
   echo $? > /tmp/dlsn_build_rc
 ) &
 build_job=$!
-timeout 100 python -m pytest -q -p no:cacheprovider -n 8 tests/test_triton.py > "$results/tests_triton.log" 2>&1
+timeout 85 python -m pytest -q -p no:cacheprovider -n 8 tests/test_triton.py > "$results/tests_triton.log" 2>&1
 echo "triton tests rc=$?: $(tail -1 "$results/tests_triton.log")" | tee -a "$log"
 wait "$build_job"
 say "build rc=$(cat /tmp/dlsn_build_rc 2>/dev/null || echo missing)"
-backends=(triton cuda)
+backends=(triton cuda flex)
 if [ "$(cat /tmp/dlsn_build_rc 2>/dev/null)" = 0 ]; then
   DLSN_REQUIRE_EXTENSION=1 timeout 45 python -m pytest -q -p no:cacheprovider -n 8 tests/test_cuda.py tests/test_public_api.py \
     > "$results/tests_cuda.log" 2>&1
   echo "cuda tests rc=$?: $(tail -1 "$results/tests_cuda.log")" | tee -a "$log"
   grep -iqE "illegal memory access|unspecified launch failure|misaligned address" "$results/tests_cuda.log" \
-    && backends=(triton)
+    && backends=(triton flex)
 else
-  backends=(triton)
+  backends=(triton flex)
 fi
 grep -hE "^(FAILED|ERROR)" "$results"/tests_*.log | head -20 | tee -a "$log"
 
 say "bench.gpu_session"
-timeout 180 python -m bench.gpu_session --out "$results" --backends "${backends[@]}" > "$results/gpu_session.out" 2>&1
+timeout 200 python -m bench.gpu_session --out "$results" --backends "${backends[@]}" --deadline-s 175 \
+  --flex-budget-s 80 > "$results/gpu_session.out" 2>&1
 echo "gpu_session rc=$?" | tee -a "$log"
 tail -60 "$results/gpu_session.out" | tee -a "$log"
 
-if [ "${backends[*]}" = "triton cuda" ] && command -v compute-sanitizer > /dev/null; then
+if [ "${backends[*]}" = "triton cuda flex" ] && command -v compute-sanitizer > /dev/null; then
   say "bad-input calls of the CUDA ops under compute-sanitizer"
-  timeout 40 compute-sanitizer --tool memcheck --print-limit 5 python -m bench.gpu_error_paths 2>&1 \
+  timeout 30 compute-sanitizer --tool memcheck --print-limit 5 python -m bench.gpu_error_paths 2>&1 \
     | tail -40 | tee -a "$log"
 fi
 cp "$results/session.md" bench/results/gpu.md 2>/dev/null
+cp "$results/backend_choice.json" bench/results/backend_choice.json 2>/dev/null
 say "done"

@@ -156,11 +156,12 @@ def choices_from_session(fwd_ms: dict[str, dict[str, float]], step_ms: dict[str,
     """
     entries: dict[str, dict[str, Any]] = {}
     for precision, forward_times in fwd_ms.items():
-        ok = {b for b in passed.get(precision, set()) if b in forward_times and b in step_ms.get(precision, {})}
-        if not ok:
+        runs = {b for b in passed.get(precision, set()) if b in forward_times}  # a forward-only backend counts
+        steps = step_ms.get(precision, {})
+        ok = {b for b in runs if b in steps}
+        if not runs:
             continue
-        forward = min(sorted(ok), key=lambda b: forward_times[b])
-        steps = step_ms[precision]
+        forward = min(sorted(runs), key=lambda b: forward_times[b])
 
         def step(b: str, forward: str = forward, steps: dict[str, float] = steps,
                  forward_times: dict[str, float] = forward_times) -> float:
@@ -171,7 +172,7 @@ def choices_from_session(fwd_ms: dict[str, dict[str, float]], step_ms: dict[str,
             return forward_times[forward] + steps[b] - forward_times[b]
 
         key = f"{cap}/{precision}"
-        ranking = sorted(ok, key=lambda b: (forward_times[b], b))
+        ranking = sorted(runs, key=lambda b: (forward_times[b], b))
         entries[f"{key}/fwd"] = {"backend": forward, "ranking": ranking,
                                  "ms": {b: round(forward_times[b], 4) for b in ranking}}
         repeatable = deterministic.get(key, {})

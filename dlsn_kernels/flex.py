@@ -249,8 +249,9 @@ def _rounds(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int) -
             score = score + bias[q_idx // kp, kv_idx // kp]
         return score
 
-    out, lse = _flex_with_lse(q, kn, vv, score_mod, block_mask_for(length, k, xm.device),
-                              compiled=xm.device.type == "cuda", kernel_options=_kernel_options(kp, xm.device))
+    with torch.autocast(xm.device.type, enabled=False):  # inputs already share one dtype (cast_for_autocast)
+        out, lse = _flex_with_lse(q, kn, vv, score_mod, block_mask_for(length, k, xm.device),
+                                  compiled=xm.device.type == "cuda", kernel_options=_kernel_options(kp, xm.device))
     # back from flex slots to sorted slots (drop fillers), then to positions (drop padded slots)
     out = out.reshape(n, rounds, nc, kp, -1)[:, :, :, :k].reshape(n, rounds, nc * k, -1)[:, :, :length]
     lse = lse.reshape(n, rounds, nc, kp)[:, :, :, :k].reshape(n, rounds, nc * k)[:, :, :length].to(acc)

@@ -233,3 +233,12 @@ def test_env_variable_takes_a_pair(monkeypatch):
     assert resolve_backend(None, CPU, torch.float32).name == "flex:cpu"
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         resolve_backend("flex:fast", CPU)
+
+
+def test_a_forward_only_backend_can_win_the_forward():
+    entries = bc.choices_from_session({"fp32-highest": {"cpu": 2.0, "flex": 1.0}}, {"fp32-highest": {"cpu": 5.0}},
+                                      {"fp32-highest": {"cpu", "flex"}}, {}, "cpu")
+    assert entries["cpu/fp32-highest/fwd"]["backend"] == "flex"
+    assert entries["cpu/fp32-highest/bwd"]["backend"] == "cpu"
+    assert entries["cpu/fp32-highest/bwd"]["step_ms"] == {"cpu": 4.0}  # 1.0 (flex forward) + 5.0 - 2.0
+    assert "cpu/fp32-highest/bwd-deterministic" not in entries  # nothing was measured repeatable
