@@ -52,6 +52,7 @@ __all__ = [
     "VERSION",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "from_state_dict",
     "infer_official_config",
     "load_checkpoint",
     "load_model",
@@ -296,7 +297,9 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
-def _from_state_dict(state: Mapping[str, Tensor], source: str = "bare state_dict") -> dict[str, Any]:
+def from_state_dict(state: Mapping[str, Tensor], source: str = "bare state_dict") -> dict[str, Any]:
+    """A bare state dict in our checkpoint format: its config from its ``dlsn_config`` entry, else inferred
+    from its shapes (the authors' DLSN); :class:`CheckpointError` when it is neither."""
     state = _strip_prefix(_strip_prefix(state, "_orig_mod."), "module.")
     if CONFIG_KEY in state:  # written here: the config travels with the weights
         config = config_from_tensor(state[CONFIG_KEY])
@@ -335,7 +338,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]
         if not tensors:
             raise CheckpointError(f"{path} is a safetensors file without tensors")
         try:
-            checkpoint = _from_state_dict(tensors, "safetensors")
+            checkpoint = from_state_dict(tensors, "safetensors")
         except CheckpointError as error:
             raise CheckpointError(f"{path}: {error}") from error
         if "preset" in metadata:
@@ -360,7 +363,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]
             break
     if _is_state_dict(obj):
         try:
-            return _from_state_dict(obj)
+            return from_state_dict(obj)
         except CheckpointError as error:
             raise CheckpointError(f"{path}: {error}") from error
     raise CheckpointError(
