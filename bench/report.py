@@ -183,11 +183,26 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "~"
 
 
+def _not_run_reason(data: dict[str, Any], group: str, case: str, baseline: str) -> str:
+    """Why the ``baseline`` row of ``case`` is missing: the run's skip (or left-out case) that names it."""
+    skipped = data.get("dlsn_skipped") or []
+    for entry in skipped:  # entries that name their group and case (conftest: cases quick mode leaves out)
+        if (entry.get("group"), entry.get("case"), entry.get("impl")) == (group, case, baseline):
+            return entry["reason"]
+    size = case.split()[-1] if case else ""
+    for entry in skipped:  # a skipped test: its id names the impl and the size, e.g. [nlsn-style-512x512]
+        test = entry.get("test", "")
+        if f"[{baseline}" in test and (size in test or group.removeprefix("core-") in test):
+            return entry["reason"]
+    return "no result in this run"
+
+
 def render_summary(data: dict[str, Any]) -> list[str]:
     """Terminal lines (at most 120 columns): each fused row against the NLSN-style row of its case.
 
     Groups without an NLSN-style row (the whole networks) compare with ``reference`` and say so. A
-    baseline that was not run (too big for the memory limit) shows as "not run" with no ratio.
+    baseline that was not run (too big for the memory limit, left out in quick mode) shows as "not run"
+    with no ratio, and a line under the group says why.
     """
     lines: list[str] = []
     columns = f"  {'case':<32} {'impl':<17}{'fused ms':>10}{'base ms':>10}{'fused MB':>10}{'base MB':>10}"
@@ -200,7 +215,10 @@ def render_summary(data: dict[str, Any]) -> list[str]:
         baseline = next((b for b in RATIO_BASELINES if b in impls), RATIO_BASELINES[0])
         base_rows = {r["case"]: r for r in rows if r["impl"] == baseline}
         lines += [_clip(f"{group}: {GROUP_TITLES.get(group, group)}; base = {baseline}", 120), columns]
+        reasons: dict[str, str] = {}
         for r in fused:
+            if r["case"] not in base_rows:
+                reasons.setdefault(r["case"], _not_run_reason(data, group, r["case"], baseline))
             base = base_rows.get(r["case"], {})
             base_ms = base.get("median_ms")
             line = (
@@ -209,6 +227,7 @@ def render_summary(data: dict[str, Any]) -> list[str]:
                 f"  {_speed_words(r['median_ms'], base_ms):<13}{_memory_words(r['peak_mb'], base.get('peak_mb')):<11}"
             )
             lines.append(line.rstrip())
+        lines += [_clip(f"  {baseline} {case}: not run, {reason}", 120) for case, reason in reasons.items()]
         lines.append("")
     if lines:
         lines.append(

@@ -31,6 +31,14 @@ MODEL_PRESETS = ("tiny", "small")
 MODEL_SCALE = 2
 MODEL_SIZE = 128
 MODEL_SIZE_QUICK = 24
+MODEL_GROUP = "model-fwd"
+# Quick mode times the slow reference backend on the first preset only (bench/conftest.py leaves the rest out).
+QUICK_REFERENCE_NOTE = "quick mode runs the slow reference backend on the first preset only"
+
+
+def model_label(preset: str, size: int) -> str:
+    """The case name of a whole-network row, e.g. ``small x2 24x24``."""
+    return f"{preset} x{MODEL_SCALE} {size}x{size}"
 
 
 def test_gla_module(benchmark, bench_config, impl):
@@ -63,9 +71,9 @@ def test_model(benchmark, bench_config, model_preset, model_backend):
         bench_config,
         "bench.cases:model_case",
         {"preset": preset, "scale": MODEL_SCALE, "size": size, "backend": model_backend},
-        group="model-fwd",
+        group=MODEL_GROUP,
         impl=impl,
-        label=f"{preset} x{MODEL_SCALE} {size}x{size}",
+        label=model_label(preset, size),
         pixels=size * size,
     )
 
