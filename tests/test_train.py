@@ -94,6 +94,9 @@ def test_tiny_run_writes_checkpoints_log_plot_and_samples(hr_folder, tmp_path, c
     assert all(math.isfinite(float(r["val_psnr"])) for r in rows if r["val_psnr"])
     assert "bicubic" in printed and "held-out Y-PSNR" in printed and str(out / "last.pt") in printed
     assert "img3" in printed and "img4" in printed  # the held-out images are scored
+    trained = next(line for line in printed.splitlines() if line.startswith("trained 4 steps"))
+    rate = float(trained.split(" min, ")[1].removesuffix(" steps/s"))  # the speed, to compare machines by
+    assert rate > 0
 
 
 def test_resume_continues_exactly_where_the_run_stopped(hr_folder, tmp_path, capsys):

@@ -119,7 +119,10 @@ def final_report(trainer: TrainingRun, val_psnr: float) -> None:
     write_image(out / f"{stem}_hr.png", item["hr"])
 
     say = functools.partial(print, flush=True)
-    say(f"\ntrained {st.step} steps (epoch {st.epoch}) in {format_minutes(train_time)} min")
+    # Steps per second over the whole run (resumed parts included), validation and start-up counted: the
+    # figure to compare machines by (README's main job).
+    rate = st.step / train_time if train_time > 0 else 0.0
+    say(f"\ntrained {st.step} steps (epoch {st.epoch}) in {format_minutes(train_time)} min, {rate:.2f} steps/s")
     say(f"checkpoints: {out / 'last.pt'} (final), {out / 'best.pt'} and {out / 'model.safetensors'} (best "
         f"validation, step {st.best_step}); log {out / 'log.csv'}, curves {out / 'curves.png'}")
     say(f"sample: {sr_path} (model) next to {bicubic_path} (bicubic)")
