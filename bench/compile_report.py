@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +44,11 @@ MODES = (
 )
 _TENSOR_CORE = re.compile(r"\b(HGMMA|HMMA|WGMMA)\b")
 _FFMA = re.compile(r"\bFFMA\b")
+# one SASS instruction of cuobjdump -sass: "/*0a30*/  @!P0 BRA 0x1230 ;"
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P[T0-9]+\s+)?)([A-Z][A-Z0-9_.]*)([^;]*);")
+# a wgmma whose A operand is a register vector "{...}" after the accumulator (not a shared-memory descriptor):
+# the pattern of Triton issue #9433, which ptxas 12.x can schedule wrongly (silent corruption on hardware)
+_RS_WGMMA = re.compile(r"wgmma\.mma_async[^;]*?\{[^}]*\},\s*\{")
 
 
 @dataclass
@@ -58,6 +63,30 @@ class KernelRecord:
     shared_bytes: int
     tensor_core_instructions: int
     ffma_instructions: int
+    toolchain: str = ""  # "triton 3.8.0, ptxas 12.9" or the CUDA compiler that built the extension
+    sass_instructions: int = 0  # static SASS instructions of the kernel (NOPs left out)
+    # the main loop (bench/NOTES.md "Instructions per MMA"): static SASS instructions and tensor-core
+    # instructions of the innermost loop that holds the most tensor-core instructions
+    main_loop_instructions: int = 0
+    main_loop_mma: int = 0
+    # how many warps compute each tensor-core tile of the kernel's dots (1: none twice; 2: with chained dots
+    # Triton lays warps along M at 16 rows each, so 8 warps on a 64-row tile compute it twice)
+    mma_duplication: int = 1
+    rs_wgmma: int = 0  # wgmma instructions in the PTX whose A operand comes from registers
+    ptxas_warnings: list[str] = field(default_factory=list)
+
+    @property
+    def instructions_per_mma(self) -> float | None:
+        """Main-loop SASS instructions per tensor-core instruction that does distinct work (bench/NOTES.md;
+        None without tensor cores in a loop)."""
+        if not self.main_loop_mma:
+            return None
+        return self.main_loop_instructions * self.mma_duplication / self.main_loop_mma
+
+    @property
+    def serialized_wgmma(self) -> bool:
+        """ptxas warned C7515: its wgmma pipeline is serialized (each wgmma waits for the previous one)."""
+        return any("C7515" in w for w in self.ptxas_warnings)
 
     @property
     def ok(self) -> bool:
@@ -93,8 +122,10 @@ class _Sm90StandIn:
 
 
 @contextlib.contextmanager
-def _compile_only(compiled: list[tuple[str, Any, dict[str, Any]]]) -> Iterator[None]:
-    """Every Triton launch compiles (for sm_90) and records its kernel instead of running it."""
+def _compile_only(compiled: list[tuple[str, Any, dict[str, Any]]],
+                  kernels: set[str] | None = None) -> Iterator[None]:
+    """Every Triton launch compiles (for sm_90) and records its kernel instead of running it; with
+    ``kernels``, launches of other kernels do nothing (their outputs are never read)."""
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
@@ -105,6 +136,8 @@ def _compile_only(compiled: list[tuple[str, Any, dict[str, Any]]]) -> Iterator[N
     original_checks = _common._check_device, _checks.check_float
 
     def run(self, *args, grid, warmup, **kwargs):
+        if kernels is not None and self.fn.__name__ not in kernels:
+            return None
         kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
         options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
         # block sizes, and the switches that select a variant (MODE, DV_PASS, FIRST, LAST)
@@ -127,7 +160,65 @@ def _compile_only(compiled: list[tuple[str, Any, dict[str, Any]]]) -> Iterator[N
         driver.set_active(previous_driver)
 
 
-def _resource_usage(cubin: bytes, ptx: str) -> dict[str, int]:
+def toolchain() -> str:
+    """The Triton in this process and the ptxas its wheel ships, e.g. "triton 3.6.0, ptxas 12.8"."""
+    import triton
+
+    out = subprocess.run([_triton_tool("ptxas"), "--version"], capture_output=True, text=True).stdout
+    release = re.search(r"release (\d+\.\d+)", out)
+    return f"triton {triton.__version__}, ptxas {release.group(1) if release else '?'}"
+
+
+def sass_shape(sass: str) -> dict[str, int]:
+    """Static counts of one kernel's SASS (cuobjdump -sass): all instructions, and the main loop's.
+
+    The main loop is the backward branch (a ``BRA`` to a lower address) whose body [target, branch] holds the
+    most tensor-core instructions, the shortest such body on a tie: with the pipelined loops Triton and our
+    CUDA kernels emit, that is the steady-state step. NOPs (alignment padding) are not counted.
+    """
+    code = [(int(addr, 16), op) for addr, _, op, _ in _SASS_LINE.findall(sass) if op != "NOP"]
+    branches = [(int(target, 16), int(addr, 16)) for addr, _, op, rest in _SASS_LINE.findall(sass)
+                if op.startswith("BRA") and (target := _branch_target(rest)) is not None
+                and int(target, 16) < int(addr, 16)]
+    best = (0, 0)  # (tensor-core instructions, -instructions) of the best loop body
+    for lo, hi in branches:
+        body = [op for a, op in code if lo <= a <= hi]
+        mma = sum(1 for op in body if _TENSOR_CORE.match(op))
+        if mma and (mma, -len(body)) > best:
+            best = (mma, -len(body))
+    return {"sass_instructions": len(code), "main_loop_instructions": -best[1], "main_loop_mma": best[0]}
+
+
+def _branch_target(operands: str) -> str | None:
+    target = re.search(r"0x([0-9a-f]+)\s*$", operands.strip())
+    return target.group(1) if target else None
+
+
+def ptxas_warnings(ptxas_output: str) -> list[str]:
+    """ptxas's warnings and numbered performance notes, e.g. "(C7515) Potential Performance Loss:
+    wgmma.mma_async instructions are serialized ..." (printed as "ptxas info": each wgmma then waits for the
+    one before it), with the function name left out."""
+    found = set()
+    for line in ptxas_output.splitlines():
+        if re.match(r"\s*ptxas\s+warning", line, re.I) or re.match(r"\s*ptxas\s+info\s*:\s*\([A-Z]\d+\)", line):
+            found.add(re.sub(r"\s+in the function '[^']*'", "", line.split(":", 1)[1].strip()))
+    return sorted(found)
+
+
+def mma_duplication(ttgir: str) -> int:
+    """The most warps that compute one same output element of a Hopper dot (``warp_group_dot`` in the TTGIR):
+    a warpgroup owns 64 rows (16 per warp along M) and ``instrShape[1]`` columns per warp along N."""
+    layouts = {name: (int(wm), int(wn), int(n)) for name, wm, wn, n in re.findall(
+        r"#(mma\d*) = #\w+\.nvidia_mma<\{[^}]*warpsPerCTA = \[(\d+), (\d+)\], instrShape = \[\d+, (\d+)", ttgir)}
+    worst = 1
+    for m, n, name in re.findall(r"warp_group_dot [^\n]*-> tensor<(\d+)x(\d+)x\w+, #(mma\d*)>", ttgir):
+        if name in layouts:
+            wm, wn, instr_n = layouts[name]
+            worst = max(worst, max(1, wm * 16 // int(m)) * max(1, wn * instr_n // int(n)))
+    return worst
+
+
+def _resource_usage(cubin: bytes, ptx: str, ttgir: str = "") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         cubin_path = os.path.join(tmp, "k.cubin")
         with open(cubin_path, "wb") as f:
@@ -146,14 +237,18 @@ def _resource_usage(cubin: bytes, ptx: str) -> dict[str, int]:
     regs = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
     local = re.search(r"LOCAL:(\d+)", usage)
-    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
-                                                      ptxas.stderr + ptxas.stdout)]
+    log = ptxas.stderr + ptxas.stdout
+    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
     return {
         "registers": int(regs.group(1)) if regs else -1,
         "stack_bytes": max(int(stack.group(1)) if stack else 0, int(local.group(1)) if local else 0),
         "spill_bytes": sum(spills),
         "tensor_core_instructions": len(_TENSOR_CORE.findall(sass)),
         "ffma_instructions": len(_FFMA.findall(sass)),
+        "rs_wgmma": len(_RS_WGMMA.findall(ptx)),
+        "mma_duplication": mma_duplication(ttgir),
+        "ptxas_warnings": ptxas_warnings(log),
+        **sass_shape(sass),
     }
 
 
@@ -182,15 +277,18 @@ def _launches(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     tk.chunk_attention(xm, v, lss, perm, k)
 
 
-def compile_kernels(shape: tuple[int, ...] = TRAINING_SHAPE, modes=MODES) -> list[KernelRecord]:
-    """Compile every Triton kernel at ``shape`` for each mode; one record per distinct (kernel, mode)."""
+def compile_kernels(shape: tuple[int, ...] = TRAINING_SHAPE, modes=MODES,
+                    kernels: set[str] | None = None) -> list[KernelRecord]:
+    """Compile every Triton kernel at ``shape`` for each mode (only ``kernels``, if given); one record per
+    distinct (kernel, variant, mode)."""
     records: list[KernelRecord] = []
+    tools = toolchain()
     for label, dtype, matmul_precision, precision in modes:
         compiled: list[tuple[str, Any, dict[str, Any]]] = []
         previous = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision(matmul_precision)
         try:
-            with _compile_only(compiled):
+            with _compile_only(compiled, kernels):
                 _launches(shape, dtype)
         finally:
             torch.set_float32_matmul_precision(previous)
@@ -200,9 +298,9 @@ def compile_kernels(shape: tuple[int, ...] = TRAINING_SHAPE, modes=MODES) -> lis
             if key in seen:
                 continue
             seen.add(key)
-            usage = _resource_usage(kernel.asm["cubin"], kernel.asm["ptx"])
+            usage = _resource_usage(kernel.asm["cubin"], kernel.asm["ptx"], kernel.asm.get("ttgir", ""))
             records.append(KernelRecord(
-                kernel=name, dtype=label, precision=precision, config=config,
+                kernel=name, dtype=label, precision=precision, config=config, toolchain=tools,
                 shared_bytes=int(kernel.metadata.shared), **usage,
             ))
     return records
@@ -240,30 +338,33 @@ def cuda_kernels(library: str | None = None, arch: str = "sm_90") -> list[Kernel
         template = re.search(r"<(.*?)>\s*\(", readable)
         res = resources[name]
         body = bodies.get(name, "")
-        field = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res)}
+        fields = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res)}
         label = _CUDA_DTYPES.get(dtype.group(1), dtype.group(1)) if dtype else "-"
         records.append(KernelRecord(
             kernel=kernel.group(1) if kernel else readable[:40], dtype=label,
             # the *_tc_kernel templates run float32 as TF32 (chosen only when the precision policy allows it)
             precision="native" if label in ("bf16", "fp16") else "tf32" if "_tc_" in readable else "ieee",
             config={"template": template.group(1).replace("c10::", "") if template else ""},
-            registers=field.get("REG", -1), spill_bytes=field.get("LOCAL", 0), stack_bytes=field.get("STACK", 0),
-            shared_bytes=field.get("SHARED", 0), tensor_core_instructions=len(_TENSOR_CORE.findall(body)),
-            ffma_instructions=len(_FFMA.findall(body)),
+            registers=fields.get("REG", -1), spill_bytes=fields.get("LOCAL", 0), stack_bytes=fields.get("STACK", 0),
+            shared_bytes=fields.get("SHARED", 0), tensor_core_instructions=len(_TENSOR_CORE.findall(body)),
+            ffma_instructions=len(_FFMA.findall(body)), toolchain="nvcc (dlsn_kernels._C)", **sass_shape(body),
         ))
     return records
 
 
 def format_table(records: list[KernelRecord]) -> str:
-    head = (f"{'kernel':<28} {'mode':<13} {'config':<44} {'regs':>4} {'spill':>5} {'stack':>5} "
-            f"{'smem KB':>7} {'TC':>5} {'FFMA':>6}")
+    head = (f"{'kernel':<28} {'mode':<11} {'config':<40} {'regs':>4} {'spill':>5} {'stack':>5} "
+            f"{'smem KB':>7} {'TC':>4} {'FFMA':>5} {'SASS':>6} {'loop':>5} {'/MMA':>5} {'RS':>3} warnings")
     lines = [head, "-" * len(head)]
     for r in records:
         config = " ".join(f"{k.replace('BLOCK_', '').replace('num_', '')}={v if isinstance(v, str) else int(v)}"
                           for k, v in r.config.items())
+        per_mma = f"{r.instructions_per_mma:.1f}" if r.instructions_per_mma is not None else "-"
+        warnings = ",".join(sorted({w[1:6] if w.startswith("(C") else w[:20] for w in r.ptxas_warnings})) or "-"
         lines.append(
-            f"{r.kernel:<28} {r.dtype:<13} {config:<44} {r.registers:>4} {r.spill_bytes:>5} {r.stack_bytes:>5} "
-            f"{r.shared_bytes / 1024:>7.1f} {r.tensor_core_instructions:>5} {r.ffma_instructions:>6}"
+            f"{r.kernel:<28} {r.dtype:<11} {config:<40} {r.registers:>4} {r.spill_bytes:>5} {r.stack_bytes:>5} "
+            f"{r.shared_bytes / 1024:>7.1f} {r.tensor_core_instructions:>4} {r.ffma_instructions:>5} "
+            f"{r.sass_instructions:>6} {r.main_loop_instructions:>5} {per_mma:>5} {r.rs_wgmma:>3} {warnings}"
         )
     return "\n".join(lines)
 
@@ -277,7 +378,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="report the CUDA C++ kernels of the built extension instead (spill = local memory)")
     parser.add_argument("--modes", nargs="+", choices=[m[0] for m in MODES], default=[m[0] for m in MODES],
                         help="dtype/precision modes to compile (default: all)")
+    parser.add_argument("--kernels", nargs="+", metavar="NAME", help="compile only these Triton kernels")
+    parser.add_argument("--triton", metavar="DIR",
+                        help="compile with the Triton installed in DIR (pip install --target DIR triton==3.6.0), "
+                             "in a subprocess with DIR first on PYTHONPATH")
     args = parser.parse_args(argv)
+    if args.triton:
+        return _rerun_with_triton(args.triton, sys.argv[1:] if argv is None else list(argv))
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the report compiles real sm_90 code")
     if args.cuda:
@@ -285,18 +392,36 @@ def main(argv: list[str] | None = None) -> int:
         print("CUDA C++ kernels of dlsn_kernels._C, sm_90 code (spill: local memory bytes; TC: HGMMA/HMMA)")
     else:
         modes = [m for m in MODES if m[0] in args.modes]
-        records = compile_kernels(tuple(args.shape), modes)
-        print(f"Triton kernels compiled for sm_90 at N, L, Cm, Cv, K, R = {tuple(args.shape)} "
-              "(TC: tensor-core instructions, HGMMA/HMMA)")
+        records = compile_kernels(tuple(args.shape), modes, set(args.kernels) if args.kernels else None)
+        print(f"Triton kernels compiled for sm_90 at N, L, Cm, Cv, K, R = {tuple(args.shape)} with {toolchain()} "
+              "(TC: tensor-core instructions; SASS: static instructions; loop, /MMA: main loop's instructions "
+              "and per tensor-core instruction; RS: register-A wgmma)")
     print(format_table(records))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in records], f, indent=1)
+            json.dump([{**asdict(r), "instructions_per_mma": r.instructions_per_mma} for r in records], f, indent=1)
         print(f"wrote {args.json}")
     bad = [r for r in records if not r.ok]
     for r in bad:
         print(f"warning: {r.kernel} ({r.dtype}) spills, uses stack or exceeds shared memory", file=sys.stderr)
     return 0
+
+
+def _rerun_with_triton(directory: str, argv: list[str]) -> int:
+    """This report in a subprocess that imports the Triton of ``directory`` (and its ptxas/cuobjdump)."""
+    if not os.path.isfile(os.path.join(directory, "triton", "__init__.py")):
+        raise SystemExit(f"no Triton in {directory}: pip install --target {directory} triton==<version>")
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--triton":
+            skip = True
+        elif not a.startswith("--triton="):
+            rest.append(a)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.path.abspath(directory),
+                                                                   os.environ.get("PYTHONPATH")) if p))
+    return subprocess.run([sys.executable, "-m", "bench.compile_report", *rest], env=env).returncode
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ __all__ = [
     "matmul",
     "matmul_ieee",
     "neighbour_chunk",
+    "slot_rows",
     "LOG2E",
     "LN2",
     "tl_accumulate_dtype",
@@ -148,6 +149,22 @@ def first_padded_copy(slot, length, pad):
     the others follow every L below Lp (csrc/slot_layout.h ``first_padded_copy``, DESIGN.md 1.3). With no
     padding it is >= Lp, so a loop over the copies runs zero times."""
     return length + (slot + pad) % length
+
+
+def slot_rows(perm: torch.Tensor, chunk_size: int, widest: int) -> torch.Tensor:
+    """``[N, R, Lp]`` row of ``[N * L, C]`` inputs held by each sorted slot, padded slots included
+    (``n * L + perm[n, r, slot]``, DESIGN.md 1.3), once per call.
+
+    The kernels read a tile's rows from it contiguously, with no ``%`` or 64-bit index math per gathered row.
+    int32 when every element offset ``row * C`` (C up to ``widest``) fits, int64 otherwise.
+    """
+    n, _, length = perm.shape
+    pad, padded, _ = slot_layout(length, chunk_size)
+    source = torch.arange(padded, device=perm.device)
+    source = torch.where(source < length, source, (source - pad) % length)
+    base = torch.arange(n, device=perm.device).view(n, 1, 1) * length
+    small = n * length * max(int(widest), 1) < 2**31
+    return (perm[..., source].long() + base).to(torch.int32 if small else torch.int64).contiguous()
 
 
 def slot_layout(length: int, chunk_size: int) -> tuple[int, int, int]:

@@ -1,14 +1,22 @@
 """Forward chunk attention (DESIGN.md 1.3-1.5) and the fused ``gla_attention`` as Triton kernels.
 
-One program owns a block of query slots of one chunk c of one (n, round). It gathers its queries
-through ``perm``, then walks the K key slots of chunks c, c-1, c+1 (in that order, DESIGN.md) in tiles:
-gathers the key rows through ``perm``, normalises them in registers, adds ``lss[key, query slot]``,
-and keeps an online softmax. It writes ``out``/``lse`` at the queries' original positions; padded
-query slots are never written. No sorted, padded or ``[K, 3K]`` tensor exists in memory.
+One program owns a block of query slots of one chunk c of one (n, round); one launch covers every round
+(grid: query blocks x N*R). The row of each sorted slot (padded slots included) comes from a small int32
+table made once per call (``slot_rows``), so a tile's rows are read contiguously and the loop does no
+``%`` and no 64-bit index math per gathered row. The program walks the K key slots of chunks c, c-1, c+1
+(in that order, DESIGN.md) in tiles: gathers the key rows, scales each score column by the key's inverse
+norm, adds ``lss[key, query slot]``, and keeps an online softmax. It writes ``out``/``lse`` at the queries'
+original positions; padded query slots are never written. No sorted, padded or ``[K, 3K]`` tensor exists
+in memory.
 
-``gla_attention`` runs the rounds one launch after another; round r merges its result into the
-running ``(y, lse)`` of each position (written once per round, so race-free): memory does not grow
-with R and no per-round output is stored.
+The value product is computed transposed, ``acc^T [Cv, BLOCK_Q] += V^T P^T``: P is then the B operand of
+the tensor-core instruction, which Hopper (wgmma) reads from shared memory. With P as the A operand,
+Triton would feed it from registers, the pattern ptxas 12.8/12.9 can schedule wrongly (Triton issue
+#9433), silently, and only on hardware. ``python -m bench.compile_report`` counts such instructions (RS).
+
+``gla_attention`` runs that one launch into per-round ``out [N, R, L, Cv]`` (the input dtype) and merges
+the rounds in a small combine pass (``_combine_rounds_kernel``): in bf16 at the training shape that moves
+about 130 MB, against about 245 MB for the float32 running merge of one launch per round it replaces.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from ._common import (
     MAX_CHUNK,
     accumulate_dtype,
     attention_heuristics,
+    channel_block,
     check_device,
     dot_kind,
     dot_precision,
@@ -33,25 +42,22 @@ from ._common import (
     jit,
     launch_tiles,
     matmul,
-    neighbour_chunk,
     slot_layout,
-    slot_position,
+    slot_rows,
+    tl_accumulate_dtype,
 )
 from .hash import sblsh_hash, sort_codes
 
 __all__ = ["chunk_attention", "gla_attention", "check_attention_inputs", "check_perm_shape"]
 
-# What a program does with its result.
-_STORE = 0  # chunk_attention: out[n, r, q], lse[n, r, q]
-_FIRST_ROUND = 1  # gla_attention, round 0: y[n, q], lse[n, q]
-_MERGE_ROUND = 2  # gla_attention, rounds > 0: merge into y[n, q], lse[n, q]
-
 
 # (BLOCK_Q, BLOCK_K, num_warps) at Cv = 256 by dot kind; what ``python -m bench.compile_report`` shows
-# spill-free on sm_90 in every MODE (the round merge holds the old y beside the accumulator, which is what
-# caps BLOCK_K at 32 in half precision too). IEEE float32 runs on FFMA, which holds whole operand rows in
-# registers, hence its small key tiles.
-_FORWARD_TILES = {"native": (64, 32, 8), "tf32": (64, 32, 8), "ieee": (32, 16, 8)}
+# spill-free, stack-free and without C7515 on sm_90 under Triton 3.6 and 3.8. With chained dots Triton lays
+# the warps along M, 16 rows each: 4 warps (one warpgroup) at 64 query slots compute every S once (8 warps,
+# as before, computed every S and P V twice). TF32 needs the [Cv, 64] accumulator split over two warpgroups
+# to fit in registers, so its S (a fifth of the product work) is computed by both. IEEE float32 runs on
+# FFMA, which holds whole operand rows in registers, hence its small key tiles.
+_FORWARD_TILES = {"native": (64, 32, 4), "tf32": (64, 32, 8), "ieee": (32, 16, 4)}
 
 
 def forward_config(chunk_size: int, value_channels: int, dtype: torch.dtype) -> dict[str, int]:
@@ -62,89 +68,125 @@ def forward_config(chunk_size: int, value_channels: int, dtype: torch.dtype) -> 
     return launch_tiles(chunk_size, value_channels, *_FORWARD_TILES[dot_kind(dtype)])
 
 
+# Tiles that divide the chunk and channel blocks that are the channel counts need no masks in the loop.
+even_heuristics = triton.heuristics({
+    "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0 and a["K"] % a["BLOCK_Q"] == 0,
+    "EVEN_C": lambda a: a["Cm"] == channel_block(a["Cm"]) and a["Cv"] == channel_block(a["Cv"]),
+})
+
+
+@even_heuristics
 @attention_heuristics
 @jit
 def _chunk_attention_fwd_kernel(
-    xm_ptr, v_ptr, lss_ptr, perm_ptr, inv_norm_ptr, out_ptr, lse_ptr,
-    L, Cm, Cv, K, R, nc, pad,
-    rounds_in_grid, first_round,
-    MODE: tl.constexpr, PRECISION: tl.constexpr,
+    xm_ptr, v_ptr, lss_ptr, rows_ptr, inv_norm_ptr, out_ptr, lse_ptr,
+    L, Cm, Cv, K, R, nc, Lp,
+    PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_C: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):
     # tl.dot operands stay in the input dtype DOT (tensor cores for float16/bfloat16, TF32 or IEEE for
     # float32 by PRECISION), sums in ACC. Scores are kept in base 2 (exp2 is the hardware exponential).
     n_qblocks = tl.cdiv(K, BLOCK_Q)
     c = tl.program_id(0) // n_qblocks
     qb = tl.program_id(0) % n_qblocks
-    grid_row = tl.program_id(1).to(tl.int64)  # n * rounds_in_grid + round within the grid
-    n = grid_row // rounds_in_grid
-    r = first_round + grid_row % rounds_in_grid
-    perm_row = perm_ptr + (n * R + r) * L
+    nr = tl.program_id(1)  # n * R + round
+    slot_row = rows_ptr + nr.to(tl.int64) * Lp  # rows of the Lp sorted slots of this (n, round)
 
     offs_cm = tl.arange(0, BLOCK_CM)
     offs_cv = tl.arange(0, BLOCK_CV)
     cm_ok = offs_cm < Cm
     cv_ok = offs_cv < Cv
 
-    # queries: slots c*K + i; padded slots (>= L) produce nothing, so they are not even loaded
+    # queries: slots c*K + i. Padded slots (>= L, duplicates of real ones) are computed but never written.
     offs_i = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_slot = c * K + offs_i
-    q_ok = (offs_i < K) & (q_slot < L)
-    q_pos = slot_position(perm_row, q_slot, L, pad, q_ok)
-    q = tl.load(xm_ptr + (n * L + q_pos)[:, None] * Cm + offs_cm[None, :],
-                mask=q_ok[:, None] & cm_ok[None, :], other=0.0)
+    i_ok = offs_i < K
+    q_rows = tl.load(slot_row + c * K + offs_i, mask=i_ok, other=0)
+    if EVEN_C:
+        q = tl.load(xm_ptr + q_rows[:, None] * Cm + offs_cm[None, :])
+    else:
+        q = tl.load(xm_ptr + q_rows[:, None] * Cm + offs_cm[None, :], mask=cm_ok[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_Q], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_Q], ACC)
-    acc = tl.zeros([BLOCK_Q, BLOCK_CV], ACC)
+    acc = tl.zeros([BLOCK_CV, BLOCK_Q], ACC)  # out^T: P is the B operand of the value product
+    # the key chunks c, c-1, c+1 (mod nc): once per program, not per step
+    chunk_prev = (c + nc - 1) % nc
+    chunk_next = (c + 1) % nc
     # one flat loop over (t, key tile): the pipeliner then prefetches across chunk boundaries and keeps one
     # set of shared-memory buffers (an unrolled loop over t would triple them)
     n_kblocks = tl.cdiv(K, BLOCK_K)
     for step in range(0, 3 * n_kblocks):
         t = step // n_kblocks
-        kc = neighbour_chunk(c, t, nc, 1)  # key chunks c, c-1, c+1 (mod nc), in this order
-        k0 = (step % n_kblocks) * BLOCK_K
-        offs_j = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_j < K
-        k_rows = n * L + slot_position(perm_row, kc * K + offs_j, L, pad, k_ok)
-        key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :],
-                      mask=k_ok[:, None] & cm_ok[None, :], other=0.0)
-        # 1 / max(||key||, eps) (precomputed per position) scales the score column: q . key / ||key||
-        inv_norm = tl.load(inv_norm_ptr + k_rows, mask=k_ok, other=0.0)
-        # lss[key position, query slot i]: each key's row is read contiguously, then transposed
-        learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :],
-                          mask=k_ok[:, None] & q_ok[None, :], other=0.0).to(ACC)
-        s = matmul(q, tl.trans(key), ACC, PRECISION) * inv_norm[None, :] + tl.trans(learned)
-        s = tl.where(k_ok[None, :], s * LOG2E, float("-inf"))
+        kc = tl.where(t == 0, c, tl.where(t == 1, chunk_prev, chunk_next))
+        offs_j = (step - t * n_kblocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            k_rows = tl.load(slot_row + kc * K + offs_j)
+            inv_norm = tl.load(inv_norm_ptr + k_rows)
+            # lss[key position, query slot i]: each key's row is read contiguously, then transposed
+            learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :])
+        else:
+            k_ok = offs_j < K
+            k_rows = tl.load(slot_row + kc * K + offs_j, mask=k_ok, other=0)
+            inv_norm = tl.load(inv_norm_ptr + k_rows, mask=k_ok, other=0.0)
+            learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :],
+                              mask=k_ok[:, None] & i_ok[None, :], other=0.0)
+        if EVEN_C:
+            key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :])
+            val = tl.load(v_ptr + k_rows[:, None] * Cv + offs_cv[None, :])
+        else:
+            key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :], mask=cm_ok[None, :], other=0.0)
+            val = tl.load(v_ptr + k_rows[:, None] * Cv + offs_cv[None, :], mask=cv_ok[None, :], other=0.0)
+        # log2(e) / max(||key||, eps) (precomputed per position) scales the score column: q . key / ||key||
+        s = (matmul(q, tl.trans(key), ACC, PRECISION) * inv_norm[None, :]
+             + tl.trans(learned.to(ACC)) * LOG2E)
+        if not EVEN_K:
+            s = tl.where(k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        val = tl.load(v_ptr + k_rows[:, None] * Cv + offs_cv[None, :],
-                      mask=k_ok[:, None] & cv_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + matmul(p.to(DOT), val, ACC, PRECISION)
+        acc = acc * alpha[None, :] + matmul(tl.trans(val), tl.trans(p.to(DOT)), ACC, PRECISION)
         m_i = m_new
 
-    lse = (m_i + tl.log2(l_i)) * LN2
-    out_rows = grid_row * L + q_pos  # [N, rounds_in_grid, L] row of each query's original position
-    out_ptrs = out_ptr + out_rows[:, None] * Cv + offs_cv[None, :]
-    out_mask = q_ok[:, None] & cv_ok[None, :]
-    if MODE == 2:
-        # y = y e^{lse - lse'} + out_r e^{lse_r - lse'} with lse' = logaddexp(lse, lse_r); the 1/l of out_r is
-        # folded into its factor so that only acc and the old y are live (no spills at Cv = 256)
-        lse_old = tl.load(lse_ptr + out_rows, mask=q_ok, other=0.0)
-        top = tl.maximum(lse_old, lse)
-        lse_new = top + tl.log(tl.exp(lse_old - top) + tl.exp(lse - top))
-        new_weight = tl.exp(lse - lse_new) / l_i
-        old_weight = tl.exp(lse_old - lse_new)
-        out = acc * new_weight[:, None]
-        out += tl.load(out_ptrs, mask=out_mask, other=0.0) * old_weight[:, None]
-        lse = lse_new
-    else:
-        out = acc / l_i[:, None]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(lse_ptr + out_rows, lse, mask=q_ok)
+    # original positions: out/lse rows [N, R, L] = (n * R + r) * L + position, position = row - n * L
+    n = nr // R
+    out_rows = q_rows.to(tl.int64) + (nr - n).to(tl.int64) * L
+    q_ok = i_ok & (c * K + offs_i < L)
+    tl.store(out_ptr + out_rows[None, :] * Cv + offs_cv[:, None], (acc / l_i[None, :]).to(out_ptr.dtype.element_ty),
+             mask=q_ok[None, :] & cv_ok[:, None])
+    tl.store(lse_ptr + out_rows, (m_i + tl.log2(l_i)) * LN2, mask=q_ok)
+
+
+@triton.heuristics({
+    "BLOCK_CV": lambda a: channel_block(a["Cv"]),
+    "ACC": lambda a: tl_accumulate_dtype(a["lse_ptr"].dtype),
+})
+@jit
+def _combine_rounds_kernel(
+    out_ptr, lse_ptr, y_ptr, lse_total_ptr, L, Cv, R,
+    BLOCK_P: tl.constexpr, BLOCK_CV: tl.constexpr, ACC: tl.constexpr,
+):
+    """``y = sum_r out_r exp(lse_r - lse)`` and ``lse = logsumexp_r lse_r`` per position (DESIGN.md 1.5)."""
+    n = tl.program_id(1).to(tl.int64)
+    pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ok = pos < L
+    offs_cv = tl.arange(0, BLOCK_CV)
+    mask = ok[:, None] & (offs_cv < Cv)[None, :]
+    top = tl.full([BLOCK_P], float("-inf"), ACC)
+    for r in range(0, R):
+        top = tl.maximum(top, tl.load(lse_ptr + (n * R + r) * L + pos, mask=ok, other=0.0))
+    total = tl.zeros([BLOCK_P], ACC)
+    for r in range(0, R):
+        total += tl.exp(tl.load(lse_ptr + (n * R + r) * L + pos, mask=ok, other=0.0) - top)
+    lse = top + tl.log(total)
+    y = tl.zeros([BLOCK_P, BLOCK_CV], ACC)
+    for r in range(0, R):
+        rows = (n * R + r) * L + pos
+        weight = tl.exp(tl.load(lse_ptr + rows, mask=ok, other=0.0) - lse)
+        y += tl.load(out_ptr + rows[:, None] * Cv + offs_cv[None, :], mask=mask, other=0.0).to(ACC) * weight[:, None]
+    tl.store(y_ptr + (n * L + pos)[:, None] * Cv + offs_cv[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(lse_total_ptr + n * L + pos, lse, mask=ok)
 
 
 def check_attention_inputs(xm: Tensor, v: Tensor, lss: Tensor, chunk_size: int) -> None:
@@ -165,17 +207,21 @@ def check_perm_shape(perm: Tensor, xm: Tensor) -> None:
     _checks.check_perm(perm, xm, values=False)
 
 
-def _launch_forward(xm, v, lss, perm, inv_norm, out, lse, chunk_size, rounds_in_grid, first_round, mode):
+_LOG2E = 1.4426950408889634
+
+
+def _launch_forward(xm, v, lss, perm, out, lse, chunk_size):
+    """One launch for every round: ``out [N, R, L, Cv]``, ``lse [N, R, L]``."""
     n, length, cm = xm.shape
-    pad, _, nc = slot_layout(length, chunk_size)
-    config = forward_config(chunk_size, v.shape[2], xm.dtype)
-    block_q = config.pop("BLOCK_Q")
-    grid = (nc * triton.cdiv(chunk_size, block_q), n * rounds_in_grid)
+    cv = v.shape[2]
+    _, padded, nc = slot_layout(length, chunk_size)
+    rows = slot_rows(perm, chunk_size, max(cm, cv, chunk_size))
+    config = forward_config(chunk_size, cv, xm.dtype)
+    grid = (nc * triton.cdiv(chunk_size, config["BLOCK_Q"]), n * perm.shape[1])
     _chunk_attention_fwd_kernel[grid](
-        xm, v, lss, perm, inv_norm, out, lse,
-        length, cm, v.shape[2], chunk_size, perm.shape[1], nc, pad,
-        rounds_in_grid, first_round,
-        MODE=mode, PRECISION=dot_precision(xm.dtype), BLOCK_Q=block_q, **config,
+        xm, v, lss, rows, inverse_key_norms(xm) * _LOG2E, out, lse,
+        length, cm, cv, chunk_size, perm.shape[1], nc, padded,
+        PRECISION=dot_precision(xm.dtype), **config,
     )
 
 
@@ -195,27 +241,38 @@ def chunk_attention(
     lse = torch.empty((n, rounds, length), dtype=accumulate_dtype(xm.dtype), device=xm.device)
     if out.numel() == 0 or lse.numel() == 0:
         return out, lse
-    _launch_forward(xm, v, lss, perm, inverse_key_norms(xm), out, lse, int(chunk_size), rounds, 0, _STORE)
+    _launch_forward(xm, v, lss, perm, out, lse, int(chunk_size))
     return out, lse
+
+
+def combine_rounds(out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """``(y [N, L, Cv], lse [N, L])`` of per-round ``out [N, R, L, Cv]``, ``lse [N, R, L]`` (DESIGN.md 1.5)."""
+    n, rounds, length, cv = out.shape
+    if rounds == 1:
+        return out[:, 0], lse[:, 0]
+    y = torch.empty((n, length, cv), dtype=out.dtype, device=out.device)
+    lse_total = torch.empty((n, length), dtype=lse.dtype, device=lse.device)
+    block_p = max(1, min(32, 8192 // channel_block(cv)))
+    _combine_rounds_kernel[(triton.cdiv(length, block_p), n)](
+        out, lse, y, lse_total, length, cv, rounds, BLOCK_P=block_p, num_warps=4,
+    )
+    return y, lse_total
 
 
 def gla_attention(
     xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """DESIGN.md 1.1-1.5 fused: ``y [N, L, Cv]`` (dtype of ``v``), ``lse [N, L]`` over all rounds (float32;
-    float64 for float64 input) and ``perm [N, R, L]`` int64 (for the backward pass)."""
+    float64 for float64 input) and ``perm [N, R, L]`` int64 (for the backward pass).
+
+    The rounds run in one launch into ``[N, R, L, Cv]`` of the input dtype (freed on return), then merge.
+    """
     check_attention_inputs(xm, v, lss, chunk_size)
     codes = sblsh_hash(xm, rot)
     perm = sort_codes(codes, rot.shape[2])
-    n, length, _ = xm.shape
-    acc_dtype = accumulate_dtype(xm.dtype)
-    # y is merged in the accumulation dtype over the rounds, cast once at the end
-    y = torch.empty((n, length, v.shape[2]), dtype=acc_dtype, device=v.device)
-    lse = torch.empty((n, length), dtype=acc_dtype, device=xm.device)
-    if y.numel() == 0 or lse.numel() == 0:
-        return y.to(v.dtype), lse, perm
-    inv_norm = inverse_key_norms(xm)
-    for r in range(perm.shape[1]):
-        mode = _FIRST_ROUND if r == 0 else _MERGE_ROUND
-        _launch_forward(xm, v, lss, perm, inv_norm, y, lse, int(chunk_size), 1, r, mode)
-    return y.to(v.dtype), lse, perm
+    out, lse = chunk_attention(xm, v, lss, perm, chunk_size)
+    if out.numel() == 0 or lse.numel() == 0:
+        n, length, _ = xm.shape
+        return (out.new_empty((n, length, v.shape[2])), lse.new_empty((n, length)), perm)
+    y, lse = combine_rounds(out, lse)
+    return y, lse, perm
