@@ -146,3 +146,56 @@ def test_backward_matches_reference(harness, tmp_path, dtype, case, merged, copi
     for name, leaf, width in (("dxm", leaves[0], case.cm), ("dv", leaves[1], case.cv), ("dlss", leaves[2], case.chunk)):
         got = _read(tmp_path, name, case.n, case.length, width)
         assert rel_err(got, leaf.grad) < _tolerance(dtype, grad=True), name
+
+
+# ---------------------------------------------------------------- the hash kernel (csrc/cuda/sblsh_hash.cuh)
+
+# (N, L, Cm, R, B): 16-byte rows of 32 channels (vector loads) and odd widths (element loads), a partial channel
+# step (Cm = 40), a partial last block of 64 positions, and several 64-bucket tiles (B = 130).
+HASH_CASES = [(2, 50, 32, 3, 7), (1, 70, 19, 2, 130), (3, 9, 40, 1, 64), (1, 5, 8, 2, 1)]
+
+
+def _run_hash(harness: Path, tmp: Path, dtype: str, xm: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    xm.float().numpy().tofile(tmp / "xm")
+    rot.float().numpy().tofile(tmp / "rot")
+    (n, length, cm), (_, rounds, buckets) = xm.shape, rot.shape
+    args = [str(harness), "hash", dtype, *(str(s) for s in (n, length, cm, rounds, buckets, 0, 0)), "0", str(tmp)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return _read(tmp, "codes", n, rounds, length).long()
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("shape", HASH_CASES, ids=str)
+def test_hash_matches_reference(harness, tmp_path, dtype, shape):
+    """Where the best bucket leads by a clear margin the code is the float64 argmax; elsewhere it is within
+    float32 rounding of the best."""
+    n, length, cm, rounds, buckets = shape
+    gen = torch.Generator().manual_seed(4)
+    xm = torch.randn(n, length, cm, generator=gen).to(DTYPES[dtype])
+    rot = torch.randn(cm, rounds, buckets, generator=gen).to(DTYPES[dtype])
+    codes = _run_hash(harness, tmp_path, dtype, xm, rot)
+    proj = torch.einsum("nlc,crb->nrlb", xm.double(), rot.double())
+    tol = 1e-5 * float(proj.abs().amax().clamp_min(1e-30))
+    assert bool((proj.gather(-1, codes.unsqueeze(-1)).squeeze(-1) >= proj.amax(-1) - tol).all())
+    top2 = proj.topk(min(2, buckets), dim=-1).values
+    clear = (top2[..., 0] - top2[..., -1] > tol) | (buckets == 1)
+    assert torch.equal(codes[clear], proj.argmax(-1)[clear])
+
+
+def test_hash_ties_and_nans_follow_torch_argmax(harness, tmp_path):
+    """Equal projections: the lowest bucket, also across the 16 threads of a row and across bucket tiles;
+    a NaN projection beats every number, and the first NaN stays."""
+    gen = torch.Generator().manual_seed(5)
+    xm = torch.randn(1, 70, 8, generator=gen).abs()
+    rot = torch.randn(8, 3, 130, generator=gen)
+    rot[:, 0, 77] = rot[:, 0, 9] = 10.0  # round 0: buckets 9 and 77 (another thread, another tile) tie
+    rot[:, 1, 100] = float("nan")  # round 1: NaN in bucket 100, then 120
+    rot[:, 1, 120] = float("nan")
+    rot[:, 2] = 1.0  # round 2: everything ties
+    codes = _run_hash(harness, tmp_path, "fp32", xm, rot)
+    assert codes[:, 0].unique().tolist() == [9]
+    assert codes[:, 1].unique().tolist() == [100]
+    assert codes[:, 2].unique().tolist() == [0]
+    want = torch.argmax(torch.einsum("nlc,crb->nrlb", xm, rot), dim=-1)
+    assert torch.equal(codes, want)

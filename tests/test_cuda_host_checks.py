@@ -122,6 +122,20 @@ def test_grids_that_cannot_launch_are_refused_on_the_host():
         call_cuda_kernel("gla_attention", xm, xm, lss, rot, 1)
 
 
+def test_sizes_beyond_the_kernels_32_bit_slot_indices_are_refused_on_the_host():
+    """The tensor-core kernels index slots and keys in 32-bit ints: L + chunk_size and 3 * chunk_size must fit
+    (empty batches carry the huge chunk size without memory)."""
+    chunk = 2**31 - 1
+    xm, v = torch.zeros(0, 1, 1), torch.zeros(0, 1, 1)
+    lss = torch.zeros(0, 1, chunk)
+    perm = torch.zeros(0, 1, 1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"L \+ chunk_size and 3 \* chunk_size must be at most .* chunk_attention"):
+        call_cuda_kernel("chunk_attention", xm, v, lss, perm, chunk)
+    grad, stat = torch.zeros(0, 1, 1, 1), torch.zeros(0, 1, 1)
+    with pytest.raises(RuntimeError, match="must be at most .* attention_backward kernel, got L = 1"):
+        call_cuda_kernel("attention_backward", grad, stat, xm, v, lss, perm, stat, chunk)
+
+
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_arguments_raise_naming_the_argument(inputs, case):
     op, make_args, name = BAD_CALLS[case]

@@ -22,32 +22,46 @@ __global__ void inverse_perm_kernel(const idx_t* __restrict__ perm, int64_t* __r
   inv[row * length + static_cast<int64_t>(perm[e])] = slot;
 }
 
-constexpr int kScatterThreads = 128;
+// The scatter: a warp per position, kScatterWarps positions per block (a block per position left most of
+// its threads idle and launched N*L blocks per round), lanes along the columns (coalesced rows).
+constexpr int kScatterWarps = 8;
+constexpr int kScatterThreads = kScatterWarps * 32;
+
+inline unsigned scatter_blocks(int64_t n_positions) {
+  return static_cast<unsigned>((n_positions + kScatterWarps - 1) / kScatterWarps);
+}
 
 // dst[position] += sum of src over the position's slots, slot inv[q] first, then its padded duplicates.
 __device__ __forceinline__ void add_slot_rows(const float* __restrict__ src, float* __restrict__ dst, int64_t width,
                                               int64_t n, int64_t pos, int64_t slot0, int64_t first_dup,
-                                              int64_t length, int64_t padded_length) {
-  for (int64_t col = threadIdx.x; col < width; col += kScatterThreads) {
-    float sum = src[(n * padded_length + slot0) * width + col];
-    for (int64_t slot = first_dup; slot < padded_length; slot += length) sum += src[(n * padded_length + slot) * width + col];
-    dst[(n * length + pos) * width + col] += sum;
+                                              int64_t length, int64_t padded_length, int lane) {
+  const float* first = src + (n * padded_length + slot0) * width;
+  float* out = dst + (n * length + pos) * width;
+  for (int64_t col = lane; col < width; col += 32) {
+    float sum = first[col];
+    for (int64_t slot = first_dup; slot < padded_length; slot += length) {
+      sum += src[(n * padded_length + slot) * width + col];
+    }
+    out[col] += sum;
   }
 }
 
-// Kernel 3: block (n, position) per round.
+// Kernel 3, per round: warp (n, position) of the flattened N*L positions.
 __global__ void __launch_bounds__(kScatterThreads)
     scatter_slots_kernel(const int64_t* __restrict__ inv, const float* __restrict__ dv_slot,
                          const float* __restrict__ dkn_slot, const float* __restrict__ dlss_slot,
                          float* __restrict__ dv_acc, float* __restrict__ dkn_acc, float* __restrict__ dlss_acc,
-                         int64_t rounds, int64_t round, int64_t length, int64_t padded_length, int64_t pad,
-                         int64_t cm, int64_t cv, int64_t chunk) {
-  const int64_t n = blockIdx.x / length, pos = blockIdx.x % length;
+                         int64_t n_batch, int64_t rounds, int64_t round, int64_t length, int64_t padded_length,
+                         int64_t pad, int64_t cm, int64_t cv, int64_t chunk) {
+  const int lane = threadIdx.x % 32;
+  const int64_t e = int64_t(blockIdx.x) * kScatterWarps + threadIdx.x / 32;
+  if (e >= n_batch * length) return;  // the whole warp leaves together
+  const int64_t n = e / length, pos = e - n * length;
   const int64_t slot0 = inv[(n * rounds + round) * length + pos];
   const int64_t first_dup = first_padded_copy(slot0, length, pad);  // >= Lp when there is no padding
-  add_slot_rows(dv_slot, dv_acc, cv, n, pos, slot0, first_dup, length, padded_length);
-  add_slot_rows(dkn_slot, dkn_acc, cm, n, pos, slot0, first_dup, length, padded_length);
-  add_slot_rows(dlss_slot, dlss_acc, chunk, n, pos, slot0, first_dup, length, padded_length);
+  add_slot_rows(dv_slot, dv_acc, cv, n, pos, slot0, first_dup, length, padded_length, lane);
+  add_slot_rows(dkn_slot, dkn_acc, cm, n, pos, slot0, first_dup, length, padded_length, lane);
+  add_slot_rows(dlss_slot, dlss_acc, chunk, n, pos, slot0, first_dup, length, padded_length, lane);
 }
 
 constexpr int kFinishWarps = 8;

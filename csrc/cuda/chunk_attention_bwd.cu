@@ -293,33 +293,43 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_keys_kernel(const Back
 
 // The tensor-core passes when the dtype, precision policy and device allow them and the largest one's shared
 // memory fits.
+constexpr const char* kDqTcName = "attention_bwd_dq_tc_kernel";
+constexpr const char* kDvTcName = "attention_bwd_keys_tc_kernel<dv pass>";
+constexpr const char* kScoreTcName = "attention_bwd_keys_tc_kernel<score pass>";
+
 bool use_tensor_cores(const at::Tensor& xm, const at::Tensor& v) {
   if (!tensor_cores_allowed(xm)) return false;
-  int64_t bytes = 0;
+  bool fits = false;
   dispatch_float(xm.scalar_type(), [&](auto element) {
     using scalar_t = decltype(element);
     tc::BackwardTcArgs<scalar_t> a{};
     tc::tc_backward_sizes(a, 1, 1, xm.size(1), xm.size(2), v.size(2), 1);
-    for (auto pass : {tc::BwdPass::kDq, tc::BwdPass::kDv, tc::BwdPass::kScore}) {
-      bytes = std::max(bytes, tc::tc_backward_smem<scalar_t>(pass, a.cm_pad, a.cv_pad).bytes);
-    }
+    const auto bytes = [&](tc::BwdPass pass) {
+      return tc::tc_backward_smem<scalar_t>(pass, a.cm_pad, a.cv_pad).bytes;
+    };
+    fits = fits_shared_memory<scalar_t>(&tc::attention_bwd_dq_tc_kernel<scalar_t>, bytes(tc::BwdPass::kDq),
+                                        kDqTcName) &&
+           fits_shared_memory<scalar_t>(&tc::attention_bwd_keys_tc_kernel<scalar_t, true>, bytes(tc::BwdPass::kDv),
+                                        kDvTcName) &&
+           fits_shared_memory<scalar_t>(&tc::attention_bwd_keys_tc_kernel<scalar_t, false>,
+                                        bytes(tc::BwdPass::kScore), kScoreTcName);
   });
-  return fits_shared_memory(bytes);
+  return fits;
 }
 
 // The three tensor-core passes of round a.round, in order: dq, dv, scores (dkn, dlss).
 template <typename T>
 void launch_tc_round(const tc::BackwardTcArgs<T>& a, int64_t n, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(n * a.n_chunks * a.n_own_tiles);
-  const auto launch = [&](auto* kernel, tc::BwdPass pass) {
+  const auto launch = [&](auto* kernel, tc::BwdPass pass, const char* name) {
     const int64_t smem = tc::tc_backward_smem<T>(pass, a.cm_pad, a.cv_pad).bytes;
-    allow_shared_memory(kernel, smem);
+    if (!allow_shared_memory<T>(kernel, smem, name)) return;  // registration.cpp raises
     const dim3 grid(blocks, static_cast<unsigned>(tc::tc_backward_slices(pass, a.cm, a.cv)));
     kernel<<<grid, tc::kBwdThreads, smem, stream>>>(a);
   };
-  launch(&tc::attention_bwd_dq_tc_kernel<T>, tc::BwdPass::kDq);
-  launch(&tc::attention_bwd_keys_tc_kernel<T, true>, tc::BwdPass::kDv);
-  launch(&tc::attention_bwd_keys_tc_kernel<T, false>, tc::BwdPass::kScore);
+  launch(&tc::attention_bwd_dq_tc_kernel<T>, tc::BwdPass::kDq, kDqTcName);
+  launch(&tc::attention_bwd_keys_tc_kernel<T, true>, tc::BwdPass::kDv, kDvTcName);
+  launch(&tc::attention_bwd_keys_tc_kernel<T, false>, tc::BwdPass::kScore, kScoreTcName);
 }
 
 }  // namespace
@@ -352,9 +362,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   inverse_perm_kernel<int64_t><<<static_cast<unsigned>(ceil_div(n_perm, 256)), 256, 0, stream>>>(
       perm64.data_ptr<int64_t>(), inv.data_ptr<int64_t>(), n * rounds, length);
   const auto scatter = [&](int64_t r) {
-    scatter_slots_kernel<<<static_cast<unsigned>(n * length), kScatterThreads, 0, stream>>>(
+    scatter_slots_kernel<<<scatter_blocks(n * length), kScatterThreads, 0, stream>>>(
         inv.data_ptr<int64_t>(), dv_slot.data_ptr<float>(), dkn_slot.data_ptr<float>(), dlss_slot.data_ptr<float>(),
-        dv_acc.data_ptr<float>(), dkn_acc.data_ptr<float>(), dlss_acc.data_ptr<float>(), rounds, r, length,
+        dv_acc.data_ptr<float>(), dkn_acc.data_ptr<float>(), dlss_acc.data_ptr<float>(), n, rounds, r, length,
         padded_length, pad, cm, cv, chunk);
   };
 

@@ -229,16 +229,19 @@ dim3 forward_grid(const Geometry& g, int64_t rounds_in_launch) {
 }
 
 // The tensor-core kernel when the dtype, precision policy and device allow it and its shared memory fits.
+constexpr const char* kFwdTcName = "chunk_attention_fwd_tc_kernel";
+
 bool use_tensor_cores(const at::Tensor& xm) {
   if (!tensor_cores_allowed(xm)) return false;
-  int64_t bytes = 0;
+  bool fits = false;
   dispatch_float(xm.scalar_type(), [&](auto element) {
     using scalar_t = decltype(element);
     tc::ForwardTcArgs<scalar_t> a{};
     tc::tc_forward_sizes(a, 1, xm.size(1), xm.size(2), 1, 1);
-    bytes = tc::tc_forward_smem<scalar_t>(a.cm_pad).bytes;
+    fits = fits_shared_memory<scalar_t>(&tc::chunk_attention_fwd_tc_kernel<scalar_t>,
+                                        tc::tc_forward_smem<scalar_t>(a.cm_pad).bytes, kFwdTcName);
   });
-  return fits_shared_memory(bytes);
+  return fits;
 }
 
 // Fills the pointers and sizes shared by both ops; the caller sets the outputs and the round range.
@@ -256,7 +259,7 @@ template <typename T>
 void launch_tc_forward(const tc::ForwardTcArgs<T>& a, int64_t n, cudaStream_t stream) {
   const int64_t smem = tc::tc_forward_smem<T>(a.cm_pad).bytes;
   auto* kernel = &tc::chunk_attention_fwd_tc_kernel<T>;
-  allow_shared_memory(kernel, smem);
+  if (!allow_shared_memory<T>(kernel, smem, kFwdTcName)) return;  // registration.cpp raises
   const dim3 grid(static_cast<unsigned>(n * a.rounds_in_launch * a.n_chunks * a.n_qtiles),
                   static_cast<unsigned>(tc::tc_forward_slices(a.cv)));
   kernel<<<grid, tc::kFwdThreads, smem, stream>>>(a);

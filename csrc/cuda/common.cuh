@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "checks.h"  // kKeyNormEps; the argument checks run in registration.cpp
 #include "cuda/block_index.cuh"
@@ -120,14 +121,38 @@ inline bool tensor_cores_allowed(const at::Tensor& xm) {
          at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
 }
 
-inline bool fits_shared_memory(int64_t bytes) {
-  return bytes <= static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+template <typename T>
+constexpr const char* dtype_name() {
+  return sizeof(T) == 4 ? "float32" : std::is_same<T, at::BFloat16>::value ? "bfloat16" : "float16";
+}
+
+// Records the first setup failure of a call (launchers.h); returns false when err is one.
+template <typename T>
+bool setup_ok(cudaError_t err, const char* kernel, const char* call, int64_t bytes) {
+  if (err == cudaSuccess) return true;
+  SetupFailure& f = setup_failure();
+  if (f.kernel == nullptr) f = SetupFailure{kernel, dtype_name<T>(), call, bytes, static_cast<int>(err)};
+  return false;
+}
+
+// Whether `kernel` can run with `bytes` of dynamic shared memory on this device: its static shared memory
+// (the __shared__ arrays) counts against the same per-block limit. A kernel whose attributes cannot be read
+// is recorded as a setup failure (and reported as not fitting).
+template <typename T, typename Kernel>
+bool fits_shared_memory(Kernel* kernel, int64_t bytes, const char* name) {
+  cudaFuncAttributes attr{};
+  if (!setup_ok<T>(cudaFuncGetAttributes(&attr, kernel), name, "cudaFuncGetAttributes", bytes)) return false;
+  const int64_t limit = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  return static_cast<int64_t>(attr.sharedSizeBytes) + bytes <= limit;
 }
 
 // Above 48 KB of dynamic shared memory a kernel must opt in; fits_shared_memory() checked the device has it.
-template <typename Kernel>
-void allow_shared_memory(Kernel* kernel, int64_t bytes) {
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+// false (recorded for registration.cpp to raise) when the runtime refuses: the caller skips the launch.
+template <typename T, typename Kernel>
+bool allow_shared_memory(Kernel* kernel, int64_t bytes, const char* name) {
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  return setup_ok<T>(err, name, "cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize)", bytes);
 }
 
 // 1 / max(||xm||, eps) per position [N, L], float32.

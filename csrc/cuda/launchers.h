@@ -10,6 +10,18 @@
 namespace dlsn {
 namespace cuda_impl {
 
+// A kernel the launchers could not set up (cudaFuncGetAttributes or cudaFuncSetAttribute failed). The .cu
+// host code never throws: it records the first failure here and skips that launch; registration.cpp
+// raises it, naming the kernel, right after the launcher returns (check_launch). One per host thread.
+struct SetupFailure {
+  const char* kernel = nullptr;  // nullptr: none
+  const char* dtype = "";
+  const char* call = "";         // the CUDA runtime function that failed
+  int64_t bytes = 0;             // the dynamic shared memory asked for
+  int error = 0;                 // its cudaError_t
+};
+SetupFailure& setup_failure();
+
 at::Tensor sblsh_hash_cuda(const at::Tensor& xm, const at::Tensor& rot);
 at::Tensor bucket_sort_cuda(const at::Tensor& codes, int64_t n_buckets);
 std::tuple<at::Tensor, at::Tensor> chunk_attention_cuda(const at::Tensor& xm, const at::Tensor& v,

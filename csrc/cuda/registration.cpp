@@ -22,10 +22,17 @@
 
 namespace dlsn {
 namespace cuda_impl {
+
+SetupFailure& setup_failure() {
+  thread_local SetupFailure failure;
+  return failure;
+}
+
 namespace {
 
 void check_on_cuda(const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor for the CUDA ", op, " kernel, got ", t.device());
+  setup_failure() = SetupFailure{};  // the last check before the launcher: none left from an earlier call
 }
 
 void check_bucket_count(int64_t n_buckets) {
@@ -68,10 +75,19 @@ void check_code_values(const at::Tensor& codes, int64_t n_buckets) {
                     ", position=", l, "] = ", codes[n][r][l].item<int64_t>());
 }
 
+// The tensor-core kernels index sorted slots, the 3K keys of a chunk and rows of one batch element in 32-bit
+// ints (block_index.cuh, staging.cuh): L + K and 3K must fit.
+void check_index_range(const at::Tensor& xm, int64_t chunk, const char* op) {
+  TORCH_CHECK(xm.size(1) + chunk <= INT_MAX && 3 * chunk <= INT_MAX,
+              "L + chunk_size and 3 * chunk_size must be at most ", INT_MAX, " for the CUDA ", op,
+              " kernel, got L = ", xm.size(1), ", chunk_size = ", chunk);
+}
+
 // The grids of the attention kernels (chunk_attention_fwd.cu, chunk_attention_bwd.cu): blocks along x,
 // column slices of kCols channels along y.
 void check_forward_grid(const at::Tensor& xm, const at::Tensor& v, int64_t chunk, int64_t rounds_in_launch,
                         const char* op) {
+  check_index_range(xm, chunk, op);
   const int64_t slices = std::max<int64_t>(1, ceil_div(v.size(2), kCols));
   TORCH_CHECK(slices <= kMaxGridY, "v has too many channels (", v.size(2), ") for the CUDA ", op,
               " kernel: at most ", kMaxGridY * kCols);
@@ -81,6 +97,7 @@ void check_forward_grid(const at::Tensor& xm, const at::Tensor& v, int64_t chunk
 }
 
 void check_backward_grid(const at::Tensor& xm, const at::Tensor& v, int64_t chunk) {
+  check_index_range(xm, chunk, "attention_backward");
   const int64_t n = xm.size(0), length = xm.size(1);
   const int64_t blocks = n * ceil_div(length, chunk) * ceil_div(chunk, kTile);
   TORCH_CHECK(blocks <= kMaxGridX && n * length <= kMaxGridX,
@@ -91,17 +108,29 @@ void check_backward_grid(const at::Tensor& xm, const at::Tensor& v, int64_t chun
               ", Cv = ", v.size(2), " need ", slices, " column slices of ", kCols, ", at most ", kMaxGridY);
 }
 
-void check_hash_grid(const at::Tensor& rot) {
+void check_hash_grid(const at::Tensor& xm, const at::Tensor& rot) {
   TORCH_CHECK(rot.size(1) <= kMaxGridY, "rot holds ", rot.size(1), " hash rounds; the CUDA kernel supports at most ",
               kMaxGridY);
+  TORCH_CHECK(xm.size(2) <= INT_MAX, "xm has ", xm.size(2), " channels; the CUDA sblsh_hash kernel supports at most ",
+              INT_MAX);
 }
 
-// A failed launch (bad configuration, no kernel image for this GPU) is reported here, not in the .cu code.
-void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
+// A kernel the launcher could not set up (launchers.h: SetupFailure), then a failed launch (bad
+// configuration, no kernel image for this GPU), are reported here, not in the .cu code.
+void check_launch() {
+  const SetupFailure f = setup_failure();
+  setup_failure() = SetupFailure{};
+  if (f.kernel != nullptr) {
+    (void)cudaGetLastError();  // the runtime recorded the same error; it is reported here instead
+    TORCH_CHECK(false, f.call, " failed for the CUDA kernel ", f.kernel, " (", f.dtype, ", ", f.bytes,
+                " bytes of dynamic shared memory): ", cudaGetErrorString(static_cast<cudaError_t>(f.error)));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 at::Tensor sblsh_hash(const at::Tensor& xm, const at::Tensor& rot) {
   check_hash_inputs(xm, rot);
-  check_hash_grid(rot);
+  check_hash_grid(xm, rot);
   check_on_cuda(xm, "xm", "sblsh_hash");
   at::Tensor codes = sblsh_hash_cuda(xm, rot);
   check_launch();
@@ -136,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gla_attention(const at::Tensor& x
   check_attention_inputs(xm, v, lss, chunk_size);
   check_hash_inputs(xm, rot);
   check_bucket_count(rot.size(2));
-  check_hash_grid(rot);
+  check_hash_grid(xm, rot);
   check_forward_grid(xm, v, chunk_size, 1, "gla_attention");
   check_on_cuda(xm, "xm", "gla_attention");
   auto result = gla_attention_cuda(xm, v, lss, rot, chunk_size);

@@ -20,13 +20,17 @@ __host__ __device__ inline bool rows_aligned16(const void* base, int64_t pitch, 
   return reinterpret_cast<uintptr_t>(base) % 16 == 0 && (pitch * element) % 16 == 0;
 }
 
-// 16 bytes from global src to shared dst, of which the first src_bytes are copied and the rest zeroed.
-__device__ __forceinline__ void copy16_async(void* dst, const void* src, int src_bytes) {
+// 16 bytes from global src to shared dst when `copy`, else 16 zero bytes (src is then not read): the
+// ignore-src form of cp.async, whose predicate costs less than a byte count.
+__device__ __forceinline__ void copy16_async_or_zero(void* dst, const void* src, bool copy) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
+  asm volatile(
+      "{\n .reg .pred ignore;\n setp.eq.u32 ignore, %2, 0;\n"
+      " cp.async.cg.shared.global [%0], [%1], 16, ignore;\n}\n" ::"r"(d),
+      "l"(src), "r"(static_cast<uint32_t>(copy)));
 #elif defined(DLSN_SIMT_EMULATION) && !defined(__CUDA_ARCH__)
-  simt::async_copy(dst, src, src_bytes);
+  simt::async_copy(dst, src, copy ? 16 : 0);
 #elif defined(__CUDA_ARCH__)
   __trap();
 #endif
@@ -101,30 +105,36 @@ __device__ __forceinline__ int lanes_shift(int x) {
 
 // dst[row * ld + col] = src[rows[row] * pitch + col] for row < n_rows, col < width_pad; zero where col >= width
 // or rows[row] < 0. src already points at the block's matrix and first column (so row indices and pitches fit
-// in 32 bits; the one 64-bit product per copy is an IMAD.WIDE). With `aligned` (rows_aligned16 of src) and
-// width_pad and ld multiples of 16 bytes, the copies are asynchronous.
+// in 32 bits). With `aligned` (rows_aligned16 of src), width a multiple of 16 bytes (which rows_aligned16 of
+// the tensor implies for every width the kernels pass) and width_pad and ld multiples of 16 bytes too, the copies
+// are asynchronous, whole 16-byte pieces that are copied or zeroed.
 //
 // Thread mapping, chosen so that the copy loop has no division: a row's 16-byte pieces (or elements) are
 // spread over 2^s consecutive threads, 2^s the smallest power of two covering the row (at most kThreads);
-// thread tid takes piece tid % 2^s of rows tid / 2^s, + kThreads / 2^s, ... A thread's column, and so its
-// byte count, is fixed for the whole call; per copy it reads one row index and computes two addresses.
+// thread tid takes piece tid % 2^s of rows tid / 2^s, + kThreads / 2^s, ... A thread's column is fixed for
+// the whole call; per copy it reads one row index, forms the source address with one 32 x 32 -> 64-bit
+// multiply-add and steps the destination by a constant.
 template <typename T, int kThreads>
 __device__ __forceinline__ void stage_rows(T* dst, int ld, const T* __restrict__ src, const int* rows, int n_rows,
                                            int pitch, int width, int width_pad, bool aligned, int tid) {
   constexpr int kVec = 16 / sizeof(T);
-  const int unit = aligned ? kVec : 1;  // elements per copy
+  aligned = aligned && width % kVec == 0;  // whole pieces only (true whenever the tensor's rows are aligned)
+  const int unit = aligned ? kVec : 1;     // elements per copy
   const int per_row = width_pad / unit;
   const int shift = lanes_shift<kThreads>(per_row);
   const int lanes = 1 << shift, row_step = kThreads >> shift;
   const int row0 = tid >> shift;
   if (aligned) {
+    const uint32_t pitch_bytes = static_cast<uint32_t>(pitch) * sizeof(T);
     for (int piece = tid & (lanes - 1); piece < per_row; piece += lanes) {
-      const int col = piece * kVec, left = width - col;
-      const int bytes = left <= 0 ? 0 : (left < kVec ? left : kVec) * static_cast<int>(sizeof(T));
-      const T* from_col = bytes > 0 ? src + col : src;  // a readable address even when nothing is read
-      for (int row = row0; row < n_rows; row += row_step) {
+      const int col = piece * kVec;
+      const bool in = col < width;
+      const char* from_col = reinterpret_cast<const char*>(in ? src + col : src);  // readable even if unused
+      T* to = dst + row0 * ld + col;
+      for (int row = row0; row < n_rows; row += row_step, to += row_step * ld) {
         const int r = rows[row];
-        copy16_async(dst + row * ld + col, from_col + int64_t(r < 0 ? 0 : r) * pitch, r < 0 ? 0 : bytes);
+        const uint32_t rr = r < 0 ? 0u : static_cast<uint32_t>(r);
+        copy16_async_or_zero(to, from_col + uint64_t(rr) * pitch_bytes, in && r >= 0);
       }
     }
   } else {

@@ -6,6 +6,8 @@
 // forward writes out [N, R, L, Cv] and lse [N, R, L] (MERGE 0, chunk_attention) or y [N, L, Cv] and lse
 // [N, L] (MERGE 1, the rounds merged as gla_attention does). backward also reads grad_out [N, RG, L, Cv]
 // (rounded to DTYPE), delta and lse [N, RG, L] (float32) and writes dxm, dv, dlss. Everything float32.
+//   harness hash     DTYPE N L CM R B 0 0 EPS DIR
+// reads xm [N, L, CM] and rot [CM, R, B] (rounded to DTYPE) and writes codes [N, R, L] (as float32).
 #include "simt.h"
 
 #include <cstdio>
@@ -16,6 +18,8 @@
 #include "cuda/attention_bwd_tc.cuh"
 #include "cuda/chunk_attention_fwd_tc.cuh"
 #include "cuda/key_norms.cuh"
+#include "cuda/sblsh_hash.cuh"
+#include "cuda/staging.cuh"
 
 namespace {
 
@@ -93,9 +97,9 @@ int run_backward(int64_t n, int64_t length, int64_t cm, int64_t cv, int64_t chun
     pass(BwdPass::kDq, [&] { attention_bwd_dq_tc_kernel<T>(a); });
     pass(BwdPass::kDv, [&] { attention_bwd_keys_tc_kernel<T, true>(a); });
     pass(BwdPass::kScore, [&] { attention_bwd_keys_tc_kernel<T, false>(a); });
-    simt::launch(dim3{static_cast<unsigned>(n * length)}, dim3{kScatterThreads}, 0, [&] {
+    simt::launch(dim3{scatter_blocks(n * length)}, dim3{kScatterThreads}, 0, [&] {
       scatter_slots_kernel(inv.data(), dv_slot.data(), dkn_slot.data(), dlss_slot.data(), dv_acc.data(),
-                           dkn_acc.data(), dlss_acc.data(), rounds, r, length, lp, a.pad, cm, cv, chunk);
+                           dkn_acc.data(), dlss_acc.data(), n, rounds, r, length, lp, a.pad, cm, cv, chunk);
     });
   }
   std::vector<T> dxm(n * length * cm), dv(n * length * cv), dlss(n * length * chunk);
@@ -108,6 +112,25 @@ int run_backward(int64_t n, int64_t length, int64_t cm, int64_t cv, int64_t chun
   write_file(dir + "/dxm", std::vector<float>(dxm.begin(), dxm.end()));
   write_file(dir + "/dv", std::vector<float>(dv.begin(), dv.end()));
   write_file(dir + "/dlss", std::vector<float>(dlss.begin(), dlss.end()));
+  return 0;
+}
+
+// sblsh_hash_cuda's launch.
+template <typename T>
+int run_hash(int64_t n, int64_t length, int64_t cm, int64_t rounds, int64_t n_buckets, const std::string& dir) {
+  using namespace dlsn::cuda_impl;
+  const auto xm = to_type<T>(read_file<float>(dir + "/xm", n * length * cm));
+  const auto rot = to_type<T>(read_file<float>(dir + "/rot", cm * rounds * n_buckets));
+  std::vector<int64_t> codes(n * rounds * length, -1);
+  const int64_t positions = n * length;
+  const bool aligned = tc::rows_aligned16(xm.data(), cm, sizeof(T));
+  simt::launch(dim3{static_cast<unsigned>((positions + hash::kRows - 1) / hash::kRows), static_cast<unsigned>(rounds)},
+               dim3{hash::kThreads}, 0, [&] {
+                 hash::sblsh_hash_kernel<T>(xm.data(), rot.data(), codes.data(), positions, length,
+                                            static_cast<int>(rounds), static_cast<int>(n_buckets),
+                                            static_cast<int>(cm), aligned);
+               });
+  write_file(dir + "/codes", std::vector<float>(codes.begin(), codes.end()));
   return 0;
 }
 
@@ -163,7 +186,7 @@ int run(int64_t n, int64_t length, int64_t cm, int64_t cv, int64_t chunk, int64_
 
 int main(int argc, char** argv) {
   if (argc != 12) {
-    std::fprintf(stderr, "usage: %s forward|backward bf16|fp16|fp32 N L CM CV K R MERGE|RG EPS DIR\n", argv[0]);
+    std::fprintf(stderr, "usage: %s forward|backward|hash bf16|fp16|fp32 N L CM CV K R MERGE|RG EPS DIR\n", argv[0]);
     return 2;
   }
   const std::string what = argv[1], dtype = argv[2];
@@ -171,6 +194,11 @@ int main(int argc, char** argv) {
   for (int i = 0; i < 7; ++i) s[i] = std::stoll(argv[3 + i]);
   const float eps = std::stof(argv[10]);
   const std::string dir = argv[11];
+  if (what == "hash") {
+    if (dtype == "bf16") return run_hash<c10::BFloat16>(s[0], s[1], s[2], s[3], s[4], dir);
+    if (dtype == "fp16") return run_hash<c10::Half>(s[0], s[1], s[2], s[3], s[4], dir);
+    return run_hash<float>(s[0], s[1], s[2], s[3], s[4], dir);
+  }
   if (what == "backward") {
     if (dtype == "bf16") return run_backward<c10::BFloat16>(s[0], s[1], s[2], s[3], s[4], s[5], s[6], eps, dir);
     if (dtype == "fp16") return run_backward<c10::Half>(s[0], s[1], s[2], s[3], s[4], s[5], s[6], eps, dir);

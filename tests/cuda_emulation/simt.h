@@ -34,7 +34,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __restrict__
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static  // blocks run one at a time, so a static is the block's shared memory
 
 struct dim3 {

@@ -1,0 +1,61 @@
+"""The static SASS budget of the CUDA tensor-core kernels (issue 18), read offline from the built extension.
+
+``bench.cuda_sass_report`` counts the sm_90 instructions of every kernel with cuobjdump. The 16-bit
+tensor-core attention kernels must stay at or under 50 static instructions per HMMA, over the whole kernel and
+in the main loop (they were 98-103 before the staging kept its address math in 32 bits without divisions), and
+no kernel may use local memory. Skipped when the extension has no CUDA kernels or no sm_90 code.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.cuda_sass_report import loop_figures, sass_records
+
+ATTENTION_TC = {"chunk_attention_fwd_tc_kernel", "attention_bwd_dq_tc_kernel", "attention_bwd_keys_tc_kernel"}
+BUDGET = 50.0  # static SASS instructions per HMMA, 16-bit kernels
+
+
+@pytest.fixture(scope="module")
+def records():
+    ext = pytest.importorskip("dlsn_kernels._C")
+    if not getattr(ext, "WITH_CUDA", False):
+        pytest.skip("the extension was built without CUDA kernels")
+    try:
+        found = sass_records()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    if not found:
+        pytest.skip("the extension holds no sm_90 code (TORCH_CUDA_ARCH_LIST without 9.0)")
+    return found
+
+
+def test_16bit_tensor_core_kernels_within_budget(records):
+    tc = [r for r in records if r.kernel in ATTENTION_TC and r.dtype in ("bf16", "fp16")]
+    assert len(tc) == 8  # forward, dq, dv and score passes, in bf16 and fp16
+    for r in tc:
+        assert r.mma > 0 and r.loop_mma > 0, r
+        assert r.per_mma <= BUDGET, r
+        assert r.loop_per_mma <= BUDGET, r
+
+
+def test_no_kernel_uses_local_memory(records):
+    for r in records:
+        assert r.local_bytes == 0, r
+        if r.kernel in ATTENTION_TC or r.kernel == "sblsh_hash_kernel":
+            assert r.stack_bytes == 0, r
+
+
+def test_loop_figures_pick_the_loop_with_the_mma():
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0020*/              @P0 BRA 0x10 ;
+        /*0030*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0040*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R6.64], P1 ;
+        /*0050*/                   NOP ;
+        /*0060*/                   HMMA.16816.F32.BF16 R4, R8, R14, R4 ;
+        /*0070*/              @P1 BRA 0x30 ;
+        /*0080*/                   EXIT ;
+    """
+    assert loop_figures(sass) == (4, 2, 1)  # 0x30..0x70 without the NOP
