@@ -19,6 +19,8 @@ status 1; bad arguments print one line and exit with 2; Ctrl-C prints one line a
 A checkpoint holds a model of one scale; give one checkpoint per scale (``--scale`` defaults to the
 checkpoints' scales). ``--bicubic`` scores MATLAB-style bicubic upscaling instead (no checkpoint).
 ``--self-ensemble`` averages the 8 flips/transposes (reported as "<arch>+", e.g. DLSN+).
+``--chop`` runs the authors' test protocol (``dlsn.evaluation.forward_chop``), the one behind the paper's
+tables; ``--tile SIZE --tile-overlap PX`` runs overlapping tiles blended across the seams.
 Hash rotations are drawn from ``--seed`` (default 0), so runs are repeatable.
 """
 
@@ -69,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="DN noise level on the 0-255 scale (default 15)")
     parser.add_argument("--sets", nargs="+", help="test sets to evaluate (default: all under --data)")
     parser.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/transposes (x8)")
+    parser.add_argument("--chop", action="store_true",
+                        help="the authors' test protocol: four overlapping quadrants (shave 10), split again "
+                             "while one has >= 120000 LR pixels")
+    parser.add_argument("--tile", type=int, metavar="SIZE",
+                        help="run the model on overlapping SIZE x SIZE LR tiles, blended across the seams "
+                             "(bounds memory; default: whole images)")
+    parser.add_argument("--tile-overlap", type=int, default=16, metavar="PX",
+                        help="overlap of neighbouring tiles in LR pixels (default 16)")
     parser.add_argument("--n-hashes", type=int, help="hash rounds at inference (default: the model's)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the hash rotations and of DN noise (default 0)")
@@ -108,6 +118,11 @@ def _load_models(paths: Sequence[Path], device: torch.device | str, backend: str
 def _check_args(args: argparse.Namespace) -> None:
     if not args.bicubic and not args.checkpoint:
         raise EvalError("give --checkpoint FILE [FILE ...], --bicubic, or both")
+    if args.chop and args.tile is not None:
+        raise EvalError("--chop and --tile are two ways of cutting the image: give one")
+    if args.tile is not None and (args.tile < 2 or not 0 <= args.tile_overlap < args.tile):
+        raise EvalError(f"--tile must be >= 2 and --tile-overlap in [0, --tile), got {args.tile} and "
+                        f"{args.tile_overlap}")
     if args.n_hashes is not None and args.n_hashes < 1:
         raise EvalError(f"--n-hashes must be >= 1, got {args.n_hashes}")
     if args.noise_sigma is not None and args.degradation != "DN":
@@ -177,7 +192,9 @@ def _run(args: argparse.Namespace, conversions: dict[str, str] | None = None,
             continue
         model, config = models[scale]
         method = method_name(config) + ("+" if args.self_ensemble else "")
-        upscale = model_upscaler(model, float(config.get("rgb_range", 255.0)), args.self_ensemble)
+        method += " chop" if args.chop else f" tile {args.tile}/{args.tile_overlap}" if args.tile else ""
+        upscale = model_upscaler(model, float(config.get("rgb_range", 255.0)), args.self_ensemble,
+                                 chop=args.chop, tile=args.tile, tile_overlap=args.tile_overlap)
         results += evaluate({scale: upscale}, sets, method=method, device=device, progress=progress,
                             **data_options)
     return results
@@ -237,7 +254,9 @@ def _main(args: argparse.Namespace) -> int:
         print(f"dlsn.eval: note: {format_conversions(sorted(conversions.items()))}")
     print(format_side_by_side(results, per_image=args.per_image))
     extra = {"data": str(args.data), "self_ensemble": bool(args.self_ensemble), "seed": args.seed,
-             "n_hashes": args.n_hashes, "checkpoints": [str(p) for p in args.checkpoint or []],
+             "n_hashes": args.n_hashes, "chop": bool(args.chop), "tile": args.tile,
+             "tile_overlap": args.tile_overlap if args.tile else None,
+             "checkpoints": [str(p) for p in args.checkpoint or []],
              "degradation": args.degradation}
     if args.csv:
         print(f"wrote {write_csv(results, args.csv)}")
