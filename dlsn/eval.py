@@ -4,6 +4,7 @@
                         [--self-ensemble] [--n-hashes R] [--seed S] [--device D] [--backend NAME]
                         [--csv out.csv] [--json out.json] [--per-image] [--no-progress]
     python -m dlsn.eval --data ROOT --scale 2 3 4 --bicubic
+    python -m dlsn.eval --data ROOT --checkpoint FILE --bicubic                # model and bicubic, one table
     python -m dlsn.eval --data PHOTOS --checkpoint FILE --degradation BD      # a plain folder of HR photos
 
 ROOT holds one folder per test set in the usual layout, ``<set>/HR/*.png`` and
@@ -17,7 +18,9 @@ An image that cannot be read is left out and listed at the end, and the command 
 status 1; bad arguments print one line and exit with 2; Ctrl-C prints one line and exits with 130.
 
 A checkpoint holds a model of one scale; give one checkpoint per scale (``--scale`` defaults to the
-checkpoints' scales). ``--bicubic`` scores MATLAB-style bicubic upscaling instead (no checkpoint).
+checkpoints' scales; 2, 3 or 4, as in training). ``--bicubic`` scores MATLAB-style bicubic upscaling: alone
+(give ``--scale``), or beside the checkpoints in one table with each model's gain. Tables name a network by
+its preset (``cpu_default``, ``tiny (n_feats=16)``), else by its architecture.
 ``--self-ensemble`` averages the 8 flips/transposes (reported as "<arch>+", e.g. DLSN+).
 ``--chop`` runs the authors' test protocol (``dlsn.evaluation.forward_chop``), the one behind the paper's
 tables; ``--tile SIZE --tile-overlap PX`` runs overlapping tiles blended across the seams.

@@ -41,14 +41,18 @@ images); the final report adds the whole held-out images (and with ``--self-ense
 self-ensemble score). Y-PSNR follows dlsn/metrics.py (8-bit rounding,
 ``scale`` border pixels shaved). Resume (``--resume``) restores the model, optimizer, schedule, step,
 data order, RNG state, elapsed time and best PSNR; settings not given again on the command line are
-those of the run being resumed. With ``--workers 0`` a resumed run repeats the uninterrupted one.
+those of the run being resumed. It continues the run's own network: a ``--preset``, ``--scale``,
+``--model-arg`` or ``--init-from`` that differs from the run's is bad input (a new run with ``--init-from``
+trains another scale from its weights). With ``--workers 0`` a resumed run repeats the uninterrupted one.
 
 **Failures.** ``last.pt`` is replaced atomically, so ``kill -9`` at any moment, even during a save,
 leaves the previous ``last.pt`` whole: at most ``--save-every`` steps are lost, and ``--resume``
 removes the killed write's temporary file. Resume keeps the saved lr schedule (its warm-up, decay
 interval and peak lr) unless ``--lr``, ``--schedule``, ``--warmup-steps``, ``--decay-epochs`` or
 ``--epoch-steps`` is given anew. Bad input (data, checkpoint, settings) prints one line and exits
-with status 2; any other error is a bug and keeps its traceback. A run folder this command created
+with status 2; any other error is a bug and keeps its traceback. Unreadable images, as in eval and upscale:
+the run trains on the readable ones, lists the others in one line at the start and at the end, and exits
+with status 1 (fewer readable images than it needs is bad input). A run folder this command created
 and left empty is removed. A second Ctrl-C stops at once, keeping the last ``last.pt`` written.
 
 Several processes (torchrun) train with DistributedDataParallel (gloo on CPU, nccl on GPU); each
