@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler, Subset
 
 from dlsn.cli import format_failures
-from dlsn.data import samples
+from dlsn.data import prepare, samples
 from dlsn.data.datasets import HRImageDataset, PairedFolderDataset
 from dlsn.errors import UserInputError, one_line
 from dlsn.images import IMAGE_EXTENSIONS, decode_image, list_images
@@ -95,13 +95,17 @@ def build_data(s: Settings) -> Data:
         raise TrainError(f"--data folder not found: {root}")
     if not root.is_dir():
         raise TrainError(f"--data must be a folder (DIV2K root or a folder of images), got file {root}")
+    if prepare.is_prepared(root):
+        return _prepared_data(root, s)
     if _is_div2k(root):
         return _div2k_data(root, s)
 
     paths = list_images(root)
     if not paths:
         raise TrainError(f"--data {root}: no images found directly inside it (looked for "
-                         f"{', '.join(IMAGE_EXTENSIONS)}) and it is not a DIV2K root (no DIV2K_train_HR)")
+                         f"{', '.join(IMAGE_EXTENSIONS)}), it is not a DIV2K root (no DIV2K_train_HR/ and "
+                         f"DIV2K_train_LR_bicubic/X<s>/) and not a folder from python -m dlsn.data.prepare "
+                         f"(no {prepare.MANIFEST})")
     conversions: list[tuple[str, str]] = []
     failed: list[tuple[str, str]] = []
     try:
@@ -123,6 +127,17 @@ def build_data(s: Settings) -> Data:
     desc = (f"{root}: {len(train_images)} HR images for training{_pyramid_note(s)}, "
             f"held out {', '.join(val_images)}")
     return Data(train, val, val_full, desc, conversions, failed, len(paths))
+
+
+def _prepared_data(root: Path, s: Settings) -> Data:
+    """A folder written by ``python -m dlsn.data.prepare``: patches read from memory-mapped pixels."""
+    try:
+        train, val, val_full, desc = prepare.training_sets(
+            root, s.scale, patch_size=s.patch_size, degradation=s.degradation, noise_sigma=s.noise_sigma,
+            seed=s.seed, n_val=s.val_images or 10, val_crop=s.val_crop, pyramid=s.pyramid)
+    except (ValueError, FileNotFoundError) as error:
+        raise TrainError(f"--data {root} (prepared): {one_line(error)}") from error
+    return Data(train, val, val_full, desc)
 
 
 def _div2k_data(root: Path, s: Settings) -> Data:
