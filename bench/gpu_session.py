@@ -17,6 +17,9 @@ Made for a lent GPU with a few minutes of time (``bench/gpu_session.sh`` builds 
    and flex that passed step 1, and which backward passes were bitwise repeatable in step 2
    (``dlsn_kernels/_backend_choice.py`` reads it; gpu_session.sh copies it to bench/results/).
 5. A torch.profiler table of the top CUDA kernels of one fused Triton training step (bf16 autocast).
+6. The whole network (``network_rows``, bench/network.py): a ``paper`` x2 train step at N=16 48x48 under bf16
+   autocast, fused Triton against the same network with DLSN-style attention, and the time and peak memory of
+   a 1024x1024 x2 inference of each (an out-of-memory is a row too).
 
 ``--deadline-s``: past it, the remaining steps are skipped (rows say so) and the report is still written, so
 that the shell's timeout never loses a whole session.
@@ -318,6 +321,58 @@ def choice_markdown(choices: dict[str, dict], repeatable: dict[str, dict[str, bo
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# 3b. the whole network (issue 19): a paper x2 train step under bf16 autocast, ours against the same
+# network with DLSN-style attention, and the time and peak memory of a 1024x1024 x2 inference
+
+NETWORK = {"preset": "paper", "train_n": 16, "train_size": 48, "infer_size": 1024}  # --dry-run: tiny
+
+
+def network_rows(repeats: int) -> list[dict[str, object]]:
+    """Rows ``{case, impl, ms, mb}`` (or ``error``) of ``bench.network.network_case`` on DEVICE, bf16 autocast."""
+    from bench.network import network_case
+
+    backend = "triton" if DEVICE == "cuda" else "cpu"
+    preset = NETWORK["preset"]
+    shapes = [(f"{preset} x2 train N={NETWORK['train_n']} {NETWORK['train_size']}x{NETWORK['train_size']}",
+               dict(size=NETWORK["train_size"], n=NETWORK["train_n"], train=True), repeats),
+              (f"{preset} x2 infer {NETWORK['infer_size']}x{NETWORK['infer_size']}",
+               dict(size=NETWORK["infer_size"]), max(1, min(repeats, 3)))]
+    rows: list[dict[str, object]] = []
+    for case_name, kwargs, case_repeats in shapes:
+        for impl_label, impl in ((f"fused {backend} bf16", f"fused-{backend}-bf16"), ("DLSN-style bf16",
+                                                                                      "dlsn-style-bf16")):
+            row: dict[str, object] = {"case": case_name, "impl": impl_label}
+            once = None
+            try:
+                if time.time() > DEADLINE:
+                    raise TimeoutError("skipped: --deadline-s reached")
+                once = network_case(impl, preset, device=DEVICE, **kwargs)
+                row.update(ms=time_ms(once, case_repeats), mb=peak_mb(once))
+            except Exception as exc:  # noqa: BLE001 - an OOM is a result too
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
+            once = None
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def network_markdown(rows: list[dict[str, object]]) -> list[str]:
+    out = ["", "## Whole network (bf16 autocast; CUDA events, median; peak = max_memory_allocated above the start)",
+           "", "| case | impl | ms | peak MB | speed-up vs DLSN-style |", "|---|---|---:|---:|---:|"]
+    for row in rows:
+        if "error" in row:
+            out.append(f"| {row['case']} | {row['impl']} | {row['error']} | | |")
+            continue
+        base = next((r for r in rows if r["case"] == row["case"] and r["impl"] == "DLSN-style bf16" and "ms" in r),
+                    None)
+        speed = f"{base['ms'] / row['ms']:.2f}x" if base else ""
+        out.append(f"| {row['case']} | {row['impl']} | {row['ms']:.1f} | {row['mb']:.0f} | {speed} |")
+    return out
+
+
 def profile_table() -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -382,6 +437,7 @@ def _dry_run_setup() -> None:
     IMPLS = {"NLSN-style": "nlsn-style", "DLSN-style": "dlsn-style", "fused cpu": cases.fused_impl("cpu"),
              "flex": cases.fused_impl("flex")}
     CHOICE_BACKENDS = {"fused cpu": "cpu", "flex": "flex"}
+    NETWORK.update(preset="tiny", train_n=2, train_size=16, infer_size=32)
     for shape, small in ((TRAIN, dict(n=2, h=12, w=12, k=32)), (ODD, dict(n=2, h=7, w=9, k=16)),
                          (BIG, dict(h=32, w=32, k=32))):
         shape.update(small)
@@ -456,6 +512,7 @@ def main(argv: list[str] | None = None) -> None:
             print("deterministic", backend, dtype, determinism[f"{backend} {dtype}"], flush=True)
     print(f"correctness done in {time.time() - start:.0f} s", flush=True)
     timings = timing_rows(args.repeats, not args.skip_512)
+    network = network_rows(min(args.repeats, 5))
     print(f"timings done in {time.time() - start:.0f} s", flush=True)
     from dlsn_kernels import _backend_choice
 
@@ -468,6 +525,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001
         profile = f"profiler failed: {type(exc).__name__}: {exc}"
     report = to_markdown(meta, accuracy, determinism, timings, profile)
+    report += "\n".join(network_markdown(network)) + "\n"
     report += "\n".join(choice_markdown(choices, repeatable, timings)) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     # a dry run's table (capability "cpu") must never be read as a measurement
@@ -476,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "session.md").write_text(report)
     (args.out / "session.json").write_text(json.dumps(
         {"meta": {k: str(v) for k, v in meta.items()}, "accuracy": accuracy, "determinism": determinism,
-         "timings": timings}, indent=1, default=str))
+         "timings": timings, "network": network}, indent=1, default=str))
     print(report)
     print(f"written to {args.out}/session.md ({time.time() - start:.0f} s)")
 

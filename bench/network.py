@@ -7,7 +7,8 @@ Implementations (``impl``):
 
 * ``fused-<backend>``: ``dlsn.models.build_model(preset, scale, backend=<backend>)`` in float32;
 * ``fused-<backend>-bf16``: the same under ``torch.autocast(<device>, dtype=torch.bfloat16)``;
-* ``dlsn-style``: the same network and weights, every ``GLA`` swapped for ``DLSNStyleGLA``, float32.
+* ``dlsn-style``: the same network and weights, every ``GLA`` swapped for ``DLSNStyleGLA``, float32
+  (``dlsn-style-bf16``: under bf16 autocast, as the GPU session runs it).
 
 :func:`network_case` is a builder in the sense of :mod:`bench.cases` (plain keyword arguments, returns
 ``run()``), so :mod:`bench.memory` rebuilds it in a child process; ``bench.cases.network_case`` points
@@ -20,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -46,8 +47,7 @@ BF16_SUFFIX = "-bf16"
 GROUP = "network"
 
 
-@dataclass(frozen=True)
-class NetworkCase:
+class NetworkCase(NamedTuple):  # a tuple, so pytest-benchmark can write it into its JSON
     """One whole-network case: ``preset`` x``scale`` on ``n`` images of ``size x size`` LR pixels."""
 
     preset: str
@@ -93,7 +93,7 @@ def network_impls(backends: tuple[str, ...]) -> list[str]:
 
 def _split_impl(impl: str) -> tuple[str, bool]:
     """``fused-cpu-bf16`` -> (``fused-cpu``, True); ``dlsn-style`` -> (``dlsn-style``, False)."""
-    if impl.startswith("fused-") and impl.endswith(BF16_SUFFIX):
+    if impl.endswith(BF16_SUFFIX):
         return impl[: -len(BF16_SUFFIX)], True
     return impl, False
 
