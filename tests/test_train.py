@@ -246,6 +246,14 @@ def test_div2k_layout_trains_on_stored_pairs_and_validates_on_valid(hr_folder, t
     assert "DIV2K at" in printed and "validation on 2 of DIV2K_valid" in printed
     assert "0801" in printed and "0802" in printed
     assert load_checkpoint(out / "last.pt")["step"] == 2
+    # An unreadable stored LR image: the other pairs train, it is listed, and the run exits with 1.
+    (root / "DIV2K_train_LR_bicubic" / "X2" / "0002x2.png").write_bytes(b"not a png")
+    code, _ = run(["--data", root, "--max-steps", 1, "--out", tmp_path / "run2", *TINY])
+    printed, err = capsys.readouterr()
+    assert code == 1 and "DIV2K at" in printed and "2 training images" in printed
+    listed = "dlsn.train: failed: 1 of 5 images: X2/0002x2.png (cannot read image"
+    failures = [line for line in err.splitlines() if line.startswith(listed)]
+    assert len(failures) == 2, err
 
 
 def test_two_process_torchrun_on_cpu(hr_folder, tmp_path):
