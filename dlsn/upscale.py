@@ -2,6 +2,7 @@
 
     python -m dlsn.upscale IN OUT --checkpoint FILE [--device D] [--backend B]
                            [--n-hashes R] [--seed S] [--tile T --tile-overlap O | --chop] [--self-ensemble]
+                           [--dtype float32|bfloat16]
 
 IN is an image or a folder of images; OUT is the output image (or a folder: then each result is
 written there as ``<name>_x<scale>.png``; a folder IN needs a folder OUT). The scale comes from
@@ -12,6 +13,8 @@ global, so tiled results differ slightly from whole-image ones; tiles bound the 
 ``--chop`` runs the authors' protocol instead (``dlsn.evaluation.forward_chop``: four overlapping
 quadrants, split again while one holds 120000 LR pixels or more), as their published test command does.
 Hash rotations are drawn from ``--seed`` (default 0), so the same command gives the same pixels.
+``--dtype bfloat16`` runs the network under bfloat16 autocast (``dlsn.models.precision``); the default is
+bfloat16 on a CPU with bfloat16 instructions (AVX512-BF16, AMX), float32 elsewhere.
 
 A folder run upscales every image it can read; if some could not be, it lists them at the end and exits
 with status 1. Bad arguments (a file that is not a checkpoint, a missing input) print one line and exit with 2, and
@@ -46,6 +49,7 @@ from dlsn.images import (
     write_image,
 )
 from dlsn.models.checkpoint import load_model
+from dlsn.models.precision import DTYPES, default_dtype
 
 __all__ = ["forward_tiled", "main", "upscale_array", "upscale_tensor"]
 
@@ -159,6 +163,10 @@ def _parser() -> argparse.ArgumentParser:
         "--self-ensemble", action="store_true", help="average over 8 flips/transposes (x8 time)"
     )
     parser.add_argument(
+        "--dtype", choices=DTYPES, default=None,
+        help="compute dtype of the network (default: bfloat16 on a CPU with AVX512-BF16 or AMX, else float32)",
+    )
+    parser.add_argument(
         "--chop", action="store_true",
         help="the authors' --chop: four overlapping quadrants (shave 10), split again while one has "
              ">= 120000 LR pixels (not with --tile)",
@@ -194,6 +202,11 @@ class _Run:
         backend = check_backend(args.backend, device)
         model, config = load_model(args.checkpoint, map_location=device, backend=backend)
         model.set_inference(n_hashes=args.n_hashes, seed=args.seed)
+        dtype = args.dtype or default_dtype(device)
+        if hasattr(model, "set_dtype"):
+            model.set_dtype(dtype)
+        elif dtype != "float32":
+            raise UserInputError(f"--dtype {dtype}: this model has no dtype setting; use --dtype float32")
         scale = int(config["scale"])
         self.pairs = _plan(args.input, args.output, scale)
         one_image = len(self.pairs) == 1 and not args.input.is_dir()
@@ -212,7 +225,7 @@ class _Run:
             print(f"{self.prog}: note: {format_conversions(self.conversions)}")
         if self.written:
             where = self.written[0] if one_image else f"{len(self.written)} images in {args.output}"
-            print(f"{self.prog}: wrote {where} (x{scale}, {device.type})")
+            print(f"{self.prog}: wrote {where} (x{scale}, {device.type}, {dtype})")
         if self.failed:
             print(f"{self.prog}: {format_failures(self.failed, len(self.pairs))}", file=sys.stderr)
             return 1

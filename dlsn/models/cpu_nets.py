@@ -50,9 +50,7 @@ class DLSNResidual(DLSN):
                          res_scale, rgb_range, backend)
         _zero_last_conv(self.tail)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [N, 3, h, w]`` in ``[0, rgb_range]`` -> ``[N, 3, h*scale, w*scale]``."""
-        self._check_input(x)
+    def _forward(self, x: Tensor) -> Tensor:
         features = self.head(self.sub_mean(x))
         features = self.body(features) + features
         return self.tail(features) + bicubic_base(x, self.scale)
@@ -101,9 +99,7 @@ class PlainSR(_GLANetwork):
         if self.bicubic_residual:
             _zero_last_conv(self.tail)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [N, 3, h, w]`` in ``[0, rgb_range]`` -> ``[N, 3, h*scale, w*scale]``."""
-        self._check_input(x)
+    def _forward(self, x: Tensor) -> Tensor:
         features = self.head(self.sub_mean(x))
         features = self.body(features) + features
         if self.bicubic_residual:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .gla import GLA, set_backend, set_inference
+from .precision import autocast, check_dtype
 
 __all__ = ["DIV2K_RGB_MEAN", "DLSN", "EDSRGLA", "GLAFFM", "LFFB", "MeanShift", "Upsampler"]
 
@@ -106,6 +107,13 @@ class _GLANetwork(nn.Module):
 
     ARCH = ""
     scale: int
+    # "float32", or "bfloat16": forward under bfloat16 autocast, output in float32 (see set_dtype).
+    compute_dtype: str = "float32"
+
+    def set_dtype(self, dtype: str) -> None:
+        """Compute dtype of ``forward`` (``dlsn.models.precision``): ``"float32"`` or ``"bfloat16"``
+        (autocast on the input's device; the output is float32 either way). Not saved in checkpoints."""
+        self.compute_dtype = check_dtype(dtype)
 
     def set_backend(self, backend: str | None) -> None:
         """Kernel backend of every GLA block (None: automatic, "reference", "cpu", "cuda", "triton")."""
@@ -146,10 +154,17 @@ class _GLANetwork(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"x must be an RGB batch [N, 3, H, W], got shape {tuple(x.shape)}")
 
-    # Both networks: mean shift, head conv, body with a long skip, upsampling tail.
     def forward(self, x: Tensor) -> Tensor:
-        """``x [N, 3, h, w]`` in ``[0, rgb_range]`` -> ``[N, 3, h*scale, w*scale]``."""
+        """``x [N, 3, h, w]`` in ``[0, rgb_range]`` -> ``[N, 3, h*scale, w*scale]``, in ``compute_dtype``."""
         self._check_input(x)
+        if self.compute_dtype == "float32":
+            return self._forward(x)
+        with autocast(x.device, self.compute_dtype):
+            y = self._forward(x)
+        return y.float()
+
+    # Both networks: mean shift, head conv, body with a long skip, upsampling tail.
+    def _forward(self, x: Tensor) -> Tensor:
         x = self.head(self.sub_mean(x))
         x = self.body(x) + x
         return self.add_mean(self.tail(x))
