@@ -39,8 +39,9 @@ def needs_gpu(test):
     return pytest.mark.cuda(skip(test))
 
 # The shared case table (tests/helpers.py) plus one with K > 64: several query and key tiles per chunk under
-# the interpreter's block size of 64.
-SIZES = [*CASES, TILE_CASES[0]]
+# the interpreter's block size of 64, and one whose chunk, length and channel counts fill the blocks exactly
+# (the kernels' mask-free paths, EVEN_C and EVEN_K / FULL: L % K == 0, power-of-two channels of at least 16).
+SIZES = [*CASES, TILE_CASES[0], Case(2, 48, 16, 2, 16, 32)]
 SIZE_IDS = [str(c) for c in SIZES]
 
 

@@ -39,9 +39,8 @@ from ._common import (
     jit,
     launch_tiles,
     matmul,
-    neighbour_chunk,
     slot_layout,
-    slot_position,
+    slot_rows,
     tl_accumulate_dtype,
 )
 from .chunk_attention import check_attention_inputs, check_perm_shape
@@ -50,13 +49,22 @@ __all__ = ["attention_backward"]
 
 
 # (BLOCK_K, BLOCK_Q of the dv pass, BLOCK_Q of the score pass, num_warps of each) at Cv = 256 by dot kind;
-# what ``python -m bench.compile_report`` shows spill-free on sm_90. Both passes share BLOCK_K (dq_part is
-# sized by it).
+# what ``python -m bench.compile_report`` shows spill-free, stack-free and without C7515 on sm_90 under
+# Triton 3.6 and 3.8. Four warps: with chained dots Triton lays the warps along M (16 rows each), and the
+# M of dkn^T and dq^T is Cm = 64, one warpgroup. Both passes share BLOCK_K (dq_part is sized by it).
 _BACKWARD_TILES = {
-    "native": (64, (64, 8), (32, 4)),
-    "tf32": (64, (32, 8), (32, 8)),
+    "native": (64, (64, 4), (32, 4)),
+    "tf32": (64, (32, 4), (16, 4)),
     "ieee": (64, (16, 8), (16, 8)),
 }
+
+
+# Tiles that divide the chunk, no padded slots (L % K == 0) and channel blocks that are the channel counts
+# need no masks in the loop.
+backward_heuristics = triton.heuristics({
+    "FULL": lambda a: a["K"] % a["BLOCK_K"] == 0 and a["K"] % a["BLOCK_Q"] == 0 and a["L"] % a["K"] == 0,
+    "EVEN_C": lambda a: a["Cm"] == channel_block(a["Cm"]) and a["Cv"] == channel_block(a["Cv"]),
+})
 
 
 def backward_config(chunk_size: int, value_channels: int, dtype: torch.dtype, dv_pass: bool) -> dict[str, int]:
@@ -71,26 +79,32 @@ def backward_config(chunk_size: int, value_channels: int, dtype: torch.dtype, dv
     return launch_tiles(chunk_size, value_channels, block_q, block_k, warps)
 
 
+@backward_heuristics
 @attention_heuristics
 @jit
 def _key_pass(
-    grad_out_ptr, delta_ptr, lse_ptr, xm_ptr, v_ptr, lss_ptr, perm_ptr, inv_norm_ptr,
+    grad_out_ptr, delta_ptr, lse_ptr, xm_ptr, v_ptr, lss_ptr, rows_ptr, inv_norm_ptr,
     dv_slot_ptr, dkn_slot_ptr, dlss_slot_ptr, dq_part_ptr,
-    L, Cm, Cv, K, R, nc, pad, Lp, r, stat_rounds, stat_round,
+    L, Cm, Cv, K, R, nc, Lp, r, stat_rounds, stat_round,
     DV_PASS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr, FULL: tl.constexpr, EVEN_C: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr,
 ):
-    # Two launches share this body (DV_PASS): the dv pass holds the [BLOCK_K, Cv] dv rows; the score pass
-    # holds dkn and dlss and writes dq partials. Together they would not fit in registers at Cv = 256; apart,
-    # each recomputes the cheap score tile S (a Cm-deep product) and neither spills.
-    # Tiles are kept transposed, [key, query slot]: lss rows are then read contiguously, and the dlss tile
-    # is stored as it is computed. P is recomputed from the saved lse (base 2 inside the kernel).
+    # Two launches share this body (DV_PASS): the dv pass holds the dv rows; the score pass holds dkn and
+    # dlss and writes dq partials. Together they would not fit in registers at Cv = 256; apart, each
+    # recomputes the cheap score tile S (a Cm-deep product) and neither spills.
+    # Score tiles are [key, query slot]: lss rows are read contiguously, and the dlss tile is stored as it is
+    # computed. P is recomputed from the saved lse (base 2 inside the kernel). Every product whose operand is
+    # computed in registers (P, dS) is written transposed so that operand is the B side, which Hopper's wgmma
+    # reads from shared memory: a register A operand is the pattern ptxas 12.8/12.9 can schedule wrongly
+    # (Triton issue #9433). Hence the transposed accumulators dv^T, dkn^T and dq^T.
     n_kblocks = tl.cdiv(K, BLOCK_K)
     kc = tl.program_id(0) // n_kblocks
     kb = tl.program_id(0) % n_kblocks
-    n = tl.program_id(1).to(tl.int64)
-    perm_row = perm_ptr + (n * R + r) * L
-    stat_row = (n * stat_rounds + stat_round) * L  # row of grad_out / delta / lse [N, R', L]
+    n = tl.program_id(1)
+    slot_row = rows_ptr + (n * R + r).to(tl.int64) * Lp  # rows of the Lp sorted slots of (n, round r)
+    # grad_out / delta / lse [N, R', L] row of input row n * L + position
+    stat_shift = ((n * stat_rounds + stat_round - n) * L).to(tl.int64)
 
     offs_cm = tl.arange(0, BLOCK_CM)
     offs_cv = tl.arange(0, BLOCK_CV)
@@ -101,64 +115,81 @@ def _key_pass(
     offs_j = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_j < K
     k_slot = kc * K + offs_j
-    k_rows = n * L + slot_position(perm_row, k_slot, L, pad, k_ok)
-    key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :],
-                  mask=k_ok[:, None] & cm_ok[None, :], other=0.0)
+    k_rows = tl.load(slot_row + k_slot, mask=k_ok, other=0)
+    key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :], mask=k_ok[:, None] & cm_ok[None, :], other=0.0)
     inv_norm = tl.load(inv_norm_ptr + k_rows, mask=k_ok, other=0.0)
     if not DV_PASS:
         val = tl.load(v_ptr + k_rows[:, None] * Cv + offs_cv[None, :],
                       mask=k_ok[:, None] & cv_ok[None, :], other=0.0)
 
     if DV_PASS:
-        dv = tl.zeros([BLOCK_K, BLOCK_CV], ACC)
+        dv_t = tl.zeros([BLOCK_CV, BLOCK_K], ACC)
     else:
-        dkn = tl.zeros([BLOCK_K, BLOCK_CM], ACC)
-    if not DV_PASS:
+        dkn_t = tl.zeros([BLOCK_CM, BLOCK_K], ACC)
         dlss = tl.zeros([BLOCK_K, BLOCK_Q], ACC)  # [key, query slot i], summed over t
+    chunk_next = (kc + 1) % nc
+    chunk_prev = (kc + nc - 1) % nc
     # one flat loop over (query tile, t), t fastest: one set of pipelined shared-memory buffers, and the dlss
     # tile of a query tile is complete after its three t
     for step in range(0, 3 * tl.cdiv(K, BLOCK_Q)):
         t = step % 3
         offs_i = (step // 3) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        i_ok = offs_i < K
-        c = neighbour_chunk(kc, t, nc, -1)  # query chunk c reads key chunk kc as its chunk t
+        # query chunk c reads key chunk kc as its chunk t: c = kc, kc + 1, kc - 1 (mod nc)
+        c = tl.where(t == 0, kc, tl.where(t == 1, chunk_next, chunk_prev))
         q_slot = c * K + offs_i
-        q_ok = i_ok & (q_slot < L)  # padded query slots produce nothing, so get no gradient
-        q_pos = slot_position(perm_row, q_slot, L, pad, q_ok)
-        q = tl.load(xm_ptr + (n * L + q_pos)[:, None] * Cm + offs_cm[None, :],
-                    mask=q_ok[:, None] & cm_ok[None, :], other=0.0)
-        d_out = tl.load(grad_out_ptr + (stat_row + q_pos)[:, None] * Cv + offs_cv[None, :],
-                        mask=q_ok[:, None] & cv_ok[None, :], other=0.0).to(DOT)
-        lse = tl.load(lse_ptr + stat_row + q_pos, mask=q_ok, other=0.0).to(ACC)
-        learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :],
-                          mask=k_ok[:, None] & q_ok[None, :], other=0.0).to(ACC)
-        s = matmul(key, tl.trans(q), ACC, PRECISION) * inv_norm[:, None] + learned
-        valid = k_ok[:, None] & q_ok[None, :]
-        p = tl.exp2(tl.where(valid, (s - lse[None, :]) * LOG2E, float("-inf")))  # [BLOCK_K, BLOCK_Q]
-        if DV_PASS:
-            dv += matmul(p.to(DOT), d_out, ACC, PRECISION)
+        if FULL:
+            q_rows = tl.load(slot_row + q_slot)
+            learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :]).to(ACC)
         else:
-            delta = tl.load(delta_ptr + stat_row + q_pos, mask=q_ok, other=0.0).to(ACC)
+            i_ok = offs_i < K
+            q_ok = i_ok & (q_slot < L)  # padded query slots produce nothing, so get no gradient
+            q_rows = tl.load(slot_row + q_slot, mask=i_ok, other=0)
+            learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :],
+                              mask=k_ok[:, None] & q_ok[None, :], other=0.0).to(ACC)
+        stat_rows = q_rows + stat_shift
+        if EVEN_C:
+            q = tl.load(xm_ptr + q_rows[:, None] * Cm + offs_cm[None, :])
+            d_out = tl.load(grad_out_ptr + stat_rows[:, None] * Cv + offs_cv[None, :]).to(DOT)
+        else:
+            q = tl.load(xm_ptr + q_rows[:, None] * Cm + offs_cm[None, :], mask=cm_ok[None, :], other=0.0)
+            d_out = tl.load(grad_out_ptr + stat_rows[:, None] * Cv + offs_cv[None, :],
+                            mask=cv_ok[None, :], other=0.0).to(DOT)
+        lse = tl.load(lse_ptr + stat_rows).to(ACC)
+        s = matmul(key, tl.trans(q), ACC, PRECISION) * inv_norm[:, None] + learned
+        if FULL:
+            p = tl.exp2((s - lse[None, :]) * LOG2E)  # [BLOCK_K, BLOCK_Q]
+        else:
+            valid = k_ok[:, None] & q_ok[None, :]
+            p = tl.exp2(tl.where(valid, (s - lse[None, :]) * LOG2E, float("-inf")))
+        if DV_PASS:
+            # dv^T [Cv, keys] += dO^T P^T
+            dv_t += matmul(tl.trans(d_out), tl.trans(p.to(DOT)), ACC, PRECISION)
+        else:
+            delta = tl.load(delta_ptr + stat_rows).to(ACC)
             dp = matmul(val, tl.trans(d_out), ACC, PRECISION)
             ds = p * (dp - delta[None, :])
-            dkn += matmul(ds.to(DOT), q, ACC, PRECISION)
+            # dkn^T [Cm, keys] += q^T dS^T
+            dkn_t += matmul(tl.trans(q), tl.trans(ds.to(DOT)), ACC, PRECISION)
             dlss += ds
-            # dq[i] = sum_j ds[j, i] key[j] / ||key[j]||: this key block's share, one writer per (t, kb)
-            dq = matmul(tl.trans((ds * inv_norm[:, None]).to(DOT)), key, ACC, PRECISION)
-            part_row = (((n * nc + c) * 3 + t) * n_kblocks + kb) * K + offs_i
-            tl.store(dq_part_ptr + part_row[:, None] * Cm + offs_cm[None, :], dq,
-                     mask=i_ok[:, None] & cm_ok[None, :])
+            # dq^T [Cm, i] = key^T (dS / ||key||): this key block's share, one writer per (t, kb)
+            dq_t = matmul(tl.trans(key), (ds * inv_norm[:, None]).to(DOT), ACC, PRECISION)
+            part_row = (((n * nc + c) * 3 + t) * n_kblocks + kb).to(tl.int64) * K + offs_i
+            if FULL and EVEN_C:
+                tl.store(dq_part_ptr + part_row[None, :] * Cm + offs_cm[:, None], dq_t)
+            else:
+                tl.store(dq_part_ptr + part_row[None, :] * Cm + offs_cm[:, None], dq_t,
+                         mask=(offs_i < K)[None, :] & cm_ok[:, None])
             if t == 2:
-                tl.store(dlss_slot_ptr + (n * Lp + k_slot)[:, None] * K + offs_i[None, :], dlss,
-                         mask=k_ok[:, None] & i_ok[None, :])
+                tl.store(dlss_slot_ptr + (n * Lp + k_slot).to(tl.int64)[:, None] * K + offs_i[None, :], dlss,
+                         mask=k_ok[:, None] & (offs_i < K)[None, :])
                 dlss = tl.zeros([BLOCK_K, BLOCK_Q], ACC)
-    slot_rows = n * Lp + k_slot
+    slot_rows = (n * Lp + k_slot).to(tl.int64)
     if DV_PASS:
-        tl.store(dv_slot_ptr + slot_rows[:, None] * Cv + offs_cv[None, :], dv,
-                 mask=k_ok[:, None] & cv_ok[None, :])
+        tl.store(dv_slot_ptr + slot_rows[None, :] * Cv + offs_cv[:, None], dv_t,
+                 mask=k_ok[None, :] & cv_ok[:, None])
     else:
-        tl.store(dkn_slot_ptr + slot_rows[:, None] * Cm + offs_cm[None, :], dkn,
-                 mask=k_ok[:, None] & cm_ok[None, :])
+        tl.store(dkn_slot_ptr + slot_rows[None, :] * Cm + offs_cm[:, None], dkn_t,
+                 mask=k_ok[None, :] & cm_ok[:, None])
 
 
 @device_fn
@@ -313,14 +344,15 @@ def attention_backward(
     block_p = 32
     inv_norm = inverse_key_norms(xm)
     precision = dot_precision(xm.dtype)
+    rows = slot_rows(perm, k, max(cm, cv, k))
 
     for r in range(rounds):
         stat_round = r if stat_rounds == rounds else 0
         for dv_pass in (True, False):
             _key_pass[(nc * n_kblocks, n)](
-                grad_out, delta, lse, xm, v, lss, perm, inv_norm,
+                grad_out, delta, lse, xm, v, lss, rows, inv_norm,
                 dv_slot, dkn_slot, dlss_slot, dq_part,
-                length, cm, cv, k, rounds, nc, pad, padded, r, stat_rounds, stat_round,
+                length, cm, cv, k, rounds, nc, padded, r, stat_rounds, stat_round,
                 DV_PASS=dv_pass, PRECISION=precision, **configs[dv_pass],
             )
         _position_pass[(triton.cdiv(length, block_p), n)](
