@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -143,9 +144,16 @@ def _mask_mod(k: int, kp: int, nc: int) -> Callable[..., Tensor]:
     return mask
 
 
-def block_mask_for(length: int, chunk_size: int, device: torch.device | str) -> Any:
+def block_mask_for(length: int, chunk_size: int, device: torch.device | str, full_blocks: bool = True) -> Any:
     """The BlockMask of GLA: one block per chunk (``BLOCK_SIZE = Kp``), query chunk c keeping key chunks c, c - 1,
-    c + 1 (mod nc), each distinct chunk once. Built from the block lists (O(nc)), never from a dense mask."""
+    c + 1 (mod nc), each distinct chunk once. Built from the block lists (O(nc)), never from a dense mask.
+
+    With K % 16 == 0 the kept blocks are listed as full blocks (no mask_mod in the kernel) unless
+    ``full_blocks`` is False; otherwise they are partial blocks and the mask has no full-block lists at all.
+    Compiled FlexAttention on the CPU (torch 2.14) fails to build a kernel for a mask with full-block lists
+    broadcast over batch and heads ("kv_indices was not declared"; fine with B = N, or without full lists), so
+    :func:`_rounds` retries a failed compile with partial blocks.
+    """
     from torch.nn.attention.flex_attention import BlockMask
 
     k = chunk_size
@@ -157,13 +165,13 @@ def block_mask_for(length: int, chunk_size: int, device: torch.device | str) -> 
     for c, b in enumerate(blocks):
         indices[0, 0, c, : len(b)] = torch.tensor(b, dtype=torch.int32)
     indices = indices.to(device)
-    none = torch.zeros_like(counts)
-    if kp == k:  # every kept block is whole: the kernels skip mask_mod on full blocks
-        partial, full = (none, indices), (counts, indices)
-    else:  # filler key slots in every block: partial blocks, mask_mod applies
-        partial, full = (counts, indices), (none, indices)
+    blocks_of: tuple[Tensor, ...]
+    if kp == k and full_blocks:  # every kept block is whole: the kernels skip mask_mod on full blocks
+        blocks_of = (torch.zeros_like(counts), indices, counts, indices)
+    else:  # filler key slots in every block (or asked for): partial blocks, mask_mod applies
+        blocks_of = (counts, indices)
     return BlockMask.from_kv_blocks(
-        *partial, *full, BLOCK_SIZE=kp, mask_mod=_mask_mod(k, kp, nc), seq_lengths=(nc * kp, nc * kp)
+        *blocks_of, BLOCK_SIZE=kp, mask_mod=_mask_mod(k, kp, nc), seq_lengths=(nc * kp, nc * kp)
     )
 
 
@@ -171,6 +179,8 @@ def block_mask_for(length: int, chunk_size: int, device: torch.device | str) -> 
 # FlexAttention calls.
 
 _COMPILED: dict[str, Callable[..., Any]] = {}
+_FULL_BLOCKS_COMPILE: dict[str, bool] = {}  # device type -> whether compiled flex built a full-blocks mask
+_log = logging.getLogger("dlsn_kernels")
 
 
 def _compiled_flex() -> Callable[..., Any]:
@@ -216,6 +226,11 @@ def _flex_with_lse(q: Tensor, k: Tensor, v: Tensor, score_mod, block_mask, compi
         return fn(q, k, v, **kwargs, return_lse=True)
 
 
+def _compiles(device: torch.device) -> bool:
+    """Compiled FlexAttention on CUDA; on the CPU eager (compiled CPU flex has no lse and no backward)."""
+    return device.type == "cuda"
+
+
 def _gather_rows(t: Tensor, slots: Tensor) -> Tensor:
     """``t [N, L, C]`` at ``slots [N, R, S]`` -> ``[N, R, S, C]`` (differentiable)."""
     batch = torch.arange(t.shape[0], device=t.device).reshape(-1, 1, 1)
@@ -249,9 +264,23 @@ def _rounds(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int) -
             score = score + bias[q_idx // kp, kv_idx // kp]
         return score
 
-    with torch.autocast(xm.device.type, enabled=False):  # inputs already share one dtype (cast_for_autocast)
-        out, lse = _flex_with_lse(q, kn, vv, score_mod, block_mask_for(length, k, xm.device),
-                                  compiled=xm.device.type == "cuda", kernel_options=_kernel_options(kp, xm.device))
+    compiled = _compiles(xm.device)
+
+    def attend(full_blocks: bool) -> tuple[Tensor, Tensor]:
+        with torch.autocast(xm.device.type, enabled=False):  # inputs already share one dtype (cast_for_autocast)
+            return _flex_with_lse(q, kn, vv, score_mod, block_mask_for(length, k, xm.device, full_blocks),
+                                  compiled=compiled, kernel_options=_kernel_options(kp, xm.device))
+
+    full_blocks = _FULL_BLOCKS_COMPILE.get(xm.device.type, True) or not compiled
+    try:
+        out, lse = attend(full_blocks)
+    except Exception as exc:  # noqa: BLE001 - a kernel that does not build; a genuine error recurs below
+        if not (compiled and full_blocks and kp == k):
+            raise
+        _log.warning("dlsn_kernels.flex: compiled FlexAttention failed with full blocks (%s: %s); using the same "
+                     "blocks as partial ones", type(exc).__name__, str(exc).splitlines()[0][:200])
+        _FULL_BLOCKS_COMPILE[xm.device.type] = False
+        out, lse = attend(False)
     # back from flex slots to sorted slots (drop fillers), then to positions (drop padded slots)
     out = out.reshape(n, rounds, nc, kp, -1)[:, :, :, :k].reshape(n, rounds, nc * k, -1)[:, :, :length]
     lse = lse.reshape(n, rounds, nc, kp)[:, :, :, :k].reshape(n, rounds, nc * k)[:, :, :length].to(acc)

@@ -66,11 +66,13 @@ def test_block_mask_keeps_three_key_blocks_per_query_block(nc, chunk):
     mask = flex.block_mask_for(nc * chunk - 1, chunk, "cpu")
     kp = -(-chunk // flex.ROW_MULTIPLE) * flex.ROW_MULTIPLE
     assert mask.BLOCK_SIZE == (kp, kp)
-    partial, full = mask.kv_num_blocks[0, 0], mask.full_kv_num_blocks[0, 0]
+    partial = mask.kv_num_blocks[0, 0]
+    full = mask.full_kv_num_blocks[0, 0] if mask.full_kv_num_blocks is not None else torch.zeros_like(partial)
     counts = partial + full
     assert counts.tolist() == [min(3, nc)] * nc
     # K % 16 == 0: whole blocks (no mask in the kernel); else filler key slots make every block partial
     assert (full if kp == chunk else partial).tolist() == counts.tolist()
+    assert (mask.full_kv_num_blocks is None) == (kp != chunk)
     indices = mask.full_kv_indices if kp == chunk else mask.kv_indices
     multiplicity = flex.chunk_multiplicity(nc)
     for c in range(nc):
@@ -242,3 +244,28 @@ def test_bench_baseline_is_the_flex_formulation():
     small, big = (cases.estimate_core_bytes("flex-gla", 1, s, s, 64, 256, 128, 3) for s in (48, 512))
     assert 0 < small < big and big > 2**40  # eager on the CPU materialises [N, R, S, S] scores: skipped at 512
     assert cases.estimate_core_bytes("flex-gla", 1, 512, 512, 64, 256, 128, 3, device_type="cuda") < 2**32
+
+
+def test_a_compile_failing_on_full_blocks_retries_with_partial_blocks(monkeypatch):
+    """Compiled CPU flex (torch 2.14) does not build a full-blocks-only mask; the retry lists the same blocks as
+    partial ones (mask_mod evaluated) and gives the same result. Simulated: the compile is the eager call."""
+    case = FULL_BLOCK_CASES[2]
+    xm, v, lss, rot, perm = make_inputs(case)
+    want, want_lse = flex.chunk_attention(xm, v, lss, perm, case.chunk)
+    real = flex._flex_with_lse
+    seen = []
+
+    def fake(q, k, v_, score_mod, block_mask, compiled, kernel_options):
+        seen.append(0 if block_mask.full_kv_num_blocks is None else int(block_mask.full_kv_num_blocks.sum()))
+        if seen[-1] > 0:
+            raise RuntimeError("C++ compile error: 'kv_indices' was not declared in this scope")
+        return real(q, k, v_, score_mod, block_mask, False, kernel_options)
+
+    monkeypatch.setattr(flex, "_compiles", lambda device: True)
+    monkeypatch.setattr(flex, "_flex_with_lse", fake)
+    monkeypatch.setattr(flex, "_FULL_BLOCKS_COMPILE", {})
+    got, got_lse = flex.chunk_attention(xm, v, lss, perm, case.chunk)
+    assert seen == [3 * _n_chunks(case), 0]
+    assert rel_err(got, want) < 1e-12 and rel_err(got_lse, want_lse) < 1e-12
+    flex.chunk_attention(xm, v, lss, perm, case.chunk)
+    assert seen[2:] == [0]  # remembered: no second failing try
