@@ -122,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
              "model.safetensors; 0: off (paper presets: 0.999, as BasicSR; CPU presets: off)")
     arg("--out", type=Path, help="output folder (default runs/<preset>_x<scale>, numbered if taken)")
     arg("--resume", nargs="?", const="auto", metavar="PATH",
-        help="continue a run: its last.pt, a folder holding one, or --out's last.pt (no PATH)")
+        help="continue a run: its last.pt, a folder holding one, or --out's last.pt (no PATH; when --out has "
+             "none yet, a new run starts there, so one command serves torchrun's restarts)")
     arg("--overwrite", action="store_true", help="start afresh in an --out folder that holds a run")
     arg("--init-from", type=Path, help="start from these weights (e.g. x2 weights for x3/x4; the tail "
                                        "and any mis-shaped layer keep their fresh init)")

@@ -41,8 +41,28 @@ def setup_processes(device_arg: str | None) -> tuple[Processes, torch.device]:
             device = torch.device("cuda", procs.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if procs.distributed and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=_round_store(restart, procs), rank=procs.rank,
+                                    world_size=world)
     return procs, device
+
+
+def _round_store(restart: str, procs: Processes) -> dist.Store:
+    """torchrun's store under a prefix of its own for each restart. torchrun keeps one store across
+    restarts, and without the prefix the restarted processes read the addresses the processes of the
+    failed round left there (gloo then fails with "connection refused")."""
+    import datetime
+
+    # With the agent's store (torchrun's default) every process is a client; otherwise rank 0 serves it.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), procs.world,
+                          is_master=procs.main and not agent_store, timeout=datetime.timedelta(minutes=10))
+    return dist.PrefixStore(f"dlsn/restart{restart}/", store)
+
 
 
 def cpu_thread_budget(procs: Processes) -> int:

@@ -91,7 +91,12 @@ class Trainer:
         self.saved_step: int | None = None  # the step last written to last.pt by this command
         self.resume_path: Path | None = None
         saved: dict[str, Any] | None = None
-        if args.resume is not None:
+        resuming = args.resume is not None
+        if args.resume == "auto" and args.out is not None and not (self.out / "last.pt").exists():
+            # The first start of a restartable command (torchrun --max-restarts ... --resume): nothing yet.
+            self.say(f"--resume: no last.pt in {self.out} yet, so a new run starts there")
+            resuming = False
+        if resuming:
             self.resume_path = find_resume_file(args.resume, self.out)
             # Read once: everything resume needs comes from this one copy of the file.
             try:

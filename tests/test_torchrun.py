@@ -1,0 +1,83 @@
+"""A restartable torchrun run: one of two gloo ranks is killed mid-run, torchrun restarts both, and
+``--resume`` (no PATH) continues from ``last.pt``, losing at most ``--save-every`` steps."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dlsn.models.checkpoint import load_checkpoint
+from tests.test_train import TINY, hr_folder, subprocess_env  # noqa: F401 (hr_folder is a fixture)
+
+SAVE_EVERY = 4
+MAX_STEPS = 24
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in environ:
+        if item.startswith(b"RANK="):
+            return int(item[5:])
+    return None
+
+
+def _saved_step(path: Path) -> int:
+    try:
+        return int(load_checkpoint(path)["step"])
+    except Exception:  # not there yet, or being replaced at this moment
+        return -1
+
+
+def test_killed_rank_restarts_from_last_pt(hr_folder, tmp_path):  # noqa: F811
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+               "--max-restarts=1", "-m", "dlsn.train", "--data", str(hr_folder), "--max-steps", str(MAX_STEPS),
+               "--save-every", str(SAVE_EVERY), "--val-every", "0", "--time-limit", "0", "--resume",
+               "--out", str(out), *TINY]
+    process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        saved = -1
+        while saved < SAVE_EVERY and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            saved = _saved_step(out / "last.pt")
+        assert SAVE_EVERY <= saved < MAX_STEPS, f"no mid-run last.pt (step {saved})"
+        victims = [pid for pid in _children(process.pid) if _rank_of(pid) == 1]
+        assert len(victims) == 1, victims
+        os.kill(victims[0], signal.SIGKILL)
+        output, _ = process.communicate(timeout=max(10.0, deadline - time.monotonic()))
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, output[-4000:]
+    resumed = [int(step) for step in re.findall(r"resumed at step (\d+)", output)]
+    assert len(resumed) == 1, output[-4000:]
+    # the run was at step >= saved when rank 1 died, and it continued from a save at or after that one
+    assert resumed[0] >= saved and resumed[0] % SAVE_EVERY == 0
+    assert "no last.pt in" in output  # the first start of the same command began the run
+    final = load_checkpoint(out / "last.pt")
+    assert final["step"] == MAX_STEPS and final["extra"]["world_size"] == 2
+    assert output.count("held-out Y-PSNR") == 1
