@@ -114,3 +114,38 @@ def test_tiles_and_chop_in_the_upscaler():
     assert chopped.shape == whole.shape
     with pytest.raises(ValueError, match="choose one"):
         pieces(model, 2, chop=True, tile=16)
+
+
+def test_eval_and_upscale_take_chop_and_tile(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from dlsn import eval as eval_cli
+    from dlsn import upscale as upscale_cli
+    from dlsn.data import samples
+    from dlsn.images import read_image, write_image
+    from dlsn.models import build_model
+    from dlsn.models.checkpoint import save_checkpoint
+
+    photos = tmp_path / "photos"
+    for i, name in enumerate(("astronaut", "coffee")):
+        write_image(photos / f"p{i}.png", np.ascontiguousarray(samples.load_sample(name)[60:124, 80:148]))
+    checkpoint = save_checkpoint(tmp_path / "tiny.pt", build_model("tiny", 2, backend="reference"))
+    scores = {}
+    for flags in ([], ["--chop"], ["--tile", "20", "--tile-overlap", "8"]):
+        out = tmp_path / f"scores{len(flags)}.json"
+        assert eval_cli.main(["--data", str(photos), "--checkpoint", str(checkpoint), "--no-progress",
+                              "--backend", "reference", "--json", str(out), *flags]) == 0
+        result = json.loads(out.read_text())
+        scores[len(flags)] = result["results"][0]["psnr"]
+        assert result["chop"] == ("--chop" in flags) and result["tile"] == (20 if "--tile" in flags else None)
+    printed = capsys.readouterr().out
+    assert "chop" in printed and "tile 20/8" in printed
+    assert all(np.isfinite(list(scores.values())))
+    assert eval_cli.main(["--data", str(photos), "--checkpoint", str(checkpoint), "--chop", "--tile", "16"]) == 2
+    assert "give one" in capsys.readouterr().err
+    target = tmp_path / "up.png"
+    assert upscale_cli.main([str(photos / "p0.png"), str(target), "--checkpoint", str(checkpoint), "--chop",
+                             "--backend", "reference"]) == 0
+    assert read_image(target).shape == (128, 136, 3)
