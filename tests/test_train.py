@@ -605,10 +605,11 @@ def test_help_shows_each_default_once(capsys):
     assert_each_default_once(text)
 
 
-def test_curves_have_readable_loss_ticks_and_a_legend_clear_of_the_lines(tmp_path):
+@pytest.mark.parametrize("start", [9.0, 1.0, 300.0], ids=["decade", "narrow", "two-decades"])
+def test_curves_have_readable_loss_ticks_and_a_legend_clear_of_the_lines(tmp_path, start):
     log = T.RunLog(tmp_path / "log.csv", None)
-    for step in range(10, 2010, 10):
-        log.add(step, step // 100, 9 * math.exp(-step / 500) + 3.5, 1e-3, None, step / 4)
+    for step in range(10, 2010, 10):  # a loss from 3.5 + start down to about 3.5
+        log.add(step, step // 100, start * math.exp(-step / 500) + 3.5, 1e-3, None, step / 4)
         if step % 200 == 0:
             log.add(step, step // 100, None, 1e-3, 29.5 + 3 * (1 - math.exp(-step / 600)), step / 4)
     fig = log.figure(30.53, "tiny x2")

@@ -95,7 +95,7 @@ class RunLog:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+        from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
         loss = [(int(r["step"]), float(r["loss"])) for r in self.rows if r["loss"]]
         psnr = [(int(r["step"]), float(r["val_psnr"])) for r in self.rows if r["val_psnr"]]
@@ -109,12 +109,17 @@ class RunLog:
                 smooth = [sum(span) / len(span) for span in spans]
                 ax_loss.plot(steps, smooth, color="tab:blue", linewidth=1.5)
             ax_loss.set_yscale("log")
-            # A loss spans about one decade: labelled ticks at 1, 2, 5 (every digit within one decade) x 10^k,
-            # written as plain numbers, instead of matplotlib's two labels at powers of ten.
+            # A loss spans a decade or less: labelled ticks at 1, 2, 5 x 10^k (every digit within about a
+            # decade, evenly spaced values within less), written as plain numbers, instead of matplotlib's
+            # labels at powers of ten only (two, or none, on such a range).
             positive = [v for v in values if v > 0]
             decades = math.log10(max(positive) / min(positive)) if positive else 0.0
-            subs = (1.0, 2.0, 5.0) if decades > 1.2 else tuple(float(d) for d in range(1, 10))
-            ax_loss.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
+            if decades > 1.2:
+                ax_loss.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            elif decades > 0.5:
+                ax_loss.yaxis.set_major_locator(LogLocator(base=10, subs=tuple(float(d) for d in range(1, 10))))
+            else:
+                ax_loss.yaxis.set_major_locator(MaxNLocator(nbins=6))
             ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
             ax_loss.yaxis.set_minor_formatter(NullFormatter())
         ax_loss.set(xlabel="step", ylabel="L1 loss (0-255 scale)", title="training loss")
