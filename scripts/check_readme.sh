@@ -5,7 +5,7 @@
 #   1. the Install block's `pip install` line
 #   2. the test command (the first build, then scripts/test.sh)
 #   3. the main job's command: its install must not recompile anything; the 9-minute training is replaced
-#      by a 20-step run.
+#      by a 20-step run, which must end with the steps/s line README compares machines by.
 # Fails if any of them fails. With DLSN_WITH_CUDA=1 in the caller's environment it also fails when the
 # build has no CUDA kernels (the README build decides on its own, so this checks that it chose CUDA).
 set -euo pipefail
@@ -70,6 +70,11 @@ if [ "$recompiled" -ne 0 ]; then
   exit 1
 fi
 run_clean "main job: 20 steps" "python -m dlsn.train --max-steps 20 --out '$work/run' --no-progress"
+# README compares machines by the speed the main job prints at its end.
+if ! grep -Eq "^trained 20 steps .* [0-9.]+ steps/s$" "$work/log.$step"; then
+  echo "check_readme: the main job's report has no 'trained N steps ... X steps/s' line (README quotes it)" >&2
+  exit 1
+fi
 
 if [ "$expect_cuda" = "1" ]; then
   run_clean "CUDA kernels built" "python -c \"import torch, dlsn_kernels; \
