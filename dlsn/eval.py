@@ -21,7 +21,7 @@ A checkpoint holds a model of one scale; give one checkpoint per scale (``--scal
 checkpoints' scales; 2, 3 or 4, as in training). ``--bicubic`` scores MATLAB-style bicubic upscaling: alone
 (give ``--scale``), or beside the checkpoints in one table with each model's gain. Tables name a network by
 its preset (``cpu_default``, ``tiny (n_feats=16)``), else by its architecture.
-``--self-ensemble`` averages the 8 flips/transposes (reported as "<arch>+", e.g. DLSN+).
+``--self-ensemble`` averages the 8 flips/transposes (reported as "<name>+", e.g. cpu_default+).
 ``--chop`` runs the authors' test protocol (``dlsn.evaluation.forward_chop``), the one behind the paper's
 tables; ``--tile SIZE --tile-overlap PX`` runs overlapping tiles blended across the seams.
 Hash rotations are drawn from ``--seed`` (default 0), so runs are repeatable.
