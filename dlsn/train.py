@@ -5,7 +5,8 @@
     python -m dlsn.train --resume                         # continue the latest default run
     python -m dlsn.train --data DIV2K --preset paper --scale 2 --out runs/x2
     python -m dlsn.train --data DIV2K --preset paper --scale 3 --init-from runs/x2/best.pt --out runs/x3
-    torchrun --nproc_per_node=4 -m dlsn.train --data DIV2K --preset paper --out runs/x2
+    torchrun --standalone --nproc-per-node=4 --max-restarts=3 -m dlsn.train --data DIV2K --preset paper \
+        --out runs/x2 --resume                            # README "Several GPUs or nodes"
 
 **Default run.** With no arguments this trains the ``cpu_default`` preset (a one-group DLSN: 4 LFFB,
 GLA with K=32, R=1, 32 channels, its output added to a bicubic upsampling: ``DLSNResidual``) at x2 on
@@ -15,7 +16,9 @@ scores the final model on the two held-out photos against bicubic, on 256x256 HR
 periodic validation) and on the whole images. It ends within 10 minutes on a 2-core CPU.
 ``--preset cnn`` trains the same network without GLA under the same budget, for comparison.
 
-**Data** (``--data``): nothing, the embedded photos; a DIV2K root (it holds ``DIV2K_train_HR``):
+**Data** (``--data``): nothing, the embedded photos; a folder written by ``python -m dlsn.data.prepare``
+(DIV2K decoded once into memory-mapped files, recognised by its ``prepared.json``); a DIV2K root (it holds
+``DIV2K_train_HR``):
 the stored ``DIV2K_train_LR_bicubic/X{s}`` pairs for BI, LR made from the HR for BD / DN, and the
 first ``--val-images`` images of ``DIV2K_valid_*`` for validation when present; any other folder of
 images: HR images, the last ``--val-images`` (by name) held out for validation, LR made on the fly.
@@ -33,7 +36,9 @@ epochs for 1500 epochs at x2; every 50 epochs for 200 epochs at x3/x4 started fr
 
 **Outputs** (``--out DIR``): ``last.pt`` (everything needed to resume; written atomically every
 ``--save-every`` steps, at the end and on Ctrl-C / SIGTERM), ``best.pt`` (the weights with the best
-periodic validation Y-PSNR), ``log.csv`` (step, epoch, loss, lr, val_psnr, elapsed), ``curves.png``,
+periodic validation Y-PSNR; with ``--ema`` their moving average, which validation scores) and
+``model.safetensors`` (the same weights for inference tools such as spandrel), ``log.csv`` (step, epoch,
+loss, lr, val_psnr, elapsed), ``curves.png``,
 and ``sample_<image>_x<s>_{sr,bicubic,hr}.png`` for the first held-out image.
 
 Periodic validation scores centre crops of the held-out images (``--val-crop``, HR pixels; 0: whole
