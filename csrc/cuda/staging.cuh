@@ -68,22 +68,30 @@ __device__ __forceinline__ void stage_wait_groups() {
 template <int kStages, typename Fetch, typename Publish, typename Compute>
 __device__ __forceinline__ void run_steps(int n_steps, Fetch&& fetch, Publish&& publish, Compute&& compute) {
   static_assert(kStages == 1 || kStages == 2, "one or two stages");
+  // One call site each for publish and compute (they are inlined: a second copy of the gathers' code
+  // would double its share of the kernel's static instructions).
   auto next = fetch(0);
-  publish(0, next);
-  if (n_steps > 1) next = fetch(1);
-  for (int step = 0; step < n_steps; ++step) {
-    const int buf = step & (kStages - 1);
-    stage_wait_groups<0>();
-    __syncthreads();  // the step's tiles are in place for everyone, and the other stage is free again
-    if (kStages == 2 && step + 1 < n_steps) {
-      publish(buf ^ 1, next);
-      if (step + 2 < n_steps) next = fetch(step + 2);
+  if (kStages == 2) {
+    // Iteration i publishes step i into stage i % 2 while computing step i - 1.
+    for (int i = 0; i <= n_steps; ++i) {
+      if (i > 0) {
+        stage_wait_groups<0>();
+        __syncthreads();  // step i - 1's tiles are in place for everyone; step i - 2's stage is free
+      }
+      if (i < n_steps) {
+        publish(i & 1, next);
+        if (i + 1 < n_steps) next = fetch(i + 1);
+      }
+      if (i > 0) compute(i - 1, (i - 1) & 1);
     }
-    compute(step, buf);
-    if (kStages == 1 && step + 1 < n_steps) {
-      __syncthreads();  // everyone is done with the only stage
+  } else {
+    for (int i = 0; i < n_steps; ++i) {
+      if (i > 0) __syncthreads();  // everyone is done with the only stage
       publish(0, next);
-      if (step + 2 < n_steps) next = fetch(step + 2);
+      if (i + 1 < n_steps) next = fetch(i + 1);
+      stage_wait_groups<0>();
+      __syncthreads();  // the step's tiles are in place for everyone
+      compute(i, 0);
     }
   }
 }
