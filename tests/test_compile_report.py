@@ -97,37 +97,35 @@ def test_attention_kernels_run_on_tensor_cores(records):
         assert r["instructions_per_mma"] is not None, r
 
 
-def _forward(records: list[dict]) -> list[dict]:
-    forward = [r for r in records if r["kernel"] == "_chunk_attention_fwd_kernel"]
-    assert {r["dtype"] for r in forward} == {"bf16", "fp32-tf32"}
-    return forward
+# Main-loop instructions per MMA before the contiguous-row kernels (bench/NOTES.md), under Triton 3.6: the
+# targets are at most half of these.
+BEFORE_PER_MMA = {
+    ("_chunk_attention_fwd_kernel", None, "bf16"): 227, ("_chunk_attention_fwd_kernel", None, "fp32-tf32"): 127,
+    ("_key_pass", True, "bf16"): 242, ("_key_pass", True, "fp32-tf32"): 105,
+    ("_key_pass", False, "bf16"): 35, ("_key_pass", False, "fp32-tf32"): 33,
+}
 
 
 @pytest.mark.parametrize("toolchain", ["installed", "gpu image"])
-def test_forward_is_lean_under_both_toolchains(toolchain, request):
-    """The forward: no spills, no stack, no serialized wgmma (C7515), P V never from registers (the wgmma
-    pattern of Triton issue #9433), S computed once in bf16, and main-loop instructions per MMA at most half
-    of what they were before the contiguous-row loop (bench/NOTES.md: 227 bf16, 127 TF32 under Triton 3.6)."""
+def test_hot_kernels_are_lean_under_both_toolchains(toolchain, request):
+    """The forward and both key passes, bf16 and TF32: no spills, no stack, no serialized wgmma (C7515), no
+    wgmma with its A operand in registers (the pattern of Triton issue #9433, which corrupts results silently
+    with ptxas 12.8/12.9), and main-loop instructions per MMA at most half of the old forward's and dv pass's
+    (the score pass, already at about 30, must not get worse)."""
     records = request.getfixturevalue("records" if toolchain == "installed" else "records36")
     if toolchain == "gpu image":
         assert all(r["toolchain"].startswith(f"triton {GPU_IMAGE_TRITON},") for r in records)
-    for r in _forward(records):
+    hot = [r for r in records if r["kernel"] in HOT]
+    assert len(hot) == 6
+    for r in hot:
         assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r
         assert not any("C7515" in w for w in r["ptxas_warnings"]), r
         assert r["rs_wgmma"] == 0, r
         assert r["tensor_core_instructions"] > 0, r
-        if r["dtype"] == "bf16":
-            assert r["mma_duplication"] == 1, r
-        assert r["instructions_per_mma"] <= (113 if r["dtype"] == "bf16" else 63), r
-
-
-def test_key_passes_fit_under_the_gpu_image_toolchain(records36):
-    """The backward key passes under Triton 3.6: tensor cores, and within registers and shared memory."""
-    key = [r for r in records36 if r["kernel"] == "_key_pass"]
-    assert len(key) == 4
-    for r in key:
-        assert r["tensor_core_instructions"] > 0, r
-        assert r["shared_bytes"] <= 227 * 1024 and r["registers"] <= 255, r
+        before = BEFORE_PER_MMA[(r["kernel"], r["config"].get("DV_PASS"), r["dtype"])]
+        assert r["instructions_per_mma"] <= (before if before < 50 else before / 2), r
+        if not (r["kernel"] == "_chunk_attention_fwd_kernel" and r["dtype"] == "fp32-tf32"):
+            assert r["mma_duplication"] == 1, r  # TF32's forward computes its S in both warpgroups
 
 
 def test_main_loop_and_warnings_are_read_from_the_listings():
