@@ -29,16 +29,16 @@ inline void check_index(const at::Tensor& t, const char* name) {
               " must be int32 or int64, got ", t.scalar_type());
 }
 
-// Floating inputs: float32 everywhere, float64 on CPU (gradcheck), float16/bfloat16 on CUDA.
+// Floating inputs: float32, float16 and bfloat16 everywhere (float32 accumulation), float64 on CPU only
+// (gradcheck). The messages match dlsn_kernels/_checks.py check_float.
 inline void check_float(const at::Tensor& t, const char* name) {
   const auto st = t.scalar_type();
   if (t.is_cuda()) {
     TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, name,
                 " must be float32, float16 or bfloat16 on CUDA, got ", st);
   } else {
-    TORCH_CHECK(st == at::kFloat || st == at::kDouble, name,
-                " must be float32 or float64 on CPU, got ", st,
-                " (float16/bfloat16 are supported on CUDA tensors only)");
+    TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, name,
+                " must be float32, float64, float16 or bfloat16 on CPU, got ", st);
   }
 }
 

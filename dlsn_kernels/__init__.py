@@ -51,7 +51,8 @@ def sblsh_hash(xm: Tensor, rot: Tensor, backend: str | None = None) -> Tensor:
     """Super-bit LSH codes ``[N, R, L]`` (int64): argmax of ``xm . rot[:, r, :]``, lowest bucket on ties."""
     _checks.require_tensors(xm=xm, rot=rot)
     chosen = resolve_backend(backend, xm.device)
-    _checks.check_hash(xm, rot, chosen.name)
+    xm, rot = _checks.kernel_layout(chosen.name, xm, rot)
+    _checks.check_hash(xm, rot, chosen.name, strided_ok=True)
     if chosen.ops is None:
         return reference.sblsh_hash(xm, rot)
     return chosen.ops.sblsh_hash(xm, rot)
@@ -64,7 +65,8 @@ def bucket_sort(codes: Tensor, n_buckets: int, backend: str | None = None) -> Te
     """
     _checks.require_tensors(codes=codes)
     chosen = resolve_backend(backend, codes.device)
-    _checks.check_codes(codes, n_buckets)
+    (codes,) = _checks.kernel_layout(chosen.name, codes)
+    _checks.check_codes(codes, n_buckets, strided_ok=True)
     if chosen.ops is None:
         return reference.bucket_sort(codes, n_buckets)
     return chosen.ops.bucket_sort(codes, n_buckets)
@@ -76,14 +78,15 @@ def chunk_attention(
     """Per-round attention within adjacent buckets: ``out [N, R, L, Cv]``, ``lse [N, R, L]``.
 
     Differentiable in ``xm``, ``v`` and ``lss``. ``lse`` is float32 (float64 for float64 inputs). Under
-    ``torch.autocast`` on CUDA, float32 inputs are cast to the autocast dtype (README "Precision").
+    ``torch.autocast`` (CUDA or CPU), float32 inputs are cast to the autocast dtype (README "Precision").
     Raises ValueError unless ``perm`` is a permutation of 0..L-1 for each (n, round).
     """
     _checks.require_tensors(xm=xm, v=v, lss=lss, perm=perm)
-    xm, v, lss = cast_for_autocast(xm, v, lss)
-    chosen = resolve_backend(backend, xm.device, xm.dtype)
-    _checks.check_attention(xm, v, lss, chunk_size, chosen.name)
-    _checks.check_perm(perm, xm)
+    chosen = resolve_backend(backend, xm.device, _autocast_or(xm))
+    xm, v, lss = cast_for_autocast(xm, v, lss, backend=chosen.name)
+    xm, v, lss, perm = _checks.kernel_layout(chosen.name, xm, v, lss, perm)
+    _checks.check_attention(xm, v, lss, chunk_size, chosen.name, strided_ok=True)
+    _checks.check_perm(perm, xm, strided_ok=True)
     if chosen.ops is None:
         return reference.chunk_attention(xm, v, lss, perm, chunk_size)
     return chosen.ops.chunk_attention(xm, v, lss, perm, chunk_size)
@@ -113,15 +116,21 @@ def gla_attention(
     The permutation comes from the package's own hash and sort, so it is not checked again.
     """
     _checks.require_tensors(xm=xm, v=v, lss=lss, rot=rot)
-    # rot follows xm's dtype (the op contract); the Triton hash still multiplies in IEEE float32
-    xm, v, lss, rot = cast_for_autocast(xm, v, lss, rot)
-    chosen = resolve_backend(backend, xm.device, xm.dtype)
-    _checks.check_attention(xm, v, lss, chunk_size, chosen.name)
-    _checks.check_hash(xm, rot, chosen.name)
+    chosen = resolve_backend(backend, xm.device, _autocast_or(xm))
+    # rot follows xm's dtype (the op contract); every hash still multiplies in IEEE float32
+    xm, v, lss, rot = cast_for_autocast(xm, v, lss, rot, backend=chosen.name)
+    xm, v, lss, rot = _checks.kernel_layout(chosen.name, xm, v, lss, rot)
+    _checks.check_attention(xm, v, lss, chunk_size, chosen.name, strided_ok=True)
+    _checks.check_hash(xm, rot, chosen.name, strided_ok=True)
     if chosen.ops is None:
         return reference.gla_attention(xm, v, lss, rot, chunk_size)
     y, _lse, _perm = chosen.ops.gla_attention(xm, v, lss, rot, chunk_size)
     return y
+
+
+def _autocast_or(xm: Tensor) -> torch.dtype:
+    """The dtype the op will compute in, for the automatic backend choice: autocast's when it is on."""
+    return cast_for_autocast(xm)[0].dtype
 
 
 def _combine_rounds_impl(out: Tensor, lse: Tensor) -> Tensor:

@@ -35,6 +35,35 @@ def check_contiguous(t: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
 
 
+def kernel_layout(backend: str, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` in the layout the kernels of ``backend`` read: the one layout decision of the public ops.
+
+    The cpu, cuda and Triton kernels read whole rows of contiguous tensors, so a strided view (transposed,
+    sliced, expanded) is copied once with ``.contiguous()`` (differentiable: gradients flow back into the
+    view); a contiguous tensor passes untouched, with no copy. The reference is plain PyTorch and takes any
+    strides as they are.
+    """
+    if backend == "reference":
+        return tensors
+    return tuple(t.contiguous() for t in tensors)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def takes_half(device: torch.device, backend: str) -> bool:
+    """Whether ``backend`` (a name, or ``"<forward>:<backward>"``) computes float16/bfloat16 tensors of
+    ``device`` (float32 accumulation inside): everywhere but in the Triton interpreter on CPU tensors."""
+    return not (device.type == "cpu" and "triton" in backend.split(":"))
+
+
+def resolved_takes_half(device: torch.device, backend: str | None) -> bool:
+    """:func:`takes_half` for a backend as a caller names it (None: ``$DLSN_BACKEND`` or automatic)."""
+    from ._ops import resolve_backend  # late: _ops loads the extension
+
+    return takes_half(device, resolve_backend(backend, device).name)
+
+
 def check_float(t: Tensor, name: str, backend: str) -> None:
     dtype = t.dtype
     if not dtype.is_floating_point:
@@ -45,11 +74,13 @@ def check_float(t: Tensor, name: str, backend: str) -> None:
         ok = (torch.float32, torch.float16, torch.bfloat16)
         if dtype not in ok:
             raise ValueError(f"{name} must be float32, float16 or bfloat16 on CUDA, got {dtype}")
-    elif dtype not in (torch.float32, torch.float64):
+    elif dtype in _HALF and not takes_half(t.device, backend):
         raise ValueError(
-            f"{name} must be float32 or float64 on CPU, got {dtype} "
-            "(float16/bfloat16 are supported on CUDA tensors only)"
+            f"{name} is {dtype}: the {backend} backend takes float32 or float64 CPU tensors (Triton's interpreter); "
+            "float16/bfloat16 CPU tensors run on the cpu and reference backends"
         )
+    elif dtype not in (torch.float32, torch.float64, *_HALF):
+        raise ValueError(f"{name} must be float32, float64, float16 or bfloat16 on CPU, got {dtype}")
 
 
 def check_same(ref: Tensor, ref_name: str, t: Tensor, name: str) -> None:
@@ -71,13 +102,15 @@ def check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
-def check_hash(xm: Tensor, rot: Tensor, backend: str) -> None:
+def check_hash(xm: Tensor, rot: Tensor, backend: str, strided_ok: bool = False) -> None:
+    """``strided_ok``: the caller has already decided the layout (the public ops, :func:`kernel_layout`)."""
     check_rank(xm, "xm", "[N, L, Cm]")
     check_rank(rot, "rot", "[Cm, R, B]")
     check_float(xm, "xm", backend)
     check_same(xm, "xm", rot, "rot")
-    check_contiguous(xm, "xm")
-    check_contiguous(rot, "rot")
+    if not strided_ok:
+        check_contiguous(xm, "xm")
+        check_contiguous(rot, "rot")
     if rot.shape[0] != xm.shape[2]:
         raise ValueError(f"rot has {rot.shape[0]} rows but xm has Cm = {xm.shape[2]} channels")
     if rot.shape[1] < 1 or rot.shape[2] < 1:
@@ -106,10 +139,11 @@ def _first_true(mask: Tensor) -> tuple[int, int, int]:
     return flat // (rounds * length), (flat // length) % rounds, flat % length
 
 
-def check_codes(codes: Tensor, n_buckets: int) -> None:
+def check_codes(codes: Tensor, n_buckets: int, strided_ok: bool = False) -> None:
     check_rank(codes, "codes", "[N, R, L]")
     check_index(codes, "codes")
-    check_contiguous(codes, "codes")
+    if not strided_ok:
+        check_contiguous(codes, "codes")
     if not isinstance(n_buckets, int) or isinstance(n_buckets, bool):
         raise TypeError(f"n_buckets must be an int, got {type(n_buckets).__name__}")
     if n_buckets < 1:
@@ -125,7 +159,9 @@ def check_codes(codes: Tensor, n_buckets: int) -> None:
         )
 
 
-def check_attention(xm: Tensor, v: Tensor, lss: Tensor, chunk_size: int, backend: str) -> None:
+def check_attention(
+    xm: Tensor, v: Tensor, lss: Tensor, chunk_size: int, backend: str, strided_ok: bool = False
+) -> None:
     check_chunk_size(chunk_size)
     check_rank(xm, "xm", "[N, L, Cm]")
     check_rank(v, "v", "[N, L, Cv]")
@@ -143,10 +179,11 @@ def check_attention(xm: Tensor, v: Tensor, lss: Tensor, chunk_size: int, backend
             f"lss must have shape [N, L, chunk_size] = [{n}, {length}, {chunk_size}], got {tuple(lss.shape)}"
         )
     for t, name in ((xm, "xm"), (v, "v"), (lss, "lss")):
-        check_contiguous(t, name)
+        if not strided_ok:
+            check_contiguous(t, name)
 
 
-def check_perm(perm: Tensor, xm: Tensor, values: bool = True) -> None:
+def check_perm(perm: Tensor, xm: Tensor, values: bool = True, strided_ok: bool = False) -> None:
     """Rank, dtype, device and shape of ``perm``; with ``values`` also that each row is a permutation (one
     host synchronisation: kernels that get ``perm`` from the package itself skip it)."""
     check_rank(perm, "perm", "[N, R, L]")
@@ -158,7 +195,8 @@ def check_perm(perm: Tensor, xm: Tensor, values: bool = True) -> None:
             f"perm must have shape [N, R, L] with N = {xm.shape[0]}, L = {xm.shape[1]}, R >= 1, "
             f"got {tuple(perm.shape)}"
         )
-    check_contiguous(perm, "perm")
+    if not strided_ok:
+        check_contiguous(perm, "perm")
     if values and _has_values(perm):
         check_permutation(perm)
 

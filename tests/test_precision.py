@@ -47,12 +47,16 @@ def test_tiles_depend_on_the_dot_kind(matmul_precision):
     assert forward_config(5, 6, torch.bfloat16)["BLOCK_Q"] == 16
 
 
-def test_autocast_casts_nothing_on_the_cpu():
+def test_autocast_on_the_cpu_casts_for_backends_that_take_16_bits():
     xm = torch.randn(2, 3)
-    assert autocast_dtype(xm.device) is None
+    assert autocast_dtype(xm.device) is None  # autocast off
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        (out,) = cast_for_autocast(xm)
-    assert out is xm  # the CPU kernels are float32/float64 only
+        assert autocast_dtype(xm.device) == torch.bfloat16
+        for backend in ("cpu", "reference", "flex:cpu"):
+            (out,) = cast_for_autocast(xm, backend=backend)
+            assert out.dtype == torch.bfloat16
+        (out,) = cast_for_autocast(xm, backend="triton")
+        assert out is xm  # Triton's interpreter takes float32/float64 CPU tensors only
 
 
 def test_autocast_cast_touches_float32_only():

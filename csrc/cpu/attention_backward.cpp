@@ -7,7 +7,8 @@
 // A second pass, one job per position, adds up its slots (the real one, then padded duplicates
 // in increasing slot order) and its three dq parts. Nothing is accumulated by two threads, so the
 // result is bitwise the same on every run. The key normalisation backward runs once at the end
-// (it is linear in dkn, so rounds can be summed first).
+// (it is linear in dkn, so rounds can be summed first). float16/bfloat16 inputs: rows are read in 16
+// bits into float32 scratch, every product and sum is float32, each gradient is rounded to 16 bits once.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -22,91 +23,103 @@ namespace {
 
 template <typename scalar_t>
 struct Inputs {
-  const scalar_t *xm, *v, *lss, *inv_norm, *grad_out, *delta, *lse;
+  using acc_t = acc_type_t<scalar_t>;
+  const scalar_t *xm, *v, *lss, *grad_out;
+  const acc_t *inv_norm, *delta, *lse;
   const int64_t* perm;
 };
+
+// The position gradients summed over rounds: the outputs themselves for float32/float64 storage, float32
+// buffers rounded into the 16-bit outputs once at the end otherwise.
+template <typename acc_t>
+at::Tensor accumulator_for(const at::Tensor& out) {
+  if (out.scalar_type() == c10::CppTypeToScalarType<acc_t>::value) return out.zero_();
+  return at::zeros(out.sizes(), acc_options_of(out));
+}
 
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const at::Tensor& xm, const at::Tensor& v,
                      const at::Tensor& lss, const at::Tensor& perm, const at::Tensor& lse, int64_t chunk,
                      at::Tensor& dxm, at::Tensor& dv, at::Tensor& dlss) {
+  using acc_t = acc_type_t<scalar_t>;
+  constexpr bool kWide = std::is_same_v<scalar_t, acc_t>;  // float32/float64 storage: no conversions
   const int64_t batch = xm.size(0), length = xm.size(1), cm = xm.size(2), cv = v.size(2);
   const int64_t rounds = perm.size(1), saved_rounds = grad_out.size(1);
   const SlotLayout layout(length, chunk);
   const int64_t nc = layout.n_chunks, lp = layout.padded;
+  const auto acc_options = acc_options_of(xm);
 
   const at::Tensor inv_norm = inverse_norms<scalar_t>(xm);
-  const Inputs<scalar_t> in{xm.data_ptr<scalar_t>(),       v.data_ptr<scalar_t>(),     lss.data_ptr<scalar_t>(),
-                            inv_norm.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
-                            lse.data_ptr<scalar_t>(),      perm.data_ptr<int64_t>()};
+  const Inputs<scalar_t> in{xm.data_ptr<scalar_t>(),     v.data_ptr<scalar_t>(),   lss.data_ptr<scalar_t>(),
+                            grad_out.data_ptr<scalar_t>(), inv_norm.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
+                            lse.data_ptr<acc_t>(),        perm.data_ptr<int64_t>()};
 
   // Per-round slot gradients, overwritten every round; position gradients summed over rounds.
-  at::Tensor dv_slot = at::empty({batch, lp, cv}, xm.options());
-  at::Tensor dkn_slot = at::empty({batch, lp, cm}, xm.options());
-  at::Tensor dlss_slot = at::empty({batch, lp, chunk}, xm.options());
-  at::Tensor dq_part = at::empty({batch, nc, 3, chunk, cm}, xm.options());
-  at::Tensor dkn = at::zeros_like(xm);
+  at::Tensor dv_slot = at::empty({batch, lp, cv}, acc_options);
+  at::Tensor dkn_slot = at::empty({batch, lp, cm}, acc_options);
+  at::Tensor dlss_slot = at::empty({batch, lp, chunk}, acc_options);
+  at::Tensor dq_part = at::empty({batch, nc, 3, chunk, cm}, acc_options);
+  at::Tensor dkn = at::zeros(xm.sizes(), acc_options);
+  const at::Tensor dxm_acc = accumulator_for<acc_t>(dxm), dv_acc = accumulator_for<acc_t>(dv);
+  const at::Tensor dlss_acc = accumulator_for<acc_t>(dlss);
   // Fully rewritten every round: perm is a permutation (checked by the caller), so inv[pr[s]] = s
   // covers every position.
   at::Tensor inverse = at::empty({batch, length}, perm.options());
-  dxm.zero_();
-  dv.zero_();
-  dlss.zero_();
 
   for (int64_t r = 0; r < rounds; ++r) {
     const int64_t rs = saved_rounds == rounds ? r : 0;  // the round of grad_out / delta / lse
 
     at::parallel_for(0, batch * nc, 1, [&](int64_t begin, int64_t end) {
-      at::Tensor keys = at::empty({chunk, cm}, xm.options());
-      at::Tensor keys_n = at::empty({chunk, cm}, xm.options());
-      at::Tensor values = at::empty({chunk, cv}, xm.options());
-      at::Tensor q = at::empty({chunk, cm}, xm.options());
-      at::Tensor g = at::empty({chunk, cv}, xm.options());
-      at::Tensor p_t = at::empty({chunk, chunk}, xm.options());
-      at::Tensor ds_t = at::empty({chunk, chunk}, xm.options());
+      at::Tensor keys_n = at::empty({chunk, cm}, acc_options);
+      at::Tensor values = at::empty({chunk, cv}, acc_options);
+      at::Tensor q = at::empty({chunk, cm}, acc_options);
+      at::Tensor g = at::empty({chunk, cv}, acc_options);
+      at::Tensor p_t = at::empty({chunk, chunk}, acc_options);
+      at::Tensor ds_t = at::empty({chunk, chunk}, acc_options);
+      at::Tensor learned_rows = kWide ? at::Tensor() : at::empty({chunk, chunk}, acc_options);
       std::vector<int64_t> kpos(chunk), qpos(chunk);
-      std::vector<scalar_t> q_delta(chunk), q_lse(chunk);
-      std::vector<const scalar_t*> learned(chunk);
-      scalar_t* p = p_t.data_ptr<scalar_t>();
-      scalar_t* ds = ds_t.data_ptr<scalar_t>();
+      std::vector<acc_t> q_delta(chunk), q_lse(chunk);
+      std::vector<const acc_t*> learned(chunk);
+      acc_t* p = p_t.data_ptr<acc_t>();
+      acc_t* ds = ds_t.data_ptr<acc_t>();
 
       for (int64_t job = begin; job < end; ++job) {
         const int64_t b = job / nc, kc = job % nc;
         const int64_t* pr = in.perm + (b * rounds + r) * length;
-        for (int64_t j = 0; j < chunk; ++j) {
-          kpos[j] = layout.position(pr, kc * chunk + j);
-          learned[j] = in.lss + (b * length + kpos[j]) * chunk;
+        for (int64_t j = 0; j < chunk; ++j) kpos[j] = layout.position(pr, kc * chunk + j);
+        if constexpr (kWide) {
+          for (int64_t j = 0; j < chunk; ++j) learned[j] = in.lss + (b * length + kpos[j]) * chunk;
+        } else {
+          acc_t* rows = learned_rows.data_ptr<acc_t>();
+          gather_rows(in.lss + b * length * chunk, chunk, kpos.data(), chunk, rows);
+          for (int64_t j = 0; j < chunk; ++j) learned[j] = rows + j * chunk;
         }
-        gather_rows(in.xm + b * length * cm, cm, kpos.data(), chunk, keys.data_ptr<scalar_t>());
-        gather_rows(in.v + b * length * cv, cv, kpos.data(), chunk, values.data_ptr<scalar_t>());
-        scalar_t* kn = keys_n.data_ptr<scalar_t>();
-        const scalar_t* kr = keys.data_ptr<scalar_t>();
-        for (int64_t j = 0; j < chunk; ++j) {
-          const scalar_t scale = in.inv_norm[b * length + kpos[j]];
-          for (int64_t k = 0; k < cm; ++k) kn[j * cm + k] = kr[j * cm + k] * scale;
-        }
+        // Keys normalised as they are gathered: no product sees an unnormalised key (overflow-safe).
+        gather_scaled_rows(in.xm + b * length * cm, cm, kpos.data(), chunk, in.inv_norm + b * length,
+                           keys_n.data_ptr<acc_t>());
+        gather_rows(in.v + b * length * cv, cv, kpos.data(), chunk, values.data_ptr<acc_t>());
         at::Tensor dv_keys = dv_slot[b].narrow(0, kc * chunk, chunk);
         at::Tensor dkn_keys = dkn_slot[b].narrow(0, kc * chunk, chunk);
-        scalar_t* dlss_keys = dlss_slot.data_ptr<scalar_t>() + (b * lp + kc * chunk) * chunk;
+        acc_t* dlss_keys = dlss_slot.data_ptr<acc_t>() + (b * lp + kc * chunk) * chunk;
 
         for (int t = 0; t < 3; ++t) {
           const int64_t qc = layout.query_chunk(kc, t);
           const int64_t valid = std::min(chunk, length - qc * chunk);
           const int64_t row0 = (b * saved_rounds + rs) * length;
-          scalar_t* gp = g.data_ptr<scalar_t>();
+          acc_t* gp = g.data_ptr<acc_t>();
           for (int64_t i = 0; i < chunk; ++i) {
             qpos[i] = layout.position(pr, qc * chunk + i);
             q_lse[i] = in.lse[row0 + qpos[i]];
             // A padded query slot has no output: zero incoming gradient makes its terms vanish.
             if (i < valid) {
-              std::memcpy(gp + i * cv, in.grad_out + (row0 + qpos[i]) * cv, cv * sizeof(scalar_t));
+              widen_scaled(in.grad_out + (row0 + qpos[i]) * cv, acc_t(1), gp + i * cv, cv);
               q_delta[i] = in.delta[row0 + qpos[i]];
             } else {
-              std::fill(gp + i * cv, gp + (i + 1) * cv, scalar_t(0));
+              std::fill(gp + i * cv, gp + (i + 1) * cv, acc_t(0));
               q_delta[i] = 0;
             }
           }
-          gather_rows(in.xm + b * length * cm, cm, qpos.data(), chunk, q.data_ptr<scalar_t>());
+          gather_rows(in.xm + b * length * cm, cm, qpos.data(), chunk, q.data_ptr<acc_t>());
 
           // P^T [keys, queries] recomputed from the saved logsumexp.
           at::mm_out(p_t, keys_n, q.t());
@@ -117,7 +130,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
           if (t == 0) {
             at::mm_out(dv_keys, p_t, g);
             at::mm_out(dkn_keys, ds_t, q);
-            std::memcpy(dlss_keys, ds, chunk * chunk * sizeof(scalar_t));
+            std::memcpy(dlss_keys, ds, chunk * chunk * sizeof(acc_t));
           } else {
             dv_keys.addmm_(p_t, g);
             dkn_keys.addmm_(ds_t, q);
@@ -137,17 +150,17 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
         for (int64_t s = 0; s < length; ++s) inv[pr[s]] = s;
       }
     });
-    const scalar_t* dv_s = dv_slot.data_ptr<scalar_t>();
-    const scalar_t* dkn_s = dkn_slot.data_ptr<scalar_t>();
-    const scalar_t* dlss_s = dlss_slot.data_ptr<scalar_t>();
-    const scalar_t* dq_s = dq_part.data_ptr<scalar_t>();
-    scalar_t* dv_out = dv.data_ptr<scalar_t>();
-    scalar_t* dkn_out = dkn.data_ptr<scalar_t>();
-    scalar_t* dlss_out = dlss.data_ptr<scalar_t>();
-    scalar_t* dq_out = dxm.data_ptr<scalar_t>();
+    const acc_t* dv_s = dv_slot.data_ptr<acc_t>();
+    const acc_t* dkn_s = dkn_slot.data_ptr<acc_t>();
+    const acc_t* dlss_s = dlss_slot.data_ptr<acc_t>();
+    const acc_t* dq_s = dq_part.data_ptr<acc_t>();
+    acc_t* dv_out = dv_acc.data_ptr<acc_t>();
+    acc_t* dkn_out = dkn.data_ptr<acc_t>();
+    acc_t* dlss_out = dlss_acc.data_ptr<acc_t>();
+    acc_t* dq_out = dxm_acc.data_ptr<acc_t>();
     const int64_t* inverse_ptr = inverse.data_ptr<int64_t>();
     at::parallel_for(0, batch * length, 64, [&](int64_t begin, int64_t end) {
-      const auto add = add_to<scalar_t>;
+      const auto add = add_to<acc_t>;
       for (int64_t pos = begin; pos < end; ++pos) {
         const int64_t b = pos / length, slot = inverse_ptr[pos];
         for (int64_t s = slot; s < lp; s = (s < length ? layout.first_copy(slot) : s + length)) {
@@ -162,38 +175,61 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
     });
   }
 
-  // Key normalisation backward: kn = x / max(||x||, eps).
-  const scalar_t* dkn_ptr = dkn.data_ptr<scalar_t>();
-  scalar_t* dxm_ptr = dxm.data_ptr<scalar_t>();
+  // Key normalisation backward, kn = x / max(||x||, eps): dx = (g - kn (kn . g)) / ||x||, written with kn
+  // (unit length) rather than x so that nothing squares x (overflow-safe, like the norm itself).
+  const acc_t* dkn_ptr = dkn.data_ptr<acc_t>();
+  acc_t* dxm_ptr = dxm_acc.data_ptr<acc_t>();
   at::parallel_for(0, batch * length, 256, [&](int64_t begin, int64_t end) {
     for (int64_t pos = begin; pos < end; ++pos) {
       const scalar_t* x = in.xm + pos * cm;
-      const scalar_t* g = dkn_ptr + pos * cm;
-      scalar_t* out = dxm_ptr + pos * cm;
-      scalar_t sq = 0;
-      for (int64_t k = 0; k < cm; ++k) sq += x[k] * x[k];
-      const scalar_t norm = std::sqrt(sq);
-      if (norm < scalar_t(kKeyNormEps)) {
-        for (int64_t k = 0; k < cm; ++k) out[k] += g[k] / scalar_t(kKeyNormEps);
+      const acc_t* g = dkn_ptr + pos * cm;
+      acc_t* out = dxm_ptr + pos * cm;
+      const acc_t norm = row_norm(x, cm);
+      if (norm < acc_t(kKeyNormEps)) {
+        for (int64_t k = 0; k < cm; ++k) out[k] += g[k] / acc_t(kKeyNormEps);
         continue;
       }
-      scalar_t dot = 0;
-      for (int64_t k = 0; k < cm; ++k) dot += x[k] * g[k];
-      const scalar_t inv = scalar_t(1) / norm, proj = dot * inv * inv;
-      for (int64_t k = 0; k < cm; ++k) out[k] += (g[k] - x[k] * proj) * inv;
+      const acc_t inv = acc_t(1) / norm;
+      acc_t dot = 0;
+      for (int64_t k = 0; k < cm; ++k) dot += static_cast<acc_t>(x[k]) * inv * g[k];
+      for (int64_t k = 0; k < cm; ++k) out[k] += (g[k] - static_cast<acc_t>(x[k]) * inv * dot) * inv;
     }
   });
+  if constexpr (!kWide) {
+    dxm.copy_(dxm_acc);
+    dv.copy_(dv_acc);
+    dlss.copy_(dlss_acc);
+  }
+}
+
+// The backward recomputes P = exp(s - lse) from the saved lse, so lse's rounding error becomes P's relative error:
+// |lse| * eps. Beyond 2^16 in float32 (2^40 in float64) that exceeds 0.4% and P stops summing to one (features
+// scaled by 1e30 give |lse| ~ 1e30, a one-hot softmax the forward computes exactly); refuse rather than return
+// gradients that are wrong by whole factors.
+void check_lse_range(const at::Tensor& lse) {
+  if (lse.numel() == 0) return;
+  const double limit = lse.scalar_type() == at::kDouble ? 1099511627776.0 : 65536.0;
+  const double top = lse.abs().max().item<double>();  // NaN compares false: left to propagate
+  TORCH_CHECK_VALUE(!(top > limit), "attention_backward: the saved lse reaches ", top,
+                    " in magnitude; the backward recomputes the softmax from it, which ", lse.scalar_type(),
+                    " resolves only while |lse| <= ", limit, " (scores this large make the softmax one-hot: scale xm "
+                    "down, its norm sets the scores)");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& delta, const at::Tensor& xm, const at::Tensor& v,
-    const at::Tensor& lss, const at::Tensor& perm, const at::Tensor& lse, int64_t chunk_size) {
+    const at::Tensor& grad_out_in, const at::Tensor& delta_in, const at::Tensor& xm_in, const at::Tensor& v_in,
+    const at::Tensor& lss_in, const at::Tensor& perm_in, const at::Tensor& lse_in, int64_t chunk_size) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // kernels call ATen ops (mm) internally
+  // Any strides: the kernel reads whole rows, so strided views are copied once here (contiguous: no copy).
+  const at::Tensor grad_out = grad_out_in.contiguous(), delta = delta_in.contiguous(), xm = xm_in.contiguous();
+  const at::Tensor v = v_in.contiguous(), lss = lss_in.contiguous(), perm = perm_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
   check_backward_inputs(grad_out, delta, xm, v, lss, perm, lse, chunk_size);
   const at::Tensor perm64 = as_int64(perm);
   check_permutation(perm64, "perm");  // so every entry of the inverse permutation below gets written
+  check_lse_range(lse);
   at::Tensor dxm = at::empty_like(xm), dv = at::empty_like(v), dlss = at::empty_like(lss);
-  AT_DISPATCH_FLOATING_TYPES(xm.scalar_type(), "attention_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xm.scalar_type(), "attention_backward_cpu", [&] {
     backward_kernel<scalar_t>(grad_out, delta, xm, v, lss, perm64, lse, chunk_size, dxm, dv, dlss);
   });
   return {dxm, dv, dlss};

@@ -36,8 +36,9 @@ void counting_sort(const at::Tensor& codes, int64_t n_buckets, at::Tensor& perm)
 
 }  // namespace
 
-at::Tensor bucket_sort_cpu(const at::Tensor& codes, int64_t n_buckets) {
+at::Tensor bucket_sort_cpu(const at::Tensor& codes_in, int64_t n_buckets) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // kernels call ATen ops (mm) internally
+  const at::Tensor codes = codes_in.contiguous();  // any strides: one copy if strided
   check_sort_inputs(codes, n_buckets);
   check_codes(codes, n_buckets);
   at::Tensor perm = at::empty(codes.sizes(), codes.options().dtype(at::kLong));

@@ -4,8 +4,28 @@
 namespace dlsn::cpu {
 
 DLSN_MULTIVERSION void score_block(float* s, int64_t rows, int64_t cols, const float* const* learned,
-                                   const float* scale, float* col_max) {
-  score_block_impl(s, rows, cols, learned, scale, col_max);
+                                   float* col_max) {
+  score_block_impl(s, rows, cols, learned, col_max);
+}
+
+DLSN_MULTIVERSION void widen_scaled(const float* src, float scale, float* dst, int64_t n) {
+  widen_scaled_impl(src, scale, dst, n);
+}
+
+DLSN_MULTIVERSION void widen_scaled(const c10::BFloat16* src, float scale, float* dst, int64_t n) {
+  widen_scaled_impl(src, scale, dst, n);
+}
+
+DLSN_MULTIVERSION void widen_scaled(const c10::Half* src, float scale, float* dst, int64_t n) {
+  widen_scaled_impl(src, scale, dst, n);
+}
+
+DLSN_MULTIVERSION void narrow_scaled(const float* src, float scale, c10::BFloat16* dst, int64_t n) {
+  narrow_scaled_impl(src, scale, dst, n);
+}
+
+DLSN_MULTIVERSION void narrow_scaled(const float* src, float scale, c10::Half* dst, int64_t n) {
+  narrow_scaled_impl(src, scale, dst, n);
 }
 
 DLSN_MULTIVERSION void softmax_block(float* s, int64_t rows, int64_t cols, const float* col_max, float* col_sum) {

@@ -4,6 +4,9 @@
 // They take whole [rows, cols] blocks so the dispatch cost is paid once per block, not per row.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -39,17 +42,16 @@ inline float exp_approx(float x) {
 }
 inline double exp_approx(double x) { return std::exp(x); }  // float64 is for gradcheck: exact
 
-// s[j, :] = s[j, :] * scale[j] + learned[j][:]; col_max = max over j. s is [rows, cols].
+// s[j, :] += learned[j][:]; col_max = max over j. s is [rows, cols] (keys arrive normalised).
 template <typename T>
 inline void score_block_impl(T* __restrict s, int64_t rows, int64_t cols, const T* const* learned,
-                             const T* __restrict scale, T* __restrict col_max) {
+                             T* __restrict col_max) {
   for (int64_t i = 0; i < cols; ++i) col_max[i] = -INFINITY;
   for (int64_t j = 0; j < rows; ++j) {
     T* __restrict row = s + j * cols;
     const T* __restrict add = learned[j];
-    const T k = scale[j];
     for (int64_t i = 0; i < cols; ++i) {
-      const T x = row[i] * k + add[i];
+      const T x = row[i] + add[i];
       row[i] = x;
       col_max[i] = col_max[i] > x ? col_max[i] : x;
     }
@@ -95,18 +97,43 @@ inline void add_to(T* __restrict dst, const T* __restrict src, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] += src[k];
 }
 
+// dst[k] = float(src[k]) * scale: 16-bit rows widened to the float32 scratch of a job (DESIGN.md "Precision":
+// rows are read in 16 bits, everything after the load is float32). Also float -> float (a scaled copy).
+template <typename S, typename T>
+inline void widen_scaled_impl(const S* __restrict src, T scale, T* __restrict dst, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<T>(src[k]) * scale;
+}
+
+// dst[k] = round(src[k] * scale) to the storage type (float32 results stored in 16 bits).
+template <typename T, typename D>
+inline void narrow_scaled_impl(const T* __restrict src, T scale, D* __restrict dst, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<D>(src[k] * scale);
+}
+
 // Float entry points, multi-versioned in vec_loops.cpp (callers see one plain symbol, an ifunc);
 // float64 takes the templates directly.
-void score_block(float* s, int64_t rows, int64_t cols, const float* const* learned,
-                                   const float* scale, float* col_max);
+void score_block(float* s, int64_t rows, int64_t cols, const float* const* learned, float* col_max);
+void widen_scaled(const float* src, float scale, float* dst, int64_t n);
+void widen_scaled(const c10::BFloat16* src, float scale, float* dst, int64_t n);
+void widen_scaled(const c10::Half* src, float scale, float* dst, int64_t n);
+void narrow_scaled(const float* src, float scale, c10::BFloat16* dst, int64_t n);
+void narrow_scaled(const float* src, float scale, c10::Half* dst, int64_t n);
+inline void widen_scaled(const double* src, double scale, double* dst, int64_t n) {
+  widen_scaled_impl(src, scale, dst, n);
+}
+inline void narrow_scaled(const float* src, float scale, float* dst, int64_t n) {
+  narrow_scaled_impl(src, scale, dst, n);
+}
+inline void narrow_scaled(const double* src, double scale, double* dst, int64_t n) {
+  narrow_scaled_impl(src, scale, dst, n);
+}
 void softmax_block(float* s, int64_t rows, int64_t cols, const float* col_max, float* col_sum);
 void probabilities_block(float* p, int64_t rows, int64_t cols, const float* const* learned,
                                            const float* lse);
 void score_grad_block(float* ds, const float* p, int64_t rows, int64_t cols, const float* delta);
 
-inline void score_block(double* s, int64_t rows, int64_t cols, const double* const* learned, const double* scale,
-                        double* col_max) {
-  score_block_impl(s, rows, cols, learned, scale, col_max);
+inline void score_block(double* s, int64_t rows, int64_t cols, const double* const* learned, double* col_max) {
+  score_block_impl(s, rows, cols, learned, col_max);
 }
 inline void softmax_block(double* s, int64_t rows, int64_t cols, const double* col_max, double* col_sum) {
   softmax_block_impl(s, rows, cols, col_max, col_sum);

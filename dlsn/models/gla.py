@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 import dlsn_kernels
+from dlsn_kernels import _checks
 
 __all__ = ["GLA", "set_backend", "set_inference"]
 
@@ -131,12 +132,13 @@ class GLA(nn.Module):
         # (the authors run it on every key copy, 3R times, with the same result).
         lss = self.fc(rows(self.conv_assembly_fc(x)))
 
-        # One dtype for the op (autocast may leave them different); the CPU kernels take
-        # float32/float64 only, so reduced precision is widened there.
+        # One dtype for the op (autocast may leave them different). The kernels read float16/bfloat16 rows as
+        # they are (float32 inside), so under autocast nothing is widened or copied here; only Triton's CPU
+        # interpreter takes float32 alone.
         dtype = v.dtype
-        if x.device.type != "cuda" and dtype not in (torch.float32, torch.float64):
+        if dtype in (torch.float16, torch.bfloat16) and not _checks.resolved_takes_half(x.device, self.backend):
             dtype = torch.float32
-        xm, v, lss = (t.to(dtype).contiguous() for t in (xm, v, lss))
+        xm, v, lss = (t.to(dtype).contiguous() for t in (xm, v, lss))  # no-ops when already so
         rot = self.rotations(length, x.device, generator).to(dtype)
 
         # Autocast must not re-cast inside the reference path; the op sees exactly these dtypes.
