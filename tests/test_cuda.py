@@ -127,6 +127,25 @@ def test_chunk_attention_tf32(case, tf32):
         assert rel_err(a, b) < tolerance(torch.float32, grad=True, tf32=True), name
 
 
+@pytest.mark.parametrize("cm", [384, 512, 768, 1024])
+def test_wide_channels_near_the_shared_memory_limit(cm):
+    """Around the per-block shared-memory limit (static + dynamic, fits_shared_memory) the launchers pick
+    the tensor-core kernels or the scalar ones; either way the results are right and no setup error is
+    raised (a refused cudaFuncSetAttribute would raise naming the kernel)."""
+    case = Case(1, 40, 8, 1, cm, 16)
+    (xm, v, lss, _rot), exact, perm = _inputs(case, torch.bfloat16)
+    out, lse = torch.ops.dlsn.chunk_attention(xm, v, lss, perm, case.chunk)
+    leaves, want_out, want_lse = _reference_rounds(exact, perm, case.chunk, requires_grad=True)
+    assert rel_err(out, want_out) < tolerance(torch.bfloat16)
+    g_out = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    g_low = g_out.to(DEVICE, torch.bfloat16)
+    delta = (g_low.float() * out.float()).sum(-1)
+    got = torch.ops.dlsn.attention_backward(g_low, delta, xm, v, lss, perm, lse, case.chunk)
+    want = torch.autograd.grad((want_out * g_low.double()).sum(), leaves)
+    for name, a, b in zip(("dxm", "dv", "dlss"), got, want):
+        assert rel_err(a, b) < tolerance(torch.bfloat16, grad=True), name
+
+
 def test_chunk_attention_int32_perm_matches_int64():
     case = CASES[3]
     (xm, v, lss, _rot), _exact, perm = _inputs(case, torch.float32)
