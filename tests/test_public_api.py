@@ -18,6 +18,8 @@ from tests.helpers import CASES, TILE_CASES, make_inputs, rel_err, tolerance
 
 # (backend, device, dtype, float32 matmul precision)
 RUNS = [(name, "cpu", torch.float64, "highest") for name in ("reference", "cpu", "triton")] + [
+    ("cpu", "cpu", dtype, "highest") for dtype in (torch.bfloat16, torch.float16)  # 16-bit rows, float32 inside
+] + [
     (name, "cuda", dtype, precision)
     for name in ("triton", "cuda")
     for dtype, precision in ((torch.float32, "highest"), (torch.float32, "high"), (torch.bfloat16, "highest"))
