@@ -67,6 +67,20 @@ def assert_close(actual, expected, **tol):
 # hashing and sorting
 
 
+def test_slot_rows_match_the_padded_slot_positions():
+    """The kernels' row table: input row n * L + position of every sorted slot, padded slots included."""
+    from dlsn_kernels.triton._common import slot_rows
+
+    gen = torch.Generator().manual_seed(1)
+    for n, length, k in ((2, 13, 8), (1, 3, 8), (3, 16, 8)):
+        perm = torch.stack([torch.stack([torch.randperm(length, generator=gen) for _ in range(2)])
+                            for _ in range(n)])
+        rows = slot_rows(perm, k, 64)
+        want = ref.padded_slot_positions(perm, k) + torch.arange(n).view(n, 1, 1) * length
+        assert rows.dtype == torch.int32 and torch.equal(rows.long(), want)
+    assert slot_rows(perm, 8, 2**31).dtype == torch.int64  # element offsets past int32
+
+
 @pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
 def test_hash_and_sort_match_reference(size):
     xm, _, _, rot = make_inputs(size)

@@ -35,7 +35,6 @@ __all__ = [
     "jit",
     "matmul",
     "matmul_ieee",
-    "neighbour_chunk",
     "slot_rows",
     "LOG2E",
     "LN2",
@@ -136,14 +135,6 @@ def _check_device(t: torch.Tensor, name: str) -> None:
 
 
 @device_fn
-def slot_position(perm_row, slot, length, pad, mask):
-    """Position held by sorted ``slot`` (DESIGN.md 1.3): ``perm[slot]``, or ``perm[(slot - pad) mod L]`` past L."""
-    wrapped = ((slot - pad) % length + length) % length  # % truncates toward zero in Triton: fold twice
-    source = tl.where(slot < length, slot, wrapped)
-    return tl.load(perm_row + source, mask=mask, other=0).to(tl.int64)
-
-
-@device_fn
 def first_padded_copy(slot, length, pad):
     """The first padded slot holding the same position as real ``slot`` (< L): ``L + (slot + pad) mod L``;
     the others follow every L below Lp (csrc/slot_layout.h ``first_padded_copy``, DESIGN.md 1.3). With no
@@ -171,16 +162,6 @@ def slot_layout(length: int, chunk_size: int) -> tuple[int, int, int]:
     """``(pad, Lp, nc)`` of a row of L sorted slots cut into chunks of K (DESIGN.md 1.3)."""
     pad = (chunk_size - length % chunk_size) % chunk_size
     return pad, length + pad, (length + pad) // chunk_size
-
-
-@device_fn
-def neighbour_chunk(c, t, nc, SIGN: tl.constexpr):
-    """Chunk ``c``, ``c - SIGN``, ``c + SIGN`` (mod ``nc``) for ``t`` = 0, 1, 2 (DESIGN.md "Forward").
-
-    SIGN = 1: the key chunks a query chunk reads. SIGN = -1: the query chunks that read a key chunk.
-    """
-    step = (t == 2) * SIGN - (t == 1) * SIGN
-    return (c + step + nc) % nc
 
 
 @device_fn
