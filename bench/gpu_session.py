@@ -490,7 +490,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         # flex compiles once per shape, dtype, precision and grad mode (about 10 here): above dynamo's default
         # limit of 8, past which it would fall back to eager FlexAttention (dense scores, out of memory at 512)
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for name in ("recompile_limit", "cache_size_limit"):  # the newer name, then the older one
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+                break
     import triton
 
     global DEADLINE

@@ -144,6 +144,7 @@ def _mask_mod(k: int, kp: int, nc: int) -> Callable[..., Tensor]:
     return mask
 
 
+@functools.lru_cache(maxsize=64)  # one mask per (shape, device), built once as a user would (and kept by identity)
 def block_mask_for(length: int, chunk_size: int, device: torch.device | str, full_blocks: bool = True) -> Any:
     """The BlockMask of GLA: one block per chunk (``BLOCK_SIZE = Kp``), query chunk c keeping key chunks c, c - 1,
     c + 1 (mod nc), each distinct chunk once. Built from the block lists (O(nc)), never from a dense mask.
