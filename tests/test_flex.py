@@ -269,3 +269,18 @@ def test_a_compile_failing_on_full_blocks_retries_with_partial_blocks(monkeypatc
     assert rel_err(got, want) < 1e-12 and rel_err(got_lse, want_lse) < 1e-12
     flex.chunk_attention(xm, v, lss, perm, case.chunk)
     assert seen[2:] == [0]  # remembered: no second failing try
+
+
+def test_available_backends_on_cuda_devices(monkeypatch):
+    """No GPU here: flex says why; with a (pretended) GPU it reports forward and backward, and a backward that
+    is not bitwise repeatable (presumed until measured)."""
+    reason = dk.available_backends("cuda")["flex"].reason
+    assert reason is not None and ("CUDA" in reason or "cuda" in reason)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    status = dk.available_backends("cuda:0")["flex"]
+    assert status.usable and status.passes == "forward and backward"
+    assert status.deterministic_backward is False
+    assert "backward not bitwise repeatable" in str(status)
+    assert dk.available_backends("cuda:2")["flex"].reason == "CUDA device 2 does not exist (1 visible)"
