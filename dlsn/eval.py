@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--backend", default=None,
                         help="attention kernel backend: reference, cpu, cuda, triton (default: automatic)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="compute dtype of the network (default: bfloat16 on a CPU with AVX512-BF16 or AMX, "
+                             "else float32)")
     parser.add_argument("--csv", type=Path, help="write per-image and mean scores to this CSV file")
     parser.add_argument("--json", type=Path, help="write all scores to this JSON file")
     parser.add_argument("--per-image", action="store_true", help="also print each image's scores")
@@ -116,6 +119,17 @@ def _load_models(paths: Sequence[Path], device: torch.device | str, backend: str
             raise EvalError(f"--n-hashes: the model in {path} has no hash rounds to set")
         models[scale] = (model, config)
     return models
+
+
+def _set_dtype(models: dict[int, tuple[nn.Module, dict]], dtype: str | None, device: torch.device) -> None:
+    """``--dtype`` (None: ``dlsn.models.precision.default_dtype``) on every model that has the setting."""
+    from dlsn.models.precision import default_dtype
+
+    for model, _ in models.values():
+        if hasattr(model, "set_dtype"):
+            model.set_dtype(dtype or default_dtype(device))
+        elif dtype not in (None, "float32"):
+            raise EvalError(f"--dtype {dtype}: the model {type(model).__name__} has no dtype setting")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -170,6 +184,7 @@ def _run(args: argparse.Namespace, conversions: dict[str, str] | None = None,
     if args.checkpoint:
         backend = check_backend(args.backend, device)
         models = _load_models(args.checkpoint, device, backend, args.n_hashes, args.seed)
+        _set_dtype(models, args.dtype, device)
     scales = list(dict.fromkeys(args.scale)) if args.scale else sorted(models)
     missing = [s for s in scales if models and s not in models]
     if missing:
