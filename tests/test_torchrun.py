@@ -15,7 +15,7 @@ from dlsn.models.checkpoint import load_checkpoint
 from tests.test_train import TINY, hr_folder, subprocess_env  # noqa: F401 (hr_folder is a fixture)
 
 SAVE_EVERY = 4
-MAX_STEPS = 24
+MAX_STEPS = 40  # enough steps after the first save for the kill to land mid-run on a fast machine
 
 
 def _children(pid: int) -> list[int]:
@@ -61,7 +61,7 @@ def test_killed_rank_restarts_from_last_pt(hr_folder, tmp_path):  # noqa: F811
         deadline = time.monotonic() + 240
         saved = -1
         while saved < SAVE_EVERY and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.05)
             saved = _saved_step(out / "last.pt")
         assert SAVE_EVERY <= saved < MAX_STEPS, f"no mid-run last.pt (step {saved})"
         victims = [pid for pid in _children(process.pid) if _rank_of(pid) == 1]
