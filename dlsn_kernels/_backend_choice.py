@@ -32,6 +32,7 @@ PASSES = ("fwd", "bwd")
 # gradients of captured tensors (lss) with atomic adds (pytorch PR #137452).
 PRESUMED_NONDETERMINISTIC = frozenset({"flex"})
 DEFAULT_TABLE = Path(__file__).resolve().parent.parent / "bench" / "results" / "backend_choice.json"
+_DEFAULT_TABLE_STR = str(DEFAULT_TABLE)
 
 
 def table_path() -> Path:
@@ -49,11 +50,14 @@ def _load(path: str, mtime: float) -> dict[str, Any]:
 
 
 def load_table(path: Path | None = None) -> dict[str, Any] | None:
-    """The measured table, or None when there is none (a broken file is an error: it was meant to be used)."""
-    path = path or table_path()
-    if not path.is_file():
+    """The measured table, or None when there is none (a broken file is an error: it was meant to be used).
+    One stat per call (every automatic op call asks), parsed again only when the file changes."""
+    name = str(path) if path is not None else (os.environ.get("DLSN_BACKEND_CHOICE") or _DEFAULT_TABLE_STR)
+    try:
+        mtime = os.stat(name).st_mtime
+    except OSError:
         return None
-    return _load(str(path), path.stat().st_mtime)
+    return _load(name, mtime)
 
 
 def capability(device: torch.device) -> str:
@@ -110,7 +114,6 @@ def choose(device: torch.device, dtype: torch.dtype | None, order: tuple[str, ..
     cap, precision = capability(device), precision_key(dtype)
     fallback = next((name for name in order if name in usable), None)
     choices = (table or {}).get("choices", {})
-    measured_on = f"measured on {(table or {}).get('date', '?')} ({(table or {}).get('gpu', '?')}, {table_path()})"
 
     def entry(pass_: str) -> str | None:
         name = (choices.get(f"{cap}/{precision}/{pass_}") or {}).get("backend")
@@ -125,6 +128,7 @@ def choose(device: torch.device, dtype: torch.dtype | None, order: tuple[str, ..
             return None
         return Choice(fallback, fallback, f"unmeasured default (order {', '.join(order)})",
                       is_deterministic(fallback, cap, precision, table))
+    measured_on = f"measured on {table.get('date', '?')} ({table.get('gpu', '?')}, {table_path()})"  # type: ignore[union-attr]
     forward = forward or backward or fallback
     backward = backward or (forward if not deterministic or is_deterministic(forward, cap, precision, table)
                             else fallback)

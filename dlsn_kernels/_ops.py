@@ -364,9 +364,11 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
                 f"backends on {device.type}:\n{_status_table(device)}"
             )
         return _backend(requested)
+    from . import _backend_choice
+
     reasons = {name: backend_unavailable_reason(name, device) for name in AUTOMATIC_ORDER.get(device.type, ())}
-    if any(why is None for why in reasons.values()):
-        # only now is every backend asked (flex, triton): the fallback order found one that runs
+    if any(why is None for why in reasons.values()) and _backend_choice.load_table() is not None:
+        # a measured table may name any backend (flex): only then is every backend asked
         reasons.update({name: backend_unavailable_reason(name, device) for name in BACKENDS if name not in reasons})
     choice = _automatic_choice(device, dtype, reasons)
     if choice is not None:
