@@ -248,3 +248,54 @@ def _cpu_bf16_works() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def profile_split(impl: str, preset: str, size: int, n: int = 1, train: bool = False,
+                  device: str = "cpu") -> dict[str, float]:
+    """Seconds of one call (after a warm-up) by part, from ``torch.profiler``: ``attention`` (the dlsn ops,
+    inclusive), ``convolutions`` (forward and backward, inclusive), ``rest``, ``total`` (self times summed)
+    and ``cpu`` (this process's CPU time over the profiled call)."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    run = network_case(impl, preset, size, n=n, train=train, device=device)
+    run()
+    cpu_start = time.process_time()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    cpu = time.process_time() - cpu_start
+    events = {e.key: e for e in prof.key_averages()}
+
+    def inclusive(*names: str) -> float:
+        return sum(events[k].cpu_time_total for k in names if k in events) / 1e6
+
+    attention = inclusive("dlsn::gla_attention", "dlsn::attention_backward")
+    convolutions = inclusive("aten::convolution", "aten::convolution_backward")
+    total = sum(e.self_cpu_time_total for e in events.values()) / 1e6
+    return {"attention": attention, "convolutions": convolutions, "rest": total - attention - convolutions,
+            "total": total, "cpu": cpu}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Where one whole-network call goes (torch.profiler split).")
+    parser.add_argument("preset")
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--n", type=int, default=1)
+    parser.add_argument("--train", action="store_true", help="a train step (default: one inference call)")
+    parser.add_argument("--impl", default="fused-cpu", help="fused-<backend>[-bf16] or dlsn-style[-bf16]")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    split = profile_split(args.impl, args.preset, args.size, args.n, args.train)
+    label = NetworkCase(args.preset, args.size, args.n, args.train).label
+    print(f"{label} {args.impl}: CPU time {split['cpu']:.2f} s, profiled {split['total']:.2f} s")
+    for part in ("attention", "convolutions", "rest"):
+        print(f"  {part:<13}{split[part]:8.2f} s {100 * split[part] / split['total']:6.1f}%")
+
+
+if __name__ == "__main__":
+    main()

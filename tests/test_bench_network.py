@@ -63,3 +63,9 @@ def test_network_cases_and_impls():
     assert {(c.preset, c.train, c.n, c.size) for c in full} >= {("paper", True, 4, 48), ("small", False, 1, 512)}
     assert len({c.id for c in full}) == len(full)
     assert network.network_impls(("cpu",)) == ["fused-cpu", "fused-cpu-bf16", "dlsn-style"]
+
+
+def test_profile_split_adds_up():
+    split = network.profile_split("fused-cpu", "tiny", 12, train=True)
+    assert split["convolutions"] > 0 and split["attention"] > 0 and split["rest"] >= 0
+    assert split["attention"] + split["convolutions"] + split["rest"] == pytest.approx(split["total"])
