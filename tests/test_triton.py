@@ -225,6 +225,21 @@ def test_gla_attention_backward_matches_autograd(size):
         assert_close(a, e)
 
 
+@pytest.mark.parametrize("size", [CASES[0], CASES[3], CASES[6], SIZES[-1]], ids=str)
+def test_backward_transposed_products_match_autograd(size, monkeypatch):
+    """The key passes' tensor-core form (dv^T, dkn^T, dq^T: P and dS on the shared-memory B side), which float16,
+    bfloat16 and TF32 take on a GPU, run here in float64: padded and unpadded, one and several rounds."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["dlsn_kernels.triton.attention_backward"], "_smem_b", lambda dtype: True)
+    actual, expected = chunk_backward_pair(size)
+    for a, e in zip(actual, expected):
+        assert_close(a, e)
+    actual, expected = gla_backward_pair(size)
+    for a, e in zip(actual, expected):
+        assert_close(a, e)
+
+
 def test_backward_of_keys_below_the_norm_floor():
     # zero and tiny rows of xm: the key normalisation is clamped at 5e-5 (gradient dkn / eps)
     size = Case(1, 9, 4, 2, 3, 5)

@@ -67,6 +67,12 @@ backward_heuristics = triton.heuristics({
 })
 
 
+def _smem_b(dtype: torch.dtype) -> bool:
+    """Whether the key passes write their products transposed (P and dS on wgmma's shared-memory B side):
+    for the tensor-core dots (float16/bfloat16, TF32); IEEE float32/float64 run on FFMA in the plain form."""
+    return dot_kind(dtype) != "ieee"
+
+
 def backward_config(chunk_size: int, value_channels: int, dtype: torch.dtype, dv_pass: bool) -> dict[str, int]:
     """Block sizes and launch shape of the two ``_key_pass`` launches, fixed per problem (no autotuning).
 
@@ -86,7 +92,8 @@ def _key_pass(
     grad_out_ptr, delta_ptr, lse_ptr, xm_ptr, v_ptr, lss_ptr, rows_ptr, inv_norm_ptr,
     dv_slot_ptr, dkn_slot_ptr, dlss_slot_ptr, dq_part_ptr,
     L, Cm, Cv, K, R, nc, Lp, r, stat_rounds, stat_round,
-    DV_PASS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    SMEM_B: tl.constexpr, DV_PASS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr, FULL: tl.constexpr, EVEN_C: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr,
 ):
@@ -97,7 +104,8 @@ def _key_pass(
     # computed. P is recomputed from the saved lse (base 2 inside the kernel). Every product whose operand is
     # computed in registers (P, dS) is written transposed so that operand is the B side, which Hopper's wgmma
     # reads from shared memory: a register A operand is the pattern ptxas 12.8/12.9 can schedule wrongly
-    # (Triton issue #9433). Hence the transposed accumulators dv^T, dkn^T and dq^T.
+    # (Triton issue #9433). Hence the transposed accumulators dv^T, dkn^T and dq^T (SMEM_B: tensor-core dots).
+    # IEEE float32 runs on FFMA, where the plain orientation holds fewer registers (the transposed one spills).
     n_kblocks = tl.cdiv(K, BLOCK_K)
     kc = tl.program_id(0) // n_kblocks
     kb = tl.program_id(0) % n_kblocks
@@ -123,9 +131,15 @@ def _key_pass(
                       mask=k_ok[:, None] & cv_ok[None, :], other=0.0)
 
     if DV_PASS:
-        dv_t = tl.zeros([BLOCK_CV, BLOCK_K], ACC)
+        if SMEM_B:
+            dv_t = tl.zeros([BLOCK_CV, BLOCK_K], ACC)
+        else:
+            dv = tl.zeros([BLOCK_K, BLOCK_CV], ACC)
     else:
-        dkn_t = tl.zeros([BLOCK_CM, BLOCK_K], ACC)
+        if SMEM_B:
+            dkn_t = tl.zeros([BLOCK_CM, BLOCK_K], ACC)
+        else:
+            dkn = tl.zeros([BLOCK_K, BLOCK_CM], ACC)
         dlss = tl.zeros([BLOCK_K, BLOCK_Q], ACC)  # [key, query slot i], summed over t
     chunk_next = (kc + 1) % nc
     chunk_prev = (kc + nc - 1) % nc
@@ -163,27 +177,43 @@ def _key_pass(
             p = tl.exp2(tl.where(valid, (s - lse[None, :]) * LOG2E, float("-inf")))
         if DV_PASS:
             # dv^T [Cv, keys] += dO^T P^T
-            dv_t += matmul(tl.trans(d_out), tl.trans(p.to(DOT)), ACC, PRECISION)
+            if SMEM_B:
+                dv_t += matmul(tl.trans(d_out), tl.trans(p.to(DOT)), ACC, PRECISION)
+            else:
+                dv += matmul(p.to(DOT), d_out, ACC, PRECISION)
         else:
             delta = tl.load(delta_ptr + stat_rows).to(ACC)
             dp = matmul(val, tl.trans(d_out), ACC, PRECISION)
             ds = p * (dp - delta[None, :])
             # dkn^T [Cm, keys] += q^T dS^T
-            dkn_t += matmul(tl.trans(q), tl.trans(ds.to(DOT)), ACC, PRECISION)
+            if SMEM_B:
+                dkn_t += matmul(tl.trans(q), tl.trans(ds.to(DOT)), ACC, PRECISION)
+            else:
+                dkn += matmul(ds.to(DOT), q, ACC, PRECISION)
             dlss += ds
             # dq^T [Cm, i] = key^T (dS / ||key||): this key block's share, one writer per (t, kb)
-            dq_t = matmul(tl.trans(key), (ds * inv_norm[:, None]).to(DOT), ACC, PRECISION)
             part_row = (((n * nc + c) * 3 + t) * n_kblocks + kb).to(tl.int64) * K + offs_i
-            if FULL and EVEN_C:
-                tl.store(dq_part_ptr + part_row[None, :] * Cm + offs_cm[:, None], dq_t)
+            if SMEM_B:
+                dq_t = matmul(tl.trans(key), (ds * inv_norm[:, None]).to(DOT), ACC, PRECISION)
+                if FULL and EVEN_C:
+                    tl.store(dq_part_ptr + part_row[None, :] * Cm + offs_cm[:, None], dq_t)
+                else:
+                    tl.store(dq_part_ptr + part_row[None, :] * Cm + offs_cm[:, None], dq_t,
+                             mask=(offs_i < K)[None, :] & cm_ok[:, None])
             else:
-                tl.store(dq_part_ptr + part_row[None, :] * Cm + offs_cm[:, None], dq_t,
-                         mask=(offs_i < K)[None, :] & cm_ok[:, None])
+                dq = matmul(tl.trans((ds * inv_norm[:, None]).to(DOT)), key, ACC, PRECISION)
+                tl.store(dq_part_ptr + part_row[:, None] * Cm + offs_cm[None, :], dq,
+                         mask=(offs_i < K)[:, None] & cm_ok[None, :])
             if t == 2:
                 tl.store(dlss_slot_ptr + (n * Lp + k_slot).to(tl.int64)[:, None] * K + offs_i[None, :], dlss,
                          mask=k_ok[:, None] & (offs_i < K)[None, :])
                 dlss = tl.zeros([BLOCK_K, BLOCK_Q], ACC)
     slot_rows = (n * Lp + k_slot).to(tl.int64)
+    if not SMEM_B:  # one layout change at the end, not per step
+        if DV_PASS:
+            dv_t = tl.trans(dv)
+        else:
+            dkn_t = tl.trans(dkn)
     if DV_PASS:
         tl.store(dv_slot_ptr + slot_rows[None, :] * Cv + offs_cv[:, None], dv_t,
                  mask=k_ok[None, :] & cv_ok[:, None])
@@ -353,7 +383,7 @@ def attention_backward(
                 grad_out, delta, lse, xm, v, lss, rows, inv_norm,
                 dv_slot, dkn_slot, dlss_slot, dq_part,
                 length, cm, cv, k, rounds, nc, padded, r, stat_rounds, stat_round,
-                DV_PASS=dv_pass, PRECISION=precision, **configs[dv_pass],
+                SMEM_B=_smem_b(xm.dtype), DV_PASS=dv_pass, PRECISION=precision, **configs[dv_pass],
             )
         _position_pass[(triton.cdiv(length, block_p), n)](
             perm, xm, dq_part, dv_slot, dkn_slot, dlss_slot,
