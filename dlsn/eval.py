@@ -1,7 +1,8 @@
 """Evaluate SR on test sets: Y-channel PSNR / SSIM tables; the command line of ``dlsn.evaluation``.
 
     python -m dlsn.eval --data ROOT --checkpoint FILE [FILE ...] [--scale 2 [3 4]] [--sets Set5 Set14]
-                        [--self-ensemble] [--n-hashes R] [--seed S] [--device D] [--backend NAME]
+                        [--self-ensemble] [--chop | --tile SIZE --tile-overlap PX] [--n-hashes R] [--seed S]
+                        [--device D] [--backend NAME]
                         [--csv out.csv] [--json out.json] [--per-image] [--no-progress]
     python -m dlsn.eval --data ROOT --scale 2 3 4 --bicubic
     python -m dlsn.eval --data ROOT --checkpoint FILE --bicubic                # model and bicubic, one table
