@@ -173,6 +173,8 @@ def _gla_module(impl: str, channels: int, reduction: int, k: int, r: int) -> nn.
         return baselines.NLSAttention(channels, reduction=reduction, chunk_size=k, n_hashes=r)
     if impl == "dlsn-style":
         return baselines.DLSNStyleGLA(channels, reduction=reduction, chunk_size=k, n_hashes=r)
+    if impl == "flex-gla":  # the same block with its attention on the FlexAttention formulation
+        return GLA(channels, reduction=reduction, chunk_size=k, n_hashes=r, backend="flex")
     raise ValueError(f"unknown impl {impl!r}; use fused-<backend>, {', '.join(CORE_IMPLS_BASELINE)}")
 
 
