@@ -78,14 +78,19 @@ def chunk_attention(
         return torch.gather(t.unsqueeze(1).expand(n, rounds, length, c), 2, idx)
 
     q = gather(xm).reshape(n, rounds, nc, k, cm)
-    key_norm = xm / xm.norm(dim=-1, keepdim=True).clamp_min(KEY_NORM_EPS)
+    # the norm scaled by the row's largest magnitude, so that squares of huge features do not overflow; the
+    # scale is a constant for autograd (s * ||x / s|| = ||x|| for any s > 0)
+    scale = xm.detach().abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(xm.dtype).tiny)
+    key_norm = xm / (scale * (xm / scale).norm(dim=-1, keepdim=True)).clamp_min(KEY_NORM_EPS)
     keys = _adjacent(gather(key_norm).reshape(n, rounds, nc, k, cm))
     values = _adjacent(gather(v).reshape(n, rounds, nc, k, cv))
     learned = _adjacent(gather(lss).reshape(n, rounds, nc, k, k))  # [.., 3K keys, K query slots]
 
     scores = torch.einsum("nrcie,nrcje->nrcij", q, keys) + learned.transpose(-1, -2)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    out = torch.einsum("nrcij,nrcje->nrcie", torch.exp(scores - lse), values)
+    # softmax subtracts the row max, not lse: with huge scores (xm * 1e30) lse rounds above the max and
+    # exp(scores - lse) would drop the whole row
+    out = torch.einsum("nrcij,nrcje->nrcie", torch.softmax(scores, dim=-1), values)
 
     out = out.reshape(n, rounds, lp, cv)[:, :, :length]
     lse = lse.reshape(n, rounds, lp)[:, :, :length]

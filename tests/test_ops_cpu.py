@@ -262,6 +262,12 @@ def test_huge_features_attend_to_themselves(op):
         out = dk.gla_attention(*low, rot.float(), case.chunk, backend="cpu")
         want = low[1].detach()
     assert torch.isfinite(out).all() and torch.equal(out, want)
+    # the reference agrees (its norm is scaled and its softmax subtracts the row max)
+    if op == "chunk":
+        ref_out, _ref_lse = ref.chunk_attention(*[t.detach() for t in low], perm, case.chunk)
+    else:
+        ref_out = ref.gla_attention(*[t.detach() for t in low], rot.float(), case.chunk)
+    assert torch.equal(ref_out, want)
     # The backward recomputes P = exp(s - lse) from the saved float32 lse, which cannot resolve scores of 1e30
     # (P would be 0, 1 or 2 where it is 1/2): it refuses instead of returning wrong gradients.
     with pytest.raises(ValueError, match="saved lse reaches"):
