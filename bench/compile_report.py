@@ -309,7 +309,8 @@ def compile_kernels(shape: tuple[int, ...] = TRAINING_SHAPE, modes=MODES,
 _CUDA_DTYPES = {"float": "fp32", "double": "fp64", "c10::BFloat16": "bf16", "c10::Half": "fp16"}
 
 
-def _demangle(names: list[str]) -> list[str]:
+def demangle(names: list[str]) -> list[str]:
+    """C++ symbol names made readable by c++filt (unchanged when it is missing)."""
     try:
         out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True)
         return out.stdout.splitlines()
@@ -332,7 +333,7 @@ def cuda_kernels(library: str | None = None, arch: str = "sm_90") -> list[Kernel
     bodies = dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass, re.S))
     mangled = sorted(resources)
     records = []
-    for name, readable in zip(mangled, _demangle(mangled)):
+    for name, readable in zip(mangled, demangle(mangled)):
         kernel = re.search(r"(\w+)(?:<[^()]*>)?\(", readable)
         dtype = re.search(r"<([\w:]+)", readable)
         template = re.search(r"<(.*?)>\s*\(", readable)

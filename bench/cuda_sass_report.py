@@ -24,6 +24,8 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
+from bench.compile_report import demangle
+
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?);")
 _BRANCH = re.compile(r"\bBRA\s+(?:\S+\s+)?0x([0-9a-f]+)")
 _MMA = re.compile(r"\b(HMMA|HGMMA)\b")
@@ -64,14 +66,6 @@ def _cuobjdump() -> str:
     raise FileNotFoundError("no cuobjdump: install triton or the CUDA toolkit")
 
 
-def _demangle(names: list[str]) -> list[str]:
-    try:
-        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True)
-        return out.stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return names
-
-
 def loop_figures(body: str) -> tuple[int, int, int]:
     """(instructions, mma, cp.async) inside the main loop of one kernel's SASS: the loop (backward branch to
     target) holding the most mma, the tightest of those; zeros when no loop holds any."""
@@ -109,7 +103,7 @@ def sass_records(binary: str | None = None, arch: str = "sm_90") -> list[SassRec
     bodies = dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass, re.S))
     names = sorted(bodies)
     records = []
-    for name, readable in zip(names, _demangle(names)):
+    for name, readable in zip(names, demangle(names)):
         body = bodies[name]
         code = [t.strip() for _, t in _INSTRUCTION.findall(body)]
         code = [t for t in code if not t.startswith("NOP")]
