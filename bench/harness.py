@@ -71,11 +71,15 @@ def measure(
     label: str,
     pixels: int,
     estimate_bytes: float | None = None,
+    heavy: bool = False,
+    extra_info: dict[str, Any] | None = None,
+    memory_timeout_s: float = 600.0,
 ) -> None:
     """Times ``target(**kwargs)``'s ``run()`` here, then measures its peak extra memory in a child.
 
-    Stores in ``benchmark.extra_info``: impl, case label, pixel count, the estimate, and
-    ``peak_extra_mb`` (plus baseline and method) unless memory measurement is off.
+    Stores in ``benchmark.extra_info``: impl, case label, pixel count, the estimate, ``extra_info``, and
+    ``peak_extra_mb`` (plus baseline and method) unless memory measurement is off. A ``heavy`` case (outside
+    quick mode) gets one timed round with no warm-up, and the child measures its first call: two calls in all.
     """
     builder = getattr(cases, target.partition(":")[2])
     benchmark.group = group
@@ -84,13 +88,13 @@ def measure(
     )
     if estimate_bytes is not None:
         benchmark.extra_info["estimate_mb"] = round(estimate_bytes / 2**20, 1)
+    benchmark.extra_info.update(extra_info or {})
 
+    heavy = heavy and not config.quick
     run = builder(**kwargs, device=config.device)
-    if config.quick:
-        # One warm-up keeps first-call costs (lazy init) out of the one timed round.
-        benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=1)
-    else:
-        benchmark.pedantic(run, rounds=config.rounds, iterations=1, warmup_rounds=1)
+    # One warm-up keeps first-call costs (lazy init) out of the timed rounds, except where a call takes minutes.
+    rounds = 1 if config.quick or heavy else config.rounds
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0 if heavy else 1)
     del run
     gc.collect()
     if torch.device(config.device).type == "cuda":
@@ -98,7 +102,8 @@ def measure(
 
     if config.measure_memory:
         try:
-            peak = measure_peak(target, kwargs, config.device, threads=config.threads)
+            peak = measure_peak(target, kwargs, config.device, threads=config.threads, warmup=not heavy,
+                                timeout_s=memory_timeout_s)
         except MemoryMeasurementError as exc:
             pytest.fail(f"peak memory of {impl} {label}: {exc}")
         benchmark.extra_info.update(peak.as_extra_info())

@@ -19,7 +19,6 @@ in a child, with fewer rounds for cases that take tens of seconds on a CPU.
 from __future__ import annotations
 
 import contextlib
-import gc
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -29,8 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench import baselines
-from bench.harness import BenchConfig, skip_if_too_big, skip_unless_backend_runs
-from bench.memory import MemoryMeasurementError, measure_peak
+from bench.harness import BenchConfig, measure, skip_if_too_big, skip_unless_backend_runs
 
 __all__ = [
     "BF16_SUFFIX",
@@ -220,25 +218,9 @@ def measure_network(benchmark, config: BenchConfig, case: NetworkCase, impl: str
               "scale": case.scale, "channels_last": channels_last}
     estimate = estimate_network_bytes(impl, case.preset, case.size, case.n, case.train, case.scale)
     skip_if_too_big(base, estimate, config)
-    benchmark.group = GROUP
-    benchmark.extra_info.update({"impl": impl, "case": case.label, "pixels": case.size ** 2,
-                                 "device": config.device, "threads": config.threads,
-                                 "estimate_mb": round(estimate / 2**20, 1), "channels_last": channels_last})
-    heavy = case.heavy and not config.quick
-    rounds = 1 if config.quick or heavy else config.rounds
-    run = network_case(**kwargs, device=config.device)
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0 if heavy else 1)
-    del run
-    gc.collect()
-    if torch.device(config.device).type == "cuda":
-        torch.cuda.empty_cache()
-    if config.measure_memory:
-        try:
-            peak = measure_peak("bench.cases:network_case", kwargs, config.device, threads=config.threads,
-                                warmup=not heavy, timeout_s=1800.0)
-        except MemoryMeasurementError as exc:
-            pytest.fail(f"peak memory of {impl} {case.label}: {exc}")
-        benchmark.extra_info.update(peak.as_extra_info())
+    measure(benchmark, config, "bench.cases:network_case", kwargs, group=GROUP, impl=impl, label=case.label,
+            pixels=case.size ** 2, estimate_bytes=estimate, heavy=case.heavy,
+            extra_info={"channels_last": channels_last}, memory_timeout_s=1800.0)
 
 
 def _cpu_bf16_works() -> bool:
