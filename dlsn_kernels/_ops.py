@@ -212,6 +212,19 @@ def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cuda_device_reason(device: torch.device, consequence: str = "") -> str | None:
+    """Why no kernel can run on the CUDA ``device`` (None when one can). Registration alone proves nothing: a
+    CUDA build of torch registers CUDA kernels on a machine without a GPU, and the first launch would fail far
+    from the call. ``consequence`` ends the no-CUDA-build message."""
+    if torch.version.cuda is None:
+        return f"this torch build ({torch.__version__}) has no CUDA support{consequence}"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"CUDA device {device.index} does not exist ({torch.cuda.device_count()} visible)"
+    return None
+
+
 def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot run on tensors of ``device``; None when it can."""
     if name not in BACKENDS:
@@ -223,14 +236,9 @@ def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
 
         return flex.unavailable_reason(device)
     if device.type == "cuda" and name in ("cuda", "triton"):
-        # Registration alone proves nothing: a CUDA build of torch registers CUDA kernels on a machine
-        # without a GPU, and the first launch would fail far from here.
-        if torch.version.cuda is None:
-            return f"this torch build ({torch.__version__}) has no CUDA support, so no {name} kernel can run"
-        if not torch.cuda.is_available():
-            return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            return f"CUDA device {device.index} does not exist ({torch.cuda.device_count()} visible)"
+        reason = cuda_device_reason(device, f", so no {name} kernel can run")
+        if reason is not None:
+            return reason
     if name == "cpu":
         if _C_ERROR is not None:
             return _C_ERROR

@@ -74,12 +74,11 @@ def unavailable_reason(device: torch.device) -> str | None:
         return None
     if device.type != "cuda":
         return f"FlexAttention does not run on {device.type} tensors here"
-    if torch.version.cuda is None:
-        return f"this torch build ({torch.__version__}) has no CUDA support"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        return f"CUDA device {device.index} does not exist ({torch.cuda.device_count()} visible)"
+    from ._ops import cuda_device_reason  # here, not at the top: _ops imports this module lazily
+
+    reason = cuda_device_reason(device)
+    if reason is not None:
+        return reason
     try:
         import triton  # noqa: F401  (compiled FlexAttention generates Triton kernels)
     except ImportError as exc:
