@@ -9,6 +9,7 @@ it (even if the variable was removed since), and CPU tensors get a clear error w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,8 @@ __all__ = [
     "dot_kind",
     "dot_precision",
     "inverse_key_norms",
+    "query_scale_exponent_limit",
+    "scaled_key_norms",
     "jit",
     "matmul",
     "matmul_ieee",
@@ -204,7 +207,60 @@ def inverse_key_norms(xm: torch.Tensor) -> torch.Tensor:
     """``1 / max(||xm[n, l]||, KEY_NORM_EPS)`` as ``[N, L]`` in the accumulation dtype, once per call.
 
     The attention kernels scale each score column by it instead of normalising every gathered key row
-    in every program (each key row is read by up to 3 query chunks per round).
+    in every program (each key row is read by up to 3 query chunks per round). Overflow-safe: see
+    :func:`_norms_and_exponents`.
+    """
+    norms, _ = _norms_and_exponents(xm)
+    return norms.clamp_min(KEY_NORM_EPS).reciprocal().contiguous()
+
+
+def _norms_and_exponents(xm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(||xm[n, l]||, E)``: the norms in the accumulation dtype, overflow-safe, and the exponent E of a power of
+    two above every magnitude of ``xm`` (``max |xm| < 2^E``, a 0-d device tensor: no host synchronisation).
+
+    Each row is scaled by the power of two 2^-E_row above its largest magnitude before its squares are summed
+    (xm * 1e30 has squares beyond float32's range), then the norm is scaled back. Powers of two scale every
+    rounding step exactly, so normal rows get the same bits as the plain norm. Rows below 2^-64 are not scaled
+    up further: their norm is under KEY_NORM_EPS either way.
     """
     acc = accumulate_dtype(xm.dtype)
-    return torch.linalg.vector_norm(xm, dim=-1, dtype=acc).clamp_min(KEY_NORM_EPS).reciprocal().contiguous()
+    top = xm.detach().abs().amax(dim=-1).to(acc) if xm.shape[-1] else xm.new_zeros(xm.shape[:-1], dtype=acc)
+    row_exp = torch.frexp(top).exponent.clamp_min(-64)  # top = m 2^E_row with 0.5 <= m < 1 (0 for 0)
+    scaled = xm.to(acc) * torch.ldexp(torch.ones_like(top), -row_exp).unsqueeze(-1)
+    norms = torch.ldexp(torch.linalg.vector_norm(scaled, dim=-1), row_exp)
+    return norms, row_exp.amax() if row_exp.numel() else row_exp.new_zeros(())
+
+
+def query_scale_exponent_limit(dtype: torch.dtype) -> int:
+    """The largest e for which ``2^e LOG2E / KEY_NORM_EPS`` (the largest scaled inverse norm) is finite."""
+    return int(math.floor(math.log2(torch.finfo(accumulate_dtype(dtype)).max * KEY_NORM_EPS / 2)))
+
+
+def scaled_key_norms(xm: torch.Tensor, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(factor 2^e / max(||xm||, eps) [N, L], 2^-e [1])`` for the attention forward, once per call.
+
+    The kernels compute q . key unnormalised and scale the score column by the inverse key norm; with
+    xm * 1e30 the product itself overflows float32 (|q| |key| ~ 1e62). So the queries are scaled by 2^-e once
+    per query tile (the 1-element tensor, in xm's dtype: powers of two are exact in every float format) and
+    2^e is folded into the inverse norm the kernels already load. e is the smallest power that keeps
+    ``Cm max|xm|^2 2^-e`` at a quarter of the accumulation type's range: 0 for any input below about 1e18 in
+    float32 (float16 always), where nothing changes bit for bit. Beyond ``query_scale_exponent_limit`` the
+    scaled inverse norm of a key at the norm floor would overflow: such inputs (max |xm| above about 1e34 in
+    float32/bfloat16) are refused, which costs one host read of the exponent per call.
+    """
+    acc = accumulate_dtype(xm.dtype)
+    norms, top_exp = _norms_and_exponents(xm)
+    cm = max(int(xm.shape[-1]), 1)
+    headroom = math.frexp(torch.finfo(acc).max)[1] - 2 - math.ceil(math.log2(cm))  # 126 - log2(Cm) in float32
+    exp = (2 * top_exp - headroom).clamp_min(0)
+    limit = query_scale_exponent_limit(xm.dtype)
+    if int(exp) > limit:  # the one host read: the only way to refuse rather than return NaN
+        top = float(xm.detach().abs().amax())
+        bound = 2.0 ** ((limit + headroom) // 2)  # max |xm| < 2^E_max <=> e <= limit
+        raise ValueError(
+            f"xm reaches {top:.3g} in magnitude; the attention kernels resolve scores only while max |xm| < "
+            f"{bound:.3g} ({xm.dtype}, Cm = {cm}): scale xm down, its norm sets the scores"
+        )
+    inv = torch.ldexp(norms.clamp_min(KEY_NORM_EPS).reciprocal(), exp) * factor
+    q_scale = torch.ldexp(torch.ones(1, dtype=acc, device=xm.device), -exp).to(xm.dtype)
+    return inv.contiguous(), q_scale

@@ -38,10 +38,10 @@ from ._common import (
     check_device,
     dot_kind,
     dot_precision,
-    inverse_key_norms,
     jit,
     launch_tiles,
     matmul,
+    scaled_key_norms,
     slot_layout,
     slot_rows,
     tl_accumulate_dtype,
@@ -79,7 +79,7 @@ even_heuristics = triton.heuristics({
 @attention_heuristics
 @jit
 def _chunk_attention_fwd_kernel(
-    xm_ptr, v_ptr, lss_ptr, rows_ptr, inv_norm_ptr, out_ptr, lse_ptr,
+    xm_ptr, v_ptr, lss_ptr, rows_ptr, inv_norm_ptr, q_scale_ptr, out_ptr, lse_ptr,
     L, Cm, Cv, K, R, nc, Lp,
     PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr,
@@ -106,6 +106,8 @@ def _chunk_attention_fwd_kernel(
         q = tl.load(xm_ptr + q_rows[:, None] * Cm + offs_cm[None, :])
     else:
         q = tl.load(xm_ptr + q_rows[:, None] * Cm + offs_cm[None, :], mask=cm_ok[None, :], other=0.0)
+    # 2^-e (1 for any input below ~1e18, see scaled_key_norms): q . key cannot overflow; 2^e is in inv_norm
+    q = q * tl.load(q_scale_ptr)
 
     m_i = tl.full([BLOCK_Q], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_Q], ACC)
@@ -137,7 +139,7 @@ def _chunk_attention_fwd_kernel(
         else:
             key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :], mask=cm_ok[None, :], other=0.0)
             val = tl.load(v_ptr + k_rows[:, None] * Cv + offs_cv[None, :], mask=cv_ok[None, :], other=0.0)
-        # log2(e) / max(||key||, eps) (precomputed per position) scales the score column: q . key / ||key||
+        # log2(e) 2^e / max(||key||, eps) (precomputed per position) scales the score column: q . key / ||key||
         s = (matmul(q, tl.trans(key), ACC, PRECISION) * inv_norm[None, :]
              + tl.trans(learned.to(ACC)) * LOG2E)
         if not EVEN_K:
@@ -180,10 +182,13 @@ def _combine_rounds_kernel(
     for r in range(0, R):
         total += tl.exp(tl.load(lse_ptr + (n * R + r) * L + pos, mask=ok, other=0.0) - top)
     lse = top + tl.log(total)
+    # weights exp(lse_r - top) / total, not exp(lse_r - lse): at |lse| ~ 1e30 (xm * 1e30) lse rounds to top and
+    # two rounds of equal lse would both get weight 1
+    scale = 1.0 / total
     y = tl.zeros([BLOCK_P, BLOCK_CV], ACC)
     for r in range(0, R):
         rows = (n * R + r) * L + pos
-        weight = tl.exp(tl.load(lse_ptr + rows, mask=ok, other=0.0) - lse)
+        weight = tl.exp(tl.load(lse_ptr + rows, mask=ok, other=0.0) - top) * scale
         y += tl.load(out_ptr + rows[:, None] * Cv + offs_cv[None, :], mask=mask, other=0.0).to(ACC) * weight[:, None]
     tl.store(y_ptr + (n * L + pos)[:, None] * Cv + offs_cv[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(lse_total_ptr + n * L + pos, lse, mask=ok)
@@ -217,9 +222,10 @@ def _launch_forward(xm, v, lss, perm, out, lse, chunk_size):
     _, padded, nc = slot_layout(length, chunk_size)
     rows = slot_rows(perm, chunk_size, max(cm, cv, chunk_size))
     config = forward_config(chunk_size, cv, xm.dtype)
+    inv_norm, q_scale = scaled_key_norms(xm, _LOG2E)
     grid = (nc * triton.cdiv(chunk_size, config["BLOCK_Q"]), n * perm.shape[1])
     _chunk_attention_fwd_kernel[grid](
-        xm, v, lss, rows, inverse_key_norms(xm) * _LOG2E, out, lse,
+        xm, v, lss, rows, inv_norm, q_scale, out, lse,
         length, cm, cv, chunk_size, perm.shape[1], nc, padded,
         PRECISION=dot_precision(xm.dtype), **config,
     )
