@@ -90,7 +90,7 @@ def backward_config(chunk_size: int, value_channels: int, dtype: torch.dtype, dv
 @jit
 def _key_pass(
     grad_out_ptr, delta_ptr, lse_ptr, xm_ptr, v_ptr, lss_ptr, rows_ptr, inv_norm_ptr,
-    dv_slot_ptr, dkn_slot_ptr, dlss_slot_ptr, dq_part_ptr,
+    dv_slot_ptr, dkn_slot_ptr, dlss_slot_ptr, ds_ptr,
     L, Cm, Cv, K, R, nc, Lp, r, stat_rounds, stat_round,
     SMEM_B: tl.constexpr, DV_PASS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -191,19 +191,14 @@ def _key_pass(
             else:
                 dkn += matmul(ds.to(DOT), q, ACC, PRECISION)
             dlss += ds
-            # dq^T [Cm, i] = key^T (dS / ||key||): this key block's share, one writer per (t, kb)
-            part_row = (((n * nc + c) * 3 + t) * n_kblocks + kb).to(tl.int64) * K + offs_i
-            if SMEM_B:
-                dq_t = matmul(tl.trans(key), (ds * inv_norm[:, None]).to(DOT), ACC, PRECISION)
-                if FULL and EVEN_C:
-                    tl.store(dq_part_ptr + part_row[None, :] * Cm + offs_cm[:, None], dq_t)
-                else:
-                    tl.store(dq_part_ptr + part_row[None, :] * Cm + offs_cm[:, None], dq_t,
-                             mask=(offs_i < K)[None, :] & cm_ok[:, None])
+            # dS / ||key|| in the dot dtype, exactly the operand of dq's product, for _dq_pass (one writer per
+            # element): half the bytes of float32 dq partials in bf16/fp16, and the dq product leaves this pass
+            ds_row = (((n * nc + c) * 3 + t) * K + offs_j).to(tl.int64) * K
+            ds_ptrs = ds_ptr + ds_row[:, None] + offs_i[None, :]
+            if FULL:
+                tl.store(ds_ptrs, (ds * inv_norm[:, None]).to(DOT))
             else:
-                dq = matmul(tl.trans((ds * inv_norm[:, None]).to(DOT)), key, ACC, PRECISION)
-                tl.store(dq_part_ptr + part_row[:, None] * Cm + offs_cm[None, :], dq,
-                         mask=(offs_i < K)[:, None] & cm_ok[None, :])
+                tl.store(ds_ptrs, (ds * inv_norm[:, None]).to(DOT), mask=k_ok[:, None] & (offs_i < K)[None, :])
             if t == 2:
                 tl.store(dlss_slot_ptr + (n * Lp + k_slot).to(tl.int64)[:, None] * K + offs_i[None, :], dlss,
                          mask=k_ok[:, None] & (offs_i < K)[None, :])
@@ -220,6 +215,71 @@ def _key_pass(
     else:
         tl.store(dkn_slot_ptr + slot_rows[None, :] * Cm + offs_cm[:, None], dkn_t,
                  mask=k_ok[None, :] & cm_ok[:, None])
+
+
+# (BLOCK_Q, BLOCK_K, num_warps) of _dq_pass: one warpgroup; dq^T [Cm, BLOCK_Q] in float32 is 32 registers
+# per thread at Cm = 64, and both operands come from memory (shared-memory A and B).
+_DQ_TILES = {"native": (64, 64, 4), "tf32": (64, 32, 4), "ieee": (32, 32, 4)}
+
+
+def dq_config(chunk_size: int, dtype: torch.dtype) -> dict[str, int]:
+    block_q, block_k, warps = _DQ_TILES[dot_kind(dtype)]
+    return launch_tiles(chunk_size, 0, block_q, block_k, warps) | {"num_warps": warps}
+
+
+@triton.heuristics({
+    "BLOCK_CM": lambda a: channel_block(a["Cm"]),
+    "ACC": lambda a: tl_accumulate_dtype(a["xm_ptr"].dtype),
+    "FULL": lambda a: a["K"] % a["BLOCK_K"] == 0 and a["K"] % a["BLOCK_Q"] == 0 and a["L"] % a["K"] == 0,
+    "EVEN_C": lambda a: a["Cm"] == channel_block(a["Cm"]),
+})
+@jit
+def _dq_pass(
+    ds_ptr, xm_ptr, rows_ptr, dq_tot_ptr,
+    L, Cm, K, R, nc, Lp, r,
+    FIRST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_CM: tl.constexpr, FULL: tl.constexpr, EVEN_C: tl.constexpr, ACC: tl.constexpr,
+):
+    # dq of a query tile of chunk c for round r: dq^T [Cm, i] = sum over its three key chunks t and their key
+    # blocks of key^T (dS / ||key||) (the score pass's operand, stored in the dot dtype), in a fixed order, then
+    # added to the float32 position total of earlier rounds (each query position has one slot per round).
+    n_qblocks = tl.cdiv(K, BLOCK_Q)
+    c = tl.program_id(0) // n_qblocks
+    offs_i = (tl.program_id(0) % n_qblocks) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    n = tl.program_id(1)
+    slot_row = rows_ptr + (n * R + r).to(tl.int64) * Lp
+    offs_cm = tl.arange(0, BLOCK_CM)
+    cm_ok = offs_cm < Cm
+    chunk_prev = (c + nc - 1) % nc
+    chunk_next = (c + 1) % nc
+    n_kblocks = tl.cdiv(K, BLOCK_K)
+    dq_t = tl.zeros([BLOCK_CM, BLOCK_Q], ACC)
+    for step in range(0, 3 * n_kblocks):
+        t = step // n_kblocks
+        offs_j = (step % n_kblocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        # query chunk c reads key chunk c, c - 1, c + 1 as its chunk t = 0, 1, 2 (the score pass's t)
+        kc = tl.where(t == 0, c, tl.where(t == 1, chunk_prev, chunk_next))
+        ds_ptrs = ds_ptr + ((((n * nc + c) * 3 + t) * K + offs_j).to(tl.int64) * K)[:, None] + offs_i[None, :]
+        if FULL:
+            k_rows = tl.load(slot_row + kc * K + offs_j)
+            ds = tl.load(ds_ptrs)
+        else:
+            j_ok = offs_j < K
+            k_rows = tl.load(slot_row + kc * K + offs_j, mask=j_ok, other=0)
+            ds = tl.load(ds_ptrs, mask=j_ok[:, None] & (offs_i < K)[None, :], other=0.0)
+        if EVEN_C:
+            key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :])
+        else:
+            key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :], mask=cm_ok[None, :], other=0.0)
+        dq_t += matmul(tl.trans(key), ds, ACC, PRECISION)
+    q_slot = c * K + offs_i
+    q_ok = (offs_i < K) & (q_slot < L)  # padded query slots have no gradient
+    pos_rows = tl.load(slot_row + q_slot, mask=q_ok, other=0).to(tl.int64)
+    ptrs = dq_tot_ptr + pos_rows[None, :] * Cm + offs_cm[:, None]
+    ok = q_ok[None, :] & cm_ok[:, None]
+    if not FIRST:
+        dq_t += tl.load(ptrs, mask=ok, other=0.0)
+    tl.store(ptrs, dq_t, mask=ok)
 
 
 @device_fn
@@ -259,9 +319,9 @@ def _store_rows(ptr, rows, offs, width, ok, value):
 })
 @jit
 def _position_pass(
-    perm_ptr, xm_ptr, dq_part_ptr, dv_slot_ptr, dkn_slot_ptr, dlss_slot_ptr,
+    perm_ptr, xm_ptr, dv_slot_ptr, dkn_slot_ptr, dlss_slot_ptr,
     dq_tot_ptr, dkn_tot_ptr, dv_tot_ptr, dlss_tot_ptr, dxm_ptr, dv_ptr, dlss_ptr,
-    L, Cm, Cv, K, R, nc, pad, Lp, r, n_kblocks, n_dup,
+    L, Cm, Cv, K, R, pad, Lp, r, n_dup,
     FIRST: tl.constexpr, LAST: tl.constexpr, EPS: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr, BLOCK_KK: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -276,16 +336,6 @@ def _position_pass(
     offs_k = tl.arange(0, BLOCK_KK)
     cm_ok = offs_cm < Cm
 
-    # dq of the query at this slot (padded query slots have none): sum over t, then key blocks
-    c = slot // K
-    i = slot % K
-    dq = tl.zeros([BLOCK_P, BLOCK_CM], ACC)
-    for t in tl.static_range(3):
-        for kb in range(0, n_kblocks):
-            part_row = (((n * nc + c) * 3 + t) * n_kblocks + kb) * K + i
-            dq += tl.load(dq_part_ptr + part_row[:, None] * Cm + offs_cm[None, :],
-                          mask=ok[:, None] & cm_ok[None, :], other=0.0)
-    dq = _add_to_total(dq_tot_ptr, pos_rows, offs_cm, Cm, ok, dq, FIRST)
     dkn = _gather_slots(dkn_slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs_cm, Cm, ok, ACC)
     dkn = _add_to_total(dkn_tot_ptr, pos_rows, offs_cm, Cm, ok, dkn, FIRST)
     dv = _gather_slots(dv_slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs_cv, Cv, ok, ACC)
@@ -302,11 +352,12 @@ def _position_pass(
         radial = tl.sum(kn * dkn, axis=1)
         tangent = (dkn - kn * radial[:, None]) / tl.maximum(norm, EPS)[:, None]
         d_key = tl.where((norm >= EPS)[:, None], tangent, dkn / EPS)
+        dq = tl.load(dq_tot_ptr + pos_rows[:, None] * Cm + offs_cm[None, :], mask=ok[:, None] & cm_ok[None, :],
+                     other=0.0)  # all rounds, from _dq_pass
         _store_rows(dxm_ptr, pos_rows, offs_cm, Cm, ok, dq + d_key)
         _store_rows(dv_ptr, pos_rows, offs_cv, Cv, ok, dv)
         _store_rows(dlss_ptr, pos_rows, offs_k, K, ok, dlss)
     else:
-        _store_rows(dq_tot_ptr, pos_rows, offs_cm, Cm, ok, dq)
         _store_rows(dkn_tot_ptr, pos_rows, offs_cm, Cm, ok, dkn)
         _store_rows(dv_tot_ptr, pos_rows, offs_cv, Cv, ok, dv)
         _store_rows(dlss_tot_ptr, pos_rows, offs_k, K, ok, dlss)
@@ -355,21 +406,23 @@ def attention_backward(
     pad, padded, nc = slot_layout(length, k)
     configs = {dv_pass: backward_config(k, cv, xm.dtype, dv_pass) for dv_pass in (True, False)}
     n_kblocks = triton.cdiv(k, configs[True]["BLOCK_K"])  # the same key blocks in both passes
+    dq_tiles = dq_config(k, xm.dtype)
     acc = accumulate_dtype(xm.dtype)
     dev = xm.device
     # per-round slot buffers (every element written by the key pass before the position pass reads it)
     dv_slot = torch.empty((n, padded, cv), dtype=acc, device=dev)
     dkn_slot = torch.empty((n, padded, cm), dtype=acc, device=dev)
     dlss_slot = torch.empty((n, padded, k), dtype=acc, device=dev)
-    dq_part = torch.empty((n, nc, 3, n_kblocks, k, cm), dtype=acc, device=dev)
-    # position totals across rounds (not needed with one round)
+    # dS / ||key|| of round r in the dot dtype: [n, query chunk c, t, key j, query i] (one writer per element)
+    ds = torch.empty((n, nc, 3, k, k), dtype=xm.dtype, device=dev)
+    dq_tot = torch.empty((n, length, cm), dtype=acc, device=dev)  # dq over the rounds so far (_dq_pass)
+    # key-gradient position totals across rounds (not needed with one round)
     if rounds > 1:
-        dq_tot = torch.empty((n, length, cm), dtype=acc, device=dev)
         dkn_tot = torch.empty((n, length, cm), dtype=acc, device=dev)
         dv_tot = torch.empty((n, length, cv), dtype=acc, device=dev)
         dlss_tot = torch.empty((n, length, k), dtype=acc, device=dev)
     else:
-        dq_tot = dkn_tot = dv_tot = dlss_tot = dxm  # never read or written
+        dkn_tot = dv_tot = dlss_tot = dxm  # never read or written
     n_dup = triton.cdiv(pad, length)  # padded copies one position can have
     block_p = 32
     inv_norm = inverse_key_norms(xm)
@@ -381,14 +434,18 @@ def attention_backward(
         for dv_pass in (True, False):
             _key_pass[(nc * n_kblocks, n)](
                 grad_out, delta, lse, xm, v, lss, rows, inv_norm,
-                dv_slot, dkn_slot, dlss_slot, dq_part,
+                dv_slot, dkn_slot, dlss_slot, ds,
                 length, cm, cv, k, rounds, nc, padded, r, stat_rounds, stat_round,
                 SMEM_B=_smem_b(xm.dtype), DV_PASS=dv_pass, PRECISION=precision, **configs[dv_pass],
             )
+        _dq_pass[(nc * triton.cdiv(k, dq_tiles["BLOCK_Q"]), n)](
+            ds, xm, rows, dq_tot, length, cm, k, rounds, nc, padded, r,
+            FIRST=r == 0, PRECISION=precision, **dq_tiles,
+        )
         _position_pass[(triton.cdiv(length, block_p), n)](
-            perm, xm, dq_part, dv_slot, dkn_slot, dlss_slot,
+            perm, xm, dv_slot, dkn_slot, dlss_slot,
             dq_tot, dkn_tot, dv_tot, dlss_tot, dxm, dv, dlss,
-            length, cm, cv, k, rounds, nc, pad, padded, r, n_kblocks, n_dup,
+            length, cm, cv, k, rounds, pad, padded, r, n_dup,
             FIRST=r == 0, LAST=r == rounds - 1, EPS=KEY_NORM_EPS, BLOCK_P=block_p, num_warps=8,
         )
     return dxm, dv, dlss
