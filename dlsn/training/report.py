@@ -7,7 +7,9 @@ itself: ``trainer`` imports this module, and this module imports nothing of ``tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,6 +19,7 @@ from torch.utils.data import Dataset
 
 from dlsn.evaluation import SetScore, bicubic_upscaler, evaluate_dataset, model_upscaler
 from dlsn.images import write_image
+from dlsn.models.precision import default_dtype
 
 from .data import Data
 from .processes import Processes
@@ -37,6 +40,7 @@ class TrainingRun(Protocol):
     rgb_range: float
     steps_per_epoch: int
     limit_s: float | None
+    precision: str  # "bfloat16" (autocast) or "float32": what the training steps compute in
     threads: Any  # processes.ThreadTuner or None
     resume_path: Path | None
     elapsed_before: float
@@ -55,7 +59,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def validate(model: nn.Module, dataset: Dataset, scale: int, device: torch.device, seed: int,
              ensemble: bool = False) -> SetScore:
-    """Y-PSNR/SSIM of the model on ``dataset`` (whole items); hash rotations seeded, so repeatable."""
+    """Y-PSNR/SSIM of the model on ``dataset`` (whole items); hash rotations seeded, so repeatable.
+
+    In the compute dtype ``dlsn.eval`` uses by default on ``device`` (``dlsn.models.precision.default_dtype``),
+    so the scores a run reports and keeps best.pt by are the ones ``dlsn.eval`` gives its checkpoints."""
     net = _unwrap(model)
     was_training = net.training
     net.eval()
@@ -63,10 +70,34 @@ def validate(model: nn.Module, dataset: Dataset, scale: int, device: torch.devic
         net.set_inference(seed=seed)
     rgb_range = float(net.config.get("rgb_range", 255.0))
     try:
-        return evaluate_dataset(model_upscaler(net, rgb_range, ensemble), dataset, scale, set_name="val",
-                                device=device, progress=False)
+        with eval_dtype(net, device):
+            return evaluate_dataset(model_upscaler(net, rgb_range, ensemble), dataset, scale, set_name="val",
+                                    device=device, progress=False)
     finally:
         net.train(was_training)
+
+
+@contextlib.contextmanager
+def eval_dtype(net: nn.Module, device: torch.device) -> Iterator[None]:
+    """``net`` computes in ``dlsn.eval``'s default dtype for ``device`` inside the block, in its own after it
+    (the training steps' precision is the trainer's autocast, not the network's setting)."""
+    had = getattr(net, "compute_dtype", None)
+    if had is None:  # a network without the setting
+        yield
+        return
+    net.set_dtype(default_dtype(device))
+    try:
+        yield
+    finally:
+        net.set_dtype(had)
+
+
+def precision_text(precision: str, device: torch.device) -> str:
+    """``bfloat16 autocast`` / ``float32``, and why (the opening line)."""
+    if precision == "float32":
+        return "float32"
+    why = " (the CPU has AVX512-BF16/AMX; --no-amp: float32)" if device.type == "cpu" else " (--no-amp: float32)"
+    return f"bfloat16 autocast{why}"
 
 
 def format_minutes(seconds: float) -> str:
@@ -84,7 +115,8 @@ def announce(trainer: TrainingRun) -> None:
     say(f"dlsn.train: {s.preset} x{s.scale} {s.degradation}, {n_params / 1e6:.3f}M parameters, on "
         f"{trainer.device}" + (f" x {trainer.procs.world} processes" if trainer.procs.distributed else "")
         + (f", {torch.get_num_threads()} threads" if trainer.threads is None else
-           f", threads tuned among {'/'.join(map(str, trainer.threads.options))}"))
+           f", threads tuned among {'/'.join(map(str, trainer.threads.options))}")
+        + f"; training in {precision_text(trainer.precision, trainer.device)}")
     say(f"data: {trainer.data.description}; an epoch is {trainer.steps_per_epoch} steps of "
         f"{s.batch_size} LR patches {s.patch_size}x{s.patch_size}")
     budget_text = " or ".join(budget) or "none (Ctrl-C stops)"
@@ -111,7 +143,8 @@ def final_report(trainer: TrainingRun, val_psnr: float) -> None:
         ensemble = validate(net, trainer.data.val_full, s.scale, trainer.device, s.seed, ensemble=True)
     item = trainer.data.val_full[0]
     net.eval()
-    sr = model_upscaler(net, trainer.rgb_range)(item["lr"][None].to(trainer.device))[0]
+    with eval_dtype(_unwrap(net), trainer.device):
+        sr = model_upscaler(net, trainer.rgb_range)(item["lr"][None].to(trainer.device))[0]
     stem = f"sample_{item['name']}_x{s.scale}"
     sr_path = write_image(out / f"{stem}_sr.png", sr.float().clamp(0, 1))
     bicubic_image = bicubic_upscaler(s.scale)(item["lr"][None])[0]
@@ -122,7 +155,8 @@ def final_report(trainer: TrainingRun, val_psnr: float) -> None:
     # Steps per second over the whole run (resumed parts included), validation and start-up counted: the
     # figure to compare machines by (README's main job).
     rate = st.step / train_time if train_time > 0 else 0.0
-    say(f"\ntrained {st.step} steps (epoch {st.epoch}) in {format_minutes(train_time)} min, {rate:.2f} steps/s")
+    say(f"\ntrained {st.step} steps (epoch {st.epoch}, {trainer.precision}) in {format_minutes(train_time)} min, "
+        f"{rate:.2f} steps/s")
     say(f"checkpoints: {out / 'last.pt'} (final), {out / 'best.pt'} and {out / 'model.safetensors'} (best "
         f"validation, step {st.best_step}); log {out / 'log.csv'}, curves {out / 'curves.png'}")
     say(f"sample: {sr_path} (model) next to {bicubic_path} (bicubic)")
