@@ -33,6 +33,7 @@ from bench.harness import BenchConfig, measure, skip_if_too_big, skip_unless_bac
 __all__ = [
     "BF16_SUFFIX",
     "NetworkCase",
+    "build_network",
     "dlsn_style_network",
     "estimate_network_bytes",
     "measure_network",
@@ -113,9 +114,32 @@ def dlsn_style_network(model: nn.Module, stable: bool = False) -> nn.Module:
     return model
 
 
+def build_network(impl: str, preset: str, scale: int = 2, *, channels_last: bool = False, seed: int = 0,
+                  device: str = "cpu") -> tuple[nn.Module, bool]:
+    """``(model, bf16)``: the network of ``impl`` (weights drawn from ``seed``, so every impl gets the same
+    ones) on ``device``, and whether ``impl`` runs it under bf16 autocast."""
+    from dlsn.models import build_model
+
+    base, bf16 = _split_impl(impl)
+    if base == "dlsn-style":
+        backend = "reference"  # never runs: every GLA is swapped out below
+    elif base.startswith("fused-"):
+        backend = base[len("fused-"):]
+    else:
+        raise ValueError(f"unknown impl {impl!r}; use {', '.join(network_impls(('<backend>',)))}")
+    torch.manual_seed(seed)
+    model = build_model(preset, scale, backend=backend)
+    if base == "dlsn-style":
+        dlsn_style_network(model)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return model.to(torch.device(device), memory_format=fmt), bf16
+
+
 @contextlib.contextmanager
-def _autocast(device: torch.device, bf16: bool) -> Iterator[None]:
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+def _autocast(device: torch.device, bf16: bool, train: bool = False) -> Iterator[None]:
+    """bf16 autocast as the tools run it: inference as ``dlsn.models.precision.autocast`` (no weight cache),
+    a train step as ``dlsn.train`` (torch's default cache: the cast weights are kept for the backward anyway)."""
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=train):
         yield
 
 
@@ -135,22 +159,9 @@ def network_case(
 
     ``channels_last``: model and input in ``torch.channels_last`` memory format.
     """
-    from dlsn.models import build_model
-
     dev = torch.device(device)
-    base, bf16 = _split_impl(impl)
-    if base == "dlsn-style":
-        backend = "reference"  # never runs: every GLA is swapped out below
-    elif base.startswith("fused-"):
-        backend = base[len("fused-"):]
-    else:
-        raise ValueError(f"unknown impl {impl!r}; use {', '.join(network_impls(('<backend>',)))}")
-    torch.manual_seed(seed)
-    model = build_model(preset, scale, backend=backend)
-    if base == "dlsn-style":
-        dlsn_style_network(model)
+    model, bf16 = build_network(impl, preset, scale, channels_last=channels_last, seed=seed, device=device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(dev, memory_format=fmt)
     gen = torch.Generator().manual_seed(seed)
     lr = (torch.rand(n, 3, size, size, generator=gen) * 255.0).to(dev).contiguous(memory_format=fmt)
     sync: Callable[[], None] = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
@@ -170,7 +181,7 @@ def network_case(
 
     def run_train() -> None:
         model.zero_grad(set_to_none=True)
-        with _autocast(dev, bf16):
+        with _autocast(dev, bf16, train=True):
             sr: Tensor = model(lr)
         F.l1_loss(sr.float(), hr).backward()
         sync()
@@ -259,10 +270,108 @@ def profile_split(impl: str, preset: str, size: int, n: int = 1, train: bool = F
             "total": total, "cpu": cpu}
 
 
+def output_psnr(out: Tensor, ref: Tensor, scale: int) -> tuple[float, float]:
+    """(Y-PSNR, RGB PSNR) in dB of ``out`` against ``ref`` (both on the 0-255 scale): Y-PSNR as
+    ``dlsn.metrics.psnr_y`` (8-bit rounding, ``scale`` border pixels shaved), RGB on the raw float outputs."""
+    import math
+
+    from dlsn.metrics import psnr_y
+
+    y = psnr_y(out.float() / 255.0, ref.float() / 255.0, scale)
+    mse = float((out.double() - ref.double()).pow(2).mean())
+    rgb = 10.0 * math.log10(255.0**2 / mse) if mse > 0 else math.inf
+    return float(y.min()), rgb
+
+
+def side_by_side(case: NetworkCase, impls: list[str], rounds: int = 2, memory: bool = True,
+                 memory_timeout_s: float = 1800.0) -> list[dict[str, float | str]]:
+    """Every impl of ``case`` timed round-robin (round 1 of every impl, then round 2, ...) so that load
+    changes hit them alike; wall and CPU time (``time.process_time``) per call, the best of the rounds.
+    ``memory``: then each one's peak extra memory in a child process (its first call: no warm-up).
+    Inference: each output's Y-PSNR / PSNR against the first impl's (the weights are the same).
+    """
+    import time
+
+    from bench.memory import measure_peak
+
+    runs = []
+    for impl in impls:
+        model, bf16 = build_network(impl, case.preset, case.scale)
+        gen = torch.Generator().manual_seed(0)
+        lr = torch.rand(case.n, 3, case.size, case.size, generator=gen) * 255.0
+        model.train(case.train)
+        runs.append((model, bf16, lr))
+    hr = torch.rand(case.n, 3, case.size * case.scale, case.size * case.scale,
+                    generator=torch.Generator().manual_seed(1)) * 255.0
+    rows: list[dict[str, float | str]] = [{"impl": impl, "wall_s": float("inf"), "cpu_s": float("inf")}
+                                          for impl in impls]
+    outputs: list[Tensor | None] = [None] * len(impls)
+    for _ in range(rounds):
+        for i, (model, bf16, lr) in enumerate(runs):
+            wall, cpu = time.perf_counter(), time.process_time()
+            if case.train:
+                model.zero_grad(set_to_none=True)
+                with _autocast(lr.device, bf16, train=True):
+                    sr = model(lr)
+                F.l1_loss(sr.float(), hr).backward()
+            else:
+                with torch.no_grad(), _autocast(lr.device, bf16):
+                    outputs[i] = model(lr).float()
+            rows[i]["wall_s"] = min(float(rows[i]["wall_s"]), time.perf_counter() - wall)
+            rows[i]["cpu_s"] = min(float(rows[i]["cpu_s"]), time.process_time() - cpu)
+    if not case.train and outputs[0] is not None:
+        for row, out in zip(rows, outputs):
+            assert out is not None
+            row["y_psnr_db"], row["psnr_db"] = output_psnr(out, outputs[0], case.scale)
+    del runs, outputs
+    if memory:
+        for row in rows:
+            kwargs = {"impl": row["impl"], "preset": case.preset, "size": case.size, "n": case.n,
+                      "train": case.train, "scale": case.scale}
+            peak = measure_peak("bench.cases:network_case", kwargs, threads=torch.get_num_threads(),
+                                warmup=False, timeout_s=memory_timeout_s)
+            row["peak_extra_mb"] = peak.peak_extra_mb
+    return rows
+
+
+def _compare_main(argv: list[str]) -> None:
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(prog="python -m bench.network compare",
+                                     description="Whole-network impls side by side: time, memory, accuracy.")
+    parser.add_argument("preset")
+    parser.add_argument("--size", type=int, nargs="+", default=[128])
+    parser.add_argument("--n", type=int, default=1)
+    parser.add_argument("--train", action="store_true")
+    parser.add_argument("--impl", nargs="+", default=["fused-cpu", "fused-cpu-bf16", "dlsn-style"])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"threads {args.threads}, load average {os.getloadavg()[0]:.2f} at the start", flush=True)
+    for size in args.size:
+        case = NetworkCase(args.preset, size, args.n, args.train)
+        rows = side_by_side(case, args.impl, rounds=args.rounds, memory=not args.no_memory)
+        print(f"{case.label} (load average {os.getloadavg()[0]:.2f} at the end)")
+        last = rows[-1]
+        for row in rows:
+            extra = "".join(f"  {k} {row[k]:.1f}" for k in ("peak_extra_mb", "y_psnr_db", "psnr_db") if k in row)
+            print(f"  {row['impl']:<16} wall {row['wall_s']:8.2f} s  cpu {row['cpu_s']:8.2f} s  "
+                  f"x{float(last['cpu_s']) / float(row['cpu_s']):.2f} (cpu vs {last['impl']}){extra}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
+    import sys
 
-    parser = argparse.ArgumentParser(description="Where one whole-network call goes (torch.profiler split).")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        _compare_main(argv[1:])
+        return
+    parser = argparse.ArgumentParser(description="Where one whole-network call goes (torch.profiler split); "
+                                                 "'compare PRESET ...': impls side by side.")
     parser.add_argument("preset")
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--n", type=int, default=1)

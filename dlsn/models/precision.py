@@ -52,10 +52,14 @@ def check_dtype(dtype: str) -> str:
 
 @contextlib.contextmanager
 def autocast(device: torch.device | str, dtype: str) -> Iterator[None]:
-    """Runs the block in ``dtype`` on ``device`` (``float32``: no autocast)."""
+    """Runs the block in ``dtype`` on ``device`` (``float32``: no autocast).
+
+    Without autocast's weight cache: an inference forward uses each weight once, so the cache saves no cast
+    and only keeps a bfloat16 copy of every weight alive to the end of the call (140 MB for ``paper``, most
+    of a bfloat16 call's peak memory; ``bench/NOTES.md``)."""
     check_dtype(dtype)
     with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                        enabled=dtype == "bfloat16"):
+                        enabled=dtype == "bfloat16", cache_enabled=False):
         yield
 
 
