@@ -124,6 +124,9 @@ def _key_pass(
     k_ok = offs_j < K
     k_slot = kc * K + offs_j
     k_rows = tl.load(slot_row + k_slot, mask=k_ok, other=0)
+    # rows of this round's gradient buffers [N, Lp, width]: a real slot (< L) at its position (one slot per
+    # position and round), a padded slot at its own index past L (the position pass adds it to its original)
+    out_rows = (n * Lp + tl.where(k_slot < L, k_rows - n * L, k_slot)).to(tl.int64)
     key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :], mask=k_ok[:, None] & cm_ok[None, :], other=0.0)
     inv_norm = tl.load(inv_norm_ptr + k_rows, mask=k_ok, other=0.0)
     if not DV_PASS:
@@ -200,20 +203,19 @@ def _key_pass(
             else:
                 tl.store(ds_ptrs, (ds * inv_norm[:, None]).to(DOT), mask=k_ok[:, None] & (offs_i < K)[None, :])
             if t == 2:
-                tl.store(dlss_slot_ptr + (n * Lp + k_slot).to(tl.int64)[:, None] * K + offs_i[None, :], dlss,
+                tl.store(dlss_slot_ptr + out_rows[:, None] * K + offs_i[None, :], dlss,
                          mask=k_ok[:, None] & (offs_i < K)[None, :])
                 dlss = tl.zeros([BLOCK_K, BLOCK_Q], ACC)
-    slot_rows = (n * Lp + k_slot).to(tl.int64)
     if not SMEM_B:  # one layout change at the end, not per step
         if DV_PASS:
             dv_t = tl.trans(dv)
         else:
             dkn_t = tl.trans(dkn)
     if DV_PASS:
-        tl.store(dv_slot_ptr + slot_rows[None, :] * Cv + offs_cv[:, None], dv_t,
+        tl.store(dv_slot_ptr + out_rows[None, :] * Cv + offs_cv[:, None], dv_t,
                  mask=k_ok[None, :] & cv_ok[:, None])
     else:
-        tl.store(dkn_slot_ptr + slot_rows[None, :] * Cm + offs_cm[:, None], dkn_t,
+        tl.store(dkn_slot_ptr + out_rows[None, :] * Cm + offs_cm[:, None], dkn_t,
                  mask=k_ok[None, :] & cm_ok[:, None])
 
 
@@ -235,14 +237,14 @@ def dq_config(chunk_size: int, dtype: torch.dtype) -> dict[str, int]:
 })
 @jit
 def _dq_pass(
-    ds_ptr, xm_ptr, rows_ptr, dq_tot_ptr,
+    ds_ptr, xm_ptr, rows_ptr, dq_ptr,
     L, Cm, K, R, nc, Lp, r,
-    FIRST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_CM: tl.constexpr, FULL: tl.constexpr, EVEN_C: tl.constexpr, ACC: tl.constexpr,
 ):
     # dq of a query tile of chunk c for round r: dq^T [Cm, i] = sum over its three key chunks t and their key
-    # blocks of key^T (dS / ||key||) (the score pass's operand, stored in the dot dtype), in a fixed order, then
-    # added to the float32 position total of earlier rounds (each query position has one slot per round).
+    # blocks of key^T (dS / ||key||) (the score pass's operand, stored in the dot dtype), in a fixed order,
+    # stored in float32 at the query's position row of this round's dq buffer (one slot per position and round).
     n_qblocks = tl.cdiv(K, BLOCK_Q)
     c = tl.program_id(0) // n_qblocks
     offs_i = (tl.program_id(0) % n_qblocks) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -275,34 +277,22 @@ def _dq_pass(
     q_slot = c * K + offs_i
     q_ok = (offs_i < K) & (q_slot < L)  # padded query slots have no gradient
     pos_rows = tl.load(slot_row + q_slot, mask=q_ok, other=0).to(tl.int64)
-    ptrs = dq_tot_ptr + pos_rows[None, :] * Cm + offs_cm[:, None]
-    ok = q_ok[None, :] & cm_ok[:, None]
-    if not FIRST:
-        dq_t += tl.load(ptrs, mask=ok, other=0.0)
-    tl.store(ptrs, dq_t, mask=ok)
+    tl.store(dq_ptr + pos_rows[None, :] * Cm + offs_cm[:, None], dq_t, mask=q_ok[None, :] & cm_ok[:, None])
 
 
 @device_fn
-def _gather_slots(slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs, width, ok, ACC: tl.constexpr):
-    """Row ``slot`` of a ``[N, Lp, width]`` slot buffer plus the rows of its padded duplicates."""
+def _gather_slots(buf_ptr, base, pos, dup_first, n_dup, L, Lp, offs, width, ok, ACC: tl.constexpr):
+    """Row ``pos`` of one round's ``[Lp, width]`` gradient buffer (from ``base``) plus the rows of its slot's
+    padded duplicates (increasing slot order)."""
     w_ok = offs < width
-    total = tl.load(slot_ptr + (n * Lp + slot)[:, None] * width + offs[None, :],
+    total = tl.load(buf_ptr + (base + pos)[:, None] * width + offs[None, :],
                     mask=ok[:, None] & w_ok[None, :], other=0.0).to(ACC)
     for d in range(0, n_dup):
         dup = dup_first + d * L
         dup_ok = ok & (dup < Lp)
-        total += tl.load(slot_ptr + (n * Lp + dup)[:, None] * width + offs[None, :],
+        total += tl.load(buf_ptr + (base + dup)[:, None] * width + offs[None, :],
                          mask=dup_ok[:, None] & w_ok[None, :], other=0.0).to(ACC)
     return total
-
-
-@device_fn
-def _add_to_total(total_ptr, rows, offs, width, ok, value, FIRST: tl.constexpr):
-    """``value`` plus what earlier rounds left in ``total[rows]`` (nothing in the first round)."""
-    if not FIRST:
-        value += tl.load(total_ptr + rows[:, None] * width + offs[None, :],
-                         mask=ok[:, None] & (offs < width)[None, :], other=0.0)
-    return value
 
 
 @device_fn
@@ -319,48 +309,49 @@ def _store_rows(ptr, rows, offs, width, ok, value):
 })
 @jit
 def _position_pass(
-    perm_ptr, xm_ptr, dv_slot_ptr, dkn_slot_ptr, dlss_slot_ptr,
-    dq_tot_ptr, dkn_tot_ptr, dv_tot_ptr, dlss_tot_ptr, dxm_ptr, dv_ptr, dlss_ptr,
-    L, Cm, Cv, K, R, pad, Lp, r, n_dup,
-    FIRST: tl.constexpr, LAST: tl.constexpr, EPS: tl.constexpr, BLOCK_P: tl.constexpr,
+    slot_of_ptr, xm_ptr, dq_buf_ptr, dv_buf_ptr, dkn_buf_ptr, dlss_buf_ptr, dxm_ptr, dv_ptr, dlss_ptr,
+    N, L, Cm, Cv, K, R, pad, Lp, n_dup,
+    PADDED: tl.constexpr, EPS: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr, BLOCK_KK: tl.constexpr, ACC: tl.constexpr,
 ):
+    # One launch after all rounds: per position, the sum over rounds (in increasing order) of its dq and of its
+    # key gradients (its slot plus the slot's padded duplicates), then the key normalisation backward.
     n = tl.program_id(1).to(tl.int64)
-    slot = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    ok = slot < L
-    pos_rows = n * L + tl.load(perm_ptr + (n * R + r) * L + slot, mask=ok, other=0).to(tl.int64)
-    dup_first = first_padded_copy(slot, L, pad)
+    pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ok = pos < L
+    pos_rows = n * L + pos
 
     offs_cm = tl.arange(0, BLOCK_CM)
     offs_cv = tl.arange(0, BLOCK_CV)
     offs_k = tl.arange(0, BLOCK_KK)
     cm_ok = offs_cm < Cm
+    dq = tl.zeros([BLOCK_P, BLOCK_CM], ACC)
+    dkn = tl.zeros([BLOCK_P, BLOCK_CM], ACC)
+    dv = tl.zeros([BLOCK_P, BLOCK_CV], ACC)
+    dlss = tl.zeros([BLOCK_P, BLOCK_KK], ACC)
+    for r in range(0, R):
+        if PADDED:  # the position's slot in round r, whose padded copies follow it past L
+            dup_first = first_padded_copy(tl.load(slot_of_ptr + (n * R + r) * L + pos, mask=ok, other=0), L, pad)
+        else:
+            dup_first = pos + Lp  # no copies (n_dup is 0)
+        base = (r * N + n) * Lp
+        dq += tl.load(dq_buf_ptr + ((r * N) * L + pos_rows)[:, None] * Cm + offs_cm[None, :],
+                      mask=ok[:, None] & cm_ok[None, :], other=0.0)
+        dkn += _gather_slots(dkn_buf_ptr, base, pos, dup_first, n_dup, L, Lp, offs_cm, Cm, ok, ACC)
+        dv += _gather_slots(dv_buf_ptr, base, pos, dup_first, n_dup, L, Lp, offs_cv, Cv, ok, ACC)
+        dlss += _gather_slots(dlss_buf_ptr, base, pos, dup_first, n_dup, L, Lp, offs_k, K, ok, ACC)
 
-    dkn = _gather_slots(dkn_slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs_cm, Cm, ok, ACC)
-    dkn = _add_to_total(dkn_tot_ptr, pos_rows, offs_cm, Cm, ok, dkn, FIRST)
-    dv = _gather_slots(dv_slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs_cv, Cv, ok, ACC)
-    dv = _add_to_total(dv_tot_ptr, pos_rows, offs_cv, Cv, ok, dv, FIRST)
-    dlss = _gather_slots(dlss_slot_ptr, n, Lp, slot, dup_first, n_dup, L, offs_k, K, ok, ACC)
-    dlss = _add_to_total(dlss_tot_ptr, pos_rows, offs_k, K, ok, dlss, FIRST)
-
-    if LAST:
-        # backward of kn = x / max(||x||, eps): (dkn - kn (kn . dkn)) / ||x||, or dkn / eps when clamped
-        x = tl.load(xm_ptr + pos_rows[:, None] * Cm + offs_cm[None, :],
-                    mask=ok[:, None] & cm_ok[None, :], other=0.0).to(ACC)
-        norm = tl.sqrt(tl.sum(x * x, axis=1))
-        kn = x / tl.maximum(norm, EPS)[:, None]
-        radial = tl.sum(kn * dkn, axis=1)
-        tangent = (dkn - kn * radial[:, None]) / tl.maximum(norm, EPS)[:, None]
-        d_key = tl.where((norm >= EPS)[:, None], tangent, dkn / EPS)
-        dq = tl.load(dq_tot_ptr + pos_rows[:, None] * Cm + offs_cm[None, :], mask=ok[:, None] & cm_ok[None, :],
-                     other=0.0)  # all rounds, from _dq_pass
-        _store_rows(dxm_ptr, pos_rows, offs_cm, Cm, ok, dq + d_key)
-        _store_rows(dv_ptr, pos_rows, offs_cv, Cv, ok, dv)
-        _store_rows(dlss_ptr, pos_rows, offs_k, K, ok, dlss)
-    else:
-        _store_rows(dkn_tot_ptr, pos_rows, offs_cm, Cm, ok, dkn)
-        _store_rows(dv_tot_ptr, pos_rows, offs_cv, Cv, ok, dv)
-        _store_rows(dlss_tot_ptr, pos_rows, offs_k, K, ok, dlss)
+    # backward of kn = x / max(||x||, eps): (dkn - kn (kn . dkn)) / ||x||, or dkn / eps when clamped
+    x = tl.load(xm_ptr + pos_rows[:, None] * Cm + offs_cm[None, :],
+                mask=ok[:, None] & cm_ok[None, :], other=0.0).to(ACC)
+    norm = tl.sqrt(tl.sum(x * x, axis=1))
+    kn = x / tl.maximum(norm, EPS)[:, None]
+    radial = tl.sum(kn * dkn, axis=1)
+    tangent = (dkn - kn * radial[:, None]) / tl.maximum(norm, EPS)[:, None]
+    d_key = tl.where((norm >= EPS)[:, None], tangent, dkn / EPS)
+    _store_rows(dxm_ptr, pos_rows, offs_cm, Cm, ok, dq + d_key)
+    _store_rows(dv_ptr, pos_rows, offs_cv, Cv, ok, dv)
+    _store_rows(dlss_ptr, pos_rows, offs_k, K, ok, dlss)
 
 
 def attention_backward(
@@ -409,20 +400,15 @@ def attention_backward(
     dq_tiles = dq_config(k, xm.dtype)
     acc = accumulate_dtype(xm.dtype)
     dev = xm.device
-    # per-round slot buffers (every element written by the key pass before the position pass reads it)
-    dv_slot = torch.empty((n, padded, cv), dtype=acc, device=dev)
-    dkn_slot = torch.empty((n, padded, cm), dtype=acc, device=dev)
-    dlss_slot = torch.empty((n, padded, k), dtype=acc, device=dev)
+    # per-round gradient buffers in position order (every element the position pass reads is written by a key
+    # pass or _dq_pass first): real slots at their positions, padded slots past L. Summed over the rounds once,
+    # at the end, instead of a read-modify-write of float32 position totals per round.
+    dv_buf = torch.empty((rounds, n, padded, cv), dtype=acc, device=dev)
+    dkn_buf = torch.empty((rounds, n, padded, cm), dtype=acc, device=dev)
+    dlss_buf = torch.empty((rounds, n, padded, k), dtype=acc, device=dev)
+    dq_buf = torch.empty((rounds, n, length, cm), dtype=acc, device=dev)
     # dS / ||key|| of round r in the dot dtype: [n, query chunk c, t, key j, query i] (one writer per element)
     ds = torch.empty((n, nc, 3, k, k), dtype=xm.dtype, device=dev)
-    dq_tot = torch.empty((n, length, cm), dtype=acc, device=dev)  # dq over the rounds so far (_dq_pass)
-    # key-gradient position totals across rounds (not needed with one round)
-    if rounds > 1:
-        dkn_tot = torch.empty((n, length, cm), dtype=acc, device=dev)
-        dv_tot = torch.empty((n, length, cv), dtype=acc, device=dev)
-        dlss_tot = torch.empty((n, length, k), dtype=acc, device=dev)
-    else:
-        dkn_tot = dv_tot = dlss_tot = dxm  # never read or written
     n_dup = triton.cdiv(pad, length)  # padded copies one position can have
     block_p = 32
     inv_norm = inverse_key_norms(xm)
@@ -434,18 +420,21 @@ def attention_backward(
         for dv_pass in (True, False):
             _key_pass[(nc * n_kblocks, n)](
                 grad_out, delta, lse, xm, v, lss, rows, inv_norm,
-                dv_slot, dkn_slot, dlss_slot, ds,
+                dv_buf[r], dkn_buf[r], dlss_buf[r], ds,
                 length, cm, cv, k, rounds, nc, padded, r, stat_rounds, stat_round,
                 SMEM_B=_smem_b(xm.dtype), DV_PASS=dv_pass, PRECISION=precision, **configs[dv_pass],
             )
         _dq_pass[(nc * triton.cdiv(k, dq_tiles["BLOCK_Q"]), n)](
-            ds, xm, rows, dq_tot, length, cm, k, rounds, nc, padded, r,
-            FIRST=r == 0, PRECISION=precision, **dq_tiles,
+            ds, xm, rows, dq_buf[r], length, cm, k, rounds, nc, padded, r, PRECISION=precision, **dq_tiles,
         )
-        _position_pass[(triton.cdiv(length, block_p), n)](
-            perm, xm, dv_slot, dkn_slot, dlss_slot,
-            dq_tot, dkn_tot, dv_tot, dlss_tot, dxm, dv, dlss,
-            length, cm, cv, k, rounds, pad, padded, r, n_dup,
-            FIRST=r == 0, LAST=r == rounds - 1, EPS=KEY_NORM_EPS, BLOCK_P=block_p, num_warps=8,
-        )
+    # the slot of every position per round, where padded copies exist
+    slot_of = perm
+    if pad:
+        slot_of = torch.empty_like(perm, dtype=torch.int64)
+        slot_of.scatter_(2, perm.long(), torch.arange(length, device=dev).expand(n, rounds, length))
+    _position_pass[(triton.cdiv(length, block_p), n)](
+        slot_of, xm, dq_buf, dv_buf, dkn_buf, dlss_buf, dxm, dv, dlss,
+        n, length, cm, cv, k, rounds, pad, padded, n_dup,
+        PADDED=pad > 0, EPS=KEY_NORM_EPS, BLOCK_P=block_p, num_warps=8,
+    )
     return dxm, dv, dlss
