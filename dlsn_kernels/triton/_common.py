@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .._hash_setup import KEY_NORM_EPS
+from .._magnitudes import product_headroom, row_norms
 
 __all__ = [
     "INTERPRETED",
@@ -208,27 +209,10 @@ def inverse_key_norms(xm: torch.Tensor) -> torch.Tensor:
 
     The attention kernels scale each score column by it instead of normalising every gathered key row
     in every program (each key row is read by up to 3 query chunks per round). Overflow-safe: see
-    :func:`_norms_and_exponents`.
+    :func:`dlsn_kernels._magnitudes.row_norms`.
     """
-    norms, _ = _norms_and_exponents(xm)
+    norms, _ = row_norms(xm, accumulate_dtype(xm.dtype))
     return norms.clamp_min(KEY_NORM_EPS).reciprocal().contiguous()
-
-
-def _norms_and_exponents(xm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(||xm[n, l]||, E)``: the norms in the accumulation dtype, overflow-safe, and the exponent E of a power of
-    two above every magnitude of ``xm`` (``max |xm| < 2^E``, a 0-d device tensor: no host synchronisation).
-
-    Each row is scaled by the power of two 2^-E_row above its largest magnitude before its squares are summed
-    (xm * 1e30 has squares beyond float32's range), then the norm is scaled back. Powers of two scale every
-    rounding step exactly, so normal rows get the same bits as the plain norm. Rows below 2^-64 are not scaled
-    up further: their norm is under KEY_NORM_EPS either way.
-    """
-    acc = accumulate_dtype(xm.dtype)
-    top = xm.detach().abs().amax(dim=-1).to(acc) if xm.shape[-1] else xm.new_zeros(xm.shape[:-1], dtype=acc)
-    row_exp = torch.frexp(top).exponent.clamp_min(-64)  # top = m 2^E_row with 0.5 <= m < 1 (0 for 0)
-    scaled = xm.to(acc) * torch.ldexp(torch.ones_like(top), -row_exp).unsqueeze(-1)
-    norms = torch.ldexp(torch.linalg.vector_norm(scaled, dim=-1), row_exp)
-    return norms, row_exp.amax() if row_exp.numel() else row_exp.new_zeros(())
 
 
 def query_scale_exponent_limit(dtype: torch.dtype) -> int:
@@ -249,9 +233,9 @@ def scaled_key_norms(xm: torch.Tensor, factor: float = 1.0) -> tuple[torch.Tenso
     float32/bfloat16) are refused, which costs one host read of the exponent per call.
     """
     acc = accumulate_dtype(xm.dtype)
-    norms, top_exp = _norms_and_exponents(xm)
-    cm = max(int(xm.shape[-1]), 1)
-    headroom = math.frexp(torch.finfo(acc).max)[1] - 2 - math.ceil(math.log2(cm))  # 126 - log2(Cm) in float32
+    norms, top_exp = row_norms(xm, acc)
+    cm = int(xm.shape[-1])
+    headroom = product_headroom(acc, cm)
     exp = (2 * top_exp - headroom).clamp_min(0)
     limit = query_scale_exponent_limit(xm.dtype)
     if int(exp) > limit:  # the one host read: the only way to refuse rather than return NaN

@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks
+from .._magnitudes import check_saved_lse
 from ._common import (
     KEY_NORM_EPS,
     LOG2E,
@@ -386,6 +387,8 @@ def attention_backward(
             raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
     # autograd hands over gradients in any layout: these three are made contiguous here
     grad_out, delta, lse = grad_out.contiguous(), delta.contiguous(), lse.contiguous()
+    # P is recomputed from the saved lse and q . key is unnormalised: refuse what neither resolves (one host read)
+    check_saved_lse(lse, xm, xm.shape[2])
 
     dxm = torch.empty_like(xm)
     dv = torch.empty_like(v)
