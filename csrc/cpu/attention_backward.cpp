@@ -7,7 +7,11 @@
 // A second pass, one job per position, adds up its slots (the real one, then padded duplicates
 // in increasing slot order) and its three dq parts. Nothing is accumulated by two threads, so the
 // result is bitwise the same on every run. The key normalisation backward runs once at the end
-// (it is linear in dkn, so rounds can be summed first). float16/bfloat16 inputs: rows are read in 16
+// (it is linear in dkn, so rounds can be summed first).
+// A job gathers the 3K queries of its three readers side by side, so each product is one [K, 3K]-sized GEMM
+// called straight on the scratch tiles (cpu/gemm.h): five per job, where per-t at::mm calls made 18, each
+// paying ATen's dispatch. The sums over t happen inside the GEMMs; every tile is one job's, per thread.
+// float16/bfloat16 inputs: rows are read in 16
 // bits into float32 scratch, every product and sum is float32, each gradient is rounded to 16 bits once.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,6 +20,7 @@
 
 #include "checks.h"
 #include "cpu/cpu_kernels.h"
+#include "cpu/gemm.h"
 #include "cpu/vec_loops.h"
 
 namespace dlsn::cpu {
@@ -46,7 +51,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
   const int64_t batch = xm.size(0), length = xm.size(1), cm = xm.size(2), cv = v.size(2);
   const int64_t rounds = perm.size(1), saved_rounds = grad_out.size(1);
   const SlotLayout layout(length, chunk);
-  const int64_t nc = layout.n_chunks, lp = layout.padded;
+  const int64_t nc = layout.n_chunks, lp = layout.padded, kk = 3 * chunk;
   const auto acc_options = acc_options_of(xm);
 
   const at::Tensor inv_norm = inverse_norms<scalar_t>(xm);
@@ -58,7 +63,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
   at::Tensor dv_slot = at::empty({batch, lp, cv}, acc_options);
   at::Tensor dkn_slot = at::empty({batch, lp, cm}, acc_options);
   at::Tensor dlss_slot = at::empty({batch, lp, chunk}, acc_options);
-  at::Tensor dq_part = at::empty({batch, nc, 3, chunk, cm}, acc_options);
+  // dq_part[b, kc, t * K + i]: the gradient key chunk kc sends to query i of chunk query_chunk(kc, t).
+  at::Tensor dq_part = at::empty({batch, nc, 3 * chunk, cm}, acc_options);
   at::Tensor dkn = at::zeros(xm.sizes(), acc_options);
   const at::Tensor dxm_acc = accumulator_for<acc_t>(dxm), dv_acc = accumulator_for<acc_t>(dv);
   const at::Tensor dlss_acc = accumulator_for<acc_t>(dlss);
@@ -70,75 +76,70 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
     const int64_t rs = saved_rounds == rounds ? r : 0;  // the round of grad_out / delta / lse
 
     at::parallel_for(0, batch * nc, 1, [&](int64_t begin, int64_t end) {
-      at::Tensor keys_n = at::empty({chunk, cm}, acc_options);
-      at::Tensor values = at::empty({chunk, cv}, acc_options);
-      at::Tensor q = at::empty({chunk, cm}, acc_options);
-      at::Tensor g = at::empty({chunk, cv}, acc_options);
-      at::Tensor p_t = at::empty({chunk, chunk}, acc_options);
-      at::Tensor ds_t = at::empty({chunk, chunk}, acc_options);
-      at::Tensor learned_rows = kWide ? at::Tensor() : at::empty({chunk, chunk}, acc_options);
-      std::vector<int64_t> kpos(chunk), qpos(chunk);
-      std::vector<acc_t> q_delta(chunk), q_lse(chunk);
+      // Per-thread scratch: the job's K keys, the 3K queries of the three chunks that read them (t-major), and the
+      // [K, 3K] blocks P^T / dS^T of those three chunks side by side, so that each product is one GEMM.
+      std::vector<acc_t> keys_n(chunk * cm), values(chunk * cv), q3(kk * cm), g3(kk * cv);
+      std::vector<acc_t> p(chunk * kk), ds(chunk * kk), learned3(chunk * kk);
+      std::vector<int64_t> kpos(chunk), qpos(kk);
+      std::vector<acc_t> q_delta(kk), q_lse(kk);
       std::vector<const acc_t*> learned(chunk);
-      acc_t* p = p_t.data_ptr<acc_t>();
-      acc_t* ds = ds_t.data_ptr<acc_t>();
+      for (int64_t j = 0; j < chunk; ++j) learned[j] = learned3.data() + j * kk;
 
       for (int64_t job = begin; job < end; ++job) {
         const int64_t b = job / nc, kc = job % nc;
         const int64_t* pr = in.perm + (b * rounds + r) * length;
+        const int64_t row0 = (b * saved_rounds + rs) * length;
         for (int64_t j = 0; j < chunk; ++j) kpos[j] = layout.position(pr, kc * chunk + j);
-        if constexpr (kWide) {
-          for (int64_t j = 0; j < chunk; ++j) learned[j] = in.lss + (b * length + kpos[j]) * chunk;
-        } else {
-          acc_t* rows = learned_rows.data_ptr<acc_t>();
-          gather_rows(in.lss + b * length * chunk, chunk, kpos.data(), chunk, rows);
-          for (int64_t j = 0; j < chunk; ++j) learned[j] = rows + j * chunk;
+        // lss[key] is indexed by query slot within a chunk, the same for the three query chunks: repeated 3x.
+        for (int64_t j = 0; j < chunk; ++j) {
+          const scalar_t* src = in.lss + (b * length + kpos[j]) * chunk;
+          for (int t = 0; t < 3; ++t) widen_scaled(src, acc_t(1), learned3.data() + j * kk + t * chunk, chunk);
         }
         // Keys normalised as they are gathered: no product sees an unnormalised key (overflow-safe).
-        gather_scaled_rows(in.xm + b * length * cm, cm, kpos.data(), chunk, in.inv_norm + b * length,
-                           keys_n.data_ptr<acc_t>());
-        gather_rows(in.v + b * length * cv, cv, kpos.data(), chunk, values.data_ptr<acc_t>());
-        at::Tensor dv_keys = dv_slot[b].narrow(0, kc * chunk, chunk);
-        at::Tensor dkn_keys = dkn_slot[b].narrow(0, kc * chunk, chunk);
-        acc_t* dlss_keys = dlss_slot.data_ptr<acc_t>() + (b * lp + kc * chunk) * chunk;
+        gather_scaled_rows(in.xm + b * length * cm, cm, kpos.data(), chunk, in.inv_norm + b * length, keys_n.data());
+        gather_rows(in.v + b * length * cv, cv, kpos.data(), chunk, values.data());
 
         for (int t = 0; t < 3; ++t) {
           const int64_t qc = layout.query_chunk(kc, t);
           const int64_t valid = std::min(chunk, length - qc * chunk);
-          const int64_t row0 = (b * saved_rounds + rs) * length;
-          acc_t* gp = g.data_ptr<acc_t>();
           for (int64_t i = 0; i < chunk; ++i) {
-            qpos[i] = layout.position(pr, qc * chunk + i);
-            q_lse[i] = in.lse[row0 + qpos[i]];
+            const int64_t col = t * chunk + i;
+            const int64_t pos = layout.position(pr, qc * chunk + i);
+            qpos[col] = pos;
+            q_lse[col] = in.lse[row0 + pos];
+            acc_t* g = g3.data() + col * cv;
             // A padded query slot has no output: zero incoming gradient makes its terms vanish.
             if (i < valid) {
-              widen_scaled(in.grad_out + (row0 + qpos[i]) * cv, acc_t(1), gp + i * cv, cv);
-              q_delta[i] = in.delta[row0 + qpos[i]];
+              widen_scaled(in.grad_out + (row0 + pos) * cv, acc_t(1), g, cv);
+              q_delta[col] = in.delta[row0 + pos];
             } else {
-              std::fill(gp + i * cv, gp + (i + 1) * cv, acc_t(0));
-              q_delta[i] = 0;
+              std::fill(g, g + cv, acc_t(0));
+              q_delta[col] = 0;
             }
           }
-          gather_rows(in.xm + b * length * cm, cm, qpos.data(), chunk, q.data_ptr<acc_t>());
-
-          // P^T [keys, queries] recomputed from the saved logsumexp.
-          at::mm_out(p_t, keys_n, q.t());
-          probabilities_block(p, chunk, chunk, learned.data(), q_lse.data());
-          // dS^T = P^T * (V g^T - delta)
-          at::mm_out(ds_t, values, g.t());
-          score_grad_block(ds, p, chunk, chunk, q_delta.data());
-          if (t == 0) {
-            at::mm_out(dv_keys, p_t, g);
-            at::mm_out(dkn_keys, ds_t, q);
-            std::memcpy(dlss_keys, ds, chunk * chunk * sizeof(acc_t));
-          } else {
-            dv_keys.addmm_(p_t, g);
-            dkn_keys.addmm_(ds_t, q);
-            add_to(dlss_keys, ds, chunk * chunk);
-          }
-          at::Tensor dq_dst = dq_part[b][qc][t];
-          at::mm_out(dq_dst, ds_t.t(), keys_n);
         }
+        gather_rows(in.xm + b * length * cm, cm, qpos.data(), kk, q3.data());
+
+        // P^T [keys, 3K queries] recomputed from the saved logsumexp.
+        gemm_rm<acc_t>(false, true, chunk, kk, cm, keys_n.data(), cm, q3.data(), cm, 0, p.data(), kk);
+        probabilities_block(p.data(), chunk, kk, learned.data(), q_lse.data());
+        // dS^T = P^T * (V g^T - delta)
+        gemm_rm<acc_t>(false, true, chunk, kk, cv, values.data(), cv, g3.data(), cv, 0, ds.data(), kk);
+        score_grad_block(ds.data(), p.data(), chunk, kk, q_delta.data());
+        // The key slots' gradients, summed over the three query chunks inside the GEMM (one writer per slot).
+        acc_t* dv_keys = dv_slot.data_ptr<acc_t>() + (b * lp + kc * chunk) * cv;
+        acc_t* dkn_keys = dkn_slot.data_ptr<acc_t>() + (b * lp + kc * chunk) * cm;
+        gemm_rm<acc_t>(false, false, chunk, cv, kk, p.data(), kk, g3.data(), cv, 0, dv_keys, cv);
+        gemm_rm<acc_t>(false, false, chunk, cm, kk, ds.data(), kk, q3.data(), cm, 0, dkn_keys, cm);
+        acc_t* dlss_keys = dlss_slot.data_ptr<acc_t>() + (b * lp + kc * chunk) * chunk;
+        for (int64_t j = 0; j < chunk; ++j) {
+          const acc_t* d = ds.data() + j * kk;
+          acc_t* out = dlss_keys + j * chunk;
+          for (int64_t i = 0; i < chunk; ++i) out[i] = d[i] + d[chunk + i] + d[2 * chunk + i];
+        }
+        // dq_part[b, kc, t * K + i]: what these keys send to query i of chunk query_chunk(kc, t).
+        acc_t* dq_dst = dq_part.data_ptr<acc_t>() + (b * nc + kc) * kk * cm;
+        gemm_rm<acc_t>(true, false, kk, cm, chunk, ds.data(), kk, keys_n.data(), cm, 0, dq_dst, cm);
       }
     });
 
@@ -170,7 +171,10 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
           add(dlss_out + pos * chunk, dlss_s + row * chunk, chunk);
         }
         const int64_t qc = slot / chunk, i = slot % chunk;
-        for (int t = 0; t < 3; ++t) add(dq_out + pos * cm, dq_s + (((b * nc + qc) * 3 + t) * chunk + i) * cm, cm);
+        for (int t = 0; t < 3; ++t) {
+          const int64_t kc = layout.key_chunk(qc, t);  // the key chunk that this query chunk reads as its t-th
+          add(dq_out + pos * cm, dq_s + ((b * nc + kc) * kk + t * chunk + i) * cm, cm);
+        }
       }
     });
   }
