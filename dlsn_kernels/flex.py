@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ._hash_setup import KEY_NORM_EPS
+from ._magnitudes import check_saved_lse, row_norms
 from .reference import bucket_sort as _stable_sort
 from .reference import padded_slot_positions
 
@@ -247,7 +248,8 @@ def _rounds(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int) -
     acc = torch.float64 if xm.dtype == torch.float64 else torch.float32
     slots = flex_slots(perm, k)  # [N, R, nc Kp]
 
-    norms = xm.to(acc).norm(dim=-1, keepdim=True).clamp_min(KEY_NORM_EPS)
+    # overflow-safe norms (xm * 1e30 has squares beyond float32), keys normalised before any product
+    norms = row_norms(xm, acc)[0].unsqueeze(-1).clamp_min(KEY_NORM_EPS)
     keys = (xm.to(acc) / norms).to(xm.dtype)
     q, kn, vv = (_gather_rows(t, slots) for t in (xm, keys, v))
     lss_sorted = _gather_rows(lss, slots)  # [N, R, nc Kp, K]: row = key slot, column = query slot index
@@ -287,13 +289,34 @@ def _rounds(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int) -
     inverse = torch.argsort(perm.long(), dim=-1)
     out = torch.gather(out, 2, inverse.unsqueeze(-1).expand_as(out))
     lse = torch.gather(lse, 2, inverse)
+    if torch.is_grad_enabled() and (out.requires_grad or lse.requires_grad):
+        out, lse = _SavedLseGuard.apply(out, lse)
     return out.to(v.dtype), lse
+
+
+class _SavedLseGuard(torch.autograd.Function):
+    """Identity on ``(out, lse)`` whose backward first refuses an lse flex's backward cannot resolve (flex
+    recomputes P = exp(s - lse) from it, as every backend's backward does; ``check_saved_lse``): one host read
+    per backward call."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(lse)
+        return out.view_as(out), lse.view_as(lse)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, grad_lse: Tensor) -> tuple[Tensor, Tensor]:
+        (lse,) = ctx.saved_tensors
+        check_saved_lse(lse)
+        return grad_out, grad_lse
 
 
 def merge_rounds(out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
     """Rounds merged by their lse (DESIGN.md 1.5): ``y [N, L, Cv]`` and the lse over all rounds ``[N, L]``."""
     total = torch.logsumexp(lse, dim=1)
-    weights = torch.exp(lse - total.unsqueeze(1)).unsqueeze(-1)
+    # softmax subtracts the max, not total: at |lse| ~ 1e30 (xm * 1e30) total rounds to the max and
+    # exp(lse - total) would give two rounds of equal lse weight 1 each
+    weights = torch.softmax(lse, dim=1).unsqueeze(-1)
     return (weights * out.to(lse.dtype)).sum(dim=1).to(out.dtype), total
 
 
@@ -396,5 +419,6 @@ def attention_backward(grad_out: Tensor, delta: Tensor, xm: Tensor, v: Tensor, l
 
     if _on_cpu(xm):
         raise BackendUnavailableError(CPU_BACKWARD_REASON)
+    check_saved_lse(lse)  # the recomputed lse is the same: refused here, before the recomputation
     del lse  # flex recomputes its own
     return recompute_backward(_rounds, grad_out, delta, xm, v, lss, perm, chunk_size)
