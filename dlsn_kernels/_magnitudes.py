@@ -1,7 +1,8 @@
 """Inputs of extreme magnitude (xm * 1e30, xm * 1e-30): overflow-safe key norms and the backward's lse limit.
 
-Shared by the Python backends (triton, flex); the cpu backend has the same rules in C++
-(``csrc/cpu/cpu_kernels.h`` ``row_norm``, ``csrc/cpu/attention_backward.cpp`` ``check_lse_range``).
+Shared by the Python backends (triton, flex); the compiled backends have the same rules in C++
+(``csrc/cpu/cpu_kernels.h`` ``row_norm``; ``csrc/magnitudes.h``: the lse limit of both backwards, and the
+cuda backend's refusal of magnitudes whose unnormalised score products could overflow).
 """
 
 from __future__ import annotations

@@ -118,8 +118,8 @@ def test_triton_normal_inputs_are_unscaled_bit_for_bit(dtype):
     acc = accumulate_dtype(dtype)
     plain = torch.linalg.vector_norm(xm, dim=-1, dtype=acc).clamp_min(KEY_NORM_EPS).reciprocal()
     assert torch.equal(inverse_key_norms(xm), plain)
-    inv, q_scale = scaled_key_norms(xm, 1.4426950408889634)
-    assert q_scale.dtype == dtype and torch.equal(q_scale, torch.ones(1, dtype=dtype))
+    inv, queries = scaled_key_norms(xm, 1.4426950408889634)
+    assert queries is xm  # unscaled: no copy
     assert torch.equal(inv, plain * 1.4426950408889634)
 
 
@@ -159,3 +159,31 @@ def test_flex_merge_and_backward_guard():
     g_out, g_lse = flex._SavedLseGuard.apply(o, small)
     (g_out.sum() + 2 * g_lse.sum()).backward()
     assert torch.equal(o.grad, torch.ones_like(o)) and torch.equal(small.grad, 2 * torch.ones_like(small))
+
+
+def _cuda_ready() -> bool:
+    return torch.cuda.is_available() and dk.available_backends("cuda")["cuda"].reason is None
+
+
+@pytest.mark.skipif(not _cuda_ready(), reason="needs the cuda backend on a GPU")
+def test_cuda_refuses_products_beyond_float32_and_agrees_below():
+    """The CUDA kernels multiply raw rows: beyond 2^(product_headroom/2) they refuse (csrc/magnitudes.h)."""
+    xm, v, lss = [t.cuda() for t in _scaled("huge")]
+    _rot, perm = _extras()
+    perm = perm.cuda()
+    with pytest.raises(ValueError, match=r"chunk_attention: xm reaches .* the CUDA kernels resolve scores only"):
+        dk.chunk_attention(xm, v, lss, perm, CASE.chunk, backend="cuda")
+    low = [(xm * 1e-14).requires_grad_(), v, lss]  # ~1e16: accepted, one-hot-free range
+    got, _ = dk.chunk_attention(*low, perm, CASE.chunk, backend="cuda")
+    want, _ = ref.chunk_attention(*[t.cpu() for t in low], perm.cpu(), CASE.chunk)
+    assert rel_err(got.cpu(), want) < tolerance(torch.float32)
+
+
+@pytest.mark.skipif(not _cuda_ready(), reason="needs the cuda backend on a GPU")
+def test_cuda_backward_refuses_an_unresolvable_lse():
+    xm, v, lss = [t.cuda() for t in _scaled("huge")]
+    xm = (xm * 1e-14).requires_grad_()  # scores ~1e32 / ||key||: lse far beyond 65536, products in range
+    _rot, perm = _extras()
+    out = dk.chunk_attention(xm, v, lss, perm.cuda(), CASE.chunk, backend="cuda")[0]
+    with pytest.raises(ValueError, match=r"the saved lse reaches .* in magnitude.*\|lse\| <= 65536"):
+        torch.autograd.grad(out.sum(), xm)

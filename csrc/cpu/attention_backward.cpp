@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "magnitudes.h"
 #include "cpu/cpu_kernels.h"
 #include "cpu/gemm.h"
 #include "cpu/vec_loops.h"
@@ -204,20 +205,6 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
     dv.copy_(dv_acc);
     dlss.copy_(dlss_acc);
   }
-}
-
-// The backward recomputes P = exp(s - lse) from the saved lse, so lse's rounding error becomes P's relative error:
-// |lse| * eps. Beyond 2^16 in float32 (2^40 in float64) that exceeds 0.4% and P stops summing to one (features
-// scaled by 1e30 give |lse| ~ 1e30, a one-hot softmax the forward computes exactly); refuse rather than return
-// gradients that are wrong by whole factors.
-void check_lse_range(const at::Tensor& lse) {
-  if (lse.numel() == 0) return;
-  const double limit = lse.scalar_type() == at::kDouble ? 1099511627776.0 : 65536.0;
-  const double top = lse.abs().max().item<double>();  // NaN compares false: left to propagate
-  TORCH_CHECK_VALUE(!(top > limit), "attention_backward: the saved lse reaches ", top,
-                    " in magnitude; the backward recomputes the softmax from it, which ", lse.scalar_type(),
-                    " resolves only while |lse| <= ", limit, " (scores this large make the softmax one-hot: scale xm "
-                    "down, its norm sets the scores)");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(

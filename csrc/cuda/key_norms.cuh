@@ -9,7 +9,9 @@ namespace dlsn {
 namespace cuda_impl {
 namespace tc {
 
-// inv_norm[row] = 1 / max(||xm[row]||, eps) for the N*L rows of xm [N*L, Cm]; a warp per row.
+// inv_norm[row] = 1 / max(||xm[row]||, eps) for the N*L rows of xm [N*L, Cm]; a warp per row. The plain sum of
+// squares cannot overflow: the ops refuse max |xm| >= 2^(product_headroom / 2) first (magnitudes.h), which keeps
+// Cm max|xm|^2 below 2^126.
 template <typename T>
 __global__ void __launch_bounds__(256) key_norms_kernel(const T* __restrict__ xm, float* __restrict__ inv_norm,
                                                         int64_t n_rows, int64_t cm, float eps) {

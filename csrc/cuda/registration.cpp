@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "magnitudes.h"
 #include "cuda/geometry.h"
 #include "cuda/launchers.h"
 
@@ -154,6 +155,7 @@ std::tuple<at::Tensor, at::Tensor> chunk_attention(const at::Tensor& xm, const a
   check_forward_grid(xm, v, chunk_size, perm.size(1), "chunk_attention");
   check_permutation(perm);
   check_on_cuda(xm, "xm", "chunk_attention");
+  check_product_range(xm, "chunk_attention");
   auto result = chunk_attention_cuda(xm, v, lss, perm, chunk_size);
   check_launch();
   return result;
@@ -168,6 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gla_attention(const at::Tensor& x
   check_hash_grid(xm, rot);
   check_forward_grid(xm, v, chunk_size, 1, "gla_attention");
   check_on_cuda(xm, "xm", "gla_attention");
+  check_product_range(xm, "gla_attention");
   auto result = gla_attention_cuda(xm, v, lss, rot, chunk_size);
   check_launch();
   return result;
@@ -180,6 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   check_backward_grid(xm, v, chunk_size);
   check_permutation(perm);  // the inverse permutation built on the device must cover every position
   check_on_cuda(xm, "xm", "attention_backward");
+  check_backward_magnitudes(lse, xm, "attention_backward");
   auto result = attention_backward_cuda(grad_out, delta, xm, v, lss, perm, lse, chunk_size);
   check_launch();
   return result;
