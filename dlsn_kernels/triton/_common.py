@@ -221,16 +221,18 @@ def query_scale_exponent_limit(dtype: torch.dtype) -> int:
 
 
 def scaled_key_norms(xm: torch.Tensor, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(factor 2^e / max(||xm||, eps) [N, L], 2^-e [1])`` for the attention forward, once per call.
+    """``(factor 2^e / max(||xm||, eps) [N, L], queries)`` for the attention forward, once per call.
 
     The kernels compute q . key unnormalised and scale the score column by the inverse key norm; with
-    xm * 1e30 the product itself overflows float32 (|q| |key| ~ 1e62). So the queries are scaled by 2^-e once
-    per query tile (the 1-element tensor, in xm's dtype: powers of two are exact in every float format) and
-    2^e is folded into the inverse norm the kernels already load. e is the smallest power that keeps
-    ``Cm max|xm|^2 2^-e`` at a quarter of the accumulation type's range: 0 for any input below about 1e18 in
-    float32 (float16 always), where nothing changes bit for bit. Beyond ``query_scale_exponent_limit`` the
-    scaled inverse norm of a key at the norm floor would overflow: such inputs (max |xm| above about 1e34 in
-    float32/bfloat16) are refused, which costs one host read of the exponent per call.
+    xm * 1e30 the product itself overflows float32 (|q| |key| ~ 1e62). So the queries are ``xm * 2^-e``
+    (powers of two are exact in every float format) and 2^e is folded into the inverse norm the kernels already
+    load. e is the smallest power that keeps ``Cm max|xm|^2 2^-e`` at a quarter of the accumulation type's
+    range: 0 for any input below about 1e18 in float32 (float16 always), where ``queries`` is ``xm`` itself (no
+    copy) and nothing changes bit for bit. The scaled copy is made here, not by a multiply in the kernel: a
+    query tile scaled in registers becomes a register-A wgmma operand (the pattern of Triton issue #9433).
+    Beyond ``query_scale_exponent_limit`` the scaled inverse norm of a key at the norm floor would overflow:
+    such inputs (max |xm| above about 1e34 in float32/bfloat16) are refused, which costs one host read of the
+    exponent per call.
     """
     acc = accumulate_dtype(xm.dtype)
     norms, top_exp = row_norms(xm, acc)
@@ -246,5 +248,6 @@ def scaled_key_norms(xm: torch.Tensor, factor: float = 1.0) -> tuple[torch.Tenso
             f"{bound:.3g} ({xm.dtype}, Cm = {cm}): scale xm down, its norm sets the scores"
         )
     inv = torch.ldexp(norms.clamp_min(KEY_NORM_EPS).reciprocal(), exp) * factor
-    q_scale = torch.ldexp(torch.ones(1, dtype=acc, device=xm.device), -exp).to(xm.dtype)
-    return inv.contiguous(), q_scale
+    shift = int(exp)
+    queries = xm if shift == 0 else torch.ldexp(xm.to(acc), torch.tensor(float(-shift), device=xm.device))
+    return inv.contiguous(), queries.to(xm.dtype).contiguous()

@@ -79,7 +79,7 @@ even_heuristics = triton.heuristics({
 @attention_heuristics
 @jit
 def _chunk_attention_fwd_kernel(
-    xm_ptr, v_ptr, lss_ptr, rows_ptr, inv_norm_ptr, q_scale_ptr, out_ptr, lse_ptr,
+    q_ptr, xm_ptr, v_ptr, lss_ptr, rows_ptr, inv_norm_ptr, out_ptr, lse_ptr,
     L, Cm, Cv, K, R, nc, Lp,
     PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr,
@@ -102,12 +102,11 @@ def _chunk_attention_fwd_kernel(
     offs_i = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     i_ok = offs_i < K
     q_rows = tl.load(slot_row + c * K + offs_i, mask=i_ok, other=0)
+    # q_ptr: xm, or xm * 2^-e beyond ~1e18 (scaled_key_norms) so that q . key cannot overflow; 2^e is in inv_norm
     if EVEN_C:
-        q = tl.load(xm_ptr + q_rows[:, None] * Cm + offs_cm[None, :])
+        q = tl.load(q_ptr + q_rows[:, None] * Cm + offs_cm[None, :])
     else:
-        q = tl.load(xm_ptr + q_rows[:, None] * Cm + offs_cm[None, :], mask=cm_ok[None, :], other=0.0)
-    # 2^-e (1 for any input below ~1e18, see scaled_key_norms): q . key cannot overflow; 2^e is in inv_norm
-    q = q * tl.load(q_scale_ptr)
+        q = tl.load(q_ptr + q_rows[:, None] * Cm + offs_cm[None, :], mask=cm_ok[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_Q], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_Q], ACC)
@@ -222,10 +221,10 @@ def _launch_forward(xm, v, lss, perm, out, lse, chunk_size):
     _, padded, nc = slot_layout(length, chunk_size)
     rows = slot_rows(perm, chunk_size, max(cm, cv, chunk_size))
     config = forward_config(chunk_size, cv, xm.dtype)
-    inv_norm, q_scale = scaled_key_norms(xm, _LOG2E)
+    inv_norm, queries = scaled_key_norms(xm, _LOG2E)
     grid = (nc * triton.cdiv(chunk_size, config["BLOCK_Q"]), n * perm.shape[1])
     _chunk_attention_fwd_kernel[grid](
-        xm, v, lss, rows, inv_norm, q_scale, out, lse,
+        queries, xm, v, lss, rows, inv_norm, out, lse,
         length, cm, cv, chunk_size, perm.shape[1], nc, padded,
         PRECISION=dot_precision(xm.dtype), **config,
     )
