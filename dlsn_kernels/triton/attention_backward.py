@@ -125,9 +125,6 @@ def _key_pass(
     k_ok = offs_j < K
     k_slot = kc * K + offs_j
     k_rows = tl.load(slot_row + k_slot, mask=k_ok, other=0)
-    # rows of this round's gradient buffers [N, Lp, width]: a real slot (< L) at its position (one slot per
-    # position and round), a padded slot at its own index past L (the position pass adds it to its original)
-    out_rows = (n * Lp + tl.where(k_slot < L, k_rows - n * L, k_slot)).to(tl.int64)
     key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :], mask=k_ok[:, None] & cm_ok[None, :], other=0.0)
     inv_norm = tl.load(inv_norm_ptr + k_rows, mask=k_ok, other=0.0)
     if not DV_PASS:
@@ -204,9 +201,12 @@ def _key_pass(
             else:
                 tl.store(ds_ptrs, (ds * inv_norm[:, None]).to(DOT), mask=k_ok[:, None] & (offs_i < K)[None, :])
             if t == 2:
-                tl.store(dlss_slot_ptr + out_rows[:, None] * K + offs_i[None, :], dlss,
+                tl.store(dlss_slot_ptr + (n * Lp + k_slot).to(tl.int64)[:, None] * K + offs_i[None, :], dlss,
                          mask=k_ok[:, None] & (offs_i < K)[None, :])
                 dlss = tl.zeros([BLOCK_K, BLOCK_Q], ACC)
+    # slot order (affine rows): a gathered row index per element of the transposed [Cv, keys] store costs a
+    # 64-bit pointer per element and spilled the dv pass; the position pass gathers the rows instead
+    out_rows = (n * Lp + k_slot).to(tl.int64)
     if not SMEM_B:  # one layout change at the end, not per step
         if DV_PASS:
             dv_t = tl.trans(dv)
@@ -221,8 +221,10 @@ def _key_pass(
 
 
 # (BLOCK_Q, BLOCK_K, num_warps) of _dq_pass: one warpgroup; dq^T [Cm, BLOCK_Q] in float32 is 32 registers
-# per thread at Cm = 64, and both operands come from memory (shared-memory A and B).
-_DQ_TILES = {"native": (64, 64, 4), "tf32": (64, 32, 4), "ieee": (32, 32, 4)}
+# per thread at Cm = 64, and both operands come from memory (shared-memory A and B). A deep key step (8 HGMMA
+# per step in bf16 and TF32) keeps the main loop's instructions per MMA near 30-40 (compile report); 128 query
+# slots per tile gave more per MMA.
+_DQ_TILES = {"native": (64, 128, 4), "tf32": (64, 64, 4), "ieee": (32, 32, 4)}
 
 
 def dq_config(chunk_size: int, dtype: torch.dtype) -> dict[str, int]:
@@ -245,7 +247,7 @@ def _dq_pass(
 ):
     # dq of a query tile of chunk c for round r: dq^T [Cm, i] = sum over its three key chunks t and their key
     # blocks of key^T (dS / ||key||) (the score pass's operand, stored in the dot dtype), in a fixed order,
-    # stored in float32 at the query's position row of this round's dq buffer (one slot per position and round).
+    # stored in float32 at the query's slot row of this round's dq buffer.
     n_qblocks = tl.cdiv(K, BLOCK_Q)
     c = tl.program_id(0) // n_qblocks
     offs_i = (tl.program_id(0) % n_qblocks) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -277,16 +279,16 @@ def _dq_pass(
         dq_t += matmul(tl.trans(key), ds, ACC, PRECISION)
     q_slot = c * K + offs_i
     q_ok = (offs_i < K) & (q_slot < L)  # padded query slots have no gradient
-    pos_rows = tl.load(slot_row + q_slot, mask=q_ok, other=0).to(tl.int64)
-    tl.store(dq_ptr + pos_rows[None, :] * Cm + offs_cm[:, None], dq_t, mask=q_ok[None, :] & cm_ok[:, None])
+    q_rows = (n * L + q_slot).to(tl.int64)
+    tl.store(dq_ptr + q_rows[None, :] * Cm + offs_cm[:, None], dq_t, mask=q_ok[None, :] & cm_ok[:, None])
 
 
 @device_fn
-def _gather_slots(buf_ptr, base, pos, dup_first, n_dup, L, Lp, offs, width, ok, ACC: tl.constexpr):
-    """Row ``pos`` of one round's ``[Lp, width]`` gradient buffer (from ``base``) plus the rows of its slot's
-    padded duplicates (increasing slot order)."""
+def _gather_slots(buf_ptr, base, slot, dup_first, n_dup, L, Lp, offs, width, ok, ACC: tl.constexpr):
+    """Row ``slot`` of one round's ``[Lp, width]`` slot buffer (from row ``base``) plus the rows of its padded
+    duplicates (increasing slot order)."""
     w_ok = offs < width
-    total = tl.load(buf_ptr + (base + pos)[:, None] * width + offs[None, :],
+    total = tl.load(buf_ptr + (base + slot)[:, None] * width + offs[None, :],
                     mask=ok[:, None] & w_ok[None, :], other=0.0).to(ACC)
     for d in range(0, n_dup):
         dup = dup_first + d * L
@@ -312,11 +314,11 @@ def _store_rows(ptr, rows, offs, width, ok, value):
 def _position_pass(
     slot_of_ptr, xm_ptr, dq_buf_ptr, dv_buf_ptr, dkn_buf_ptr, dlss_buf_ptr, dxm_ptr, dv_ptr, dlss_ptr,
     N, L, Cm, Cv, K, R, pad, Lp, n_dup,
-    PADDED: tl.constexpr, EPS: tl.constexpr, BLOCK_P: tl.constexpr,
+    EPS: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr, BLOCK_KK: tl.constexpr, ACC: tl.constexpr,
 ):
-    # One launch after all rounds: per position, the sum over rounds (in increasing order) of its dq and of its
-    # key gradients (its slot plus the slot's padded duplicates), then the key normalisation backward.
+    # One launch after all rounds: per position, the sum over rounds (in increasing order) of the dq of its slot
+    # and the key gradients of its slot plus the slot's padded duplicates, then the key normalisation backward.
     n = tl.program_id(1).to(tl.int64)
     pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     ok = pos < L
@@ -331,16 +333,14 @@ def _position_pass(
     dv = tl.zeros([BLOCK_P, BLOCK_CV], ACC)
     dlss = tl.zeros([BLOCK_P, BLOCK_KK], ACC)
     for r in range(0, R):
-        if PADDED:  # the position's slot in round r, whose padded copies follow it past L
-            dup_first = first_padded_copy(tl.load(slot_of_ptr + (n * R + r) * L + pos, mask=ok, other=0), L, pad)
-        else:
-            dup_first = pos + Lp  # no copies (n_dup is 0)
+        slot = tl.load(slot_of_ptr + (n * R + r) * L + pos, mask=ok, other=0)  # the position's slot in round r
+        dup_first = first_padded_copy(slot, L, pad)
         base = (r * N + n) * Lp
-        dq += tl.load(dq_buf_ptr + ((r * N) * L + pos_rows)[:, None] * Cm + offs_cm[None, :],
+        dq += tl.load(dq_buf_ptr + ((r * N + n) * L + slot)[:, None] * Cm + offs_cm[None, :],
                       mask=ok[:, None] & cm_ok[None, :], other=0.0)
-        dkn += _gather_slots(dkn_buf_ptr, base, pos, dup_first, n_dup, L, Lp, offs_cm, Cm, ok, ACC)
-        dv += _gather_slots(dv_buf_ptr, base, pos, dup_first, n_dup, L, Lp, offs_cv, Cv, ok, ACC)
-        dlss += _gather_slots(dlss_buf_ptr, base, pos, dup_first, n_dup, L, Lp, offs_k, K, ok, ACC)
+        dkn += _gather_slots(dkn_buf_ptr, base, slot, dup_first, n_dup, L, Lp, offs_cm, Cm, ok, ACC)
+        dv += _gather_slots(dv_buf_ptr, base, slot, dup_first, n_dup, L, Lp, offs_cv, Cv, ok, ACC)
+        dlss += _gather_slots(dlss_buf_ptr, base, slot, dup_first, n_dup, L, Lp, offs_k, K, ok, ACC)
 
     # backward of kn = x / max(||x||, eps): (dkn - kn (kn . dkn)) / ||x||, or dkn / eps when clamped
     x = tl.load(xm_ptr + pos_rows[:, None] * Cm + offs_cm[None, :],
@@ -403,9 +403,9 @@ def attention_backward(
     dq_tiles = dq_config(k, xm.dtype)
     acc = accumulate_dtype(xm.dtype)
     dev = xm.device
-    # per-round gradient buffers in position order (every element the position pass reads is written by a key
-    # pass or _dq_pass first): real slots at their positions, padded slots past L. Summed over the rounds once,
-    # at the end, instead of a read-modify-write of float32 position totals per round.
+    # per-round float32 slot buffers (every element the position pass reads is written by a key pass or _dq_pass
+    # first), summed per position over the rounds once, at the end: no read-modify-write of position totals
+    # per round. Memory: R rounds of them alive (linear in R N L).
     dv_buf = torch.empty((rounds, n, padded, cv), dtype=acc, device=dev)
     dkn_buf = torch.empty((rounds, n, padded, cm), dtype=acc, device=dev)
     dlss_buf = torch.empty((rounds, n, padded, k), dtype=acc, device=dev)
@@ -430,14 +430,12 @@ def attention_backward(
         _dq_pass[(nc * triton.cdiv(k, dq_tiles["BLOCK_Q"]), n)](
             ds, xm, rows, dq_buf[r], length, cm, k, rounds, nc, padded, r, PRECISION=precision, **dq_tiles,
         )
-    # the slot of every position per round, where padded copies exist
-    slot_of = perm
-    if pad:
-        slot_of = torch.empty_like(perm, dtype=torch.int64)
-        slot_of.scatter_(2, perm.long(), torch.arange(length, device=dev).expand(n, rounds, length))
+    # the slot of every position per round (the inverse permutation), from which the position pass gathers
+    slot_of = torch.empty((n, rounds, length), dtype=torch.int32, device=dev)
+    slot_of.scatter_(2, perm.long(), torch.arange(length, dtype=torch.int32, device=dev).expand(n, rounds, length))
     _position_pass[(triton.cdiv(length, block_p), n)](
         slot_of, xm, dq_buf, dv_buf, dkn_buf, dlss_buf, dxm, dv, dlss,
         n, length, cm, cv, k, rounds, pad, padded, n_dup,
-        PADDED=pad > 0, EPS=KEY_NORM_EPS, BLOCK_P=block_p, num_warps=8,
+        EPS=KEY_NORM_EPS, BLOCK_P=block_p, num_warps=8,
     )
     return dxm, dv, dlss
