@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dlsn import DLSN, LFFB, MeanShift, Upsampler, _GLANetwork, check_scale, conv3x3
+from .tail import run_tail
 
 __all__ = ["DLSNResidual", "PlainSR", "bicubic_base"]
 
@@ -53,7 +54,7 @@ class DLSNResidual(DLSN):
     def _forward(self, x: Tensor) -> Tensor:
         features = self.head(self.sub_mean(x))
         features = self.body(features) + features
-        return self.tail(features) + bicubic_base(x, self.scale)
+        return run_tail(self.tail, features, self.scale) + bicubic_base(x, self.scale)
 
 
 class PlainSR(_GLANetwork):
@@ -103,5 +104,5 @@ class PlainSR(_GLANetwork):
         features = self.head(self.sub_mean(x))
         features = self.body(features) + features
         if self.bicubic_residual:
-            return self.tail(features) + bicubic_base(x, self.scale)
-        return self.add_mean(self.tail(features))
+            return run_tail(self.tail, features, self.scale) + bicubic_base(x, self.scale)
+        return self.add_mean(run_tail(self.tail, features, self.scale))

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from .gla import GLA, set_backend, set_inference
 from .precision import autocast, check_dtype
+from .residual import scaled_residual
+from .tail import run_tail
 
 __all__ = ["DIV2K_RGB_MEAN", "DLSN", "EDSRGLA", "GLAFFM", "LFFB", "MeanShift", "Upsampler"]
 
@@ -61,7 +63,7 @@ class LFFB(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(x) * self.res_scale + x
+        return scaled_residual(self.body(x), x, self.res_scale)
 
 
 class GLAFFM(nn.Module):
@@ -85,7 +87,7 @@ class GLAFFM(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(x) * self.res_scale + x
+        return scaled_residual(self.body(x), x, self.res_scale)
 
 
 class Upsampler(nn.Sequential):
@@ -163,11 +165,11 @@ class _GLANetwork(nn.Module):
             y = self._forward(x)
         return y.float()
 
-    # Both networks: mean shift, head conv, body with a long skip, upsampling tail.
+    # Both networks: mean shift, head conv, body with a long skip, upsampling tail (in bands at inference).
     def _forward(self, x: Tensor) -> Tensor:
         x = self.head(self.sub_mean(x))
         x = self.body(x) + x
-        return self.add_mean(self.tail(x))
+        return self.add_mean(run_tail(self.tail, x, self.scale))
 
 
 class DLSN(_GLANetwork):

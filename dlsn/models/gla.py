@@ -19,6 +19,8 @@ from torch import Tensor, nn
 import dlsn_kernels
 from dlsn_kernels import _checks
 
+from .residual import scaled_residual
+
 __all__ = ["GLA", "set_backend", "set_inference"]
 
 
@@ -145,7 +147,7 @@ class GLA(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             y = dlsn_kernels.gla_attention(xm, v, lss, rot, self.chunk_size, backend=self.backend)
         y = y.reshape(n, height, width, self.channels).permute(0, 3, 1, 2)
-        return y * self.res_scale + x
+        return scaled_residual(y, x, self.res_scale)
 
 
 def set_backend(model: nn.Module, backend: str | None) -> None:
