@@ -292,3 +292,45 @@ def test_tiny_features_match_the_reference(op):
     for name, a, b in zip(("xm", "v", "lss"), torch.autograd.grad((got * g.float()).sum(), low),
                           torch.autograd.grad((want * g).sum(), exact)):
         assert rel_err(a, b) < tolerance(torch.float32, grad=True), name
+
+
+def _mkl_bf16_gemm_present() -> bool:
+    import ctypes
+    import os
+
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    except OSError:
+        return False
+    return hasattr(lib, "cblas_gemm_bf16bf16f32")
+
+
+@pytest.mark.parametrize("products", ["bf16", "widened"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_bf16_products_and_widened_float32_both_match(case, products, monkeypatch):
+    """bfloat16 forward on MKL's bf16 GEMM (keys and P rounded to bf16, float32 sums) where the CPU has bf16 dot
+    products, or widened to float32 SGEMM (DLSN_CPU_BF16_GEMM=0): both within bfloat16's tolerance, forward and
+    backward (the backward always recomputes in float32)."""
+    monkeypatch.setenv("DLSN_CPU_BF16_GEMM", "1" if products == "bf16" else "0")
+    low, exact, _rot, perm = _rounded(case, torch.bfloat16)
+    out, lse = dk.chunk_attention(*low, perm, case.chunk, backend="cpu")
+    want_out, want_lse = ref.chunk_attention(*exact, perm, case.chunk)
+    assert rel_err(out, want_out) < tolerance(torch.bfloat16)
+    assert rel_err(lse, want_lse) < tolerance(torch.bfloat16)
+    g_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = torch.autograd.grad((out * g_out.bfloat16()).sum(), low)
+    want = torch.autograd.grad((want_out * g_out).sum(), exact)
+    for name, a, b in zip(("xm", "v", "lss"), got, want):
+        assert rel_err(a, b) < tolerance(torch.bfloat16, grad=True), name
+
+
+def test_bf16_products_switch_takes_effect(monkeypatch):
+    from dlsn.models.precision import cpu_has_fast_bf16
+
+    low, _exact, _rot, perm = _rounded(CASES[0], torch.bfloat16)
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("DLSN_CPU_BF16_GEMM", flag)
+        runs.append(dk.chunk_attention(*[t.detach() for t in low], perm, CASES[0].chunk, backend="cpu")[1])
+    # the lse differs by the bf16 rounding of the normalised keys exactly when the bf16 products run
+    assert torch.equal(runs[0], runs[1]) != (cpu_has_fast_bf16() and _mkl_bf16_gemm_present())
