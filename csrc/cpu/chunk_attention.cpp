@@ -58,20 +58,21 @@ void forward_kernel(const at::Tensor& xm, const at::Tensor& v, const at::Tensor&
 
   for (int64_t r = 0; r < rounds; ++r) {
     at::parallel_for(0, batch * layout.n_chunks, 1, [&](int64_t begin, int64_t end) {
-      at::Tensor q = at::empty({chunk, cm}, acc_options);
+      // float32 scratch (the normalised keys in both paths), and the bf16 operands of bf16_products: queries,
+      // normalised keys rounded once, values, P
       at::Tensor keys = at::empty({kk, cm}, acc_options);
-      at::Tensor values = at::empty({kk, cv}, acc_options);
       at::Tensor scores_t = at::empty({kk, chunk}, acc_options);
       at::Tensor o = at::empty({chunk, cv}, acc_options);
       at::Tensor learned_rows = kWide ? at::Tensor() : at::empty({kk, chunk}, acc_options);
-      // the bf16 operands of bf16_products: queries, normalised keys (through one float32 row), values, P
-      at::Tensor q16, keys16, values16, p16, key_row;
+      at::Tensor q, values, q16, keys16, values16, p16;
       if (bf16_products) {
         q16 = at::empty({chunk, cm}, xm.options());
         keys16 = at::empty({kk, cm}, xm.options());
         values16 = at::empty({kk, cv}, v.options());
         p16 = at::empty({kk, chunk}, xm.options());
-        key_row = at::empty({cm}, acc_options);
+      } else {
+        q = at::empty({chunk, cm}, acc_options);
+        values = at::empty({kk, cv}, acc_options);
       }
       std::vector<int64_t> qpos(chunk), kpos(kk);
       std::vector<acc_t> col_max(chunk), col_sum(chunk);
@@ -87,21 +88,15 @@ void forward_kernel(const at::Tensor& xm, const at::Tensor& v, const at::Tensor&
           for (int64_t i = 0; i < chunk; ++i) kpos[t * chunk + i] = layout.position(pr, kc * chunk + i);
         }
         const scalar_t* xb = xm_ptr + b * length * cm;
-        if constexpr (kBf16) {
-          if (bf16_products) {
-            scalar_t* kd = keys16.data_ptr<scalar_t>();
-            acc_t* row = key_row.data_ptr<acc_t>();
+        gather_scaled_rows(xb, cm, kpos.data(), kk, inv_ptr + b * length, keys.data_ptr<acc_t>());
+        if (bf16_products) {
+          if constexpr (kBf16) {
             gather_rows(xb, cm, qpos.data(), chunk, q16.data_ptr<scalar_t>());
-            for (int64_t j = 0; j < kk; ++j) {  // normalised in float32, then rounded once
-              widen_scaled(xb + kpos[j] * cm, inv_ptr[b * length + kpos[j]], row, cm);
-              narrow_scaled(row, acc_t(1), kd + j * cm, cm);
-            }
+            narrow_scaled(keys.data_ptr<acc_t>(), acc_t(1), keys16.data_ptr<scalar_t>(), kk * cm);
             gather_rows(v_ptr + b * length * cv, cv, kpos.data(), kk, values16.data_ptr<scalar_t>());
           }
-        }
-        if (!bf16_products) {
+        } else {
           gather_rows(xb, cm, qpos.data(), chunk, q.data_ptr<acc_t>());
-          gather_scaled_rows(xb, cm, kpos.data(), kk, inv_ptr + b * length, keys.data_ptr<acc_t>());
           gather_rows(v_ptr + b * length * cv, cv, kpos.data(), kk, values.data_ptr<acc_t>());
         }
         if constexpr (kWide) {
@@ -112,23 +107,25 @@ void forward_kernel(const at::Tensor& xm, const at::Tensor& v, const at::Tensor&
           for (int64_t j = 0; j < kk; ++j) learned[j] = rows + j * chunk;
         }
 
-        if constexpr (kBf16) {
-          if (bf16_products) {  // S^T [3K, K] = keys . q^T
+        if (bf16_products) {  // S^T [3K, K] = keys . q^T
+          if constexpr (kBf16) {
             gemm_bf16_rm(false, true, kk, chunk, cm, keys16.data_ptr<scalar_t>(), cm, q16.data_ptr<scalar_t>(), cm,
                          s, chunk);
           }
+        } else {
+          at::mm_out(scores_t, keys, q.t());
         }
-        if (!bf16_products) at::mm_out(scores_t, keys, q.t());
         score_block(s, kk, chunk, learned.data(), col_max.data());
         softmax_block(s, kk, chunk, col_max.data(), col_sum.data());
-        if constexpr (kBf16) {
-          if (bf16_products) {  // O [K, Cv] = P^T . V, P rounded to bfloat16 (its column sums stay float32)
+        if (bf16_products) {  // O [K, Cv] = P^T . V, P rounded to bfloat16 (its column sums stay float32)
+          if constexpr (kBf16) {
             narrow_scaled(s, acc_t(1), p16.data_ptr<scalar_t>(), kk * chunk);
             gemm_bf16_rm(true, false, chunk, cv, kk, p16.data_ptr<scalar_t>(), chunk, values16.data_ptr<scalar_t>(),
                          cv, o.data_ptr<acc_t>(), cv);
           }
+        } else {
+          at::mm_out(o, scores_t.t(), values);
         }
-        if (!bf16_products) at::mm_out(o, scores_t.t(), values);
 
         const acc_t* o_ptr = o.data_ptr<acc_t>();
         const int64_t valid = std::min(chunk, length - c * chunk);  // padded query slots store nothing
