@@ -9,12 +9,9 @@
 // finishes with O = P . V. The [3K, K] block lives in per-thread scratch only (~200 KB at K = 128), never
 // in a tensor of the problem's size.
 //
-// float16/bfloat16 inputs (DESIGN.md "Precision"): rows are read in 16 bits (no float32 copy of an input ever
-// exists), lse is float32, merged rounds are summed in float32 and each output is rounded to 16 bits once.
-// bfloat16 on a CPU with bf16 dot products (gemm.h, bf16_gemm_enabled): the products are MKL's bf16 GEMM with
-// float32 accumulation, as on the GPU: the query and value rows as they are, the normalised keys and the
-// probabilities P rounded to bfloat16. Otherwise (and for float16) rows are widened into float32 scratch and
-// the products are float32 SGEMM.
+// float16/bfloat16 inputs (DESIGN.md "Precision"): rows are read in 16 bits and widened into the float32
+// scratch as they are gathered (no float32 copy of an input ever exists), products are float32 SGEMM, lse
+// is float32, merged rounds are summed in float32 and each output is rounded to 16 bits once.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -25,7 +22,6 @@
 
 #include "checks.h"
 #include "cpu/cpu_kernels.h"
-#include "cpu/gemm.h"
 #include "cpu/vec_loops.h"
 
 namespace dlsn::cpu {
@@ -36,8 +32,6 @@ void forward_kernel(const at::Tensor& xm, const at::Tensor& v, const at::Tensor&
                     int64_t chunk, bool merge, at::Tensor& out, at::Tensor& lse) {
   using acc_t = acc_type_t<scalar_t>;
   constexpr bool kWide = std::is_same_v<scalar_t, acc_t>;  // float32/float64 storage: no conversions
-  constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
-  const bool bf16_products = kBf16 && bf16_gemm_enabled();  // bf16 x bf16 -> float32 products (see the top)
   const int64_t batch = xm.size(0), length = xm.size(1), cm = xm.size(2), cv = v.size(2);
   const int64_t rounds = perm.size(1);
   const SlotLayout layout(length, chunk);
@@ -58,22 +52,12 @@ void forward_kernel(const at::Tensor& xm, const at::Tensor& v, const at::Tensor&
 
   for (int64_t r = 0; r < rounds; ++r) {
     at::parallel_for(0, batch * layout.n_chunks, 1, [&](int64_t begin, int64_t end) {
-      // float32 scratch (the normalised keys in both paths), and the bf16 operands of bf16_products: queries,
-      // normalised keys rounded once, values, P
+      at::Tensor q = at::empty({chunk, cm}, acc_options);
       at::Tensor keys = at::empty({kk, cm}, acc_options);
+      at::Tensor values = at::empty({kk, cv}, acc_options);
       at::Tensor scores_t = at::empty({kk, chunk}, acc_options);
       at::Tensor o = at::empty({chunk, cv}, acc_options);
       at::Tensor learned_rows = kWide ? at::Tensor() : at::empty({kk, chunk}, acc_options);
-      at::Tensor q, values, q16, keys16, values16, p16;
-      if (bf16_products) {
-        q16 = at::empty({chunk, cm}, xm.options());
-        keys16 = at::empty({kk, cm}, xm.options());
-        values16 = at::empty({kk, cv}, v.options());
-        p16 = at::empty({kk, chunk}, xm.options());
-      } else {
-        q = at::empty({chunk, cm}, acc_options);
-        values = at::empty({kk, cv}, acc_options);
-      }
       std::vector<int64_t> qpos(chunk), kpos(kk);
       std::vector<acc_t> col_max(chunk), col_sum(chunk);
       std::vector<const acc_t*> learned(kk);
@@ -88,17 +72,9 @@ void forward_kernel(const at::Tensor& xm, const at::Tensor& v, const at::Tensor&
           for (int64_t i = 0; i < chunk; ++i) kpos[t * chunk + i] = layout.position(pr, kc * chunk + i);
         }
         const scalar_t* xb = xm_ptr + b * length * cm;
+        gather_rows(xb, cm, qpos.data(), chunk, q.data_ptr<acc_t>());
         gather_scaled_rows(xb, cm, kpos.data(), kk, inv_ptr + b * length, keys.data_ptr<acc_t>());
-        if (bf16_products) {
-          if constexpr (kBf16) {
-            gather_rows(xb, cm, qpos.data(), chunk, q16.data_ptr<scalar_t>());
-            narrow_scaled(keys.data_ptr<acc_t>(), acc_t(1), keys16.data_ptr<scalar_t>(), kk * cm);
-            gather_rows(v_ptr + b * length * cv, cv, kpos.data(), kk, values16.data_ptr<scalar_t>());
-          }
-        } else {
-          gather_rows(xb, cm, qpos.data(), chunk, q.data_ptr<acc_t>());
-          gather_rows(v_ptr + b * length * cv, cv, kpos.data(), kk, values.data_ptr<acc_t>());
-        }
+        gather_rows(v_ptr + b * length * cv, cv, kpos.data(), kk, values.data_ptr<acc_t>());
         if constexpr (kWide) {
           for (int64_t j = 0; j < kk; ++j) learned[j] = lss_ptr + (b * length + kpos[j]) * chunk;
         } else {
@@ -107,25 +83,10 @@ void forward_kernel(const at::Tensor& xm, const at::Tensor& v, const at::Tensor&
           for (int64_t j = 0; j < kk; ++j) learned[j] = rows + j * chunk;
         }
 
-        if (bf16_products) {  // S^T [3K, K] = keys . q^T
-          if constexpr (kBf16) {
-            gemm_bf16_rm(false, true, kk, chunk, cm, keys16.data_ptr<scalar_t>(), cm, q16.data_ptr<scalar_t>(), cm,
-                         s, chunk);
-          }
-        } else {
-          at::mm_out(scores_t, keys, q.t());
-        }
+        at::mm_out(scores_t, keys, q.t());
         score_block(s, kk, chunk, learned.data(), col_max.data());
         softmax_block(s, kk, chunk, col_max.data(), col_sum.data());
-        if (bf16_products) {  // O [K, Cv] = P^T . V, P rounded to bfloat16 (its column sums stay float32)
-          if constexpr (kBf16) {
-            narrow_scaled(s, acc_t(1), p16.data_ptr<scalar_t>(), kk * chunk);
-            gemm_bf16_rm(true, false, chunk, cv, kk, p16.data_ptr<scalar_t>(), chunk, values16.data_ptr<scalar_t>(),
-                         cv, o.data_ptr<acc_t>(), cv);
-          }
-        } else {
-          at::mm_out(o, scores_t.t(), values);
-        }
+        at::mm_out(o, scores_t.t(), values);
 
         const acc_t* o_ptr = o.data_ptr<acc_t>();
         const int64_t valid = std::min(chunk, length - c * chunk);  // padded query slots store nothing

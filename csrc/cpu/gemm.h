@@ -15,7 +15,6 @@
 
 #include <climits>
 #include <cstdint>
-#include <cstdlib>
 
 extern "C" {
 // NOLINTBEGIN: the standard Fortran BLAS interface (column-major, every argument by pointer, 32-bit ints).
@@ -25,12 +24,6 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
-// MKL's bfloat16 product with float32 accumulation and output (CBLAS: layout 101 = row-major, 111/112 = no
-// transpose/transpose; MKL_BF16 is the raw 16 bits). Exported by the x86 wheels' libtorch_cpu; weak, so a torch
-// without it (OpenBLAS builds) still loads and the kernels widen to float32 SGEMM instead.
-void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
-                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc)
-    __attribute__((weak));
 // NOLINTEND
 }
 
@@ -76,33 +69,6 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const 
   } else {
     out.addmm_(lhs, rhs);
   }
-}
-
-// Whether bfloat16 products go to MKL's bf16 GEMM (float32 accumulation): the symbol is there, the CPU computes
-// bf16 dot products in hardware (AVX512-BF16; AMX machines have it too), and DLSN_CPU_BF16_GEMM is not "0" (the
-// switch back to widening into float32 SGEMM, read per call). On an AMX Xeon the forward's two products run
-// 2.4-3.1x faster than SGEMM at K = 128 (bench/NOTES.md).
-inline bool bf16_gemm_enabled() {
-  if (cblas_gemm_bf16bf16f32 == nullptr) return false;
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  static const bool hardware = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-#else
-  const bool hardware = false;
-#endif
-  const char* env = std::getenv("DLSN_CPU_BF16_GEMM");
-  return hardware && !(env != nullptr && env[0] == '0');
-}
-
-// C[m, n] (float32) = op(A)[m, k] . op(B)[k, n] for bfloat16 A and B, row-major, overwriting C. Only when
-// bf16_gemm_enabled(); the sizes of a chunk job always fit 32 bits (the forward checks).
-inline void gemm_bf16_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const c10::BFloat16* a,
-                         int64_t lda, const c10::BFloat16* b, int64_t ldb, float* c, int64_t ldc) {
-  cblas_gemm_bf16bf16f32(101, trans_a ? 112 : 111, trans_b ? 112 : 111, static_cast<int>(m), static_cast<int>(n),
-                         static_cast<int>(k), 1.0f, reinterpret_cast<const uint16_t*>(a), static_cast<int>(lda),
-                         reinterpret_cast<const uint16_t*>(b), static_cast<int>(ldb), 0.0f, c, static_cast<int>(ldc));
 }
 
 }  // namespace dlsn::cpu

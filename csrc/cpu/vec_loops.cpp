@@ -21,7 +21,7 @@ DLSN_MULTIVERSION void widen_scaled(const c10::Half* src, float scale, float* ds
 }
 
 DLSN_MULTIVERSION void narrow_scaled(const float* src, float scale, c10::BFloat16* dst, int64_t n) {
-  narrow_bf16_impl(src, scale, dst, n);
+  narrow_scaled_impl(src, scale, dst, n);
 }
 
 DLSN_MULTIVERSION void narrow_scaled(const float* src, float scale, c10::Half* dst, int64_t n) {

@@ -110,20 +110,6 @@ inline void narrow_scaled_impl(const T* __restrict src, T scale, D* __restrict d
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<D>(src[k] * scale);
 }
 
-// float32 -> bfloat16 with c10's rounding (to nearest even, NaN -> 0x7FC0), written on the bits so that the loop
-// vectorises: c10::BFloat16's converting constructor did not, and rounding P for the bf16 products went through
-// it at about 5 ns an element (most of a bf16 forward's time outside the products).
-inline void narrow_bf16_impl(const float* __restrict src, float scale, c10::BFloat16* __restrict dst, int64_t n) {
-  auto* out = reinterpret_cast<uint16_t*>(dst);
-  for (int64_t k = 0; k < n; ++k) {
-    const float x = src[k] * scale;
-    uint32_t u;
-    std::memcpy(&u, &x, sizeof(u));
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    out[k] = x != x ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
-  }
-}
-
 // Float entry points, multi-versioned in vec_loops.cpp (callers see one plain symbol, an ifunc);
 // float64 takes the templates directly.
 void score_block(float* s, int64_t rows, int64_t cols, const float* const* learned, float* col_max);
