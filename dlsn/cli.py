@@ -1,6 +1,10 @@
 """What the command-line tools share at their boundary: how errors, Ctrl-C and notes are printed.
 
-- A :class:`~dlsn.errors.UserInputError` prints as ``<prog>: error: <one line>`` and exits 2.
+- A :class:`~dlsn.errors.UserInputError` prints as ``<prog>: error: <one line>`` and exits 2, and so do the
+  kernels' refusals of a call (``dlsn_kernels.BackendUnavailableError``, a ``ValueError`` raised by a check in
+  ``dlsn_kernels``: e.g. a backend that cannot run this image size within memory).
+- A :class:`~dlsn.errors.RunFailed` (a file that could not be saved, a diverged training) prints as
+  ``<prog>: error: <one line>`` and exits with its ``exit_code`` (1).
 - Unreadable images, one policy for train, eval and upscale: the tool goes on with the readable ones,
   lists the others in one ``failed: ...`` line at the end (``format_failures``) and exits 1.
 - Ctrl-C prints ``<prog>: interrupted ...`` (one line, saying what was kept) and exits 130.
@@ -9,14 +13,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 
-from dlsn.errors import UserInputError, one_line
+from dlsn.errors import RunFailed, SaveError, UserInputError, one_line
 
 __all__ = [
+    "BACKEND_HELP",
     "EXIT_INTERRUPTED",
     "EXIT_SOME_FAILED",
     "EXIT_USAGE",
@@ -24,12 +34,38 @@ __all__ = [
     "format_conversions",
     "format_failures",
     "pick_device",
+    "kernel_refusal",
     "run_tool",
+    "saving",
+    "write_failure",
 ]
 
 EXIT_SOME_FAILED = 1  # done with every readable image; the others are listed
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C
+
+# Every choice of ``--backend`` (dlsn_kernels.BACKENDS; tests/test_robustness.py keeps the two in step). Written
+# out rather than read from dlsn_kernels: eval --bicubic and --help must work where the kernels cannot load.
+BACKEND_HELP = ("attention kernel backend: reference, cpu, cuda, triton or flex, or FORWARD:BACKWARD such as "
+                "flex:cpu (default: automatic: the fastest measured on this GPU, else triton then cuda on a GPU, "
+                "cpu on a CPU; $DLSN_BACKEND overrides)")
+_KERNELS_DIR = str(Path(__file__).resolve().parent.parent / "dlsn_kernels") + os.sep
+
+
+def kernel_refusal(error: BaseException) -> bool:
+    """True for the kernels' refusal of a call: ``dlsn_kernels.BackendUnavailableError``, or a ``ValueError``
+    raised inside ``dlsn_kernels`` (its argument checks). Such an error is about what was asked (a backend, a
+    size), not a bug here, and is printed as one line."""
+    kernels = sys.modules.get("dlsn_kernels")
+    unavailable = getattr(kernels, "BackendUnavailableError", None)
+    if unavailable is not None and isinstance(error, unavailable):
+        return True
+    if not isinstance(error, ValueError) or isinstance(error, UserInputError):
+        return False
+    trace = error.__traceback__
+    while trace is not None and trace.tb_next is not None:  # the frame that raised it
+        trace = trace.tb_next
+    return trace is not None and trace.tb_frame.f_code.co_filename.startswith(_KERNELS_DIR)
 
 
 def run_tool(prog: str, body: Callable[[], int], interrupted: Callable[[], str] | None = None) -> int:
@@ -42,10 +78,45 @@ def run_tool(prog: str, body: Callable[[], int], interrupted: Callable[[], str] 
     except UserInputError as error:
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    except RunFailed as error:
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr, flush=True)
+        return error.exit_code
+    except (ValueError, RuntimeError) as error:
+        if not kernel_refusal(error):
+            raise
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         kept = interrupted() if interrupted is not None else ""
         print(f"\n{prog}: interrupted" + (f"; {kept}" if kept else ""), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+
+
+def write_failure(path: Path | str, error: BaseException, kept: str) -> SaveError:
+    """The :class:`~dlsn.errors.SaveError` for ``path`` not written because of ``error``: which file, why (the
+    space left when the disk looks full) and ``kept``, what is still there."""
+    reason = one_line(error)
+    if isinstance(error, OSError) and error.strerror:
+        reason = error.strerror  # without the temporary file's name OSError appends
+    folder = Path(path).parent
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(folder if folder.exists() else Path.cwd()).free
+        if getattr(error, "errno", None) == errno.ENOSPC or not isinstance(error, OSError) or free < 64 << 20:
+            reason += f"; {free / 2**20:.0f} MiB free on that disk"
+    return SaveError(f"cannot write {path} ({reason}); {kept}")
+
+
+@contextlib.contextmanager
+def saving(path: Path | str, kept: str) -> Iterator[None]:
+    """Turns a failed write of ``path`` into a one-line :class:`~dlsn.errors.SaveError` (``kept``: what is
+    still there, e.g. "the previous last.pt (step 100) is intact"). torch.save reports a full disk as a
+    RuntimeError from its zip writer, so RuntimeErrors count too."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, SaveError) or isinstance(error, torch.OutOfMemoryError):
+            raise
+        raise write_failure(path, error, kept) from error
 
 
 def format_failures(failures: Sequence[tuple[str, str]], total: int) -> str:

@@ -1,7 +1,9 @@
 """The exception types for bad input from the user (a file, a folder, a setting, a checkpoint).
 
-The command-line tools print a :class:`UserInputError` as one line and exit with status 2; every
-other exception is a bug (ours, or in a kernel) and propagates with its traceback. Library code
+The command-line tools print a :class:`UserInputError` as one line and exit with status 2, a
+:class:`RunFailed` (a run that stopped for a reason outside the program: a full disk, a diverged
+training) as one line with its ``exit_code`` (1); every other exception is a bug (ours, or in a kernel)
+and propagates with its traceback. Library code
 raises it where the input is what is wrong: an unreadable image, a file that is not a checkpoint,
 an image outside ``[0, 1]``. It is a ``ValueError``, so callers that catch ``ValueError`` keep
 working.
@@ -9,7 +11,8 @@ working.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "CheckpointNotFoundError", "UserInputError", "one_line"]
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "DivergedError", "RunFailed", "SaveError",
+           "UserInputError", "one_line"]
 
 
 class UserInputError(ValueError):
@@ -25,6 +28,23 @@ class CheckpointError(UserInputError, RuntimeError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The checkpoint path does not exist (also a FileNotFoundError)."""
+
+
+class RunFailed(Exception):
+    """A run that cannot go on for a reason the message states (not bad input, not a bug); the tools print
+    it as one line, saying what was kept, and exit with ``exit_code``."""
+
+    exit_code = 1
+
+
+class SaveError(RunFailed, OSError):
+    """A file could not be written (full disk, read-only folder); the message names it and what was kept.
+    Also an OSError, as the failure underneath it was."""
+
+
+class DivergedError(RunFailed):
+    """Training diverged: a non-finite loss, weight or validation score. Nothing non-finite was saved over
+    the run's checkpoints; the message names the step and what was kept."""
 
 
 def one_line(error: BaseException) -> str:

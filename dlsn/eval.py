@@ -31,6 +31,7 @@ Hash rotations are drawn from ``--seed`` (default 0), so runs are repeatable.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dlsn.cli import check_backend, format_conversions, format_failures, pick_device, run_tool
+from dlsn.cli import BACKEND_HELP, check_backend, format_conversions, format_failures, pick_device, run_tool, saving
 from dlsn.data.degradations import DEGRADATIONS
 from dlsn.evaluation import (
     EvalError,
@@ -46,6 +47,7 @@ from dlsn.evaluation import (
     bicubic_upscaler,
     evaluate,
     find_test_sets,
+    format_score,
     format_tables,
     is_plain_folder,
     model_upscaler,
@@ -87,8 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the hash rotations and of DN noise (default 0)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--backend", default=None,
-                        help="attention kernel backend: reference, cpu, cuda, triton (default: automatic)")
+    parser.add_argument("--backend", default=None, help=BACKEND_HELP)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="compute dtype of the network (default: bfloat16 on a CPU with AVX512-BF16 or AMX, "
                              "else float32)")
@@ -219,14 +220,15 @@ def _run(args: argparse.Namespace, conversions: dict[str, str] | None = None,
     return results
 
 
-def _score_cell(values: dict[str, tuple[float, float]], method: str) -> str:
-    return f"{values[method][0]:.2f} / {values[method][1]:.4f}" if method in values else "-"
+def _score_cell(values: dict[str, tuple[float, float, int]], method: str) -> str:
+    return format_score(*values[method]) if method in values else "-"
 
 
-def _gain_cell(values: dict[str, tuple[float, float]], method: str) -> str:
+def _gain_cell(values: dict[str, tuple[float, float, int]], method: str) -> str:
     if method not in values or "bicubic" not in values:
         return "-"
-    return f"{values[method][0] - values['bicubic'][0]:+.2f} dB"
+    gain = values[method][0] - values["bicubic"][0]
+    return "-" if math.isnan(gain) else f"{gain:+.2f} dB"
 
 
 def _side_by_side(results: list[SetScore], per_image: bool) -> str:
@@ -242,17 +244,17 @@ def _side_by_side(results: list[SetScore], per_image: bool) -> str:
               + "".join(f"  {label:>10}" for label in gain_labels.values()))
     lines = [f"x{results[0].scale}: Y-PSNR (dB) / SSIM", header, "-" * len(header)]
 
-    def row(label: str, images: str, values: dict[str, tuple[float, float]]) -> str:
+    def row(label: str, images: str, values: dict[str, tuple[float, float, int]]) -> str:
         return (f"{label:<{width}}  {images:>6}" + "".join(f"  {_score_cell(values, m):>{cell}}" for m in methods)
                 + "".join(f"  {_gain_cell(values, m):>{max(10, len(gain_labels[m]))}}" for m in gains))
 
     for set_name in set_names:
         rows = {r.method: r for r in results if r.set_name == set_name}
         count = max(r.n_images for r in rows.values())
-        lines.append(row(set_name, str(count), {m: (r.psnr, r.ssim) for m, r in rows.items()}))
+        lines.append(row(set_name, str(count), {m: (r.psnr, r.ssim, r.n_images) for m, r in rows.items()}))
         if per_image:
             for image in dict.fromkeys(s.name for r in rows.values() for s in r.images):
-                lines.append(row(f"  {image}", "", {m: (s.psnr, s.ssim) for m, r in rows.items()
+                lines.append(row(f"  {image}", "", {m: (s.psnr, s.ssim, 1) for m, r in rows.items()
                                                      for s in r.images if s.name == image}))
     return "\n".join(lines)
 
@@ -277,10 +279,21 @@ def _main(args: argparse.Namespace) -> int:
              "tile_overlap": args.tile_overlap if args.tile else None,
              "checkpoints": [str(p) for p in args.checkpoint or []],
              "degradation": args.degradation}
-    if args.csv:
-        print(f"wrote {write_csv(results, args.csv)}")
-    if args.json:
-        print(f"wrote {write_json(results, args.json, extra)}")
+    # An image too small to score is the same at every method: listed once per (set, scale).
+    skipped = dict.fromkeys((f"{r.set_name}/{name} at x{r.scale}", why) for r in results for name, why in r.skipped)
+    if skipped:
+        listed = "; ".join(f"{name} ({why})" for name, why in skipped)
+        print(f"dlsn.eval: skipped {len(skipped)} image(s) too small to score, the others are scored: {listed}",
+              file=sys.stderr)
+    non_finite = sorted({r.method for r in results if any(math.isnan(s.psnr) for s in r.images)})
+    if non_finite:
+        print(f"dlsn.eval: warning: {', '.join(non_finite)} gave non-finite output (NaN/inf) on some images: "
+              "their scores are NaN; the checkpoint's weights or --dtype may have overflowed", file=sys.stderr)
+    for path, write in ((args.csv, lambda: write_csv(results, args.csv)),
+                        (args.json, lambda: write_json(results, args.json, extra))):
+        if path:
+            with saving(path, "the scores printed above"):
+                print(f"wrote {write()}")
     # An image fails at every scale and for every method: list it once.
     failed = dict.fromkeys((f"{r.set_name}/{name}", reason) for r in results for name, reason in r.failed)
     if failed:

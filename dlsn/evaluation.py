@@ -6,7 +6,9 @@ The library behind ``python -m dlsn.eval`` (``dlsn/eval.py``, the command line),
 through ``model_upscaler``. Each LR image goes through it whole, or in pieces: ``forward_chop`` (the
 authors' ``--chop`` protocol, four overlapping quadrants, recursively) or ``forward_tiled`` (overlapping
 tiles blended across the seams). The output is rounded to 8 bits and scored against the HR (cropped to
-``scale`` times the LR size) with ``dlsn.metrics.psnr_y`` / ``ssim_y``.
+``scale`` times the LR size) with ``dlsn.metrics.psnr_y`` / ``ssim_y``. An output holding NaN or inf scores
+NaN, which the tables print as ``NaN (non-finite output)``; an image too small for the scores (the border
+``scale`` and the 11x11 SSIM window) is skipped and listed (``SetScore.skipped``), the others are scored.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dlsn.data.datasets import DegradedFolderDataset, PairedFolderDataset, dihed
 from dlsn.data.imresize import bicubic_upsample
 from dlsn.errors import UserInputError, one_line
 from dlsn.images import IMAGE_EXTENSIONS, list_images
-from dlsn.metrics import psnr_y, quantize, ssim_y
+from dlsn.metrics import min_scorable_size, psnr_y, ssim_y
 
 PathLike = str | os.PathLike
 UpscaleFn = Callable[[Tensor], Tensor]
@@ -223,6 +225,7 @@ class SetScore:
     method: str
     images: list[ImageScore] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (image name, why it was left out)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (image name, its size): too small to score
 
     @property
     def n_images(self) -> int:
@@ -240,7 +243,8 @@ class SetScore:
         return {"set": self.set_name, "scale": self.scale, "method": self.method,
                 "n_images": self.n_images, "psnr": self.psnr, "ssim": self.ssim,
                 "images": [{"name": s.name, "psnr": s.psnr, "ssim": s.ssim} for s in self.images],
-                "failed": [{"name": name, "reason": reason} for name, reason in self.failed]}
+                "failed": [{"name": name, "reason": reason} for name, reason in self.failed],
+                "skipped": [{"name": name, "reason": reason} for name, reason in self.skipped]}
 
 
 def _mean(values: list[float]) -> float:
@@ -261,7 +265,8 @@ def evaluate_dataset(
     """Score ``upscale`` on every item of ``dataset`` (``{"lr", "hr", "name"}`` in [0, 1], whole images:
     ``PairedFolderDataset``, ``DegradedFolderDataset`` or ``HRImageDataset`` with ``train=False``). Call
     ``model.eval()`` first. ``keep_going``: an item that cannot be read (``UserInputError``) is left
-    out and listed in ``failed`` instead of stopping the evaluation."""
+    out and listed in ``failed`` instead of stopping the evaluation. An HR image smaller than
+    ``dlsn.metrics.min_scorable_size(scale)`` on a side is not upscaled but listed in ``skipped``."""
     result = SetScore(set_name, scale, method)
     label = f"{set_name} x{scale}".strip()
     bar = tqdm(range(len(dataset)), desc=label, unit="img", disable=not progress, file=sys.stderr,
@@ -276,11 +281,17 @@ def evaluate_dataset(
             result.failed.append((names[index] if names else f"#{index}", one_line(error)))
             continue
         lr, hr, name = item["lr"], item["hr"], item["name"]
+        smallest = min_scorable_size(scale)
+        if min(hr.shape[-2:]) < smallest:
+            result.skipped.append((name, f"HR {hr.shape[-1]}x{hr.shape[-2]}; x{scale} scoring needs "
+                                         f"{smallest}x{smallest} or more"))
+            continue
         sr = upscale(lr[None].to(device))
         if sr.dim() != 4 or sr.shape[0] != 1 or tuple(sr.shape[-3:]) != tuple(hr.shape):
             raise EvalError(f"{label}: {name}: the model returned shape {list(sr.shape)} for LR "
                                f"{list(lr.shape)}; expected [1, {', '.join(map(str, hr.shape))}]")
-        sr = quantize(sr[0].detach().to("cpu", torch.float64))
+        # Not rounded here: psnr_y/ssim_y round, after noting a non-finite output (rounding clamps inf).
+        sr = sr[0].detach().to("cpu", torch.float64)
         result.images.append(ImageScore(name, float(psnr_y(sr, hr, scale)), float(ssim_y(sr, hr, scale))))
     return result
 
@@ -376,6 +387,27 @@ def evaluate(
 # Reporting
 
 
+NON_FINITE = "NaN (non-finite output)"
+
+
+def format_score(psnr: float, ssim: float | None = None, n_images: int = 1) -> str:
+    """``"27.14 / 0.8123"`` (PSNR only without ``ssim``); ``NaN (non-finite output)`` for a NaN score (an
+    output holding NaN or inf), ``-`` for a set with no scored image."""
+    if n_images == 0:
+        return "-"
+    if math.isnan(psnr) or (ssim is not None and math.isnan(ssim)):
+        return NON_FINITE
+    return f"{psnr:.2f}" if ssim is None else f"{psnr:.2f} / {ssim:.4f}"
+
+
+def _cells(psnr: float, ssim: float, n_images: int = 1) -> tuple[str, str]:
+    """The PSNR and SSIM columns of ``format_tables``: ``NaN (non-finite output)`` spans both."""
+    text = format_score(psnr, ssim, n_images)
+    if text in ("-", NON_FINITE):
+        return text, ""
+    return f"{psnr:.2f}", f"{ssim:.4f}"
+
+
 def format_tables(results: Sequence[SetScore], per_image: bool = False) -> str:
     """One text table per (method, scale): set, image count, mean PSNR (dB) and SSIM."""
     blocks = []
@@ -388,10 +420,12 @@ def format_tables(results: Sequence[SetScore], per_image: bool = False) -> str:
                  f"{'Set':<{width}}  {'Images':>6}  {'PSNR (dB)':>9}  {'SSIM':>6}",
                  "-" * (width + 29)]
         for r in rows:
-            lines.append(f"{r.set_name:<{width}}  {r.n_images:>6}  {r.psnr:>9.2f}  {r.ssim:>6.4f}")
+            psnr, ssim = _cells(r.psnr, r.ssim, r.n_images)
+            lines.append(f"{r.set_name:<{width}}  {r.n_images:>6}  {psnr:>9}  {ssim:>6}".rstrip())
             if per_image:
-                lines += [f"{'  ' + s.name:<{width}}  {'':>6}  {s.psnr:>9.2f}  {s.ssim:>6.4f}"
-                          for s in r.images]
+                for s in r.images:
+                    psnr, ssim = _cells(s.psnr, s.ssim)
+                    lines.append(f"{'  ' + s.name:<{width}}  {'':>6}  {psnr:>9}  {ssim:>6}".rstrip())
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 

@@ -5,22 +5,36 @@ Every image in the project travels as one of two things:
 - a ``torch.Tensor`` of shape ``[3, H, W]`` (or ``[N, 3, H, W]``), float, in ``[0, rgb_range]``
   (``rgb_range`` 1 for the data pipeline and metrics, 255 for the network, as in the authors' code).
 Greyscale files become RGB (the grey value copied to the three channels); alpha is dropped; 16 bits
-per channel become 8. ``decode_image`` says which of these a file went through.
+per channel become 8 (rounded: ``round(v / 257)``, grey and RGB alike); an EXIF orientation is applied, so
+the pixels stand as a viewer shows them. ``decode_image`` says which of these a file went through.
+
+An image is checked before it is decoded: its header's size against ``max_pixels`` (default
+``DEFAULT_MAX_PIXELS``, 64 Mpx), and PIL's decompression-bomb check; both refusals are a one-line
+:class:`~dlsn.errors.UserInputError` naming the file, so tools list it with the other failed images.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dlsn.atomic_files import write_atomically
 from dlsn.errors import UserInputError, one_line
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+
+# 64 Mpx: an 8000x8000 photo. Past it a whole-image pass of the paper network needs tens of GB (a 100 Mpx
+# image asked the allocator for 12.8 GB at its first convolution); tools take a higher limit as a flag.
+DEFAULT_MAX_PIXELS = 64_000_000
+# PIL's own decompression-bomb limit is a process-wide setting; it is raised only while a caller that asked
+# for more than it reads a header, under this lock.
+_PIL_LIMIT_LOCK = threading.Lock()
 
 PathLike = str | os.PathLike
 
@@ -78,12 +92,41 @@ def describe_conversion(image: Image.Image) -> str | None:
     return names.get(mode, f"mode {mode}")
 
 
+def _sixteen_bit_rgb(path: Path, image: Image.Image, rawmode: str, max_pixels: int | None) -> np.ndarray | None:
+    """A 16-bit-per-channel RGB(A) PNG as ``[H, W, 3]`` uint16, or None when ``image`` is not one.
+
+    PIL decodes such files to 8 bits by keeping each value's high byte (truncation). Its PNG decoder can
+    also keep the low bytes instead (the little-endian raw mode of the same 48/64-bit pixels, so the
+    unfiltering is the same), so the file is decoded twice and the two byte planes are put back together.
+    ``image`` is the loaded file, ``rawmode`` its raw mode read before loading (``_tile_rawmode``).
+    """
+    if image.format != "PNG" or image.mode not in ("RGB", "RGBA") or not rawmode.endswith(";16B"):
+        return None
+    high = np.asarray(image, dtype=np.uint16)  # the loaded high bytes
+    with _open_checked(path, max_pixels) as again:
+        again.tile = [_with_rawmode(tile, rawmode[:-1] + "L") for tile in again.tile]
+        again.load()
+        low = np.asarray(again, dtype=np.uint16)
+    return ((high << 8) | low)[:, :, :3]
+
+
+def _with_rawmode(tile: object, rawmode: str) -> object:
+    """``tile`` (an ``ImageFile._Tile`` or the older plain tuple) decoding with ``rawmode``."""
+    name, extents, offset, args = tile  # type: ignore[misc]
+    args = (rawmode, *args[1:]) if isinstance(args, tuple) else rawmode
+    return type(tile)((name, extents, offset, args)) if type(tile) is tuple else tile._replace(args=args)  # type: ignore[attr-defined]
+
+
+def _round_16_to_8(values: np.ndarray) -> np.ndarray:
+    """0..65535 -> 0..255, rounded to the nearest level (``round(v / 257)``)."""
+    return np.round(values.astype(np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+
+
 def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
     """Any PIL image -> [H, W, 3] uint8 (16-bit and float greyscale are rescaled, alpha dropped)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         # 16-bit greyscale PNG: map 0..65535 to 0..255 (PIL's convert("L") would clip instead).
-        grey16 = np.asarray(image, dtype=np.float64)
-        grey = np.round(grey16 / 257.0).clip(0, 255).astype(np.uint8)
+        grey = _round_16_to_8(np.asarray(image))
         return np.repeat(grey[:, :, None], 3, axis=2)
     if image.mode in ("I", "F"):
         values = np.asarray(image, dtype=np.float64)
@@ -98,31 +141,78 @@ def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
     return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
-def decode_image(path: PathLike) -> tuple[np.ndarray, str | None]:
+def decode_image(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str | None]:
     """``read_image`` that also says what the conversion to 8-bit RGB changed (None: nothing), e.g.
-    ``"RGBA, alpha dropped"`` or ``"16-bit greyscale"``, for the tools to report."""
+    ``"RGBA, alpha dropped"``, ``"16-bit greyscale"`` or ``"EXIF orientation applied"``, for the tools to
+    report. ``max_pixels`` (None: PIL's limit only) is checked from the header, before decoding."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
-        with Image.open(path) as image:
+        with _open_checked(path, max_pixels) as image:
             conversion = describe_conversion(image)
+            rawmode = _tile_rawmode(image)  # loading clears the tiles
             image.load()
-            return _to_rgb_uint8(image), conversion
+            sixteen = _sixteen_bit_rgb(path, image, rawmode, max_pixels)
+            array = _round_16_to_8(sixteen) if sixteen is not None else _to_rgb_uint8(image)
+            orientation = image.getexif().get(ORIENTATION_TAG, 1)
+        if orientation in range(2, 9):  # 1: as stored; anything else is not an orientation
+            array = _orient(array, orientation)
+            applied = f"EXIF orientation {orientation} applied"
+            conversion = applied if conversion is None else f"{conversion}, {applied}"
+        return array, conversion
     except UnidentifiedImageError as error:
         raise UserInputError(f"cannot read image {path}: not an image format PIL can decode") from error
+    except Image.DecompressionBombError as error:
+        raise UserInputError(f"cannot read image {path}: {one_line(error)}") from error
     except (OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, UserInputError):
+            raise
         raise UserInputError(f"cannot read image {path}: {one_line(error)}") from error
 
 
-def read_image(path: PathLike) -> np.ndarray:
+ORIENTATION_TAG = 0x0112  # EXIF "Orientation"
+
+
+def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
+    """``array`` turned as EXIF ``orientation`` says (``ImageOps.exif_transpose`` on the decoded pixels)."""
+    image = Image.fromarray(array)
+    image.getexif()[ORIENTATION_TAG] = orientation  # getexif() caches what it returns: exif_transpose reads it
+    return np.asarray(ImageOps.exif_transpose(image))
+
+
+def _open_checked(path: Path, max_pixels: int | None) -> Image.Image:
+    """``Image.open`` (header only) with the size checked against ``max_pixels`` before anything is decoded.
+    PIL's own bomb check (twice its ``MAX_IMAGE_PIXELS``) raises ``DecompressionBombError``; it is raised
+    here, only while opening, when the caller's limit is above it."""
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit says it, as one line
+        if max_pixels is not None and pil_limit is not None and max_pixels > 2 * pil_limit:
+            with _PIL_LIMIT_LOCK:
+                Image.MAX_IMAGE_PIXELS = max_pixels
+                try:
+                    image = Image.open(path)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = pil_limit
+        else:
+            image = Image.open(path)
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        image.close()
+        raise UserInputError(f"image {path} is {width}x{height} = {width * height / 1e6:.1f} Mpx, over the "
+                             f"limit of {max_pixels / 1e6:g} Mpx (not decoded)")
+    return image
+
+
+def read_image(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an image file to a ``[H, W, 3]`` uint8 array (greyscale -> RGB, alpha dropped, 16 bits
     per channel -> 8; ``decode_image`` also says which of these happened).
 
     Raises FileNotFoundError for a missing file and :class:`~dlsn.errors.UserInputError` (a ValueError)
     naming the file when it cannot be decoded.
     """
-    return decode_image(path)[0]
+    return decode_image(path, max_pixels)[0]
 
 
 def write_image(path: PathLike, image: np.ndarray | torch.Tensor, rgb_range: float = 1.0) -> Path:

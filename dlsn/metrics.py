@@ -14,6 +14,10 @@ For an SR output ``sr`` and its ground truth ``hr`` (float RGB in ``[0, 1]``, ``
    sigma=1.5, use_sample_covariance=False, data_range=255)``.
 
 Everything is computed in float64 on the CPU.
+
+An output holding a non-finite value (NaN, +-inf: a diverged network) is not an image: its PSNR and
+SSIM are NaN (never the ``inf`` of identical images, and not what clamping to [0, 1] would make of it).
+A NaN compares false with every score, so it can never be the best one; ``isfinite`` tells it apart.
 """
 
 from __future__ import annotations
@@ -58,8 +62,9 @@ def shave(image: torch.Tensor, border: int) -> torch.Tensor:
 
 
 def _prepare_y(sr: torch.Tensor, hr: torch.Tensor, scale: int,
-               name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both images as ``[N, H', W']`` float64 Y after rounding and border cropping."""
+               name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both images as ``[N, H', W']`` float64 Y after rounding and border cropping, and ``[N]`` bool:
+    which images of either input hold a non-finite value (before rounding, which would clamp inf)."""
     if not isinstance(sr, torch.Tensor) or not isinstance(hr, torch.Tensor):
         raise TypeError(f"{name}: sr and hr must be tensors")
     if sr.shape != hr.shape:
@@ -68,13 +73,16 @@ def _prepare_y(sr: torch.Tensor, hr: torch.Tensor, scale: int,
         raise ValueError(f"{name}: images must be [3, H, W] or [N, 3, H, W], got {list(sr.shape)}")
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 0:
         raise ValueError(f"{name}: scale (border to crop) must be a non-negative integer, got {scale!r}")
-    sr64 = quantize(sr.detach().to("cpu", torch.float64))
-    hr64 = quantize(hr.detach().to("cpu", torch.float64))
-    sr_y = rgb_to_y(shave(sr64, scale))
-    hr_y = rgb_to_y(shave(hr64, scale))
+    sr64 = sr.detach().to("cpu", torch.float64)
+    hr64 = hr.detach().to("cpu", torch.float64)
+    batched = sr64 if sr.dim() == 4 else sr64[None]
+    hr_batched = hr64 if hr.dim() == 4 else hr64[None]
+    not_finite = ~(batched.isfinite().flatten(1).all(dim=1) & hr_batched.isfinite().flatten(1).all(dim=1))
+    sr_y = rgb_to_y(shave(quantize(sr64), scale))
+    hr_y = rgb_to_y(shave(quantize(hr64), scale))
     if sr.dim() == 3:
         sr_y, hr_y = sr_y[None], hr_y[None]
-    return sr_y, hr_y
+    return sr_y, hr_y, not_finite
 
 
 def _per_image(values: torch.Tensor, batched: bool) -> float | torch.Tensor:
@@ -84,11 +92,14 @@ def _per_image(values: torch.Tensor, batched: bool) -> float | torch.Tensor:
 def psnr_y(sr: torch.Tensor, hr: torch.Tensor, scale: int) -> float | torch.Tensor:
     """Y-channel PSNR in dB (see module doc). ``scale`` is also the border cropped (0: none).
 
-    Returns a float for ``[3, H, W]`` inputs and a float64 tensor ``[N]`` (one per image) for batches.
+    Returns a float for ``[3, H, W]`` inputs and a float64 tensor ``[N]`` (one per image) for batches;
+    NaN for an image holding a non-finite value (see the module doc).
     """
-    sr_y, hr_y = _prepare_y(sr, hr, scale, "psnr_y")
+    sr_y, hr_y, not_finite = _prepare_y(sr, hr, scale, "psnr_y")
     mse = (sr_y - hr_y).pow(2).flatten(1).mean(dim=1)
-    psnr = torch.where(mse > 0, 10.0 * torch.log10(255.0**2 / mse), torch.full_like(mse, math.inf))
+    # ``mse == 0`` (not ``mse > 0``): a NaN MSE must stay NaN, not become the inf of identical images.
+    psnr = torch.where(mse == 0, torch.full_like(mse, math.inf), 10.0 * torch.log10(255.0**2 / mse))
+    psnr = psnr.masked_fill(not_finite, math.nan)
     return _per_image(psnr, sr.dim() == 4)
 
 
@@ -126,11 +137,18 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor | None = Non
 def ssim_y(sr: torch.Tensor, hr: torch.Tensor, scale: int) -> float | torch.Tensor:
     """Y-channel SSIM (see module doc). ``scale`` is also the border cropped (0: none).
 
-    Returns a float for ``[3, H, W]`` inputs and a float64 tensor ``[N]`` (one per image) for batches.
+    Returns a float for ``[3, H, W]`` inputs and a float64 tensor ``[N]`` (one per image) for batches;
+    NaN for an image holding a non-finite value (see the module doc).
     """
-    sr_y, hr_y = _prepare_y(sr, hr, scale, "ssim_y")
+    sr_y, hr_y, not_finite = _prepare_y(sr, hr, scale, "ssim_y")
     values = ssim_map(sr_y, hr_y).flatten(1).mean(dim=1)
-    return _per_image(values, sr.dim() == 4)
+    return _per_image(values.masked_fill(not_finite, math.nan), sr.dim() == 4)
+
+
+def min_scorable_size(scale: int) -> int:
+    """The smallest HR side both scores accept at ``scale``: the SSIM window after ``scale`` border
+    pixels are cropped from each side."""
+    return SSIM_WINDOW + 2 * scale
 
 
 def bicubic_baseline(lr: torch.Tensor, scale: int) -> torch.Tensor:

@@ -82,7 +82,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from dlsn.cli import run_tool
+from dlsn.cli import BACKEND_HELP, run_tool
 from dlsn.data.degradations import DEGRADATIONS
 from dlsn.models.presets import PRESETS
 from dlsn.training.schedule import SCHEDULES
@@ -138,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     arg("--init-from", type=Path, help="start from these weights (e.g. x2 weights for x3/x4; the tail "
                                        "and any mis-shaped layer keep their fresh init)")
     arg("--device", help="torch device (default: cuda if available, else cpu)")
-    arg("--backend", help="attention kernel backend: reference, cpu, cuda, triton (default: automatic)")
+    arg("--backend", help=BACKEND_HELP)
     arg("--val-every", type=int, help="validate (and save best.pt) every this many steps; 0: at the end "
                                       "(paper presets: 1000; CPU presets: 100)")
     arg("--save-every", type=int, help="write last.pt every this many steps (default: --val-every)")

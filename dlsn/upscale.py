@@ -17,9 +17,15 @@ Hash rotations are drawn from ``--seed`` (default 0), so the same command gives 
 bfloat16 on a CPU with bfloat16 instructions (AVX512-BF16, AMX), float32 elsewhere.
 
 A folder run upscales every image it can read; if some could not be, it lists them at the end and exits
-with status 1. Bad arguments (a file that is not a checkpoint, a missing input) print one line and exit with 2, and
-Ctrl-C keeps the images written so far (each file is written whole or not at all) and exits with 130.
-Images that are not 8-bit RGB (RGBA, greyscale, 16-bit) are converted, and one line says which.
+with status 1: unreadable files, decompression bombs, images over ``--max-megapixels`` (64 by default,
+checked from the file's header before decoding), images the device has no memory for, and outputs that are
+not finite (NaN or inf, which would be written as black). Bad arguments (a file that is not a checkpoint,
+a missing input) print one line and exit with 2, and Ctrl-C keeps the images written so far (each file is
+written whole or not at all) and exits with 130.
+Images that are not 8-bit RGB (RGBA, greyscale, 16-bit) are converted, and images with an EXIF
+orientation turned upright; one line says which. A checkpoint with NaN or inf weights or an impossible
+config, and a backend that refuses the call (e.g. one that cannot run this size within memory), are one
+line and exit status 2.
 """
 
 from __future__ import annotations
@@ -35,11 +41,20 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from dlsn.cli import check_backend, format_conversions, format_failures, pick_device, run_tool
+from dlsn.cli import (
+    BACKEND_HELP,
+    check_backend,
+    format_conversions,
+    format_failures,
+    kernel_refusal,
+    pick_device,
+    run_tool,
+)
 from dlsn.errors import UserInputError, one_line
 from dlsn.evaluation import forward_tiled, pieces
 from dlsn.evaluation import self_ensemble as eight_fold_ensemble
 from dlsn.images import (
+    DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     decode_image,
     is_image_file,
@@ -86,13 +101,15 @@ def upscale_array(
     self_ensemble: bool = False,
     chop: bool = False,
 ) -> np.ndarray:
-    """``[h, w, 3]`` uint8 -> ``[h*s, w*s, 3]`` uint8."""
+    """``[h, w, 3]`` uint8 -> ``[h*s, w*s, 3]`` uint8; :class:`UserInputError` when the output is not finite."""
     height, width = image.shape[:2]
     if height < MIN_SIDE or width < MIN_SIDE:
         raise UserInputError(f"image is {width}x{height} pixels; the smallest input is {MIN_SIDE}x{MIN_SIDE}")
     rgb_range = float(model.config.get("rgb_range", 255.0))
     x = uint8_to_tensor(image, rgb_range).unsqueeze(0).to(device)
     y = upscale_tensor(model, x, tile=tile, tile_overlap=tile_overlap, self_ensemble=self_ensemble, chop=chop)
+    if not bool(y.isfinite().all()):  # rounding would write NaN as black and inf as white, silently
+        raise UserInputError(NON_FINITE)
     return tensor_to_uint8(y[0], rgb_range)
 
 
@@ -143,8 +160,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--device", default=None, help="torch device (default: cuda when available, else cpu)"
     )
+    parser.add_argument("--backend", default=None, help=BACKEND_HELP)
     parser.add_argument(
-        "--backend", default=None, help="attention kernels: reference, cpu, cuda, triton (default: automatic)"
+        "--max-megapixels", type=float, default=DEFAULT_MAX_PIXELS / 1e6, metavar="MP",
+        help=f"refuse input images larger than this, checked before decoding (default {DEFAULT_MAX_PIXELS / 1e6:g}; "
+             "0: no limit but PIL's decompression-bomb check)",
     )
     parser.add_argument(
         "--n-hashes", type=int, default=None, help="hash rounds R at inference (default: the checkpoint's)"
@@ -175,6 +195,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 OUT_OF_MEMORY_HINT = "out of memory; try --tile 256 (or smaller)"
+NON_FINITE = "the network's output is not finite (NaN or inf); not written"
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """A device's out-of-memory error, or the CPU allocator's (a RuntimeError naming the bytes it wanted)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("DefaultCPUAllocator" in text or "can't allocate memory" in text
+                                                or "not enough memory" in text)
 
 
 class _Run:
@@ -191,6 +221,8 @@ class _Run:
         args = self.args
         if args.n_hashes is not None and args.n_hashes < 1:
             raise UserInputError(f"--n-hashes must be >= 1, got {args.n_hashes}")
+        if not args.max_megapixels >= 0:
+            raise UserInputError(f"--max-megapixels must be >= 0 (0: no limit), got {args.max_megapixels}")
         if args.chop and args.tile is not None:
             raise UserInputError("--chop and --tile are two ways of cutting the image: give one")
         if args.tile is not None and not 0 <= args.tile_overlap < args.tile:
@@ -214,8 +246,11 @@ class _Run:
                                    file=sys.stderr):
             try:
                 self._one(model, device, source, target)
-            except (UserInputError, torch.OutOfMemoryError) as error:
-                reason = OUT_OF_MEMORY_HINT if isinstance(error, torch.OutOfMemoryError) else one_line(error)
+            except (UserInputError, ValueError, RuntimeError) as error:
+                # Bad images, no memory for this one, or a backend refusing its size: the others may go.
+                if not (isinstance(error, UserInputError) or _out_of_memory(error) or kernel_refusal(error)):
+                    raise
+                reason = OUT_OF_MEMORY_HINT if _out_of_memory(error) else one_line(error)
                 if one_image:
                     raise UserInputError(reason if str(source) in reason else f"{source}: {reason}") from error
                 self.failed.append((source.name, reason))
@@ -232,7 +267,8 @@ class _Run:
         return 0
 
     def _one(self, model: nn.Module, device: torch.device, source: Path, target: Path) -> None:
-        image, conversion = decode_image(source)
+        limit = self.args.max_megapixels
+        image, conversion = decode_image(source, round(limit * 1e6) if limit > 0 else None)
         if conversion is not None:
             self.conversions.append((source.name, conversion))
         result = upscale_array(model, image, device=device, tile=self.args.tile,

@@ -15,6 +15,9 @@ Then ``spandrel.ModelLoader().load_from_file(path)`` loads this project's files 
 - size requirements: none beyond 2x2 pixels (GLA pads its buckets itself);
 - tiling: discouraged, since GLA attends over the whole image and tiles change what it sees.
 
+A state dict with an impossible config (``dlsn.models.presets.check_config``) or with NaN, inf or integer
+weights is detected as DLSN but refused on loading, with a one-line :class:`~dlsn.errors.CheckpointError`.
+
 Hash rotations are seeded (seed 0), so a descriptor gives the same pixels as ``load_model`` followed by
 ``model.set_inference(seed=0)``, the default of ``dlsn.upscale``.
 """
@@ -36,7 +39,7 @@ from spandrel import (
 from torch import Tensor, nn
 
 from dlsn.errors import CheckpointError
-from dlsn.models.checkpoint import from_state_dict
+from dlsn.models.checkpoint import check_weights, from_state_dict
 from dlsn.models.presets import model_from_config
 
 __all__ = ["ARCH_ID", "DLSNArch", "detect", "register"]
@@ -80,7 +83,11 @@ class DLSNArch(Architecture[nn.Module]):
         if checkpoint is None:
             raise ValueError("not a DLSN state dict (see dlsn.integrations.spandrel.detect)")
         config = checkpoint["config"]
-        model = model_from_config(dict(config))
+        try:  # an impossible config, or weights holding NaN/inf or integers: refused before the network runs
+            model = model_from_config(dict(config))
+            check_weights(checkpoint["model"], "the DLSN state dict", model.state_dict())
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"cannot load this DLSN state dict: {error}") from error
         if hasattr(model, "set_inference"):
             model.set_inference(seed=0)
         rgb_range = float(config.get("rgb_range", 255.0))

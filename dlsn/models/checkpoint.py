@@ -52,6 +52,7 @@ __all__ = [
     "VERSION",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "check_weights",
     "from_state_dict",
     "infer_official_config",
     "load_checkpoint",
@@ -253,8 +254,10 @@ def _looks_like_torch_file(path: Path) -> bool:
 
 
 def _unsupported_global(error: BaseException) -> str | None:
-    """The class or function a weights_only load refused, from torch's (long) message."""
-    match = re.search(r"Unsupported (?:global|class)[:\s]*(?:GLOBAL\s+)?([\w.]+)", str(error))
+    """The class or function a weights_only load refused, from torch's (long) message: "Unsupported global:
+    GLOBAL os.system" (torch < 2.14) or "Trying to load unsupported GLOBAL posix.system whose module posix is
+    blocked" (torch 2.14)."""
+    match = re.search(r"unsupported\s+(?:global|class)[:\s]*(?:GLOBAL\s+)?([\w.]+)", str(error), re.IGNORECASE)
     return match.group(1) if match else None
 
 
@@ -376,6 +379,26 @@ def _listing(names: list[str], limit: int = 8) -> str:
     return f"{shown}, ... ({len(names)} in all)" if len(names) > limit else shown
 
 
+def check_weights(state: Mapping[str, Tensor], source: str = "state dict",
+                  expected: Mapping[str, Tensor] | None = None) -> None:
+    """Refuses weights no network should run with, as one-line :class:`CheckpointError`: a NaN or inf
+    value (a diverged training: the network would write black images), or an integer or bool tensor where
+    ``expected`` (the model's state) holds a floating one. One pass over the tensors, no copy."""
+    wrong_type = [f"{k} ({v.dtype})" for k, v in state.items() if expected is not None and k in expected
+                  and expected[k].is_floating_point() and not (v.is_floating_point() or v.is_complex())]
+    if wrong_type:
+        raise CheckpointError(f"{source} holds integer weights where the network has floating ones: "
+                              f"{_listing(wrong_type, 4)}")
+    floating = [(k, v) for k, v in state.items() if v.is_floating_point() and v.device.type != "meta"]
+    if not floating:
+        return
+    finite = torch.stack([v.isfinite().all() for _, v in floating]).cpu()
+    if not bool(finite.all()):
+        bad = [k for (k, _), ok in zip(floating, finite.tolist()) if not ok]
+        raise CheckpointError(f"{source} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s): "
+                              f"{_listing(bad, 4)}; it is the state of a diverged training, not a model to use")
+
+
 def load_weights(
     model: nn.Module,
     state: Mapping[str, Tensor],
@@ -390,10 +413,12 @@ def load_weights(
     unexpected and mis-shaped entries. Not strict: the entries that match are loaded and the names
     left out are returned (e.g. the tail when starting x3 training from x2 weights).
     ``assign``: use the state's tensors as the parameters (no copy; for a model built on "meta").
+    Weights holding NaN or inf, or integers where the model has floats, are refused (:func:`check_weights`).
     """
     state = _strip_prefix(_strip_prefix(state, "_orig_mod."), "module.")
     state = {k: v for k, v in state.items() if k not in OFFICIAL_UNUSED_KEYS and k != CONFIG_KEY}
     expected = model.state_dict()
+    check_weights({k: v for k, v in state.items() if k in expected}, source, expected)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mis_shaped = [
@@ -429,7 +454,9 @@ def load_model(
     Works for our checkpoints (``.pt``, ``model.safetensors``) and the authors' bare state dicts (in a
     torch file or a safetensors file). The model is on
     ``map_location`` and in eval mode. ``scale``: raise :class:`CheckpointError` unless the file
-    holds a model of this scale. ``backend``: kernel backend of its GLA blocks.
+    holds a model of this scale. ``backend``: kernel backend of its GLA blocks. A config no network
+    should be built from (``dlsn.models.presets.check_config``: sizes that are not positive or absurdly
+    large, ``rgb_range`` <= 0) and non-finite or integer weights are refused as :class:`CheckpointError`.
     """
     checkpoint = load_checkpoint(path, map_location)
     config = dict(checkpoint["config"])

@@ -13,6 +13,7 @@ recipe chosen for it.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -23,8 +24,8 @@ from torch import nn
 from .cpu_nets import DLSNResidual, PlainSR
 from .dlsn import DLSN, EDSRGLA, _GLANetwork
 
-__all__ = ["ARCHITECTURES", "PRESETS", "Preset", "TrainingRecipe", "build_model", "model_from_config",
-           "preset_config"]
+__all__ = ["ARCHITECTURES", "CONFIG_LIMITS", "PRESETS", "Preset", "TrainingRecipe", "build_model", "check_config",
+           "model_from_config", "preset_config"]
 
 ARCHITECTURES: dict[str, type[_GLANetwork]] = {
     cls.ARCH: cls for cls in (DLSN, EDSRGLA, DLSNResidual, PlainSR)
@@ -165,13 +166,53 @@ def preset_config(preset: str, scale: int, **overrides: Any) -> dict[str, Any]:
     return config
 
 
+# What a config may hold, whoever wrote it (a checkpoint is input like any other): each size an int in
+# [low, high], each float finite in (low, high]. The upper bounds are far beyond any network here (the
+# paper's has 256 channels, 10 groups of 4 blocks) and keep a crafted config from asking for absurd memory
+# or overflowing a size calculation before anything else is checked.
+CONFIG_LIMITS: dict[str, tuple[type, float, float]] = {
+    "n_feats": (int, 1, 4096),
+    "n_resgroups": (int, 1, 256),
+    "n_resblocks": (int, 0, 256),
+    "reduction": (int, 1, 4096),
+    "chunk_size": (int, 1, 1 << 16),
+    "n_hashes": (int, 1, 64),
+    "gla_position": (int, 0, 256),
+    "res_scale": (float, -1e6, 1e6),
+    "rgb_range": (float, 0.0, 65535.0),  # (0, 65535]: it divides the output
+}
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """Raises ``ValueError`` (one line) for a config no network should be built from: a size that is not an
+    int in range, a non-finite or out-of-range float (``rgb_range`` <= 0), a ``bicubic_residual`` that is not
+    a bool (see ``CONFIG_LIMITS``). The architectures check the rest (scale, unknown keys)."""
+    for key, (kind, low, high) in CONFIG_LIMITS.items():
+        if key not in config or (key == "gla_position" and config[key] is None):
+            continue
+        value = config[key]
+        if kind is int:
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"config {key} = {value!r} is impossible: it must be an int in [{low:g}, {high:g}]")
+        elif (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+              or not low < value <= high):
+            raise ValueError(f"config {key} = {value!r} is impossible: it must be a number in ({low:g}, {high:g}]")
+    if "reduction" in config and "n_feats" in config and config["reduction"] > config["n_feats"]:
+        raise ValueError(f"config reduction = {config['reduction']} is impossible: more than n_feats = "
+                         f"{config['n_feats']}")
+    if "bicubic_residual" in config and not isinstance(config["bicubic_residual"], bool):
+        raise ValueError(f"config bicubic_residual = {config['bicubic_residual']!r} must be true or false")
+
+
 def model_from_config(config: dict[str, Any], backend: str | None = None) -> nn.Module:
-    """Builds the network of a config dict (``model.config`` or a checkpoint's ``config``)."""
+    """Builds the network of a config dict (``model.config`` or a checkpoint's ``config``); ``ValueError``
+    for an impossible config (:func:`check_config`)."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
     arch = config.get("arch")
     if arch not in ARCHITECTURES:
         raise ValueError(f"config arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
+    check_config(config)
     return ARCHITECTURES[arch].from_config(config, backend=backend)
 
 

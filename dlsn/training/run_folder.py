@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
+import tempfile
 from pathlib import Path
 
 from .settings import TrainError
+
+try:  # POSIX; elsewhere runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".dlsn-train.lock"
 
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "val_psnr", "elapsed")
 
 
 def run_folder(out: Path | None, preset: str, scale: int, resuming: bool, overwrite: bool) -> Path:
-    """``--out``, or ``runs/<preset>_x<scale>`` numbered ``_2``, ``_3`` ... past folders holding a run
-    (for a resume without --out: the most recent of them)."""
+    """``--out``, or ``runs/<preset>_x<scale>`` numbered ``_2``, ``_3`` ... past folders holding a run or
+    locked by a running one (for a resume without --out: the most recent run)."""
     if out is not None:
         if (out / "last.pt").exists() and not resuming and not overwrite:
             raise TrainError(f"{out} already holds a run (last.pt); pass --resume to continue it, "
@@ -29,7 +38,86 @@ def run_folder(out: Path | None, preset: str, scale: int, resuming: bool, overwr
         return max(existing, key=lambda p: (p / "last.pt").stat().st_mtime)
     if overwrite:
         return base
-    return next(p for p in taken if not (p / "last.pt").exists())
+    # A folder another run is training in (locked, maybe no last.pt yet) is taken too.
+    return next(p for p in taken if p not in existing and not is_locked(p))
+
+
+def is_locked(folder: Path) -> bool:
+    """True while a training run holds ``folder``'s :class:`RunLock`."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # also drops the shared lock just taken
+    return False
+
+
+class RunLock:
+    """An exclusive lock on a run folder, so that two trainings never write into one (their checkpoints and
+    log.csv would overwrite each other's).
+
+    ``fcntl.flock`` on ``<folder>/.dlsn-train.lock``, which holds the owner's pid for the message of the run
+    refused. The kernel drops the lock when its process ends, however it ends (kill -9 too), so a lock file
+    left behind never blocks a later run. :meth:`acquire` also checks that the folder is writable, so a
+    read-only ``--out`` is found at the start, not at the first save.
+    """
+
+    NAME = LOCK_NAME
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Locks the folder (creating it), or raises :class:`TrainError` naming the running pid."""
+        folder = self.folder
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise TrainError(f"--out {folder} is not writable ({error.strerror or error})") from error
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise TrainError(f"--out {folder} is in use by another training run (pid {owner}); wait for it "
+                                 "to end, or choose another --out") from None
+            except OSError:  # a file system without locks (some network mounts): run unlocked
+                pass
+        self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            # What the checkpoint writes need: a new file in the folder (the lock file may be an old one).
+            probe_fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+            os.close(probe_fd)
+            os.unlink(probe)
+        except OSError as error:
+            self.release()
+            raise TrainError(f"--out {folder} is not writable ({error.strerror or error})") from error
+
+    def release(self, remove: bool = False) -> None:
+        """Unlocks; ``remove``: also deletes the lock file (a folder about to be removed as empty)."""
+        if self._fd is None:
+            return
+        if remove:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)  # closing the descriptor releases the flock
+        self._fd = None
 
 
 def find_resume_file(resume_arg: str, out: Path) -> Path:

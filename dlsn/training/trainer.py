@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dlsn.cli import EXIT_INTERRUPTED, EXIT_SOME_FAILED, check_backend, format_conversions, format_failures
-from dlsn.errors import UserInputError, one_line
+from dlsn.cli import EXIT_INTERRUPTED, EXIT_SOME_FAILED, check_backend, format_conversions, format_failures, saving
+from dlsn.errors import DivergedError, SaveError, UserInputError, one_line
 from dlsn.models import precision
 from dlsn.models.checkpoint import load_checkpoint, load_weights, restore, save_checkpoint, save_safetensors
 from dlsn.models.presets import model_from_config, preset_config
@@ -32,7 +32,7 @@ from .data import DetailedPatches, EpochSampler, build_data, quiet_worker
 from .ema import EMA
 from .processes import StopFlag, ThreadTuner, barrier, cpu_thread_budget, setup_processes
 from .report import announce, final_report, format_minutes, validate
-from .run_folder import RunLog, find_resume_file, run_folder
+from .run_folder import RunLock, RunLog, find_resume_file, run_folder
 from .schedule import LRSchedule
 from .settings import SCHEDULE_SETTINGS, TrainError, check_resume_fits, resolve_settings
 
@@ -52,6 +52,15 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+DIVERGED_NAME = "diverged.pt"  # the state of a diverged run, kept beside last.pt for inspection
+
+
+def all_finite(*modules: nn.Module) -> bool:
+    """Whether every parameter and floating buffer of ``modules`` is finite: one device read in all."""
+    flags = [t.isfinite().all() for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def training_precision(device: torch.device, no_amp: bool = False) -> str:
@@ -97,11 +106,40 @@ class Trainer:
         if out is None and args.resume not in (None, "auto"):  # --resume FILE/DIR: its folder
             resume_arg = Path(args.resume)
             out = resume_arg if resume_arg.is_dir() else resume_arg.parent
+        # One run per folder: the lock comes first, so a second command into a running one's folder is told
+        # so (and by whom), whatever else it asks. Only the main process writes, so only it locks.
+        self.lock: RunLock | None = None
+        self.created_out = False  # a folder this command creates and never writes to is removed again
+        if out is not None:
+            self._lock(out)
+        try:
+            self._setup(args, preliminary, out)
+        except BaseException:
+            self.remove_if_empty()
+            raise
+
+    def _lock(self, folder: Path) -> None:
+        self.created_out = not folder.exists()
+        if self.procs.main:
+            self.lock = RunLock(folder)
+            try:
+                self.lock.acquire()
+            except BaseException:
+                self.lock = None
+                if self.created_out:  # made by this command: its lock file is ours too
+                    with contextlib.suppress(OSError):
+                        (folder / RunLock.NAME).unlink()
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+                raise
+
+    def _setup(self, args: argparse.Namespace, preliminary: Any, out: Path | None) -> None:
         self.out = run_folder(out, preliminary.preset, preliminary.scale, args.resume is not None,
                                args.overwrite)
-        # A folder this command creates and never writes to is removed again (see remove_if_empty).
-        self.created_out = not self.out.exists()
+        if out is None:
+            self._lock(self.out)
         self.saved_step: int | None = None  # the step last written to last.pt by this command
+        self.kept_step: int | None = None  # the step of the last.pt on disk (this command's, or the resumed one)
         self.resume_path: Path | None = None
         saved: dict[str, Any] | None = None
         resuming = args.resume is not None
@@ -230,6 +268,13 @@ class Trainer:
             self.ema = EMA(self.net, self.s.ema)
         self.state = Progress(**{k: extra[k] for k in vars(Progress()) if k in extra})
         self.state.step = int(saved["step"])
+        self.kept_step = self.state.step
+        best = self.state.best_psnr
+        if not (isinstance(best, (int, float)) and (math.isfinite(best) or best == -math.inf)):
+            # An older version scored a diverged model as +inf dB, and no later score could replace it.
+            self.say(f"note: the resumed run's best validation score is {best} (a diverged model scored by an "
+                     "older version); the next validation replaces best.pt")
+            self.state.best_psnr, self.state.best_step = -math.inf, -1
         if self.procs.main and "rng" in extra:
             _set_rng_state(extra["rng"], self.device)
         else:  # other processes: fresh streams, not a replay of their first steps
@@ -262,7 +307,18 @@ class Trainer:
 
     def checkpoint(self, path: Path, with_optimizer: bool = True) -> None:
         """``last.pt`` (``with_optimizer``: the live weights, the EMA in ``extra``) or ``best.pt`` (the
-        :attr:`eval_net` weights only, and ``model.safetensors`` beside it)."""
+        :attr:`eval_net` weights only, and ``model.safetensors`` beside it).
+
+        Weights that are not all finite are never saved there: :class:`DivergedError` instead (the check is
+        one read per save). A failed write (full disk, read-only folder) is a one-line
+        :class:`~dlsn.errors.SaveError` saying what was kept; the file it would have replaced is intact."""
+        net = self.net if with_optimizer else self.eval_net
+        nets = (self.net, self.ema.model) if with_optimizer and self.ema is not None else (net,)
+        if not all_finite(*nets):
+            self.diverged("the weights are not finite")
+        self._write_checkpoint(path, net, with_optimizer)
+
+    def _write_checkpoint(self, path: Path, net: nn.Module, with_optimizer: bool) -> None:
         st = self.state
         extra = {"epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "elapsed": self.elapsed(),
                  "best_psnr": st.best_psnr, "best_step": st.best_step, "bicubic_psnr": st.bicubic_psnr,
@@ -270,14 +326,56 @@ class Trainer:
                  "world_size": self.procs.world, "precision": self.precision}
         if with_optimizer and self.ema is not None:
             extra["ema"] = self.ema.state_dict()
-        net = self.net if with_optimizer else self.eval_net
-        save_checkpoint(path, net, config=self.config,
-                        optimizer=self.optimizer if with_optimizer else None,
-                        scheduler=self.schedule if with_optimizer else None, step=st.step, extra=extra)
+        with saving(path, self.kept_note(path.name)):
+            save_checkpoint(path, net, config=self.config,
+                            optimizer=self.optimizer if with_optimizer else None,
+                            scheduler=self.schedule if with_optimizer else None, step=st.step, extra=extra)
+        if path.name == DIVERGED_NAME:
+            return
         if with_optimizer:
-            self.saved_step = st.step
+            self.saved_step = self.kept_step = st.step
         else:
-            save_safetensors(path.with_name("model.safetensors"), net, self.config, preset=self.s.preset)
+            safetensors = path.with_name("model.safetensors")
+            with saving(safetensors, self.kept_note(safetensors.name)):
+                save_safetensors(safetensors, net, self.config, preset=self.s.preset)
+
+    def kept_note(self, name: str) -> str:
+        """What a failed write of ``name`` leaves (for its one-line message)."""
+        last = self.out / "last.pt"
+        if name == "last.pt":
+            if self.kept_step is None:
+                return f"no {last} was written yet"
+            kept = f"the previous {last} (step {self.kept_step}) is intact"
+        else:
+            kept = f"the previous {self.out / name} is intact" if (self.out / name).exists() else f"no {name} kept"
+            if self.kept_step is None:
+                return kept
+            kept += f", and {last} (step {self.kept_step})"
+        return f"{kept}; free some space or choose another --out, then continue with --resume {last}"
+
+    def diverged(self, what: str) -> None:
+        """Stops a run whose loss, weights or validation went non-finite: raises :class:`DivergedError`.
+
+        Nothing is written over ``last.pt``, ``best.pt`` or ``model.safetensors``: they keep the last finite
+        state. The diverged state goes to ``diverged.pt`` beside them, for inspection (``torch.load``; the
+        tools refuse its non-finite weights)."""
+        st = self.state
+        kept = []
+        if self.kept_step is not None:
+            kept.append(f"last.pt (step {self.kept_step})")
+        if math.isfinite(st.best_psnr) and st.best_step >= 0:
+            kept.append(f"best.pt (step {st.best_step}, {st.best_psnr:.2f} dB)")
+        note = ""
+        if self.procs.main:
+            try:
+                self._write_checkpoint(self.out / DIVERGED_NAME, self.net, with_optimizer=True)
+                note = f"; the diverged state is in {self.out / DIVERGED_NAME}"
+            except SaveError:
+                note = f"; {DIVERGED_NAME} could not be written"
+        kept_text = f"kept {' and '.join(kept)} unchanged" if kept else "nothing was saved"
+        raise DivergedError(f"training diverged at step {st.step}: {what}; {kept_text}{note}; lower --lr "
+                            + (f"and continue with --resume {self.out / 'last.pt'}" if self.kept_step is not None
+                               else "and start again"))
 
     def save_last(self) -> None:
         """``last.pt`` at the current step, unless this command wrote it there already."""
@@ -294,10 +392,17 @@ class Trainer:
         return "nothing saved"
 
     def remove_if_empty(self) -> None:
-        """Removes the run folder when this command created it and wrote nothing there (a failed start)."""
-        if self.created_out and self.out.is_dir() and not any(self.out.iterdir()):
+        """The end of the command: releases the folder's lock, and removes the folder when this command created
+        it and wrote nothing there but the lock file (a failed start)."""
+        folder = self.lock.folder if self.lock is not None else getattr(self, "out", None)
+        empty = (folder is not None and self.created_out and folder.is_dir()
+                 and all(p.name == RunLock.NAME for p in folder.iterdir()))
+        if self.lock is not None:
+            self.lock.release(remove=empty)
+            self.lock = None
+        if empty and folder is not None and self.procs.main:
             with contextlib.suppress(OSError):
-                self.out.rmdir()
+                folder.rmdir()
 
     def remove_unfinished_writes(self) -> None:
         """Temporary files of checkpoint writes a killed run left (``kill -9`` during a save)."""
@@ -313,18 +418,22 @@ class Trainer:
         """Periodic validation (rank 0): log it, keep best.pt, redraw the curves."""
         st = self.state
         score = validate(self.eval_net, self.data.val, self.s.scale, self.device, self.s.seed).psnr
+        if not math.isfinite(score):  # NaN: the model's output holds NaN or inf (dlsn.metrics)
+            self.diverged("the validation output is not finite (NaN/inf)")
         if score > st.best_psnr:
             st.best_psnr, st.best_step = score, st.step
             self.checkpoint(self.out / "best.pt", with_optimizer=False)
         assert self.log is not None
-        self.log.add(st.step, st.epoch, None, self.schedule.last_lr, score, self.elapsed())
+        with saving(self.log.path, self.kept_note("log.csv")):
+            self.log.add(st.step, st.epoch, None, self.schedule.last_lr, score, self.elapsed())
         self.plot()
         return score
 
     def plot(self) -> None:
         if self.log is not None:
             title = f"{self.s.preset} x{self.s.scale}"
-            self.log.plot(self.out / "curves.png", self.state.bicubic_psnr, title)
+            with saving(self.out / "curves.png", self.kept_note("curves.png")):
+                self.log.plot(self.out / "curves.png", self.state.bicubic_psnr, title)
 
     # ---- the loop
 
@@ -415,11 +524,8 @@ class Trainer:
             status = status.cpu()
         mean_loss = float(status[0]) / procs.world
         interrupted = bool(status[1] > 0)
-        if not math.isfinite(mean_loss):
-            if procs.main:
-                self.checkpoint(self.out / "last.pt")
-            raise TrainError(f"the loss is not finite at step {self.state.step}; lower --lr "
-                             f"(last.pt written for inspection)")
+        if not math.isfinite(mean_loss):  # rides on the loss read above: no extra device read per step
+            self.diverged(f"the loss is {mean_loss}")
         self.loss_sum, self.loss_count = self.loss_sum + mean_loss, self.loss_count + 1
         return mean_loss, interrupted, interrupted or bool(status[2] > 0)
 
@@ -445,8 +551,9 @@ class Trainer:
         """A ``log.csv`` row with the mean loss of the steps since the last one."""
         if self.loss_count and self.log is not None:
             st = self.state
-            self.log.add(st.step, st.epoch, self.loss_sum / self.loss_count, self.schedule.last_lr, None,
-                         self.elapsed())
+            with saving(self.log.path, self.kept_note("log.csv")):
+                self.log.add(st.step, st.epoch, self.loss_sum / self.loss_count, self.schedule.last_lr, None,
+                             self.elapsed())
             self.loss_sum, self.loss_count = 0.0, 0
 
     def _validate_and_save(self, done: bool) -> None:
