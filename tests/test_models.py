@@ -207,11 +207,126 @@ def test_eval_is_reproducible_with_a_seed_and_fresh_without():
         first, again = model(x), model(x)
         model.set_inference(seed=8)
         other = model(x)
-        model.set_inference()  # back to the authors' behaviour: fresh rotations per call
+        model.set_inference(seed=None)  # the authors' behaviour: fresh rotations per call
         fresh_a, fresh_b = model(x), model(x)
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
     assert not torch.equal(fresh_a, fresh_b)
+
+
+def test_eval_mode_is_bitwise_repeatable_by_default():
+    """Issue 32.2: no set_inference call, two eval-mode calls give bitwise the same output, for the block alone,
+    for a network of the user's own and for DLSN; a rebuilt network with the same weights gives the same too."""
+    torch.manual_seed(11)
+    x = torch.randn(2, 16, 9, 10)  # L = 90, 10 buckets: the rotations matter
+    gla = GLA(16, reduction=4, chunk_size=8, n_hashes=2, backend="reference").eval()
+    own = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), GLA(16, 4, 8, 2, backend="reference")).eval()
+    model = build_model("tiny", 2, backend="reference", chunk_size=8).eval()
+    image = torch.rand(1, 3, 9, 8) * 255
+    with torch.no_grad():
+        assert torch.equal(gla(x), gla(x))
+        assert torch.equal(own(x), own(x))
+        first = model(image)
+        assert torch.equal(first, model(image))
+        rebuilt = build_model("tiny", 2, backend="reference", chunk_size=8).eval()
+        rebuilt.load_state_dict(model.state_dict())
+        assert torch.equal(first, rebuilt(image))
+        # The default is the tools' --seed default: set_inference(seed=0).
+        model.set_inference(seed=0)
+        assert torch.equal(first, model(image))
+        # Fresh draws on request differ from call to call, and from the default.
+        model.set_inference(seed=None)
+        fresh_a, fresh_b = model(image), model(image)
+    assert not torch.equal(fresh_a, fresh_b) and not torch.equal(fresh_a, first)
+
+
+def test_training_rotations_still_come_from_the_global_generator():
+    """Train mode is unchanged: every call draws from torch's global generator (the inference seed is unused)."""
+    gla = GLA(16, reduction=4, chunk_size=8, n_hashes=2, backend="reference").train()
+    assert gla.inference_seed == 0
+    x = torch.randn(1, 16, 8, 9)
+    torch.manual_seed(5)
+    global_draw = gla(x)
+    again = gla(x)  # the global generator moved on
+    explicit = gla(x, generator=torch.Generator().manual_seed(5))  # the same mt19937 stream as manual_seed(5)
+    assert torch.equal(global_draw, explicit)
+    assert not torch.equal(global_draw, again)
+
+
+def test_inference_draw_is_the_documented_function_of_block_seed_and_bucket_count():
+    """gla.py's docstring states the eval-mode draw (exporters rebuild it): block i of a network under base seed
+    S uses Generator().manual_seed(block_seed(S, i)) and random_rotations(Cm, R, n_buckets_for(L, K))."""
+    from dlsn.models.gla import block_seed
+
+    model = build_model("tiny", 2, backend="reference", chunk_size=8).eval()
+    blocks = [m for m in model.modules() if isinstance(m, GLA)]
+    assert [b.inference_seed for b in blocks] == [block_seed(0, i) for i in range(len(blocks))] == [0, 1]
+    model.set_inference(n_hashes=1, seed=123)
+    for index, block in enumerate(blocks):
+        for length in (7, 40, 100):
+            expected = dlsn_kernels.random_rotations(
+                block.channels // block.reduction, 1, dlsn_kernels.n_buckets_for(length, 8),
+                generator=torch.Generator().manual_seed(block_seed(123, index)))
+            assert torch.equal(block.rotations(length, torch.device("cpu")), expected)
+            assert torch.equal(block.rotations(length, torch.device("cpu")), expected)  # every call
+    # Seeds keep manual_seed's range and meaning: s and s - 2**64 seed the generator alike.
+    blocks[0].set_inference(seed=2**64 - 1)
+    high = blocks[0].rotations(50, torch.device("cpu"))
+    blocks[0].set_inference(seed=-1)
+    assert torch.equal(high, blocks[0].rotations(50, torch.device("cpu")))
+    with pytest.raises(ValueError, match="seed"):
+        blocks[0].set_inference(seed=2**64)
+
+
+def test_eval_mode_with_a_seed_traces_without_graph_breaks():
+    """The seeded draw is an opaque custom op, so the default (seeded) evaluation does not break the graph."""
+    gla = GLA(16, reduction=4, chunk_size=8, n_hashes=2, backend="reference").eval()
+    x = torch.randn(1, 16, 6, 6)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(gla)(x)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    with torch.no_grad():
+        assert torch.equal(torch.compile(gla, backend="eager", fullgraph=True)(x), gla(x))
+
+
+def test_gla_defaults_are_the_papers():
+    gla = GLA(64)
+    assert (gla.reduction, gla.chunk_size, gla.n_hashes) == (4, 128, 3)
+    assert tuple(gla.fc[2].weight.shape) == (128, 128)  # the authors' released weights: fc is 128 wide
+
+
+def nlsn_state_dict(n_resblocks: int = 32, n_feats: int = 256) -> dict[str, torch.Tensor]:
+    """Names and shapes (meta tensors) of the authors' NLSN (HarukiYqM/Non-Local-Sparse-Attention, nlsn.py):
+    an attention block before the residual blocks and one after every 8th, x2 tail."""
+    state = {"sub_mean.weight": (3, 3, 1, 1), "sub_mean.bias": (3,), "add_mean.weight": (3, 3, 1, 1),
+             "add_mean.bias": (3,), "head.0.weight": (n_feats, 3, 3, 3), "head.0.bias": (n_feats,)}
+
+    def attention(i: int) -> None:
+        for part, out in (("conv_match", n_feats // 4), ("conv_assembly", n_feats)):
+            state[f"body.{i}.{part}.body.0.weight"] = (out, n_feats, 1, 1)
+            state[f"body.{i}.{part}.body.0.bias"] = (out,)
+
+    index = 0
+    attention(index)
+    for block in range(n_resblocks):
+        index += 1
+        for conv in (0, 2):
+            state[f"body.{index}.body.{conv}.weight"] = (n_feats, n_feats, 3, 3)
+            state[f"body.{index}.body.{conv}.bias"] = (n_feats,)
+        if (block + 1) % 8 == 0:
+            index += 1
+            attention(index)
+    state[f"body.{index + 1}.weight"] = (n_feats, n_feats, 3, 3)
+    state.update({"tail.0.0.weight": (4 * n_feats, n_feats, 3, 3), "tail.1.weight": (3, n_feats, 3, 3)})
+    return {k: torch.empty(v, device="meta") for k, v in state.items()}
+
+
+def test_nlsn_weights_are_refused_in_one_line():
+    """The docs say NLSN's released weights do not load here (no NLSN network): the refusal names why."""
+    from dlsn.models import CheckpointError, infer_official_config
+
+    with pytest.raises(CheckpointError, match="not a DLSN state dict"):
+        infer_official_config(nlsn_state_dict())
 
 
 def test_seed_does_not_fix_training_rotations_and_blocks_get_distinct_seeds():

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .gla import GLA, set_backend, set_inference
+from .gla import DEFAULT_INFERENCE_SEED, GLA, set_backend, set_inference
 from .precision import autocast, check_dtype
 from .residual import scaled_residual
 from .tail import run_tail
@@ -121,10 +121,11 @@ class _GLANetwork(nn.Module):
         """Kernel backend of every GLA block (None: automatic, "reference", "cpu", "cuda", "triton")."""
         set_backend(self, backend)
 
-    def set_inference(self, n_hashes: int | None = None, seed: int | None = None) -> None:
-        """Eval-mode hash rounds and rotation seed of every GLA block (see :func:`gla.set_inference`).
+    def set_inference(self, n_hashes: int | None = None, seed: int | None = DEFAULT_INFERENCE_SEED) -> None:
+        """Eval-mode hash rounds and rotation seeds of every GLA block (see :func:`gla.set_inference`).
 
-        ``seed`` makes evaluation reproducible; ``None`` for both restores the authors' behaviour.
+        A network is built with ``seed=0``, so evaluation repeats bitwise; ``seed=None`` gives fresh
+        rotations on every call, as the authors' code does. Training is unaffected.
         """
         set_inference(self, n_hashes=n_hashes, seed=seed)
 
@@ -224,6 +225,7 @@ class DLSN(_GLANetwork):
         groups.append(conv3x3(n_feats, n_feats))
         self.body = nn.Sequential(*groups)
         self.tail = nn.Sequential(Upsampler(self.scale, n_feats), conv3x3(n_feats, 3))
+        set_inference(self)  # per-block eval seeds from base seed 0 (gla.py "Hash rotations")
 
 
 class EDSRGLA(_GLANetwork):
@@ -277,3 +279,4 @@ class EDSRGLA(_GLANetwork):
         blocks.append(conv3x3(n_feats, n_feats))
         self.body = nn.Sequential(*blocks)
         self.tail = nn.Sequential(Upsampler(self.scale, n_feats), conv3x3(n_feats, 3))
+        set_inference(self)  # eval seed from base seed 0 (gla.py "Hash rotations")
