@@ -33,8 +33,11 @@ from typing import Any
 
 import torch
 
+from dlsn_kernels.targets import Target, target_for_arch
+
 TRAINING_SHAPE = (16, 48 * 48, 64, 256, 128, 3)  # N, L, Cm, Cv, K, R: the paper's training patch
-SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
+SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90 (records carry their target's)
+ARCHS = ("80", "86", "89", "90", "100", "120")  # the NVIDIA targets of issue 25 (A100 ... RTX 5090)
 # (label, dtype, float32 matmul precision, the "precision" field)
 MODES = (
     ("fp32-highest", torch.float32, "highest", "ieee"),
@@ -42,7 +45,10 @@ MODES = (
     ("bf16", torch.bfloat16, "highest", "native"),
     ("fp16", torch.float16, "highest", "native"),
 )
-_TENSOR_CORE = re.compile(r"\b(HGMMA|HMMA|WGMMA)\b")
+# tensor-core instructions in SASS: HMMA (mma.sync, sm_80+), HGMMA (wgmma, sm_90), UTC*MMA (tcgen05.mma, sm_100:
+# UTCHMMA for f16/bf16/tf32, UTCQMMA/UTCOMMA/UTCIMMA for 8-bit, 4-bit and integer kinds)
+_TENSOR_CORE = re.compile(r"\b(HGMMA|HMMA|WGMMA|UTC[HQOI]MMA|UTCMMA)\b")
+_TCGEN05_MMA = re.compile(r"\btcgen05\.mma\b")
 _FFMA = re.compile(r"\bFFMA\b")
 # one SASS instruction of cuobjdump -sass: "/*0a30*/  @!P0 BRA 0x1230 ;"
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P[T0-9]+\s+)?)([A-Z][A-Z0-9_.]*)([^;]*);")
@@ -74,6 +80,24 @@ class KernelRecord:
     mma_duplication: int = 1
     rs_wgmma: int = 0  # wgmma instructions in the PTX whose A operand comes from registers
     ptxas_warnings: list[str] = field(default_factory=list)
+    arch: str = "sm_90"  # the target compiled for: sm_80 ... sm_120, gfx942, gfx1100
+    shared_limit: int = SHARED_LIMIT  # that target's shared memory (LDS) per block, bytes
+    tcgen05_mma: int = 0  # tcgen05.mma instructions in the PTX (Blackwell's tensor cores, sm_100)
+    # multiply-adds of distinct tensor-core work per main-loop step, from the configuration (the dots of one
+    # iteration of the kernel's step loop, channel blocks padded): the same on every target, so the main loop's
+    # instructions per kFLOP compare mma.sync (16x8x16), wgmma (64xNx16) and tcgen05 (up to 128xNx16) fairly
+    step_macs: int = 0
+    # multiply-adds of the main loop's tensor-core instructions, from their SASS shapes (HMMA.16816,
+    # HGMMA.64x32x16; 0 where the shape is not in the mnemonic, UTC*MMA): a check that the loop is one step
+    main_loop_sass_macs: int = 0
+
+    @property
+    def instructions_per_kflop(self) -> float | None:
+        """Main-loop SASS instructions per 1000 FLOPs (2 per multiply-add) of distinct tensor-core work per step
+        (None without tensor cores in a loop): comparable across targets, unlike instructions per MMA."""
+        if not self.main_loop_mma or not self.step_macs:
+            return None
+        return self.main_loop_instructions / (2 * self.step_macs / 1000)
 
     @property
     def instructions_per_mma(self) -> float | None:
@@ -90,8 +114,8 @@ class KernelRecord:
 
     @property
     def ok(self) -> bool:
-        """Spill-free, no stack, fits in shared memory."""
-        return self.spill_bytes == 0 and self.stack_bytes == 0 and self.shared_bytes <= SHARED_LIMIT
+        """Spill-free, no stack, fits in its target's shared memory."""
+        return self.spill_bytes == 0 and self.stack_bytes == 0 and self.shared_bytes <= self.shared_limit
 
 
 def _triton_tool(name: str) -> str:
@@ -103,13 +127,19 @@ def _triton_tool(name: str) -> str:
     return path
 
 
-class _Sm90StandIn:
-    """Just enough of a Triton driver to compile for sm_90 without a GPU."""
+class _StandInDriver:
+    """Just enough of a Triton driver to compile for one target without a GPU."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
 
     def get_current_target(self):
         from triton.backends.compiler import GPUTarget
 
-        return GPUTarget("cuda", 90, 32)
+        if self.target.vendor == "amd":
+            return GPUTarget("hip", self.target.arch, self.target.warp_size)
+        major, minor = self.target.capability
+        return GPUTarget("cuda", major * 10 + minor, self.target.warp_size)
 
     def get_current_device(self) -> int:
         return 0
@@ -122,10 +152,11 @@ class _Sm90StandIn:
 
 
 @contextlib.contextmanager
-def _compile_only(compiled: list[tuple[str, Any, dict[str, Any]]],
+def _compile_only(compiled: list[tuple[str, Any, dict[str, Any]]], target: Target,
                   kernels: set[str] | None = None) -> Iterator[None]:
-    """Every Triton launch compiles (for sm_90) and records its kernel instead of running it; with
-    ``kernels``, launches of other kernels do nothing (their outputs are never read)."""
+    """Every Triton launch compiles for ``target`` and records its kernel instead of running it; with
+    ``kernels``, launches of other kernels do nothing (their outputs are never read). The launch code sees
+    ``target`` as its device's target, so it picks the configuration a launch on that card would."""
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
@@ -134,6 +165,7 @@ def _compile_only(compiled: list[tuple[str, Any, dict[str, Any]]],
 
     original_run = JITFunction.run
     original_checks = _common._check_device, _checks.check_float
+    original_target = _common._launch_target
 
     def run(self, *args, grid, warmup, **kwargs):
         if kernels is not None and self.fn.__name__ not in kernels:
@@ -147,24 +179,40 @@ def _compile_only(compiled: list[tuple[str, Any, dict[str, Any]]],
         return kernel
 
     previous_driver = driver._active  # None until Triton first looks for a GPU
-    driver.set_active(_Sm90StandIn())
+    driver.set_active(_StandInDriver(target))
     JITFunction.run = run
-    # CPU tensors stand in for CUDA ones (in the CUDA dtypes)
+    # CPU tensors stand in for CUDA ones (in the CUDA dtypes) of a card of this target
     _common._check_device = lambda t, name: None
     _checks.check_float = lambda t, name, backend: None
+    _common._launch_target = lambda device: target
     try:
         yield
     finally:
         JITFunction.run = original_run
         _common._check_device, _checks.check_float = original_checks
+        _common._launch_target = original_target
         driver.set_active(previous_driver)
 
 
-def toolchain() -> str:
-    """The Triton in this process and the ptxas its wheel ships, e.g. "triton 3.6.0, ptxas 12.8"."""
+def _ptxas_name(arch: str = "sm_90") -> str:
+    """The ptxas Triton's wheel uses for ``arch``: Triton 3.8 ships a newer one for sm_100 and up."""
+    capability = int(re.sub(r"\D", "", arch) or 90)
+    if capability >= 100:
+        try:
+            _triton_tool("ptxas-blackwell")
+            return "ptxas-blackwell"
+        except FileNotFoundError:
+            pass
+    return "ptxas"
+
+
+def toolchain(arch: str = "sm_90") -> str:
+    """The Triton in this process and the ptxas its wheel uses for ``arch``, e.g. "triton 3.6.0, ptxas 12.8"."""
     import triton
 
-    out = subprocess.run([_triton_tool("ptxas"), "--version"], capture_output=True, text=True).stdout
+    if arch.startswith("gfx"):
+        return f"triton {triton.__version__}, amdgcn"
+    out = subprocess.run([_triton_tool(_ptxas_name(arch)), "--version"], capture_output=True, text=True).stdout
     release = re.search(r"release (\d+\.\d+)", out)
     return f"triton {triton.__version__}, ptxas {release.group(1) if release else '?'}"
 
@@ -176,17 +224,42 @@ def sass_shape(sass: str) -> dict[str, int]:
     most tensor-core instructions, the shortest such body on a tie: with the pipelined loops Triton and our
     CUDA kernels emit, that is the steady-state step. NOPs (alignment padding) are not counted.
     """
-    code = [(int(addr, 16), op) for addr, _, op, _ in _SASS_LINE.findall(sass) if op != "NOP"]
+    code = [(int(addr, 16), op, op + rest) for addr, _, op, rest in _SASS_LINE.findall(sass) if op != "NOP"]
     branches = [(int(target, 16), int(addr, 16)) for addr, _, op, rest in _SASS_LINE.findall(sass)
                 if op.startswith("BRA") and (target := _branch_target(rest)) is not None
                 and int(target, 16) < int(addr, 16)]
-    best = (0, 0)  # (tensor-core instructions, -instructions) of the best loop body
+    best = (0, 0, 0)  # (tensor-core instructions, -instructions, multiply-adds) of the best loop body
     for lo, hi in branches:
-        body = [op for a, op in code if lo <= a <= hi]
-        mma = sum(1 for op in body if _TENSOR_CORE.match(op))
-        if mma and (mma, -len(body)) > best:
-            best = (mma, -len(body))
-    return {"sass_instructions": len(code), "main_loop_instructions": -best[1], "main_loop_mma": best[0]}
+        body = [(op, text) for a, op, text in code if lo <= a <= hi]
+        mma = sum(1 for op, _ in body if _TENSOR_CORE.match(op))
+        if mma and (mma, -len(body)) > best[:2]:
+            best = (mma, -len(body), sum(_mma_macs(text) for _, text in body))
+    return {"sass_instructions": len(code), "main_loop_instructions": -best[1], "main_loop_mma": best[0],
+            "main_loop_sass_macs": best[2]}
+
+
+def _mma_macs(op: str) -> int:
+    """Multiply-adds of one tensor-core SASS instruction from its shape (HMMA.16816: m16 n8 k16; HMMA.1688;
+    HGMMA.64x32x16); 0 for other instructions and for UTC*MMA, whose shape is in its descriptor."""
+    if m := re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", op):
+        return int(m.group(1)) * int(m.group(2)) * int(m.group(3))
+    if m := re.match(r"HMMA\.(16)(8)(\d+)\b", op):
+        return 16 * 8 * int(m.group(3))
+    return 0
+
+
+def step_macs(kernel: str, config: dict[str, Any], cm: int, cv: int) -> int:
+    """Multiply-adds of distinct tensor-core work in one step of ``kernel``'s main loop (its dots, channel
+    blocks padded to powers of two as the kernels do), 0 for kernels without tensor-core dots."""
+    bcm, bcv = (max(16, 1 << (max(c, 1) - 1).bit_length()) for c in (cm, cv))
+    q, k = config.get("BLOCK_Q", 0), config.get("BLOCK_K", 0)
+    if kernel == "_chunk_attention_fwd_kernel":
+        return q * k * (bcm + bcv)  # S = Q K^T, out^T += V^T P^T
+    if kernel == "_key_pass":  # S; then dv^T += dO^T P^T, or dP = V dO^T and dkn^T += Q^T dS^T
+        return k * q * (bcm + bcv) if config.get("DV_PASS") else k * q * (2 * bcm + bcv)
+    if kernel == "_dq_pass":
+        return bcm * k * q
+    return 0
 
 
 def _branch_target(operands: str) -> str | None:
@@ -218,6 +291,14 @@ def mma_duplication(ttgir: str) -> int:
     return worst
 
 
+def _triton_passes_reg_alloc() -> bool:
+    import inspect
+
+    from triton.backends.nvidia import compiler
+
+    return "regAllocOptLevel" in inspect.getsource(compiler.CUDABackend.make_cubin)
+
+
 def _resource_usage(cubin: bytes, ptx: str, ttgir: str = "") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         cubin_path = os.path.join(tmp, "k.cubin")
@@ -232,8 +313,10 @@ def _resource_usage(cubin: bytes, ptx: str, ttgir: str = "") -> dict[str, Any]:
             f.write(ptx)
         target = re.search(r"^\.target\s+(\S+)", ptx, re.M)
         arch = target.group(1).rstrip(",") if target else "sm_90a"
-        ptxas = subprocess.run([_triton_tool("ptxas"), f"-arch={arch}", "-v", ptx_path, "-o", os.devnull],
-                               capture_output=True, text=True)
+        # the ptxas and register-allocation option Triton's own compile uses (3.8: --regAllocOptLevel=2)
+        options = ["--regAllocOptLevel=2"] if _triton_passes_reg_alloc() else []
+        ptxas = subprocess.run([_triton_tool(_ptxas_name(arch)), f"-arch={arch}", "-v", *options, ptx_path,
+                                "-o", os.devnull], capture_output=True, text=True)
     regs = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
     local = re.search(r"LOCAL:(\d+)", usage)
@@ -244,6 +327,7 @@ def _resource_usage(cubin: bytes, ptx: str, ttgir: str = "") -> dict[str, Any]:
         "stack_bytes": max(int(stack.group(1)) if stack else 0, int(local.group(1)) if local else 0),
         "spill_bytes": sum(spills),
         "tensor_core_instructions": len(_TENSOR_CORE.findall(sass)),
+        "tcgen05_mma": len(_TCGEN05_MMA.findall(ptx)),
         "ffma_instructions": len(_FFMA.findall(sass)),
         "rs_wgmma": len(_RS_WGMMA.findall(ptx)),
         "mma_duplication": mma_duplication(ttgir),
@@ -281,17 +365,19 @@ def _launches(shape: tuple[int, ...], dtype: torch.dtype) -> None:
 
 
 def compile_kernels(shape: tuple[int, ...] = TRAINING_SHAPE, modes=MODES,
-                    kernels: set[str] | None = None) -> list[KernelRecord]:
-    """Compile every Triton kernel at ``shape`` for each mode (only ``kernels``, if given); one record per
-    distinct (kernel, variant, mode)."""
+                    kernels: set[str] | None = None, arch: str | int = "90") -> list[KernelRecord]:
+    """Compile every Triton kernel at ``shape`` for each mode (only ``kernels``, if given) for target ``arch``
+    (``80`` ... ``120``, ``gfx942``), as a launch on that card would: its capability, and the configuration
+    ``dlsn_kernels.targets`` picks for its shared memory. One record per distinct (kernel, variant, mode)."""
+    target = target_for_arch(arch)
     records: list[KernelRecord] = []
-    tools = toolchain()
+    tools = toolchain(target.arch)
     for label, dtype, matmul_precision, precision in modes:
         compiled: list[tuple[str, Any, dict[str, Any]]] = []
         previous = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision(matmul_precision)
         try:
-            with _compile_only(compiled, kernels):
+            with _compile_only(compiled, target, kernels):
                 _launches(shape, dtype)
         finally:
             torch.set_float32_matmul_precision(previous)
@@ -304,7 +390,8 @@ def compile_kernels(shape: tuple[int, ...] = TRAINING_SHAPE, modes=MODES,
             usage = _resource_usage(kernel.asm["cubin"], kernel.asm["ptx"], kernel.asm.get("ttgir", ""))
             records.append(KernelRecord(
                 kernel=name, dtype=label, precision=precision, config=config, toolchain=tools,
-                shared_bytes=int(kernel.metadata.shared), **usage,
+                shared_bytes=int(kernel.metadata.shared), arch=target.arch, shared_limit=target.shared_per_block,
+                step_macs=step_macs(name, config, shape[2], shape[3]), **usage,
             ))
     return records
 
@@ -351,24 +438,32 @@ def cuda_kernels(library: str | None = None, arch: str = "sm_90") -> list[Kernel
             config={"template": template.group(1).replace("c10::", "") if template else ""},
             registers=fields.get("REG", -1), spill_bytes=fields.get("LOCAL", 0), stack_bytes=fields.get("STACK", 0),
             shared_bytes=fields.get("SHARED", 0), tensor_core_instructions=len(_TENSOR_CORE.findall(body)),
-            ffma_instructions=len(_FFMA.findall(body)), toolchain="nvcc (dlsn_kernels._C)", **sass_shape(body),
+            ffma_instructions=len(_FFMA.findall(body)), toolchain="nvcc (dlsn_kernels._C)", arch=arch,
+            shared_limit=target_for_arch(arch).shared_per_block, **sass_shape(body),
         ))
     return records
 
 
+HOT_KERNELS = ("_chunk_attention_fwd_kernel", "_key_pass", "_dq_pass", "_position_pass", "_combine_rounds_kernel")
+
+
 def format_table(records: list[KernelRecord]) -> str:
-    head = (f"{'kernel':<28} {'mode':<11} {'config':<40} {'regs':>4} {'spill':>5} {'stack':>5} "
-            f"{'smem KB':>7} {'TC':>4} {'FFMA':>5} {'SASS':>6} {'loop':>5} {'/MMA':>5} {'RS':>3} warnings")
+    head = (f"{'arch':<7} {'kernel':<28} {'mode':<12} {'config':<44} {'regs':>4} {'spill':>5} {'stack':>5} "
+            f"{'smem KB':>7} {'limit':>5} {'TC':>4} {'FFMA':>5} {'SASS':>6} {'loop':>5} {'/MMA':>5} {'/kFLOP':>6} "
+            f"{'RS':>3} warnings")
     lines = [head, "-" * len(head)]
     for r in records:
         config = " ".join(f"{k.replace('BLOCK_', '').replace('num_', '')}={v if isinstance(v, str) else int(v)}"
                           for k, v in r.config.items())
         per_mma = f"{r.instructions_per_mma:.1f}" if r.instructions_per_mma is not None else "-"
+        per_kflop = f"{r.instructions_per_kflop:.2f}" if r.instructions_per_kflop is not None else "-"
         warnings = ",".join(sorted({w[1:6] if w.startswith("(C") else w[:20] for w in r.ptxas_warnings})) or "-"
+        tc = r.tensor_core_instructions or r.tcgen05_mma
         lines.append(
-            f"{r.kernel:<28} {r.dtype:<11} {config:<40} {r.registers:>4} {r.spill_bytes:>5} {r.stack_bytes:>5} "
-            f"{r.shared_bytes / 1024:>7.1f} {r.tensor_core_instructions:>4} {r.ffma_instructions:>5} "
-            f"{r.sass_instructions:>6} {r.main_loop_instructions:>5} {per_mma:>5} {r.rs_wgmma:>3} {warnings}"
+            f"{r.arch:<7} {r.kernel:<28} {r.dtype:<12} {config:<44} {r.registers:>4} {r.spill_bytes:>5} "
+            f"{r.stack_bytes:>5} {r.shared_bytes / 1024:>7.1f} {r.shared_limit // 1024:>5} {tc:>4} "
+            f"{r.ffma_instructions:>5} {r.sass_instructions:>6} {r.main_loop_instructions:>5} {per_mma:>5} "
+            f"{per_kflop:>6} {r.rs_wgmma:>3} {warnings}"
         )
     return "\n".join(lines)
 
@@ -378,11 +473,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the records as a JSON list")
     parser.add_argument("--shape", nargs=6, type=int, metavar=("N", "L", "Cm", "Cv", "K", "R"),
                         default=list(TRAINING_SHAPE), help="problem shape (default: the training shape)")
+    parser.add_argument("--arch", nargs="+", default=["90"], metavar="ARCH",
+                        help=f"targets to compile for: NVIDIA capabilities ({' '.join(ARCHS)}) or AMD gfx names "
+                             "(gfx942, gfx1100); default 90")
     parser.add_argument("--cuda", action="store_true",
                         help="report the CUDA C++ kernels of the built extension instead (spill = local memory)")
     parser.add_argument("--modes", nargs="+", choices=[m[0] for m in MODES], default=[m[0] for m in MODES],
                         help="dtype/precision modes to compile (default: all)")
-    parser.add_argument("--kernels", nargs="+", metavar="NAME", help="compile only these Triton kernels")
+    parser.add_argument("--kernels", nargs="+", metavar="NAME",
+                        help=f"compile only these Triton kernels ('hot': {', '.join(HOT_KERNELS)})")
     parser.add_argument("--triton", metavar="DIR",
                         help="compile with the Triton installed in DIR (pip install --target DIR triton==3.6.0), "
                              "in a subprocess with DIR first on PYTHONPATH")
@@ -390,24 +489,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.triton:
         return _rerun_with_triton(args.triton, sys.argv[1:] if argv is None else list(argv))
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        parser.error("unset TRITON_INTERPRET: the report compiles real sm_90 code")
+        parser.error("unset TRITON_INTERPRET: the report compiles real GPU code")
+    try:
+        targets = [target_for_arch(a) for a in args.arch]
+    except ValueError as e:
+        parser.error(str(e))
+    records: list[KernelRecord] = []
     if args.cuda:
-        records = cuda_kernels()
-        print("CUDA C++ kernels of dlsn_kernels._C, sm_90 code (spill: local memory bytes; TC: HGMMA/HMMA)")
+        for target in targets:
+            found = cuda_kernels(arch=target.arch)
+            if not found:
+                print(f"warning: dlsn_kernels._C holds no {target.arch} code", file=sys.stderr)
+            records += found
+        print(f"CUDA C++ kernels of dlsn_kernels._C, {', '.join(t.arch for t in targets)} code "
+              "(spill: local memory bytes; TC: HGMMA/HMMA)")
     else:
         modes = [m for m in MODES if m[0] in args.modes]
-        records = compile_kernels(tuple(args.shape), modes, set(args.kernels) if args.kernels else None)
-        print(f"Triton kernels compiled for sm_90 at N, L, Cm, Cv, K, R = {tuple(args.shape)} with {toolchain()} "
-              "(TC: tensor-core instructions; SASS: static instructions; loop, /MMA: main loop's instructions "
-              "and per tensor-core instruction; RS: register-A wgmma)")
+        kernels = args.kernels and {k for name in args.kernels for k in (HOT_KERNELS if name == "hot" else [name])}
+        for target in targets:
+            records += compile_kernels(tuple(args.shape), modes, kernels or None, target.arch)
+        print(f"Triton kernels compiled for {', '.join(t.arch for t in targets)} at N, L, Cm, Cv, K, R = "
+              f"{tuple(args.shape)} with {', '.join(sorted({r.toolchain for r in records}))} "
+              "(TC: tensor-core instructions; SASS: static instructions; loop, /MMA, /kFLOP: main loop's "
+              "instructions, per tensor-core instruction and per 1000 FLOPs of tensor-core work per step; "
+              "RS: register-A wgmma; limit: shared KB per block)")
     print(format_table(records))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([{**asdict(r), "instructions_per_mma": r.instructions_per_mma} for r in records], f, indent=1)
+            json.dump([{**asdict(r), "instructions_per_mma": r.instructions_per_mma,
+                        "instructions_per_kflop": r.instructions_per_kflop} for r in records], f, indent=1)
         print(f"wrote {args.json}")
     bad = [r for r in records if not r.ok]
     for r in bad:
-        print(f"warning: {r.kernel} ({r.dtype}) spills, uses stack or exceeds shared memory", file=sys.stderr)
+        print(f"warning: {r.arch} {r.kernel} ({r.dtype}) spills, uses stack or exceeds shared memory",
+              file=sys.stderr)
     return 0
 
 

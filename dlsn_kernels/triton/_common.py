@@ -17,8 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import targets
 from .._hash_setup import KEY_NORM_EPS
 from .._magnitudes import product_headroom, row_norms
+from ..targets import MAX_CHANNELS, MAX_CHUNK, Target
 
 __all__ = [
     "INTERPRETED",
@@ -27,8 +29,9 @@ __all__ = [
     "MAX_CHUNK",
     "accumulate_dtype",
     "attention_heuristics",
-    "launch_tiles",
     "check_device",
+    "kernel_config",
+    "launch_target",
     "channel_block",
     "device_fn",
     "dot_kind",
@@ -45,12 +48,6 @@ __all__ = [
     "tl_accumulate_dtype",
     "tl_dtype",
 ]
-
-# Channel rows (Cm, Cv) live whole in registers (padded to a power of two): past this they would spill.
-MAX_CHANNELS = 512
-# A chunk row of learned scores (K values) is loaded whole by the backward scatter kernel.
-MAX_CHUNK = 1024
-
 
 def _triton_interprets() -> bool:
     """Whether Triton's own library was built for the interpreter (env at Triton's import)."""
@@ -83,13 +80,20 @@ def channel_block(size: int) -> int:
     return max(16, triton.next_power_of_2(max(int(size), 1)))
 
 
-def launch_tiles(chunk_size: int, value_channels: int, block_q: int, block_k: int, warps: int) -> dict[str, int]:
-    """Launch options of an attention kernel from its tile table row: blocks no larger than the (padded)
-    chunk, and four warps when value rows are narrow (the tables are sized for Cv = 256)."""
-    chunk = channel_block(chunk_size)
-    narrow = channel_block(value_channels) <= 128
-    return {"BLOCK_Q": min(block_q, chunk), "BLOCK_K": min(block_k, chunk),
-            "num_warps": 4 if narrow else warps, "num_stages": 2}
+def launch_target(device: torch.device) -> Target:
+    """The target a launch on ``device`` compiles for (``dlsn_kernels.targets.target_of``: the GPU's properties,
+    read once per device; the interpreter on CPU). Through a module global, so that ``bench.compile_report`` can
+    stand in a card of any architecture."""
+    return _launch_target(device)
+
+
+_launch_target = targets.target_of
+
+
+def kernel_config(kernel: str, device: torch.device, dtype: torch.dtype, cm: int, cv: int,
+                  chunk_size: int) -> dict[str, int]:
+    """The launch options of ``kernel`` on ``device`` (``dlsn_kernels.targets.triton_config``)."""
+    return targets.triton_config(kernel, launch_target(device), dtype, cm, cv, chunk_size)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

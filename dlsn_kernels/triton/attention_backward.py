@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .. import _checks
 from .._magnitudes import check_saved_lse
+from ..targets import INTERPRETER, Target, triton_config
 from ._common import (
     KEY_NORM_EPS,
     LOG2E,
@@ -38,7 +39,7 @@ from ._common import (
     first_padded_copy,
     inverse_key_norms,
     jit,
-    launch_tiles,
+    kernel_config,
     matmul,
     slot_layout,
     slot_rows,
@@ -47,17 +48,6 @@ from ._common import (
 from .chunk_attention import check_attention_inputs, check_perm_shape
 
 __all__ = ["attention_backward"]
-
-
-# (BLOCK_K, BLOCK_Q of the dv pass, BLOCK_Q of the score pass, num_warps of each) at Cv = 256 by dot kind;
-# what ``python -m bench.compile_report`` shows spill-free, stack-free and without C7515 on sm_90 under
-# Triton 3.6 and 3.8. Four warps: with chained dots Triton lays the warps along M (16 rows each), and the
-# M of dkn^T and dq^T is Cm = 64, one warpgroup. Both passes share BLOCK_K (dq_part is sized by it).
-_BACKWARD_TILES = {
-    "native": (64, (64, 4), (32, 4)),
-    "tf32": (64, (32, 4), (16, 4)),
-    "ieee": (64, (16, 8), (16, 8)),
-}
 
 
 # Tiles that divide the chunk, no padded slots (L % K == 0) and channel blocks that are the channel counts
@@ -74,16 +64,17 @@ def _smem_b(dtype: torch.dtype) -> bool:
     return dot_kind(dtype) != "ieee"
 
 
-def backward_config(chunk_size: int, value_channels: int, dtype: torch.dtype, dv_pass: bool) -> dict[str, int]:
-    """Block sizes and launch shape of the two ``_key_pass`` launches, fixed per problem (no autotuning).
+def backward_config(chunk_size: int, value_channels: int, dtype: torch.dtype, dv_pass: bool,
+                    target: Target = INTERPRETER, key_channels: int = 64) -> dict[str, int]:
+    """Block sizes and launch shape of one of the two ``_key_pass`` launches on ``target``
+    (``dlsn_kernels.targets``: fixed per target, precision and problem, no autotuning).
 
     A program owns BLOCK_K keys and walks the K query slots of the three chunks that read them in tiles of
     BLOCK_Q. The dv pass keeps ``dv [BLOCK_K, Cv]`` in registers; the score pass keeps the value rows, dkn
-    and the dlss tile.
+    and the dlss tile. The passes may use different key blocks (each launch's grid follows its own).
     """
-    block_k, dv_tiles, score_tiles = _BACKWARD_TILES[dot_kind(dtype)]
-    block_q, warps = dv_tiles if dv_pass else score_tiles
-    return launch_tiles(chunk_size, value_channels, block_q, block_k, warps)
+    return triton_config("key_dv" if dv_pass else "key_score", target, dtype, key_channels, value_channels,
+                         chunk_size)
 
 
 @backward_heuristics
@@ -220,16 +211,10 @@ def _key_pass(
                  mask=k_ok[None, :] & cm_ok[:, None])
 
 
-# (BLOCK_Q, BLOCK_K, num_warps) of _dq_pass: one warpgroup; dq^T [Cm, BLOCK_Q] in float32 is 32 registers
-# per thread at Cm = 64, and both operands come from memory (shared-memory A and B). A deep key step (8 HGMMA
-# per step in bf16 and TF32) keeps the main loop's instructions per MMA near 30-40 (compile report); 128 query
-# slots per tile gave more per MMA.
-_DQ_TILES = {"native": (64, 128, 4), "tf32": (64, 64, 4), "ieee": (32, 32, 4)}
-
-
-def dq_config(chunk_size: int, dtype: torch.dtype) -> dict[str, int]:
-    block_q, block_k, warps = _DQ_TILES[dot_kind(dtype)]
-    return launch_tiles(chunk_size, 0, block_q, block_k, warps) | {"num_warps": warps}
+def dq_config(chunk_size: int, dtype: torch.dtype, target: Target = INTERPRETER,
+              key_channels: int = 64) -> dict[str, int]:
+    """Block sizes and launch shape of ``_dq_pass`` on ``target`` (``dlsn_kernels.targets``)."""
+    return triton_config("dq", target, dtype, key_channels, 0, chunk_size)
 
 
 @triton.heuristics({
@@ -398,9 +383,10 @@ def attention_backward(
 
     k = int(chunk_size)
     pad, padded, nc = slot_layout(length, k)
-    configs = {dv_pass: backward_config(k, cv, xm.dtype, dv_pass) for dv_pass in (True, False)}
-    n_kblocks = triton.cdiv(k, configs[True]["BLOCK_K"])  # the same key blocks in both passes
-    dq_tiles = dq_config(k, xm.dtype)
+    configs = {dv_pass: kernel_config("key_dv" if dv_pass else "key_score", xm.device, xm.dtype, cm, cv, k)
+               for dv_pass in (True, False)}
+    dq_tiles = kernel_config("dq", xm.device, xm.dtype, cm, 0, k)
+    position = kernel_config("position", xm.device, xm.dtype, cm, cv, k)
     acc = accumulate_dtype(xm.dtype)
     dev = xm.device
     # per-round float32 slot buffers (every element the position pass reads is written by a key pass or _dq_pass
@@ -413,7 +399,6 @@ def attention_backward(
     # dS / ||key|| of round r in the dot dtype: [n, query chunk c, t, key j, query i] (one writer per element)
     ds = torch.empty((n, nc, 3, k, k), dtype=xm.dtype, device=dev)
     n_dup = triton.cdiv(pad, length)  # padded copies one position can have
-    block_p = 32
     inv_norm = inverse_key_norms(xm)
     precision = dot_precision(xm.dtype)
     rows = slot_rows(perm, k, max(cm, cv, k))
@@ -421,7 +406,7 @@ def attention_backward(
     for r in range(rounds):
         stat_round = r if stat_rounds == rounds else 0
         for dv_pass in (True, False):
-            _key_pass[(nc * n_kblocks, n)](
+            _key_pass[(nc * triton.cdiv(k, configs[dv_pass]["BLOCK_K"]), n)](
                 grad_out, delta, lse, xm, v, lss, rows, inv_norm,
                 dv_buf[r], dkn_buf[r], dlss_buf[r], ds,
                 length, cm, cv, k, rounds, nc, padded, r, stat_rounds, stat_round,
@@ -433,9 +418,9 @@ def attention_backward(
     # the slot of every position per round (the inverse permutation), from which the position pass gathers
     slot_of = torch.empty((n, rounds, length), dtype=torch.int32, device=dev)
     slot_of.scatter_(2, perm.long(), torch.arange(length, dtype=torch.int32, device=dev).expand(n, rounds, length))
-    _position_pass[(triton.cdiv(length, block_p), n)](
+    _position_pass[(triton.cdiv(length, position["BLOCK_P"]), n)](
         slot_of, xm, dq_buf, dv_buf, dkn_buf, dlss_buf, dxm, dv, dlss,
         n, length, cm, cv, k, rounds, pad, padded, n_dup,
-        EPS=KEY_NORM_EPS, BLOCK_P=block_p, num_warps=8,
+        EPS=KEY_NORM_EPS, **position,
     )
     return dxm, dv, dlss

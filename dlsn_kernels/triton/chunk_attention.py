@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks
+from ..targets import INTERPRETER, Target, triton_config
 from ._common import (
     LN2,
     LOG2E,
@@ -36,10 +37,9 @@ from ._common import (
     attention_heuristics,
     channel_block,
     check_device,
-    dot_kind,
     dot_precision,
     jit,
-    launch_tiles,
+    kernel_config,
     matmul,
     scaled_key_norms,
     slot_layout,
@@ -51,21 +51,14 @@ from .hash import sblsh_hash, sort_codes
 __all__ = ["chunk_attention", "gla_attention", "check_attention_inputs", "check_perm_shape"]
 
 
-# (BLOCK_Q, BLOCK_K, num_warps) at Cv = 256 by dot kind; what ``python -m bench.compile_report`` shows
-# spill-free, stack-free and without C7515 on sm_90 under Triton 3.6 and 3.8. With chained dots Triton lays
-# the warps along M, 16 rows each: 4 warps (one warpgroup) at 64 query slots compute every S once (8 warps,
-# as before, computed every S and P V twice). TF32 needs the [Cv, 64] accumulator split over two warpgroups
-# to fit in registers, so its S (a fifth of the product work) is computed by both. IEEE float32 runs on
-# FFMA, which holds whole operand rows in registers, hence its small key tiles.
-_FORWARD_TILES = {"native": (64, 32, 4), "tf32": (64, 32, 8), "ieee": (32, 16, 4)}
-
-
-def forward_config(chunk_size: int, value_channels: int, dtype: torch.dtype) -> dict[str, int]:
-    """Block sizes and launch shape of ``_chunk_attention_fwd_kernel``, fixed per problem (no autotuning).
+def forward_config(chunk_size: int, value_channels: int, dtype: torch.dtype, target: Target = INTERPRETER,
+                   key_channels: int = 64) -> dict[str, int]:
+    """Block sizes and launch shape of ``_chunk_attention_fwd_kernel`` on ``target`` (``dlsn_kernels.targets``:
+    fixed per target, precision and problem, no autotuning; the interpreter runs sm_90's).
 
     Query tiles of up to 64 slots amortise the gather of the 3K key rows (DESIGN.md 1.4) over many queries.
     """
-    return launch_tiles(chunk_size, value_channels, *_FORWARD_TILES[dot_kind(dtype)])
+    return triton_config("forward", target, dtype, key_channels, value_channels, chunk_size)
 
 
 # Tiles that divide the chunk and channel blocks that are the channel counts need no masks in the loop.
@@ -220,7 +213,7 @@ def _launch_forward(xm, v, lss, perm, out, lse, chunk_size):
     cv = v.shape[2]
     _, padded, nc = slot_layout(length, chunk_size)
     rows = slot_rows(perm, chunk_size, max(cm, cv, chunk_size))
-    config = forward_config(chunk_size, cv, xm.dtype)
+    config = kernel_config("forward", xm.device, xm.dtype, cm, cv, chunk_size)
     inv_norm, queries = scaled_key_norms(xm, _LOG2E)
     grid = (nc * triton.cdiv(chunk_size, config["BLOCK_Q"]), n * perm.shape[1])
     _chunk_attention_fwd_kernel[grid](
@@ -257,9 +250,9 @@ def combine_rounds(out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
         return out[:, 0], lse[:, 0]
     y = torch.empty((n, length, cv), dtype=out.dtype, device=out.device)
     lse_total = torch.empty((n, length), dtype=lse.dtype, device=lse.device)
-    block_p = max(1, min(32, 8192 // channel_block(cv)))
-    _combine_rounds_kernel[(triton.cdiv(length, block_p), n)](
-        out, lse, y, lse_total, length, cv, rounds, BLOCK_P=block_p, num_warps=4,
+    config = kernel_config("combine", out.device, out.dtype, 0, cv, 0)
+    _combine_rounds_kernel[(triton.cdiv(length, config["BLOCK_P"]), n)](
+        out, lse, y, lse_total, length, cv, rounds, **config,
     )
     return y, lse_total
 

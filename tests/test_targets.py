@@ -1,0 +1,163 @@
+"""dlsn_kernels.targets: GPU targets, the Triton kernels' configuration per target, what a target cannot run, and
+the static order of the GPU backends. Pure Python: no GPU and no Triton needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dlsn_kernels import targets
+from dlsn_kernels.targets import (
+    INTERPRETER,
+    MAX_CHANNELS,
+    MAX_CHUNK,
+    TRITON_KERNELS,
+    Target,
+    family_of,
+    shared_estimate,
+    static_gpu_order,
+    target_for_arch,
+    target_of,
+    triton_config,
+    triton_unsupported_reasons,
+)
+
+ARCHS = ("80", "86", "89", "90", "100", "120")
+TRAINING = (64, 256, 128)  # Cm, Cv, K
+PRECISIONS = [(torch.bfloat16, "highest"), (torch.float16, "highest"), (torch.float32, "high"),
+              (torch.float32, "highest")]
+
+
+@pytest.fixture
+def matmul_precision():
+    previous = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(previous)
+
+
+def test_targets_by_name():
+    a100, rtx3090, h100, b200, rtx5090 = (target_for_arch(a) for a in (80, "sm_86", "90", 100, "120"))
+    assert (a100.arch, a100.capability, a100.shared_per_block) == ("sm_80", (8, 0), 163 * 1024)
+    assert rtx3090.shared_per_block == rtx5090.shared_per_block == 99 * 1024
+    assert h100.shared_per_block == b200.shared_per_block == 227 * 1024
+    assert [family_of(t) for t in (a100, rtx3090, h100, b200, rtx5090)] == ["mma", "mma", "wgmma", "tcgen05", "mma"]
+    mi300, rx7900 = target_for_arch("gfx942"), target_for_arch("GFX1100")
+    assert (mi300.vendor, mi300.warp_size, mi300.shared_per_block) == ("amd", 64, 64 * 1024)
+    assert (rx7900.warp_size, family_of(mi300), family_of(rx7900)) == (32, "mfma", "wmma")
+    for bad in ("gfx000", "sm_x", "9"):
+        with pytest.raises(ValueError, match="unknown"):
+            target_for_arch(bad)
+
+
+def test_cpu_tensors_get_the_interpreter_with_sm90_tiles(matmul_precision):
+    assert target_of(torch.device("cpu")) is INTERPRETER
+    h100 = target_for_arch(90)
+    for dtype, setting in PRECISIONS:
+        matmul_precision(setting)
+        for kernel in TRITON_KERNELS:
+            assert triton_config(kernel, INTERPRETER, dtype, *TRAINING) == triton_config(kernel, h100, dtype, *TRAINING)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_target_runs_the_training_shape_within_its_shared_memory(arch, matmul_precision):
+    target = target_for_arch(arch)
+    for dtype, setting in PRECISIONS:
+        matmul_precision(setting)
+        assert triton_unsupported_reasons(target, dtype, *TRAINING) == []
+        for kernel in TRITON_KERNELS:
+            config = triton_config(kernel, target, dtype, *TRAINING)
+            assert shared_estimate(kernel, config, dtype, 64, 256) <= target.shared_per_block
+            assert all(isinstance(v, int) and v > 0 for v in config.values()), config
+            if "BLOCK_Q" in config:
+                assert 16 <= config["BLOCK_Q"] <= 128 and 16 <= config["BLOCK_K"] <= 128
+
+
+def test_ampere_and_ada_do_not_get_hopper_tiles(matmul_precision):
+    """The mma.sync targets split the wide accumulators over 8 warps (Hopper's 4-warp tiles spill there), and the
+    99 KB cards get smaller TF32 tiles than sm_80's 163 KB."""
+    h100, a100, rtx4090 = (target_for_arch(a) for a in (90, 80, 89))
+    matmul_precision("highest")
+    assert triton_config("forward", h100, torch.bfloat16, *TRAINING)["num_warps"] == 4
+    assert triton_config("forward", rtx4090, torch.bfloat16, *TRAINING)["num_warps"] == 8
+    assert triton_config("key_dv", a100, torch.bfloat16, *TRAINING)["num_warps"] == 8
+    matmul_precision("high")
+    big, small = (triton_config("key_score", t, torch.float32, *TRAINING) for t in (a100, rtx4090))
+    assert big["BLOCK_K"] * big["BLOCK_Q"] > small["BLOCK_K"] * small["BLOCK_Q"]
+    assert triton_config("forward", rtx4090, torch.float32, *TRAINING)["BLOCK_K"] == 16
+
+
+def test_a_configuration_that_does_not_fit_is_never_chosen():
+    """Less shared memory: the next smaller candidate, down to the unpipelined 16x16 tiles; below that, the case is
+    unsupported with a one-line reason and triton_config refuses rather than hand out a launch that would fail."""
+    chosen = []
+    for kb in (227, 99, 64, 40, 24):
+        target = Target(f"test_{kb}", "nvidia", (8, 6), kb * 1024, 32)
+        config = triton_config("key_dv", target, torch.bfloat16, *TRAINING)
+        assert shared_estimate("key_dv", config, torch.bfloat16, 64, 256) <= kb * 1024
+        chosen.append(config)
+    assert chosen[0] != chosen[-1] and chosen[-1] == {"BLOCK_K": 16, "BLOCK_Q": 16, "num_warps": 4, "num_stages": 1}
+    tiny = Target("test_8", "nvidia", (8, 6), 8 * 1024, 32)
+    reasons = triton_unsupported_reasons(tiny, torch.bfloat16, *TRAINING)
+    assert reasons and all("\n" not in r for r in reasons)
+    assert "the BF16 forward pass needs" in reasons[0] and "test_8 allows 8 KB" in reasons[0]
+    with pytest.raises(ValueError, match="shared memory"):
+        triton_config("forward", tiny, torch.bfloat16, *TRAINING)
+
+
+def test_channel_and_chunk_limits_are_reasons(matmul_precision):
+    h100 = target_for_arch(90)
+    reasons = triton_unsupported_reasons(h100, torch.bfloat16, MAX_CHANNELS + 1, 256, MAX_CHUNK + 1)
+    assert len(reasons) == 2
+    assert f"Cm = {MAX_CHANNELS + 1} channels" in reasons[0] and f"limit of {MAX_CHUNK}" in reasons[1]
+    assert triton_unsupported_reasons(h100, torch.bfloat16, MAX_CHANNELS, MAX_CHANNELS, MAX_CHUNK) == []
+    # IEEE float32 at the widest channels needs more than a 99 KB card has, even in the smallest tiles
+    matmul_precision("highest")
+    reasons = triton_unsupported_reasons(target_for_arch(86), torch.float32, 512, 512, 1024)
+    assert reasons == ["the IEEE key_score pass needs 131 KB of shared memory, sm_86 allows 99 KB"]
+    assert triton_unsupported_reasons(target_for_arch(75), torch.bfloat16, *TRAINING)[0].startswith(
+        "Triton's tensor-core kernels need sm_80")
+
+
+def test_shared_estimate_is_an_upper_bound_of_compiled_kernels():
+    """Spot values from the compile report (Triton 3.8, training shape): what Triton allocated, which the
+    estimate must not undercut (tests/test_compile_report.py checks every compiled kernel the same way)."""
+    measured = [  # kernel, config, dtype, shared bytes Triton allocated
+        ("key_dv", {"BLOCK_K": 64, "BLOCK_Q": 32, "num_warps": 8, "num_stages": 2}, torch.bfloat16, 65536),
+        ("key_dv", {"BLOCK_K": 64, "BLOCK_Q": 64, "num_warps": 4, "num_stages": 2}, torch.bfloat16, 106700),
+        ("forward", {"BLOCK_Q": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2}, torch.bfloat16, 107315),
+        ("key_score", {"BLOCK_K": 64, "BLOCK_Q": 16, "num_warps": 4, "num_stages": 2}, torch.float32, 106598),
+    ]
+    for kernel, config, dtype, shared in measured:
+        assert shared <= shared_estimate(kernel, config, dtype, 64, 256) <= 1.6 * shared, (kernel, config)
+    assert shared_estimate("position", {}, torch.float32, 64, 256) == 0
+    with pytest.raises(ValueError, match="unknown Triton kernel"):
+        shared_estimate("nope", {}, torch.float32, 64, 256)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_order_puts_triton_first_where_it_is_clean_offline(arch, matmul_precision):
+    target = target_for_arch(arch)
+    for dtype, setting in PRECISIONS:
+        matmul_precision(setting)
+        order, why = static_gpu_order(target, dtype)
+        assert order == ("triton", "cuda"), why
+        assert target.arch in why and "offline compile report" in why and "not measured on hardware" in why
+
+
+def test_static_order_puts_cuda_first_elsewhere(monkeypatch):
+    for arch in ("75", "87", "103"):
+        order, why = static_gpu_order(target_for_arch(arch), torch.bfloat16)
+        assert order == ("cuda", "triton") and f"sm_{arch}" in why
+    # a case the report shows not clean goes to cuda, saying why
+    monkeypatch.setitem(targets.NOT_CLEAN, ("sm_86", "tf32"), "key_dv spills 424 B")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        order, why = static_gpu_order(target_for_arch(86), torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert order == ("cuda", "triton") and "key_dv spills 424 B" in why
+    assert static_gpu_order(target_for_arch(86), torch.bfloat16)[0] == ("triton", "cuda")
+    amd_order, amd_why = static_gpu_order(target_for_arch("gfx942"), torch.bfloat16)
+    assert amd_order == ("triton",) and "NVIDIA" in amd_why
+    assert static_gpu_order(INTERPRETER, torch.float64)[0] == ("triton",)
