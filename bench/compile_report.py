@@ -90,6 +90,9 @@ class KernelRecord:
     # multiply-adds of the main loop's tensor-core instructions, from their SASS shapes (HMMA.16816,
     # HGMMA.64x32x16; 0 where the shape is not in the mnemonic, UTC*MMA): a check that the loop is one step
     main_loop_sass_macs: int = 0
+    # dlsn_kernels.targets.shared_estimate of the kernel's configuration (the bound the launch code checks against
+    # the card's shared memory; must not be below shared_bytes); 0 for kernels without a shared-memory model
+    shared_estimate: int = 0
 
     @property
     def instructions_per_kflop(self) -> float | None:
@@ -248,6 +251,16 @@ def _mma_macs(op: str) -> int:
     return 0
 
 
+_CONFIG_NAMES = {"_chunk_attention_fwd_kernel": "forward", "_dq_pass": "dq"}
+
+
+def config_name(kernel: str, config: dict[str, Any]) -> str | None:
+    """The ``dlsn_kernels.targets`` name of a compiled kernel's configuration (``key_dv``, ...), or None."""
+    if kernel == "_key_pass":
+        return "key_dv" if config.get("DV_PASS") else "key_score"
+    return _CONFIG_NAMES.get(kernel)
+
+
 def step_macs(kernel: str, config: dict[str, Any], cm: int, cv: int) -> int:
     """Multiply-adds of distinct tensor-core work in one step of ``kernel``'s main loop (its dots, channel
     blocks padded to powers of two as the kernels do), 0 for kernels without tensor-core dots."""
@@ -391,9 +404,17 @@ def compile_kernels(shape: tuple[int, ...] = TRAINING_SHAPE, modes=MODES,
             records.append(KernelRecord(
                 kernel=name, dtype=label, precision=precision, config=config, toolchain=tools,
                 shared_bytes=int(kernel.metadata.shared), arch=target.arch, shared_limit=target.shared_per_block,
-                step_macs=step_macs(name, config, shape[2], shape[3]), **usage,
+                step_macs=step_macs(name, config, shape[2], shape[3]),
+                shared_estimate=_shared_estimate(name, config, dtype, shape[2], shape[3]), **usage,
             ))
     return records
+
+
+def _shared_estimate(kernel: str, config: dict[str, Any], dtype: torch.dtype, cm: int, cv: int) -> int:
+    from dlsn_kernels.targets import shared_estimate
+
+    name = config_name(kernel, config)
+    return shared_estimate(name, config, dtype, cm, cv) if name else 0
 
 
 _CUDA_DTYPES = {"float": "fp32", "double": "fp64", "c10::BFloat16": "bf16", "c10::Half": "fp16"}

@@ -502,7 +502,10 @@ def main(argv: list[str] | None = None) -> None:
         DEADLINE = start + args.deadline_s
     FLEX_BUDGET["left_s"] = args.flex_budget_s
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "none (dry run on the CPU)"
-    meta = {"date": datetime.date.today(), "gpu": gpu, "torch": torch.__version__,
+    from dlsn_kernels.targets import target_of
+
+    arch = target_of(torch.device(DEVICE)).arch  # sm_80, sm_90, ... (interpreter in a dry run)
+    meta = {"date": datetime.date.today(), "gpu": gpu, "arch": arch, "torch": torch.__version__,
             "triton": triton.__version__, "python": platform.python_version()}
     accuracy, determinism = [], {}
     for backend in args.backends:
@@ -556,6 +559,7 @@ def main(argv: list[str] | None = None) -> None:
     report = to_markdown(meta, accuracy, determinism, timings, profile)
     report += "\n".join(network_markdown(network)) + "\n"
     report += "\n".join(choice_markdown(choices, repeatable, timings)) + "\n"
+    report = report.replace("\n## ", f"\n## [{arch}] ")  # every table names the card's architecture
     args.out.mkdir(parents=True, exist_ok=True)
     # a dry run's table (capability "cpu") must never be read as a measurement
     table_name = "backend_choice.json" if DEVICE == "cuda" else "backend_choice.dry_run.json"

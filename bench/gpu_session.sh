@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call of at most 6 minutes on a lent GPU (torch 2.11, Triton 3.6, no internet), build included:
-# build the extension (CUDA kernels for sm_90) while the Triton GPU tests run, the CUDA tests, then
+# build the extension (CUDA kernels for this GPU's architecture: A100, H100, H200, ...) while the Triton GPU tests
+# run, the CUDA tests, then
 # bench.gpu_session (correctness smoke test, determinism, the timing table with FlexAttention, the per-pass
 # backend choice, a profile), then the bad-input calls of the CUDA ops under compute-sanitizer.
 # Budget, each step with its own timeout: Triton tests 85 s (the build, 35 s measured, runs meanwhile),
@@ -20,11 +21,15 @@ if ! command -v python > /dev/null; then
   export PATH=/tmp/dlsn_pyshim:$PATH
 fi
 say() { echo "== $* ($(date +%T))" | tee -a "$log"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee -a "$log"
+# this card's capability ("8.6", "9.0"): the CUDA build targets it, and every table of the report names it
+cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' ')
+cap=${cap:-9.0}
+say "arch sm_${cap/./}"
 
 say "build in the background; Triton GPU tests meanwhile"
 (
-  export DLSN_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-12}
+  export DLSN_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap} MAX_JOBS=${MAX_JOBS:-12}
   timeout 150 python setup.py build_ext --inplace > "$results/build.log" 2>&1
   echo $? > /tmp/dlsn_build_rc
 ) &

@@ -1,11 +1,15 @@
-"""The GPU kernels' code shape on Hopper, read offline: tensor cores, no spills, shared memory that fits.
+"""The GPU kernels' code shape on every target, read offline: tensor cores, no spills, shared memory that fits.
 
 Triton: compiles the training-shape kernels for sm_90 in bfloat16 and in float32 with TF32
 (``bench.compile_report``, in a subprocess: it needs the Triton interpreter off), with the Triton installed
 here and with Triton 3.6.0, the GPU image's (its own ptxas 12.8), installed by pip into a cache folder put
-first on PYTHONPATH for the report alone. CUDA C++: reads the sm_90 code of the built extension with
-cuobjdump (``bench.compile_report --cuda``). This keeps the GPU path fast between GPU runs: a change that
-makes a hot kernel spill, serialize its wgmma (ptxas C7515) or fall back to FFMA fails here, without a GPU.
+first on PYTHONPATH for the report alone. The other targets (sm_80, 86, 89, 100, 120) compile the hot kernels
+in bf16 and TF32 as a launch on that card would (its capability, its shared memory, the configuration
+``dlsn_kernels.targets`` picks there); all five together take about 15 minutes on 2 cores, so each CI run takes
+one of them in rotation, keyed by the commit (``DLSN_COMPILE_REPORT_ARCHS="80 86 89 100 120"`` for all, or any
+list). CUDA C++: reads the sm_90 code of the built extension with cuobjdump (``bench.compile_report --cuda``).
+This keeps the GPU path fast between GPU runs: a change that makes a hot kernel spill, serialize its wgmma (ptxas
+C7515) or fall back to FFMA fails here, without a GPU.
 """
 
 import json
@@ -21,6 +25,10 @@ pytestmark = pytest.mark.slow  # minutes of sm_90 compiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOT = {"_chunk_attention_fwd_kernel", "_key_pass"}  # the attention forward and both backward passes
+# every hot kernel of issue 25 (forward, key passes, dq pass, position pass, combine), and those with tensor cores
+ALL_HOT = HOT | {"_dq_pass", "_position_pass", "_combine_rounds_kernel"}
+TENSOR_CORE = HOT | {"_dq_pass"}
+ROTATION = ("80", "86", "89", "100", "120")  # the targets besides sm_90, one per CI run
 GPU_IMAGE_TRITON = "3.6.0"
 # where pip puts the GPU image's Triton (DLSN_TRITON36_DIR to use another folder, e.g. one CI caches)
 TRITON36_DIR = os.environ.get("DLSN_TRITON36_DIR",
@@ -41,6 +49,21 @@ def _report(tmp_path_factory, *extra: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     return _report(tmp_path_factory)
+
+
+def rotated_archs() -> list[str]:
+    """``DLSN_COMPILE_REPORT_ARCHS`` if set, else one target of ROTATION picked by the checked-out commit."""
+    chosen = os.environ.get("DLSN_COMPILE_REPORT_ARCHS")
+    if chosen:
+        return chosen.split()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    key = int(head[:8], 16) if head else 0
+    return [ROTATION[key % len(ROTATION)]]
+
+
+@pytest.fixture(scope="module")
+def rotated(tmp_path_factory):
+    return _report(tmp_path_factory, "--arch", *rotated_archs(), "--kernels", *sorted(ALL_HOT))
 
 
 def _triton36() -> str:
@@ -81,10 +104,34 @@ def test_every_kernel_of_a_training_step_is_compiled(records):
 
 def test_no_kernel_spills_or_uses_stack(records):
     for r in records:
+        assert r["arch"] == "sm_90" and r["shared_limit"] == 227 * 1024, r
         assert r["spill_bytes"] == 0, r
         assert r["stack_bytes"] == 0, r
         assert r["shared_bytes"] <= 227 * 1024, r
         assert r["registers"] <= 255, r
+        if r["shared_estimate"]:  # the launch code's bound of the shared memory must not undercut Triton's
+            assert r["shared_bytes"] <= r["shared_estimate"], r
+
+
+def test_hot_kernels_are_clean_on_the_rotated_target(rotated):
+    """The hot kernels compiled for another card (sm_80 ... sm_120) in its launch configuration: no spills, no
+    stack, shared memory within that card's limit and within the launch code's estimate, tensor-core instructions
+    (HMMA on mma.sync targets, UTC*MMA on sm_100) in the attention kernels, and a main loop to measure."""
+    archs = {f"sm_{a}" for a in rotated_archs()}
+    assert {r["arch"] for r in rotated} == archs
+    for arch in archs:
+        for mode in ("bf16", "fp32-tf32"):
+            found = {r["kernel"] for r in rotated if r["arch"] == arch and r["dtype"] == mode}
+            assert found == ALL_HOT, (arch, mode, found)
+    for r in rotated:
+        assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r
+        assert r["shared_bytes"] <= r["shared_limit"], r
+        assert r["registers"] <= 255, r
+        if r["shared_estimate"]:
+            assert r["shared_bytes"] <= r["shared_estimate"] <= r["shared_limit"], r
+        if r["kernel"] in TENSOR_CORE:
+            assert r["tensor_core_instructions"] > 0, r
+            assert r["instructions_per_kflop"] is not None and r["instructions_per_kflop"] < 2.5, r
 
 
 def test_attention_kernels_run_on_tensor_cores(records):
@@ -144,7 +191,14 @@ def test_main_loop_and_warnings_are_read_from_the_listings():
         "        /*0070*/              @!P1 BRA 0x30 ;",
         "        /*0080*/                   EXIT ;",
     ])
-    assert sass_shape(sass) == {"sass_instructions": 8, "main_loop_instructions": 4, "main_loop_mma": 2}
+    assert sass_shape(sass) == {"sass_instructions": 8, "main_loop_instructions": 4, "main_loop_mma": 2,
+                                "main_loop_sass_macs": 2 * 64 * 32 * 16}
+    # mma.sync shapes, and Blackwell's tcgen05 instruction (its shape is in a descriptor: counted, no MACs)
+    ampere = sass.replace("HGMMA.64x32x16.F32.BF16 R24, gdesc[UR4], RZ", "HMMA.16816.F32.BF16 R4, R8, R12, R4")
+    assert sass_shape(ampere)["main_loop_sass_macs"] == 16 * 8 * 16 + 64 * 32 * 16
+    blackwell = sass.replace("HGMMA.64x32x16.F32.BF16 R24, gdesc[UR4], RZ",
+                             "UTCHMMA gdesc[UR4], gdesc[UR6], tmem[UR8], tmem[UR10], idesc[UR12], UPT")
+    assert sass_shape(blackwell)["main_loop_mma"] == 2
     log = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized "
            "due to x in the function 'k'\nptxas info    : Used 255 registers")
     assert ptxas_warnings(log) == ["(C7515) Potential Performance Loss: wgmma.mma_async instructions are "

@@ -23,10 +23,13 @@ Limits:
   ``torch.sort(stable=True)`` beyond.
 - These bare functions assume ``perm`` is a permutation; the public ops of ``dlsn_kernels`` check it
   before they get here.
-- The backward pass needs ``[N, nc, 3, ceil(K / BLOCK_K), K, Cm]`` floats of ``dq`` partial sums and
-  ``[N, Lp, Cm + Cv + K]`` of slot gradients (reused for every round), plus position totals when R > 1.
-- Block sizes are fixed per problem (``forward_config``, ``backward_config``), no autotuning: what
-  ``python -m bench.compile_report`` shows spill-free is what runs.
+- The backward pass needs, per round, float32 slot gradients ``[N, Lp, Cm + Cv + K]`` and ``dq``
+  ``[N, L, Cm]`` (all rounds alive until the position pass sums them), plus one ``[N, nc, 3, K, K]`` buffer of
+  ``dS / ||key||`` in the input dtype, reused by every round.
+- Block sizes, warps and stages are fixed per target, precision and problem (``dlsn_kernels.targets``:
+  ``triton_config`` picks from per-architecture tables by the device's shared memory per block), no
+  autotuning: what ``python -m bench.compile_report --arch ...`` shows spill-free on that target is what runs.
+  A case no configuration fits is refused with the reasons of ``targets.triton_unsupported_reasons``.
 """
 
 from ._common import INTERPRETED, MAX_CHANNELS, MAX_CHUNK

@@ -1,20 +1,25 @@
 """Backward of ``chunk_attention`` and ``gla_attention`` as Triton kernels (DESIGN.md, DESIGN.md 8).
 
 Deterministic without atomics: every buffer element has exactly one writer and every sum runs in a
-fixed order. Per round r, two launches:
+fixed order. Per round r, three launches, then one position pass for all rounds:
 
-1. ``_key_pass`` (two launches: the dv pass, then the score pass for dkn, dlss and dq, which would spill
-   together): one program per (key block kb of key chunk c', n). It recomputes P of the query
-   chunks that read c' (c', c'+1, c'-1: t = 0, 1, 2) from the saved ``lse`` (FlashAttention-2 style) and
-   owns the slot gradients of its keys: ``dv``/``dkn`` rows (registers, summed over query tiles and t) and
-   ``dlss`` rows (the transposed dS tile). Its share of each query's ``dq`` goes to
-   ``dq_part[n, c, t, kb, i]`` (one writer). All five products run on ``tl.dot`` (tensor cores for
-   float16/bfloat16, and for float32 under TF32, see ``dot_precision``).
-2. ``_position_pass``: one program per block of sorted slots p < L. Slot p holds position
-   ``perm[p]``; its key gradients are slot p plus its padded duplicates (increasing slot order), its
-   ``dq`` the sum of ``dq_part`` over t then kb. They are added to the position totals (rounds in
-   increasing order; each position is written once per round). The last round applies the key
-   normalisation backward and writes ``dxm``, ``dv``, ``dlss`` in the input dtypes.
+1. ``_key_pass``, twice (``DV_PASS``): one program per (key block kb of key chunk c', n). It recomputes P of
+   the query chunks that read c' (c', c'+1, c'-1: t = 0, 1, 2) from the saved ``lse`` (FlashAttention-2 style)
+   and owns the slot gradients of its keys. The dv pass keeps ``dv^T`` in registers; the score pass keeps
+   ``dkn^T`` and the ``dlss`` tile, and writes ``dS / ||key||`` in the dot dtype to ``ds[n, c, t, j, i]``
+   (one writer per element; reused by every round). Together they would spill at Cv = 256. Both write their
+   rows in slot order to this round's float32 buffers ``dv_buf[r]``, ``dkn_buf[r]``, ``dlss_buf[r]``
+   (``[N, Lp, .]``, padded slots included).
+2. ``_dq_pass``: one program per query tile of chunk c: ``dq^T = sum_t sum_kb key^T ds`` in a fixed order,
+   stored at the query's slot row of ``dq_buf[r]`` (``[N, L, Cm]``).
+3. ``_position_pass``, once after every round: per position, the sum over rounds (increasing order) of the
+   ``dq`` of its slot and the key gradients of its slot plus its padded duplicates (gathered through the
+   inverse permutation), then the key normalisation backward; writes ``dxm``, ``dv``, ``dlss`` in the input
+   dtypes.
+
+All products run on ``tl.dot`` (tensor cores for float16/bfloat16, and for float32 under TF32, see
+``dot_precision``). Tiles, warps and stages per target come from ``dlsn_kernels.targets`` (``triton_config``),
+read at launch from the device's properties.
 """
 
 from __future__ import annotations
@@ -90,8 +95,8 @@ def _key_pass(
     ACC: tl.constexpr, DOT: tl.constexpr,
 ):
     # Two launches share this body (DV_PASS): the dv pass holds the dv rows; the score pass holds dkn and
-    # dlss and writes dq partials. Together they would not fit in registers at Cv = 256; apart, each
-    # recomputes the cheap score tile S (a Cm-deep product) and neither spills.
+    # dlss and writes dS / ||key|| for the dq pass. Together they would not fit in registers at Cv = 256;
+    # apart, each recomputes the cheap score tile S (a Cm-deep product) and neither spills.
     # Score tiles are [key, query slot]: lss rows are read contiguously, and the dlss tile is stored as it is
     # computed. P is recomputed from the saved lse (base 2 inside the kernel). Every product whose operand is
     # computed in registers (P, dS) is written transposed so that operand is the B side, which Hopper's wgmma
