@@ -1,9 +1,11 @@
 """The static SASS budget of the CUDA tensor-core kernels (issue 18), read offline from the built extension.
 
-``bench.cuda_sass_report`` counts the sm_90 instructions of every kernel with cuobjdump. The 16-bit
-tensor-core attention kernels must stay at or under 50 static instructions per HMMA, over the whole kernel and
-in the main loop (they were 98-103 before the staging kept its address math in 32 bits without divisions), and
-no kernel may use local memory. Skipped when the extension has no CUDA kernels or no sm_90 code.
+``bench.cuda_sass_report`` counts the instructions of every kernel with cuobjdump, in the sm_80 (A100, and the
+sm_86/89 cards that run sm_80 code) and sm_90 code of the extension (built for ``8.0;9.0;10.0+PTX`` by default).
+The 16-bit tensor-core attention kernels must stay at or under 50 static instructions per HMMA, over the whole
+kernel and in the main loop (they were 98-103 before the staging kept its address math in 32 bits without
+divisions), and no kernel may use local memory. Skipped when the extension has no CUDA kernels or no code for
+that architecture.
 """
 
 from __future__ import annotations
@@ -16,17 +18,17 @@ ATTENTION_TC = {"chunk_attention_fwd_tc_kernel", "attention_bwd_dq_tc_kernel", "
 BUDGET = 50.0  # static SASS instructions per HMMA, 16-bit kernels
 
 
-@pytest.fixture(scope="module")
-def records():
+@pytest.fixture(scope="module", params=["sm_80", "sm_90"])
+def records(request):
     ext = pytest.importorskip("dlsn_kernels._C")
     if not getattr(ext, "WITH_CUDA", False):
         pytest.skip("the extension was built without CUDA kernels")
     try:
-        found = sass_records()
+        found = sass_records(arch=request.param)
     except FileNotFoundError as e:
         pytest.skip(str(e))
     if not found:
-        pytest.skip("the extension holds no sm_90 code (TORCH_CUDA_ARCH_LIST without 9.0)")
+        pytest.skip(f"the extension holds no {request.param} code (TORCH_CUDA_ARCH_LIST without it)")
     return found
 
 
@@ -39,11 +41,14 @@ def test_16bit_tensor_core_kernels_within_budget(records):
         assert r.loop_per_mma <= BUDGET, r
 
 
-def test_no_kernel_uses_local_memory(records):
+def test_no_kernel_uses_local_memory(records, request):
+    arch = request.node.callspec.params["records"]
     for r in records:
         assert r.local_bytes == 0, r
-        if r.kernel in ATTENTION_TC or r.kernel == "sblsh_hash_kernel":
+        if r.kernel in ATTENTION_TC:
             assert r.stack_bytes == 0, r
+        if r.kernel == "sblsh_hash_kernel":  # the scalar hash kernel keeps 8 bytes of stack in its sm_80 code
+            assert r.stack_bytes <= (8 if arch == "sm_80" else 0), r
 
 
 def test_loop_figures_pick_the_loop_with_the_mma():
