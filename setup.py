@@ -2,7 +2,16 @@
 
 CPU sources are always built. CUDA sources are built when a CUDA toolkit and a CUDA build of
 torch are present; ``DLSN_WITH_CUDA=0`` skips them, ``DLSN_WITH_CUDA=1`` forces them (and fails
-loudly when they cannot be built). ``MAX_JOBS`` and ``TORCH_CUDA_ARCH_LIST`` are honoured by
+loudly when they cannot be built). A ROCm build of torch (``torch.version.hip`` set) gets the CPU
+kernels only: the CUDA sources need NVIDIA's toolchain and there are no HIP kernels for the C++
+backend, so ``DLSN_WITH_CUDA=1`` fails there. :func:`cuda_decision` makes that choice and says why.
+
+OpenMP: the CPU kernels parallelise with ``at::parallel_for``, which ATen's headers expand into
+``#pragma omp parallel`` inside this extension, so the extension must call the OpenMP runtime torch
+itself uses, or a second runtime with its own threads and its own thread count would compete with
+torch's. :func:`openmp_link_args` links the runtime bundled with torch when there is one.
+
+``MAX_JOBS`` and ``TORCH_CUDA_ARCH_LIST`` are honoured by
 ``torch.utils.cpp_extension`` (Ninja is used when installed). Without ``TORCH_CUDA_ARCH_LIST``
 torch targets the visible GPUs; with none visible, ``_default_cuda_archs`` picks the list.
 
@@ -59,25 +68,76 @@ def _cuda_library_headers(cuda_home: str) -> list[str]:
     return found[:1]
 
 
+_FLAG_OFF = ("0", "false", "no", "off")
+_FLAG_ON = ("1", "true", "yes", "on")
+
+
+def cuda_decision(
+    flag: str, torch_cuda: str | None, torch_hip: str | None, cuda_home: str | None, has_nvcc: bool
+) -> tuple[bool, str]:
+    """Whether to build the CUDA kernels, and the line that says what is built and why.
+
+    ``flag``: ``DLSN_WITH_CUDA`` ("" when unset); ``torch_cuda`` / ``torch_hip``: ``torch.version.cuda`` /
+    ``torch.version.hip``; ``has_nvcc``: ``cuda_home/bin/nvcc`` exists. Exits (``SystemExit`` with the
+    reason) when the flag is not a yes/no value, or forces CUDA where it cannot be built.
+    """
+    flag = flag.strip().lower()
+    if flag and flag not in _FLAG_OFF + _FLAG_ON:
+        raise SystemExit(f"DLSN_WITH_CUDA must be 0 or 1 (or unset: automatic), got {flag!r}")
+    if flag in _FLAG_OFF:
+        return False, "DLSN_WITH_CUDA=0: building the CPU kernels only (backends cpu and reference)"
+    forced = flag in _FLAG_ON
+    if torch_hip:
+        why = (f"torch is a ROCm build (HIP {torch_hip}); the CUDA kernels need an NVIDIA (CUDA) build of torch "
+               "and there are no HIP kernels for the C++ backend")
+        if forced:
+            raise SystemExit(f"DLSN_WITH_CUDA=1 but the CUDA kernels cannot be built here: {why}. "
+                             "Unset DLSN_WITH_CUDA to build the CPU kernels.")
+        return False, f"{why}: building the CPU kernels only (backends cpu and reference, no cuda)"
+    # torch falls back to /usr/local/cuda or a stale CUDA_HOME without checking that nvcc is there
+    available = torch_cuda is not None and has_nvcc
+    if forced and not available:
+        raise SystemExit(
+            "DLSN_WITH_CUDA=1 but CUDA cannot be built here: "
+            f"torch.version.cuda={torch_cuda!r}, CUDA_HOME={cuda_home!r}, "
+            f"nvcc {'found' if has_nvcc else 'not found'} there"
+        )
+    if forced or available:
+        return True, f"building the CPU and CUDA kernels (torch CUDA {torch_cuda}, nvcc in {cuda_home})"
+    why = ("torch is a CPU-only build" if torch_cuda is None
+           else f"no nvcc under CUDA_HOME={cuda_home!r} (install the CUDA toolkit or set CUDA_HOME)")
+    return False, f"{why}: building the CPU kernels only (backends cpu and reference, no cuda)"
+
+
 def _want_cuda() -> bool:
-    flag = os.environ.get("DLSN_WITH_CUDA", "").strip().lower()
-    if flag in ("0", "false", "no", "off"):
-        return False
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
-    # torch falls back to /usr/local/cuda or a stale CUDA_HOME without checking that nvcc is there
     has_nvcc = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
-    available = torch.version.cuda is not None and has_nvcc
-    if flag in ("1", "true", "yes", "on"):
-        if not available:
-            sys.exit(
-                "DLSN_WITH_CUDA=1 but CUDA cannot be built here: "
-                f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}, "
-                f"nvcc {'found' if has_nvcc else 'not found'} there"
-            )
-        return True
-    return available
+    want, note = cuda_decision(os.environ.get("DLSN_WITH_CUDA", ""), torch.version.cuda,
+                               getattr(torch.version, "hip", None), CUDA_HOME, has_nvcc)
+    print(f"dlsn-kernels: {note}", flush=True)
+    return want
+
+
+def openmp_link_args(torch_lib_dir: str, platform: str = sys.platform) -> list[str]:
+    """Link flags that give the extension torch's own OpenMP runtime.
+
+    ``-fopenmp`` at link time adds the compiler's ``libgomp``. PyPI wheels of torch bundle their own
+    runtime in ``torch/lib``: named ``libgomp.so.1`` in recent wheels (the loader then reuses torch's copy,
+    already loaded, for the extension's ``libgomp.so.1``), but under a hashed name
+    (``libgomp-<hash>.so.1``) in older ones, where ``-fopenmp`` would load the system's runtime beside
+    torch's: two thread pools, two thread counts, and threads of one spinning while the other's work. So
+    when torch ships a libgomp, the extension links that file, whose soname then names the runtime torch
+    already loaded. Without one (conda or distribution builds of torch use the system's), ``-fopenmp``.
+    macOS builds of torch have no OpenMP the extension could share: no flags, serial kernels.
+    """
+    if platform == "darwin":
+        return []
+    bundled = sorted(glob.glob(os.path.join(torch_lib_dir, "libgomp*.so*")))
+    if len(bundled) == 1:
+        return [bundled[0]]
+    return ["-fopenmp"]
 
 
 def _nvcc_archs(cuda_home: str) -> set[str]:
@@ -137,8 +197,11 @@ def _extensions():
         return sorted(os.path.relpath(p, ROOT) for p in paths)
 
     sources = rel([os.path.join(ROOT, "csrc", "dlsn.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    import torch
+
     openmp = ["-fopenmp"] if sys.platform != "darwin" else []
     cxx = ["-O3", *openmp]  # the C++ standard comes from torch (C++17 or C++20 by version)
+    link_openmp = openmp_link_args(os.path.join(os.path.dirname(torch.__file__), "lib"))
     include = [os.path.join(ROOT, "csrc")]
     if _want_cuda():
         # the .cu launchers, and registration.cpp (argument checks, built by the C++ compiler)
@@ -151,7 +214,7 @@ def _extensions():
                 sources,
                 include_dirs=include,
                 extra_compile_args={"cxx": cxx + ["-DDLSN_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
-                extra_link_args=openmp,
+                extra_link_args=link_openmp,
                 py_limited_api=False,
             )
         ]
@@ -161,7 +224,7 @@ def _extensions():
             sources,
             include_dirs=include,
             extra_compile_args={"cxx": cxx},
-            extra_link_args=openmp,
+            extra_link_args=link_openmp,
         )
     ]
 
@@ -212,4 +275,6 @@ def _build_ext():
     return PersistentBuildExtension.with_options(use_ninja=True)
 
 
-setup(ext_modules=_extensions(), cmdclass={"build_ext": _build_ext()})
+# pip's build backend runs this file as __main__; tests import it for cuda_decision and openmp_link_args.
+if __name__ == "__main__":
+    setup(ext_modules=_extensions(), cmdclass={"build_ext": _build_ext()})
