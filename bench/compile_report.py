@@ -93,6 +93,7 @@ class KernelRecord:
     # dlsn_kernels.targets.shared_estimate of the kernel's configuration (the bound the launch code checks against
     # the card's shared memory; must not be below shared_bytes); 0 for kernels without a shared-memory model
     shared_estimate: int = 0
+    sgprs: int = 0  # AMD: scalar registers (``registers`` holds the VGPRs)
 
     @property
     def instructions_per_kflop(self) -> float | None:
@@ -174,7 +175,8 @@ def _compile_only(compiled: list[tuple[str, Any, dict[str, Any]]], target: Targe
         if kernels is not None and self.fn.__name__ not in kernels:
             return None
         kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
-        options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+        options = {k: kwargs[k] for k in ("num_warps", "num_stages", "waves_per_eu", "matrix_instr_nonkdim")
+                   if k in kwargs}
         # block sizes, and the switches that select a variant (MODE, DV_PASS, FIRST, LAST)
         blocks = {k: v for k, v in kwargs.items()
                   if k.startswith("BLOCK_") or k in ("MODE", "DV_PASS", "FIRST", "LAST")}
@@ -304,6 +306,44 @@ def mma_duplication(ttgir: str) -> int:
     return worst
 
 
+_AMD_MMA = re.compile(r"^\s*(v_mfma\w*|v_wmma\w*|v_smfmac\w*)", re.M)
+
+
+def amdgcn_usage(asm: str) -> dict[str, Any]:
+    """Resource usage and code shape of one AMD kernel from its AMDGCN assembly (Triton's ``asm["amdgcn"]``),
+    in the NVIDIA record's field names: registers (VGPRs), spill_bytes ((VGPR + SGPR spills) x 4), stack_bytes
+    (scratch), tensor_core_instructions (MFMA/WMMA), and the main loop as for SASS (the backward branch whose
+    body holds the most MFMA/WMMA, the shortest on a tie). LDS is the compiled kernel's ``metadata.shared``."""
+    def meta(key: str) -> int:
+        found = re.findall(rf"\.{key}:\s*(\d+)", asm)
+        return int(found[0]) if found else 0
+
+    lines = asm.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.LBB\w+):", line))}
+    is_code = [bool(re.match(r"^\s+[a-z_][a-z0-9_]*\b", line)) and not line.strip().startswith(".")
+               for line in lines]
+    best = (0, 0)
+    for i, line in enumerate(lines):
+        branch = re.match(r"^\s+s_c?branch\w*\s+(\.LBB\w+)", line)
+        if branch and labels.get(branch.group(1), i + 1) < i:
+            body = range(labels[branch.group(1)], i + 1)
+            mma = sum(1 for j in body if _AMD_MMA.match(lines[j]))
+            count = sum(1 for j in body if is_code[j])
+            if mma and (mma, -count) > best:
+                best = (mma, -count)
+    return {
+        "registers": meta("vgpr_count"),
+        "sgprs": meta("sgpr_count"),
+        "spill_bytes": 4 * (meta("vgpr_spill_count") + meta("sgpr_spill_count")),
+        "stack_bytes": meta("private_segment_fixed_size"),
+        "tensor_core_instructions": len(_AMD_MMA.findall(asm)),
+        "ffma_instructions": len(re.findall(r"^\s*v_(?:fma|fmac|pk_fma)_f32\b", asm, re.M)),
+        "sass_instructions": sum(is_code),
+        "main_loop_instructions": -best[1],
+        "main_loop_mma": best[0],
+    }
+
+
 def _triton_passes_reg_alloc() -> bool:
     import inspect
 
@@ -400,7 +440,10 @@ def compile_kernels(shape: tuple[int, ...] = TRAINING_SHAPE, modes=MODES,
             if key in seen:
                 continue
             seen.add(key)
-            usage = _resource_usage(kernel.asm["cubin"], kernel.asm["ptx"], kernel.asm.get("ttgir", ""))
+            if target.vendor == "amd":
+                usage = amdgcn_usage(kernel.asm["amdgcn"])
+            else:
+                usage = _resource_usage(kernel.asm["cubin"], kernel.asm["ptx"], kernel.asm.get("ttgir", ""))
             records.append(KernelRecord(
                 kernel=name, dtype=label, precision=precision, config=config, toolchain=tools,
                 shared_bytes=int(kernel.metadata.shared), arch=target.arch, shared_limit=target.shared_per_block,

@@ -181,7 +181,18 @@ _MMA = {
 # tcgen05 (sm_100): Hopper's tiles, but the forward's [Cv, 64] accumulator comes out of tensor memory into
 # registers for every rescale, which spilled with 4 warps; 8 warps and 64-key steps are clean.
 _TCGEN05 = {**_WGMMA, "forward": {**_WGMMA["forward"], "native": [(64, 64, 8, 2)]}}
-_TABLES = {"wgmma": _WGMMA, "tcgen05": _TCGEN05, "mma": _MMA, "mfma": _MMA, "wmma": _MMA}
+# AMD (mfma: CDNA gfx90a/gfx942, wavefront 64; wmma: RDNA3 gfx1100, wavefront 32): 64 KB of LDS per workgroup,
+# so 32-row tiles (the float32 epilogue of a 64-row [Cv, Q] accumulator alone is 64 KB). num_warps counts
+# wavefronts. CDNA's dots use 16x16 MFMA (matrix_instr_nonkdim = 16, Triton's AMD option; 32x32 would waste half
+# of a 32-row tile); waves_per_eu is left to the compiler (not measured on hardware).
+_AMD_TILES = {
+    "forward": {"native": [(32, 32, 4, 2)], "tf32": [(32, 16, 4, 2)], "ieee": [(32, 16, 4, 2)]},
+    "key_dv": {"native": [(32, 32, 4, 2)], "tf32": [(32, 16, 4, 2)], "ieee": [(32, 16, 4, 2)]},
+    "key_score": {"native": [(32, 16, 4, 2)], "tf32": [(16, 16, 4, 2)], "ieee": [(16, 16, 4, 2)]},
+    "dq": {"native": [(64, 64, 4, 2)], "tf32": [(32, 32, 4, 2)], "ieee": [(32, 32, 4, 2)]},
+}
+_TABLES = {"wgmma": _WGMMA, "tcgen05": _TCGEN05, "mma": _MMA, "mfma": _AMD_TILES, "wmma": _AMD_TILES}
+_AMD_OPTIONS = {"mfma": {"matrix_instr_nonkdim": 16}, "wmma": {}}
 
 _SMALLEST = (16, 16, 4, 1)
 
@@ -213,6 +224,7 @@ def shared_estimate(kernel: str, config: dict[str, int], dtype: torch.dtype, cm:
     e = dtype.itemsize  # the dot operands stay in the input dtype
     bcm, bcv = _pow2(cm), _pow2(cv)
     q, k, stages = config.get("BLOCK_Q", 0), config.get("BLOCK_K", 0), config.get("num_stages", 2)
+    # (AMD options such as matrix_instr_nonkdim do not change the tiles' bytes)
     if kernel == "forward":  # per step: key and value rows; held: the queries; P; epilogue: out^T
         loop, epilogue = stages * k * (bcm + bcv) * e + q * bcm * e + q * k * 4, bcv * q * 4
     elif kernel == "key_dv":  # per step: query and dO rows; held: keys; P; epilogue: dv^T
@@ -242,6 +254,7 @@ def _candidates(kernel: str, target: Target, dtype: torch.dtype, cv: int, chunk_
         config["BLOCK_K"] = min(config["BLOCK_K"], chunk)
         if narrow and kernel != "dq":
             config["num_warps"] = 4
+        config |= _AMD_OPTIONS.get(family_of(target), {})
         if config not in out:
             out.append(config)
     return out
