@@ -1,6 +1,7 @@
 """CPU training-step time of a small EDSR-like network with one GLA block against the same network without it.
 
     python -m bench.step_time [--threads 2] [--steps 50] [--warmup 5] [--backend cpu] [--order interleaved]
+    python -m bench.step_time --wait-policies default PASSIVE     # one table per OMP_WAIT_POLICY, each in a child
 
 Both networks are built from the same seed: :class:`dlsn.models.EDSRGLA` (``n_resblocks`` residual blocks
 with one GLA in the middle) and :class:`dlsn.models.PlainSR` (the same layout without the GLA). A step is
@@ -12,6 +13,12 @@ Prints per network the min / median / max step time and the spread ``max / min``
 thread count, the OpenMP settings and the load average before and after, so that a rerun on a quieter
 machine can be compared with the first. The question it answers (issue 32, item 5): does the GLA block make
 the step time erratic (a spread far above the network without it)?
+
+What it found on a shared 2-core machine (load average 9-11, 2026-12-07): with libgomp's default wait policy
+both networks were erratic (spread 5.2 with the block, 7.4 without; medians 5.4 s and 3.8 s), because
+OpenMP threads spin at every barrier while the machine's other processes hold the cores; with
+``OMP_WAIT_POLICY=PASSIVE`` both were steady (1.46 and 1.34; medians 0.67 s and 0.36 s). The wait policy is
+read when the OpenMP runtime loads (with torch), hence a child process per policy.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -121,7 +130,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--order", choices=("interleaved", "sequential"), default="interleaved")
     parser.add_argument("--only", choices=("with GLA", "without GLA"), default=None,
                         help="time one network only")
+    parser.add_argument("--wait-policies", nargs="+", metavar="POLICY", default=None,
+                        help="run the whole measurement once per OMP_WAIT_POLICY (default, ACTIVE, PASSIVE), "
+                             "each in a fresh process, back to back")
     args = parser.parse_args(argv)
+    if args.wait_policies:
+        return _per_wait_policy(args.wait_policies, list(argv if argv is not None else sys.argv[1:]))
 
     torch.set_num_threads(args.threads)
     load_before = _load()
@@ -146,6 +160,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         table[name] = row
         print(f"{name:<12} {row['min']:8.3f} {row['median']:9.3f} {row['max']:8.3f} {row['spread']:8.2f}")
     return table
+
+
+def _per_wait_policy(policies: Sequence[str], argv: list[str]) -> dict[str, dict[str, float]]:
+    """Reruns this command without ``--wait-policies`` in a child per policy ("default": unset)."""
+    rest, skip = [], False
+    for arg in argv:
+        if arg == "--wait-policies":
+            skip = True
+        elif skip and arg.startswith("--"):
+            skip = False
+        if not skip:
+            rest.append(arg)
+    for policy in policies:
+        env = dict(os.environ)
+        env.pop("OMP_WAIT_POLICY", None)
+        if policy.lower() != "default":
+            env["OMP_WAIT_POLICY"] = policy
+        print(f"=== OMP_WAIT_POLICY={policy}", flush=True)
+        subprocess.run([sys.executable, "-m", "bench.step_time", *rest], env=env, check=True)
+    return {}
 
 
 if __name__ == "__main__":
