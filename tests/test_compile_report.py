@@ -208,6 +208,32 @@ def test_main_loop_and_warnings_are_read_from_the_listings():
     assert mma_duplication(ttgir) == 2 and mma_duplication(ttgir.replace("[8, 1]", "[4, 1]")) == 1
 
 
+def test_amdgcn_listing_is_read_in_nvidia_field_names():
+    """AMD records: VGPRs as registers, (VGPR + SGPR spills) x 4 as spill bytes, scratch as stack, MFMA/WMMA as
+    tensor-core instructions, and the main loop found through its backward branch."""
+    from bench.compile_report import amdgcn_usage
+
+    asm = "\n".join([
+        "_k:",
+        "\ts_load_dwordx2 s[0:1], s[0:1], 0x0",
+        ".LBB0_1:                                ; =>This Inner Loop Header: Depth=1",
+        "\tv_mfma_f32_16x16x16_bf16 v[0:3], v[4:5], v[6:7], v[0:3]",
+        "\tv_add_u32_e32 v8, 1, v8",
+        "\tv_mfma_f32_16x16x16_bf16 v[0:3], v[4:5], v[6:7], v[0:3]",
+        "\ts_cbranch_scc1 .LBB0_1",
+        "\ts_endpgm",
+        "\t.vgpr_count:     128",
+        "\t.sgpr_count:     40",
+        "\t.vgpr_spill_count: 3",
+        "\t.sgpr_spill_count: 1",
+        "\t.private_segment_fixed_size: 16",
+    ])
+    usage = amdgcn_usage(asm)
+    assert (usage["registers"], usage["sgprs"], usage["spill_bytes"], usage["stack_bytes"]) == (128, 40, 16, 16)
+    assert (usage["tensor_core_instructions"], usage["main_loop_mma"], usage["main_loop_instructions"]) == (2, 2, 4)
+    assert usage["sass_instructions"] == 6
+
+
 # --- the CUDA C++ kernels of the built extension ---------------------------------------------------------
 
 ATTENTION_TC = {"chunk_attention_fwd_tc_kernel", "attention_bwd_dq_tc_kernel", "attention_bwd_keys_tc_kernel"}

@@ -161,3 +161,17 @@ def test_static_order_puts_cuda_first_elsewhere(monkeypatch):
     amd_order, amd_why = static_gpu_order(target_for_arch("gfx942"), torch.bfloat16)
     assert amd_order == ("triton",) and "NVIDIA" in amd_why
     assert static_gpu_order(INTERPRETER, torch.float64)[0] == ("triton",)
+
+
+@pytest.mark.parametrize("arch", ["gfx942", "gfx1100"])
+def test_amd_targets_fit_their_lds(arch, matmul_precision):
+    """AMD rows: every kernel's tiles within 64 KB of LDS at the training shape; 16x16 MFMA on CDNA (an AMD
+    backend option), none on RDNA."""
+    target = target_for_arch(arch)
+    for dtype, setting in PRECISIONS:
+        matmul_precision(setting)
+        assert triton_unsupported_reasons(target, dtype, *TRAINING) == []
+        for kernel in ("forward", "key_dv", "key_score", "dq"):
+            config = triton_config(kernel, target, dtype, *TRAINING)
+            assert shared_estimate(kernel, config, dtype, 64, 256) <= 64 * 1024
+            assert config.get("matrix_instr_nonkdim") == (16 if arch == "gfx942" else None)
