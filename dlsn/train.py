@@ -60,6 +60,16 @@ the run trains on the readable ones, lists the others in one line at the start a
 with status 1 (fewer readable images than it needs is bad input). A run folder this command created
 and left empty is removed. A second Ctrl-C stops at once, keeping the last ``last.pt`` written.
 
+One run per folder: a run holds a lock on ``--out`` (``.dlsn-train.lock``, released however the process
+ends), and a second command into that folder prints one line naming the running one's pid and exits
+with 2; ``--out`` is checked writable at the start. A file that cannot be written later (full disk, a folder
+turned read-only) prints one line naming it and what was kept, and exits with 1; the file it would have
+replaced is intact. Divergence: a loss, weights or validation score that is not finite stops the run at
+that step with one line (exit 1) and writes nothing over ``last.pt``, ``best.pt`` or ``model.safetensors``,
+which keep the last finite state; the diverged state is written beside them as ``diverged.pt`` for
+inspection. The loss check rides on the loss already read every step, the weight check on each save, so
+neither costs a step any time.
+
 **Precision.** Training steps run under bfloat16 autocast on a GPU and on a CPU with AVX512-BF16 or AMX
 (there oneDNN's bfloat16 convolutions, most of a step, are about twice as fast), in float32 on other CPUs or
 with ``--no-amp``; the opening line says which. Weights, optimizer state, EMA and checkpoints stay float32;
@@ -203,7 +213,7 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> int
         return run_tool("dlsn.train", body, interrupted)
     finally:
         if trainer is not None and trainer.procs.main:
-            trainer.remove_if_empty()
+            trainer.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -423,6 +423,7 @@ def test_resume_uses_the_saved_schedule_state_unless_given_anew(hr_folder, tmp_p
     trainer = resumed_trainer()
     assert trainer.schedule.state_dict() == saved["scheduler"]
     assert trainer.state.step == 2 and trainer.optimizer.state_dict()["state"]  # Adam's moments are back
+    trainer.close()  # releases the folder's lock for the next one
     capsys.readouterr()
     rebuilt = resumed_trainer("--lr", "5e-4")
     assert rebuilt.schedule.base_lr == 5e-4 and rebuilt.schedule.decay_steps == rebuilt.steps_per_epoch
@@ -564,7 +565,8 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(hr_folder, tmp_path, capsys
 
 
 def test_bad_settings_are_one_line(hr_folder, tmp_path, capsys):
-    for extra, message in ((["--model-arg", "n_feats=0"], "--model-arg n_feats=0: n_feats must be"),
+    for extra, message in ((["--model-arg", "n_feats=0"], "--model-arg n_feats=0: config n_feats = 0 is impossible"),
+                           (["--model-arg", "rgb_range=-255"], "--model-arg rgb_range=-255: config rgb_range"),
                            (["--model-arg", "colour=1"], "--model-arg colour=1: preset 'tiny' has no settings"),
                            (["--backend", "fastest"], "--backend 'fastest' is not a backend"),
                            (["--threads", "0"], "--threads must be >= 1"),

@@ -115,7 +115,7 @@ class Trainer:
         try:
             self._setup(args, preliminary, out)
         except BaseException:
-            self.remove_if_empty()
+            self.close()
             raise
 
     def _lock(self, folder: Path) -> None:
@@ -391,7 +391,7 @@ class Trainer:
             return f"{self.resume_path} is unchanged"
         return "nothing saved"
 
-    def remove_if_empty(self) -> None:
+    def close(self) -> None:
         """The end of the command: releases the folder's lock, and removes the folder when this command created
         it and wrote nothing there but the lock file (a failed start)."""
         folder = self.lock.folder if self.lock is not None else getattr(self, "out", None)
