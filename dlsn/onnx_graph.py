@@ -1,31 +1,34 @@
 """The networks rewritten for ONNX export: GLA in standard ONNX operators, images in [0, 1].
 
-``python -m dlsn.export`` (``dlsn/export.py``) builds its graph from the modules here. Nothing in
+``python -m dlsn.export`` (``dlsn/export.py``) builds its graph from the pieces here. Nothing in
 ``dlsn.models`` changes: :func:`export_network` deep-copies a loaded network and swaps every
-:class:`~dlsn.models.gla.GLA` block for an :class:`ExportGLA` that shares the block's layers and computes the
-same attention (DESIGN.md "Semantics" 1.1-1.6) with operators the ONNX exporter maps one to one:
+:class:`~dlsn.models.gla.GLA` block for an :class:`ExportGLA`, which shares the block's four layers and hands the
+attention (hash, sort, chunked attention, round merge) to one custom op, ``dlsn_onnx::gla_attention``.
+``torch.export`` traces that op as a single node (tracing the attention's size arithmetic symbolically took
+minutes per block), and the ONNX exporter replaces the node by :func:`gla_attention_onnx`, which writes the
+attention in default-domain ONNX operators (DESIGN.md "Semantics" 1.1-1.5):
 
 - **Rotations** cannot be drawn inside a graph (no QR, and PyTorch's generator is not ONNX's). Each block's
   rotations are drawn at export time by the block itself (:meth:`GLA.rotations`, in eval mode with its
-  inference seed: the call the PyTorch forward makes), once for every bucket count a size can need
+  inference seed: the call its PyTorch forward makes), once for every bucket count a size can need
   (1, 2, 4, ..., 128), and stored as one constant ``bank [Cm, R, 4161]``: the ``[Cm, R, B]`` slices one after
-  another, B ascending. The graph computes B from ``H * W`` (DESIGN.md "Bucket count") and the slice's start
-  from B, and slices (ONNX ``Slice``). Concatenated slices hold 4161 columns where a ``[65, Cm, R, 128]``
-  padded bank would hold 8320 and need a mask so that padded columns never win the argmax.
-- **Codes**: ``ArgMax`` over B of ``xm @ rot`` (float32, as every backend's hash); ONNX ArgMax keeps the first
+  another, B ascending. The graph computes B from ``H * W`` (DESIGN.md "Bucket count"), the slice's start from
+  B (:func:`bank_offset`), and slices (``Slice``). Concatenated slices hold 4161 columns where a padded
+  ``[65, Cm, R, 128]`` bank would hold 8320 and need a mask so that padded columns never win the argmax.
+- **Codes**: ``ArgMax`` over B of ``xm @ rot`` (float32, as every backend hashes); ONNX ArgMax keeps the first
   maximum (``select_last_index=0``), the lowest b, as DESIGN.md 1.1 asks.
-- **Stable sort**: ``TopK(code * L + position, k=L, largest=0, sorted=1)`` on int64. Positions are distinct,
-  so the keys of one (image, round) are distinct: TopK's unspecified order among equal keys never comes into
-  play, and the order is (code, position), the stable order of DESIGN.md 1.2. ``code * L + position <
-  128 L`` fits int64 for any image (float32 keys would be exact only up to L = 2^17).
+- **Stable sort**: ``TopK(code * L + position, k=L, axis=-1, largest=0, sorted=1)`` on int64. Positions are
+  distinct, so the keys of one (image, round) are distinct: TopK's unspecified order among equal keys never
+  comes into play, and the order is (code, position), the stable order of DESIGN.md 1.2. The keys are below
+  ``128 L`` and fit int64 for any image (float32 keys would be exact only up to 2^24 / 128 = 131072 positions).
 - **Attention**: the materialising formulation, one round after another (R is fixed at export, so the rounds
-  are unrolled and ONNX Runtime frees a round's tensors before the next one): gather the sorted rows
-  (``Gather`` on ``[N L, C]`` rows, padded slots included, DESIGN.md 1.3), chunk, three score blocks per query
-  chunk against chunks c, c - 1, c + 1 (``Slice`` + ``Concat`` rolls; duplicates kept at nc = 1 and 2), the
-  learned score added, softmax and lse over the 3K keys, three ``MatMul`` with the values, back to position
-  order through the inverse permutation (``ScatterElements`` on int64 positions, then ``Gather``), rounds
-  merged by a running softmax over their lse (DESIGN.md "Forward"). The values are never copied three times
-  over (no ``[N, nc, 3K, Cv]`` tensor), so a round holds about ``L (6 K + 3 Cv + 3 Cm)`` floats at its peak.
+  are unrolled and ONNX Runtime can free a round's tensors before the next): gather the sorted rows
+  (``Gather`` of whole rows of ``[N L, C]``, padded slots included, DESIGN.md 1.3), chunk, three score blocks
+  per query chunk against chunks c, c - 1, c + 1 (``Slice`` + ``Concat`` rolls, which keep the duplicates at
+  nc = 1 and 2), the learned score added, softmax and lse over the 3K keys, three ``MatMul`` with the values,
+  back to position order through the inverse permutation (``ScatterElements`` of positions, then ``Gather``),
+  rounds merged by a running softmax over their lse (DESIGN.md "Forward"). No ``[N, nc, 3K, Cv]`` copy of the
+  values is made: the three value blocks are multiplied separately.
 - **The tail** runs on the whole image (the bands of ``dlsn.models.tail`` are a Python loop over a size): the
   export traces the network with autograd enabled, where ``run_tail`` and ``scaled_residual`` take their plain
   whole-image forms (no parameter needs a gradient).
@@ -51,6 +54,8 @@ __all__ = [
     "ImageNetwork",
     "bank_offset",
     "export_network",
+    "gla_attention_onnx",
+    "gla_attention_op",
     "rotation_bank",
 ]
 
@@ -310,12 +315,8 @@ def export_network(model: nn.Module, dtype: torch.dtype = torch.float32) -> Imag
     if getattr(model, "compute_dtype", "float32") != "float32":
         raise ValueError("export the float32 network; --dtype chooses the graph's dtype")
     config = getattr(model, "config", {})
-    net = copy.deepcopy(model).eval().to("cpu")
-    _swap_gla(net)
-    net = net.to(dtype)
-    for buffer_owner in net.modules():  # the banks stay float32 (the hash is float32 for every dtype)
-        if isinstance(buffer_owner, ExportGLA):
-            buffer_owner.bank = buffer_owner.bank.float()
+    net = copy.deepcopy(model).eval().to("cpu").to(dtype)
+    _swap_gla(net)  # after the cast: the banks stay float32 (the hash is float32 for every dtype)
     for parameter in net.parameters():
         parameter.requires_grad_(False)
     return ImageNetwork(net, float(config.get("rgb_range", 255.0))).eval()
