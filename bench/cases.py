@@ -68,9 +68,9 @@ def impl_unavailable_reason(impl: str, device: str, backward: bool) -> str | Non
     """Why a baseline cannot run this case here (None: it can). Fused impls: see dlsn_kernels.available_backends."""
     if impl != "flex-gla":
         return None
-    from dlsn_kernels import flex
+    from dlsn_kernels.backends import BACKENDS
 
-    why = flex.unavailable_reason(torch.device(device))
+    why = "; ".join(BACKENDS["flex"].device_reasons(torch.device(device))) or None
     if why is None and backward and torch.device(device).type == "cpu":
         why = "flex-gla has no backward on CPU tensors (compiled FlexAttention has no CPU backward)"
     return why

@@ -15,9 +15,8 @@ Made for a lent GPU with a few minutes of time (``bench/gpu_session.sh`` builds 
    measured matmul ceiling in the same precision. flex is the ``flex`` backend (FlexAttention, compiled; the
    bench's ``flex-gla``): its first call per row compiles, is timed on its own (``compile_s``) and is not in
    the median. flex's rows stop when ``--flex-budget-s`` is spent (compiling is the unknown cost).
-4. ``backend_choice.json``: per (GPU capability, precision, pass) the fastest backend among triton, cuda
-   and flex that passed step 1, and which backward passes were bitwise repeatable in step 2
-   (``dlsn_kernels/_backend_choice.py`` reads it; gpu_session.sh copies it to bench/results/).
+4. Steps 1-2 are ``python -m dlsn_kernels.check`` (``dlsn_kernels.check.run``) per precision: its table is in
+   the report and its results in the per-user cache (docs/check.md), which the automatic choice reads.
 5. A torch.profiler table of the top CUDA kernels of one fused Triton training step (bf16 autocast).
 6. The whole network (``network_rows``, bench/network.py): a ``paper`` x2 train step at N=16 48x48 under bf16
    autocast, fused Triton against the same network with DLSN-style attention, and the time and peak memory of
@@ -40,13 +39,13 @@ import math
 import platform
 import statistics
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from bench import cases
+from dlsn_kernels import check as dk_check
 
 TRAIN = dict(n=16, h=48, w=48, cm=64, cv=256, k=128, r=3)
 ODD = dict(n=3, h=37, w=29, cm=40, cv=72, k=96, r=2)  # L % K != 0, channels not powers of two
@@ -146,57 +145,10 @@ def peak_mb(once: Callable[[], object]) -> float:
 # 1-2. correctness and determinism
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    if not torch.isfinite(a).all():
-        return math.inf
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-def outliers(a: torch.Tensor, b: torch.Tensor, bound: float) -> int:
-    """Elements of ``a`` off ``b`` by more than ``bound`` of their own magnitude (floored at the RMS of ``b``):
-    every element, not a sample. A register-A wgmma corruption (Triton issue #9433) garbles a few tiles,
-    which a worst error relative to the largest element can hide; this count cannot."""
-    a, b = a.double().cpu(), b.double().cpu()
-    floor = b.pow(2).mean().sqrt().clamp_min(1e-30)
-    return int(((a - b).abs() > bound * torch.maximum(b.abs(), floor)).sum() + (~torch.isfinite(a)).sum())
-
-
 def left_out(accuracy: list[dict[str, object]]) -> list[str]:
     """"backend (precision)" of every training-shape smoke row that failed: out of the automatic choice."""
     return sorted({f"{row['backend']} ({precision_label(str(row['dtype']), str(row['precision']))})"
                    for row in accuracy if row.get("shape") == "training" and not passed(row)})
-
-
-def smoke(backend: str, shape: dict[str, int], dtype: torch.dtype, matmul_precision: str) -> dict[str, float]:
-    import dlsn_kernels as dk
-    from dlsn_kernels import reference as ref
-
-    n, length, k = shape["n"], shape["h"] * shape["w"], shape["k"]
-    gen = torch.Generator().manual_seed(3)
-    xm = torch.randn(n, length, shape["cm"], generator=gen, dtype=torch.float64).relu()
-    v = torch.randn(n, length, shape["cv"], generator=gen, dtype=torch.float64)
-    lss = torch.randn(n, length, k, generator=gen, dtype=torch.float64)
-    rot = dk.random_rotations(shape["cm"], shape["r"], dk.n_buckets_for(length, k), generator=gen)
-    grad = torch.randn(n, length, shape["cv"], generator=gen, dtype=torch.float64)
-    forward_only = "forward only" in dk.available_backends(DEVICE)[backend].passes  # flex on the CPU
-    inputs = [t.to(DEVICE, dtype).requires_grad_(not forward_only) for t in (xm, v, lss)]
-    with precision_mode(matmul_precision, None):
-        y = dk.gla_attention(*inputs, rot.to(DEVICE), k, backend=backend)
-        got = None if forward_only else torch.autograd.grad(y, inputs, grad.to(DEVICE, dtype))
-        # the reference attends with the backend's own codes: a near-tie may hash differently in float64
-        perm = dk.bucket_sort(dk.sblsh_hash(inputs[0].detach(), rot.to(DEVICE), backend=backend),
-                              rot.shape[2], backend=backend).cpu()
-    exact = [t.requires_grad_() for t in (xm, v, lss)]
-    want = ref.combine_rounds(*ref.chunk_attention(*exact, perm, k))
-    want_g = torch.autograd.grad(want, exact, grad)
-    errors = {"y": rel_err(y.detach(), want)}
-    if got is not None:
-        errors.update({f"d{name}": rel_err(a, b) for name, a, b in zip(("xm", "v", "lss"), got, want_g)})
-    y_bound, grad_bound = PASS_BOUNDS[precision_label(str(dtype).replace("torch.", ""), matmul_precision)]
-    errors["outliers"] = outliers(y.detach(), want, y_bound) + sum(
-        outliers(a, b, grad_bound) for a, b in zip(got or (), want_g))
-    return errors
 
 
 def precision_label(dtype: str, matmul_precision: str) -> str:
@@ -211,21 +163,6 @@ def passed(row: dict[str, object]) -> bool:
     grads = [row[k] for k in ("dxm", "dv", "dlss") if k in row]
     return (row["y"] <= y_bound and all(g <= grad_bound for g in grads)  # NaN/inf compare False
             and row.get("outliers", 0) == 0)
-
-
-def deterministic(backend: str, dtype: torch.dtype) -> bool:
-    import dlsn_kernels as dk
-
-    shape = TRAIN
-    n, length, k = shape["n"], shape["h"] * shape["w"], shape["k"]
-    gen = torch.Generator().manual_seed(5)
-    xm, v, lss = (torch.randn(n, length, c, generator=gen).to(DEVICE, dtype).requires_grad_()
-                  for c in (shape["cm"], shape["cv"], k))
-    rot = dk.random_rotations(shape["cm"], shape["r"], dk.n_buckets_for(length, k), generator=gen).to(DEVICE)
-    grad = torch.randn(n, length, shape["cv"], generator=gen).to(DEVICE, dtype)
-    runs = [torch.autograd.grad(dk.gla_attention(xm, v, lss, rot, k, backend=backend), (xm, v, lss), grad)
-            for _ in range(2)]
-    return all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,51 +215,9 @@ def timing_rows(repeats: int, with_big: bool) -> list[dict[str, object]]:
     return rows
 
 
-def choice_table(accuracy: list[dict[str, object]], determinism: dict[str, object],
-                 timings: list[dict[str, object]], cap: str) -> tuple[dict[str, dict], dict[str, dict[str, bool]]]:
-    """The backend choice of this session: (choices, deterministic) in the format of
-    ``dlsn_kernels/_backend_choice.py`` (training shape; backends that passed the smoke test there)."""
-    from dlsn_kernels import _backend_choice
-
-    train = f"train N={TRAIN['n']} {TRAIN['h']}x{TRAIN['w']}"
-    fwd_ms: dict[str, dict[str, float]] = {}
-    step_ms: dict[str, dict[str, float]] = {}
-    for row in timings:
-        backend = CHOICE_BACKENDS.get(str(row.get("impl")))
-        if backend is None or row.get("case") != train or "ms" not in row:
-            continue
-        precision = "bf16" if str(row["mode"]).startswith("bf16") else str(row["mode"])
-        (fwd_ms if row["pass"] == "fwd" else step_ms).setdefault(precision, {})[backend] = float(row["ms"])
-    ok: dict[str, set[str]] = {}
-    for row in accuracy:
-        if row["shape"] == "training" and passed(row):
-            ok.setdefault(precision_label(str(row["dtype"]), str(row["precision"])), set()).add(str(row["backend"]))
-    repeatable: dict[str, dict[str, bool]] = {}
-    for key, value in determinism.items():
-        backend, dtype = key.split(" ", 1)
-        precisions = ("bf16",) if "bfloat16" in dtype else ("fp32-highest", "fp32-high")
-        if not isinstance(value, bool):
-            continue  # the check failed to run (no backward here, out of time): not measured
-        for precision in precisions:
-            repeatable.setdefault(f"{cap}/{precision}", {})[backend] = value
-    return _backend_choice.choices_from_session(fwd_ms, step_ms, ok, repeatable, cap), repeatable
-
-
-def choice_markdown(choices: dict[str, dict], repeatable: dict[str, dict[str, bool]],
-                    timings: list[dict[str, object]]) -> list[str]:
-    out = ["", "## Automatic backend per pass (backend_choice.json)", "",
-           "| capability/precision/pass | chosen | ranking (ms; bwd: training step after the chosen forward) |",
-           "|---|---|---|"]
-    for key in sorted(choices):
-        entry = choices[key]
-        times = entry.get("ms") or entry.get("step_ms") or {}
-        out.append(f"| {key} | {entry['backend']} | " + ", ".join(f"{b} {t:.3f}" for b, t in times.items()) + " |")
-    out += ["", "Bitwise repeatable backward (two runs, torch.equal): " + "; ".join(
-        f"{key}: " + ", ".join(f"{b} {'yes' if v else 'no'}" for b, v in sorted(values.items()))
-        for key, values in sorted(repeatable.items()))]
-    wins = [key for key, entry in choices.items() if entry["backend"] == "flex"]
-    out += ["", ("flex is the fastest in " + ", ".join(sorted(wins)) + ": the automatic choice uses flex there."
-                 if wins else "flex is not the fastest in any measured pass: the automatic choice never uses it.")]
+def flex_markdown(timings: list[dict[str, object]]) -> list[str]:
+    """flex's first calls (compiles) and its time against our best kernel, per timing row."""
+    out: list[str] = []
     compile_rows = [r for r in timings if "compile_s" in r]
     if compile_rows:
         out += ["", "## flex first calls (compile), kept out of the medians", "",
@@ -507,49 +402,34 @@ def main(argv: list[str] | None = None) -> None:
     arch = target_of(torch.device(DEVICE)).arch  # sm_80, sm_90, ... (interpreter in a dry run)
     meta = {"date": datetime.date.today(), "gpu": gpu, "arch": arch, "torch": torch.__version__,
             "triton": triton.__version__, "python": platform.python_version()}
-    accuracy, determinism = [], {}
-    for backend in args.backends:
-        for shape_name, shape in (("training", TRAIN), ("odd", ODD)):
-            for dtype, prec in ((torch.float32, "highest"), (torch.float32, "high"), (torch.bfloat16, "highest")):
-                if DEVICE == "cpu" and dtype != torch.float32:
-                    continue
-                if backend == "flex" and shape_name == "odd" and (dtype, prec) != (torch.float32, "highest"):
-                    continue  # one odd case for flex (K = 96: 32-row tiles); each new case costs a compile
-                row = {"backend": backend, "shape": shape_name, "dtype": str(dtype).replace("torch.", ""),
-                       "precision": prec}
-                started = time.time()
-                try:
-                    if started > DEADLINE:
-                        raise TimeoutError("skipped: --deadline-s reached")
-                    if backend == "flex" and FLEX_BUDGET["left_s"] <= 0:
-                        raise TimeoutError("skipped: --flex-budget-s spent")
-                    row.update(smoke(backend, shape, dtype, prec))
-                except Exception as exc:  # noqa: BLE001
-                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
-                    traceback.print_exc()
-                if backend == "flex":
-                    FLEX_BUDGET["left_s"] -= time.time() - started
+    # 1-2. correctness and determinism: python -m dlsn_kernels.check, once per float32 matmul precision and in
+    # bf16; its results go to the per-user cache the automatic choice reads (copied to $OUT by gpu_session.sh)
+    accuracy, determinism, check_tables = [], {}, []
+    for dtype_label, prec in (("fp32", "highest"), ("fp32", "high"), ("bf16", "highest")):
+        if DEVICE == "cpu" and dtype_label != "fp32":
+            continue
+        if time.time() > DEADLINE:
+            break
+        with precision_mode(prec, None):
+            outcome = dk_check.run(torch.device(DEVICE), [dtype_label], quick=DEVICE == "cpu")
+        check_tables.append(f"### {dtype_label} ({prec})\n\n" + dk_check.table(outcome["results"]))
+        dtype = "bfloat16" if dtype_label == "bf16" else "float32"
+        for backend, result in outcome["results"][dtype_label].items():
+            if backend not in args.backends:
+                continue
+            for shape_name, errors in result["shapes"].items():
+                row = {"backend": backend, "shape": shape_name.split(" ")[0],
+                       "dtype": dtype, "precision": prec, **{k: v for k, v in errors.items() if k != "passed"}}
                 accuracy.append(row)
-                print(row, flush=True)
-        for dtype in (torch.float32, torch.bfloat16)[: 1 if DEVICE == "cpu" else 2]:
-            started = time.time()
-            try:
-                if started > DEADLINE or (backend == "flex" and FLEX_BUDGET["left_s"] <= 0):
-                    raise TimeoutError("skipped: --deadline-s reached or --flex-budget-s spent")
-                determinism[f"{backend} {dtype}"] = deterministic(backend, dtype)
-            except Exception as exc:  # noqa: BLE001
-                determinism[f"{backend} {dtype}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-            if backend == "flex":
-                FLEX_BUDGET["left_s"] -= time.time() - started
-            print("deterministic", backend, dtype, determinism[f"{backend} {dtype}"], flush=True)
+            if "error" in result:
+                accuracy.append({"backend": backend, "shape": "training", "dtype": dtype, "precision": prec,
+                                 "error": result["error"]})
+            if prec == "highest" and "deterministic" in result:
+                determinism[f"{backend} torch.{dtype}"] = result["deterministic"]
     print(f"correctness done in {time.time() - start:.0f} s", flush=True)
     timings = timing_rows(args.repeats, not args.skip_512)
     network = network_rows(min(args.repeats, 5))
     print(f"timings done in {time.time() - start:.0f} s", flush=True)
-    from dlsn_kernels import _backend_choice
-
-    cap = _backend_choice.capability(torch.device(DEVICE))
-    choices, repeatable = choice_table(accuracy, determinism, timings, cap)
     try:
         if time.time() > DEADLINE:
             raise TimeoutError("skipped: --deadline-s reached")
@@ -558,12 +438,10 @@ def main(argv: list[str] | None = None) -> None:
         profile = f"profiler failed: {type(exc).__name__}: {exc}"
     report = to_markdown(meta, accuracy, determinism, timings, profile)
     report += "\n".join(network_markdown(network)) + "\n"
-    report += "\n".join(choice_markdown(choices, repeatable, timings)) + "\n"
+    report += "\n".join(flex_markdown(timings)) + "\n"
+    report += "\n## python -m dlsn_kernels.check\n\n" + "\n\n".join(check_tables) + "\n"
     report = report.replace("\n## ", f"\n## [{arch}] ")  # every table names the card's architecture
     args.out.mkdir(parents=True, exist_ok=True)
-    # a dry run's table (capability "cpu") must never be read as a measurement
-    table_name = "backend_choice.json" if DEVICE == "cuda" else "backend_choice.dry_run.json"
-    _backend_choice.write_table(args.out / table_name, choices, repeatable, gpu)
     (args.out / "session.md").write_text(report)
     (args.out / "session.json").write_text(json.dumps(
         {"meta": {k: str(v) for k, v in meta.items()}, "accuracy": accuracy, "determinism": determinism,

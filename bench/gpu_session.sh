@@ -7,7 +7,7 @@
 # Budget, each step with its own timeout: Triton tests 85 s (the build, 35 s measured, runs meanwhile),
 # CUDA tests 45 s, gpu_session 200 s (flex's compiles and rows at most 80 of them, --flex-budget-s; the
 # session starts no new row after 175 s, --deadline-s, and still writes its report), sanitizer 30 s: 360 s.
-# Results go to $OUT (the device tool brings them back) and bench/results/ (gpu.md, backend_choice.json).
+# Results go to $OUT (the device tool brings them back) and bench/results/gpu.md; the check's cache (docs/check.md) is copied to $OUT.
 #   bash bench/gpu_session.sh            # from the repository root
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,5 +62,5 @@ if [ "${backends[*]}" = "triton cuda flex" ] && command -v compute-sanitizer > /
     | tail -40 | tee -a "$log"
 fi
 cp "$results/session.md" bench/results/gpu.md 2>/dev/null
-cp "$results/backend_choice.json" bench/results/backend_choice.json 2>/dev/null
+cp "${XDG_CACHE_HOME:-$HOME/.cache}/dlsn_kernels/check.json" "$results/check_cache.json" 2>/dev/null
 say "done"

@@ -1,4 +1,7 @@
-// Argument checks shared by the CPU and CUDA kernels: every error names the argument.
+// Argument checks of the raw CPU and CUDA ops (torch.ops.dlsn.*), which anyone can call directly: every one
+// guards memory (ranks, shapes, dtypes, devices and contiguity decide what the kernels read and write; index
+// values are checked by csrc/cpu/index_checks.cpp and csrc/cuda/registration.cpp). The public ops validate
+// first in Python (dlsn_kernels/_checks.py), once, with the same messages, so these never fire through them.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,6 +14,9 @@
 namespace dlsn {
 
 constexpr double kKeyNormEps = 5e-5;
+// The most buckets a sort takes (dlsn_kernels/_checks.py MAX_SORT_BUCKETS): the CPU counting sort holds one
+// counter per bucket per thread, so an unbounded count is an allocation of any size (5e8 buckets: 4 GB).
+constexpr int64_t kMaxSortBuckets = int64_t{1} << 24;
 
 inline void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* layout) {
   TORCH_CHECK(t.dim() == rank, name, " must have shape ", layout, " (", rank, " dims), got ", t.sizes());
@@ -70,7 +76,8 @@ inline void check_sort_inputs(const at::Tensor& codes, int64_t n_buckets) {
   check_rank(codes, "codes", 3, "[N, R, L]");
   check_index(codes, "codes");
   check_contiguous(codes, "codes");
-  TORCH_CHECK(n_buckets >= 1, "n_buckets must be >= 1, got ", n_buckets);
+  TORCH_CHECK_VALUE(n_buckets >= 1 && n_buckets <= kMaxSortBuckets, "n_buckets must be in [1, 2^24 = ",
+                    kMaxSortBuckets, "], got ", n_buckets);
 }
 
 // xm [N,L,Cm], v [N,L,Cv], lss [N,L,K].

@@ -1,11 +1,11 @@
 """Fused kernels for Global Learnable Attention (GLA).
 
-Public ops (DESIGN.md "Operators"); every one takes ``backend=None`` (automatic: per pass, the fastest
-backend that bench/gpu_session.py measured on this GPU and dtype, else triton then cuda on CUDA tensors, cpu
-on CPU tensors; ``$DLSN_BACKEND`` overrides) or one of ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``,
-``"flex"`` (FlexAttention; forward only on CPU tensors), or ``"<forward>:<backward>"`` such as ``"flex:cpu"``.
-:func:`available_backends` says what runs where, which backward is deterministic, and the automatic choice.
-
+Public ops (DESIGN.md "Operators"); every one takes ``backend=None`` (automatic: the first backend of the
+device's order that supports the call, ordered by ``python -m dlsn_kernels.check``'s cached result when there
+is one, else by the first-use probe on GPUs or the static order; ``$DLSN_BACKEND``, read once per process,
+overrides) or one of ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``, ``"flex"`` (FlexAttention; forward
+only on CPU tensors). :func:`available_backends` says what runs where, which backward is deterministic, and the
+automatic choice; :func:`backend_summary` says it in one line.
 
 - :func:`sblsh_hash` ``(xm [N,L,Cm], rot [Cm,R,B]) -> codes [N,R,L]``
 - :func:`bucket_sort` ``(codes, n_buckets) -> perm [N,R,L]`` (stable)
@@ -20,22 +20,21 @@ import torch
 from torch import Tensor
 
 from . import _checks, reference
+from ._checks import MAX_SORT_BUCKETS, BackendUnavailableError
+from ._dispatch import BackendStatus, available_backends, backend_summary, requested, select
 from ._hash_setup import KEY_NORM_EPS, n_buckets_for, random_rotations
-from ._ops import (
-    BACKENDS,
-    BackendStatus,
-    BackendUnavailableError,
-    available_backends,
-    resolve_backend,
-)
-from ._precision import cast_for_autocast
+from ._precision import autocast_dtype, cast_floats
+from .backends import NAMES as BACKENDS
+from .backends import Backend, Inputs
 
 __all__ = [
     "BACKENDS",
     "KEY_NORM_EPS",
+    "MAX_SORT_BUCKETS",
     "BackendStatus",
     "BackendUnavailableError",
     "available_backends",
+    "backend_summary",
     "bucket_sort",
     "chunk_attention",
     "combine_rounds",
@@ -47,29 +46,39 @@ __all__ = [
 ]
 
 
+def _choose(op: str, name: str | None, xm: Tensor, grad: tuple[Tensor, ...], **sizes: int
+            ) -> tuple[Backend, torch.dtype | None]:
+    """The backend of one call (``name`` from ``requested``) and the autocast dtype it computes in (None: the
+    inputs' own)."""
+    cast = autocast_dtype(xm.device, name)
+    dtype = cast if cast is not None and xm.dtype == torch.float32 else xm.dtype
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in grad)
+    return select(name, Inputs(xm.device, dtype, **sizes), needs_grad, op), cast
+
+
 def sblsh_hash(xm: Tensor, rot: Tensor, backend: str | None = None) -> Tensor:
     """Super-bit LSH codes ``[N, R, L]`` (int64): argmax of ``xm . rot[:, r, :]``, lowest bucket on ties."""
     _checks.require_tensors(xm=xm, rot=rot)
-    chosen = resolve_backend(backend, xm.device)
+    name = requested(backend)
+    _checks.check_hash(xm, rot, name or "auto", strided_ok=True)
+    chosen, _ = _choose("sblsh_hash", name, xm, (), cm=xm.shape[2])
     xm, rot = _checks.kernel_layout(chosen.name, xm, rot)
-    _checks.check_hash(xm, rot, chosen.name, strided_ok=True)
-    if chosen.ops is None:
-        return reference.sblsh_hash(xm, rot)
-    return chosen.ops.sblsh_hash(xm, rot)
+    return (chosen.ops or reference).sblsh_hash(xm, rot)
 
 
 def bucket_sort(codes: Tensor, n_buckets: int, backend: str | None = None) -> Tensor:
     """Positions ordered by ``(code, position)`` per (n, round): ``perm [N, R, L]`` int64.
 
-    Raises ValueError when a code lies outside ``[0, n_buckets)``.
+    Raises ValueError when a code lies outside ``[0, n_buckets)`` or ``n_buckets`` outside ``[1, 2^24]``.
     """
     _checks.require_tensors(codes=codes)
-    chosen = resolve_backend(backend, codes.device)
+    _checks.check_codes(codes, n_buckets, strided_ok=True, values=False)
+    name = requested(backend)
+    chosen = select(name, Inputs(codes.device, None), False, "bucket_sort")
     (codes,) = _checks.kernel_layout(chosen.name, codes)
-    _checks.check_codes(codes, n_buckets, strided_ok=True)
-    if chosen.ops is None:
-        return reference.bucket_sort(codes, n_buckets)
-    return chosen.ops.bucket_sort(codes, n_buckets)
+    if chosen.name not in ("cpu", "cuda"):  # the C++ ops check code values themselves (raw-op safety)
+        _checks.check_codes(codes, n_buckets, strided_ok=True)
+    return (chosen.ops or reference).bucket_sort(codes, n_buckets)
 
 
 def chunk_attention(
@@ -82,27 +91,30 @@ def chunk_attention(
     Raises ValueError unless ``perm`` is a permutation of 0..L-1 for each (n, round).
     """
     _checks.require_tensors(xm=xm, v=v, lss=lss, perm=perm)
-    chosen = resolve_backend(backend, xm.device, _autocast_or(xm))
-    xm, v, lss = cast_for_autocast(xm, v, lss, backend=chosen.name)
+    name = requested(backend)
+    _checks.check_attention(xm, v, lss, chunk_size, name or "auto", strided_ok=True)
+    _checks.check_perm(perm, xm, values=False, strided_ok=True)
+    chosen, cast = _choose("chunk_attention", name, xm, (xm, v, lss), cm=xm.shape[2], cv=v.shape[2],
+                           chunk_size=chunk_size, n=xm.shape[0], length=xm.shape[1], rounds=perm.shape[1])
+    xm, v, lss = cast_floats(cast, xm, v, lss)
     xm, v, lss, perm = _checks.kernel_layout(chosen.name, xm, v, lss, perm)
-    _checks.check_attention(xm, v, lss, chunk_size, chosen.name, strided_ok=True)
-    _checks.check_perm(perm, xm, strided_ok=True)
-    if chosen.ops is None:
+    if chosen.name not in ("cpu", "cuda"):  # the C++ ops check the permutation themselves (raw-op safety)
+        _checks.check_perm(perm, xm, strided_ok=True)
+    if xm.shape[0] == 0:  # an empty batch: nothing to compute, on every backend
         return reference.chunk_attention(xm, v, lss, perm, chunk_size)
-    return chosen.ops.chunk_attention(xm, v, lss, perm, chunk_size)
+    return (chosen.ops or reference).chunk_attention(xm, v, lss, perm, chunk_size)
 
 
 def combine_rounds(out: Tensor, lse: Tensor, backend: str | None = None) -> Tensor:
     """``y = sum_r softmax_r(lse) * out_r``: ``[N, R, L, Cv], [N, R, L] -> [N, L, Cv]``.
 
-    A few elementwise PyTorch ops on every backend (nothing to fuse); ``backend`` is accepted for
-    a uniform signature and validated.
+    A few elementwise PyTorch ops on every backend (nothing to fuse); a named ``backend`` is validated.
     """
     _checks.require_tensors(out=out, lse=lse)
     _checks.check_rounds(out, lse)
     if backend is not None:
-        resolve_backend(backend, out.device)  # a named backend must still exist and be able to run
-    return torch.ops.dlsn.combine_rounds(out, lse)
+        select(requested(backend), Inputs(out.device, out.dtype), False, "combine_rounds")
+    return reference.combine_rounds(out, lse.to(out.dtype))
 
 
 def gla_attention(
@@ -116,21 +128,23 @@ def gla_attention(
     The permutation comes from the package's own hash and sort, so it is not checked again.
     """
     _checks.require_tensors(xm=xm, v=v, lss=lss, rot=rot)
-    chosen = resolve_backend(backend, xm.device, _autocast_or(xm))
+    name = requested(backend)
+    _checks.check_attention(xm, v, lss, chunk_size, name or "auto", strided_ok=True)
+    _checks.check_hash(xm, rot, name or "auto", strided_ok=True)
+    chosen, cast = _choose("gla_attention", name, xm, (xm, v, lss), cm=xm.shape[2], cv=v.shape[2],
+                           chunk_size=chunk_size, n=xm.shape[0], length=xm.shape[1], rounds=rot.shape[1])
     # rot follows xm's dtype (the op contract); every hash still multiplies in IEEE float32
-    xm, v, lss, rot = cast_for_autocast(xm, v, lss, rot, backend=chosen.name)
-    xm, v, lss, rot = _checks.kernel_layout(chosen.name, xm, v, lss, rot)
-    _checks.check_attention(xm, v, lss, chunk_size, chosen.name, strided_ok=True)
-    _checks.check_hash(xm, rot, chosen.name, strided_ok=True)
-    if chosen.ops is None:
+    xm, v, lss, rot = _checks.kernel_layout(chosen.name, *cast_floats(cast, xm, v, lss, rot))
+    if chosen.ops is None or xm.shape[0] == 0:  # an empty batch: nothing to compute, on every backend
         return reference.gla_attention(xm, v, lss, rot, chunk_size)
-    y, _lse, _perm = chosen.ops.gla_attention(xm, v, lss, rot, chunk_size)
-    return y
+    return chosen.ops.gla_attention(xm, v, lss, rot, chunk_size)[0]
 
 
-def _autocast_or(xm: Tensor) -> torch.dtype:
-    """The dtype the op will compute in, for the automatic backend choice: autocast's when it is on."""
-    return cast_for_autocast(xm)[0].dtype
+def resolved_takes_half(device: torch.device, backend: str | None) -> bool:
+    """Whether the backend a caller names (None: ``$DLSN_BACKEND`` or automatic) computes float16/bfloat16
+    tensors of ``device``: everywhere but in the Triton interpreter on CPU tensors."""
+    name = requested(backend)
+    return name is None or _checks.takes_half(torch.device(device), name)
 
 
 def _combine_rounds_impl(out: Tensor, lse: Tensor) -> Tensor:

@@ -1,13 +1,15 @@
-"""Argument checks of the public ops, shared by every backend (the reference included).
+"""Argument checks of the public ops: the one validation layer, run once per call before any kernel.
 
-The compiled kernels check again in C++ (csrc/checks.h, csrc/cpu/index_checks.cpp,
-csrc/cuda/registration.cpp); checking here first gives the same error naming the argument whatever
-the backend, Triton included.
+The raw ``torch.ops.dlsn.*`` ops keep their own C++ checks (csrc/checks.h), which guard memory, with the same
+messages; the public ops check here first so that every backend, Triton and flex included, gives one error
+naming the argument.
 
-Index values are checked too, on the tensor's own device: ``perm`` must be a permutation of
-0..L-1 for each (n, round) and ``codes`` must lie in ``[0, n_buckets)``. A kernel given anything
-else would read out of bounds or leave output rows unwritten. The cost is a few vectorised passes
-over the index tensor and one host synchronisation (bench/NOTES.md, "Cost of the perm check").
+Index values are checked too, on the tensor's own device: ``perm`` must be a permutation of 0..L-1 for each
+(n, round) and ``codes`` must lie in ``[0, n_buckets)``. A kernel given anything else would read out of bounds
+or leave output rows unwritten. The cost is a few vectorised passes over the index tensor and one host
+synchronisation (bench/NOTES.md, "Cost of the perm check"). The cpu and cuda kernels check index values
+themselves (csrc/cpu/index_checks.cpp, csrc/cuda/registration.cpp: they protect the raw ops), so the public
+ops leave those values to them rather than check twice (``values=False``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ import torch
 from torch import Tensor
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
+# The most buckets a sort takes (csrc/checks.h kMaxSortBuckets): the cpu counting sort holds a counter per
+# bucket and thread, so an unbounded count is an allocation of any size.
+MAX_SORT_BUCKETS = 1 << 24
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a requested backend (or, automatically, every backend) cannot run for the given tensors."""
 
 
 def _tensor(t: object, name: str) -> Tensor:
@@ -57,14 +66,7 @@ def takes_half(device: torch.device, backend: str) -> bool:
     return not (device.type == "cpu" and "triton" in backend.split(":"))
 
 
-def resolved_takes_half(device: torch.device, backend: str | None) -> bool:
-    """:func:`takes_half` for a backend as a caller names it (None: ``$DLSN_BACKEND`` or automatic)."""
-    from ._ops import resolve_backend  # late: _ops loads the extension
-
-    return takes_half(device, resolve_backend(backend, device).name)
-
-
-def check_float(t: Tensor, name: str, backend: str) -> None:
+def check_float(t: Tensor, name: str, backend: str = "reference") -> None:
     dtype = t.dtype
     if not dtype.is_floating_point:
         raise ValueError(f"{name} must be a floating tensor, got {dtype}")
@@ -115,8 +117,17 @@ def check_hash(xm: Tensor, rot: Tensor, backend: str, strided_ok: bool = False) 
         raise ValueError(f"rot has {rot.shape[0]} rows but xm has Cm = {xm.shape[2]} channels")
     if rot.shape[1] < 1 or rot.shape[2] < 1:
         raise ValueError(f"rot must hold at least one round and one bucket, got shape {tuple(rot.shape)}")
+    if rot.shape[2] > MAX_SORT_BUCKETS:
+        raise ValueError(f"rot holds {rot.shape[2]} buckets; at most 2^24 = {MAX_SORT_BUCKETS}")
+    _check_sizes(xm)
+
+
+def _check_sizes(xm: Tensor) -> None:
+    """L >= 1 and Cm >= 1 on every backend (an empty batch, N = 0, is allowed and gives empty outputs)."""
     if xm.shape[1] < 1:
         raise ValueError("xm must hold at least one position (L >= 1)")
+    if xm.shape[2] < 1:
+        raise ValueError("xm must hold at least one match channel (Cm >= 1)")
 
 
 def require_tensors(**tensors: object) -> None:
@@ -139,16 +150,17 @@ def _first_true(mask: Tensor) -> tuple[int, int, int]:
     return flat // (rounds * length), (flat // length) % rounds, flat % length
 
 
-def check_codes(codes: Tensor, n_buckets: int, strided_ok: bool = False) -> None:
+def check_codes(codes: Tensor, n_buckets: int, strided_ok: bool = False, values: bool = True) -> None:
+    """Rank, dtype and layout of ``codes``, the bucket count, and with ``values`` that every code is in range."""
     check_rank(codes, "codes", "[N, R, L]")
     check_index(codes, "codes")
     if not strided_ok:
         check_contiguous(codes, "codes")
     if not isinstance(n_buckets, int) or isinstance(n_buckets, bool):
         raise TypeError(f"n_buckets must be an int, got {type(n_buckets).__name__}")
-    if n_buckets < 1:
-        raise ValueError(f"n_buckets must be an int >= 1, got {n_buckets!r}")
-    if not _has_values(codes):
+    if not 1 <= n_buckets <= MAX_SORT_BUCKETS:
+        raise ValueError(f"n_buckets must be in [1, 2^24 = {MAX_SORT_BUCKETS}], got {n_buckets!r}")
+    if not values or not _has_values(codes):
         return
     low, high = torch.stack(torch.aminmax(codes)).tolist()  # one pass, one sync; locating only on failure
     if low < 0 or high >= n_buckets:
@@ -170,8 +182,7 @@ def check_attention(
     check_same(xm, "xm", v, "v")
     check_same(xm, "xm", lss, "lss")
     n, length = xm.shape[:2]
-    if length < 1:
-        raise ValueError("xm must hold at least one position (L >= 1)")
+    _check_sizes(xm)
     if tuple(v.shape[:2]) != (n, length):
         raise ValueError(f"v must have shape [N, L, Cv] = [{n}, {length}, Cv] like xm, got {tuple(v.shape)}")
     if tuple(lss.shape) != (n, length, chunk_size):
@@ -231,6 +242,9 @@ def check_permutation(perm: Tensor) -> None:
 def check_rounds(out: Tensor, lse: Tensor) -> None:
     check_rank(out, "out", "[N, R, L, Cv]")
     check_rank(lse, "lse", "[N, R, L]")
+    for t, name in ((out, "out"), (lse, "lse")):
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
     if tuple(lse.shape) != tuple(out.shape[:3]):
         raise ValueError(f"lse must have shape [N, R, L] = {list(out.shape[:3])}, got {tuple(lse.shape)}")
     if lse.device != out.device:

@@ -1,4 +1,4 @@
-"""Backends of the ``dlsn`` operators: loading ``_C``, fake kernels, autograd, backend choice.
+"""The ``dlsn`` operators: their schemas, loading ``_C``, fake kernels, autograd, the Triton ops.
 
 Every compiled or Triton backend provides the five operators of DESIGN.md (``sblsh_hash``,
 ``bucket_sort``, ``chunk_attention``, ``gla_attention``, ``attention_backward``) as torch.library
@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
-import os
+import types
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-
-BACKENDS = ("reference", "cpu", "cuda", "triton", "flex")
 
 # The operator contract, written once: the dlsn namespace is defined here, before the compiled extension is
 # loaded, and its CPU/CUDA kernels (csrc/cpu, csrc/cuda) register implementations of these names; the Triton
@@ -48,16 +44,12 @@ _BUILD_HINT = (
 try:
     from . import _C  # noqa: F401  (importing registers the C++ ops and their CPU/CUDA kernels)
 
-    _C_ERROR: str | None = None
+    C_ERROR: str | None = None
 except ImportError as exc:  # a missing or broken build must say how to fix it
     if importlib.util.find_spec(f"{__package__}._C") is None:
-        _C_ERROR = f"the compiled extension dlsn_kernels._C is not built; {_BUILD_HINT}"
+        C_ERROR = f"the compiled extension dlsn_kernels._C is not built; {_BUILD_HINT}"
     else:
-        _C_ERROR = f"the compiled extension dlsn_kernels._C failed to load ({exc}); rebuild it: {_BUILD_HINT}"
-
-
-class BackendUnavailableError(RuntimeError):
-    """Raised when a requested backend cannot run for the given tensors."""
+        C_ERROR = f"the compiled extension dlsn_kernels._C failed to load ({exc}); rebuild it: {_BUILD_HINT}"
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -157,7 +149,7 @@ def _register_cpp_ops() -> None:
     _register_autograd("dlsn::chunk_attention", "dlsn::gla_attention", torch.ops.dlsn.attention_backward)
 
 
-if _C_ERROR is None:
+if C_ERROR is None:
     _register_cpp_ops()
 
 
@@ -165,253 +157,35 @@ if _C_ERROR is None:
 # Triton: the plain functions of dlsn_kernels.triton wrapped as torch.library custom ops.
 
 
-def _triton_import_error() -> str | None:
+_TRITON_OPS: dict[str, Any] = {}
+
+
+@functools.cache
+def triton_error() -> str | None:
+    """Imports Triton and registers its ops on first use (not at ``import dlsn_kernels``: Triton is slow to
+    import and decides the interpreter mode at its own import); returns why they cannot run, or None."""
     try:
         import triton  # noqa: F401
     except ImportError as exc:
         return f"triton is not importable ({exc}); `pip install triton`"
-    return None
-
-
-_TRITON_OPS: dict[str, Any] = {}
-
-
-def _register_triton_ops() -> None:
-    from . import triton as tk
-
-    for name, schema in SCHEMAS.items():
-        op = torch.library.custom_op(
-            f"dlsn::triton_{name}", getattr(tk, name), mutates_args=(), schema=schema
-        )
-        op.register_fake(_FAKES[name])
-        _TRITON_OPS[name] = op
-    _register_autograd(
-        _TRITON_OPS["chunk_attention"], _TRITON_OPS["gla_attention"], _TRITON_OPS["attention_backward"]
-    )
-
-
-@functools.cache
-def _triton_ready() -> str | None:
-    """Imports Triton and registers its ops on first use (not at ``import dlsn_kernels``: Triton is slow to
-    import and decides the interpreter mode at its own import); returns why they cannot run, or None."""
-    error = _triton_import_error()
-    if error is not None:
-        return error
     try:
-        _register_triton_ops()
+        from . import triton as tk
+
+        for name, schema in SCHEMAS.items():
+            op = torch.library.custom_op(f"dlsn::triton_{name}", getattr(tk, name), mutates_args=(), schema=schema)
+            op.register_fake(_FAKES[name])
+            _TRITON_OPS[name] = op
+            setattr(_TRITON_NAMESPACE, name, op)
+        _register_autograd(_TRITON_OPS["chunk_attention"], _TRITON_OPS["gla_attention"],
+                           _TRITON_OPS["attention_backward"])
     except Exception as exc:  # noqa: BLE001 - any failure here means the backend is unusable
         return f"the Triton kernels failed to load ({type(exc).__name__}: {exc})"
     return None
 
 
-# ----------------------------------------------------------------------------------------------
-# Backend choice.
+_TRITON_NAMESPACE = types.SimpleNamespace()  # filled by triton_error(): plain attributes, traceable
 
 
-def _interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def cuda_device_reason(device: torch.device, consequence: str = "") -> str | None:
-    """Why no kernel can run on the CUDA ``device`` (None when one can). Registration alone proves nothing: a
-    CUDA build of torch registers CUDA kernels on a machine without a GPU, and the first launch would fail far
-    from the call. ``consequence`` ends the no-CUDA-build message."""
-    if torch.version.cuda is None:
-        return f"this torch build ({torch.__version__}) has no CUDA support{consequence}"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        return f"CUDA device {device.index} does not exist ({torch.cuda.device_count()} visible)"
-    return None
-
-
-def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
-    """Why backend ``name`` cannot run on tensors of ``device``; None when it can."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or None")
-    if name == "reference":
-        return None
-    if name == "flex":
-        from . import flex
-
-        return flex.unavailable_reason(device)
-    if device.type == "cuda" and name in ("cuda", "triton"):
-        reason = cuda_device_reason(device, f", so no {name} kernel can run")
-        if reason is not None:
-            return reason
-    if name == "cpu":
-        if _C_ERROR is not None:
-            return _C_ERROR
-        return None if device.type == "cpu" else f"the cpu backend takes CPU tensors, got {device.type}"
-    if name == "cuda":
-        if device.type != "cuda":
-            return f"the cuda backend takes CUDA tensors, got {device.type}"
-        if _C_ERROR is not None:
-            return _C_ERROR
-        if not torch._C._dispatch_has_kernel_for_dispatch_key("dlsn::chunk_attention", "CUDA"):
-            return "the extension was built without CUDA kernels (rebuild with DLSN_WITH_CUDA=1)"
-        return None
-    # triton
-    if device.type == "cpu" and not _interpreter_on():
-        return "Triton runs on CPU tensors only in interpreter mode (set TRITON_INTERPRET=1 before importing triton)"
-    if device.type not in ("cpu", "cuda"):
-        return f"Triton does not run on {device.type} tensors"
-    return _triton_ready()
-
-
-@dataclass(frozen=True)
-class BackendStatus:
-    """What ``available_backends`` says about one backend on one device.
-
-    ``reason`` is None when it can run (``usable``), else why not. ``passes`` says which passes run
-    ("forward and backward", or "forward only" with why); ``deterministic_backward`` whether its backward
-    is bitwise repeatable (measured by bench/gpu_session.py, else by design); ``automatic`` lists the passes
-    the automatic choice gives it for the dtype asked about, with the choice's source. ``str()`` is
-    "available" or the reason.
-    """
-
-    name: str
-    reason: str | None
-    passes: str = ""
-    deterministic_backward: bool | None = None
-    automatic: str = ""
-
-    @property
-    def usable(self) -> bool:
-        return self.reason is None
-
-    def __str__(self) -> str:
-        if self.reason is not None:
-            return self.reason
-        notes = [n for n in (self.passes, self.automatic) if n]
-        if self.deterministic_backward is not None and "forward only" not in self.passes:
-            notes.append("deterministic backward" if self.deterministic_backward
-                         else "backward not bitwise repeatable")
-        return "available" + (f" ({'; '.join(notes)})" if notes else "")
-
-
-def _passes(name: str, device: torch.device) -> str:
-    if name == "flex" and device.type == "cpu":
-        from . import flex
-
-        return f"forward only: {flex.CPU_BACKWARD_REASON}"
-    return "forward and backward"
-
-
-def available_backends(
-    device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-) -> dict[str, BackendStatus]:
-    """Every backend on ``device`` (``status.reason`` None: it runs), its passes, whether its backward is
-    deterministic, and which passes the automatic choice gives it for ``dtype`` (float32 when None, in the
-    current float32 matmul precision) and where that choice comes from."""
-    from . import _backend_choice
-
-    device = torch.device(device)
-    reasons = {name: backend_unavailable_reason(name, device) for name in BACKENDS}
-    choice = _automatic_choice(device, dtype, reasons)
-    table = _backend_choice.load_table()
-    cap, precision = _backend_choice.capability(device), _backend_choice.precision_key(dtype)
-    statuses = {}
-    for name, reason in reasons.items():
-        automatic = ""
-        if choice is not None:
-            picked = [p for p, b in (("forward", choice.forward), ("backward", choice.backward)) if b == name]
-            if picked:
-                automatic = f"automatic {' and '.join(picked)} for {precision}: {choice.source}"
-        statuses[name] = BackendStatus(
-            name, reason, _passes(name, device) if reason is None else "",
-            _backend_choice.is_deterministic(name, cap, precision, table) if reason is None else None, automatic)
-    return statuses
-
-
-def _automatic_choice(device: torch.device, dtype: torch.dtype | None, reasons: dict[str, str | None]):
-    from . import _backend_choice
-
-    usable = {name for name, why in reasons.items() if why is None}
-    return _backend_choice.choose(device, dtype, AUTOMATIC_ORDER.get(device.type, ()), usable)
-
-
-# The automatic choice, first available wins. On CUDA tensors Triton comes first for both passes: its kernels
-# run on tensor cores (bench.compile_report) while the CUDA C++ kernels are scalar FMA. The one GPU
-# measurement (bench/results/gpu.md) predates the tensor-core Triton kernels. This order is the fallback: where
-# bench/gpu_session.py measured a case, its table picks the fastest backend per pass (_backend_choice.py).
-# flex is never in the fallback (it is a baseline until measured faster; its backward is not deterministic).
-AUTOMATIC_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
-_log = logging.getLogger("dlsn_kernels")
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    ops: Any  # an object with the five ops as attributes, or None for the reference
-
-
-def _status_table(device: torch.device) -> str:
-    return "\n".join(f"  {name}: {status}" for name, status in available_backends(device).items())
-
-
-def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
-    """The backend to run on ``device``: ``backend`` if given, else ``$DLSN_BACKEND``, else automatic.
-
-    ``"<forward>:<backward>"`` (say ``"flex:cpu"``) runs the forward of one backend and the backward of
-    another. Automatic: per pass, the measured choice for ``dtype`` on this GPU (``_backend_choice``), else
-    the first available of ``AUTOMATIC_ORDER``.
-    """
-    requested = backend if backend is not None else (os.environ.get("DLSN_BACKEND") or None)
-    if requested is not None and ":" in requested:
-        forward, _, backward = requested.partition(":")
-        return _pair(resolve_backend(forward, device), resolve_backend(backward, device))
-    if requested is not None:
-        requested = requested.strip().lower()
-        if requested not in BACKENDS:
-            raise ValueError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)} or None")
-        reason = backend_unavailable_reason(requested, device)
-        if reason is not None:
-            raise BackendUnavailableError(
-                f"backend {requested!r} cannot run on {device.type} tensors: {reason}\n"
-                f"backends on {device.type}:\n{_status_table(device)}"
-            )
-        return _backend(requested)
-    from . import _backend_choice
-
-    reasons = {name: backend_unavailable_reason(name, device) for name in AUTOMATIC_ORDER.get(device.type, ())}
-    if any(why is None for why in reasons.values()) and _backend_choice.load_table() is not None:
-        # a measured table may name any backend (flex): only then is every backend asked
-        reasons.update({name: backend_unavailable_reason(name, device) for name in BACKENDS if name not in reasons})
-    choice = _automatic_choice(device, dtype, reasons)
-    if choice is not None:
-        _log.debug("dlsn_kernels: automatic backends forward %r, backward %r on %s tensors (%s)", choice.forward,
-                   choice.backward, device.type, choice.source)
-        return _pair(_backend(choice.forward), _backend(choice.backward))
-    table = _status_table(device)
-    raise BackendUnavailableError(
-        f"no compiled backend can run on {device.type} tensors; pass backend='reference' for the slow "
-        f"plain-PyTorch path, or fix one of:\n{table}"
-    )
-
-
-def _pair(forward: Backend, backward: Backend) -> Backend:
-    """One backend, or the forward of one with the backward of another (named ``"<forward>:<backward>"``)."""
-    if forward.name == backward.name:
-        return forward
-    from ._backend_choice import MixedOps
-
-    return Backend(f"{forward.name}:{backward.name}", MixedOps(forward, backward))
-
-
-class _TritonOps:
-    def __getattr__(self, name: str):
-        return _TRITON_OPS[name]
-
-
-_BACKEND_TABLE = {
-    "reference": Backend("reference", None),
-    "cpu": Backend("cpu", torch.ops.dlsn),
-    "cuda": Backend("cuda", torch.ops.dlsn),
-    "triton": Backend("triton", _TritonOps()),
-    "flex": Backend("flex", importlib.import_module(f"{__package__}.flex")),  # plain functions, flex autograd
-}
-
-
-def _backend(name: str) -> Backend:
-    return _BACKEND_TABLE[name]
+def triton_ops() -> Any:
+    """The five ``dlsn::triton_<name>`` ops as attributes (after :func:`triton_error` returned None)."""
+    return _TRITON_NAMESPACE

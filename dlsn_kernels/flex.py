@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._checks import BackendUnavailableError
 from ._hash_setup import KEY_NORM_EPS
 from ._magnitudes import check_saved_lse, row_norms
 from .reference import bucket_sort as _stable_sort
@@ -54,37 +55,14 @@ __all__ = [
     "chunk_attention",
     "chunk_multiplicity",
     "flex_slots",
+    "padded_chunk",
     "gla_attention",
-    "attention_backward",
     "merge_rounds",
     "sblsh_hash",
     "bucket_sort",
-    "unavailable_reason",
 ]
 
 ROW_MULTIPLE = 16  # the smallest tile of FlexAttention's Triton kernels; chunks are laid out in multiples
-
-
-def unavailable_reason(device: torch.device) -> str | None:
-    """Why the flex backend cannot run on ``device`` (None: it can, forward at least)."""
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-    except ImportError as exc:
-        return f"torch {torch.__version__} has no torch.nn.attention.flex_attention ({exc})"
-    if device.type == "cpu":
-        return None
-    if device.type != "cuda":
-        return f"FlexAttention does not run on {device.type} tensors here"
-    from ._ops import cuda_device_reason  # here, not at the top: _ops imports this module lazily
-
-    reason = cuda_device_reason(device)
-    if reason is not None:
-        return reason
-    try:
-        import triton  # noqa: F401  (compiled FlexAttention generates Triton kernels)
-    except ImportError as exc:
-        return f"compiled FlexAttention needs triton ({exc})"
-    return None
 
 
 CPU_BACKWARD_REASON = (
@@ -97,7 +75,7 @@ CPU_BACKWARD_REASON = (
 # Layout: sorted slots, flex slots, the block mask.
 
 
-def _padded_chunk(k: int) -> int:
+def padded_chunk(k: int) -> int:
     return -(-k // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
@@ -105,7 +83,7 @@ def flex_slots(perm: Tensor, chunk_size: int) -> Tensor:
     """Position held by each flex slot ``[N, R, nc Kp]``: chunk c's K sorted slots (DESIGN.md 1.3), then
     ``Kp - K`` fillers (the chunk's first position; masked out as keys, never stored as queries)."""
     slots = padded_slot_positions(perm, chunk_size)
-    kp = _padded_chunk(chunk_size)
+    kp = padded_chunk(chunk_size)
     if kp == chunk_size:
         return slots
     n, rounds, lp = slots.shape
@@ -158,7 +136,7 @@ def block_mask_for(length: int, chunk_size: int, device: torch.device | str, ful
     from torch.nn.attention.flex_attention import BlockMask
 
     k = chunk_size
-    kp = _padded_chunk(k)
+    kp = padded_chunk(k)
     nc = -(-length // k)
     blocks = _key_blocks(nc)
     counts = torch.tensor([len(b) for b in blocks], dtype=torch.int32, device=device).reshape(1, 1, nc)
@@ -243,7 +221,7 @@ def _rounds(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int) -
     n, length, _ = xm.shape
     rounds = perm.shape[1]
     k = chunk_size
-    kp = _padded_chunk(k)
+    kp = padded_chunk(k)
     nc = -(-length // k)
     acc = torch.float64 if xm.dtype == torch.float64 else torch.float32
     slots = flex_slots(perm, k)  # [N, R, nc Kp]
@@ -335,8 +313,6 @@ class _NoCpuBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        from ._ops import BackendUnavailableError
-
         raise BackendUnavailableError(CPU_BACKWARD_REASON)
 
 
@@ -352,7 +328,8 @@ def _cpu_forward_only(fn: Callable[..., tuple[Tensor, ...]], differentiable: tup
 
 
 # ----------------------------------------------------------------------------------------------
-# The five ops of the backend table (DESIGN.md "Operators"; arguments already checked).
+# The forward ops of the backend table (DESIGN.md "Operators"; arguments already checked). Its backward is
+# flex's own autograd (CUDA), so it has no attention_backward.
 
 
 def sblsh_hash(xm: Tensor, rot: Tensor) -> Tensor:
@@ -392,33 +369,3 @@ def gla_attention(xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: i
     if _on_cpu(xm):
         return _cpu_forward_only(_gla, (xm, v, lss), xm, v, lss, rot, chunk_size)
     return _gla(xm, v, lss, rot, chunk_size)
-
-
-def recompute_backward(forward: Callable[..., tuple[Tensor, Tensor]], grad_out: Tensor, delta: Tensor, xm: Tensor,
-                       v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``attention_backward`` (DESIGN.md "Backward") for a backend that differentiates by autograd: recompute
-    ``forward(xm, v, lss, perm, K) -> (out, lse)`` per round with a graph and pull back
-    ``grad_out . out + g_lse lse`` with ``g_lse = rowsum(grad_out out) - delta``, so that
-    ``ds = P (grad_out . v - delta)`` exactly as the formula. ``grad_out`` with one "round" (R' = 1) means the
-    rounds merged (gla_attention): then ``out, lse`` are ``y`` and the lse over all rounds."""
-    inputs = [t.detach().requires_grad_(True) for t in (xm, v, lss)]
-    with torch.enable_grad():
-        out, lse = forward(*inputs, perm, chunk_size)
-        if grad_out.shape[1] == 1 and perm.shape[1] != 1:
-            y, total = merge_rounds(out, lse)
-            out, lse = y.unsqueeze(1), total.unsqueeze(1)
-        g_lse = (grad_out.to(lse.dtype) * out.detach().to(lse.dtype)).sum(-1) - delta.to(lse.dtype)
-        grads = torch.autograd.grad((out, lse), inputs, (grad_out.to(out.dtype), g_lse), allow_unused=True)
-    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, (xm, v, lss)))  # type: ignore[return-value]
-
-
-def attention_backward(grad_out: Tensor, delta: Tensor, xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor,
-                       lse: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The common backward op, by flex's autograd of a recomputed forward (CUDA only; ``lse`` is recomputed)."""
-    from ._ops import BackendUnavailableError
-
-    if _on_cpu(xm):
-        raise BackendUnavailableError(CPU_BACKWARD_REASON)
-    check_saved_lse(lse)  # the recomputed lse is the same: refused here, before the recomputation
-    del lse  # flex recomputes its own
-    return recompute_backward(_rounds, grad_out, delta, xm, v, lss, perm, chunk_size)

@@ -37,7 +37,8 @@ void check_on_cuda(const at::Tensor& t, const char* name, const char* op) {
 }
 
 void check_bucket_count(int64_t n_buckets) {
-  TORCH_CHECK(n_buckets <= INT_MAX, "n_buckets must be at most ", INT_MAX, ", got ", n_buckets);
+  TORCH_CHECK_VALUE(n_buckets <= kMaxSortBuckets, "n_buckets must be in [1, 2^24 = ", kMaxSortBuckets, "], got ",
+                    n_buckets);
 }
 
 // (n, round, position) of the first true entry of mask [N, R, L] (argmax returns the first maximum).
@@ -47,20 +48,25 @@ std::array<int64_t, 3> first_true(const at::Tensor& mask) {
   return {flat / (rounds * length), (flat / length) % rounds, flat % length};
 }
 
-// perm must be a permutation of 0..L-1 for each (n, round): values in range, then no value twice (L values
-// in range with none repeated cover 0..L-1). The messages match dlsn_kernels/_checks.py and the CPU kernels.
+// perm must be a permutation of 0..L-1 for each (n, round): values in range, and every position hit (L values in
+// range that hit all L positions hold none twice). Both flags come back in one host synchronisation (the scatter
+// reads clamped values, so an out-of-range entry cannot write out of bounds); only a failure pays for locating the
+// first bad entry. The messages match dlsn_kernels/_checks.py and the CPU kernels.
 void check_permutation(const at::Tensor& perm) {
   if (perm.numel() == 0) return;
   const int64_t length = perm.size(2);
   const at::Tensor p = perm.to(at::kLong);
   const at::Tensor outside = p.lt(0).logical_or_(p.ge(length));
-  if (outside.any().item<bool>()) {
+  const at::Tensor seen =
+      at::zeros(p.sizes(), p.options().dtype(at::kBool)).scatter_(2, p.clamp(0, length - 1), true);
+  const at::Tensor flags = at::stack({outside.any(), seen.all().logical_not()}).cpu();  // the one sync
+  const bool* flag = flags.data_ptr<bool>();
+  if (flag[0]) {
     const auto [n, r, l] = first_true(outside);
     TORCH_CHECK_VALUE(false, "perm must hold positions in [0, L=", length, "): perm[n=", n, ", round=", r,
                       ", position=", l, "] = ", p[n][r][l].item<int64_t>());
   }
-  const at::Tensor seen = at::zeros(p.sizes(), p.options().dtype(at::kBool)).scatter_(2, p, true);
-  if (seen.all().item<bool>()) return;
+  if (!flag[1]) return;
   const at::Tensor count = at::zeros_like(p).scatter_add_(2, p, at::ones_like(p));
   const auto [n, r, l] = first_true(count.gather(2, p).gt(1));
   TORCH_CHECK_VALUE(false, "perm must be a permutation of 0..L-1 for each (n, round), but perm[n=", n, ", round=", r,

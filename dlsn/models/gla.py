@@ -43,7 +43,6 @@ import torch
 from torch import Tensor, nn
 
 import dlsn_kernels
-from dlsn_kernels import _checks
 
 from .residual import scaled_residual
 
@@ -226,7 +225,7 @@ class GLA(nn.Module):
         # they are (float32 inside), so under autocast nothing is widened or copied here; only Triton's CPU
         # interpreter takes float32 alone.
         dtype = v.dtype
-        if dtype in (torch.float16, torch.bfloat16) and not _checks.resolved_takes_half(x.device, self.backend):
+        if dtype in (torch.float16, torch.bfloat16) and not dlsn_kernels.resolved_takes_half(x.device, self.backend):
             dtype = torch.float32
         xm, v, lss = (t.to(dtype).contiguous() for t in (xm, v, lss))  # no-ops when already so
         rot = self.rotations(length, x.device, generator).to(dtype)

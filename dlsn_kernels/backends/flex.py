@@ -1,0 +1,68 @@
+"""The ``flex`` backend: GLA written with ``torch.nn.attention.flex_attention`` (``dlsn_kernels.flex``).
+
+Compiled FlexAttention with a backward on CUDA-type tensors; on CPU tensors an eager forward only, which
+materialises ``[N, R, nc Kp, nc Kp]`` scores: sizes past ``CPU_MAX_SCORE_BYTES`` are refused before anything
+is allocated. Its backward scatters the gradient of the captured ``lss`` with atomic adds (pytorch PR
+#137452), so it is not bitwise repeatable and is excluded under ``torch.use_deterministic_algorithms(True)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import flex
+from ._base import Backend, Inputs, cuda_device_reason
+
+# The eager CPU path's score tensor, one float per (n, round, query slot, key slot): 4 GiB is past what a CPU
+# run should allocate for one attention call (a 451x300 photo at R = 2 asked for 146 GB).
+CPU_MAX_SCORE_BYTES = 4 << 30
+
+
+def cpu_score_bytes(inputs: Inputs) -> int:
+    """Bytes of the ``[N, R, nc Kp, nc Kp]`` scores the eager CPU path materialises for ``inputs``."""
+    k = max(inputs.chunk_size, 1)
+    slots = -(-inputs.length // k) * flex.padded_chunk(k)
+    element = 8 if inputs.dtype == torch.float64 else 4
+    return inputs.n * max(inputs.rounds, 1) * slots * slots * element
+
+
+class Flex(Backend):
+    name = "flex"
+    dtypes = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+              "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+    backward_on = ("cuda",)
+    deterministic_backward = False
+
+    @property
+    def ops(self):
+        return flex
+
+    def device_reasons(self, device: torch.device) -> list[str]:
+        why = super().device_reasons(device)
+        if why:
+            return why
+        try:
+            from torch.nn.attention import flex_attention  # noqa: F401
+        except ImportError as exc:
+            return [f"torch {torch.__version__} has no torch.nn.attention.flex_attention ({exc})"]
+        if device.type == "cuda":
+            reason = cuda_device_reason(device)
+            if reason is not None:
+                return [reason]
+            try:
+                import triton  # noqa: F401  (compiled FlexAttention generates Triton kernels)
+            except ImportError as exc:
+                return [f"compiled FlexAttention needs triton ({exc})"]
+        return []
+
+    def passes(self, device: torch.device) -> str:
+        return "forward and backward" if device.type == "cuda" else f"forward only: {flex.CPU_BACKWARD_REASON}"
+
+    def input_reasons(self, inputs: Inputs, pass_: str) -> list[str]:
+        why = super().input_reasons(inputs, pass_)
+        if inputs.device.type == "cpu" and inputs.chunk_size and inputs.dtype is not None:
+            need = cpu_score_bytes(inputs)
+            if need > CPU_MAX_SCORE_BYTES:
+                why.append(f"flex's eager CPU forward would materialise {need:,} bytes of scores (N={inputs.n}, "
+                           f"R={inputs.rounds}, L={inputs.length}); its limit is {CPU_MAX_SCORE_BYTES:,}")
+        return why
