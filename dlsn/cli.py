@@ -147,17 +147,21 @@ def pick_device(device_arg: str | None) -> torch.device:
 
 
 def check_backend(backend: str | None, device: torch.device) -> str | None:
-    """``--backend`` checked against what can run on ``device`` here (None: automatic choice)."""
+    """``--backend`` (a name, or ``FORWARD:BACKWARD``) checked against what can run on ``device`` here (None:
+    automatic choice)."""
     if backend is None:
         return None
     # Imported here: eval --bicubic must work where the kernels package cannot load.
     import dlsn_kernels
 
     name = backend.strip().lower()
-    if name not in dlsn_kernels.BACKENDS:
+    parts = name.split(":")  # "flex:cpu": the forward of one backend, the backward of another
+    if len(parts) > 2 or any(part not in dlsn_kernels.BACKENDS for part in parts):
         raise UserInputError(f"--backend {backend!r} is not a backend; choose one of "
-                             f"{', '.join(dlsn_kernels.BACKENDS)}")
-    reason = dlsn_kernels.available_backends(device)[name].reason
-    if reason is not None:
-        raise UserInputError(f"--backend {name} cannot run on {device.type} here: {reason}")
+                             f"{', '.join(dlsn_kernels.BACKENDS)}, or FORWARD:BACKWARD such as flex:cpu")
+    table = dlsn_kernels.available_backends(device)
+    for part in dict.fromkeys(parts):
+        reason = table[part].reason
+        if reason is not None:
+            raise UserInputError(f"--backend {part} cannot run on {device.type} here: {reason}")
     return name

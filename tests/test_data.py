@@ -276,7 +276,13 @@ def test_decode_image_names_every_colour_and_depth_conversion(tmp_path):
         assert said == conversion, name
         assert array.dtype == np.uint8 and array.shape == (4, 5, 3)
     np.testing.assert_array_equal(decode_image(tmp_path / "rgba.png")[0], rgb)
-    np.testing.assert_array_equal(decode_image(tmp_path / "rgb16.png")[0], (deep >> 8).astype(np.uint8))
+    # Rounded like 16-bit grey (issue 31), not truncated to the high byte as PIL does.
+    np.testing.assert_array_equal(decode_image(tmp_path / "rgb16.png")[0], np.round(deep / 257.0).astype(np.uint8))
+    deep4 = rng.integers(0, 65536, (4, 5, 4), dtype=np.uint16)
+    _png_16_bits_per_channel(tmp_path / "rgba16.png", deep4)
+    array, said = decode_image(tmp_path / "rgba16.png")
+    assert said == "16-bit RGBA, alpha dropped"
+    np.testing.assert_array_equal(array, np.round(deep4[:, :, :3] / 257.0).astype(np.uint8))
 
 
 def test_degraded_folder_dataset_reads_lazily_and_names_bad_files(tmp_path):

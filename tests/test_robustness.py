@@ -26,7 +26,7 @@ from PIL import Image
 from dlsn import eval as eval_cli
 from dlsn import train as train_cli
 from dlsn import upscale as upscale_cli
-from dlsn.cli import BACKEND_HELP, kernel_refusal
+from dlsn.cli import BACKEND_HELP, check_backend, kernel_refusal
 from dlsn.data import samples
 from dlsn.errors import CheckpointError, UserInputError
 from dlsn.evaluation import ImageScore, SetScore, evaluate_dataset, format_tables
@@ -555,3 +555,17 @@ def test_a_non_finite_output_is_not_written_as_a_black_image(tiny_checkpoint, tm
     code = upscale(write_png(tmp_path / "photo.png", 12, 10), tmp_path / "out.png", "--checkpoint", tiny_checkpoint)
     assert code == 2 and not (tmp_path / "out.png").exists()
     assert "output is not finite" in one_error_line(capsys.readouterr().err, "dlsn.upscale")
+
+
+def test_backend_pairs_named_in_the_help_are_accepted():
+    import dlsn_kernels
+
+    cpu = torch.device("cpu")
+    assert check_backend("reference:cpu", cpu) == "reference:cpu"
+    assert check_backend(" CPU ", cpu) == "cpu"
+    for bad in ("fastest", "cpu:fastest", "cpu:cpu:cpu"):
+        with pytest.raises(UserInputError, match="is not a backend; choose one of .*FORWARD:BACKWARD"):
+            check_backend(bad, cpu)
+    if dlsn_kernels.available_backends(cpu)["cuda"].reason is not None:
+        with pytest.raises(UserInputError, match="--backend cuda cannot run on cpu here"):
+            check_backend("reference:cuda", cpu)

@@ -418,9 +418,9 @@ class Trainer:
         """Periodic validation (rank 0): log it, keep best.pt, redraw the curves."""
         st = self.state
         score = validate(self.eval_net, self.data.val, self.s.scale, self.device, self.s.seed).psnr
-        if not math.isfinite(score):  # NaN: the model's output holds NaN or inf (dlsn.metrics)
+        if math.isnan(score):  # the model's output holds NaN or inf (dlsn.metrics)
             self.diverged("the validation output is not finite (NaN/inf)")
-        if score > st.best_psnr:
+        if math.isfinite(score) and score > st.best_psnr:  # best_psnr stays finite (+inf: identical images)
             st.best_psnr, st.best_step = score, st.step
             self.checkpoint(self.out / "best.pt", with_optimizer=False)
         assert self.log is not None
