@@ -46,9 +46,9 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process stopp
 
 # Every choice of ``--backend`` (dlsn_kernels.BACKENDS; tests/test_robustness.py keeps the two in step). Written
 # out rather than read from dlsn_kernels: eval --bicubic and --help must work where the kernels cannot load.
-BACKEND_HELP = ("attention kernel backend: reference, cpu, cuda, triton or flex, or FORWARD:BACKWARD such as "
-                "flex:cpu (default: automatic: the fastest measured on this GPU, else triton then cuda on a GPU, "
-                "cpu on a CPU; $DLSN_BACKEND overrides)")
+BACKEND_HELP = ("attention kernel backend: reference, cpu, cuda, triton or flex (FlexAttention; forward only on "
+                "a CPU) (default: automatic: the first that supports the call in the device's order, as measured "
+                "by python -m dlsn_kernels.check when it has run; $DLSN_BACKEND overrides)")
 _KERNELS_DIR = str(Path(__file__).resolve().parent.parent / "dlsn_kernels") + os.sep
 
 
@@ -147,21 +147,17 @@ def pick_device(device_arg: str | None) -> torch.device:
 
 
 def check_backend(backend: str | None, device: torch.device) -> str | None:
-    """``--backend`` (a name, or ``FORWARD:BACKWARD``) checked against what can run on ``device`` here (None:
-    automatic choice)."""
+    """``--backend`` checked against what can run on ``device`` here (None: automatic choice)."""
     if backend is None:
         return None
     # Imported here: eval --bicubic must work where the kernels package cannot load.
     import dlsn_kernels
 
     name = backend.strip().lower()
-    parts = name.split(":")  # "flex:cpu": the forward of one backend, the backward of another
-    if len(parts) > 2 or any(part not in dlsn_kernels.BACKENDS for part in parts):
+    if name not in dlsn_kernels.BACKENDS:
         raise UserInputError(f"--backend {backend!r} is not a backend; choose one of "
-                             f"{', '.join(dlsn_kernels.BACKENDS)}, or FORWARD:BACKWARD such as flex:cpu")
-    table = dlsn_kernels.available_backends(device)
-    for part in dict.fromkeys(parts):
-        reason = table[part].reason
-        if reason is not None:
-            raise UserInputError(f"--backend {part} cannot run on {device.type} here: {reason}")
+                             f"{', '.join(dlsn_kernels.BACKENDS)}")
+    reason = dlsn_kernels.available_backends(device)[name].reason
+    if reason is not None:
+        raise UserInputError(f"--backend {name} cannot run on {device.type} here: {reason}")
     return name
