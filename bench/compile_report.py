@@ -168,12 +168,18 @@ def _compile_only(compiled: list[tuple[str, Any, dict[str, Any]]], target: Targe
     from dlsn_kernels.triton import _common
 
     original_run = JITFunction.run
+    touched: set[Any] = set()
     original_checks = _common._check_device, _checks.check_float
     original_target = _common._launch_target
 
     def run(self, *args, grid, warmup, **kwargs):
         if kernels is not None and self.fn.__name__ not in kernels:
             return None
+        if self not in touched:
+            # Triton keeps one backend and target per device index, fixed at the first launch: drop it, or every
+            # target after the first in this process would compile for the first one
+            self.device_caches.clear()
+            touched.add(self)
         kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
         options = {k: kwargs[k] for k in ("num_warps", "num_stages", "waves_per_eu", "matrix_instr_nonkdim")
                    if k in kwargs}
@@ -196,6 +202,8 @@ def _compile_only(compiled: list[tuple[str, Any, dict[str, Any]]], target: Targe
         JITFunction.run = original_run
         _common._check_device, _checks.check_float = original_checks
         _common._launch_target = original_target
+        for fn in touched:  # nothing compiled for the stand-in outlives it
+            fn.device_caches.clear()
         driver.set_active(previous_driver)
 
 
@@ -337,7 +345,7 @@ def amdgcn_usage(asm: str) -> dict[str, Any]:
         "spill_bytes": 4 * (meta("vgpr_spill_count") + meta("sgpr_spill_count")),
         "stack_bytes": meta("private_segment_fixed_size"),
         "tensor_core_instructions": len(_AMD_MMA.findall(asm)),
-        "ffma_instructions": len(re.findall(r"^\s*v_(?:fma|fmac|pk_fma)_f32\b", asm, re.M)),
+        "ffma_instructions": len(re.findall(r"^\s*v_(?:fma|fmac|pk_fma)_f32(?:_e\d+)?\b", asm, re.M)),
         "sass_instructions": sum(is_code),
         "main_loop_instructions": -best[1],
         "main_loop_mma": best[0],

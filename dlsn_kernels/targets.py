@@ -32,6 +32,7 @@ __all__ = [
     "MAX_CHUNK",
     "TRITON_KERNELS",
     "Target",
+    "dot_input_precision",
     "dot_kind_of",
     "family_of",
     "precision_of",
@@ -126,11 +127,19 @@ def precision_of(dtype: torch.dtype) -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def dot_kind_of(dtype: torch.dtype) -> str:
-    """How the attention dots of ``dtype`` run: ``native`` (float16/bfloat16 tensor cores), ``tf32`` or ``ieee``
-    (float32 under "highest", float64)."""
+def dot_kind_of(dtype: torch.dtype, target: Target | None = None) -> str:
+    """How the attention dots of ``dtype`` run on ``target``: ``native`` (float16/bfloat16 tensor cores), ``tf32``
+    or ``ieee`` (float32 under "highest", float64; and float32 on RDNA, whose Triton backend has no TF32)."""
     precision = precision_of(dtype)
+    if precision == "tf32" and target is not None and family_of(target) == "wmma":
+        return "ieee"
     return {"bf16": "native", "fp16": "native", "fp64": "ieee"}.get(precision, precision)
+
+
+def dot_input_precision(target: Target, dtype: torch.dtype) -> str:
+    """The ``tl.dot`` ``input_precision`` of the attention kernels on ``target``: ``"tf32"`` for float32 under
+    "high"/"medium" (where the target has it), else ``"ieee"`` (float16/bfloat16 run on tensor cores either way)."""
+    return "tf32" if dot_kind_of(dtype, target) == "tf32" else "ieee"
 
 
 def family_of(target: Target) -> str:
@@ -245,7 +254,7 @@ def _candidates(kernel: str, target: Target, dtype: torch.dtype, cv: int, chunk_
         # AMD: 32 positions per program spilled 10-20 scalar registers (gfx942, gfx1100); 16 are clean
         return [{"BLOCK_P": 16 if target.vendor == "amd" else 32, "num_warps": 8}]
     # the last resort of every table: the smallest tiles tl.dot takes, unpipelined (wide channels on 99 KB cards)
-    rows = [*_TABLES[family_of(target)][kernel][dot_kind_of(dtype)], _SMALLEST]
+    rows = [*_TABLES[family_of(target)][kernel][dot_kind_of(dtype, target)], _SMALLEST]
     chunk = _pow2(chunk_size)
     narrow = _pow2(cv) <= 128
     out = []

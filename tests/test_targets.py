@@ -175,3 +175,20 @@ def test_amd_targets_fit_their_lds(arch, matmul_precision):
             config = triton_config(kernel, target, dtype, *TRAINING)
             assert shared_estimate(kernel, config, dtype, 64, 256) <= 64 * 1024
             assert config.get("matrix_instr_nonkdim") == (16 if arch == "gfx942" else None)
+
+
+def test_tf32_only_where_the_target_has_it(matmul_precision):
+    """RDNA's Triton backend takes no TF32 (input_precision is ieee, bf16x3 or bf16x6 there): float32 under "high"
+    runs IEEE on gfx1100, with the IEEE tiles; CDNA and NVIDIA take TF32."""
+    from dlsn_kernels.targets import dot_input_precision, dot_kind_of
+
+    matmul_precision("high")
+    rx7900 = target_for_arch("gfx1100")
+    assert dot_input_precision(rx7900, torch.float32) == "ieee" and dot_kind_of(torch.float32, rx7900) == "ieee"
+    for arch in ("gfx942", "86", "90"):
+        assert dot_input_precision(target_for_arch(arch), torch.float32) == "tf32"
+    assert dot_input_precision(rx7900, torch.bfloat16) == "ieee"  # 16-bit dots ignore it
+    high = triton_config("key_score", rx7900, torch.float32, *TRAINING)
+    matmul_precision("highest")
+    assert high == triton_config("key_score", rx7900, torch.float32, *TRAINING)
+    assert dot_input_precision(target_for_arch(90), torch.float32) == "ieee"

@@ -31,6 +31,7 @@ __all__ = [
     "attention_heuristics",
     "check_device",
     "kernel_config",
+    "kernel_precision",
     "launch_target",
     "channel_block",
     "device_fn",
@@ -88,6 +89,12 @@ def launch_target(device: torch.device) -> Target:
 
 
 _launch_target = targets.target_of
+
+
+def kernel_precision(device: torch.device, dtype: torch.dtype) -> str:
+    """The ``tl.dot`` input precision on ``device`` (``dlsn_kernels.targets.dot_input_precision``: TF32 where the
+    policy allows it and the target has it)."""
+    return targets.dot_input_precision(launch_target(device), dtype)
 
 
 def kernel_config(kernel: str, device: torch.device, dtype: torch.dtype, cm: int, cv: int,

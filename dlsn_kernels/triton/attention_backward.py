@@ -18,7 +18,7 @@ fixed order. Per round r, three launches, then one position pass for all rounds:
    dtypes.
 
 All products run on ``tl.dot`` (tensor cores for float16/bfloat16, and for float32 under TF32, see
-``dot_precision``). Tiles, warps and stages per target come from ``dlsn_kernels.targets`` (``triton_config``),
+``kernel_precision``). Tiles, warps and stages per target come from ``dlsn_kernels.targets`` (``triton_config``),
 read at launch from the device's properties.
 """
 
@@ -40,11 +40,11 @@ from ._common import (
     channel_block,
     device_fn,
     dot_kind,
-    dot_precision,
     first_padded_copy,
     inverse_key_norms,
     jit,
     kernel_config,
+    kernel_precision,
     matmul,
     slot_layout,
     slot_rows,
@@ -405,7 +405,7 @@ def attention_backward(
     ds = torch.empty((n, nc, 3, k, k), dtype=xm.dtype, device=dev)
     n_dup = triton.cdiv(pad, length)  # padded copies one position can have
     inv_norm = inverse_key_norms(xm)
-    precision = dot_precision(xm.dtype)
+    precision = kernel_precision(xm.device, xm.dtype)
     rows = slot_rows(perm, k, max(cm, cv, k))
 
     for r in range(rounds):

@@ -37,9 +37,9 @@ from ._common import (
     attention_heuristics,
     channel_block,
     check_device,
-    dot_precision,
     jit,
     kernel_config,
+    kernel_precision,
     matmul,
     scaled_key_norms,
     slot_layout,
@@ -219,7 +219,7 @@ def _launch_forward(xm, v, lss, perm, out, lse, chunk_size):
     _chunk_attention_fwd_kernel[grid](
         queries, xm, v, lss, rows, inv_norm, out, lse,
         length, cm, cv, chunk_size, perm.shape[1], nc, padded,
-        PRECISION=dot_precision(xm.dtype), **config,
+        PRECISION=kernel_precision(xm.device, xm.dtype), **config,
     )
 
 
