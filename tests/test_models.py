@@ -308,10 +308,10 @@ def nlsn_state_dict(n_resblocks: int = 32, n_feats: int = 256) -> dict[str, torc
     state = {"sub_mean.weight": (3, 3, 1, 1), "sub_mean.bias": (3,), "add_mean.weight": (3, 3, 1, 1),
              "add_mean.bias": (3,), "head.0.weight": (n_feats, 3, 3, 3), "head.0.bias": (n_feats,)}
 
-    def attention(i: int) -> None:
-        for part, out in (("conv_match", n_feats // 4), ("conv_assembly", n_feats)):
-            state[f"body.{i}.{part}.body.0.weight"] = (out, n_feats, 1, 1)
-            state[f"body.{i}.{part}.body.0.bias"] = (out,)
+    def attention(i: int) -> None:  # BasicBlock (a Sequential): conv_match 3x3, conv_assembly 1x1
+        for part, out, size in (("conv_match", n_feats // 4, 3), ("conv_assembly", n_feats, 1)):
+            state[f"body.{i}.{part}.0.weight"] = (out, n_feats, size, size)
+            state[f"body.{i}.{part}.0.bias"] = (out,)
 
     index = 0
     attention(index)
@@ -324,16 +324,29 @@ def nlsn_state_dict(n_resblocks: int = 32, n_feats: int = 256) -> dict[str, torc
             index += 1
             attention(index)
     state[f"body.{index + 1}.weight"] = (n_feats, n_feats, 3, 3)
-    state.update({"tail.0.0.weight": (4 * n_feats, n_feats, 3, 3), "tail.1.weight": (3, n_feats, 3, 3)})
+    state[f"body.{index + 1}.bias"] = (n_feats,)
+    state.update({"tail.0.0.weight": (4 * n_feats, n_feats, 3, 3), "tail.0.0.bias": (4 * n_feats,),
+                  "tail.1.weight": (3, n_feats, 3, 3), "tail.1.bias": (3,)})
     return {k: torch.empty(v, device="meta") for k, v in state.items()}
 
 
-def test_nlsn_weights_are_refused_in_one_line():
-    """The docs say NLSN's released weights do not load here (no NLSN network): the refusal names why."""
+def test_nlsn_weights_are_recognised_and_load():
+    """NLSN's state dicts are read as NLSN (not DLSN) by their key layout, the README run's settings assumed,
+    and every key and shape fits the network built from that config."""
     from dlsn.models import CheckpointError, infer_official_config
+    from dlsn.models.checkpoint import from_state_dict
+    from dlsn.models.presets import model_from_config
 
+    state = nlsn_state_dict()
     with pytest.raises(CheckpointError, match="not a DLSN state dict"):
-        infer_official_config(nlsn_state_dict())
+        infer_official_config(state)
+    config = from_state_dict(state)["config"]
+    assert config == {"arch": "nlsn", "scale": 2, "n_resblocks": 32, "n_feats": 256, "chunk_size": 144,
+                      "n_hashes": 4, "res_scale": 0.1, "reduction": 4, "rgb_range": 255.0, "n_colors": 3}
+    with torch.device("meta"):
+        model = model_from_config(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert expected == {k: tuple(v.shape) for k, v in state.items()}
 
 
 def test_seed_does_not_fix_training_rotations_and_blocks_get_distinct_seeds():

@@ -6,7 +6,9 @@ Then ``spandrel.ModelLoader().load_from_file(path)`` loads this project's files 
 
 - detection, from the state-dict keys: a ``dlsn_config`` entry (written with every state dict here, any
   architecture), or the authors' DLSN layout (``head.0``, ``body.<g>.body.<b>`` groups with one GLA per group,
-  ``tail.0.<i>``), read by ``dlsn.models.official.infer_official_config``;
+  ``tail.0.<i>``), read by ``dlsn.models.official.infer_official_config``, or the NLSN authors' layout
+  (``body.<i>.conv_match.0`` NLSA blocks among EDSR ResBlocks, ``dlsn.models.nlsn.infer_nlsn_config``; chunk_size
+  144, n_hashes 4 and res_scale 0.1 assumed, from their README run);
 - scale and channels from the tensor shapes (the tail convs' output channels, the head's input), or from the
   stored config;
 - images in and out in [0, 1], as spandrel expects: the network's ``[0, rgb_range]`` is applied inside;

@@ -1,4 +1,4 @@
-"""Networks of the project: the GLA block, DLSN, presets and checkpoints."""
+"""Networks of the project: the GLA block, DLSN, NLSA/NLSN, presets and checkpoints."""
 
 from .checkpoint import (
     CheckpointError,
@@ -12,6 +12,7 @@ from .checkpoint import (
 from .cpu_nets import DLSNResidual, PlainSR
 from .dlsn import DLSN, EDSRGLA, GLAFFM, LFFB, MeanShift, Upsampler
 from .gla import GLA, set_backend, set_inference
+from .nlsn import NLSA, NLSN, infer_nlsn_config
 from .presets import PRESETS, Preset, TrainingRecipe, build_model, model_from_config, preset_config
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "GLA",
     "GLAFFM",
     "LFFB",
+    "NLSA",
+    "NLSN",
     "PRESETS",
     "PlainSR",
     "Preset",
@@ -29,6 +32,7 @@ __all__ = [
     "MeanShift",
     "Upsampler",
     "build_model",
+    "infer_nlsn_config",
     "infer_official_config",
     "load_checkpoint",
     "load_model",

@@ -22,7 +22,10 @@ Files are written atomically: a temporary file in the same folder, flushed and f
 renamed over the target, so a crash mid-write leaves the previous checkpoint intact.
 
 The authors' checkpoints are bare ``state_dict``s of their DLSN, loaded here too: their architecture
-is read off the tensor shapes (``dlsn.models.official``); their unused scalar ``a`` is dropped.
+is read off the tensor shapes (``dlsn.models.official``); their unused scalar ``a`` is dropped. The NLSN
+authors' bare state dicts (HarukiYqM/Non-Local-Sparse-Attention) load too, recognised by their key layout
+(``dlsn.models.nlsn.infer_nlsn_config``); the weights cannot tell chunk_size, n_hashes or res_scale, so their
+README run's 144, 4 and 0.1 are assumed.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from torch import Tensor, nn
 from dlsn.atomic_files import write_atomically
 from dlsn.errors import CheckpointError, CheckpointNotFoundError, one_line
 
+from .nlsn import infer_nlsn_config
 from .official import OFFICIAL_UNUSED_KEYS, infer_official_config
 from .presets import model_from_config
 
@@ -307,9 +311,12 @@ def from_state_dict(state: Mapping[str, Tensor], source: str = "bare state_dict"
     if CONFIG_KEY in state:  # written here: the config travels with the weights
         config = config_from_tensor(state[CONFIG_KEY])
         how = "config stored with the weights"
-    else:
+    elif any(k.endswith(".conv_assembly_fc.0.weight") for k in state) or "body.0.conv_match.0.weight" not in state:
         config = infer_official_config(state)
         how = "architecture inferred from shapes"
+    else:  # the authors' NLSN: NLSA at body.0; chunk_size 144, n_hashes 4, res_scale 0.1 assumed (their README)
+        config = infer_nlsn_config(state)
+        how = "NLSN architecture inferred from shapes; chunk_size, n_hashes, res_scale assumed 144, 4, 0.1"
     weights = {k: v for k, v in state.items() if k not in OFFICIAL_UNUSED_KEYS and k != CONFIG_KEY}
     return {
         "format": FORMAT,

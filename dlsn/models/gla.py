@@ -237,6 +237,16 @@ class GLA(nn.Module):
         return scaled_residual(y, x, self.res_scale)
 
 
+# Other hashed-attention block classes with GLA's ``backend`` / ``set_inference`` interface, reached by
+# set_backend and set_inference too (dlsn.models.nlsn adds NLSA); a list filled by those modules, so this one
+# imports none of them.
+ATTENTION_BLOCK_TYPES: list[type[nn.Module]] = []
+
+
+def _is_block(module: nn.Module) -> bool:
+    return isinstance(module, (GLA, *ATTENTION_BLOCK_TYPES))
+
+
 def set_backend(model: nn.Module, backend: str | None) -> None:
     """Sets the kernel backend of every GLA block inside ``model`` (``model`` itself included).
 
@@ -246,7 +256,7 @@ def set_backend(model: nn.Module, backend: str | None) -> None:
     unavailable backend is refused, with the reason, by the first forward call.
     """
     for module in model.modules():
-        if isinstance(module, GLA):
+        if _is_block(module):
             module.backend = backend
 
 
@@ -265,6 +275,6 @@ def set_inference(
             rotations on every eval call, as the authors' code does (scores then vary run to run).
     """
     seed = _check_seed(seed)
-    blocks = [m for m in model.modules() if isinstance(m, GLA)]
+    blocks = [m for m in model.modules() if _is_block(m)]
     for index, block in enumerate(blocks):
         block.set_inference(n_hashes=n_hashes, seed=None if seed is None else block_seed(seed, index))

@@ -23,12 +23,13 @@ from torch import nn
 
 from .cpu_nets import DLSNResidual, PlainSR
 from .dlsn import DLSN, EDSRGLA, _GLANetwork
+from .nlsn import NLSN
 
 __all__ = ["ARCHITECTURES", "CONFIG_LIMITS", "PRESETS", "Preset", "TrainingRecipe", "build_model", "check_config",
            "model_from_config", "preset_config"]
 
 ARCHITECTURES: dict[str, type[_GLANetwork]] = {
-    cls.ARCH: cls for cls in (DLSN, EDSRGLA, DLSNResidual, PlainSR)
+    cls.ARCH: cls for cls in (DLSN, EDSRGLA, DLSNResidual, PlainSR, NLSN)
 }
 
 
@@ -79,6 +80,11 @@ PAPER_RECIPE = TrainingRecipe(lr=1e-4, batch_size=16, patch_size=48, schedule="s
 CPU_RECIPE = TrainingRecipe(lr=2e-3, batch_size=16, patch_size=32, schedule="cosine", epoch_steps=100,
                             val_every=100, warmup_steps=10, min_detail=2.0, pyramid=(0.75, 0.5, 0.35),
                             time_limit=9.0)
+
+# NLSN's authors' README run: 1000 epochs of 1000 steps, lr 1e-4 halved at epochs 200/400/600/800, batch 16,
+# HR patches 96 at x2 (48 LR), no weight average. They publish no x3/x4 fine-tuning schedule.
+NLSN_RECIPE = TrainingRecipe(lr=1e-4, batch_size=16, patch_size=48, schedule="step", epoch_steps=1000,
+                             val_every=1000, epochs=1000, decay_epochs=200)
 
 PRESETS: dict[str, Preset] = {
     # About 0.2M parameters, for tests and CPU smoke training.
@@ -149,6 +155,32 @@ PRESETS: dict[str, Preset] = {
         "n_resblocks": 4,
         "bicubic_residual": True,
         "rgb_range": 255.0,
+    }, training=CPU_RECIPE),
+    # NLSN (Mei et al. 2021) as the authors train it: EDSR 32x256 with 5 NLSA blocks, chunk 144, 4 rounds,
+    # res_scale 0.1, rgb_range 1 (their README command).
+    "nlsn": Preset(model={
+        "arch": "nlsn",
+        "n_resblocks": 32,
+        "n_feats": 256,
+        "chunk_size": 144,
+        "n_hashes": 4,
+        "reduction": 4,
+        "res_scale": 0.1,
+        "rgb_range": 1.0,
+        "n_colors": 3,
+    }, training=NLSN_RECIPE),
+    # NLSN for CPU runs and tests: 8 ResBlocks of 32 channels, 2 NLSA blocks (first, after block 8), chunk 32,
+    # 2 rounds; res_scale 1 for the reason given at cpu_default.
+    "nlsn_small": Preset(model={
+        "arch": "nlsn",
+        "n_resblocks": 8,
+        "n_feats": 32,
+        "chunk_size": 32,
+        "n_hashes": 2,
+        "reduction": 4,
+        "res_scale": 1.0,
+        "rgb_range": 1.0,
+        "n_colors": 3,
     }, training=CPU_RECIPE),
 }
 
