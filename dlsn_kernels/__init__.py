@@ -76,7 +76,7 @@ def bucket_sort(codes: Tensor, n_buckets: int, backend: str | None = None) -> Te
     name = requested(backend)
     chosen = select(name, Inputs(codes.device, None), False, "bucket_sort")
     (codes,) = _checks.kernel_layout(chosen.name, codes)
-    if chosen.name not in ("cpu", "cuda"):  # the C++ ops check code values themselves (raw-op safety)
+    if chosen.name not in ("cpu", "cuda", "triton"):  # those check code values themselves (raw-op safety)
         _checks.check_codes(codes, n_buckets, strided_ok=True)
     return (chosen.ops or reference).bucket_sort(codes, n_buckets)
 

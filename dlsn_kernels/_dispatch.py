@@ -9,7 +9,6 @@ static order. Nothing is read per call and the order is a trace-time constant fo
 
 from __future__ import annotations
 
-import datetime
 import functools
 import importlib.metadata
 import json
@@ -295,20 +294,3 @@ def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype | 
             backend.deterministic_backward if why is None else None,
             f"automatic {' and '.join(auto)} for {targets.precision_of(dtype)}: {picks['source']}" if auto else "")
     return table
-
-
-def record_check(device: torch.device, dtype: torch.dtype, results: dict[str, dict[str, Any]]) -> Path:
-    """Writes one check result into the per-user cache (``python -m dlsn_kernels.check`` calls this)."""
-    path = cache_path()
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        data = {}
-    entries = data.get("entries", {}) if isinstance(data, dict) else {}
-    entries[cache_key(device, dtype)] = {"date": datetime.date.today().isoformat(), "device": str(device),
-                                        "backends": results}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"entries": entries}, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
-    return path

@@ -15,6 +15,7 @@ fastest backend that passed and never one that failed.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import statistics
@@ -89,6 +90,23 @@ def deterministic(name: str, case: dict[str, Any], device: torch.device, dtype: 
     rot, grad = case["rot"].to(device, dtype), case["grad"].to(device, dtype)
     runs = [torch.autograd.grad(_verify.gla(name, *leaves, rot, case["k"]), leaves, grad) for _ in range(2)]
     return all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def record_check(device: torch.device, dtype: torch.dtype, results: dict[str, dict[str, Any]]) -> Path:
+    """Writes one check result into the per-user cache (``python -m dlsn_kernels.check`` calls this)."""
+    path = _dispatch.cache_path()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    entries = data.get("entries", {}) if isinstance(data, dict) else {}
+    entries[_dispatch.cache_key(device, dtype)] = {"date": datetime.date.today().isoformat(), "device": str(device),
+                                        "backends": results}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"entries": entries}, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+    return path
 
 
 def environment(device: torch.device) -> dict[str, str]:
@@ -208,7 +226,7 @@ def run(device: torch.device, dtypes: list[str], quick: bool, repeats: int | Non
         if write_cache and per_backend:
             record = {n: {k: r.get(k) for k in ("passed", "fwd_ms", "step_ms", "deterministic", "error")}
                       for n, r in per_backend.items()}
-            cache = str(_dispatch.record_check(device, dtype, record))
+            cache = str(record_check(device, dtype, record))
     return {"environment": environment(device), "results": results, "seconds": time.perf_counter() - started,
             "cache": cache}
 

@@ -13,6 +13,7 @@ import torch
 import dlsn_kernels as dk
 from dlsn_kernels import _dispatch, _verify, targets
 from dlsn_kernels.backends import BACKENDS, Inputs
+from dlsn_kernels.check import record_check
 
 CPU = torch.device("cpu")
 GPU = torch.device("cuda:0")
@@ -48,8 +49,8 @@ def gpu(monkeypatch):
     def loads_on_gpu(real):
         return lambda device: [] if device.type == "cuda" else real(device)
 
-    for name, backend in BACKENDS.items():
-        monkeypatch.setattr(backend, "device_reasons", loads_on_gpu(real[name]))
+    for name in ("cuda", "triton", "flex"):
+        monkeypatch.setattr(BACKENDS[name], "device_reasons", loads_on_gpu(real[name]))
     monkeypatch.setattr(targets, "target_of", lambda device: targets.target_for_arch("90"))
     monkeypatch.setattr(_dispatch, "cache_key", lambda device, dtype: f"H100 | sm_90 | {targets.precision_of(dtype)}")
 
@@ -83,7 +84,7 @@ def test_nothing_fits_lists_every_backend_with_its_reasons(gpu):
 
 
 def test_deterministic_mode_excludes_a_nondeterministic_backward(gpu):
-    _dispatch.record_check(GPU, torch.bfloat16, {
+    record_check(GPU, torch.bfloat16, {
         "flex": {"passed": True, "fwd_ms": 1.0, "step_ms": 2.0, "deterministic": False},
         "triton": {"passed": True, "fwd_ms": 1.5, "step_ms": 3.0, "deterministic": True},
         "cuda": {"passed": True, "fwd_ms": 4.0, "step_ms": 9.0, "deterministic": True}})
@@ -115,7 +116,7 @@ def test_a_backend_that_failed_the_probe_is_never_chosen_again(gpu):
 
 
 def test_the_check_cache_orders_by_speed_and_never_picks_a_failure(gpu):
-    _dispatch.record_check(GPU, torch.bfloat16, {
+    record_check(GPU, torch.bfloat16, {
         "triton": {"passed": False, "fwd_ms": 0.5, "step_ms": 1.0, "error": "wrong results"},
         "cuda": {"passed": True, "fwd_ms": 2.0, "step_ms": 5.0},
         "flex": {"passed": True, "fwd_ms": 1.0, "step_ms": 6.0}})
@@ -133,13 +134,13 @@ def test_cpu_cache_is_read_once_and_named_as_the_source():
     xm, v, lss = (torch.randn(1, 8, c) for c in (4, 4, 4))
     perm = torch.arange(8).reshape(1, 1, 8)
     dk.chunk_attention(xm, v, lss, perm, 4)  # the first automatic call reads the (absent) cache
-    _dispatch.record_check(CPU, torch.float32, {"cpu": {"passed": False, "fwd_ms": 1.0, "step_ms": 2.0}})
+    record_check(CPU, torch.float32, {"cpu": {"passed": False, "fwd_ms": 1.0, "step_ms": 2.0}})
     dk.chunk_attention(xm, v, lss, perm, 4)  # read once per process: the new file is not seen
     _dispatch.reset()
     with pytest.raises(dk.BackendUnavailableError, match="no backend can run chunk_attention"):
         dk.chunk_attention(xm, v, lss, perm, 4)  # it failed the check here: never picked
     dk.chunk_attention(xm, v, lss, perm, 4, backend="cpu")  # but it can still be asked for
-    _dispatch.record_check(CPU, torch.float32, {"cpu": {"passed": True, "fwd_ms": 1.0, "step_ms": 2.0}})
+    record_check(CPU, torch.float32, {"cpu": {"passed": True, "fwd_ms": 1.0, "step_ms": 2.0}})
     _dispatch.reset()
     status = dk.available_backends("cpu")["cpu"]
     assert "automatic forward and backward for ieee: checked on " in status.automatic

@@ -93,9 +93,11 @@ class Backend:
 
     def input_reasons(self, inputs: Inputs, pass_: str) -> list[str]:
         """Why this backend cannot run ``pass_`` ("forward" or "backward") on ``inputs`` on a device it supports."""
-        why = []
+        why: list[str] = []
         kind = inputs.device.type
-        allowed = self.dtypes.get(kind, ())
+        allowed = self.dtypes.get(kind)
+        if allowed is None:  # not this backend's device at all: device_reasons says so
+            return why
         if inputs.dtype is not None and inputs.dtype not in allowed:
             why.append(f"{self.name} takes {_dtype_names(allowed)} on {kind}, got {_dtype_names((inputs.dtype,))}")
         if self.max_channels is not None and max(inputs.cm, inputs.cv) > self.max_channels:

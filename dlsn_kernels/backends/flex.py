@@ -56,7 +56,7 @@ class Flex(Backend):
         return []
 
     def passes(self, device: torch.device) -> str:
-        return "forward and backward" if device.type == "cuda" else f"forward only: {flex.CPU_BACKWARD_REASON}"
+        return "forward and backward" if device.type == "cuda" else "forward only (gradients: backend='cpu')"
 
     def input_reasons(self, inputs: Inputs, pass_: str) -> list[str]:
         why = super().input_reasons(inputs, pass_)
