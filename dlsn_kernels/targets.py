@@ -200,7 +200,16 @@ _AMD_TILES = {
     "key_score": {"native": [(32, 16, 4, 2)], "tf32": [(16, 16, 4, 2)], "ieee": [(16, 16, 4, 2)]},
     "dq": {"native": [(64, 64, 4, 2)], "tf32": [(32, 32, 4, 2)], "ieee": [(32, 32, 4, 2)]},
 }
-_TABLES = {"wgmma": _WGMMA, "tcgen05": _TCGEN05, "mma": _MMA, "mfma": _AMD_TILES, "wmma": _AMD_TILES}
+# RDNA (wavefront 32): twice the wavefronts of CDNA's rows for the same threads. Not clean yet (compile report):
+# the bf16 forward spills 40 B and the score pass ~800 B; IEEE float32 (RDNA has no TF32) runs on FMA and spills
+# 300-1000 B in the forward and key passes. The key dv pass, the dq pass, position and combine are clean.
+_RDNA = {
+    "forward": {"native": [(32, 32, 8, 2)], "tf32": [(32, 16, 8, 2)], "ieee": [(32, 16, 8, 2)]},
+    "key_dv": {"native": [(32, 32, 8, 2)], "tf32": [(32, 16, 8, 2)], "ieee": [(32, 16, 8, 2)]},
+    "key_score": {"native": [(32, 16, 4, 2)], "tf32": [(16, 16, 8, 2)], "ieee": [(16, 16, 8, 2)]},
+    "dq": {"native": [(64, 64, 4, 2)], "tf32": [(32, 32, 8, 2)], "ieee": [(32, 32, 8, 2)]},
+}
+_TABLES = {"wgmma": _WGMMA, "tcgen05": _TCGEN05, "mma": _MMA, "mfma": _AMD_TILES, "wmma": _RDNA}
 _AMD_OPTIONS = {"mfma": {"matrix_instr_nonkdim": 16}, "wmma": {}}
 
 _SMALLEST = (16, 16, 4, 1)
@@ -317,6 +326,12 @@ def triton_unsupported_reasons(target: Target, dtype: torch.dtype, cm: int, cv: 
 CLEAN_OFFLINE = frozenset({"sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"})
 # (arch, precision) cases of those targets where a hot kernel is not clean, with why: cuda goes first there.
 NOT_CLEAN: dict[tuple[str, str], str] = {}
+# AMD targets checked offline (Triton 3.8's AMD backend) and what is not clean there (no cuda backend to prefer)
+AMD_OFFLINE = {
+    "gfx942": "clean offline (bf16, TF32 and IEEE: no VGPR/SGPR spills, LDS within 64 KB, MFMA)",
+    "gfx1100": ("not clean offline: the forward and score passes spill (bf16 40 B and ~800 B; float32, IEEE on "
+                "RDNA, 300-1000 B)"),
+}
 
 
 def static_gpu_order(target: Target, dtype: torch.dtype) -> tuple[tuple[str, ...], str]:
@@ -330,8 +345,9 @@ def static_gpu_order(target: Target, dtype: torch.dtype) -> tuple[tuple[str, ...
     if target.vendor == "interpreter":
         return ("triton",), "the Triton interpreter runs on CPU tensors"
     if target.vendor == "amd":
+        state = AMD_OFFLINE.get(target.arch, "not in the offline compile report")
         return ("triton",), (f"{target.arch} (AMD): the triton backend only (the cuda kernels need an NVIDIA "
-                             "build); none measured on hardware")
+                             f"build); {state}; not measured on hardware")
     if target.capability < (8, 0):
         return ("cuda", "triton"), (f"{target.arch} is older than sm_80: the Triton kernels are neither compiled "
                                     "nor checked for it")
