@@ -58,7 +58,6 @@ IMPLS = {
     "fused cuda": cases.fused_impl("cuda"),
     "flex": cases.fused_impl("flex"),
 }
-CHOICE_BACKENDS = {"fused triton": "triton", "fused cuda": "cuda", "flex": "flex"}  # impl label -> backend
 # Worst relative error (y, gradients) for a backend to pass the smoke test in a precision: a few times what
 # tests/helpers.tolerance allows, so that only a broken kernel fails (those are off by O(1) or NaN).
 PASS_BOUNDS = {"fp32-highest": (1e-4, 1e-3), "fp32-high": (2e-2, 6e-2), "bf16": (6e-2, 0.25)}
@@ -352,12 +351,11 @@ def to_markdown(meta: dict[str, object], accuracy: list[dict[str, object]], dete
 def _dry_run_setup() -> None:
     """Tiny shapes, the CPU, the cpu and flex backends, float32 modes only: every code path of this script runs
     (flex forward only: it has no CPU backward, so its fwd+bwd rows are errors that say so)."""
-    global DEVICE, MODES, IMPLS, CHOICE_BACKENDS
+    global DEVICE, MODES, IMPLS
     DEVICE = "cpu"
     MODES = MODES[:2]  # fp32-high too, so that the 512x512 inference rows run (at 32x32)
     IMPLS = {"NLSN-style": "nlsn-style", "DLSN-style": "dlsn-style", "fused cpu": cases.fused_impl("cpu"),
              "flex": cases.fused_impl("flex")}
-    CHOICE_BACKENDS = {"fused cpu": "cpu", "flex": "flex"}
     NETWORK.update(preset="tiny", train_n=2, train_size=16, infer_size=32)
     for shape, small in ((TRAIN, dict(n=2, h=12, w=12, k=32)), (ODD, dict(n=2, h=7, w=9, k=16)),
                          (BIG, dict(h=32, w=32, k=32))):
@@ -411,7 +409,8 @@ def main(argv: list[str] | None = None) -> None:
         if time.time() > DEADLINE:
             break
         with precision_mode(prec, None):
-            outcome = dk_check.run(torch.device(DEVICE), [dtype_label], quick=DEVICE == "cpu")
+            outcome = dk_check.run(torch.device(DEVICE), [dtype_label], quick=DEVICE == "cpu",
+                                   write_cache=DEVICE == "cuda")  # a dry run measures nothing worth keeping
         check_tables.append(f"### {dtype_label} ({prec})\n\n" + dk_check.table(outcome["results"]))
         dtype = "bfloat16" if dtype_label == "bf16" else "float32"
         for backend, result in outcome["results"][dtype_label].items():
