@@ -456,16 +456,17 @@ def compile_kernels(shape: tuple[int, ...] = TRAINING_SHAPE, modes=MODES,
                 kernel=name, dtype=label, precision=precision, config=config, toolchain=tools,
                 shared_bytes=int(kernel.metadata.shared), arch=target.arch, shared_limit=target.shared_per_block,
                 step_macs=step_macs(name, config, shape[2], shape[3]),
-                shared_estimate=_shared_estimate(name, config, dtype, shape[2], shape[3]), **usage,
+                shared_estimate=_shared_estimate(name, config, dtype, shape[2], shape[3], target), **usage,
             ))
     return records
 
 
-def _shared_estimate(kernel: str, config: dict[str, Any], dtype: torch.dtype, cm: int, cv: int) -> int:
+def _shared_estimate(kernel: str, config: dict[str, Any], dtype: torch.dtype, cm: int, cv: int,
+                     target: Target) -> int:
     from dlsn_kernels.targets import shared_estimate
 
     name = config_name(kernel, config)
-    return shared_estimate(name, config, dtype, cm, cv) if name else 0
+    return shared_estimate(name, config, dtype, cm, cv, target) if name else 0
 
 
 _CUDA_DTYPES = {"float": "fp32", "double": "fp64", "c10::BFloat16": "bf16", "c10::Half": "fp16"}

@@ -228,12 +228,15 @@ def _pow2(size: int) -> int:
     return max(16, 1 << (size - 1).bit_length())
 
 
-def shared_estimate(kernel: str, config: dict[str, int], dtype: torch.dtype, cm: int, cv: int) -> int:
+def shared_estimate(kernel: str, config: dict[str, int], dtype: torch.dtype, cm: int, cv: int,
+                    target: Target | None = None) -> int:
     """An upper bound of the shared memory (bytes) one block of ``kernel`` uses with ``config``.
 
     Triton reuses shared memory between phases, so a block needs the larger of its main loop (``num_stages``
     buffers of the rows streamed per step, one of the tiles held over the loop, the P/dS tile) and its epilogue
     (the float32 accumulator, whose layout conversion for the store can take it whole), plus 1 KB of barriers.
+    On wgmma/tcgen05 targets (and when ``target`` is None) the P/dS tiles also pass through shared memory as a
+    float32 copy (they are a dot's shared-memory operand there; mma.sync keeps them in registers).
     Checked against every kernel the compile report compiles (``tests/test_compile_report.py``): it must never be
     below what Triton allocates. Operands are in the input dtype (2 bytes bfloat16/float16, 4 float32, 8 float64).
     """
@@ -243,12 +246,13 @@ def shared_estimate(kernel: str, config: dict[str, int], dtype: torch.dtype, cm:
     bcm, bcv = _pow2(cm), _pow2(cv)
     q, k, stages = config.get("BLOCK_Q", 0), config.get("BLOCK_K", 0), config.get("num_stages", 2)
     # (AMD options such as matrix_instr_nonkdim do not change the tiles' bytes)
+    tile = q * k * 4 * (2 if target is None or family_of(target) in ("wgmma", "tcgen05") else 1)
     if kernel == "forward":  # per step: key and value rows; held: the queries; P; epilogue: out^T
-        loop, epilogue = stages * k * (bcm + bcv) * e + q * bcm * e + q * k * 4, bcv * q * 4
+        loop, epilogue = stages * k * (bcm + bcv) * e + q * bcm * e + tile, bcv * q * 4
     elif kernel == "key_dv":  # per step: query and dO rows; held: keys; P; epilogue: dv^T
-        loop, epilogue = stages * q * (bcm + bcv) * e + k * bcm * e + k * q * 4, bcv * k * 4
+        loop, epilogue = stages * q * (bcm + bcv) * e + k * bcm * e + tile, bcv * k * 4
     elif kernel == "key_score":  # per step: query and dO rows; held: keys and values; dS and dlss; epilogue: dkn^T
-        loop, epilogue = stages * q * (bcm + bcv) * e + k * (bcm + bcv) * e + 2 * k * q * 4, bcm * k * 4
+        loop, epilogue = stages * q * (bcm + bcv) * e + k * (bcm + bcv) * e + 2 * tile, bcm * k * 4
     elif kernel == "dq":  # per step: key rows and the dS tile; epilogue: dq^T
         loop, epilogue = stages * k * (bcm + q) * e + q * bcm * 4, bcm * q * 4
     else:
@@ -280,7 +284,7 @@ def _candidates(kernel: str, target: Target, dtype: torch.dtype, cv: int, chunk_
 
 
 def _fits(kernel: str, config: dict[str, int], target: Target, dtype: torch.dtype, cm: int, cv: int) -> bool:
-    return shared_estimate(kernel, config, dtype, cm, cv) <= target.shared_per_block
+    return shared_estimate(kernel, config, dtype, cm, cv, target) <= target.shared_per_block
 
 
 def triton_config(kernel: str, target: Target, dtype: torch.dtype, cm: int, cv: int,
@@ -314,7 +318,7 @@ def triton_unsupported_reasons(target: Target, dtype: torch.dtype, cm: int, cv: 
     for kernel in TRITON_KERNELS:
         candidates = _candidates(kernel, target, dtype, cv, chunk_size)
         if not any(_fits(kernel, c, target, dtype, cm, cv) for c in candidates):
-            need = min(shared_estimate(kernel, c, dtype, cm, cv) for c in candidates)
+            need = min(shared_estimate(kernel, c, dtype, cm, cv, target) for c in candidates)
             reasons.append(f"the {precision_of(dtype).upper()} {kernel} pass needs {need / 1024:.0f} KB of shared "
                            f"memory, {target.arch} allows {target.shared_per_block / 1024:.0f} KB")
     return reasons

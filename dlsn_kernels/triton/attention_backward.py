@@ -406,6 +406,8 @@ def attention_backward(
     n_dup = triton.cdiv(pad, length)  # padded copies one position can have
     inv_norm = inverse_key_norms(xm)
     precision = kernel_precision(xm.device, xm.dtype)
+    # float32 on FFMA (IEEE: "highest", or a target without TF32) takes the plain orientation, as its dtype says
+    smem_b = False if (xm.dtype == torch.float32 and precision == "ieee") else _smem_b(xm.dtype)
     rows = slot_rows(perm, k, max(cm, cv, k))
 
     for r in range(rounds):
@@ -415,7 +417,7 @@ def attention_backward(
                 grad_out, delta, lse, xm, v, lss, rows, inv_norm,
                 dv_buf[r], dkn_buf[r], dlss_buf[r], ds,
                 length, cm, cv, k, rounds, nc, padded, r, stat_rounds, stat_round,
-                SMEM_B=_smem_b(xm.dtype), DV_PASS=dv_pass, PRECISION=precision, **configs[dv_pass],
+                SMEM_B=smem_b, DV_PASS=dv_pass, PRECISION=precision, **configs[dv_pass],
             )
         _dq_pass[(nc * triton.cdiv(k, dq_tiles["BLOCK_Q"]), n)](
             ds, xm, rows, dq_buf[r], length, cm, k, rounds, nc, padded, r, PRECISION=precision, **dq_tiles,
