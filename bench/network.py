@@ -8,7 +8,10 @@ Implementations (``impl``):
 * ``fused-<backend>``: ``dlsn.models.build_model(preset, scale, backend=<backend>)`` in float32;
 * ``fused-<backend>-bf16``: the same under ``torch.autocast(<device>, dtype=torch.bfloat16)``;
 * ``dlsn-style``: the same network and weights, every ``GLA`` swapped for ``DLSNStyleGLA``, float32
-  (``dlsn-style-bf16``: under bf16 autocast, as the GPU session runs it).
+  (``dlsn-style-bf16``: under bf16 autocast, as the GPU session runs it);
+* ``nlsn-style`` (``nlsn`` / ``nlsn_small`` presets): every ``NLSA`` swapped for :class:`NLSNStyleNLSA`, the
+  authors' NonLocalSparseAttention written their way (fresh Gaussian rotations, their unstable sort). Not in
+  the pytest parametrisation yet; ``python -m bench.network compare nlsn --impl fused-cpu nlsn-style``.
 
 :func:`network_case` is a builder in the sense of :mod:`bench.cases` (plain keyword arguments, returns
 ``run()``), so :mod:`bench.memory` rebuilds it in a child process; ``bench.cases.network_case`` points
@@ -40,6 +43,8 @@ __all__ = [
     "network_case",
     "network_cases",
     "network_impls",
+    "NLSNStyleNLSA",
+    "nlsn_style_network",
 ]
 
 BF16_SUFFIX = "-bf16"
@@ -114,6 +119,44 @@ def dlsn_style_network(model: nn.Module, stable: bool = False) -> nn.Module:
     return model
 
 
+class NLSNStyleNLSA(baselines.NLSAttention):
+    """NLSN's attention block as the authors run it: :class:`bench.baselines.NLSAttention` (fresh Gaussian
+    rotations per call) with their ``torch.sort`` (``stable=False``) unless ``stable``."""
+
+    def __init__(self, *args, stable: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stable = stable
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        xm = baselines._to_rows(self.conv_match(x))
+        v = baselines._to_rows(self.conv_assembly(x))
+        n_buckets = baselines.n_buckets_for(h * w, self.chunk_size)
+        rot_half = baselines.gaussian_rotations(xm.shape[-1], self.n_hashes, n_buckets, device=x.device,
+                                                dtype=x.dtype)
+        with torch.no_grad():
+            codes = baselines.nlsn_hash(xm.detach(), rot_half)
+        indices, undo_sort = baselines.sort_by_codes(codes, max(2 * rot_half.shape[-1], 1), stable=self.stable)
+        ret, bucket_score = baselines._bucket_attention(xm, v, indices, undo_sort, self.n_hashes, self.chunk_size)
+        y = baselines._combine_rounds(ret, bucket_score)
+        return y.permute(0, 2, 1).reshape(n, c, h, w) * self.res_scale + x
+
+
+def nlsn_style_network(model: nn.Module, stable: bool = False) -> nn.Module:
+    """``model`` with every ``dlsn.models.NLSA`` replaced, in place, by an :class:`NLSNStyleNLSA` holding its
+    weights (``stable=False``: the authors' unstable sort). Returns ``model``."""
+    from dlsn.models import NLSA
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, NLSA):
+                swap = NLSNStyleNLSA(child.channels, child.reduction, child.chunk_size, child.n_hashes,
+                                     child.res_scale, stable=stable)
+                swap.load_state_dict(child.state_dict())
+                setattr(parent, name, swap.to(next(child.parameters()).device))
+    return model
+
+
 def build_network(impl: str, preset: str, scale: int = 2, *, channels_last: bool = False, seed: int = 0,
                   device: str = "cpu") -> tuple[nn.Module, bool]:
     """``(model, bf16)``: the network of ``impl`` (weights drawn from ``seed``, so every impl gets the same
@@ -121,8 +164,8 @@ def build_network(impl: str, preset: str, scale: int = 2, *, channels_last: bool
     from dlsn.models import build_model
 
     base, bf16 = _split_impl(impl)
-    if base == "dlsn-style":
-        backend = "reference"  # never runs: every GLA is swapped out below
+    if base in ("dlsn-style", "nlsn-style"):
+        backend = "reference"  # never runs: every GLA / NLSA is swapped out below
     elif base.startswith("fused-"):
         backend = base[len("fused-"):]
     else:
@@ -131,6 +174,8 @@ def build_network(impl: str, preset: str, scale: int = 2, *, channels_last: bool
     model = build_model(preset, scale, backend=backend)
     if base == "dlsn-style":
         dlsn_style_network(model)
+    elif base == "nlsn-style":
+        nlsn_style_network(model)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return model.to(torch.device(device), memory_format=fmt), bf16
 
@@ -202,15 +247,17 @@ def estimate_network_bytes(impl: str, preset: str, size: int, n: int = 1, train:
     from dlsn.models import preset_config
 
     config = preset_config(preset, scale)
+    if config["arch"] == "nlsn":  # ResBlocks instead of groups; one attention block per 8 ResBlocks, plus one
+        config["n_resgroups"] = 1 + config["n_resblocks"] // 8
     c, groups = config["n_feats"], config["n_resgroups"]
     k, r, reduction = config["chunk_size"], config["n_hashes"], config["reduction"]
     fmap = n * c * size * size * 4
     maps = (20 * groups + 8) * fmap if train else 4 * fmap
     maps += 2 * n * c * size * size * scale * scale * 4  # upsampler output and the last conv's input
     base, _ = _split_impl(impl)
-    if base != "dlsn-style":
+    if base not in ("dlsn-style", "nlsn-style"):
         return maps
-    core = estimate_core_bytes("dlsn-style", n, size, size, c // reduction, c, k, r, backward=train)
+    core = estimate_core_bytes(base, n, size, size, c // reduction, c, k, r, backward=train)
     return maps + core * (groups if train else 1)
 
 

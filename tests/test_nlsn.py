@@ -370,3 +370,39 @@ def test_upscale_and_eval_with_an_nlsn_checkpoint_and_chop(tmp_path, capsys):
     assert eval_main(["--data", str(hr), "--checkpoint", str(checkpoint), "--chop", "--no-progress", *common]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("hr ")]
     assert len(rows) == 1 and rows[0][1] == "1" and 5.0 < float(rows[0][2]) < 60.0  # one image, a finite PSNR
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole-network bench's NLSN-style swap (bench/network.py).
+
+
+def test_nlsn_style_network_is_ours_with_the_authors_attention():
+    """The swap keeps every weight, and with a stable sort and the same global-generator draws (both take
+    their Gaussian rotations from it in training mode, in block order) gives our output (float32)."""
+    from bench import network
+
+    torch.manual_seed(0)
+    ours = build_model("nlsn_small", 2, backend="reference")
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    theirs = network.nlsn_style_network(build_model("nlsn_small", 2, backend="reference"), stable=True)
+    theirs.load_state_dict(before)
+    assert not any(isinstance(m, NLSA) for m in theirs.modules())
+    assert sum(isinstance(m, network.NLSNStyleNLSA) for m in theirs.modules()) == 2
+    assert theirs.state_dict().keys() == before.keys()
+    x = torch.rand(1, 3, 11, 9)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        a = ours.train()(x)
+        torch.manual_seed(5)
+        b = theirs.train()(x)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_nlsn_network_cases_run(train):
+    from bench import cases, network
+
+    for impl in ("fused-reference", "nlsn-style"):
+        cases.network_case(impl, "nlsn_small", 12, n=1, train=train)()
+    assert network.estimate_network_bytes("nlsn-style", "nlsn", 128) > network.estimate_network_bytes(
+        "fused-cpu", "nlsn", 128)
