@@ -201,8 +201,9 @@ _AMD_TILES = {
     "dq": {"native": [(64, 64, 4, 2)], "tf32": [(32, 32, 4, 2)], "ieee": [(32, 32, 4, 2)]},
 }
 # RDNA (wavefront 32): twice the wavefronts of CDNA's rows for the same threads. Not clean yet (compile report):
-# the bf16 forward spills 40 B and the score pass ~800 B; IEEE float32 (RDNA has no TF32) runs on FMA and spills
-# 300-1000 B in the forward and key passes. The key dv pass, the dq pass, position and combine are clean.
+# bf16: the forward spills 40 B and the score pass 792 B; float32 (IEEE: RDNA has no TF32 in Triton) runs on FMA
+# and spills 1020 B (forward), 336 B (dv pass), 824 B (score pass). The dq, position and combine passes and the
+# bf16 dv pass are clean.
 _RDNA = {
     "forward": {"native": [(32, 32, 8, 2)], "tf32": [(32, 16, 8, 2)], "ieee": [(32, 16, 8, 2)]},
     "key_dv": {"native": [(32, 32, 8, 2)], "tf32": [(32, 16, 8, 2)], "ieee": [(32, 16, 8, 2)]},
@@ -333,8 +334,8 @@ NOT_CLEAN: dict[tuple[str, str], str] = {}
 # AMD targets checked offline (Triton 3.8's AMD backend) and what is not clean there (no cuda backend to prefer)
 AMD_OFFLINE = {
     "gfx942": "clean offline (bf16, TF32 and IEEE: no VGPR/SGPR spills, LDS within 64 KB, MFMA)",
-    "gfx1100": ("not clean offline: the forward and score passes spill (bf16 40 B and ~800 B; float32, IEEE on "
-                "RDNA, 300-1000 B)"),
+    "gfx1100": ("not clean offline: bf16 forward 40 B and score pass 792 B of spills, float32 (IEEE on RDNA) "
+                "forward 1020 B, dv pass 336 B, score pass 824 B"),
 }
 
 
