@@ -406,3 +406,23 @@ def test_nlsn_network_cases_run(train):
         cases.network_case(impl, "nlsn_small", 12, n=1, train=train)()
     assert network.estimate_network_bytes("nlsn-style", "nlsn", 128) > network.estimate_network_bytes(
         "fused-cpu", "nlsn", 128)
+
+
+def test_train_nlsn_small_a_few_steps(tmp_path, capsys):
+    from dlsn.data import samples
+    from dlsn.images import write_image
+    from dlsn.train import main as train_main
+
+    data = tmp_path / "hr"
+    data.mkdir()
+    image = samples.load_sample("astronaut")
+    for i in range(4):
+        write_image(data / f"img{i}.png", image[60 * i:60 * i + 64, 100:172].copy())
+    out = tmp_path / "run"
+    code = train_main(["--data", str(data), "--preset", "nlsn_small", "--max-steps", "2", "--val-every", "2",
+                     "--batch-size", "2", "--patch-size", "16", "--val-crop", "48", "--no-progress",
+                     "--out", str(out)])
+    assert code == 0
+    model, config = load_model(out / "last.pt", backend="reference")
+    assert isinstance(model, NLSN) and config["arch"] == "nlsn" and config["rgb_range"] == 1.0
+    assert model(torch.rand(1, 3, 8, 8)).shape == (1, 3, 16, 16)
