@@ -226,6 +226,20 @@ def test_rotations_shape_and_eval_repeatability():
     assert not torch.equal(block.rotations(100, torch.device("cpu")), block.rotations(100, torch.device("cpu")))
 
 
+def test_seeded_gaussian_rotations_op():
+    """The eval-mode draw is a registered custom op (torch.compile sees one opaque call) and is NLSN's law:
+    ``torch.randn`` from a generator seeded with the block's seed."""
+    from dlsn.models.nlsn import seeded_gaussian_rotations
+
+    torch.library.opcheck(seeded_gaussian_rotations, (3, 4, 2, 5))
+    expected = torch.randn(4, 2, 5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(seeded_gaussian_rotations(3, 4, 2, 5), expected)
+    block = NLSA(16, chunk_size=8, n_hashes=2).eval()
+    block.set_inference(seed=3)
+    assert torch.equal(block.rotations(100, torch.device("cpu")), torch.randn(
+        4, 2, 6, generator=torch.Generator().manual_seed(3)))
+
+
 def test_network_eval_is_repeatable_and_seed_none_is_random():
     torch.manual_seed(0)
     model = build_model("nlsn_small", 2, backend="reference", n_resblocks=8).eval()
