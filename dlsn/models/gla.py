@@ -248,7 +248,8 @@ def _is_block(module: nn.Module) -> bool:
 
 
 def set_backend(model: nn.Module, backend: str | None) -> None:
-    """Sets the kernel backend of every GLA block inside ``model`` (``model`` itself included).
+    """Sets the kernel backend of every GLA block (and NLSA block, ``ATTENTION_BLOCK_TYPES``) inside ``model``
+    (``model`` itself included).
 
     ``backend``: None (automatic: the fastest backend that runs on the input's device and dtype),
     ``"reference"`` (plain PyTorch, no compiled kernels), ``"cpu"``, ``"cuda"``, ``"triton"``, or another
@@ -263,7 +264,8 @@ def set_backend(model: nn.Module, backend: str | None) -> None:
 def set_inference(
     model: nn.Module, n_hashes: int | None = None, seed: int | None = DEFAULT_INFERENCE_SEED
 ) -> None:
-    """Eval-mode hash rounds and rotation seeds of every GLA block inside ``model``. Training is unaffected.
+    """Eval-mode hash rounds and rotation seeds of every GLA block (and NLSA block, ``ATTENTION_BLOCK_TYPES``)
+    inside ``model``. Training is unaffected.
 
     Args:
         model: a GLA block or any module containing them.
