@@ -62,6 +62,10 @@ __all__ = [
 # Every bucket count DESIGN.md's rule can give: 1 (fewer positions than one chunk) and the even counts to the cap.
 BUCKET_COUNTS: tuple[int, ...] = (1, *range(2, MAX_BUCKETS + 1, 2))
 
+OP_NAMESPACE = "dlsn_onnx"
+_INT64_MAX = 2**63 - 1  # Slice's "to the end"
+_ZERO_I64 = helper.make_tensor("zero", TensorProto.INT64, [1], [0])  # ConstantOfShape's fill value
+
 
 def bank_offset(n_buckets: Any) -> Any:
     """First column of the ``[Cm, R, n_buckets]`` slice in the bank (ints or SymInts): columns
@@ -104,9 +108,6 @@ def rotation_bank(block: GLA) -> Tensor:
                                  "so no graph can reproduce them; give a seed")
         slices.append(rot)
     return torch.cat(slices, dim=-1).contiguous()
-
-
-OP_NAMESPACE = "dlsn_onnx"
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::gla_attention", mutates_args=())
@@ -156,10 +157,6 @@ def _roll_forward(x: Any) -> Any:
     """Chunk c gets chunk c + 1 (mod nc) along axis 1."""
     return op.Concat(op.Slice(x, _i64(1), _i64(_INT64_MAX), _i64(1)), op.Slice(x, _i64(0), _i64(1), _i64(1)),
                      axis=1)
-
-
-_INT64_MAX = 2**63 - 1
-_ZERO_I64 = helper.make_tensor("zero", TensorProto.INT64, [1], [0])
 
 
 def gla_attention_onnx(xm: Any, v: Any, lss: Any, bank: Any, chunk_size: int, rounds: int) -> Any:
