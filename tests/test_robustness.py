@@ -245,8 +245,11 @@ def test_integer_weights_where_floats_belong_are_one_line(tiny_model, tmp_path, 
 
 
 def test_check_config_accepts_every_preset():
-    for name in ("tiny", "small", "paper", "edsr_gla", "cpu_default", "cnn"):
-        check_config(preset_config(name, 2))
+    from dlsn.models.presets import PRESETS
+
+    for name in PRESETS:
+        for scale in (2, 3, 4):
+            check_config(preset_config(name, scale))
 
 
 class _RunsShell:
