@@ -176,6 +176,9 @@ def build_network(impl: str, preset: str, scale: int = 2, *, channels_last: bool
         dlsn_style_network(model)
     elif base == "nlsn-style":
         nlsn_style_network(model)
+        if not any(isinstance(m, NLSNStyleNLSA) for m in model.modules()):
+            raise ValueError(f"unknown impl {impl!r} for preset {preset!r}: it swaps NLSA blocks, and this "
+                             "network has none (use an nlsn preset)")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return model.to(torch.device(device), memory_format=fmt), bf16
 
