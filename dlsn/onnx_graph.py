@@ -2,8 +2,10 @@
 
 ``python -m dlsn.export`` (``dlsn/export.py``) builds its graph from the pieces here. Nothing in
 ``dlsn.models`` changes: :func:`export_network` deep-copies a loaded network and swaps every
-:class:`~dlsn.models.gla.GLA` block for an :class:`ExportGLA`, which shares the block's four layers and hands the
-attention (hash, sort, chunked attention, round merge) to one custom op, ``dlsn_onnx::gla_attention``.
+:class:`~dlsn.models.gla.GLA` block for an :class:`ExportGLA` (every :class:`~dlsn.models.nlsn.NLSA` block for an
+:class:`ExportNLSA`), which shares the block's layers and hands the attention (hash, sort, chunked attention,
+round merge) to one custom op, ``dlsn_onnx::gla_attention`` (NLSA: spherical rotations ``cat[R, -R]`` in the
+bank, no learned score).
 ``torch.export`` traces that op as a single node (tracing the attention's size arithmetic symbolically took
 minutes per block), and the ONNX exporter replaces the node by :func:`gla_attention_onnx`, which writes the
 attention in default-domain ONNX operators (DESIGN.md "Semantics" 1.1-1.5):
@@ -46,11 +48,13 @@ from torch import Tensor, nn
 
 from dlsn.errors import UserInputError
 from dlsn.models.gla import GLA
+from dlsn.models.nlsn import NLSA, spherical_rotation
 from dlsn_kernels._hash_setup import KEY_NORM_EPS, MAX_BUCKETS, n_buckets_for
 
 __all__ = [
     "BUCKET_COUNTS",
     "ExportGLA",
+    "ExportNLSA",
     "ImageNetwork",
     "bank_offset",
     "export_network",
@@ -81,9 +85,17 @@ def _length_for(n_buckets: int, chunk_size: int) -> int | None:
     return length if n_buckets_for(length, chunk_size) == n_buckets else None
 
 
-def rotation_bank(block: GLA) -> Tensor:
-    """``[Cm, R, sum(BUCKET_COUNTS)]`` float32 on the CPU: the rotations ``block`` uses in eval mode for each
-    bucket count, drawn through ``block.rotations`` as its forward does (see the module docstring).
+def _block_rotation(block: nn.Module, length: int) -> Tensor:
+    """The ``[Cm, R, B]`` SB-LSH rotation ``block``'s eval forward passes to the attention for ``length``."""
+    rot = block.rotations(length, torch.device("cpu")).detach().to(torch.float32)
+    if isinstance(block, NLSA):  # Gaussian halves -> cat[R, -R] (zeros at B = 1), as NLSA.attend builds it
+        rot = spherical_rotation(rot)
+    return rot
+
+
+def rotation_bank(block: nn.Module) -> Tensor:
+    """``[Cm, R, sum(BUCKET_COUNTS)]`` float32 on the CPU: the rotations a GLA or NLSA ``block`` uses in eval mode
+    for each bucket count, drawn through ``block.rotations`` as its forward does (see the module docstring).
 
     Raises :class:`UserInputError` when the block draws different rotations on two calls (no inference seed:
     a graph cannot hold rotations that change on every call).
@@ -99,20 +111,21 @@ def rotation_bank(block: GLA) -> Tensor:
             # Unreachable bucket count (B = 1 with K = 1): its argmax over one column is 0 whatever it holds.
             slices.append(torch.zeros(cm, rounds, n_buckets))
             continue
-        rot = block.rotations(length, torch.device("cpu")).detach().to(torch.float32)
+        rot = _block_rotation(block, length)
         if tuple(rot.shape) != (cm, rounds, n_buckets):
-            raise RuntimeError(f"GLA.rotations gave shape {tuple(rot.shape)} for L={length}, "
+            raise RuntimeError(f"{type(block).__name__} rotations have shape {tuple(rot.shape)} for L={length}, "
                                f"expected {(cm, rounds, n_buckets)}")
-        if n_buckets == 2 and not torch.equal(rot, block.rotations(length, torch.device("cpu")).float()):
-            raise UserInputError("the GLA blocks draw new rotations on every call (no inference seed), "
+        if n_buckets == 2 and not torch.equal(rot, _block_rotation(block, length)):
+            raise UserInputError("the attention blocks draw new rotations on every call (no inference seed), "
                                  "so no graph can reproduce them; give a seed")
         slices.append(rot)
     return torch.cat(slices, dim=-1).contiguous()
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::gla_attention", mutates_args=())
-def gla_attention_op(xm: Tensor, v: Tensor, lss: Tensor, bank: Tensor, chunk_size: int, rounds: int) -> Tensor:
-    """GLA's attention with the rotations of the bank's slice for this length: ``y [N, L, Cv]`` (float32).
+def gla_attention_op(xm: Tensor, v: Tensor, lss: Tensor | None, bank: Tensor, chunk_size: int, rounds: int) -> Tensor:
+    """GLA's attention with the rotations of the bank's slice for this length: ``y [N, L, Cv]`` (float32);
+    ``lss`` None: no learned score (NLSA).
 
     A custom op so that ``torch.export`` traces it as one node (the attention's symbolic size arithmetic
     otherwise takes minutes to trace per block); the ONNX export replaces the node by :func:`gla_attention_onnx`.
@@ -124,11 +137,13 @@ def gla_attention_op(xm: Tensor, v: Tensor, lss: Tensor, bank: Tensor, chunk_siz
     rot = bank.narrow(-1, bank_offset(n_buckets), n_buckets)
     if rot.shape[1] != rounds:
         raise ValueError(f"bank holds {rot.shape[1]} rounds, the op was given {rounds}")
+    if lss is None:
+        lss = xm.new_zeros(xm.shape[0], xm.shape[1], chunk_size)
     return gla_attention(xm, v, lss, rot.to(xm.dtype), chunk_size, backend="reference")
 
 
 @gla_attention_op.register_fake
-def _(xm: Tensor, v: Tensor, lss: Tensor, bank: Tensor, chunk_size: int, rounds: int) -> Tensor:
+def _(xm: Tensor, v: Tensor, lss: Tensor | None, bank: Tensor, chunk_size: int, rounds: int) -> Tensor:
     return v.new_empty(v.shape)
 
 
@@ -159,9 +174,10 @@ def _roll_forward(x: Any) -> Any:
                      axis=1)
 
 
-def gla_attention_onnx(xm: Any, v: Any, lss: Any, bank: Any, chunk_size: int, rounds: int) -> Any:
+def gla_attention_onnx(xm: Any, v: Any, lss: Any | None, bank: Any, chunk_size: int, rounds: int) -> Any:
     """The ONNX translation of :func:`gla_attention_op` (called by the exporter with graph values): hash, stable
-    sort, chunked attention and round merge in default-domain ONNX ops, as the module docstring describes."""
+    sort, chunked attention and round merge in default-domain ONNX ops, as the module docstring describes.
+    ``lss`` None: no learned score term (NLSA), nothing added."""
     k = chunk_size
     shape = op.Shape(xm)
     n = op.Gather(shape, _scalar(0), axis=0)
@@ -199,7 +215,7 @@ def gla_attention_onnx(xm: Any, v: Any, lss: Any, bank: Any, chunk_size: int, ro
     key_rows = op.Div(xm_rows, op.Max(op.ReduceL2(xm_rows, _i64(-1), keepdims=1),
                                       op.Constant(value_float=KEY_NORM_EPS)))
     v_rows = op.Reshape(v, _dims(-1, cv))
-    lss_rows = op.Reshape(lss, _i64(-1, k))
+    lss_rows = None if lss is None else op.Reshape(lss, _i64(-1, k))
     all_positions = op.Expand(op.Unsqueeze(positions, _i64(0)), _dims(n, length))
 
     y = lse = None
@@ -211,15 +227,14 @@ def gla_attention_onnx(xm: Any, v: Any, lss: Any, bank: Any, chunk_size: int, ro
         keys_t = op.Transpose(op.Reshape(op.Gather(key_rows, flat, axis=0), _dims(n, chunks, k, cm)),
                               perm=[0, 1, 3, 2])
         values = op.Reshape(op.Gather(v_rows, flat, axis=0), _dims(n, chunks, k, cv))
-        # learned[.., i, j] = lss[key j, query slot i]
-        learned = op.Transpose(op.Reshape(op.Gather(lss_rows, flat, axis=0), _dims(n, chunks, k, k)),
-                               perm=[0, 1, 3, 2])
-        scores = op.Concat(  # [N, nc, K, 3K]: keys of chunks c, c - 1, c + 1
-            op.Add(op.MatMul(q, keys_t), learned),
-            op.Add(op.MatMul(q, _roll_back(keys_t)), _roll_back(learned)),
-            op.Add(op.MatMul(q, _roll_forward(keys_t)), _roll_forward(learned)),
-            axis=3,
-        )
+        blocks = [op.MatMul(q, keys_t), op.MatMul(q, _roll_back(keys_t)), op.MatMul(q, _roll_forward(keys_t))]
+        if lss_rows is not None:
+            # learned[.., i, j] = lss[key j, query slot i]
+            learned = op.Transpose(op.Reshape(op.Gather(lss_rows, flat, axis=0), _dims(n, chunks, k, k)),
+                                   perm=[0, 1, 3, 2])
+            blocks = [op.Add(blocks[0], learned), op.Add(blocks[1], _roll_back(learned)),
+                      op.Add(blocks[2], _roll_forward(learned))]
+        scores = op.Concat(*blocks, axis=3)  # [N, nc, K, 3K]: keys of chunks c, c - 1, c + 1
         top = op.ReduceMax(scores, _i64(3), keepdims=1)
         weights = op.Exp(op.Sub(scores, top))
         total = op.ReduceSum(weights, _i64(3), keepdims=1)
@@ -281,6 +296,32 @@ class ExportGLA(nn.Module):
         return y * self.res_scale + x
 
 
+class ExportNLSA(nn.Module):
+    """An NLSA block's eval-mode forward for export: its two layers, the bank of its spherical rotations
+    ``cat[R, -R]``, and the attention without a learned score (``NLSA.attend``'s zeros add nothing)."""
+
+    def __init__(self, block: NLSA, bank: Tensor | None = None) -> None:
+        super().__init__()
+        self.channels = block.channels
+        self.chunk_size = block.chunk_size
+        self.rounds = block.rounds()
+        self.res_scale = block.res_scale
+        self.conv_match = block.conv_match
+        self.conv_assembly = block.conv_assembly
+        self.register_buffer("bank", rotation_bank(block) if bank is None else bank, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, channels, height, width = x.shape
+
+        def rows(t: Tensor) -> Tensor:  # [N, C, H, W] -> [N, L, C], position l = h W + w
+            return t.permute(0, 2, 3, 1).reshape(n, height * width, t.shape[1]).float()
+
+        y = gla_attention_op(rows(self.conv_match(x)), rows(self.conv_assembly(x)), None, self.bank,
+                             self.chunk_size, self.rounds)
+        y = y.reshape(n, height, width, channels).permute(0, 3, 1, 2).to(x.dtype)
+        return y * self.res_scale + x
+
+
 class ImageNetwork(nn.Module):
     """``image [N, 3, H, W]`` in [0, 1] -> ``[N, 3, sH, sW]`` in [0, 1]: the network's ``[0, rgb_range]`` applied
     inside (as the spandrel descriptor does), the result clipped to [0, 1] (what an 8-bit image keeps)."""
@@ -295,12 +336,12 @@ class ImageNetwork(nn.Module):
 
 
 def _swap_gla(model: nn.Module) -> int:
-    """Replaces every GLA inside ``model`` by an ExportGLA in place; returns how many."""
+    """Replaces every GLA (NLSA) block inside ``model`` by an ExportGLA (ExportNLSA) in place; returns how many."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, GLA):
-                setattr(parent, name, ExportGLA(child))
+            if isinstance(child, (GLA, NLSA)):
+                setattr(parent, name, ExportGLA(child) if isinstance(child, GLA) else ExportNLSA(child))
                 swapped += 1
     return swapped
 

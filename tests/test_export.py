@@ -1,9 +1,9 @@
 """``python -m dlsn.export``: the ONNX graph is standard, runs in ONNX Runtime and gives PyTorch's pixels.
 
-Two small networks are exported once per module: ``tiny`` (DLSN, two GLA blocks, K = 64, R = 2, x2, default
-opset) and ``cpu_default`` (DLSN with a bicubic residual, K = 32, R = 1, x3, the newest opset). Sizes are
-odd and chosen for their chunk count nc (1, 2, 3+) and bucket count B. No NLSA block exists in this project
-yet, so no NLSA network is exported.
+Three small networks are exported once per module: ``tiny`` (DLSN, two GLA blocks, K = 64, R = 2, x2, default
+opset), ``cpu_default`` (DLSN with a bicubic residual, K = 32, R = 1, x3, the newest opset) and ``nlsn_small``
+(NLSN, two NLSA blocks, K = 32, R = 2, rgb_range 1). Sizes are odd and chosen for their chunk count nc
+(1, 2, 3+) and bucket count B. No network here holds both GLA and NLSA blocks.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ pytest.importorskip("onnxscript", reason="the export extra is not installed")
 from dlsn.export import OPSETS, check_onnx, export_onnx, main  # noqa: E402
 from dlsn.images import write_image  # noqa: E402
 from dlsn.models import GLA, build_model, load_model, save_checkpoint  # noqa: E402
-from dlsn.onnx_graph import BUCKET_COUNTS, ExportGLA, bank_offset, rotation_bank  # noqa: E402
+from dlsn.models.nlsn import NLSA  # noqa: E402
+from dlsn.onnx_graph import BUCKET_COUNTS, ExportGLA, ExportNLSA, bank_offset, rotation_bank  # noqa: E402
 from dlsn_kernels import n_buckets_for  # noqa: E402
 
 SEED = 3
@@ -56,6 +57,14 @@ def residual(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     checkpoint = _checkpoint(folder, "cpu_default", 3)
     export_onnx(checkpoint, folder / "cpu_default.onnx", seed=SEED, opset=OPSETS[-1])
     return checkpoint, folder / "cpu_default.onnx"
+
+
+@pytest.fixture(scope="module")
+def nlsn(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("nlsn")
+    checkpoint = _checkpoint(folder, "nlsn_small", 2)
+    export_onnx(checkpoint, folder / "nlsn_small.onnx", seed=SEED)
+    return checkpoint, folder / "nlsn_small.onnx"
 
 
 def _pytorch(checkpoint: Path, image: torch.Tensor) -> np.ndarray:
@@ -131,6 +140,36 @@ def test_residual_network_matches_pytorch(residual: tuple[Path, Path], size: tup
     ours, theirs = _onnx(path, image), _pytorch(checkpoint, image)
     assert ours.shape == theirs.shape == (1, 3, 3 * size[0], 3 * size[1])
     assert _psnr(ours, theirs) >= 50
+
+
+@pytest.mark.parametrize("size", [(5, 5), (7, 9), (9, 13), (31, 29)],
+                         ids=["nc1-B1", "nc2-B2", "nc4-B4", "nc29-B28"])
+def test_nlsn_matches_pytorch(nlsn: tuple[Path, Path], size: tuple[int, int]) -> None:
+    checkpoint, path = nlsn
+    assert (_chunks(*size, 32), n_buckets_for(size[0] * size[1], 32)) == {
+        (5, 5): (1, 1), (7, 9): (2, 2), (9, 13): (4, 4), (31, 29): (29, 28)}[size]
+    torch.manual_seed(4)
+    image = torch.rand(1, 3, *size)
+    ours, theirs = _onnx(path, image), _pytorch(checkpoint, image)
+    assert ours.shape == theirs.shape == (1, 3, 2 * size[0], 2 * size[1])
+    assert _psnr(ours, theirs) >= 50
+    model = onnx.load(str(path))
+    assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
+
+
+def test_export_module_equals_nlsa_blocks() -> None:
+    """ExportNLSA (bank of cat[R, -R], no learned score) equals each NLSA block in eval mode."""
+    torch.manual_seed(0)
+    model = build_model("nlsn_small", 2).eval()
+    model.set_inference(seed=SEED)
+    blocks = [m for m in model.modules() if isinstance(m, NLSA)]
+    assert len(blocks) == 2
+    for block in blocks:
+        swapped = ExportNLSA(block)
+        for size in [(5, 5), (9, 9), (23, 21)]:
+            x = torch.randn(1, block.channels, *size)
+            with torch.no_grad():
+                torch.testing.assert_close(swapped(x), block(x), rtol=1e-4, atol=1e-5)
 
 
 def test_batch_of_two_images(tiny: tuple[Path, Path]) -> None:
