@@ -146,6 +146,22 @@ def pick_device(device_arg: str | None) -> torch.device:
     return device
 
 
+def kernels_line(net: torch.nn.Module, backend: str | None, device: torch.device, dtype: torch.dtype) -> str | None:
+    """``kernels: ...``: the backend each pass of the attention ops runs on ``device`` in ``dtype`` and where that
+    choice came from (``--backend``, ``$DLSN_BACKEND``, the check's cache, a probe or the static order), for a
+    tool's opening lines; None when ``net`` has no hashed-attention block (nothing of dlsn_kernels runs)."""
+    from dlsn.models.gla import has_attention_blocks
+
+    if not has_attention_blocks(net):
+        return None
+    import dlsn_kernels
+
+    named = dlsn_kernels.requested(backend)
+    if named is not None:
+        return f"kernels: {named} for every pass ({'--backend' if backend else '$DLSN_BACKEND'})"
+    return f"kernels: {dlsn_kernels.backend_summary(device, dtype)}"
+
+
 def check_backend(backend: str | None, device: torch.device) -> str | None:
     """``--backend`` checked against what can run on ``device`` here (None: automatic choice)."""
     if backend is None:

@@ -39,7 +39,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dlsn.cli import BACKEND_HELP, check_backend, format_conversions, format_failures, pick_device, run_tool, saving
+from dlsn.cli import (
+    BACKEND_HELP,
+    check_backend,
+    format_conversions,
+    format_failures,
+    kernels_line,
+    pick_device,
+    run_tool,
+    saving,
+)
 from dlsn.data.degradations import DEGRADATIONS
 from dlsn.evaluation import (
     EvalError,
@@ -194,6 +203,12 @@ def _run(args: argparse.Namespace, conversions: dict[str, str] | None = None,
         wanted = ", ".join(f"x{s}" for s in missing)
         raise EvalError(f"no checkpoint for scale(s) {wanted} (checkpoints: {have})")
     # Said once the arguments and checkpoints are known to be good: no note line before an error line.
+    if models:
+        from dlsn.models.precision import default_dtype
+
+        dtype = getattr(torch, args.dtype or default_dtype(device))
+        for line in sorted({kernels_line(m, args.backend, device, dtype) for m, _ in models.values()} - {None}):
+            say(f"dlsn.eval: {line}")
     made = [name for name, folder in sets.items() if is_plain_folder(folder) or args.degradation != "BI"]
     if made:
         noise = f", noise sigma {noise_sigma:g}" if noise_sigma is not None else ""

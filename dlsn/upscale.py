@@ -47,6 +47,7 @@ from dlsn.cli import (
     format_conversions,
     format_failures,
     kernel_refusal,
+    kernels_line,
     pick_device,
     run_tool,
 )
@@ -241,6 +242,9 @@ class _Run:
             raise UserInputError(f"--dtype {dtype}: this model has no dtype setting; use --dtype float32")
         scale = int(config["scale"])
         self.pairs = _plan(args.input, args.output, scale)
+        kernels = kernels_line(model, backend, device, getattr(torch, dtype))
+        if kernels is not None:
+            print(f"{self.prog}: {kernels}")
         one_image = len(self.pairs) == 1 and not args.input.is_dir()
         for source, target in tqdm(self.pairs, desc=f"x{scale}", unit="image", disable=len(self.pairs) == 1,
                                    file=sys.stderr):

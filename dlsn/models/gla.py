@@ -247,6 +247,11 @@ def _is_block(module: nn.Module) -> bool:
     return isinstance(module, (GLA, *ATTENTION_BLOCK_TYPES))
 
 
+def has_attention_blocks(model: nn.Module) -> bool:
+    """Whether ``model`` holds a GLA (or NLSA) block, i.e. whether dlsn_kernels runs in it."""
+    return any(_is_block(m) for m in model.modules())
+
+
 def set_backend(model: nn.Module, backend: str | None) -> None:
     """Sets the kernel backend of every GLA block (and NLSA block, ``ATTENTION_BLOCK_TYPES``) inside ``model``
     (``model`` itself included).

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from dlsn.cli import kernels_line
 from dlsn.evaluation import SetScore, bicubic_upscaler, evaluate_dataset, model_upscaler
 from dlsn.images import write_image
 from dlsn.models.precision import default_dtype
@@ -117,6 +118,10 @@ def announce(trainer: TrainingRun) -> None:
         + (f", {torch.get_num_threads()} threads" if trainer.threads is None else
            f", threads tuned among {'/'.join(map(str, trainer.threads.options))}")
         + f"; training in {precision_text(trainer.precision, trainer.device)}")
+    kernels = kernels_line(_unwrap(trainer.net), trainer.args.backend, trainer.device,
+                           torch.bfloat16 if trainer.precision == "bfloat16" else torch.float32)
+    if kernels is not None:
+        say(kernels)
     say(f"data: {trainer.data.description}; an epoch is {trainer.steps_per_epoch} steps of "
         f"{s.batch_size} LR patches {s.patch_size}x{s.patch_size}")
     budget_text = " or ".join(budget) or "none (Ctrl-C stops)"
