@@ -31,3 +31,13 @@ def test_the_documented_example_runs_as_written():
 def test_the_example_is_short():
     code = [line for line in python_blocks(DOC.read_text())[0].splitlines() if line.strip()]
     assert len(code) <= 16
+
+
+def test_the_readme_example_runs_as_written():
+    readme = DOC.parents[1] / "README.md"
+    blocks = python_blocks(readme.read_text())
+    assert len(blocks) == 1, "README has one Python example"
+    namespace: dict = {}
+    exec(compile(blocks[0], str(readme), "exec"), namespace)
+    assert namespace["y"].shape == namespace["v"].shape  # [N, L, Cv]
+    assert namespace["out"].shape == (2, 256, 40, 36)  # NCHW in, NCHW out
