@@ -46,7 +46,10 @@ import dlsn_kernels
 
 from .residual import scaled_residual
 
-__all__ = ["DEFAULT_INFERENCE_SEED", "GLA", "block_seed", "seeded_rotations", "set_backend", "set_inference"]
+__all__ = [
+    "DEFAULT_INFERENCE_SEED", "GLA", "HashedAttentionBlock", "block_seed", "seeded_rotations", "set_backend",
+    "set_inference",
+]
 
 # The inference seed of a block built on its own, and the base seed set_inference and the networks use when
 # none is given (the tools' --seed default too).
@@ -99,7 +102,55 @@ def _conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True))
 
 
-class GLA(nn.Module):
+class HashedAttentionBlock(nn.Module):
+    """What every hashed-attention block (GLA, NLSA) shares: its sizes, kernel backend and eval-mode settings.
+
+    :func:`set_backend` and :func:`set_inference` reach every instance inside a network.
+    """
+
+    def __init__(self, channels: int, reduction: int, chunk_size: int, n_hashes: int, res_scale: float,
+                 backend: str | None) -> None:
+        super().__init__()
+        _check_positive_int(channels, "channels")
+        _check_positive_int(reduction, "reduction")
+        if channels % reduction != 0:
+            raise ValueError(f"channels ({channels}) must be divisible by reduction ({reduction})")
+        self.channels = channels
+        self.reduction = reduction
+        self.chunk_size = _check_positive_int(chunk_size, "chunk_size")
+        self.n_hashes = _check_positive_int(n_hashes, "n_hashes")
+        self.res_scale = float(res_scale)
+        self.backend = backend
+        # Evaluation-only settings, see set_inference.
+        self.inference_n_hashes: int | None = None
+        self.inference_seed: int | None = DEFAULT_INFERENCE_SEED
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, reduction={self.reduction}, chunk_size={self.chunk_size}, "
+            f"n_hashes={self.n_hashes}, res_scale={self.res_scale}, backend={self.backend!r}"
+        )
+
+    def set_inference(self, n_hashes: int | None = None, seed: int | None = DEFAULT_INFERENCE_SEED) -> None:
+        """Eval-mode settings of this block. Training is unaffected.
+
+        Args:
+            n_hashes: hash rounds in eval mode; None: the training count ``self.n_hashes``.
+            seed: the generator seed of this block's eval-mode rotations (used as given; the
+                network-wide :func:`set_inference` derives one per block); None: fresh random
+                rotations on every call, as the authors' code does.
+        """
+        self.inference_n_hashes = None if n_hashes is None else _check_positive_int(n_hashes, "n_hashes")
+        self.inference_seed = _check_seed(seed)
+
+    def rounds(self) -> int:
+        """Hash rounds the next forward call uses."""
+        if not self.training and self.inference_n_hashes is not None:
+            return self.inference_n_hashes
+        return self.n_hashes
+
+
+class GLA(HashedAttentionBlock):
     """Global Learnable Attention block: ``GLA(x) = attention(x) * res_scale + x``.
 
     Takes and returns feature maps ``x [N, C, H, W]`` (NCHW, like a convolution), so it drops into a
@@ -141,51 +192,13 @@ class GLA(nn.Module):
         res_scale: float = 1.0,
         backend: str | None = None,
     ) -> None:
-        super().__init__()
-        _check_positive_int(channels, "channels")
-        _check_positive_int(reduction, "reduction")
-        if channels % reduction != 0:
-            raise ValueError(f"channels ({channels}) must be divisible by reduction ({reduction})")
-        self.channels = channels
-        self.reduction = reduction
-        self.chunk_size = _check_positive_int(chunk_size, "chunk_size")
-        self.n_hashes = _check_positive_int(n_hashes, "n_hashes")
-        self.res_scale = float(res_scale)
-        self.backend = backend
-        # Evaluation-only settings, see set_inference.
-        self.inference_n_hashes: int | None = None
-        self.inference_seed: int | None = DEFAULT_INFERENCE_SEED
-
+        super().__init__(channels, reduction, chunk_size, n_hashes, res_scale, backend)
         self.conv_match = _conv_relu(channels, channels // reduction)
         self.conv_assembly = _conv_relu(channels, channels)
         self.conv_assembly_fc = _conv_relu(channels, channels)
         self.fc = nn.Sequential(
             nn.Linear(channels, chunk_size), nn.ReLU(inplace=True), nn.Linear(chunk_size, chunk_size)
         )
-
-    def extra_repr(self) -> str:
-        return (
-            f"channels={self.channels}, reduction={self.reduction}, chunk_size={self.chunk_size}, "
-            f"n_hashes={self.n_hashes}, res_scale={self.res_scale}, backend={self.backend!r}"
-        )
-
-    def set_inference(self, n_hashes: int | None = None, seed: int | None = DEFAULT_INFERENCE_SEED) -> None:
-        """Eval-mode settings of this block. Training is unaffected.
-
-        Args:
-            n_hashes: hash rounds in eval mode; None: the training count ``self.n_hashes``.
-            seed: the generator seed of this block's eval-mode rotations (used as given; the
-                network-wide :func:`set_inference` derives one per block); None: fresh random
-                rotations on every call, as the authors' code does.
-        """
-        self.inference_n_hashes = None if n_hashes is None else _check_positive_int(n_hashes, "n_hashes")
-        self.inference_seed = _check_seed(seed)
-
-    def rounds(self) -> int:
-        """Hash rounds the next forward call uses."""
-        if not self.training and self.inference_n_hashes is not None:
-            return self.inference_n_hashes
-        return self.n_hashes
 
     def rotations(
         self, length: int, device: torch.device, generator: torch.Generator | None = None
@@ -237,14 +250,8 @@ class GLA(nn.Module):
         return scaled_residual(y, x, self.res_scale)
 
 
-# Other hashed-attention block classes with GLA's ``backend`` / ``set_inference`` interface, reached by
-# set_backend and set_inference too (dlsn.models.nlsn adds NLSA); a list filled by those modules, so this one
-# imports none of them.
-ATTENTION_BLOCK_TYPES: list[type[nn.Module]] = []
-
-
 def _is_block(module: nn.Module) -> bool:
-    return isinstance(module, (GLA, *ATTENTION_BLOCK_TYPES))
+    return isinstance(module, HashedAttentionBlock)
 
 
 def has_attention_blocks(model: nn.Module) -> bool:
@@ -253,7 +260,7 @@ def has_attention_blocks(model: nn.Module) -> bool:
 
 
 def set_backend(model: nn.Module, backend: str | None) -> None:
-    """Sets the kernel backend of every GLA block (and NLSA block, ``ATTENTION_BLOCK_TYPES``) inside ``model``
+    """Sets the kernel backend of every GLA block (and NLSA block: every ``HashedAttentionBlock``) inside ``model``
     (``model`` itself included).
 
     ``backend``: None (automatic: the fastest backend that runs on the input's device and dtype),
@@ -269,7 +276,7 @@ def set_backend(model: nn.Module, backend: str | None) -> None:
 def set_inference(
     model: nn.Module, n_hashes: int | None = None, seed: int | None = DEFAULT_INFERENCE_SEED
 ) -> None:
-    """Eval-mode hash rounds and rotation seeds of every GLA block (and NLSA block, ``ATTENTION_BLOCK_TYPES``)
+    """Eval-mode hash rounds and rotation seeds of every GLA block (and NLSA block: every ``HashedAttentionBlock``)
     inside ``model``. Training is unaffected.
 
     Args:

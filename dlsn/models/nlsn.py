@@ -42,14 +42,7 @@ import dlsn_kernels
 from dlsn.errors import CheckpointError
 
 from .dlsn import LFFB, MeanShift, Upsampler, _GLANetwork, check_scale, conv3x3
-from .gla import (
-    ATTENTION_BLOCK_TYPES,
-    DEFAULT_INFERENCE_SEED,
-    _as_int64,
-    _check_positive_int,
-    _check_seed,
-    set_inference,
-)
+from .gla import HashedAttentionBlock, _as_int64, _check_positive_int, set_inference
 from .official import _infer_rgb_range
 from .residual import scaled_residual
 
@@ -83,7 +76,7 @@ def spherical_rotation(rot_half: Tensor) -> Tensor:
     return torch.cat([rot_half, -rot_half], dim=2)
 
 
-class NLSA(nn.Module):
+class NLSA(HashedAttentionBlock):
     """Non-Local Sparse Attention block (NLSN's ``NonLocalSparseAttention``): ``attention(x) * res_scale + x``.
 
     ``conv_match`` (3x3, C -> C/reduction) and ``conv_assembly`` (1x1, C -> C), both with bias and without
@@ -112,39 +105,9 @@ class NLSA(nn.Module):
         res_scale: float = 1.0,
         backend: str | None = None,
     ) -> None:
-        super().__init__()
-        _check_positive_int(channels, "channels")
-        _check_positive_int(reduction, "reduction")
-        if channels % reduction != 0:
-            raise ValueError(f"channels ({channels}) must be divisible by reduction ({reduction})")
-        self.channels = channels
-        self.reduction = reduction
-        self.chunk_size = _check_positive_int(chunk_size, "chunk_size")
-        self.n_hashes = _check_positive_int(n_hashes, "n_hashes")
-        self.res_scale = float(res_scale)
-        self.backend = backend
-        self.inference_n_hashes: int | None = None
-        self.inference_seed: int | None = DEFAULT_INFERENCE_SEED
+        super().__init__(channels, reduction, chunk_size, n_hashes, res_scale, backend)
         self.conv_match = nn.Sequential(nn.Conv2d(channels, channels // reduction, 3, padding=1))
         self.conv_assembly = nn.Sequential(nn.Conv2d(channels, channels, 1))
-
-    def extra_repr(self) -> str:
-        return (
-            f"channels={self.channels}, reduction={self.reduction}, chunk_size={self.chunk_size}, "
-            f"n_hashes={self.n_hashes}, res_scale={self.res_scale}, backend={self.backend!r}"
-        )
-
-    def set_inference(self, n_hashes: int | None = None, seed: int | None = DEFAULT_INFERENCE_SEED) -> None:
-        """Eval-mode hash rounds (None: ``self.n_hashes``) and rotation seed (None: fresh Gaussian rotations
-        on every call, as the authors' code does) of this block, as :meth:`dlsn.models.GLA.set_inference`."""
-        self.inference_n_hashes = None if n_hashes is None else _check_positive_int(n_hashes, "n_hashes")
-        self.inference_seed = _check_seed(seed)
-
-    def rounds(self) -> int:
-        """Hash rounds the next forward call uses."""
-        if not self.training and self.inference_n_hashes is not None:
-            return self.inference_n_hashes
-        return self.n_hashes
 
     def rotations(
         self, length: int, device: torch.device, generator: torch.Generator | None = None
@@ -194,9 +157,6 @@ class NLSA(nn.Module):
         return scaled_residual(y, x, self.res_scale)
 
 
-# set_backend / set_inference of dlsn.models.gla reach NLSA blocks too.
-if NLSA not in ATTENTION_BLOCK_TYPES:
-    ATTENTION_BLOCK_TYPES.append(NLSA)
 
 
 class NLSN(_GLANetwork):
