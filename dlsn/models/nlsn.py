@@ -31,7 +31,6 @@ the kernels sort stably, which is one of the orders the authors' sort may return
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,9 +40,10 @@ from torch import Tensor, nn
 import dlsn_kernels
 from dlsn.errors import CheckpointError
 
+from . import official
 from .dlsn import LFFB, MeanShift, Upsampler, _GLANetwork, check_scale, conv3x3
 from .gla import HashedAttentionBlock, _as_int64, _check_positive_int, set_inference
-from .official import _infer_rgb_range
+from .official import _indices, _infer_rgb_range
 from .residual import scaled_residual
 
 __all__ = ["NLSA", "NLSN", "NLSN_DEFAULTS", "infer_nlsn_config", "seeded_gaussian_rotations", "spherical_rotation"]
@@ -224,15 +224,8 @@ class NLSN(_GLANetwork):
         set_inference(self)  # per-block eval seeds from base seed 0 (gla.py "Hash rotations")
 
 
-def _indices(state: Mapping[str, Any], pattern: str) -> list[int]:
-    regex = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in state if (m := regex.match(k))})
-
-
 def _shape(state: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
-    if key not in state:
-        raise CheckpointError(f"not an NLSN state dict: it has no {key!r}")
-    return tuple(state[key].shape)
+    return official._shape(state, key, "an NLSN")
 
 
 def infer_nlsn_config(state: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -265,13 +258,7 @@ def infer_nlsn_config(state: Mapping[str, Tensor]) -> dict[str, Any]:
     if match_channels < 1 or n_feats % match_channels:
         raise CheckpointError(f"body.0.conv_match has {match_channels} channels, not a divisor of {n_feats}")
 
-    tail_convs = [_shape(state, f"tail.0.{i}.weight")[0] for i in _indices(state, r"^tail\.0\.(\d+)\.weight$")]
-    if tail_convs == [9 * n_feats]:
-        scale = 3
-    elif tail_convs and all(c == 4 * n_feats for c in tail_convs):
-        scale = 2 ** len(tail_convs)
-    else:
-        raise CheckpointError(f"cannot read the scale from the tail convs' output channels {tail_convs}")
+    scale = official._infer_tail_scale(state, n_feats, "an NLSN")
     return {
         "arch": "nlsn",
         "scale": scale,

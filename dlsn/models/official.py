@@ -20,15 +20,27 @@ OFFICIAL_UNUSED_KEYS = ("a",)
 OFFICIAL_DEFAULTS = {"n_hashes": 3, "res_scale": 0.1}
 
 
-def _shape(state: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
+def _shape(state: Mapping[str, Tensor], key: str, network: str = "a DLSN") -> tuple[int, ...]:
     if key not in state:
-        raise CheckpointError(f"not a DLSN state dict: it has no {key!r}")
+        raise CheckpointError(f"not {network} state dict: it has no {key!r}")
     return tuple(state[key].shape)
 
 
 def _indices(state: Mapping[str, Any], pattern: str) -> list[int]:
     regex = re.compile(pattern)
     return sorted({int(m.group(1)) for k in state if (m := regex.match(k))})
+
+
+def _infer_tail_scale(state: Mapping[str, Tensor], n_feats: int, network: str = "a DLSN") -> int:
+    """The scale of an EDSR-style tail (``tail.0.<i>``: one x3 pixel shuffle, or x2 ones) from its convs' widths."""
+    tail_convs = [
+        _shape(state, f"tail.0.{i}.weight", network)[0] for i in _indices(state, r"^tail\.0\.(\d+)\.weight$")
+    ]
+    if tail_convs == [9 * n_feats]:
+        return 3
+    if tail_convs and all(c == 4 * n_feats for c in tail_convs):
+        return 2 ** len(tail_convs)
+    raise CheckpointError(f"cannot read the scale from the tail convs' output channels {tail_convs}")
 
 
 def _infer_rgb_range(state: Mapping[str, Tensor]) -> float:
@@ -68,15 +80,7 @@ def infer_official_config(state: Mapping[str, Tensor]) -> dict[str, Any]:
         raise CheckpointError(f"{gla}.conv_match has {match_channels} channels, not a divisor of {n_feats}")
     chunk_size = _shape(state, f"{gla}.fc.0.weight")[0]
 
-    tail_convs = [
-        _shape(state, f"tail.0.{i}.weight")[0] for i in _indices(state, r"^tail\.0\.(\d+)\.weight$")
-    ]
-    if tail_convs == [9 * n_feats]:
-        scale = 3
-    elif tail_convs and all(c == 4 * n_feats for c in tail_convs):
-        scale = 2 ** len(tail_convs)
-    else:
-        raise CheckpointError(f"cannot read the scale from the tail convs' output channels {tail_convs}")
+    scale = _infer_tail_scale(state, n_feats)
 
     return {
         "arch": "dlsn",
