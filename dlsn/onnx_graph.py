@@ -262,15 +262,13 @@ def gla_attention_onnx(xm: Any, v: Any, lss: Any | None, bank: Any, chunk_size: 
     return y
 
 
-class ExportGLA(nn.Module):
-    """A GLA block's eval-mode forward for export (see the module docstring).
+class _ExportBlock(nn.Module):
+    """What the export form of a hashed-attention block shares: its sizes, its layers (no copy of their
+    weights), its rotation bank as a buffer, and the forward around the attention op. The attention runs in
+    float32 whatever the dtype of the layers (DESIGN.md "Precision": the projection is IEEE float32, softmax
+    and lse are float32); its result is cast back to the input dtype."""
 
-    Shares ``block``'s four layers (no copy of their weights) and holds its rotation bank as a buffer. The
-    attention runs in float32 whatever the dtype of the layers (DESIGN.md "Precision": the projection is
-    IEEE float32, softmax and lse are float32); its result is cast back to the input dtype.
-    """
-
-    def __init__(self, block: GLA, bank: Tensor | None = None) -> None:
+    def __init__(self, block: GLA | NLSA, bank: Tensor | None) -> None:
         super().__init__()
         self.channels = block.channels
         self.chunk_size = block.chunk_size
@@ -278,9 +276,11 @@ class ExportGLA(nn.Module):
         self.res_scale = block.res_scale
         self.conv_match = block.conv_match
         self.conv_assembly = block.conv_assembly
-        self.conv_assembly_fc = block.conv_assembly_fc
-        self.fc = block.fc
         self.register_buffer("bank", rotation_bank(block) if bank is None else bank, persistent=False)
+
+    def learned_score(self, x: Tensor) -> Tensor | None:
+        """``lss [N, L, K]`` (float32), or None for a block without one."""
+        return None
 
     def forward(self, x: Tensor) -> Tensor:
         n, channels, height, width = x.shape
@@ -288,38 +288,32 @@ class ExportGLA(nn.Module):
         def rows(t: Tensor) -> Tensor:  # [N, C, H, W] -> [N, L, C], position l = h W + w
             return t.permute(0, 2, 3, 1).reshape(n, height * width, t.shape[1]).float()
 
-        xm = rows(self.conv_match(x))
-        v = rows(self.conv_assembly(x))
-        lss = self.fc(self.conv_assembly_fc(x).permute(0, 2, 3, 1)).reshape(n, height * width, -1).float()
-        y = gla_attention_op(xm, v, lss, self.bank, self.chunk_size, self.rounds)
+        y = gla_attention_op(rows(self.conv_match(x)), rows(self.conv_assembly(x)), self.learned_score(x),
+                             self.bank, self.chunk_size, self.rounds)
         y = y.reshape(n, height, width, channels).permute(0, 3, 1, 2).to(x.dtype)
         return y * self.res_scale + x
 
 
-class ExportNLSA(nn.Module):
+class ExportGLA(_ExportBlock):
+    """A GLA block's eval-mode forward for export (see the module docstring): its four layers and the bank of
+    its rotations."""
+
+    def __init__(self, block: GLA, bank: Tensor | None = None) -> None:
+        super().__init__(block, bank)
+        self.conv_assembly_fc = block.conv_assembly_fc
+        self.fc = block.fc
+
+    def learned_score(self, x: Tensor) -> Tensor:
+        n, _, height, width = x.shape
+        return self.fc(self.conv_assembly_fc(x).permute(0, 2, 3, 1)).reshape(n, height * width, -1).float()
+
+
+class ExportNLSA(_ExportBlock):
     """An NLSA block's eval-mode forward for export: its two layers, the bank of its spherical rotations
     ``cat[R, -R]``, and the attention without a learned score (``NLSA.attend``'s zeros add nothing)."""
 
     def __init__(self, block: NLSA, bank: Tensor | None = None) -> None:
-        super().__init__()
-        self.channels = block.channels
-        self.chunk_size = block.chunk_size
-        self.rounds = block.rounds()
-        self.res_scale = block.res_scale
-        self.conv_match = block.conv_match
-        self.conv_assembly = block.conv_assembly
-        self.register_buffer("bank", rotation_bank(block) if bank is None else bank, persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, channels, height, width = x.shape
-
-        def rows(t: Tensor) -> Tensor:  # [N, C, H, W] -> [N, L, C], position l = h W + w
-            return t.permute(0, 2, 3, 1).reshape(n, height * width, t.shape[1]).float()
-
-        y = gla_attention_op(rows(self.conv_match(x)), rows(self.conv_assembly(x)), None, self.bank,
-                             self.chunk_size, self.rounds)
-        y = y.reshape(n, height, width, channels).permute(0, 3, 1, 2).to(x.dtype)
-        return y * self.res_scale + x
+        super().__init__(block, bank)
 
 
 class ImageNetwork(nn.Module):
