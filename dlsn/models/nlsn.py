@@ -234,12 +234,7 @@ def infer_nlsn_config(state: Mapping[str, Tensor]) -> dict[str, Any]:
     The weights do not tell ``chunk_size``, ``n_hashes`` or ``res_scale``: the authors' README run
     (144, 4, 0.1; :data:`NLSN_DEFAULTS`) is assumed. :class:`CheckpointError` when ``state`` is not one.
     """
-    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
-        raise CheckpointError("not a state dict (a mapping of names to tensors)")
-    head = _shape(state, "head.0.weight")
-    if len(head) != 4 or head[1] != 3:
-        raise CheckpointError(f"head.0.weight has shape {head}; an NLSN head is [n_feats, 3, 3, 3]")
-    n_feats = head[0]
+    n_feats = official._head_features(state, "an NLSN")
     attention = _indices(state, r"^body\.(\d+)\.conv_match\.0\.weight$")
     resblocks = _indices(state, r"^body\.(\d+)\.body\.0\.weight$")
     if not attention or attention[0] != 0:

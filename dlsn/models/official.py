@@ -31,6 +31,16 @@ def _indices(state: Mapping[str, Any], pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in state if (m := regex.match(k))})
 
 
+def _head_features(state: Mapping[str, Tensor], network: str = "a DLSN") -> int:
+    """``n_feats`` of an EDSR-style state dict (``head.0``: a 3x3 conv from RGB), checking it is a state dict."""
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError("not a state dict (a mapping of names to tensors)")
+    head = _shape(state, "head.0.weight", network)
+    if len(head) != 4 or head[1] != 3:
+        raise CheckpointError(f"head.0.weight has shape {head}; {network} head is [n_feats, 3, 3, 3]")
+    return head[0]
+
+
 def _infer_tail_scale(state: Mapping[str, Tensor], n_feats: int, network: str = "a DLSN") -> int:
     """The scale of an EDSR-style tail (``tail.0.<i>``: one x3 pixel shuffle, or x2 ones) from its convs' widths."""
     tail_convs = [
@@ -57,12 +67,7 @@ def infer_official_config(state: Mapping[str, Tensor]) -> dict[str, Any]:
 
     ``n_hashes`` and ``res_scale`` are not in the weights: the authors' 3 and 0.1 are assumed.
     """
-    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
-        raise CheckpointError("not a state dict (a mapping of names to tensors)")
-    head = _shape(state, "head.0.weight")
-    if len(head) != 4 or head[1] != 3:
-        raise CheckpointError(f"head.0.weight has shape {head}; a DLSN head is [n_feats, 3, 3, 3]")
-    n_feats = head[0]
+    n_feats = _head_features(state)
 
     groups = _indices(state, r"^body\.(\d+)\.body\.")
     if not groups or groups != list(range(len(groups))):
