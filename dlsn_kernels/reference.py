@@ -4,7 +4,7 @@ This module follows DESIGN.md "Semantics" step by step and materialises everythi
 padded copies, the ``[N, R, nc, K, 3K]`` score tensor), the way the authors' code does. It is
 meant to be read, not to be fast. Autograd gives its gradients.
 
-Layouts: ``xm [N, L, Cm]``, ``v [N, L, Cv]``, ``lss [N, L, K]``, ``rot [Cm, R, B]``,
+Layouts: ``xm [N, L, Cm]``, ``v [N, L, Cv]``, ``lss [N, L, K]`` or None (NLSA: no learned score), ``rot [Cm, R, B]``,
 ``codes``/``perm`` ``[N, R, L]`` int64.
 """
 
@@ -58,9 +58,9 @@ def _adjacent(x: Tensor) -> Tensor:
 
 
 def chunk_attention(
-    xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int
+    xm: Tensor, v: Tensor, lss: Tensor | None, perm: Tensor, chunk_size: int
 ) -> tuple[Tensor, Tensor]:
-    """Attention of every round within adjacent buckets (DESIGN.md 1.3-1.4).
+    """Attention of every round within adjacent buckets (DESIGN.md 1.3-1.4); ``lss=None``: scores q . k_hat only.
 
     Returns ``out [N, R, L, Cv]`` and ``lse [N, R, L]`` in original position order.
     """
@@ -84,9 +84,10 @@ def chunk_attention(
     key_norm = xm / (scale * (xm / scale).norm(dim=-1, keepdim=True)).clamp_min(KEY_NORM_EPS)
     keys = _adjacent(gather(key_norm).reshape(n, rounds, nc, k, cm))
     values = _adjacent(gather(v).reshape(n, rounds, nc, k, cv))
-    learned = _adjacent(gather(lss).reshape(n, rounds, nc, k, k))  # [.., 3K keys, K query slots]
-
-    scores = torch.einsum("nrcie,nrcje->nrcij", q, keys) + learned.transpose(-1, -2)
+    scores = torch.einsum("nrcie,nrcje->nrcij", q, keys)
+    if lss is not None:
+        learned = _adjacent(gather(lss).reshape(n, rounds, nc, k, k))  # [.., 3K keys, K query slots]
+        scores = scores + learned.transpose(-1, -2)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     # softmax subtracts the row max, not lse: with huge scores (xm * 1e30) lse rounds above the max and
     # exp(scores - lse) would drop the whole row
@@ -106,7 +107,7 @@ def combine_rounds(out: Tensor, lse: Tensor) -> Tensor:
     return (weights * out).sum(dim=1)
 
 
-def gla_attention(xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int) -> Tensor:
+def gla_attention(xm: Tensor, v: Tensor, lss: Tensor | None, rot: Tensor, chunk_size: int) -> Tensor:
     """DESIGN.md 1.1-1.5: hash, sort, chunk attention, round combination. ``y [N, L, Cv]``."""
     codes = sblsh_hash(xm.detach(), rot)
     perm = bucket_sort(codes, rot.shape[-1])
