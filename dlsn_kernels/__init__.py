@@ -9,9 +9,14 @@ automatic choice; :func:`backend_summary` says it in one line.
 
 - :func:`sblsh_hash` ``(xm [N,L,Cm], rot [Cm,R,B]) -> codes [N,R,L]``
 - :func:`bucket_sort` ``(codes, n_buckets) -> perm [N,R,L]`` (stable)
-- :func:`chunk_attention` ``(xm, v [N,L,Cv], lss [N,L,K], perm, chunk_size) -> (out [N,R,L,Cv], lse [N,R,L])``
+- :func:`chunk_attention` ``(xm, v [N,L,Cv], lss [N,L,K] | None, perm, chunk_size)``
+  ``-> (out [N,R,L,Cv], lse [N,R,L])``
 - :func:`combine_rounds` ``(out, lse) -> y [N,L,Cv]``
 - :func:`gla_attention` ``(xm, v, lss, rot, chunk_size) -> y [N,L,Cv]``, steps 1-5 fused
+- :func:`spherical_rotations` ``(rot_half [Cm,R,B/2]) -> rot [Cm,R,B]``: NLSN's spherical LSH as a ``rot``
+
+``lss=None`` is NLSN's Non-Local Sparse Attention: scores ``q . k_hat`` only, with no learned-score memory,
+loads or gradient on any backend.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from torch import Tensor
 from . import _checks, reference
 from ._checks import MAX_SORT_BUCKETS, BackendUnavailableError
 from ._dispatch import BackendStatus, available_backends, backend_summary, requested, select
-from ._hash_setup import KEY_NORM_EPS, n_buckets_for, random_rotations
+from ._hash_setup import KEY_NORM_EPS, n_buckets_for, random_rotations, spherical_rotations
 from ._precision import autocast_dtype, cast_floats
 from .backends import NAMES as BACKENDS
 from .backends import Backend, Inputs
@@ -43,16 +48,17 @@ __all__ = [
     "random_rotations",
     "reference",
     "sblsh_hash",
+    "spherical_rotations",
 ]
 
 
-def _choose(op: str, name: str | None, xm: Tensor, grad: tuple[Tensor, ...], **sizes: int
+def _choose(op: str, name: str | None, xm: Tensor, grad: tuple[Tensor | None, ...], **sizes: int
             ) -> tuple[Backend, torch.dtype | None]:
     """The backend of one call (``name`` from ``requested``) and the autocast dtype it computes in (None: the
     inputs' own)."""
     cast = autocast_dtype(xm.device, name)
     dtype = cast if cast is not None and xm.dtype == torch.float32 else xm.dtype
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in grad)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad)
     return select(name, Inputs(xm.device, dtype, **sizes), needs_grad, op), cast
 
 
@@ -82,12 +88,13 @@ def bucket_sort(codes: Tensor, n_buckets: int, backend: str | None = None) -> Te
 
 
 def chunk_attention(
-    xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int, backend: str | None = None
+    xm: Tensor, v: Tensor, lss: Tensor | None, perm: Tensor, chunk_size: int, backend: str | None = None
 ) -> tuple[Tensor, Tensor]:
     """Per-round attention within adjacent buckets: ``out [N, R, L, Cv]``, ``lse [N, R, L]``.
 
-    Differentiable in ``xm``, ``v`` and ``lss``. ``lse`` is float32 (float64 for float64 inputs). Under
-    ``torch.autocast`` (CUDA or CPU), float32 inputs are cast to the autocast dtype (README "Precision").
+    Differentiable in ``xm``, ``v`` and ``lss`` (None: no learned score). ``lse`` is float32 (float64 for
+    float64 inputs). Under ``torch.autocast`` (CUDA or CPU), float32 inputs are cast to the autocast dtype
+    (README "Precision").
     Raises ValueError unless ``perm`` is a permutation of 0..L-1 for each (n, round).
     """
     _checks.require_tensors(xm=xm, v=v, lss=lss, perm=perm)
@@ -118,11 +125,11 @@ def combine_rounds(out: Tensor, lse: Tensor, backend: str | None = None) -> Tens
 
 
 def gla_attention(
-    xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int, backend: str | None = None
+    xm: Tensor, v: Tensor, lss: Tensor | None, rot: Tensor, chunk_size: int, backend: str | None = None
 ) -> Tensor:
     """Global Learnable Attention without its convolutions: DESIGN.md 1.1-1.5, ``y [N, L, Cv]``.
 
-    ``xm [N, L, Cm]`` match features, ``v [N, L, Cv]`` values, ``lss [N, L, K]`` learned scores,
+    ``xm [N, L, Cm]`` match features, ``v [N, L, Cv]`` values, ``lss [N, L, K]`` learned scores (None: NLSA),
     ``rot [Cm, R, B]`` one orthonormal projection per hash round (see :func:`random_rotations`
     and :func:`n_buckets_for`), ``chunk_size`` K. Differentiable in ``xm``, ``v``, ``lss``.
     The permutation comes from the package's own hash and sort, so it is not checked again.

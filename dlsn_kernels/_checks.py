@@ -44,7 +44,7 @@ def check_contiguous(t: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
 
 
-def kernel_layout(backend: str, *tensors: Tensor) -> tuple[Tensor, ...]:
+def kernel_layout(backend: str, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """``tensors`` in the layout the kernels of ``backend`` read: the one layout decision of the public ops.
 
     The cpu, cuda and Triton kernels read whole rows of contiguous tensors, so a strided view (transposed,
@@ -54,7 +54,7 @@ def kernel_layout(backend: str, *tensors: Tensor) -> tuple[Tensor, ...]:
     """
     if backend == "reference":
         return tensors
-    return tuple(t.contiguous() for t in tensors)
+    return tuple(t if t is None else t.contiguous() for t in tensors)
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -131,9 +131,11 @@ def _check_sizes(xm: Tensor) -> None:
 
 
 def require_tensors(**tensors: object) -> None:
-    """TypeError naming the first argument that is not a torch.Tensor (a numpy array, a list...)."""
+    """TypeError naming the first argument that is not a torch.Tensor (a numpy array, a list...); ``lss`` may
+    be None (NLSA: no learned score)."""
     for name, value in tensors.items():
-        _tensor(value, name)
+        if not (name == "lss" and value is None):
+            _tensor(value, name)
 
 
 def _has_values(t: Tensor) -> bool:
@@ -172,25 +174,27 @@ def check_codes(codes: Tensor, n_buckets: int, strided_ok: bool = False, values:
 
 
 def check_attention(
-    xm: Tensor, v: Tensor, lss: Tensor, chunk_size: int, backend: str, strided_ok: bool = False
+    xm: Tensor, v: Tensor, lss: Tensor | None, chunk_size: int, backend: str, strided_ok: bool = False
 ) -> None:
+    """``lss`` None: no learned score (NLSA), nothing of it to check."""
     check_chunk_size(chunk_size)
     check_rank(xm, "xm", "[N, L, Cm]")
     check_rank(v, "v", "[N, L, Cv]")
-    check_rank(lss, "lss", "[N, L, K]")
     check_float(xm, "xm", backend)
     check_same(xm, "xm", v, "v")
-    check_same(xm, "xm", lss, "lss")
     n, length = xm.shape[:2]
     _check_sizes(xm)
     if tuple(v.shape[:2]) != (n, length):
         raise ValueError(f"v must have shape [N, L, Cv] = [{n}, {length}, Cv] like xm, got {tuple(v.shape)}")
-    if tuple(lss.shape) != (n, length, chunk_size):
-        raise ValueError(
-            f"lss must have shape [N, L, chunk_size] = [{n}, {length}, {chunk_size}], got {tuple(lss.shape)}"
-        )
+    if lss is not None:
+        check_rank(lss, "lss", "[N, L, K]")
+        check_same(xm, "xm", lss, "lss")
+        if tuple(lss.shape) != (n, length, chunk_size):
+            raise ValueError(
+                f"lss must have shape [N, L, chunk_size] = [{n}, {length}, {chunk_size}], got {tuple(lss.shape)}"
+            )
     for t, name in ((xm, "xm"), (v, "v"), (lss, "lss")):
-        if not strided_ok:
+        if t is not None and not strided_ok:
             check_contiguous(t, name)
 
 

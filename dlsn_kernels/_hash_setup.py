@@ -11,7 +11,7 @@ import numbers
 import torch
 from torch import Tensor
 
-__all__ = ["KEY_NORM_EPS", "n_buckets_for", "random_rotations"]
+__all__ = ["KEY_NORM_EPS", "n_buckets_for", "random_rotations", "spherical_rotations"]
 
 # Keys are ``xm / max(||xm||, KEY_NORM_EPS)`` (DESIGN.md 1.4): the floor keeps near-zero keys finite.
 KEY_NORM_EPS = 5e-5
@@ -63,3 +63,17 @@ def random_rotations(
             q = q.t()
         rots.append(q)
     return torch.stack(rots, dim=1).to(device=device, dtype=dtype)
+
+
+def spherical_rotations(rot_half: Tensor) -> Tensor:
+    """NLSN's spherical LSH as an SB-LSH ``rot [Cm, R, B]``: ``cat[rot_half, -rot_half]`` for Gaussian
+    ``rot_half [Cm, R, B/2]``, so every hash (and ``gla_attention``) computes NLSN's code
+    ``argmax(cat[x R, -x R])``. Exact: negation is exact in IEEE arithmetic, so ``x . -r`` is ``-(x . r)``
+    bit for bit, and ties go to the first maximum, as ``torch.argmax`` picks it (bucket b before b + B/2).
+    With no column (``B/2 = 0``, one bucket) a zero ``[Cm, R, 1]``: every position in bucket 0.
+    """
+    if rot_half.dim() != 3:
+        raise ValueError(f"rot_half must be [Cm, R, B/2], got shape {tuple(rot_half.shape)}")
+    if rot_half.shape[2] == 0:
+        return rot_half.new_zeros(rot_half.shape[0], rot_half.shape[1], 1)
+    return torch.cat([rot_half, -rot_half], dim=2)

@@ -7,7 +7,7 @@ The formulation a PyTorch user would write (DESIGN.md 1.3-1.5, exactly):
   into each round's padded sorted order (``reference.padded_slot_positions``);
 - a block mask with one block per chunk keeps the key chunks c, c - 1 and c + 1 (mod nc) of query chunk c;
 - ``score_mod`` adds the learned score ``lss_sorted[b, h, kv_idx, q_idx % K]`` (``lss`` is ``[key, query
-  slot]``), with ``scale=1.0``;
+  slot]``), with ``scale=1.0``; with ``lss=None`` (NLSA) there is no such tensor and, for nc >= 3, no score_mod;
 - the rounds are merged by their lse (DESIGN.md 1.5).
 
 Chunks read more than once. DESIGN.md 1.4 reads the chunks c, c - 1, c + 1 *with duplicates*: with nc = 2 the
@@ -216,7 +216,7 @@ def _gather_rows(t: Tensor, slots: Tensor) -> Tensor:
     return t[batch, slots]
 
 
-def _rounds(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+def _rounds(xm: Tensor, v: Tensor, lss: Tensor | None, perm: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
     """Per-round ``out [N, R, L, Cv]`` and ``lse [N, R, L]`` (accumulation dtype) at the original positions."""
     n, length, _ = xm.shape
     rounds = perm.shape[1]
@@ -230,16 +230,18 @@ def _rounds(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int) -
     norms = row_norms(xm, acc)[0].unsqueeze(-1).clamp_min(KEY_NORM_EPS)
     keys = (xm.to(acc) / norms).to(xm.dtype)
     q, kn, vv = (_gather_rows(t, slots) for t in (xm, keys, v))
-    lss_sorted = _gather_rows(lss, slots)  # [N, R, nc Kp, K]: row = key slot, column = query slot index
+    # [N, R, nc Kp, K]: row = key slot, column = query slot index; None (NLSA): no learned score at all
+    lss_sorted = None if lss is None else _gather_rows(lss, slots)
     bias = None
     if nc <= 2:  # chunks read 2 or 3 times (module docstring)
         bias = chunk_multiplicity(nc).to(device=xm.device, dtype=acc).log()
 
     def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        slot = q_idx % kp
-        if kp != k:
-            slot = torch.clamp(slot, max=k - 1)  # filler query rows: any in-bounds column, never stored
-        score = score + lss_sorted[b, h, kv_idx, slot]
+        if lss_sorted is not None:
+            slot = q_idx % kp
+            if kp != k:
+                slot = torch.clamp(slot, max=k - 1)  # filler query rows: any in-bounds column, never stored
+            score = score + lss_sorted[b, h, kv_idx, slot]
         if bias is not None:
             score = score + bias[q_idx // kp, kv_idx // kp]
         return score
@@ -248,7 +250,8 @@ def _rounds(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int) -
 
     def attend(full_blocks: bool) -> tuple[Tensor, Tensor]:
         with torch.autocast(xm.device.type, enabled=False):  # inputs already share one dtype (cast_for_autocast)
-            return _flex_with_lse(q, kn, vv, score_mod, block_mask_for(length, k, xm.device, full_blocks),
+            mod = score_mod if lss_sorted is not None or bias is not None else None  # None: flex's plain q.k
+            return _flex_with_lse(q, kn, vv, mod, block_mask_for(length, k, xm.device, full_blocks),
                                   compiled=compiled, kernel_options=_kernel_options(kp, xm.device))
 
     full_blocks = _FULL_BLOCKS_COMPILE.get(xm.device.type, True) or not compiled
@@ -322,6 +325,7 @@ def _cpu_forward_only(fn: Callable[..., tuple[Tensor, ...]], differentiable: tup
     (at backward time, so that inference with parameters that require grad still works)."""
     with torch.no_grad():
         outputs = fn(*args)
+    differentiable = tuple(t for t in differentiable if t is not None)  # lss=None: nothing to differentiate
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in differentiable):
         return outputs
     return _NoCpuBackward.apply(len(differentiable), *differentiable, *outputs)
@@ -351,20 +355,22 @@ def bucket_sort(codes: Tensor, n_buckets: int) -> Tensor:
     return _stable_sort(codes, n_buckets)
 
 
-def chunk_attention(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+def chunk_attention(xm: Tensor, v: Tensor, lss: Tensor | None, perm: Tensor, chunk_size: int
+                    ) -> tuple[Tensor, Tensor]:
     """Per-round ``out [N, R, L, Cv]`` and ``lse [N, R, L]``; differentiable on CUDA (flex's autograd)."""
     if _on_cpu(xm):
         return _cpu_forward_only(_rounds, (xm, v, lss), xm, v, lss, perm, chunk_size)
     return _rounds(xm, v, lss, perm, chunk_size)
 
 
-def _gla(xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def _gla(xm: Tensor, v: Tensor, lss: Tensor | None, rot: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
     perm = bucket_sort(sblsh_hash(xm, rot), rot.shape[-1])
     y, lse = merge_rounds(*_rounds(xm, v, lss, perm, chunk_size))
     return y, lse, perm
 
 
-def gla_attention(xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def gla_attention(xm: Tensor, v: Tensor, lss: Tensor | None, rot: Tensor, chunk_size: int
+                  ) -> tuple[Tensor, Tensor, Tensor]:
     """``y [N, L, Cv]``, ``lse [N, L]`` over all rounds, ``perm [N, R, L]``; differentiable on CUDA."""
     if _on_cpu(xm):
         return _cpu_forward_only(_gla, (xm, v, lss), xm, v, lss, rot, chunk_size)
