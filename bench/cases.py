@@ -8,6 +8,9 @@ the thing measured, synchronised on CUDA so wall-clock timing is right. The pyte
 Implementations (``impl``) compared on the same tensors:
 
 * ``fused-<backend>``: ``dlsn_kernels.gla_attention(..., backend=<backend>)`` (cpu, cuda, triton);
+* ``nlsa-<backend>``: NLSN's attention on our kernels, ``gla_attention(xm, v, None, spherical_rotations(rot_half))``
+  (no learned score, NLSN's spherical hash with the same Gaussian rotations as ``nlsn-style``): the like-for-like
+  row against ``nlsn-style``; in the block group an ``NLSA`` block against ``NLSAttention``;
 * ``reference``: the same call with ``backend="reference"`` (plain PyTorch, materialising);
 * ``nlsn-style``: :func:`bench.baselines.nlsn_attention` (no learned score, Gaussian hashing);
 * ``dlsn-style``: :func:`bench.baselines.dlsn_attention` with ``fc`` on every key copy;
@@ -57,10 +60,15 @@ def fused_impl(backend: str) -> str:
     return f"fused-{backend}"
 
 
+def nlsa_impl(backend: str) -> str:
+    return f"nlsa-{backend}"
+
+
 def backend_of(impl: str) -> str | None:
     """The ``dlsn_kernels`` backend an impl runs on, or None for the baselines."""
-    if impl.startswith("fused-"):
-        return impl[len("fused-") :]
+    for prefix in ("fused-", "nlsa-"):
+        if impl.startswith(prefix):
+            return impl[len(prefix) :]
     return "reference" if impl == "reference" else None
 
 
@@ -119,7 +127,12 @@ def core_case(
     rot_half = baselines.gaussian_rotations(cm, r, n_buckets, generator=gen).to(dev, tdtype)
 
     backend = backend_of(impl)
-    if backend is not None:
+    if impl.startswith("nlsa-"):
+        spherical = dlsn_kernels.spherical_rotations(rot_half)
+
+        def forward() -> Tensor:
+            return dlsn_kernels.gla_attention(xm, v, None, spherical, k, backend=backend)
+    elif backend is not None:
 
         def forward() -> Tensor:
             return dlsn_kernels.gla_attention(xm, v, fc(f), rot, k, backend=backend)
@@ -148,7 +161,7 @@ def core_case(
 
         return run
 
-    leaves = [xm, v] if impl == "nlsn-style" else [xm, v, f]
+    leaves = [xm, v] if impl == "nlsn-style" or impl.startswith("nlsa-") else [xm, v, f]
     for t in leaves:
         t.requires_grad_(True)
     grad_y = torch.randn(n, length, cv, generator=gen).to(dev, tdtype)
@@ -164,9 +177,11 @@ def core_case(
 
 
 def _gla_module(impl: str, channels: int, reduction: int, k: int, r: int) -> nn.Module:
-    from dlsn.models import GLA
+    from dlsn.models import GLA, NLSA
 
     backend = backend_of(impl)
+    if impl.startswith("nlsa-"):
+        return NLSA(channels, reduction=reduction, chunk_size=k, n_hashes=r, backend=backend)
     if backend is not None:
         return GLA(channels, reduction=reduction, chunk_size=k, n_hashes=r, backend=backend)
     if impl == "nlsn-style":
@@ -300,7 +315,8 @@ def estimate_core_bytes(
     length = h * w
     lp = length + (k - length % k) % k
     if backend_of(impl) not in (None, "reference"):
-        per_position = cv + k + (2 * cm + 3 * cv + k if backward else 0)
+        learned = 0 if impl.startswith("nlsa-") else k  # lss and its gradient
+        per_position = cv + learned + (2 * cm + 3 * cv + learned if backward else 0)
         return n * length * per_position * dtype_bytes
     if impl == "flex-gla":
         # gathered copies per flex slot (chunks rounded up to 16 slots): q, keys, v, lss, out (+ grads); on the

@@ -284,9 +284,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         from bench.network import network_cases, network_impls
 
         config = metafunc.config.stash[_CONFIG_KEY]
-        net_cases = network_cases(config.quick)
-        metafunc.parametrize("network_case", net_cases, ids=[c.id for c in net_cases])
-        metafunc.parametrize("network_impl", network_impls(config.backends))
+        # each case with its own baseline (dlsn-style or nlsn-style), so pairs rather than a cross product
+        net_pairs = [(c, impl) for c in network_cases(config.quick) for impl in network_impls(config.backends,
+                                                                                            c.preset)]
+        metafunc.parametrize(("network_case", "network_impl"), net_pairs,
+                             ids=[f"{c.id}-{impl}" for c, impl in net_pairs])
     if "scaling_side" in metafunc.fixturenames:
         # Sizes come from the test module, so each file keeps its shapes next to its tests.
         module = metafunc.module

@@ -32,8 +32,9 @@ class BenchConfig:
     dtype: str = "float32"  # of the attention core's tensors (blocks and networks stay float32)
 
     def impls(self) -> list[str]:
-        """Our fused backends first, then the baselines."""
-        return [cases.fused_impl(b) for b in self.backends] + list(cases.CORE_IMPLS_BASELINE)
+        """Our fused backends first (GLA, then NLSA without the learned score), then the baselines."""
+        ours = [cases.fused_impl(b) for b in self.backends] + [cases.nlsa_impl(b) for b in self.backends]
+        return ours + list(cases.CORE_IMPLS_BASELINE)
 
 
 def skip_unless_backend_runs(impl: str, device: str) -> None:

@@ -10,8 +10,8 @@ Implementations (``impl``):
 * ``dlsn-style``: the same network and weights, every ``GLA`` swapped for ``DLSNStyleGLA``, float32
   (``dlsn-style-bf16``: under bf16 autocast, as the GPU session runs it);
 * ``nlsn-style`` (``nlsn`` / ``nlsn_small`` presets): every ``NLSA`` swapped for :class:`NLSNStyleNLSA`, the
-  authors' NonLocalSparseAttention written their way (fresh Gaussian rotations, their unstable sort). Not in
-  the pytest parametrisation yet; ``python -m bench.network compare nlsn --impl fused-cpu nlsn-style``.
+  authors' NonLocalSparseAttention written their way (fresh Gaussian rotations, their unstable sort); the
+  baseline of the NLSN rows, as ``dlsn-style`` is of the DLSN ones (:func:`network_impls`).
 
 :func:`network_case` is a builder in the sense of :mod:`bench.cases` (plain keyword arguments, returns
 ``run()``), so :mod:`bench.memory` rebuilds it in a child process; ``bench.cases.network_case`` points
@@ -49,6 +49,7 @@ __all__ = [
 
 BF16_SUFFIX = "-bf16"
 GROUP = "network"
+NLSN_GROUP = "network-nlsn"  # the NLSN rows: their own group, with nlsn-style as base
 
 
 class NetworkCase(NamedTuple):  # a tuple, so pytest-benchmark can write it into its JSON
@@ -72,27 +73,29 @@ class NetworkCase(NamedTuple):  # a tuple, so pytest-benchmark can write it into
     @property
     def heavy(self) -> bool:
         """Tens of seconds per call on a 2-core CPU: one timed round, no warm-up calls."""
-        return self.preset == "paper" or self.size >= 512
+        return self.preset in ("paper", "nlsn") or self.size >= 512
 
 
 def network_cases(quick: bool) -> list[NetworkCase]:
     """The issue-19 cases: train step at N=1 and 4 on 48x48, inference at 96, 192 and 512 (``small`` and
-    ``paper``); quick mode: the ``tiny`` preset on 16x16 (train) and 24x24 (inference)."""
+    ``paper``), and NLSN (issue 27): ``nlsn_small`` train step on 48x48, the paper's ``nlsn`` inference on
+    128x128. Quick mode: the ``tiny`` preset on 16x16 (train) and 24x24 (inference), ``nlsn_small`` on 24x24."""
     if quick:
-        return [NetworkCase("tiny", 16, n=1, train=True), NetworkCase("tiny", 24)]
+        return [NetworkCase("tiny", 16, n=1, train=True), NetworkCase("tiny", 24), NetworkCase("nlsn_small", 24)]
     out = []
     for preset in ("small", "paper"):
         out += [NetworkCase(preset, 48, n=n, train=True) for n in (1, 4)]
         out += [NetworkCase(preset, size) for size in (96, 192, 512)]
-    return out
+    return [*out, NetworkCase("nlsn_small", 48, n=1, train=True), NetworkCase("nlsn", 128)]
 
 
-def network_impls(backends: tuple[str, ...]) -> list[str]:
-    """Ours in float32 and under bf16 autocast, per backend, then the DLSN-style network."""
+def network_impls(backends: tuple[str, ...], preset: str = "tiny") -> list[str]:
+    """Ours in float32 and under bf16 autocast, per backend, then the authors' attention written their way:
+    the DLSN-style network, or NLSN-style for the NLSN presets."""
     out = []
     for backend in backends:
         out += [f"fused-{backend}", f"fused-{backend}{BF16_SUFFIX}"]
-    return [*out, "dlsn-style"]
+    return [*out, "nlsn-style" if preset.startswith("nlsn") else "dlsn-style"]
 
 
 def _split_impl(impl: str) -> tuple[str, bool]:
@@ -279,7 +282,8 @@ def measure_network(benchmark, config: BenchConfig, case: NetworkCase, impl: str
               "scale": case.scale, "channels_last": channels_last}
     estimate = estimate_network_bytes(impl, case.preset, case.size, case.n, case.train, case.scale)
     skip_if_too_big(base, estimate, config)
-    measure(benchmark, config, "bench.cases:network_case", kwargs, group=GROUP, impl=impl, label=case.label,
+    group = NLSN_GROUP if case.preset.startswith("nlsn") else GROUP
+    measure(benchmark, config, "bench.cases:network_case", kwargs, group=group, impl=impl, label=case.label,
             pixels=case.size ** 2, estimate_bytes=estimate, heavy=case.heavy,
             extra_info={"channels_last": channels_last}, memory_timeout_s=1800.0)
 

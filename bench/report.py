@@ -30,7 +30,7 @@ __all__ = [
     "main",
 ]
 
-GROUP_ORDER = ("core-fwd", "core-fwdbwd", "scaling-fwd", "gla-fwd", "model-fwd", "network")
+GROUP_ORDER = ("core-fwd", "core-fwdbwd", "scaling-fwd", "gla-fwd", "model-fwd", "network", "network-nlsn")
 GROUP_TITLES = {
     "core-fwd": "Attention core, forward (training shape)",
     "core-fwdbwd": "Attention core, forward + backward (training shape)",
@@ -38,15 +38,16 @@ GROUP_TITLES = {
     "gla-fwd": "One GLA block with its convolutions, forward",
     "model-fwd": "Whole DLSN network, forward",
     "network": "Whole DLSN network vs the same network with DLSN-style attention",
+    "network-nlsn": "Whole NLSN network vs the same network with NLSN-style attention",
 }
 SCALING_GROUP = "scaling-fwd"
-# The first one a group has is its base; the whole-network group has only dlsn-style.
+# The first one a group has is its base; the whole-network groups have only dlsn-style or nlsn-style.
 RATIO_BASELINES = ("nlsn-style", "reference", "dlsn-style")
 
 
 def _impl_rank(impl: str) -> tuple[int, str]:
     order = {"reference": 1, "dlsn-style": 2, "nlsn-style": 3}
-    return (0 if impl.startswith("fused-") else order.get(impl, 4), impl)
+    return (0 if impl.startswith(("fused-", "nlsa-")) else order.get(impl, 4), impl)
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
@@ -208,7 +209,7 @@ def render_summary(data: dict[str, Any]) -> list[str]:
     columns = f"  {'case':<32} {'impl':<17}{'fused ms':>10}{'base ms':>10}{'fused MB':>10}{'base MB':>10}"
     columns += f"  {'time':<13}{'peak memory':<11}"
     for group, rows in rows_by_group(data).items():
-        fused = [r for r in rows if r["impl"].startswith("fused-")]
+        fused = [r for r in rows if r["impl"].startswith(("fused-", "nlsa-"))]
         if not fused:
             continue
         impls = {r["impl"] for r in rows}

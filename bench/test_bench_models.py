@@ -79,5 +79,5 @@ def test_model(benchmark, bench_config, model_preset, model_backend):
 
 
 def test_network(benchmark, bench_config, network_case, network_impl):
-    # network_case x network_impl: bench.network.network_cases / network_impls, see bench/conftest.py
+    # (network_case, network_impl) pairs: bench.network.network_cases / network_impls, see bench/conftest.py
     measure_network(benchmark, bench_config, network_case, network_impl)

@@ -58,11 +58,13 @@ def test_network_estimate_ranks_the_baseline_above_ours():
 
 def test_network_cases_and_impls():
     quick = network.network_cases(quick=True)
-    assert {c.preset for c in quick} == {"tiny"} and any(c.train for c in quick)
+    assert {c.preset for c in quick} == {"tiny", "nlsn_small"} and any(c.train for c in quick)
     full = network.network_cases(quick=False)
     assert {(c.preset, c.train, c.n, c.size) for c in full} >= {("paper", True, 4, 48), ("small", False, 1, 512)}
     assert len({c.id for c in full}) == len(full)
     assert network.network_impls(("cpu",)) == ["fused-cpu", "fused-cpu-bf16", "dlsn-style"]
+    assert network.network_impls(("cpu",), "nlsn")[-1] == "nlsn-style"
+    assert ("nlsn", False, 1, 128) in {(c.preset, c.train, c.n, c.size) for c in full}
 
 
 def test_profile_split_adds_up():
