@@ -21,18 +21,20 @@ BOUNDS = {"fp64": (1e-9, 1e-7), "ieee": (1e-4, 1e-3), "tf32": (2e-2, 6e-2), "bf1
 
 
 def make_case(shape: dict[str, int], seed: int = 3) -> dict[str, Any]:
-    """float64 CPU inputs of ``shape`` (keys n, length, cm, cv, k, r), drawn once per seed."""
+    """float64 CPU inputs of ``shape`` (keys n, length, cm, cv, k, r; ``nlsa``: no learned score), drawn once
+    per seed."""
     n, length, k = shape["n"], shape["length"], shape["k"]
     gen = torch.Generator().manual_seed(seed)
+    lss = torch.randn(n, length, k, generator=gen, dtype=torch.float64)
     return {"xm": torch.randn(n, length, shape["cm"], generator=gen, dtype=torch.float64).relu(),
             "v": torch.randn(n, length, shape["cv"], generator=gen, dtype=torch.float64),
-            "lss": torch.randn(n, length, k, generator=gen, dtype=torch.float64),
+            "lss": None if shape.get("nlsa") else lss,
             "rot": random_rotations(shape["cm"], shape["r"], n_buckets_for(length, k), generator=gen,
                                     dtype=torch.float64),
             "grad": torch.randn(n, length, shape["cv"], generator=gen, dtype=torch.float64), "k": k}
 
 
-def gla(name: str, xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, k: int) -> Tensor:
+def gla(name: str, xm: Tensor, v: Tensor, lss: Tensor | None, rot: Tensor, k: int) -> Tensor:
     """``y`` of backend ``name``'s gla_attention (its own autograd)."""
     ops = BACKENDS[name].ops
     return reference.gla_attention(xm, v, lss, rot, k) if ops is None else ops.gla_attention(xm, v, lss, rot, k)[0]
@@ -59,8 +61,15 @@ def outliers(a: Tensor, b: Tensor, bound: float) -> int:
     return int(((a - b).abs() > bound * torch.maximum(b.abs(), floor)).sum() + (~torch.isfinite(a)).sum())
 
 
-def leaves(case: dict[str, Any], device: torch.device, dtype: torch.dtype, grad: bool) -> list[Tensor]:
-    return [case[n].to(device, dtype).requires_grad_(grad) for n in ("xm", "v", "lss")]
+def leaves(case: dict[str, Any], device: torch.device, dtype: torch.dtype, grad: bool) -> list[Tensor | None]:
+    """``[xm, v, lss]`` on ``device`` (``lss`` None in an NLSA case)."""
+    return [None if case[n] is None else case[n].to(device, dtype).requires_grad_(grad) for n in ("xm", "v", "lss")]
+
+
+def differentiable(xs: list[Tensor | None]) -> tuple[list[str], list[Tensor]]:
+    """The names and tensors of the leaves that exist (no ``lss`` in an NLSA case)."""
+    kept = [(n, t) for n, t in zip(("xm", "v", "lss"), xs) if t is not None]
+    return [n for n, _ in kept], [t for _, t in kept]
 
 
 def accuracy(name: str, case: dict[str, Any], device: torch.device, dtype: torch.dtype,
@@ -70,17 +79,18 @@ def accuracy(name: str, case: dict[str, Any], device: torch.device, dtype: torch
     near-tie may hash differently in float64)."""
     k, rot = case["k"], case["rot"].to(device, dtype)
     xs = leaves(case, device, dtype, backward)
+    names, ins = differentiable(xs)
     y = gla(name, *xs, rot, k)
-    got = torch.autograd.grad(y, xs, case["grad"].to(device, dtype)) if backward else ()
+    got = torch.autograd.grad(y, ins, case["grad"].to(device, dtype)) if backward else ()
     perm = perm_of(name, xs[0].detach(), rot)
     exact = leaves(case, device, torch.float64, True)
     want = reference.combine_rounds(*reference.chunk_attention(*exact, perm, k))
-    want_g = torch.autograd.grad(want, exact, case["grad"].to(device)) if backward else ()
+    want_g = torch.autograd.grad(want, differentiable(exact)[1], case["grad"].to(device)) if backward else ()
     y_bound, g_bound = BOUNDS[targets.precision_of(dtype)]
     row: dict[str, Any] = {"y": rel_err(y, want)}
-    row.update({f"d{n}": rel_err(a, b) for n, a, b in zip(("xm", "v", "lss"), got, want_g)})
+    row.update({f"d{n}": rel_err(a, b) for n, a, b in zip(names, got, want_g)})
     row["outliers"] = outliers(y, want, y_bound) + sum(outliers(a, b, g_bound) for a, b in zip(got, want_g))
-    row["passed"] = (row["y"] <= y_bound and all(row[f"d{n}"] <= g_bound for n in ("xm", "v", "lss") if backward)
+    row["passed"] = (row["y"] <= y_bound and all(row[f"d{n}"] <= g_bound for n in names if backward)
                      and row["outliers"] == 0)  # NaN and inf compare False: they fail
     return row
 

@@ -5,11 +5,11 @@
 Prints the environment (device, capability, shared memory, torch/Triton/CUDA/driver versions, whether the
 extension runs on this architecture), then for every backend that runs on the device: the worst relative error
 of ``y`` and of the three gradients against a float64 reference on the same device, at the training shape and
-at an odd padded shape, with the outlier count (every element against its own magnitude); the forward and
-forward + backward times (median of n, the first call with its compile timed apart); and whether two backward
-runs give ``torch.equal`` gradients. One table, pasteable into an issue. The results go to the per-user cache
-(``$XDG_CACHE_HOME/dlsn_kernels/check.json``), from which the automatic choice of later processes picks the
-fastest backend that passed and never one that failed.
+at an odd padded shape (also without the learned score: NLSN's ``lss=None``), with the outlier count (every
+element against its own magnitude); the forward and forward + backward times (median of n, the first call with
+its compile timed apart); and whether two backward runs give ``torch.equal`` gradients. One table, pasteable
+into an issue. The results go to the per-user cache (``$XDG_CACHE_HOME/dlsn_kernels/check.json``), from which
+the automatic choice of later processes picks the fastest backend that passed and never one that failed.
 """
 
 from __future__ import annotations
@@ -200,8 +200,11 @@ def run(device: torch.device, dtypes: list[str], quick: bool, repeats: int | Non
     """The whole check; returns ``{"environment", "results", "seconds", "cache"}``."""
     started = time.perf_counter()
     small = quick and device.type == "cpu"
+    odd = QUICK_ODD if small else ODD
     shapes = {"training" if not small else "training (quick)": QUICK_TRAIN if small else TRAIN,
-              "odd padded" if not small else "odd padded (quick)": QUICK_ODD if small else ODD}
+              "odd padded" if not small else "odd padded (quick)": odd,
+              # NLSN's attention: the kernels' lss-free variants (no learned score loads, no dlss)
+              "odd padded, no lss" if not small else "odd padded, no lss (quick)": {**odd, "nlsa": 1}}
     repeats = repeats or (3 if quick else 10)
     reasons = _dispatch.device_reasons(device)
     results: dict[str, dict[str, dict[str, Any]]] = {}
@@ -216,7 +219,8 @@ def run(device: torch.device, dtypes: list[str], quick: bool, repeats: int | Non
             if reasons[name] or backend.input_reasons(inputs, "forward"):
                 continue
             if name == "triton" and device.type == "cpu":  # the interpreter
-                tiny = {"training (interpreter)": INTERPRETED, "odd padded (interpreter)": INTERPRETED_ODD}
+                tiny = {"training (interpreter)": INTERPRETED, "odd padded (interpreter)": INTERPRETED_ODD,
+                        "odd padded, no lss (interpreter)": {**INTERPRETED_ODD, "nlsa": 1}}
                 per_backend[name] = check_backend(name, device, dtype, tiny, 1)
             else:
                 per_backend[name] = check_backend(name, device, dtype, shapes, repeats)
