@@ -195,3 +195,72 @@ def test_tf32_only_where_the_target_has_it(matmul_precision):
     matmul_precision("highest")
     assert high == triton_config("key_score", rx7900, torch.float32, *TRAINING)
     assert dot_input_precision(target_for_arch(90), torch.float32) == "ieee"
+
+
+def test_rdna_tiles_are_unpipelined_and_fit_the_wave32_register_file(matmul_precision):
+    """gfx1100 rows (what the compile report shows with the fewest VGPRs): every attention pass unpipelined
+    (num_stages 1, the stream pipeliner's register-held prefetch spilled), the float32 (FMA) forward and dv pass over
+    16 wavefronts, workgroups within RDNA's 1024 threads."""
+    rx7900 = target_for_arch("gfx1100")
+    for dtype, setting in PRECISIONS:
+        matmul_precision(setting)
+        for kernel in ("forward", "key_dv", "key_score", "dq"):
+            config = triton_config(kernel, rx7900, dtype, *TRAINING)
+            assert config["num_stages"] == 1 and config["num_warps"] * rx7900.warp_size <= 1024
+        if dtype == torch.float32:
+            assert triton_config("forward", rx7900, dtype, *TRAINING)["num_warps"] == 16
+    matmul_precision("highest")
+    bf16 = {k: triton_config(k, rx7900, torch.bfloat16, *TRAINING) for k in ("forward", "key_dv", "dq")}
+    assert (bf16["forward"]["BLOCK_Q"], bf16["forward"]["BLOCK_K"]) == (32, 32)
+    assert (bf16["key_dv"]["BLOCK_K"], bf16["key_dv"]["BLOCK_Q"]) == (32, 64)
+    # a narrow value row (Cv <= 128) still takes 4 wavefronts in the forward and key passes
+    assert triton_config("forward", rx7900, torch.bfloat16, 64, 128, 128)["num_warps"] == 4
+
+
+# RDNA (gfx1100) blocks under the Triton interpreter, against the reference: the float32 (IEEE) rows as they are,
+# and the bfloat16 rows' blocks run in float32 (the interpreter has no bfloat16 CPU path). The interpreter runs the
+# blocks, not the warps or stages, which only the compiled kernels show (bench/compile_report.py).
+RDNA_SIZES = [(1, 128, 64, 2, 64, 256), (1, 100, 70, 1, 64, 200)]  # N, L, K, R, Cm, Cv: masks and partial tiles
+
+
+@pytest.mark.parametrize("size", RDNA_SIZES, ids=lambda s: "N{}-L{}-K{}-R{}-Cm{}-Cv{}".format(*s))
+@pytest.mark.parametrize("rows", ["ieee", "native"])
+def test_rdna_configuration_matches_reference_under_the_interpreter(rows, size, monkeypatch):
+    import dlsn_kernels.triton as tk
+    from dlsn_kernels import reference as ref
+    from dlsn_kernels.triton import _common
+
+    if not tk.INTERPRETED:
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1 before triton is first imported)")
+    n, length, chunk, rounds, cm, cv = size
+    rx7900 = target_for_arch("gfx1100")
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    if rows == "native":  # float32 launches take the bfloat16 rows' blocks
+        for kernel in ("forward", "key_dv", "key_score", "dq"):
+            monkeypatch.setitem(targets._RDNA[kernel], "ieee", targets._RDNA[kernel]["native"])
+        # float32 operands take twice bfloat16's LDS: the same RDNA card with room for them (the interpreter has
+        # no LDS), so that every bfloat16 block is launched rather than a smaller fallback
+        rx7900 = Target("gfx1100", "amd", None, 1 << 20, 32)
+    expected_blocks = {k: triton_config(k, rx7900, torch.bfloat16 if rows == "native" else torch.float32, cm, cv,
+                                        chunk) for k in ("forward", "key_dv", "key_score", "dq")}
+    launched = []
+    monkeypatch.setattr(_common, "_launch_target", lambda device: launched.append(device) or rx7900)
+    for kernel, config in expected_blocks.items():
+        assert triton_config(kernel, rx7900, torch.float32, cm, cv, chunk) == config
+        if rows == "native":  # the blocks a bfloat16 launch on the real card takes
+            assert config == triton_config(kernel, target_for_arch("gfx1100"), torch.bfloat16, cm, cv, chunk)
+
+    gen = torch.Generator().manual_seed(5)
+    xm, v, lss, dy = (torch.randn(n, length, c, generator=gen, dtype=torch.float64) for c in (cm, cv, chunk, cv))
+    rot = ref.random_rotations(cm, rounds, ref.n_buckets_for(length, chunk), generator=gen)
+    xm, v, lss, rot, dy = (t.float() for t in (xm, v, lss, rot, dy))
+    y, lse, perm = tk.gla_attention(xm, v, lss, rot, chunk)
+    leaves = [t.double().requires_grad_() for t in (xm, v, lss)]
+    y_ref = ref.combine_rounds(*ref.chunk_attention(*leaves, perm, chunk))
+    torch.testing.assert_close(y.double(), y_ref.detach(), atol=3e-5, rtol=3e-5)
+    grads = torch.autograd.grad((y_ref * dy.double()).sum(), leaves)
+    delta = (dy * y).sum(-1)[:, None]
+    actual = tk.attention_backward(dy[:, None], delta, xm, v, lss, perm, lse[:, None], chunk)
+    for a, e in zip(actual, grads, strict=True):
+        torch.testing.assert_close(a.double(), e, atol=3e-4, rtol=3e-4)
+    assert launched and all(d.type == "cpu" for d in launched)
