@@ -1,5 +1,6 @@
 """dlsn_kernels.targets: GPU targets, the Triton kernels' configuration per target, what a target cannot run, and
-the static order of the GPU backends. Pure Python: no GPU and no Triton needed."""
+the static order of the GPU backends. Pure Python (no GPU, no Triton), except the RDNA configuration's run under
+the Triton interpreter against the reference (skipped where Triton is not interpreted)."""
 
 from __future__ import annotations
 
