@@ -81,3 +81,41 @@ def test_killed_rank_restarts_from_last_pt(hr_folder, tmp_path):  # noqa: F811
     final = load_checkpoint(out / "last.pt")
     assert final["step"] == MAX_STEPS and final["extra"]["world_size"] == 2
     assert output.count("held-out Y-PSNR") == 1
+
+
+def _rank_main(rank: int, init_file: str, results: dict) -> None:
+    """One gloo rank: rank 0's work fails (as a diverged validation does); record what each rank raised."""
+    import torch
+    import torch.distributed as dist
+
+    from dlsn.errors import DivergedError, RunFailed
+    from dlsn.training.processes import Processes, on_main
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=__import__("datetime").timedelta(seconds=60))
+    procs = Processes(rank, 2, rank)
+
+    def work() -> None:
+        raise DivergedError("training diverged at step 8: the validation PSNR is nan")
+
+    start = time.perf_counter()
+    try:
+        on_main(procs, torch.device("cpu"), work)
+        results[rank] = ("returned", time.perf_counter() - start)
+    except RunFailed as exc:
+        results[rank] = (type(exc).__name__ + ": " + str(exc), time.perf_counter() - start)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_failure_on_rank_0_stops_every_rank_at_once(tmp_path):
+    """Rank 0 validates and saves alone; when that fails the other ranks raise at once instead of waiting at a
+    barrier until the process group's timeout (they used to hang there)."""
+    import torch.multiprocessing as mp
+
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_rank_main, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+    assert results[0][0].startswith("DivergedError: training diverged")
+    assert results[1][0].startswith("RunFailed: rank 1: rank 0 stopped the run")
+    assert results[1][1] < 30  # not the 60 s timeout

@@ -6,7 +6,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dlsn.cli import pick_device
+from dlsn.errors import RunFailed
 
 
 @dataclass(frozen=True)
@@ -128,9 +129,27 @@ class ThreadTuner:
         self.next_check = now + self.interval
 
 
-def barrier(procs: Processes) -> None:
+def on_main(procs: Processes, device: torch.device, work: Callable[[], Any]) -> Any:
+    """Runs ``work`` on rank 0 while the other ranks wait, then returns its result there (None elsewhere).
+
+    A failure on rank 0 (a diverged validation score, a full disk) stops every rank at once: the ranks agree on
+    one flag instead of meeting at a barrier that rank 0 never reaches, where they would hang until the process
+    group's timeout (30 minutes by default). The others raise :class:`RunFailed` pointing at rank 0's message.
+    """
+    result, error = None, None
+    if procs.main:
+        try:
+            result = work()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks are told
+            error = exc
     if procs.distributed:
-        dist.barrier()
+        flag = torch.tensor([0.0 if error is None else 1.0], device=device)
+        dist.all_reduce(flag)
+        if error is None and float(flag[0]) > 0:
+            raise RunFailed(f"rank {procs.rank}: rank 0 stopped the run (its error is printed above)")
+    if error is not None:
+        raise error
+    return result
 
 
 class StopFlag:

@@ -30,7 +30,7 @@ from dlsn.models.presets import model_from_config, preset_config
 
 from .data import DetailedPatches, EpochSampler, build_data, quiet_worker
 from .ema import EMA
-from .processes import StopFlag, ThreadTuner, barrier, cpu_thread_budget, setup_processes
+from .processes import StopFlag, ThreadTuner, cpu_thread_budget, on_main, setup_processes
 from .report import announce, final_report, format_minutes, validate
 from .run_folder import RunLock, RunLog, find_resume_file, run_folder
 from .schedule import LRSchedule
@@ -498,13 +498,14 @@ class Trainer:
             signal_name = stop.signal_name
         bar.close()
 
-        if procs.main:
+        def finish() -> None:
             try:
                 self._finish(interrupted, signal_name)
             except KeyboardInterrupt:  # Ctrl-C during the final validation or report: keep the steps
                 self.save_last()
                 raise
-        barrier(procs)
+
+        on_main(procs, self.device, finish)
         if interrupted:
             return EXIT_INTERRUPTED
         return EXIT_SOME_FAILED if self.data.failed else 0
@@ -561,12 +562,14 @@ class Trainer:
         s, step = self.s, self.state.step
         at_val = bool(s.val_every) and step % s.val_every == 0 and not done
         at_save = bool(s.save_every) and step % s.save_every == 0 and not done
-        if self.procs.main and at_val:
-            self.last_val = self.run_validation()
-        if self.procs.main and at_save:
-            self.checkpoint(self.out / "last.pt")
-        if at_val or at_save:
-            barrier(self.procs)
+        def work() -> None:
+            if at_val:
+                self.last_val = self.run_validation()
+            if at_save:
+                self.checkpoint(self.out / "last.pt")
+
+        if at_val or at_save:  # every rank agrees on rank 0's outcome: a failure there stops them all
+            on_main(self.procs, self.device, work)
 
     def _finish(self, interrupted: bool, signal_name: str | None) -> None:
         st = self.state
