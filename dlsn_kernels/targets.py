@@ -162,7 +162,7 @@ def family_of(target: Target) -> str:
 # Rows are candidates from the largest down; the first whose shared memory fits the target is launched.
 # forward / dq: (BLOCK_Q, BLOCK_K, num_warps, num_stages); key_dv / key_score: (BLOCK_K, BLOCK_Q, num_warps,
 # num_stages). All are sized for the training shape (Cm = 64, Cv = 256, K = 128); narrower value rows (Cv <= 128)
-# run 4 warps, and no block exceeds the (padded) chunk.
+# run 4 warps (not float32 on RDNA), and no block exceeds the (padded) chunk.
 #
 # wgmma (sm_90): what the compile report shows spill-free, stack-free, without C7515 and without register-A
 # wgmma under Triton 3.6 and 3.8. With chained dots Triton lays the warps along M, 16 rows each: 4 warps (one
@@ -276,7 +276,9 @@ def _candidates(kernel: str, target: Target, dtype: torch.dtype, cv: int, chunk_
     # the last resort of every table: the smallest tiles tl.dot takes, unpipelined (wide channels on 99 KB cards)
     rows = [*_TABLES[family_of(target)][kernel][dot_kind_of(dtype, target)], _SMALLEST]
     chunk = _pow2(chunk_size)
-    narrow = _pow2(cv) <= 128
+    # narrower value rows take 4 warps, except float32 on RDNA: its FMA dots hold whole operand rows per thread,
+    # and 4 wavefronts spilled there at Cv = 128 (forward 396 B, dv pass 276 B) where the rows' own are clean
+    narrow = _pow2(cv) <= 128 and not (family_of(target) == "wmma" and dot_kind_of(dtype, target) == "ieee")
     out = []
     for row in rows:
         config = dict(zip(_FIELDS[kernel], row))

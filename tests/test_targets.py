@@ -214,8 +214,11 @@ def test_rdna_tiles_are_unpipelined_and_fit_the_wave32_register_file(matmul_prec
     bf16 = {k: triton_config(k, rx7900, torch.bfloat16, *TRAINING) for k in ("forward", "key_dv", "dq")}
     assert (bf16["forward"]["BLOCK_Q"], bf16["forward"]["BLOCK_K"]) == (32, 32)
     assert (bf16["key_dv"]["BLOCK_K"], bf16["key_dv"]["BLOCK_Q"]) == (32, 64)
-    # a narrow value row (Cv <= 128) still takes 4 wavefronts in the forward and key passes
+    # a narrow value row (Cv <= 128) takes 4 wavefronts in the bf16 forward and key passes; float32 (FMA) keeps its
+    # rows' wavefronts (4 spilled)
     assert triton_config("forward", rx7900, torch.bfloat16, 64, 128, 128)["num_warps"] == 4
+    assert triton_config("forward", rx7900, torch.float32, 64, 128, 128)["num_warps"] == 16
+    assert triton_config("forward", target_for_arch("gfx942"), torch.float32, 64, 128, 128)["num_warps"] == 4
 
 
 # RDNA (gfx1100) blocks under the Triton interpreter, against the reference: the float32 (IEEE) rows as they are,
