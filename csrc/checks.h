@@ -9,6 +9,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <vector>
 
 namespace dlsn {
@@ -80,25 +81,37 @@ inline void check_sort_inputs(const at::Tensor& codes, int64_t n_buckets) {
                     kMaxSortBuckets, "], got ", n_buckets);
 }
 
-// xm [N,L,Cm], v [N,L,Cv], lss [N,L,K].
+// The op schemas take `Tensor? lss`; inside the C++ code an absent learned score (lss=None, NLSA) is an
+// undefined at::Tensor, which the checks skip and the kernels read as "add nothing".
+inline at::Tensor tensor_or_absent(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+
+// The CPU kernels read whole rows: a present strided lss is copied once (contiguous: no copy).
+inline at::Tensor contiguous_or_absent(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+// xm [N,L,Cm], v [N,L,Cv], lss [N,L,K] or undefined (no learned score: nothing of it is checked).
 inline void check_attention_inputs(const at::Tensor& xm, const at::Tensor& v, const at::Tensor& lss,
                                    int64_t chunk_size) {
   TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
   check_rank(xm, "xm", 3, "[N, L, Cm]");
   check_rank(v, "v", 3, "[N, L, Cv]");
-  check_rank(lss, "lss", 3, "[N, L, K]");
+  if (lss.defined()) check_rank(lss, "lss", 3, "[N, L, K]");
   check_float(xm, "xm");
   check_same_dtype(xm, "xm", v, "v");
-  check_same_dtype(xm, "xm", lss, "lss");
+  if (lss.defined()) check_same_dtype(xm, "xm", lss, "lss");
   check_same_device(xm, "xm", v, "v");
-  check_same_device(xm, "xm", lss, "lss");
+  if (lss.defined()) check_same_device(xm, "xm", lss, "lss");
   check_contiguous(xm, "xm");
   check_contiguous(v, "v");
-  check_contiguous(lss, "lss");
+  if (lss.defined()) check_contiguous(lss, "lss");
   const int64_t n = xm.size(0), length = xm.size(1);
   TORCH_CHECK(length >= 1, "xm must hold at least one position (L >= 1)");
   TORCH_CHECK(v.size(0) == n && v.size(1) == length, "v must have shape [N, L, Cv] = [", n, ", ", length,
               ", Cv] like xm, got ", v.sizes());
+  if (!lss.defined()) return;
   TORCH_CHECK(lss.size(0) == n && lss.size(1) == length && lss.size(2) == chunk_size,
               "lss must have shape [N, L, chunk_size] = [", n, ", ", length, ", ", chunk_size, "], got ",
               lss.sizes());
@@ -117,6 +130,7 @@ inline void check_perm(const at::Tensor& perm, const at::Tensor& xm) {
               perm.sizes());
 }
 
+// lss undefined: no learned score (as in check_attention_inputs).
 inline void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& delta, const at::Tensor& xm,
                                   const at::Tensor& v, const at::Tensor& lss, const at::Tensor& perm,
                                   const at::Tensor& lse, int64_t chunk_size) {

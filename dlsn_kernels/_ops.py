@@ -19,14 +19,15 @@ from torch import Tensor
 
 # The operator contract, written once: the dlsn namespace is defined here, before the compiled extension is
 # loaded, and its CPU/CUDA kernels (csrc/cpu, csrc/cuda) register implementations of these names; the Triton
-# backend defines dlsn::triton_<name> with the same schemas.
+# backend defines dlsn::triton_<name> with the same schemas. ``Tensor? lss``: None is the attention without a
+# learned score (NLSN's NLSA, scores q . k_hat only); attention_backward then returns an empty dlss ([0]).
 SCHEMAS = {
     "sblsh_hash": "(Tensor xm, Tensor rot) -> Tensor",
     "bucket_sort": "(Tensor codes, int n_buckets) -> Tensor",
-    "chunk_attention": "(Tensor xm, Tensor v, Tensor lss, Tensor perm, int chunk_size) -> (Tensor, Tensor)",
-    "gla_attention": "(Tensor xm, Tensor v, Tensor lss, Tensor rot, int chunk_size) -> (Tensor, Tensor, Tensor)",
+    "chunk_attention": "(Tensor xm, Tensor v, Tensor? lss, Tensor perm, int chunk_size) -> (Tensor, Tensor)",
+    "gla_attention": "(Tensor xm, Tensor v, Tensor? lss, Tensor rot, int chunk_size) -> (Tensor, Tensor, Tensor)",
     "attention_backward": (
-        "(Tensor grad_out, Tensor delta, Tensor xm, Tensor v, Tensor lss, Tensor perm, Tensor lse, "
+        "(Tensor grad_out, Tensor delta, Tensor xm, Tensor v, Tensor? lss, Tensor perm, Tensor lse, "
         "int chunk_size) -> (Tensor, Tensor, Tensor)"
     ),
 }
@@ -68,7 +69,7 @@ def _fake_bucket_sort(codes: Tensor, n_buckets: int) -> Tensor:
     return torch.empty_like(codes, dtype=torch.int64)
 
 
-def _fake_chunk_attention(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int):
+def _fake_chunk_attention(xm: Tensor, v: Tensor, lss: Tensor | None, perm: Tensor, chunk_size: int):
     n, length, _ = xm.shape
     rounds = perm.shape[1]
     out = v.new_empty((n, rounds, length, v.shape[2]))
@@ -76,7 +77,7 @@ def _fake_chunk_attention(xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chun
     return out, lse
 
 
-def _fake_gla_attention(xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int):
+def _fake_gla_attention(xm: Tensor, v: Tensor, lss: Tensor | None, rot: Tensor, chunk_size: int):
     n, length, _ = xm.shape
     y = v.new_empty((n, length, v.shape[2]))
     lse = xm.new_empty((n, length), dtype=_acc_dtype(xm.dtype))
@@ -85,7 +86,8 @@ def _fake_gla_attention(xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_s
 
 
 def _fake_attention_backward(grad_out, delta, xm, v, lss, perm, lse, chunk_size):
-    return torch.empty_like(xm), torch.empty_like(v), torch.empty_like(lss)
+    dlss = xm.new_empty(0) if lss is None else torch.empty_like(lss)  # no learned score: an empty dlss
+    return torch.empty_like(xm), torch.empty_like(v), dlss
 
 
 _FAKES: dict[str, Callable[..., Any]] = {
@@ -111,7 +113,13 @@ def _incoming(grad: Tensor | None, out: Tensor, lse: Tensor, grad_lse: Tensor | 
     return grad.contiguous(), delta.contiguous()
 
 
+def _lss_grad(lss: Tensor | None, dlss: Tensor) -> Tensor | None:
+    """lss's gradient: None when there was no learned score (the kernels then return an empty dlss)."""
+    return None if lss is None else dlss
+
+
 def _register_autograd(chunk_op, gla_op, backward_op) -> None:
+    # lss may be None (no learned score); save_for_backward keeps None as None.
     def chunk_setup(ctx, inputs, output):
         xm, v, lss, perm, chunk_size = inputs
         out, lse = output
@@ -122,7 +130,7 @@ def _register_autograd(chunk_op, gla_op, backward_op) -> None:
         xm, v, lss, perm, out, lse = ctx.saved_tensors
         grad_out, delta = _incoming(grad_out, out, lse, grad_lse)
         dxm, dv, dlss = backward_op(grad_out, delta, xm, v, lss, perm, lse, ctx.chunk_size)
-        return dxm, dv, dlss, None, None
+        return dxm, dv, _lss_grad(lss, dlss), None, None
 
     def gla_setup(ctx, inputs, output):
         xm, v, lss, _rot, chunk_size = inputs
@@ -137,7 +145,7 @@ def _register_autograd(chunk_op, gla_op, backward_op) -> None:
         dxm, dv, dlss = backward_op(
             grad_y.unsqueeze(1), delta.unsqueeze(1), xm, v, lss, perm, lse.unsqueeze(1), ctx.chunk_size
         )
-        return dxm, dv, dlss, None, None
+        return dxm, dv, _lss_grad(lss, dlss), None, None
 
     torch.library.register_autograd(chunk_op, chunk_backward, setup_context=chunk_setup)
     torch.library.register_autograd(gla_op, gla_backward, setup_context=gla_setup)

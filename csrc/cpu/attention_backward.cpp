@@ -11,6 +11,8 @@
 // A job gathers the 3K queries of its three readers side by side, so each product is one [K, 3K]-sized GEMM
 // called straight on the scratch tiles (cpu/gemm.h): five per job, where per-t at::mm calls made 18, each
 // paying ATen's dispatch. The sums over t happen inside the GEMMs; every tile is one job's, per thread.
+// Without a learned score (lss absent: NLSA) nothing of lss is read, and neither dlss nor its per-slot
+// buffer is allocated (N * L * K values each): dlss comes back empty, shape [0].
 // float16/bfloat16 inputs: rows are read in 16
 // bits into float32 scratch, every product and sum is float32, each gradient is rounded to 16 bits once.
 #include <ATen/Parallel.h>
@@ -56,19 +58,21 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
   const auto acc_options = acc_options_of(xm);
 
   const at::Tensor inv_norm = inverse_norms<scalar_t>(xm);
-  const Inputs<scalar_t> in{xm.data_ptr<scalar_t>(),     v.data_ptr<scalar_t>(),   lss.data_ptr<scalar_t>(),
+  const bool has_lss = lss.defined();  // undefined: no learned score (lss=None), no dlss
+  const scalar_t* lss_ptr = has_lss ? lss.data_ptr<scalar_t>() : nullptr;
+  const Inputs<scalar_t> in{xm.data_ptr<scalar_t>(),     v.data_ptr<scalar_t>(),   lss_ptr,
                             grad_out.data_ptr<scalar_t>(), inv_norm.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
                             lse.data_ptr<acc_t>(),        perm.data_ptr<int64_t>()};
 
   // Per-round slot gradients, overwritten every round; position gradients summed over rounds.
   at::Tensor dv_slot = at::empty({batch, lp, cv}, acc_options);
   at::Tensor dkn_slot = at::empty({batch, lp, cm}, acc_options);
-  at::Tensor dlss_slot = at::empty({batch, lp, chunk}, acc_options);
+  at::Tensor dlss_slot = has_lss ? at::empty({batch, lp, chunk}, acc_options) : at::Tensor();
   // dq_part[b, kc, t * K + i]: the gradient key chunk kc sends to query i of chunk query_chunk(kc, t).
   at::Tensor dq_part = at::empty({batch, nc, 3 * chunk, cm}, acc_options);
   at::Tensor dkn = at::zeros(xm.sizes(), acc_options);
   const at::Tensor dxm_acc = accumulator_for<acc_t>(dxm), dv_acc = accumulator_for<acc_t>(dv);
-  const at::Tensor dlss_acc = accumulator_for<acc_t>(dlss);
+  const at::Tensor dlss_acc = has_lss ? accumulator_for<acc_t>(dlss) : at::Tensor();
   // Fully rewritten every round: perm is a permutation (checked by the caller), so inv[pr[s]] = s
   // covers every position.
   at::Tensor inverse = at::empty({batch, length}, perm.options());
@@ -80,11 +84,11 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
       // Per-thread scratch: the job's K keys, the 3K queries of the three chunks that read them (t-major), and the
       // [K, 3K] blocks P^T / dS^T of those three chunks side by side, so that each product is one GEMM.
       std::vector<acc_t> keys_n(chunk * cm), values(chunk * cv), q3(kk * cm), g3(kk * cv);
-      std::vector<acc_t> p(chunk * kk), ds(chunk * kk), learned3(chunk * kk);
+      std::vector<acc_t> p(chunk * kk), ds(chunk * kk), learned3(has_lss ? chunk * kk : 0);
       std::vector<int64_t> kpos(chunk), qpos(kk);
       std::vector<acc_t> q_delta(kk), q_lse(kk);
-      std::vector<const acc_t*> learned(chunk);
-      for (int64_t j = 0; j < chunk; ++j) learned[j] = learned3.data() + j * kk;
+      std::vector<const acc_t*> learned(has_lss ? chunk : 0);
+      for (int64_t j = 0; j < static_cast<int64_t>(learned.size()); ++j) learned[j] = learned3.data() + j * kk;
 
       for (int64_t job = begin; job < end; ++job) {
         const int64_t b = job / nc, kc = job % nc;
@@ -92,9 +96,11 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
         const int64_t row0 = (b * saved_rounds + rs) * length;
         for (int64_t j = 0; j < chunk; ++j) kpos[j] = layout.position(pr, kc * chunk + j);
         // lss[key] is indexed by query slot within a chunk, the same for the three query chunks: repeated 3x.
-        for (int64_t j = 0; j < chunk; ++j) {
-          const scalar_t* src = in.lss + (b * length + kpos[j]) * chunk;
-          for (int t = 0; t < 3; ++t) widen_scaled(src, acc_t(1), learned3.data() + j * kk + t * chunk, chunk);
+        if (has_lss) {
+          for (int64_t j = 0; j < chunk; ++j) {
+            const scalar_t* src = in.lss + (b * length + kpos[j]) * chunk;
+            for (int t = 0; t < 3; ++t) widen_scaled(src, acc_t(1), learned3.data() + j * kk + t * chunk, chunk);
+          }
         }
         // Keys normalised as they are gathered: no product sees an unnormalised key (overflow-safe).
         gather_scaled_rows(in.xm + b * length * cm, cm, kpos.data(), chunk, in.inv_norm + b * length, keys_n.data());
@@ -123,7 +129,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
 
         // P^T [keys, 3K queries] recomputed from the saved logsumexp.
         gemm_rm<acc_t>(false, true, chunk, kk, cm, keys_n.data(), cm, q3.data(), cm, 0, p.data(), kk);
-        probabilities_block(p.data(), chunk, kk, learned.data(), q_lse.data());
+        probabilities_block(p.data(), chunk, kk, has_lss ? learned.data() : nullptr, q_lse.data());
         // dS^T = P^T * (V g^T - delta)
         gemm_rm<acc_t>(false, true, chunk, kk, cv, values.data(), cv, g3.data(), cv, 0, ds.data(), kk);
         score_grad_block(ds.data(), p.data(), chunk, kk, q_delta.data());
@@ -132,11 +138,13 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
         acc_t* dkn_keys = dkn_slot.data_ptr<acc_t>() + (b * lp + kc * chunk) * cm;
         gemm_rm<acc_t>(false, false, chunk, cv, kk, p.data(), kk, g3.data(), cv, 0, dv_keys, cv);
         gemm_rm<acc_t>(false, false, chunk, cm, kk, ds.data(), kk, q3.data(), cm, 0, dkn_keys, cm);
-        acc_t* dlss_keys = dlss_slot.data_ptr<acc_t>() + (b * lp + kc * chunk) * chunk;
-        for (int64_t j = 0; j < chunk; ++j) {
-          const acc_t* d = ds.data() + j * kk;
-          acc_t* out = dlss_keys + j * chunk;
-          for (int64_t i = 0; i < chunk; ++i) out[i] = d[i] + d[chunk + i] + d[2 * chunk + i];
+        if (has_lss) {
+          acc_t* dlss_keys = dlss_slot.data_ptr<acc_t>() + (b * lp + kc * chunk) * chunk;
+          for (int64_t j = 0; j < chunk; ++j) {
+            const acc_t* d = ds.data() + j * kk;
+            acc_t* out = dlss_keys + j * chunk;
+            for (int64_t i = 0; i < chunk; ++i) out[i] = d[i] + d[chunk + i] + d[2 * chunk + i];
+          }
         }
         // dq_part[b, kc, t * K + i]: what these keys send to query i of chunk query_chunk(kc, t).
         acc_t* dq_dst = dq_part.data_ptr<acc_t>() + (b * nc + kc) * kk * cm;
@@ -154,11 +162,11 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
     });
     const acc_t* dv_s = dv_slot.data_ptr<acc_t>();
     const acc_t* dkn_s = dkn_slot.data_ptr<acc_t>();
-    const acc_t* dlss_s = dlss_slot.data_ptr<acc_t>();
+    const acc_t* dlss_s = has_lss ? dlss_slot.data_ptr<acc_t>() : nullptr;
     const acc_t* dq_s = dq_part.data_ptr<acc_t>();
     acc_t* dv_out = dv_acc.data_ptr<acc_t>();
     acc_t* dkn_out = dkn.data_ptr<acc_t>();
-    acc_t* dlss_out = dlss_acc.data_ptr<acc_t>();
+    acc_t* dlss_out = has_lss ? dlss_acc.data_ptr<acc_t>() : nullptr;
     acc_t* dq_out = dxm_acc.data_ptr<acc_t>();
     const int64_t* inverse_ptr = inverse.data_ptr<int64_t>();
     at::parallel_for(0, batch * length, 64, [&](int64_t begin, int64_t end) {
@@ -169,7 +177,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
           const int64_t row = b * lp + s;
           add(dv_out + pos * cv, dv_s + row * cv, cv);
           add(dkn_out + pos * cm, dkn_s + row * cm, cm);
-          add(dlss_out + pos * chunk, dlss_s + row * chunk, chunk);
+          if (has_lss) add(dlss_out + pos * chunk, dlss_s + row * chunk, chunk);
         }
         const int64_t qc = slot / chunk, i = slot % chunk;
         for (int t = 0; t < 3; ++t) {
@@ -203,23 +211,26 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const 
   if constexpr (!kWide) {
     dxm.copy_(dxm_acc);
     dv.copy_(dv_acc);
-    dlss.copy_(dlss_acc);
+    if (has_lss) dlss.copy_(dlss_acc);
   }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& delta_in, const at::Tensor& xm_in, const at::Tensor& v_in,
-    const at::Tensor& lss_in, const at::Tensor& perm_in, const at::Tensor& lse_in, int64_t chunk_size) {
+    const std::optional<at::Tensor>& lss_in, const at::Tensor& perm_in, const at::Tensor& lse_in,
+    int64_t chunk_size) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // kernels call ATen ops (mm) internally
   // Any strides: the kernel reads whole rows, so strided views are copied once here (contiguous: no copy).
   const at::Tensor grad_out = grad_out_in.contiguous(), delta = delta_in.contiguous(), xm = xm_in.contiguous();
-  const at::Tensor v = v_in.contiguous(), lss = lss_in.contiguous(), perm = perm_in.contiguous();
+  const at::Tensor v = v_in.contiguous(), lss = contiguous_or_absent(lss_in), perm = perm_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
   check_backward_inputs(grad_out, delta, xm, v, lss, perm, lse, chunk_size);
   const at::Tensor perm64 = as_int64(perm);
   check_permutation(perm64, "perm");  // so every entry of the inverse permutation below gets written
   check_lse_range(lse);
-  at::Tensor dxm = at::empty_like(xm), dv = at::empty_like(v), dlss = at::empty_like(lss);
+  at::Tensor dxm = at::empty_like(xm), dv = at::empty_like(v);
+  // No lss: an empty dlss (the op's contract, dlsn_kernels/_ops.py), autograd turns it into None.
+  at::Tensor dlss = lss.defined() ? at::empty_like(lss) : at::empty({0}, xm.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xm.scalar_type(), "attention_backward_cpu", [&] {
     backward_kernel<scalar_t>(grad_out, delta, xm, v, lss, perm64, lse, chunk_size, dxm, dv, dlss);
   });

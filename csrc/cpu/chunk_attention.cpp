@@ -6,7 +6,8 @@
 // so no product ever sees an unnormalised key), computes the scores transposed,
 // S^T [3K, K] = keys . queries^T, with a BLAS call, adds the learned score row by row (lss[key] is a
 // contiguous row indexed by query slot, which is why the transpose pays), softmaxes each column, and
-// finishes with O = P . V. The [3K, K] block lives in per-thread scratch only (~200 KB at K = 128), never
+// finishes with O = P . V. Without a learned score (lss absent: NLSA, DESIGN.md) nothing of lss is read or
+// gathered and the scores are q . k_hat alone, the values lss = zeros gives. The [3K, K] block lives in per-thread scratch only (~200 KB at K = 128), never
 // in a tensor of the problem's size.
 //
 // float16/bfloat16 inputs (DESIGN.md "Precision"): rows are read in 16 bits and widened into the float32
@@ -41,7 +42,8 @@ void forward_kernel(const at::Tensor& xm, const at::Tensor& v, const at::Tensor&
   const at::Tensor inv_norm = inverse_norms<scalar_t>(xm);
   const scalar_t* xm_ptr = xm.data_ptr<scalar_t>();
   const scalar_t* v_ptr = v.data_ptr<scalar_t>();
-  const scalar_t* lss_ptr = lss.data_ptr<scalar_t>();
+  const bool has_lss = lss.defined();  // undefined: no learned score (lss=None)
+  const scalar_t* lss_ptr = has_lss ? lss.data_ptr<scalar_t>() : nullptr;
   const acc_t* inv_ptr = inv_norm.data_ptr<acc_t>();
   const int64_t* perm_ptr = perm.data_ptr<int64_t>();
   acc_t* lse_ptr = lse.data_ptr<acc_t>();
@@ -57,10 +59,10 @@ void forward_kernel(const at::Tensor& xm, const at::Tensor& v, const at::Tensor&
       at::Tensor values = at::empty({kk, cv}, acc_options);
       at::Tensor scores_t = at::empty({kk, chunk}, acc_options);
       at::Tensor o = at::empty({chunk, cv}, acc_options);
-      at::Tensor learned_rows = kWide ? at::Tensor() : at::empty({kk, chunk}, acc_options);
+      at::Tensor learned_rows = (kWide || !has_lss) ? at::Tensor() : at::empty({kk, chunk}, acc_options);
       std::vector<int64_t> qpos(chunk), kpos(kk);
       std::vector<acc_t> col_max(chunk), col_sum(chunk);
-      std::vector<const acc_t*> learned(kk);
+      std::vector<const acc_t*> learned(has_lss ? kk : 0);
       acc_t* s = scores_t.data_ptr<acc_t>();
 
       for (int64_t job = begin; job < end; ++job) {
@@ -75,16 +77,18 @@ void forward_kernel(const at::Tensor& xm, const at::Tensor& v, const at::Tensor&
         gather_rows(xb, cm, qpos.data(), chunk, q.data_ptr<acc_t>());
         gather_scaled_rows(xb, cm, kpos.data(), kk, inv_ptr + b * length, keys.data_ptr<acc_t>());
         gather_rows(v_ptr + b * length * cv, cv, kpos.data(), kk, values.data_ptr<acc_t>());
-        if constexpr (kWide) {
-          for (int64_t j = 0; j < kk; ++j) learned[j] = lss_ptr + (b * length + kpos[j]) * chunk;
-        } else {
-          acc_t* rows = learned_rows.data_ptr<acc_t>();
-          gather_rows(lss_ptr + b * length * chunk, chunk, kpos.data(), kk, rows);
-          for (int64_t j = 0; j < kk; ++j) learned[j] = rows + j * chunk;
+        if (has_lss) {
+          if constexpr (kWide) {
+            for (int64_t j = 0; j < kk; ++j) learned[j] = lss_ptr + (b * length + kpos[j]) * chunk;
+          } else {
+            acc_t* rows = learned_rows.data_ptr<acc_t>();
+            gather_rows(lss_ptr + b * length * chunk, chunk, kpos.data(), kk, rows);
+            for (int64_t j = 0; j < kk; ++j) learned[j] = rows + j * chunk;
+          }
         }
 
         at::mm_out(scores_t, keys, q.t());
-        score_block(s, kk, chunk, learned.data(), col_max.data());
+        score_block(s, kk, chunk, has_lss ? learned.data() : nullptr, col_max.data());  // nullptr: no lss
         softmax_block(s, kk, chunk, col_max.data(), col_sum.data());
         at::mm_out(o, scores_t.t(), values);
 
@@ -123,11 +127,11 @@ void forward_kernel(const at::Tensor& xm, const at::Tensor& v, const at::Tensor&
 }
 
 std::tuple<at::Tensor, at::Tensor> chunk_attention_cpu(const at::Tensor& xm_in, const at::Tensor& v_in,
-                                                       const at::Tensor& lss_in, const at::Tensor& perm_in,
-                                                       int64_t chunk_size) {
+                                                       const std::optional<at::Tensor>& lss_in,
+                                                       const at::Tensor& perm_in, int64_t chunk_size) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // kernels call ATen ops (mm) internally
   // Any strides: the kernel reads whole rows, so a strided view is copied once here (contiguous: no copy).
-  const at::Tensor xm = xm_in.contiguous(), v = v_in.contiguous(), lss = lss_in.contiguous();
+  const at::Tensor xm = xm_in.contiguous(), v = v_in.contiguous(), lss = contiguous_or_absent(lss_in);
   const at::Tensor perm = perm_in.contiguous();
   check_attention_inputs(xm, v, lss, chunk_size);
   check_perm(perm, xm);
@@ -140,10 +144,10 @@ std::tuple<at::Tensor, at::Tensor> chunk_attention_cpu(const at::Tensor& xm_in, 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gla_attention_cpu(const at::Tensor& xm_in, const at::Tensor& v_in,
-                                                                 const at::Tensor& lss_in, const at::Tensor& rot_in,
-                                                                 int64_t chunk_size) {
+                                                                 const std::optional<at::Tensor>& lss_in,
+                                                                 const at::Tensor& rot_in, int64_t chunk_size) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // kernels call ATen ops (mm) internally
-  const at::Tensor xm = xm_in.contiguous(), v = v_in.contiguous(), lss = lss_in.contiguous();  // see above
+  const at::Tensor xm = xm_in.contiguous(), v = v_in.contiguous(), lss = contiguous_or_absent(lss_in);  // see above
   const at::Tensor rot = rot_in.contiguous();
   check_attention_inputs(xm, v, lss, chunk_size);
   check_hash_inputs(xm, rot);

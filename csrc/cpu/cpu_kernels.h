@@ -85,7 +85,7 @@ void check_codes(const at::Tensor& codes, int64_t n_buckets);
 // perm as contiguous int64 (int32 input is widened once; int64 input is returned as is).
 at::Tensor as_int64(const at::Tensor& index);
 
-// Forward of the chunk attention over every round of perm [N,R,L].
+// Forward of the chunk attention over every round of perm [N,R,L]; lss [N,L,K], or undefined for no learned score.
 // merge == false: out [N,R,L,Cv], lse [N,R,L] (per round).
 // merge == true:  out [N,L,Cv], lse [N,L] (rounds merged on the fly, DESIGN.md).
 void attention_forward(const at::Tensor& xm, const at::Tensor& v, const at::Tensor& lss, const at::Tensor& perm,

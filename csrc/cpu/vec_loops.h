@@ -43,10 +43,19 @@ inline float exp_approx(float x) {
 inline double exp_approx(double x) { return std::exp(x); }  // float64 is for gradcheck: exact
 
 // s[j, :] += learned[j][:]; col_max = max over j. s is [rows, cols] (keys arrive normalised).
+// learned == nullptr: no learned score (lss=None, NLSA), the scores are left as they are and only col_max is
+// taken: the same values as adding zeros (x + 0.0 == x), without reading any.
 template <typename T>
 inline void score_block_impl(T* __restrict s, int64_t rows, int64_t cols, const T* const* learned,
                              T* __restrict col_max) {
   for (int64_t i = 0; i < cols; ++i) col_max[i] = -INFINITY;
+  if (learned == nullptr) {
+    for (int64_t j = 0; j < rows; ++j) {
+      const T* __restrict row = s + j * cols;
+      for (int64_t i = 0; i < cols; ++i) col_max[i] = col_max[i] > row[i] ? col_max[i] : row[i];
+    }
+    return;
+  }
   for (int64_t j = 0; j < rows; ++j) {
     T* __restrict row = s + j * cols;
     const T* __restrict add = learned[j];
@@ -74,9 +83,17 @@ inline void softmax_block_impl(T* __restrict s, int64_t rows, int64_t cols, cons
 }
 
 // Backward: p[j, :] = exp(p[j, :] + learned[j][:] - lse); ds[j, :] = p[j, :] * (ds[j, :] - delta).
+// learned == nullptr: no learned score, p[j, :] = exp(p[j, :] - lse) (what adding zeros gives, bit for bit).
 template <typename T>
 inline void probabilities_block_impl(T* __restrict p, int64_t rows, int64_t cols, const T* const* learned,
                                      const T* __restrict lse) {
+  if (learned == nullptr) {
+    for (int64_t j = 0; j < rows; ++j) {
+      T* __restrict row = p + j * cols;
+      for (int64_t i = 0; i < cols; ++i) row[i] = exp_approx(row[i] - lse[i]);
+    }
+    return;
+  }
   for (int64_t j = 0; j < rows; ++j) {
     T* __restrict row = p + j * cols;
     const T* __restrict add = learned[j];

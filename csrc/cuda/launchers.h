@@ -1,5 +1,7 @@
 // The CUDA implementations' host entry points. They trust their arguments: registration.cpp checks
 // them first (in host C++ compiled by the C++ compiler, like the CPU ops), then calls these.
+// lss may be an undefined tensor: no learned score (the op's `Tensor? lss` was None, NLSA); the kernels then
+// read no lss and the backward returns an empty dlss ([0], xm's dtype and device).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <array>
 #include <climits>
+#include <optional>
 #include <tuple>
 
 #include "checks.h"
@@ -154,8 +155,11 @@ at::Tensor bucket_sort(const at::Tensor& codes, int64_t n_buckets) {
   return perm;
 }
 
-std::tuple<at::Tensor, at::Tensor> chunk_attention(const at::Tensor& xm, const at::Tensor& v, const at::Tensor& lss,
-                                                   const at::Tensor& perm, int64_t chunk_size) {
+// lss: `Tensor? lss` in the schema; absent (NLSA, no learned score) goes to the launchers as an undefined tensor.
+std::tuple<at::Tensor, at::Tensor> chunk_attention(const at::Tensor& xm, const at::Tensor& v,
+                                                   const std::optional<at::Tensor>& lss_opt, const at::Tensor& perm,
+                                                   int64_t chunk_size) {
+  const at::Tensor lss = tensor_or_absent(lss_opt);
   check_attention_inputs(xm, v, lss, chunk_size);
   check_perm(perm, xm);
   check_forward_grid(xm, v, chunk_size, perm.size(1), "chunk_attention");
@@ -168,8 +172,9 @@ std::tuple<at::Tensor, at::Tensor> chunk_attention(const at::Tensor& xm, const a
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gla_attention(const at::Tensor& xm, const at::Tensor& v,
-                                                             const at::Tensor& lss, const at::Tensor& rot,
-                                                             int64_t chunk_size) {
+                                                             const std::optional<at::Tensor>& lss_opt,
+                                                             const at::Tensor& rot, int64_t chunk_size) {
+  const at::Tensor lss = tensor_or_absent(lss_opt);
   check_attention_inputs(xm, v, lss, chunk_size);
   check_hash_inputs(xm, rot);
   check_bucket_count(rot.size(2));
@@ -184,7 +189,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gla_attention(const at::Tensor& x
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const at::Tensor& delta, const at::Tensor& xm, const at::Tensor& v,
-    const at::Tensor& lss, const at::Tensor& perm, const at::Tensor& lse, int64_t chunk_size) {
+    const std::optional<at::Tensor>& lss_opt, const at::Tensor& perm, const at::Tensor& lse, int64_t chunk_size) {
+  const at::Tensor lss = tensor_or_absent(lss_opt);
   check_backward_inputs(grad_out, delta, xm, v, lss, perm, lse, chunk_size);
   check_backward_grid(xm, v, chunk_size);
   check_permutation(perm);  // the inverse permutation built on the device must cover every position
