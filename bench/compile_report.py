@@ -1,14 +1,16 @@
-"""Offline compile report of the Triton kernels for Hopper (sm_90), on a machine without a GPU.
+"""Offline compile report of the Triton kernels for any GPU target, on a machine without a GPU.
 
-    python -m bench.compile_report [--json FILE] [--shape N L Cm Cv K R]
-    python -m bench.compile_report --cuda      # the CUDA C++ kernels of the built extension
+    python -m bench.compile_report [--arch 80 86 89 90 100 120 gfx942 gfx1100] [--json FILE] [--shape N L Cm Cv K R]
+                                   [--lss with|without|both] [--kernels hot]
+    python -m bench.compile_report --cuda [--arch ...]   # the CUDA C++ kernels of the built extension
 
 Most of a GPU kernel's speed is decided by its code shape, which needs no GPU to read: whether its dot
 products run on tensor cores (HGMMA/wgmma or HMMA/mma.sync in the SASS) or as scalar FFMA, and whether it
 fits in registers (no spills, no stack) and in shared memory (227 KB per block on an H100/H200).
 
-How: a stand-in Triton driver reports an sm_90 target, and every kernel launch of the real Triton entry
-points (``gla_attention`` forward and backward, ``chunk_attention``) is turned into a compile-only warm-up,
+How: a stand-in Triton driver reports the target (sm_90 by default), and every kernel launch of the real Triton
+entry points (``gla_attention`` forward and backward, ``chunk_attention``; with a learned score and, as the
+lss-free variants of NLSA, with ``lss=None``, records ``lss`` false) is turned into a compile-only warm-up,
 so each kernel is compiled with exactly the block sizes and specialisations a launch at this shape would
 use. The cubin is read with the ``cuobjdump`` and ``ptxas`` that Triton's wheel ships. CPU tensors stand in
 for CUDA ones (only their dtype, alignment and shape matter to the compiler); nothing is executed on them
@@ -94,6 +96,9 @@ class KernelRecord:
     # the card's shared memory; must not be below shared_bytes); 0 for kernels without a shared-memory model
     shared_estimate: int = 0
     sgprs: int = 0  # AMD: scalar registers (``registers`` holds the VGPRs)
+    # False for the lss-free variant (HAS_LSS=False: NLSA, no learned-score loads, no dlss) of a kernel that reads the
+    # learned score; True for every other record (kernels without the switch are the same for both)
+    lss: bool = True
 
     @property
     def instructions_per_kflop(self) -> float | None:
@@ -156,7 +161,7 @@ class _StandInDriver:
 
 
 @contextlib.contextmanager
-def _compile_only(compiled: list[tuple[str, Any, dict[str, Any]]], target: Target,
+def _compile_only(compiled: list[tuple[str, Any, dict[str, Any], bool]], target: Target,
                   kernels: set[str] | None = None) -> Iterator[None]:
     """Every Triton launch compiles for ``target`` and records its kernel instead of running it; with
     ``kernels``, launches of other kernels do nothing (their outputs are never read). The launch code sees
@@ -186,7 +191,7 @@ def _compile_only(compiled: list[tuple[str, Any, dict[str, Any]]], target: Targe
         # block sizes, and the switches that select a variant (MODE, DV_PASS, FIRST, LAST)
         blocks = {k: v for k, v in kwargs.items()
                   if k.startswith("BLOCK_") or k in ("MODE", "DV_PASS", "FIRST", "LAST")}
-        compiled.append((self.fn.__name__, kernel, {**blocks, **options}))
+        compiled.append((self.fn.__name__, kernel, {**blocks, **options}, kwargs.get("HAS_LSS", True)))
         return kernel
 
     previous_driver = driver._active  # None until Triton first looks for a GPU
@@ -410,41 +415,48 @@ def _problem(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, 
     return xm, v, lss, rot
 
 
-def _launches(shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    """Every kernel of a training step: gla_attention forward and backward, and chunk_attention."""
+LEARNED = ("with", "without")  # the learned score (GLA) and the lss-free variants (NLSA: lss=None, HAS_LSS=False)
+
+
+def _launches(shape: tuple[int, ...], dtype: torch.dtype, learned: tuple[str, ...] = LEARNED) -> None:
+    """Every kernel of a training step: gla_attention forward and backward, and chunk_attention, with a learned
+    score and/or without one (lss=None)."""
     import dlsn_kernels.triton as tk
 
-    xm, v, lss, rot = _problem(shape, dtype)
+    xm, v, learned_score, rot = _problem(shape, dtype)
     k = shape[4]
-    y, lse, perm = tk.gla_attention(xm, v, lss, rot, k)
-    perm = torch.arange(shape[1]).expand(shape[0], shape[5], shape[1]).contiguous()  # a valid permutation
-    delta = torch.zeros(shape[0], 1, shape[1])
-    # compile-only launches leave y and lse unwritten; the backward's host check reads lse's magnitude
-    lse = torch.zeros_like(lse)
-    tk.attention_backward(y.unsqueeze(1), delta, xm, v, lss, perm, lse.unsqueeze(1), k)
-    tk.chunk_attention(xm, v, lss, perm, k)
+    for lss in [learned_score] * ("with" in learned) + [None] * ("without" in learned):
+        y, lse, perm = tk.gla_attention(xm, v, lss, rot, k)
+        perm = torch.arange(shape[1]).expand(shape[0], shape[5], shape[1]).contiguous()  # a valid permutation
+        delta = torch.zeros(shape[0], 1, shape[1])
+        # compile-only launches leave y and lse unwritten; the backward's host check reads lse's magnitude
+        lse = torch.zeros_like(lse)
+        tk.attention_backward(y.unsqueeze(1), delta, xm, v, lss, perm, lse.unsqueeze(1), k)
+        tk.chunk_attention(xm, v, lss, perm, k)
 
 
 def compile_kernels(shape: tuple[int, ...] = TRAINING_SHAPE, modes=MODES,
-                    kernels: set[str] | None = None, arch: str | int = "90") -> list[KernelRecord]:
+                    kernels: set[str] | None = None, arch: str | int = "90",
+                    learned: tuple[str, ...] = LEARNED) -> list[KernelRecord]:
     """Compile every Triton kernel at ``shape`` for each mode (only ``kernels``, if given) for target ``arch``
     (``80`` ... ``120``, ``gfx942``), as a launch on that card would: its capability, and the configuration
-    ``dlsn_kernels.targets`` picks for its shared memory. One record per distinct (kernel, variant, mode)."""
+    ``dlsn_kernels.targets`` picks for its shared memory; ``learned``: with the learned score, without it (the
+    lss-free variants, ``lss`` false in their records) or both. One record per distinct (kernel, variant, mode)."""
     target = target_for_arch(arch)
     records: list[KernelRecord] = []
     tools = toolchain(target.arch)
     for label, dtype, matmul_precision, precision in modes:
-        compiled: list[tuple[str, Any, dict[str, Any]]] = []
+        compiled: list[tuple[str, Any, dict[str, Any], bool]] = []
         previous = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision(matmul_precision)
         try:
             with _compile_only(compiled, target, kernels):
-                _launches(shape, dtype)
+                _launches(shape, dtype, learned)
         finally:
             torch.set_float32_matmul_precision(previous)
-        seen: set[tuple[str, str]] = set()
-        for name, kernel, config in compiled:
-            key = (name, json.dumps(config, sort_keys=True))
+        seen: set[tuple[str, str, bool]] = set()
+        for name, kernel, config, has_lss in compiled:
+            key = (name, json.dumps(config, sort_keys=True), has_lss)
             if key in seen:
                 continue
             seen.add(key)
@@ -455,7 +467,7 @@ def compile_kernels(shape: tuple[int, ...] = TRAINING_SHAPE, modes=MODES,
             records.append(KernelRecord(
                 kernel=name, dtype=label, precision=precision, config=config, toolchain=tools,
                 shared_bytes=int(kernel.metadata.shared), arch=target.arch, shared_limit=target.shared_per_block,
-                step_macs=step_macs(name, config, shape[2], shape[3]),
+                step_macs=step_macs(name, config, shape[2], shape[3]), lss=has_lss,
                 shared_estimate=_shared_estimate(name, config, dtype, shape[2], shape[3], target), **usage,
             ))
     return records
@@ -521,7 +533,7 @@ HOT_KERNELS = ("_chunk_attention_fwd_kernel", "_key_pass", "_dq_pass", "_positio
 
 
 def format_table(records: list[KernelRecord]) -> str:
-    head = (f"{'arch':<7} {'kernel':<28} {'mode':<12} {'config':<44} {'regs':>4} {'spill':>5} {'stack':>5} "
+    head = (f"{'arch':<7} {'kernel':<28} {'lss':<3} {'mode':<12} {'config':<44} {'regs':>4} {'spill':>5} {'stack':>5} "
             f"{'smem KB':>7} {'limit':>5} {'TC':>4} {'FFMA':>5} {'SASS':>6} {'loop':>5} {'/MMA':>5} {'/kFLOP':>6} "
             f"{'RS':>3} warnings")
     lines = [head, "-" * len(head)]
@@ -533,7 +545,8 @@ def format_table(records: list[KernelRecord]) -> str:
         warnings = ",".join(sorted({w[1:6] if w.startswith("(C") else w[:20] for w in r.ptxas_warnings})) or "-"
         tc = r.tensor_core_instructions or r.tcgen05_mma
         lines.append(
-            f"{r.arch:<7} {r.kernel:<28} {r.dtype:<12} {config:<44} {r.registers:>4} {r.spill_bytes:>5} "
+            f"{r.arch:<7} {r.kernel:<28} {'yes' if r.lss else 'no':<3} {r.dtype:<12} {config:<44} {r.registers:>4} "
+            f"{r.spill_bytes:>5} "
             f"{r.stack_bytes:>5} {r.shared_bytes / 1024:>7.1f} {r.shared_limit // 1024:>5} {tc:>4} "
             f"{r.ffma_instructions:>5} {r.sass_instructions:>6} {r.main_loop_instructions:>5} {per_mma:>5} "
             f"{per_kflop:>6} {r.rs_wgmma:>3} {warnings}"
@@ -555,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="dtype/precision modes to compile (default: all)")
     parser.add_argument("--kernels", nargs="+", metavar="NAME",
                         help=f"compile only these Triton kernels ('hot': {', '.join(HOT_KERNELS)})")
+    parser.add_argument("--lss", choices=("with", "without", "both"), default="both",
+                        help="the kernels with the learned score (GLA), the lss-free variants (lss=None, NLSA) or both "
+                             "(default)")
     parser.add_argument("--triton", metavar="DIR",
                         help="compile with the Triton installed in DIR (pip install --target DIR triton==3.6.0), "
                              "in a subprocess with DIR first on PYTHONPATH")
@@ -580,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
         modes = [m for m in MODES if m[0] in args.modes]
         kernels = args.kernels and {k for name in args.kernels for k in (HOT_KERNELS if name == "hot" else [name])}
         for target in targets:
-            records += compile_kernels(tuple(args.shape), modes, kernels or None, target.arch)
+            learned = LEARNED if args.lss == "both" else (args.lss,)
+            records += compile_kernels(tuple(args.shape), modes, kernels or None, target.arch, learned)
         print(f"Triton kernels compiled for {', '.join(t.arch for t in targets)} at N, L, Cm, Cv, K, R = "
               f"{tuple(args.shape)} with {', '.join(sorted({r.toolchain for r in records}))} "
               "(TC: tensor-core instructions; SASS: static instructions; loop, /MMA, /kFLOP: main loop's "

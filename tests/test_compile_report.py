@@ -7,7 +7,9 @@ first on PYTHONPATH for the report alone. The other targets (sm_80, 86, 89, 100,
 Triton's AMD backend) compile the hot kernels in bf16 and float32 (TF32) as a launch on that card would (its
 capability, its shared memory, the configuration ``dlsn_kernels.targets`` picks there); all six together take
 about 20 minutes on 2 cores, so each CI run takes one of them in rotation, keyed by the commit
-(``DLSN_COMPILE_REPORT_ARCHS="80 86 89 100 120 gfx942"`` for all, or any list). CUDA C++: reads the
+(``DLSN_COMPILE_REPORT_ARCHS="80 86 89 100 120 gfx942"`` for all, or any list). The lss-free variants (lss=None,
+NLSA: ``HAS_LSS`` false, records ``lss`` false) are compiled for sm_90 and the rotated target under the installed
+Triton, not under 3.6.0 (their dots are the GLA kernels', minus the learned-score loads). CUDA C++: reads the
 sm_90 code of the built extension with cuobjdump (``bench.compile_report --cuda``). This keeps the GPU path fast
 between GPU runs: a change that makes a hot kernel spill, serialize its wgmma (ptxas C7515) or fall back to FFMA
 fails here, without a GPU.
@@ -29,6 +31,7 @@ HOT = {"_chunk_attention_fwd_kernel", "_key_pass"}  # the attention forward and 
 # every hot kernel of issue 25 (forward, key passes, dq pass, position pass, combine), and those with tensor cores
 ALL_HOT = HOT | {"_dq_pass", "_position_pass", "_combine_rounds_kernel"}
 TENSOR_CORE = HOT | {"_dq_pass"}
+LSS_KERNELS = HOT | {"_position_pass"}  # the kernels that read lss or write dlss: a variant without (HAS_LSS false)
 # the targets besides sm_90, one per CI run: NVIDIA (issue 25) and AMD CDNA through Triton's AMD backend (issue 30;
 # RDNA gfx1100 is left out until its forward and score passes stop spilling, see dlsn_kernels.targets.AMD_OFFLINE)
 ROTATION = ("80", "86", "89", "100", "120", "gfx942")
@@ -39,6 +42,7 @@ TRITON36_DIR = os.environ.get("DLSN_TRITON36_DIR",
 
 
 def _report(tmp_path_factory, *extra: str) -> list[dict]:
+    """The report's records for bf16 and TF32 (both learned-score variants unless ``extra`` says ``--lss``)."""
     out = tmp_path_factory.mktemp("compile") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
@@ -88,7 +92,7 @@ def _triton36() -> str:
 
 @pytest.fixture(scope="module")
 def records36(tmp_path_factory):
-    return _report(tmp_path_factory, "--triton", _triton36(), "--kernels", *sorted(HOT))
+    return _report(tmp_path_factory, "--triton", _triton36(), "--kernels", *sorted(HOT), "--lss", "with")
 
 
 def test_every_kernel_of_a_training_step_is_compiled(records):
@@ -97,11 +101,14 @@ def test_every_kernel_of_a_training_step_is_compiled(records):
         for kernel in ("_sblsh_hash_kernel", "_chunk_attention_fwd_kernel", "_key_pass", "_position_pass",
                        "_bucket_histogram_kernel", "_bucket_scatter_kernel", "_combine_rounds_kernel"):
             assert (kernel, mode) in names
-    # one forward variant for every round of both ops; the key pass per DV_PASS (dv pass, score pass)
+    # one forward variant for every round of both ops; the key pass per DV_PASS (dv pass, score pass); each with and
+    # without the learned score, which only the kernels that read lss distinguish
     for mode in ("bf16", "fp32-tf32"):
-        forward = [r for r in records if r["kernel"] == "_chunk_attention_fwd_kernel" and r["dtype"] == mode]
-        key = {r["config"]["DV_PASS"] for r in records if r["kernel"] == "_key_pass" and r["dtype"] == mode}
-        assert len(forward) == 1 and key == {True, False}
+        forward = [r["lss"] for r in records if r["kernel"] == "_chunk_attention_fwd_kernel" and r["dtype"] == mode]
+        key = {(r["config"]["DV_PASS"], r["lss"]) for r in records if r["kernel"] == "_key_pass" and r["dtype"] == mode}
+        assert sorted(forward) == [False, True] and key == {(p, lss) for p in (True, False) for lss in (True, False)}
+        lss_free = {r["kernel"] for r in records if r["dtype"] == mode and not r["lss"]}
+        assert lss_free == {"_chunk_attention_fwd_kernel", "_key_pass", "_position_pass"}, lss_free
     assert {r["toolchain"].split(",")[0] for r in records} == {f"triton {__import__('triton').__version__}"}
 
 
@@ -127,8 +134,9 @@ def test_hot_kernels_are_clean_on_the_rotated_target(rotated):
     assert {r["arch"] for r in rotated} == archs
     for arch in archs:
         for mode in ("bf16", "fp32-tf32"):
-            found = {r["kernel"] for r in rotated if r["arch"] == arch and r["dtype"] == mode}
-            assert found == ALL_HOT, (arch, mode, found)
+            for lss in (True, False):  # the lss-free variants (NLSA) as clean as the GLA ones
+                found = {r["kernel"] for r in rotated if r["arch"] == arch and r["dtype"] == mode and r["lss"] is lss}
+                assert found == (ALL_HOT if lss else LSS_KERNELS), (arch, mode, lss, found)
     for r in rotated:
         assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r
         assert r["shared_bytes"] <= r["shared_limit"], r
@@ -142,12 +150,26 @@ def test_hot_kernels_are_clean_on_the_rotated_target(rotated):
 
 def test_attention_kernels_run_on_tensor_cores(records):
     hot = [r for r in records if r["kernel"] in HOT]
-    assert len(hot) == 6  # the forward and two key passes, in two modes
+    assert len(hot) == 12  # the forward and two key passes, in two modes, with and without the learned score
     for r in hot:
         assert r["tensor_core_instructions"] > 0, r
         assert r["precision"] == ("native" if r["dtype"] == "bf16" else "tf32")
         assert r["sass_instructions"] > r["main_loop_instructions"] > 0, r
         assert r["instructions_per_mma"] is not None, r
+
+
+def test_lss_free_kernels_are_as_clean_as_the_gla_ones(records):
+    """Issue 27: every lss-free variant (NLSA, HAS_LSS false) next to its GLA kernel on sm_90, bf16 and TF32: the same
+    configuration, clean (no spills, no stack, shared memory within the limit), tensor cores where the GLA kernel
+    has them, and a main loop no longer than the GLA kernel's (it only drops the learned-score loads and sums)."""
+    gla = {(r["kernel"], r["dtype"], json.dumps(r["config"], sort_keys=True)): r for r in records if r["lss"]}
+    free = [r for r in records if not r["lss"]]
+    assert len(free) == 8  # forward, dv pass, score pass, position pass in two modes
+    for r in free:
+        twin = gla[(r["kernel"], r["dtype"], json.dumps(r["config"], sort_keys=True))]
+        assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0 and r["shared_bytes"] <= r["shared_limit"], r
+        assert (r["tensor_core_instructions"] > 0) == (twin["tensor_core_instructions"] > 0), r
+        assert r["rs_wgmma"] == 0 and r["main_loop_instructions"] <= twin["main_loop_instructions"], (r, twin)
 
 
 # Main-loop instructions per MMA before the contiguous-row kernels (bench/NOTES.md), under Triton 3.6: the
@@ -169,7 +191,7 @@ def test_hot_kernels_are_lean_under_both_toolchains(toolchain, request):
     if toolchain == "gpu image":
         assert all(r["toolchain"].startswith(f"triton {GPU_IMAGE_TRITON},") for r in records)
     hot = [r for r in records if r["kernel"] in HOT]
-    assert len(hot) == 6
+    assert len(hot) == (12 if toolchain == "installed" else 6)  # 3.6.0: the GLA kernels only
     for r in hot:
         assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r
         assert not any("C7515" in w for w in r["ptxas_warnings"]), r

@@ -99,12 +99,52 @@ def test_triton_tiny_gradients_match_the_reference():
 
 
 @pytest.mark.skipif(not _triton_ready(), reason="needs triton with a GPU or TRITON_INTERPRET=1")
-def test_triton_refuses_magnitudes_beyond_the_scaled_norms():
-    """Past ~1e35 (Cm = 7) 2^e / KEY_NORM_EPS would overflow float32: refused, not NaN."""
+@pytest.mark.parametrize("scale", [1e36, 1e37])
+def test_triton_answers_up_to_the_score_range(scale):
+    """Beyond ~1e34 the scaled inverse norm of a key at the norm floor (a zero row) would overflow: that row's key is
+    read scaled up instead, so 1e36 and 1e37 with a zero row get the reference's answer: exact (one-hot) for every
+    other query, to rounding for the zero query (all its scores are 0: a uniform softmax)."""
+    import dlsn_kernels.triton as tk
+
+    xm, v, lss = _scaled("huge")
+    xm = xm / xm.abs().amax() * scale
+    xm[:, 4] = 0
+    _rot, perm = _extras()
+    for learned in (lss, None):
+        got, _ = tk.chunk_attention(xm, v, learned, perm, CASE.chunk)
+        want = ref.chunk_attention(xm, v, learned, perm, CASE.chunk)[0]
+        assert rel_err(got, want) < tolerance(torch.float32)
+        assert torch.equal(got[:, :, :4], want[:, :, :4]) and torch.equal(got[:, :, 5:], want[:, :, 5:])
+
+
+@pytest.mark.skipif(not _triton_ready(), reason="needs triton with a GPU or TRITON_INTERPRET=1")
+def test_triton_refuses_magnitudes_whose_scores_overflow():
+    """Past ~4e37 (Cm = 7) a score times log2(e) could overflow float32: refused, not NaN."""
     xm, v, lss = _scaled("huge")
     _rot, perm = _extras()
-    with pytest.raises(ValueError, match=r"xm reaches .* the attention kernels resolve scores only while max \|xm\|"):
-        dk.chunk_attention(xm * 1e6, v, lss, perm, CASE.chunk, backend="triton")
+    with pytest.raises(ValueError, match=r"xm reaches 2e\+38 .* the attention kernels resolve scores only while max"):
+        dk.chunk_attention(xm / xm.abs().amax() * 2e38, v, lss, perm, CASE.chunk, backend="triton")
+
+
+@pytest.mark.skipif(not _triton_ready(), reason="needs triton with a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("how", ["huge", "tiny", "mixed"])
+def test_triton_without_learned_score(how):
+    """lss=None (NLSA) through the plain Triton functions: the forward is the reference's (exactly at 1e30, and the
+    cpu backend's with lss zeros), the backward at 1e30 refuses through the lse limit with the usual message."""
+    import dlsn_kernels.triton as tk
+
+    xm, v, lss = _scaled(how)
+    _rot, perm = _extras()
+    got, got_lse = tk.chunk_attention(xm, v, None, perm, CASE.chunk)
+    want, want_lse = ref.chunk_attention(xm, v, None, perm, CASE.chunk)
+    assert torch.isfinite(got).all() and rel_err(got_lse, want_lse) < tolerance(torch.float32)
+    if how != "huge":
+        assert rel_err(got, want) < tolerance(torch.float32)
+        return
+    assert torch.equal(got, want)
+    assert torch.equal(got, dk.chunk_attention(xm, v, torch.zeros_like(lss), perm, CASE.chunk, backend="cpu")[0])
+    with pytest.raises(ValueError, match=r"the saved lse reaches \d\.\d+e\+30 in magnitude.*\|lse\| <= 65536"):
+        tk.attention_backward(torch.ones_like(got), torch.zeros_like(got_lse), xm, v, None, perm, got_lse, CASE.chunk)
 
 
 @pytest.mark.skipif(not _triton_ready(), reason="needs triton with a GPU or TRITON_INTERPRET=1")
@@ -118,8 +158,8 @@ def test_triton_normal_inputs_are_unscaled_bit_for_bit(dtype):
     acc = accumulate_dtype(dtype)
     plain = torch.linalg.vector_norm(xm, dim=-1, dtype=acc).clamp_min(KEY_NORM_EPS).reciprocal()
     assert torch.equal(inverse_key_norms(xm), plain)
-    inv, queries = scaled_key_norms(xm, 1.4426950408889634)
-    assert queries is xm  # unscaled: no copy
+    inv, queries, keys = scaled_key_norms(xm, 1.4426950408889634)
+    assert queries is xm and keys is xm  # unscaled: no copy
     assert torch.equal(inv, plain * 1.4426950408889634)
 
 

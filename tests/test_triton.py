@@ -45,14 +45,18 @@ SIZES = [*CASES, TILE_CASES[0], Case(2, 48, 16, 2, 16, 32)]
 SIZE_IDS = [str(c) for c in SIZES]
 
 
-def make_inputs(size, dtype=EXACT, seed=0):
+def make_inputs(size, dtype=EXACT, seed=0, learned="random"):
+    """``[xm, v, lss, rot]``; ``learned``: lss random, "zeros" or "none" (None: NLSA, no learned score)."""
     n, length, k, cm, cv, rounds = size.n, size.length, size.chunk, size.cm, size.cv, size.rounds
     gen = torch.Generator().manual_seed(seed)
     xm = torch.randn(n, length, cm, generator=gen, dtype=torch.float64)
     v = torch.randn(n, length, cv, generator=gen, dtype=torch.float64)
     lss = torch.randn(n, length, k, generator=gen, dtype=torch.float64)
     rot = ref.random_rotations(cm, rounds, ref.n_buckets_for(length, k), generator=gen)
-    return [t.to(device=DEVICE, dtype=dtype) for t in (xm, v, lss, rot)]
+    inputs = [t.to(device=DEVICE, dtype=dtype) for t in (xm, v, lss, rot)]
+    if learned != "random":
+        inputs[2] = None if learned == "none" else torch.zeros_like(inputs[2])
+    return inputs
 
 
 def reference_perm(xm, rot):
@@ -177,34 +181,44 @@ def test_float32_forward_matches_reference():
 # backward
 
 
-def chunk_backward_pair(size, dtype=EXACT, seed=0):
+def _leaves(xm, v, lss):
+    """Fresh leaves of the reference's inputs (lss None stays None: no gradient of it)."""
+    return [None if t is None else t.clone().requires_grad_() for t in (xm, v, lss)]
+
+
+def _grads(total, leaves):
+    """Gradients of ``total`` for the leaves that exist (dlss is absent with lss None)."""
+    return torch.autograd.grad(total, [t for t in leaves if t is not None])
+
+
+def chunk_backward_pair(size, dtype=EXACT, seed=0, learned="random"):
     """(attention_backward of chunk_attention, autograd of the reference) for random incoming grads."""
-    xm, v, lss, rot = make_inputs(size, dtype, seed)
+    xm, v, lss, rot = make_inputs(size, dtype, seed, learned)
     perm = reference_perm(xm, rot)
-    leaves = [t.clone().requires_grad_() for t in (xm, v, lss)]
+    leaves = _leaves(xm, v, lss)
     out, lse = ref.chunk_attention(*leaves, perm, size.chunk)
     gen = torch.Generator().manual_seed(seed + 1)
     grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
     grad_lse = torch.randn(lse.shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
-    expected = torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse).sum(), leaves)
+    expected = _grads((out * grad_out).sum() + (lse * grad_lse).sum(), leaves)
     delta = (grad_out * out.detach()).sum(-1) - grad_lse
     actual = tk.attention_backward(grad_out, delta, xm, v, lss, perm, lse.detach(), size.chunk)
     return actual, expected
 
 
-def gla_backward_pair(size, dtype=EXACT, seed=0):
+def gla_backward_pair(size, dtype=EXACT, seed=0, learned="random"):
     """(attention_backward with R' = 1 after the fused forward, autograd of the reference GLA).
 
     The reference runs on the kernel's permutation (equal to its own: see the forward tests), so that
     a rounding-level tie in the float32 hash on a GPU cannot make the comparison flaky.
     """
-    xm, v, lss, rot = make_inputs(size, dtype, seed)
+    xm, v, lss, rot = make_inputs(size, dtype, seed, learned)
     y, lse, perm = tk.gla_attention(xm, v, lss, rot, size.chunk)
-    leaves = [t.clone().requires_grad_() for t in (xm, v, lss)]
+    leaves = _leaves(xm, v, lss)
     y_ref = ref.combine_rounds(*ref.chunk_attention(*leaves, perm, size.chunk))
     gen = torch.Generator().manual_seed(seed + 1)
     dy = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
-    expected = torch.autograd.grad((y_ref * dy).sum(), leaves)
+    expected = _grads((y_ref * dy).sum(), leaves)
     delta = (dy * y).sum(-1)[:, None]
     actual = tk.attention_backward(dy[:, None], delta, xm, v, lss, perm, lse[:, None], size.chunk)
     return actual, expected
@@ -231,13 +245,61 @@ def test_backward_transposed_products_match_autograd(size, monkeypatch):
     bfloat16 and TF32 take on a GPU, run here in float64: padded and unpadded, one and several rounds."""
     import sys
 
-    monkeypatch.setattr(sys.modules["dlsn_kernels.triton.attention_backward"], "_smem_b", lambda dtype: True)
+    monkeypatch.setattr(sys.modules["dlsn_kernels.triton.attention_backward"], "_smem_b", lambda *a: True)
     actual, expected = chunk_backward_pair(size)
     for a, e in zip(actual, expected):
         assert_close(a, e)
     actual, expected = gla_backward_pair(size)
     for a, e in zip(actual, expected):
         assert_close(a, e)
+
+
+# ---------------------------------------------------------------------------------------------
+# no learned score (lss=None, NLSA): the HAS_LSS=False kernels
+
+
+def _without_learned_score(pair, size, **kw):
+    """The backward pair with lss None, checked against the reference and bit for bit against lss zeros."""
+    (dxm, dv, dlss), expected = pair(size, learned="none", **kw)
+    (dxm0, dv0, _), _ = pair(size, learned="zeros", **kw)
+    assert dlss.shape == (0,) and dlss.dtype == dxm.dtype and dlss.device == dxm.device
+    assert torch.equal(dxm, dxm0) and torch.equal(dv, dv0)  # adding +0.0 is exact: the same bits
+    for a, e in zip((dxm, dv), expected, strict=True):
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
+def test_attention_without_learned_score(size):
+    """lss=None: the forward of both ops and the backward (R' = R and R' = 1) match the reference's lss=None and
+    equal lss=zeros bit for bit; dlss is an empty tensor, as the op schema says."""
+    xm, v, _, rot = make_inputs(size, learned="none")
+    zeros = torch.zeros(size.n, size.length, size.chunk, dtype=EXACT, device=DEVICE)
+    y, lse, perm = tk.gla_attention(xm, v, None, rot, size.chunk)
+    assert_close(y, ref.gla_attention(xm, v, None, rot, size.chunk))
+    assert all(torch.equal(a, b) for a, b in zip((y, lse), tk.gla_attention(xm, v, zeros, rot, size.chunk)))
+    out, round_lse = tk.chunk_attention(xm, v, None, perm, size.chunk)
+    for a, e in zip((out, round_lse), ref.chunk_attention(xm, v, None, perm, size.chunk), strict=True):
+        assert_close(a, e)
+    assert all(torch.equal(a, b) for a, b in zip((out, round_lse), tk.chunk_attention(xm, v, zeros, perm, size.chunk)))
+    _without_learned_score(chunk_backward_pair, size)
+    _without_learned_score(gla_backward_pair, size)
+
+
+@pytest.mark.parametrize("size", [CASES[3], SIZES[-1]], ids=str)
+def test_transposed_backward_without_learned_score(size, monkeypatch):
+    """The tensor-core orientation of the key passes (float16/bfloat16/TF32 on a GPU) with lss None, in float64."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["dlsn_kernels.triton.attention_backward"], "_smem_b", lambda *a: True)
+    _without_learned_score(chunk_backward_pair, size)
+
+
+def test_float32_without_learned_score():
+    size = Case(1, 13, 5, 2, 5, 7)
+    (dxm, dv, dlss), expected = gla_backward_pair(size, dtype=torch.float32, learned="none")
+    assert dlss.numel() == 0
+    for a, e in zip((dxm, dv), expected, strict=True):
+        assert_close(a, e, atol=1e-4, rtol=1e-4)
 
 
 def test_backward_of_keys_below_the_norm_floor():

@@ -8,6 +8,9 @@ Functions (layouts and meaning as in DESIGN.md):
 - ``gla_attention(xm, v, lss, rot, chunk_size) -> (y [N, L, Cv], lse [N, L], perm [N, R, L])``
 - ``attention_backward(grad_out, delta, xm, v, lss, perm, lse, chunk_size) -> (dxm, dv, dlss)``
 
+``lss`` may be None (NLSA: scores q . k_hat only, the same as zeros): the kernels then compile without the
+learned-score loads and sums (``HAS_LSS``), and ``dlss`` is the empty ``xm.new_empty(0)``.
+
 Limits:
 
 - Devices and dtypes: CUDA tensors in float32, float16 or bfloat16. Dot products run on tensor cores for
@@ -23,16 +26,20 @@ Limits:
   ``torch.sort(stable=True)`` beyond.
 - These bare functions assume ``perm`` is a permutation; the public ops of ``dlsn_kernels`` check it
   before they get here.
-- The backward pass needs, per round, float32 slot gradients ``[N, Lp, Cm + Cv + K]`` and ``dq``
-  ``[N, L, Cm]`` (all rounds alive until the position pass sums them), plus one ``[N, nc, 3, K, K]`` buffer of
-  ``dS / ||key||`` in the input dtype, reused by every round.
+- The backward pass needs, per round, float32 slot gradients ``[N, Lp, Cm + Cv + K]`` (``Cm + Cv`` without
+  ``lss``) and ``dq`` ``[N, L, Cm]`` (all rounds alive until the position pass sums them), plus one
+  ``[N, nc, 3, K, K]`` buffer of ``dS / ||key||`` in the input dtype that each round rewrites.
+- Magnitudes: the forward takes any ``max |xm|`` whose scores fit the float range, below about 1e37 in
+  float32/bfloat16 (queries scaled by a power of two beyond about 1e18, see ``_common.scaled_key_norms``); the
+  backward refuses a saved ``|lse|`` above 2^16 (2^40 in float64), as the cpu backend does.
 - Block sizes, warps and stages are fixed per target, precision and problem (``dlsn_kernels.targets``:
   ``triton_config`` picks from per-architecture tables by the device's shared memory per block), no
   autotuning: what ``python -m bench.compile_report --arch ...`` shows spill-free on that target is what runs.
   A case no configuration fits is refused with the reasons of ``targets.triton_unsupported_reasons``.
 """
 
-from ._common import INTERPRETED, MAX_CHANNELS, MAX_CHUNK
+from ..targets import MAX_CHANNELS, MAX_CHUNK
+from ._common import INTERPRETED
 from .attention_backward import attention_backward
 from .chunk_attention import chunk_attention, gla_attention
 from .hash import MAX_SORT_BUCKETS, bucket_sort, sblsh_hash

@@ -20,35 +20,8 @@ import triton.language as tl
 from .. import targets
 from .._hash_setup import KEY_NORM_EPS
 from .._magnitudes import product_headroom, row_norms
-from ..targets import MAX_CHANNELS, MAX_CHUNK, Target
+from ..targets import Target
 
-__all__ = [
-    "INTERPRETED",
-    "KEY_NORM_EPS",
-    "MAX_CHANNELS",
-    "MAX_CHUNK",
-    "accumulate_dtype",
-    "attention_heuristics",
-    "check_device",
-    "kernel_config",
-    "kernel_precision",
-    "launch_target",
-    "channel_block",
-    "device_fn",
-    "dot_kind",
-    "dot_precision",
-    "inverse_key_norms",
-    "query_scale_exponent_limit",
-    "scaled_key_norms",
-    "jit",
-    "matmul",
-    "matmul_ieee",
-    "slot_rows",
-    "LOG2E",
-    "LN2",
-    "tl_accumulate_dtype",
-    "tl_dtype",
-]
 
 def _triton_interprets() -> bool:
     """Whether Triton's own library was built for the interpreter (env at Triton's import)."""
@@ -120,10 +93,12 @@ def tl_dtype(dtype: torch.dtype) -> Any:
     return _TL_DTYPES[dtype]
 
 
-# What every attention kernel derives from its arguments: padded channel blocks, accumulation and dot dtypes.
+# What every attention kernel derives from its arguments: padded channel blocks, accumulation and dot dtypes, and
+# whether there is a learned score (lss None, NLSA: the lss-free variant compiles without its loads and gradient).
 attention_heuristics = triton.heuristics({
     "BLOCK_CM": lambda a: channel_block(a["Cm"]),
     "BLOCK_CV": lambda a: channel_block(a["Cv"]),
+    "HAS_LSS": lambda a: a["lss_ptr"] is not None,
     "ACC": lambda a: tl_accumulate_dtype(a["xm_ptr"].dtype),
     "DOT": lambda a: tl_dtype(a["xm_ptr"].dtype),
 })
@@ -226,39 +201,38 @@ def inverse_key_norms(xm: torch.Tensor) -> torch.Tensor:
     return norms.clamp_min(KEY_NORM_EPS).reciprocal().contiguous()
 
 
-def query_scale_exponent_limit(dtype: torch.dtype) -> int:
-    """The largest e for which ``2^e LOG2E / KEY_NORM_EPS`` (the largest scaled inverse norm) is finite."""
-    return int(math.floor(math.log2(torch.finfo(accumulate_dtype(dtype)).max * KEY_NORM_EPS / 2)))
+def scaled_key_norms(xm: torch.Tensor, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(inverse norms [N, L], queries, keys)`` for the attention forward, once per call.
 
-
-def scaled_key_norms(xm: torch.Tensor, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(factor 2^e / max(||xm||, eps) [N, L], queries)`` for the attention forward, once per call.
-
-    The kernels compute q . key unnormalised and scale the score column by the inverse key norm; with
-    xm * 1e30 the product itself overflows float32 (|q| |key| ~ 1e62). So the queries are ``xm * 2^-e``
-    (powers of two are exact in every float format) and 2^e is folded into the inverse norm the kernels already
-    load. e is the smallest power that keeps ``Cm max|xm|^2 2^-e`` at a quarter of the accumulation type's
-    range: 0 for any input below about 1e18 in float32 (float16 always), where ``queries`` is ``xm`` itself (no
-    copy) and nothing changes bit for bit. The scaled copy is made here, not by a multiply in the kernel: a
-    query tile scaled in registers becomes a register-A wgmma operand (the pattern of Triton issue #9433).
-    Beyond ``query_scale_exponent_limit`` the scaled inverse norm of a key at the norm floor would overflow:
-    such inputs (max |xm| above about 1e34 in float32/bfloat16) are refused, which costs one host read of the
-    exponent per call.
+    The kernels compute q . key unnormalised and scale the score column by ``factor / max(||key||, eps)``; with
+    xm * 1e30 the product itself overflows float32 (|q| |key| ~ 1e62). So the queries are ``xm * 2^-e`` (powers of
+    two are exact in every float format) and 2^e is folded into the inverse norms the kernels already load. e is the
+    smallest power that keeps ``Cm max|xm|^2 2^-e`` at a quarter of the accumulation type's range: 0 for any input
+    below about 1e18 in float32 (float16 always), where queries and keys are ``xm`` itself (no copy) and nothing
+    changes bit for bit. A key row whose ``2^e / max(||key||, eps)`` would overflow (a row far below the largest, as
+    a zero row next to 1e36) is read as ``key 2^c`` with ``2^(e - c)`` in its inverse norm instead. The copies are
+    made here, not by a multiply in the kernel: a query tile scaled in registers becomes a register-A wgmma operand
+    (the pattern of Triton issue #9433). Refused, after one host read of the top exponent per call: max |xm| whose
+    scores (``|q . k_hat| <= sqrt(Cm) max|xm|``, times ``factor``) could overflow, about 1e37 in float32/bfloat16.
     """
     acc = accumulate_dtype(xm.dtype)
     norms, top_exp = row_norms(xm, acc)
     cm = int(xm.shape[-1])
-    headroom = product_headroom(acc, cm)
-    exp = (2 * top_exp - headroom).clamp_min(0)
-    limit = query_scale_exponent_limit(xm.dtype)
-    if int(exp) > limit:  # the one host read: the only way to refuse rather than return NaN
-        top = float(xm.detach().abs().amax())
-        bound = 2.0 ** ((limit + headroom) // 2)  # max |xm| < 2^E_max <=> e <= limit
+    top_range = math.frexp(torch.finfo(acc).max)[1]  # finfo.max < 2^top_range
+    bound = math.frexp(torch.finfo(acc).max / (2 * max(factor, 1.0) * math.sqrt(max(cm, 1))))[1] - 1
+    top = int(top_exp)  # the one host read: the only way to refuse rather than return NaN
+    if top > bound:
         raise ValueError(
-            f"xm reaches {top:.3g} in magnitude; the attention kernels resolve scores only while max |xm| < "
-            f"{bound:.3g} ({xm.dtype}, Cm = {cm}): scale xm down, its norm sets the scores"
+            f"xm reaches {float(xm.detach().abs().amax()):.3g} in magnitude; the attention kernels resolve scores "
+            f"only while max |xm| < {2.0 ** bound:.3g} ({xm.dtype}, Cm = {cm}): scale xm down, its norm sets the scores"
         )
-    inv = torch.ldexp(norms.clamp_min(KEY_NORM_EPS).reciprocal(), exp) * factor
-    shift = int(exp)
-    queries = xm if shift == 0 else torch.ldexp(xm.to(acc), torch.tensor(float(-shift), device=xm.device))
-    return inv.contiguous(), queries.to(xm.dtype).contiguous()
+    inv = norms.clamp_min(KEY_NORM_EPS).reciprocal()
+    shift = max(0, 2 * top - product_headroom(acc, cm))
+    if shift == 0:
+        return (inv * factor).contiguous(), xm.contiguous(), xm.contiguous()
+    # per key row c >= 0 keeps 2^(e - c) factor inv below half the range (factor < 2, inv < 2^exponent)
+    up = (shift + torch.frexp(inv).exponent + 2 - top_range).clamp_min(0)
+    inv = torch.ldexp(inv, shift - up) * factor
+    queries = torch.ldexp(xm.to(acc), torch.tensor(float(-shift), device=xm.device))
+    keys = torch.ldexp(xm.to(acc), up.unsqueeze(-1).to(acc))
+    return inv.contiguous(), queries.to(xm.dtype).contiguous(), keys.to(xm.dtype).contiguous()

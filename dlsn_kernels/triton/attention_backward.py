@@ -1,25 +1,25 @@
-"""Backward of ``chunk_attention`` and ``gla_attention`` as Triton kernels (DESIGN.md, DESIGN.md 8).
+"""Backward of ``chunk_attention`` and ``gla_attention`` as Triton kernels (DESIGN.md "Backward: one kernel for both
+ops").
 
-Deterministic without atomics: every buffer element has exactly one writer and every sum runs in a
-fixed order. Per round r, three launches, then one position pass for all rounds:
+Deterministic without atomics: every buffer element has exactly one writer and every sum runs in a fixed order.
+Per round r, three launches, then one position pass for all rounds:
 
-1. ``_key_pass``, twice (``DV_PASS``): one program per (key block kb of key chunk c', n). It recomputes P of
-   the query chunks that read c' (c', c'+1, c'-1: t = 0, 1, 2) from the saved ``lse`` (FlashAttention-2 style)
-   and owns the slot gradients of its keys. The dv pass keeps ``dv^T`` in registers; the score pass keeps
-   ``dkn^T`` and the ``dlss`` tile, and writes ``dS / ||key||`` in the dot dtype to ``ds[n, c, t, j, i]``
-   (one writer per element; reused by every round). Together they would spill at Cv = 256. Both write their
-   rows in slot order to this round's float32 buffers ``dv_buf[r]``, ``dkn_buf[r]``, ``dlss_buf[r]``
-   (``[N, Lp, .]``, padded slots included).
-2. ``_dq_pass``: one program per query tile of chunk c: ``dq^T = sum_t sum_kb key^T ds`` in a fixed order,
-   stored at the query's slot row of ``dq_buf[r]`` (``[N, L, Cm]``).
-3. ``_position_pass``, once after every round: per position, the sum over rounds (increasing order) of the
-   ``dq`` of its slot and the key gradients of its slot plus its padded duplicates (gathered through the
-   inverse permutation), then the key normalisation backward; writes ``dxm``, ``dv``, ``dlss`` in the input
-   dtypes.
+1. ``_key_pass``, twice (``DV_PASS``): one program per (key block of key chunk c', n) recomputes P of the query
+   chunks that read c' (c', c'+1, c'-1: t = 0, 1, 2) from the saved ``lse`` (FlashAttention-2 style) and owns the
+   slot gradients of its keys: the dv pass ``dv``, the score pass ``dkn`` and the ``dlss`` tile (together they
+   would spill at Cv = 256). They go in slot order to round r's float32 buffers ``dv_buf[r]``, ``dkn_buf[r]``,
+   ``dlss_buf[r]`` (``[N, Lp, .]``, padded slots included). The score pass also writes ``dS / ||key||`` in the
+   dot dtype to ``ds[n, c, t, j, i]`` (query chunk c, key j, query i): one ``[N, nc, 3, K, K]`` buffer, rewritten
+   by every round after the dq pass has read it.
+2. ``_dq_pass``: one program per query tile of chunk c sums ``dq^T = key^T ds`` over t and key blocks in a fixed
+   order into the query's slot row of ``dq_buf[r]`` (``[N, L, Cm]``).
+3. ``_position_pass``: per position, the sum over rounds (increasing order) of the ``dq`` of its slot and the key
+   gradients of its slot plus its padded duplicates (gathered through the inverse permutation), then the key
+   normalisation backward; writes ``dxm``, ``dv``, ``dlss`` in the input dtypes.
 
-All products run on ``tl.dot`` (tensor cores for float16/bfloat16, and for float32 under TF32, see
-``kernel_precision``). Tiles, warps and stages per target come from ``dlsn_kernels.targets`` (``triton_config``),
-read at launch from the device's properties.
+Without a learned score (``lss`` None, ``HAS_LSS`` false) the key and position passes have no lss loads and no
+dlss tile, buffer or store. Products run on ``tl.dot`` (tensor cores for float16/bfloat16, and for float32 under
+TF32: ``kernel_precision``); tiles, warps and stages per target come from ``dlsn_kernels.targets``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from ._common import (
     attention_heuristics,
     channel_block,
     device_fn,
-    dot_kind,
     first_padded_copy,
     inverse_key_norms,
     jit,
@@ -50,23 +49,23 @@ from ._common import (
     slot_rows,
     tl_accumulate_dtype,
 )
-from .chunk_attention import check_attention_inputs, check_perm_shape
+from .chunk_attention import check_attention_inputs
 
 __all__ = ["attention_backward"]
 
 
-# Tiles that divide the chunk, no padded slots (L % K == 0) and channel blocks that are the channel counts
-# need no masks in the loop.
+# Tiles that divide the chunk, no padded slots (L % K == 0) and channel blocks that are the channel counts (Cv
+# where the kernel has it) need no masks in the loop.
 backward_heuristics = triton.heuristics({
     "FULL": lambda a: a["K"] % a["BLOCK_K"] == 0 and a["K"] % a["BLOCK_Q"] == 0 and a["L"] % a["K"] == 0,
-    "EVEN_C": lambda a: a["Cm"] == channel_block(a["Cm"]) and a["Cv"] == channel_block(a["Cv"]),
+    "EVEN_C": lambda a: all(a[c] == channel_block(a[c]) for c in ("Cm", "Cv") if c in a),
 })
 
 
-def _smem_b(dtype: torch.dtype) -> bool:
+def _smem_b(dtype: torch.dtype, precision: str) -> bool:
     """Whether the key passes write their products transposed (P and dS on wgmma's shared-memory B side):
     for the tensor-core dots (float16/bfloat16, TF32); IEEE float32/float64 run on FFMA in the plain form."""
-    return dot_kind(dtype) != "ieee"
+    return dtype in (torch.float16, torch.bfloat16) or precision == "tf32"
 
 
 def backward_config(chunk_size: int, value_channels: int, dtype: torch.dtype, dv_pass: bool,
@@ -90,18 +89,18 @@ def _key_pass(
     dv_slot_ptr, dkn_slot_ptr, dlss_slot_ptr, ds_ptr,
     L, Cm, Cv, K, R, nc, Lp, r, stat_rounds, stat_round,
     SMEM_B: tl.constexpr, DV_PASS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr, FULL: tl.constexpr, EVEN_C: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr, FULL: tl.constexpr,
+    EVEN_C: tl.constexpr, HAS_LSS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):
     # Two launches share this body (DV_PASS): the dv pass holds the dv rows; the score pass holds dkn and
     # dlss and writes dS / ||key|| for the dq pass. Together they would not fit in registers at Cv = 256;
     # apart, each recomputes the cheap score tile S (a Cm-deep product) and neither spills.
     # Score tiles are [key, query slot]: lss rows are read contiguously, and the dlss tile is stored as it is
-    # computed. P is recomputed from the saved lse (base 2 inside the kernel). Every product whose operand is
-    # computed in registers (P, dS) is written transposed so that operand is the B side, which Hopper's wgmma
-    # reads from shared memory: a register A operand is the pattern ptxas 12.8/12.9 can schedule wrongly
-    # (Triton issue #9433). Hence the transposed accumulators dv^T, dkn^T and dq^T (SMEM_B: tensor-core dots).
+    # computed (neither exists without a learned score, HAS_LSS false). P is recomputed from the saved lse (base 2
+    # inside the kernel). Every product whose operand is computed in registers (P, dS) is written transposed so that
+    # operand is the B side, which Hopper's wgmma reads from shared memory: a register A operand is the pattern
+    # ptxas 12.8/12.9 can schedule wrongly (Triton issue #9433). Hence the transposed accumulators dv^T, dkn^T and
+    # dq^T (SMEM_B: tensor-core dots).
     # IEEE float32 runs on FFMA, where the plain orientation holds fewer registers (the transposed one spills).
     n_kblocks = tl.cdiv(K, BLOCK_K)
     kc = tl.program_id(0) // n_kblocks
@@ -137,7 +136,8 @@ def _key_pass(
             dkn_t = tl.zeros([BLOCK_CM, BLOCK_K], ACC)
         else:
             dkn = tl.zeros([BLOCK_K, BLOCK_CM], ACC)
-        dlss = tl.zeros([BLOCK_K, BLOCK_Q], ACC)  # [key, query slot i], summed over t
+        if HAS_LSS:
+            dlss = tl.zeros([BLOCK_K, BLOCK_Q], ACC)  # [key, query slot i], summed over t
     chunk_next = (kc + 1) % nc
     chunk_prev = (kc + nc - 1) % nc
     # one flat loop over (query tile, t), t fastest: one set of pipelined shared-memory buffers, and the dlss
@@ -150,13 +150,15 @@ def _key_pass(
         q_slot = c * K + offs_i
         if FULL:
             q_rows = tl.load(slot_row + q_slot)
-            learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :]).to(ACC)
+            if HAS_LSS:
+                learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :]).to(ACC)
         else:
             i_ok = offs_i < K
             q_ok = i_ok & (q_slot < L)  # padded query slots produce nothing, so get no gradient
             q_rows = tl.load(slot_row + q_slot, mask=i_ok, other=0)
-            learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :],
-                              mask=k_ok[:, None] & q_ok[None, :], other=0.0).to(ACC)
+            if HAS_LSS:
+                learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :],
+                                  mask=k_ok[:, None] & q_ok[None, :], other=0.0).to(ACC)
         stat_rows = q_rows + stat_shift
         if EVEN_C:
             q = tl.load(xm_ptr + q_rows[:, None] * Cm + offs_cm[None, :])
@@ -166,7 +168,9 @@ def _key_pass(
             d_out = tl.load(grad_out_ptr + stat_rows[:, None] * Cv + offs_cv[None, :],
                             mask=cv_ok[None, :], other=0.0).to(DOT)
         lse = tl.load(lse_ptr + stat_rows).to(ACC)
-        s = matmul(key, tl.trans(q), ACC, PRECISION) * inv_norm[:, None] + learned
+        s = matmul(key, tl.trans(q), ACC, PRECISION) * inv_norm[:, None]
+        if HAS_LSS:
+            s += learned
         if FULL:
             p = tl.exp2((s - lse[None, :]) * LOG2E)  # [BLOCK_K, BLOCK_Q]
         else:
@@ -187,16 +191,17 @@ def _key_pass(
                 dkn_t += matmul(tl.trans(q), tl.trans(ds.to(DOT)), ACC, PRECISION)
             else:
                 dkn += matmul(ds.to(DOT), q, ACC, PRECISION)
-            dlss += ds
+            if HAS_LSS:
+                dlss += ds
             # dS / ||key|| in the dot dtype, exactly the operand of dq's product, for _dq_pass (one writer per
-            # element): half the bytes of float32 dq partials in bf16/fp16, and the dq product leaves this pass
+            # element): the dq product then runs once per query tile there, not in this pass's registers
             ds_row = (((n * nc + c) * 3 + t) * K + offs_j).to(tl.int64) * K
             ds_ptrs = ds_ptr + ds_row[:, None] + offs_i[None, :]
             if FULL:
                 tl.store(ds_ptrs, (ds * inv_norm[:, None]).to(DOT))
             else:
                 tl.store(ds_ptrs, (ds * inv_norm[:, None]).to(DOT), mask=k_ok[:, None] & (offs_i < K)[None, :])
-            if t == 2:
+            if HAS_LSS and t == 2:
                 tl.store(dlss_slot_ptr + (n * Lp + k_slot).to(tl.int64)[:, None] * K + offs_i[None, :], dlss,
                          mask=k_ok[:, None] & (offs_i < K)[None, :])
                 dlss = tl.zeros([BLOCK_K, BLOCK_Q], ACC)
@@ -216,18 +221,9 @@ def _key_pass(
                  mask=k_ok[None, :] & cm_ok[:, None])
 
 
-def dq_config(chunk_size: int, dtype: torch.dtype, target: Target = INTERPRETER,
-              key_channels: int = 64) -> dict[str, int]:
-    """Block sizes and launch shape of ``_dq_pass`` on ``target`` (``dlsn_kernels.targets``)."""
-    return triton_config("dq", target, dtype, key_channels, 0, chunk_size)
-
-
-@triton.heuristics({
-    "BLOCK_CM": lambda a: channel_block(a["Cm"]),
-    "ACC": lambda a: tl_accumulate_dtype(a["xm_ptr"].dtype),
-    "FULL": lambda a: a["K"] % a["BLOCK_K"] == 0 and a["K"] % a["BLOCK_Q"] == 0 and a["L"] % a["K"] == 0,
-    "EVEN_C": lambda a: a["Cm"] == channel_block(a["Cm"]),
-})
+@backward_heuristics
+@triton.heuristics({"BLOCK_CM": lambda a: channel_block(a["Cm"]),
+                    "ACC": lambda a: tl_accumulate_dtype(a["xm_ptr"].dtype)})
 @jit
 def _dq_pass(
     ds_ptr, xm_ptr, rows_ptr, dq_ptr,
@@ -299,13 +295,14 @@ def _store_rows(ptr, rows, offs, width, ok, value):
     "BLOCK_CV": lambda a: channel_block(a["Cv"]),
     "BLOCK_KK": lambda a: channel_block(a["K"]),
     "ACC": lambda a: tl_accumulate_dtype(a["xm_ptr"].dtype),
+    "HAS_LSS": lambda a: a["dlss_ptr"] is not None,
 })
 @jit
 def _position_pass(
     slot_of_ptr, xm_ptr, dq_buf_ptr, dv_buf_ptr, dkn_buf_ptr, dlss_buf_ptr, dxm_ptr, dv_ptr, dlss_ptr,
     N, L, Cm, Cv, K, R, pad, Lp, n_dup,
-    EPS: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr, BLOCK_KK: tl.constexpr, ACC: tl.constexpr,
+    EPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr,
+    BLOCK_KK: tl.constexpr, HAS_LSS: tl.constexpr, ACC: tl.constexpr,
 ):
     # One launch after all rounds: per position, the sum over rounds (in increasing order) of the dq of its slot
     # and the key gradients of its slot plus the slot's padded duplicates, then the key normalisation backward.
@@ -321,7 +318,8 @@ def _position_pass(
     dq = tl.zeros([BLOCK_P, BLOCK_CM], ACC)
     dkn = tl.zeros([BLOCK_P, BLOCK_CM], ACC)
     dv = tl.zeros([BLOCK_P, BLOCK_CV], ACC)
-    dlss = tl.zeros([BLOCK_P, BLOCK_KK], ACC)
+    if HAS_LSS:
+        dlss = tl.zeros([BLOCK_P, BLOCK_KK], ACC)
     for r in range(0, R):
         slot = tl.load(slot_of_ptr + (n * R + r) * L + pos, mask=ok, other=0)  # the position's slot in round r
         dup_first = first_padded_copy(slot, L, pad)
@@ -330,7 +328,8 @@ def _position_pass(
                       mask=ok[:, None] & cm_ok[None, :], other=0.0)
         dkn += _gather_slots(dkn_buf_ptr, base, slot, dup_first, n_dup, L, Lp, offs_cm, Cm, ok, ACC)
         dv += _gather_slots(dv_buf_ptr, base, slot, dup_first, n_dup, L, Lp, offs_cv, Cv, ok, ACC)
-        dlss += _gather_slots(dlss_buf_ptr, base, slot, dup_first, n_dup, L, Lp, offs_k, K, ok, ACC)
+        if HAS_LSS:
+            dlss += _gather_slots(dlss_buf_ptr, base, slot, dup_first, n_dup, L, Lp, offs_k, K, ok, ACC)
 
     # backward of kn = x / max(||x||, eps): (dkn - kn (kn . dkn)) / ||x||, or dkn / eps when clamped
     x = tl.load(xm_ptr + pos_rows[:, None] * Cm + offs_cm[None, :],
@@ -342,11 +341,12 @@ def _position_pass(
     d_key = tl.where((norm >= EPS)[:, None], tangent, dkn / EPS)
     _store_rows(dxm_ptr, pos_rows, offs_cm, Cm, ok, dq + d_key)
     _store_rows(dv_ptr, pos_rows, offs_cv, Cv, ok, dv)
-    _store_rows(dlss_ptr, pos_rows, offs_k, K, ok, dlss)
+    if HAS_LSS:
+        _store_rows(dlss_ptr, pos_rows, offs_k, K, ok, dlss)
 
 
 def attention_backward(
-    grad_out: Tensor, delta: Tensor, xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, lse: Tensor,
+    grad_out: Tensor, delta: Tensor, xm: Tensor, v: Tensor, lss: Tensor | None, perm: Tensor, lse: Tensor,
     chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dxm, dv, dlss)`` of the attention (DESIGN.md "Backward: one kernel for both ops").
@@ -354,10 +354,10 @@ def attention_backward(
     ``grad_out [N, R', L, Cv]``, ``delta``/``lse [N, R', L]`` with R' = R (per round: ``chunk_attention``,
     ``delta = rowsum(grad_out * out) - grad_lse``) or R' = 1 (shared by the rounds: ``gla_attention``,
     ``grad_out = dy[:, None]``, ``delta = rowsum(dy * y)[:, None] - grad_lse``, ``lse`` over all rounds).
-    Bitwise repeatable: no atomics, fixed summation order.
+    Bitwise repeatable: no atomics, fixed summation order. ``lss`` None: no learned score, so no dlss buffers or
+    sums at all, and ``dlss`` is ``xm.new_empty(0)``.
     """
-    check_attention_inputs(xm, v, lss, chunk_size)
-    check_perm_shape(perm, xm)
+    check_attention_inputs(xm, v, lss, perm, chunk_size)
     n, length, cm = xm.shape
     cv = v.shape[2]
     rounds = perm.shape[1]
@@ -382,7 +382,7 @@ def attention_backward(
 
     dxm = torch.empty_like(xm)
     dv = torch.empty_like(v)
-    dlss = torch.empty_like(lss)
+    dlss = xm.new_empty(0) if lss is None else torch.empty_like(lss)
     if length == 0 or n == 0:
         return dxm, dv, dlss
 
@@ -399,15 +399,14 @@ def attention_backward(
     # per round. Memory: R rounds of them alive (linear in R N L).
     dv_buf = torch.empty((rounds, n, padded, cv), dtype=acc, device=dev)
     dkn_buf = torch.empty((rounds, n, padded, cm), dtype=acc, device=dev)
-    dlss_buf = torch.empty((rounds, n, padded, k), dtype=acc, device=dev)
+    dlss_buf = None if lss is None else torch.empty((rounds, n, padded, k), dtype=acc, device=dev)
     dq_buf = torch.empty((rounds, n, length, cm), dtype=acc, device=dev)
     # dS / ||key|| of round r in the dot dtype: [n, query chunk c, t, key j, query i] (one writer per element)
     ds = torch.empty((n, nc, 3, k, k), dtype=xm.dtype, device=dev)
     n_dup = triton.cdiv(pad, length)  # padded copies one position can have
     inv_norm = inverse_key_norms(xm)
     precision = kernel_precision(xm.device, xm.dtype)
-    # float32 on FFMA (IEEE: "highest", or a target without TF32) takes the plain orientation, as its dtype says
-    smem_b = False if (xm.dtype == torch.float32 and precision == "ieee") else _smem_b(xm.dtype)
+    smem_b = _smem_b(xm.dtype, precision)
     rows = slot_rows(perm, k, max(cm, cv, k))
 
     for r in range(rounds):
@@ -415,7 +414,7 @@ def attention_backward(
         for dv_pass in (True, False):
             _key_pass[(nc * triton.cdiv(k, configs[dv_pass]["BLOCK_K"]), n)](
                 grad_out, delta, lse, xm, v, lss, rows, inv_norm,
-                dv_buf[r], dkn_buf[r], dlss_buf[r], ds,
+                dv_buf[r], dkn_buf[r], None if lss is None else dlss_buf[r], ds,
                 length, cm, cv, k, rounds, nc, padded, r, stat_rounds, stat_round,
                 SMEM_B=smem_b, DV_PASS=dv_pass, PRECISION=precision, **configs[dv_pass],
             )
@@ -426,7 +425,7 @@ def attention_backward(
     slot_of = torch.empty((n, rounds, length), dtype=torch.int32, device=dev)
     slot_of.scatter_(2, perm.long(), torch.arange(length, dtype=torch.int32, device=dev).expand(n, rounds, length))
     _position_pass[(triton.cdiv(length, position["BLOCK_P"]), n)](
-        slot_of, xm, dq_buf, dv_buf, dkn_buf, dlss_buf, dxm, dv, dlss,
+        slot_of, xm, dq_buf, dv_buf, dkn_buf, dlss_buf, dxm, dv, None if lss is None else dlss,
         n, length, cm, cv, k, rounds, pad, padded, n_dup,
         EPS=KEY_NORM_EPS, **position,
     )

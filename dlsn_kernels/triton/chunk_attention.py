@@ -5,7 +5,8 @@ One program owns a block of query slots of one chunk c of one (n, round); one la
 table made once per call (``slot_rows``), so a tile's rows are read contiguously and the loop does no
 ``%`` and no 64-bit index math per gathered row. The program walks the K key slots of chunks c, c-1, c+1
 (in that order, DESIGN.md) in tiles: gathers the key rows, scales each score column by the key's inverse
-norm, adds ``lss[key, query slot]``, and keeps an online softmax. It writes ``out``/``lse`` at the queries'
+norm, adds ``lss[key, query slot]`` (only with a learned score: ``HAS_LSS``, false for ``lss`` None), and keeps an
+online softmax. It writes ``out``/``lse`` at the queries'
 original positions; padded query slots are never written. No sorted, padded or ``[K, 3K]`` tensor exists
 in memory.
 
@@ -27,12 +28,10 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks
-from ..targets import INTERPRETER, Target, triton_config
+from ..targets import INTERPRETER, MAX_CHANNELS, MAX_CHUNK, Target, triton_config
 from ._common import (
     LN2,
     LOG2E,
-    MAX_CHANNELS,
-    MAX_CHUNK,
     accumulate_dtype,
     attention_heuristics,
     channel_block,
@@ -48,7 +47,7 @@ from ._common import (
 )
 from .hash import sblsh_hash, sort_codes
 
-__all__ = ["chunk_attention", "gla_attention", "check_attention_inputs", "check_perm_shape"]
+__all__ = ["chunk_attention", "gla_attention", "check_attention_inputs"]
 
 
 def forward_config(chunk_size: int, value_channels: int, dtype: torch.dtype, target: Target = INTERPRETER,
@@ -76,7 +75,7 @@ def _chunk_attention_fwd_kernel(
     L, Cm, Cv, K, R, nc, Lp,
     PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_C: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_C: tl.constexpr, HAS_LSS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):
     # tl.dot operands stay in the input dtype DOT (tensor cores for float16/bfloat16, TF32 or IEEE for
     # float32 by PRECISION), sums in ACC. Scores are kept in base 2 (exp2 is the hardware exponential).
@@ -96,6 +95,7 @@ def _chunk_attention_fwd_kernel(
     i_ok = offs_i < K
     q_rows = tl.load(slot_row + c * K + offs_i, mask=i_ok, other=0)
     # q_ptr: xm, or xm * 2^-e beyond ~1e18 (scaled_key_norms) so that q . key cannot overflow; 2^e is in inv_norm
+    # (xm_ptr: the keys, xm, or beyond ~1e34 with rows far below the largest scaled up, see scaled_key_norms)
     if EVEN_C:
         q = tl.load(q_ptr + q_rows[:, None] * Cm + offs_cm[None, :])
     else:
@@ -114,17 +114,19 @@ def _chunk_attention_fwd_kernel(
         t = step // n_kblocks
         kc = tl.where(t == 0, c, tl.where(t == 1, chunk_prev, chunk_next))
         offs_j = (step - t * n_kblocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        # lss[key position, query slot i] (HAS_LSS): each key's row is read contiguously, then transposed
         if EVEN_K:
             k_rows = tl.load(slot_row + kc * K + offs_j)
             inv_norm = tl.load(inv_norm_ptr + k_rows)
-            # lss[key position, query slot i]: each key's row is read contiguously, then transposed
-            learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :])
+            if HAS_LSS:
+                learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :])
         else:
             k_ok = offs_j < K
             k_rows = tl.load(slot_row + kc * K + offs_j, mask=k_ok, other=0)
             inv_norm = tl.load(inv_norm_ptr + k_rows, mask=k_ok, other=0.0)
-            learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :],
-                              mask=k_ok[:, None] & i_ok[None, :], other=0.0)
+            if HAS_LSS:
+                learned = tl.load(lss_ptr + k_rows[:, None] * K + offs_i[None, :],
+                                  mask=k_ok[:, None] & i_ok[None, :], other=0.0)
         if EVEN_C:
             key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :])
             val = tl.load(v_ptr + k_rows[:, None] * Cv + offs_cv[None, :])
@@ -132,8 +134,9 @@ def _chunk_attention_fwd_kernel(
             key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :], mask=cm_ok[None, :], other=0.0)
             val = tl.load(v_ptr + k_rows[:, None] * Cv + offs_cv[None, :], mask=cv_ok[None, :], other=0.0)
         # log2(e) 2^e / max(||key||, eps) (precomputed per position) scales the score column: q . key / ||key||
-        s = (matmul(q, tl.trans(key), ACC, PRECISION) * inv_norm[None, :]
-             + tl.trans(learned.to(ACC)) * LOG2E)
+        s = matmul(q, tl.trans(key), ACC, PRECISION) * inv_norm[None, :]
+        if HAS_LSS:
+            s += tl.trans(learned.to(ACC)) * LOG2E
         if not EVEN_K:
             s = tl.where(k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -186,9 +189,12 @@ def _combine_rounds_kernel(
     tl.store(lse_total_ptr + n * L + pos, lse, mask=ok)
 
 
-def check_attention_inputs(xm: Tensor, v: Tensor, lss: Tensor, chunk_size: int) -> None:
-    """The public ops' checks (same messages on every backend), the device rule and Triton's size limits."""
+def check_attention_inputs(xm: Tensor, v: Tensor, lss: Tensor | None, perm: Tensor | None, chunk_size: int) -> None:
+    """The public ops' checks (same messages on every backend; ``perm``'s values are the public op's), the device
+    rule and Triton's size limits."""
     _checks.check_attention(xm, v, lss, chunk_size, "triton")
+    if perm is not None:
+        _checks.check_perm(perm, xm, values=False)
     check_device(xm, "xm")
     for name, size in (("xm", xm.shape[2]), ("v", v.shape[2])):
         if size > MAX_CHANNELS:
@@ -199,14 +205,6 @@ def check_attention_inputs(xm: Tensor, v: Tensor, lss: Tensor, chunk_size: int) 
         raise ValueError(f"chunk_size {chunk_size} is above the Triton backend's limit of {MAX_CHUNK}")
 
 
-def check_perm_shape(perm: Tensor, xm: Tensor) -> None:
-    """``perm``'s rank, dtype, device and shape; its values are the public op's check (``_checks``)."""
-    _checks.check_perm(perm, xm, values=False)
-
-
-_LOG2E = 1.4426950408889634
-
-
 def _launch_forward(xm, v, lss, perm, out, lse, chunk_size):
     """One launch for every round: ``out [N, R, L, Cv]``, ``lse [N, R, L]``."""
     n, length, cm = xm.shape
@@ -214,25 +212,25 @@ def _launch_forward(xm, v, lss, perm, out, lse, chunk_size):
     _, padded, nc = slot_layout(length, chunk_size)
     rows = slot_rows(perm, chunk_size, max(cm, cv, chunk_size))
     config = kernel_config("forward", xm.device, xm.dtype, cm, cv, chunk_size)
-    inv_norm, queries = scaled_key_norms(xm, _LOG2E)
+    inv_norm, queries, keys = scaled_key_norms(xm, LOG2E.value)
     grid = (nc * triton.cdiv(chunk_size, config["BLOCK_Q"]), n * perm.shape[1])
     _chunk_attention_fwd_kernel[grid](
-        queries, xm, v, lss, rows, inv_norm, out, lse,
+        queries, keys, v, lss, rows, inv_norm, out, lse,
         length, cm, cv, chunk_size, perm.shape[1], nc, padded,
         PRECISION=kernel_precision(xm.device, xm.dtype), **config,
     )
 
 
 def chunk_attention(
-    xm: Tensor, v: Tensor, lss: Tensor, perm: Tensor, chunk_size: int
+    xm: Tensor, v: Tensor, lss: Tensor | None, perm: Tensor, chunk_size: int
 ) -> tuple[Tensor, Tensor]:
     """Attention of every round within adjacent chunks: ``out [N, R, L, Cv]`` (dtype of ``v``) and
-    ``lse [N, R, L]`` (float32; float64 for float64 input), in original position order.
+    ``lse [N, R, L]`` (float32; float64 for float64 input), in original position order. ``lss`` None: scores
+    q . k_hat only (the kernel variant without learned-score loads).
 
     ``perm [N, R, L]`` must hold a permutation of ``0..L-1`` per (n, round) (not checked).
     """
-    check_attention_inputs(xm, v, lss, chunk_size)
-    check_perm_shape(perm, xm)
+    check_attention_inputs(xm, v, lss, perm, chunk_size)
     n, length, _ = xm.shape
     rounds = perm.shape[1]
     out = torch.empty((n, rounds, length, v.shape[2]), dtype=v.dtype, device=v.device)
@@ -258,14 +256,14 @@ def combine_rounds(out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def gla_attention(
-    xm: Tensor, v: Tensor, lss: Tensor, rot: Tensor, chunk_size: int
+    xm: Tensor, v: Tensor, lss: Tensor | None, rot: Tensor, chunk_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """DESIGN.md 1.1-1.5 fused: ``y [N, L, Cv]`` (dtype of ``v``), ``lse [N, L]`` over all rounds (float32;
     float64 for float64 input) and ``perm [N, R, L]`` int64 (for the backward pass).
 
     The rounds run in one launch into ``[N, R, L, Cv]`` of the input dtype (freed on return), then merge.
     """
-    check_attention_inputs(xm, v, lss, chunk_size)
+    check_attention_inputs(xm, v, lss, None, chunk_size)
     codes = sblsh_hash(xm, rot)
     perm = sort_codes(codes, rot.shape[2])
     out, lse = chunk_attention(xm, v, lss, perm, chunk_size)

@@ -14,8 +14,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks
+from ..targets import MAX_CHANNELS
 from ._common import (
-    MAX_CHANNELS,
     accumulate_dtype,
     channel_block,
     check_device,
