@@ -1,11 +1,16 @@
 // Inputs of extreme magnitude (xm * 1e30): the limits the backwards and the CUDA kernels refuse beyond, with one
-// host read each. The same rules as dlsn_kernels/_magnitudes.py (lse_limit, product_headroom, check_saved_lse).
+// host read each. The same rules as dlsn_kernels/_magnitudes.py (lse_limit, product_headroom, check_saved_lse);
+// the CUDA forwards scale query rows (csrc/cuda/key_norms.cuh) and so take xm * 1e30, up to
+// forward_magnitude_exponent.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
+
+#include "checks.h"  // kKeyNormEps
 
 namespace dlsn {
 
@@ -15,12 +20,23 @@ namespace dlsn {
 // gradients that are wrong by whole factors.
 inline double lse_limit(at::ScalarType acc) { return acc == at::kDouble ? 1099511627776.0 : 65536.0; }
 
+inline int ceil_log2(double x) {
+  int e = 0;
+  while (std::ldexp(1.0, e) < x) ++e;
+  return e;
+}
+
 // The largest 2E for which Cm (2^E)^2, a bound on an unnormalised q . key with every |xm| below 2^E, stays at a
-// quarter of float32's range. The CUDA kernels multiply raw rows and scale by the inverse key norm afterwards.
-inline int product_headroom(int64_t channels) {
-  int log2_cm = 0;
-  while ((int64_t{1} << log2_cm) < channels) ++log2_cm;
-  return 128 - 2 - log2_cm;
+// quarter of float32's range. The CUDA backward kernels multiply raw rows and scale by the inverse key norm
+// afterwards.
+inline int product_headroom(int64_t channels) { return 128 - 2 - ceil_log2(static_cast<double>(channels)); }
+
+// The CUDA forwards scale a query row by 2^-a and its scores by 2^a after the inverse key norm, a the smallest
+// shift that keeps Cm 2^(e - a) 2^E_top (a bound on q . key, max |row| < 2^e) within float32 (csrc/cuda/
+// key_norms.cuh: query_shift); a <= e, so the scale 2^a / max(||key||, eps) stays below 2^E_top / eps. Both fit
+// float32 while every |xm| < 2^E for this E (112 for Cm <= 2^15 and eps = 5e-5; ~5e33).
+inline int forward_magnitude_exponent(int64_t channels) {
+  return std::min(127 - ceil_log2(1.0 / kKeyNormEps), 127 - ceil_log2(static_cast<double>(channels)));
 }
 
 // Refuses a saved lse beyond lse_limit (NaN compares false and is left to propagate, as in the forward).
@@ -37,8 +53,9 @@ inline void check_lse_range(const at::Tensor& lse) {
   check_lse_magnitude(lse.abs().max().item<double>(), lse.scalar_type());
 }
 
-// Refuses max |xm| whose unnormalised score products could overflow float32 (about 1e18 at Cm = 64), where the
-// reference, normalising first, stays finite: an error instead of inf/NaN.
+// Refuses max |xm| whose unnormalised score products could overflow float32 in the backward kernels (about 1e18 at
+// Cm = 64), where the reference, normalising first, stays finite: an error instead of inf/NaN. (The lse limit
+// refuses any such input first: its scores reach |xm|.)
 inline void check_product_magnitude(double top, int64_t channels, const char* op) {
   if (!(top > 0) || !std::isfinite(top)) return;  // NaN/inf propagate as in every backend
   const int headroom = product_headroom(channels);
@@ -49,9 +66,20 @@ inline void check_product_magnitude(double top, int64_t channels, const char* op
                     "): scale xm down, its norm sets the scores");
 }
 
+// The forwards' limit (forward_magnitude_exponent): max |xm| below ~5e33, so xm * 1e30 runs (one host read).
+inline void check_forward_magnitude(double top, int64_t channels, const char* op) {
+  if (!(top > 0) || !std::isfinite(top)) return;  // NaN/inf propagate as in every backend
+  const int limit = forward_magnitude_exponent(channels);
+  int exponent = 0;
+  std::frexp(top, &exponent);  // top < 2^exponent
+  TORCH_CHECK_VALUE(exponent <= limit, op, ": xm reaches ", top, " in magnitude; the CUDA kernels resolve scores "
+                    "only while max |xm| < ", std::ldexp(1.0, limit), " (Cm = ", channels,
+                    "): scale xm down, its norm sets the scores");
+}
+
 inline void check_product_range(const at::Tensor& xm, const char* op) {
   if (xm.numel() == 0) return;
-  check_product_magnitude(xm.abs().max().item<double>(), xm.size(2), op);
+  check_forward_magnitude(xm.abs().max().item<double>(), xm.size(2), op);
 }
 
 // The backward's two limits with one host read (the amax of lse and of xm together).

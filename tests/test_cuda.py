@@ -291,3 +291,79 @@ def test_errors_name_the_argument():
     out, lse = torch.ops.dlsn.chunk_attention(xm, v, lss, perm, case.chunk)
     with pytest.raises(RuntimeError, match="delta"):
         torch.ops.dlsn.attention_backward(out, lse.double(), xm, v, lss, perm, lse, case.chunk)
+
+
+# ---------------------------------------------------------------- without the learned score (lss=None, issue 27)
+
+# float32 twice: the IEEE scalar kernels ("highest") and the TF32 ones ("high")
+PRECISIONS = [(torch.float32, "highest"), (torch.float32, "high"), (torch.float16, "highest"),
+              (torch.bfloat16, "highest")]
+
+
+@pytest.fixture
+def precision(request):
+    dtype, policy = request.param
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(policy)
+    yield dtype, policy == "high"
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS, ids=[f"{d}-{p}" for d, p in PRECISIONS], indirect=True)
+@pytest.mark.parametrize("case", [CASES[3], CASES[5], TILE_CASES[1], TILE_CASES[3]], ids=str)
+def test_without_lss_is_lss_zeros(case, precision):
+    """lss=None runs the lss-free kernels: the bits of lss = zeros, forward (both ops) and backward, and an empty
+    dlss [0] in its place."""
+    dtype, tf32 = precision
+    (xm, v, lss, rot), exact, perm = _inputs(case, dtype)
+    zeros = torch.zeros_like(lss)
+    out, lse = torch.ops.dlsn.chunk_attention(xm, v, None, perm, case.chunk)
+    out0, lse0 = torch.ops.dlsn.chunk_attention(xm, v, zeros, perm, case.chunk)
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)
+    want_out, want_lse = ref.chunk_attention(exact[0], exact[1], None, perm, case.chunk)
+    assert rel_err(out, want_out) < tolerance(dtype, tf32=tf32)
+    y, y_lse, y_perm = torch.ops.dlsn.gla_attention(xm, v, None, rot, case.chunk)
+    y0, y_lse0, _ = torch.ops.dlsn.gla_attention(xm, v, zeros, rot, case.chunk)
+    assert torch.equal(y, y0) and torch.equal(y_lse, y_lse0)
+    g_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEVICE, dtype)
+    delta = (g_out.float() * out.float()).sum(-1)
+    got = torch.ops.dlsn.attention_backward(g_out, delta, xm, v, None, perm, lse, case.chunk)
+    got0 = torch.ops.dlsn.attention_backward(g_out, delta, xm, v, zeros, perm, lse, case.chunk)
+    assert got[2].shape == (0,) and got[2].dtype == dtype and got[2].device == xm.device
+    assert torch.equal(got[0], got0[0]) and torch.equal(got[1], got0[1])
+    leaves = [t.detach().clone().requires_grad_(True) for t in exact[:2]]
+    ref_out, _ = ref.chunk_attention(*leaves, None, perm, case.chunk)
+    want = torch.autograd.grad((ref_out * g_out.double()).sum(), leaves)
+    for name, a, b in zip(("dxm", "dv"), got, want):
+        assert rel_err(a, b) < tolerance(dtype, grad=True, tf32=tf32), name
+
+
+# ---------------------------------------------------------------- extreme magnitudes (issue 25 item 4)
+
+
+@pytest.mark.parametrize("precision", [p for p in PRECISIONS if p[0] != torch.float16],
+                         ids=[f"{d}-{p}" for d, p in PRECISIONS if d != torch.float16], indirect=True)
+@pytest.mark.parametrize("with_lss", [True, False], ids=["lss", "no-lss"])
+def test_forward_takes_huge_features(precision, with_lss):
+    """xm * 1e30: query rows scaled by 2^-e in the kernels (csrc/cuda/key_norms.cuh), the reference's one-hot
+    softmax instead of a refusal; beyond ~5e33 (csrc/magnitudes.h) a refusal; the backward refuses through its
+    lse limit."""
+    dtype, tf32 = precision
+    case = CASES[3]
+    (xm, v, lss, rot), exact, perm = _inputs(case, dtype)
+    huge = (exact[0] * 1e30).to(dtype)
+    learned = lss if with_lss else None
+    out, lse = torch.ops.dlsn.chunk_attention(huge, v, learned, perm, case.chunk)
+    want_out, want_lse = ref.chunk_attention(huge.double(), exact[1], exact[2] if with_lss else None, perm,
+                                             case.chunk)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert rel_err(out, want_out) < tolerance(dtype, tf32=tf32)
+    assert rel_err(lse, want_lse) < tolerance(dtype, tf32=tf32)
+    y, y_lse, _ = torch.ops.dlsn.gla_attention(huge, v, learned, rot, case.chunk)
+    assert torch.isfinite(y).all() and torch.isfinite(y_lse).all()
+    with pytest.raises(ValueError, match=r"chunk_attention: xm reaches .* the CUDA kernels resolve scores only"):
+        torch.ops.dlsn.chunk_attention((exact[0] * 1e35).to(dtype), v, learned, perm, case.chunk)
+    g_out = torch.ones_like(out)
+    with pytest.raises(ValueError, match=r"the saved lse reaches .* in magnitude"):
+        torch.ops.dlsn.attention_backward(g_out, (g_out.float() * out.float()).sum(-1), huge, v, learned, perm, lse,
+                                          case.chunk)

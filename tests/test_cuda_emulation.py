@@ -1,6 +1,7 @@
-"""The tensor-core CUDA kernels, run on the CPU through the SIMT emulator of tests/cuda_emulation.
+"""The CUDA kernels, run on the CPU through the SIMT emulator of tests/cuda_emulation.
 
-The kernels in csrc/cuda/*_tc.cuh are torch-free templates; the harness compiles them with the host compiler,
+The kernels in csrc/cuda/*_tc.cuh (tensor cores) and chunk_attention_fwd_simt.cuh (the scalar IEEE float32
+forward) are torch-free templates; the harness compiles them with the host compiler,
 each CUDA thread a fiber, mma.sync and ldmatrix emulated from the PTX fragment layouts. This checks their
 index math (slots, padding, adjacent chunks, tiles, column slices), fragment layouts, staging and
 synchronisation against the reference on machines without a GPU. It cannot see timing, the real
@@ -9,6 +10,7 @@ instructions' rounding, or races the emulator's schedule does not produce: tests
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -60,7 +62,8 @@ def _run(harness: Path, tmp: Path, what: str, dtype: str, case: Case, last: int,
     """copies: when the emulator lands cp.async copies: "eager" (at issue: catches a copy into a buffer that
     other threads still read) or "deferred" (at the wait: catches a read before the wait)."""
     for name, t in tensors.items():
-        t.detach().to(torch.int64 if name == "perm" else torch.float32).numpy().tofile(tmp / name)
+        if t is not None:  # lss=None: no file, the harness runs the kernels without the learned score
+            t.detach().to(torch.int64 if name == "perm" else torch.float32).numpy().tofile(tmp / name)
     sizes = (case.n, case.length, case.cm, case.cv, case.chunk, case.rounds, last)
     args = [str(harness), what, dtype, *(str(s) for s in sizes), repr(ref.KEY_NORM_EPS), str(tmp)]
     env = {**os.environ, "DLSN_SIMT_ASYNC": copies}
@@ -73,8 +76,10 @@ def _read(tmp: Path, name: str, *shape: int) -> torch.Tensor:
 
 
 def _run_forward(harness: Path, tmp: Path, dtype: str, case: Case, xm, v, lss, perm, merge: bool,
-                 copies: str = "deferred"):
-    _run(harness, tmp, "forward", dtype, case, int(merge), copies, xm=xm, v=v, lss=lss, perm=perm)
+                 copies: str = "deferred", kernel: str = "forward"):
+    """kernel: "forward" (tensor cores) or "scalar" (the IEEE float32 kernel; dtype fp32)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    _run(harness, tmp, kernel, dtype, case, int(merge), copies, xm=xm, v=v, lss=lss, perm=perm)
     rounds = 1 if merge else case.rounds
     shape = (case.n, case.length, case.cv) if merge else (case.n, case.rounds, case.length, case.cv)
     out = _read(tmp, "out", *shape)
@@ -199,3 +204,136 @@ def test_hash_ties_and_nans_follow_torch_argmax(harness, tmp_path):
     assert codes[:, 2].unique().tolist() == [0]
     want = torch.argmax(torch.einsum("nlc,crb->nrlb", xm, rot), dim=-1)
     assert torch.equal(codes, want)
+
+
+# ---------------------------------------------------------------- the scalar forward (chunk_attention_fwd_simt.cuh)
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["chunk", "gla"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], CASES[4]], ids=str)
+def test_scalar_forward_matches_reference(harness, tmp_path, case, merge):
+    """The IEEE float32 kernel (float32 under "highest", GPUs before sm_80): per round and rounds merged."""
+    xm, v, lss, perm = _inputs(case, torch.float32, seed=6)
+    out, lse = _run_forward(harness, tmp_path, "fp32", case, xm, v, lss, perm, merge=merge, kernel="scalar")
+    want_out, want_lse = ref.chunk_attention(xm, v, lss, perm, case.chunk)
+    if merge:
+        want_out, want_lse = ref.combine_rounds(want_out, want_lse), torch.logsumexp(want_lse, dim=1)
+    assert rel_err(out, want_out) < 1e-5
+    assert (lse.double() - want_lse).abs().max() < 1e-5 * want_lse.abs().max().clamp_min(1)
+
+
+# ---------------------------------------------------------------- without the learned score (lss=None, issue 27)
+
+# (kernel, dtype): the tensor-core forward in each dtype and the scalar one
+FORWARD_KERNELS = [("forward", d) for d in sorted(DTYPES)] + [("scalar", "fp32")]
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["chunk", "gla"])
+@pytest.mark.parametrize(("kernel", "dtype"), FORWARD_KERNELS, ids=[f"{k}-{d}" for k, d in FORWARD_KERNELS])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=str)
+def test_forward_without_lss(harness, tmp_path, case, kernel, dtype, merge):
+    """lss=None: no lss tiles or loads (kHasLss = false; nullptr in the scalar kernel), the bits of lss = zeros,
+    and the reference's scores q . k_hat."""
+    xm, v, lss, perm = _inputs(case, DTYPES[dtype], seed=7)
+    run = functools.partial(_run_forward, harness, dtype=dtype, case=case, xm=xm, v=v, perm=perm, merge=merge,
+                            kernel=kernel)
+    out, lse = run(tmp_path / "none", lss=None)
+    out0, lse0 = run(tmp_path / "zeros", lss=torch.zeros_like(lss))
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)
+    want_out, want_lse = ref.chunk_attention(xm, v, None, perm, case.chunk)
+    if merge:
+        want_out, want_lse = ref.combine_rounds(want_out, want_lse), torch.logsumexp(want_lse, dim=1)
+    tol = _tolerance(dtype)
+    assert rel_err(out, want_out) < tol
+    assert (lse.double() - want_lse).abs().max() < tol * want_lse.abs().max().clamp_min(1)
+
+
+def _backward_inputs(case: Case, dtype: str, lss: torch.Tensor | None, merged: bool, seed: int):
+    """(xm, v, perm, grad_out, delta, lse and the reference's leaves) for the backward harness."""
+    torch_dtype = DTYPES[dtype]
+    xm, v, lss_full, perm = _inputs(case, torch_dtype, seed=seed)
+    lss = lss_full if lss is None else lss
+    leaves = [t.clone().requires_grad_(True) for t in (xm, v)]
+    out, lse = ref.chunk_attention(*leaves, None, perm, case.chunk)
+    gen = torch.Generator().manual_seed(seed + 1)
+    if merged:
+        y = ref.combine_rounds(out, lse)
+        grad = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(torch_dtype).double()
+        y.backward(grad)
+        return xm, v, perm, grad[:, None], (grad * y).sum(-1)[:, None], torch.logsumexp(lse, 1)[:, None], leaves
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(torch_dtype).double()
+    out.backward(grad)
+    return xm, v, perm, grad, (grad * out).sum(-1), lse, leaves
+
+
+NO_LSS_BACKWARD = [(c, d, False) for c in (CASES[1], CASES[3]) for d in sorted(DTYPES)] + [
+    (CASES[3], d, True) for d in ("bf16", "fp32")]
+
+
+@pytest.mark.parametrize(("case", "dtype", "merged"), NO_LSS_BACKWARD,
+                         ids=[f"{c}-{d}-{'gla' if m else 'chunk'}" for c, d, m in NO_LSS_BACKWARD])
+def test_backward_without_lss(harness, tmp_path, case, dtype, merged):
+    """lss=None: the kHasLss = false passes write no dlss (no buffers at all), and dxm, dv are the bits of the
+    lss = zeros run and the reference's gradients of q . k_hat."""
+    xm, v, perm, grad, delta, lse, leaves = _backward_inputs(case, dtype, None, merged, seed=8)
+    grads = {}
+    for name, lss in (("none", None), ("zeros", torch.zeros(case.n, case.length, case.chunk))):
+        tmp = tmp_path / name
+        tmp.mkdir()
+        _run(harness, tmp, "backward", dtype, case, grad.shape[1], xm=xm, v=v, lss=lss, perm=perm, grad_out=grad,
+             delta=delta, lse=lse)
+        grads[name] = {g: _read(tmp, g, case.n, case.length, w) for g, w in (("dxm", case.cm), ("dv", case.cv))}
+        assert (tmp / "dlss").exists() == (lss is not None)
+    for g in ("dxm", "dv"):
+        assert torch.equal(grads["none"][g], grads["zeros"][g]), g
+    tol = _tolerance(dtype, grad=True)
+    assert rel_err(grads["none"]["dxm"], leaves[0].grad) < tol
+    assert rel_err(grads["none"]["dv"], leaves[1].grad) < tol
+
+
+# ---------------------------------------------------------------- extreme magnitudes (issue 25 item 4)
+
+
+def _scaled_xm(xm: torch.Tensor, how: str) -> torch.Tensor:
+    """xm * 1e30, xm * 1e-30, or rows of both, of 1 and a zero row mixed (as tests/test_extreme_values.py)."""
+    if how == "huge":
+        return xm * 1e30
+    if how == "tiny":
+        return xm * 1e-30
+    xm = xm.clone()
+    xm[:, ::2] *= 1e30
+    xm[:, 1::4] *= 1e-30
+    xm[:, 3] = 0
+    return xm
+
+
+# float16 cannot hold 1e30 (its rows never overflow the products): only its tiny case
+EXTREME = [(k, d, h) for k, d in FORWARD_KERNELS for h in ("huge", "tiny", "mixed") if d != "fp16" or h == "tiny"]
+
+
+@pytest.mark.parametrize(("kernel", "dtype", "how"), EXTREME, ids=[f"{k}-{d}-{h}" for k, d, h in EXTREME])
+def test_forward_extreme_magnitudes(harness, tmp_path, kernel, dtype, how):
+    """xm * 1e30 gives the reference's one-hot softmax (query rows scaled by 2^-q_exp, key norms summed scaled)
+    instead of overflowing q . key; xm * 1e-30 the reference's near-uniform one; with and without lss."""
+    case = CASES[2]  # two chunks, padded
+    xm, v, lss, perm = _inputs(case, torch.float64, seed=9)
+    xm = _scaled_xm(xm, how).to(DTYPES[dtype]).double()
+    tol = _tolerance(dtype)
+    for name, learned in (("lss", lss), ("none", None)):
+        out, lse = _run_forward(harness, tmp_path / name, dtype, case, xm, v, learned, perm, merge=False,
+                                kernel=kernel)
+        want_out, want_lse = ref.chunk_attention(xm, v, learned, perm, case.chunk)
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+        assert rel_err(out, want_out) < tol, name
+        assert ((lse.double() - want_lse).abs() <= tol * want_lse.abs().clamp_min(1)).all(), name
+        if how == "huge":  # one-hot: the value row of the best key, exactly (as a TF32 operand in the TF32 kernel)
+            want = want_out.to(DTYPES[dtype])
+            if kernel == "forward" and dtype == "fp32":
+                want = _tf32(want)
+            assert torch.equal(out, want.float()), name
+
+
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """float32 rounded to TF32 as cvt.rna.tf32.f32 does (nearest, ties away; 10 mantissa bits)."""
+    bits = x.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)

@@ -2,10 +2,12 @@
 
 ``bench.cuda_sass_report`` counts the instructions of every kernel with cuobjdump, in the sm_80 (A100, and the
 sm_86/89 cards that run sm_80 code) and sm_90 code of the extension (built for ``8.0;9.0;10.0+PTX`` by default).
-The 16-bit tensor-core attention kernels must stay at or under 50 static instructions per HMMA, over the whole
-kernel and in the main loop (they were 98-103 before the staging kept its address math in 32 bits without
-divisions), and no kernel may use local memory. Skipped when the extension has no CUDA kernels or no code for
-that architecture.
+The tensor-core attention kernels (bfloat16, float16 and TF32; with and without the learned score, issue 27)
+must stay at or under 50 static instructions per HMMA, over the whole kernel and in the main loop (the 16-bit
+ones were 98-103 before the staging kept its address math in 32 bits without divisions; the TF32 score and dq
+passes 50.1 and 50.7 on sm_90 before a padded slot's position took one unsigned remainder instead of two signed
+ones), and no kernel may use local memory. Skipped when the extension has no CUDA kernels or no code for that
+architecture.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 from bench.cuda_sass_report import loop_figures, sass_records
 
 ATTENTION_TC = {"chunk_attention_fwd_tc_kernel", "attention_bwd_dq_tc_kernel", "attention_bwd_keys_tc_kernel"}
-BUDGET = 50.0  # static SASS instructions per HMMA, 16-bit kernels
+BUDGET = 50.0  # static SASS instructions per HMMA (issue 25's target for the CUDA C++ kernels on sm_80 and sm_90)
 
 
 @pytest.fixture(scope="module", params=["sm_80", "sm_90"])
@@ -32,9 +34,12 @@ def records(request):
     return found
 
 
-def test_16bit_tensor_core_kernels_within_budget(records):
-    tc = [r for r in records if r.kernel in ATTENTION_TC and r.dtype in ("bf16", "fp16")]
-    assert len(tc) == 8  # forward, dq, dv and score passes, in bf16 and fp16
+def test_tensor_core_kernels_within_budget(records):
+    tc = [r for r in records if r.kernel in ATTENTION_TC]
+    # forward, dq, dv and score passes, each with and without lss (the last template argument), in bf16, fp16
+    # and float32 (TF32)
+    assert len(tc) == 24
+    assert {r.template.rsplit(",", 1)[-1].strip() for r in tc} == {"true", "false"}
     for r in tc:
         assert r.mma > 0 and r.loop_mma > 0, r
         assert r.per_mma <= BUDGET, r

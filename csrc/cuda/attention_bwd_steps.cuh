@@ -46,7 +46,8 @@ __device__ __forceinline__ void add_slot_rows(const float* __restrict__ src, flo
   }
 }
 
-// Kernel 3, per round: warp (n, position) of the flattened N*L positions.
+// Kernel 3, per round: warp (n, position) of the flattened N*L positions. dlss_slot/dlss_acc are nullptr without a
+// learned score (nothing of dlss is allocated then).
 __global__ void __launch_bounds__(kScatterThreads)
     scatter_slots_kernel(const int64_t* __restrict__ inv, const float* __restrict__ dv_slot,
                          const float* __restrict__ dkn_slot, const float* __restrict__ dlss_slot,
@@ -61,12 +62,15 @@ __global__ void __launch_bounds__(kScatterThreads)
   const int64_t first_dup = first_padded_copy(slot0, length, pad);  // >= Lp when there is no padding
   add_slot_rows(dv_slot, dv_acc, cv, n, pos, slot0, first_dup, length, padded_length, lane);
   add_slot_rows(dkn_slot, dkn_acc, cm, n, pos, slot0, first_dup, length, padded_length, lane);
-  add_slot_rows(dlss_slot, dlss_acc, chunk, n, pos, slot0, first_dup, length, padded_length, lane);
+  if (dlss_slot != nullptr) {
+    add_slot_rows(dlss_slot, dlss_acc, chunk, n, pos, slot0, first_dup, length, padded_length, lane);
+  }
 }
 
 constexpr int kFinishWarps = 8;
 
 // dxm = dq + (dkn - kn (kn . dkn)) / ||xm||  (dkn / eps when ||xm|| < eps), then casts. Warp per position.
+// dlss_acc/dlss are nullptr without a learned score.
 template <typename T>
 __global__ void __launch_bounds__(kFinishWarps* 32)
     finish_grads_kernel(float eps, const T* __restrict__ xm, const float* __restrict__ dq_acc, const float* __restrict__ dkn_acc,
@@ -97,6 +101,7 @@ __global__ void __launch_bounds__(kFinishWarps* 32)
     dxm[row * cm + col] = static_cast<T>(dq_acc[row * cm + col] + key_grad);
   }
   for (int64_t col = lane; col < cv; col += 32) dv[row * cv + col] = static_cast<T>(dv_acc[row * cv + col]);
+  if (dlss == nullptr) return;
   for (int64_t col = lane; col < chunk; col += 32) dlss[row * chunk + col] = static_cast<T>(dlss_acc[row * chunk + col]);
 }
 

@@ -19,6 +19,8 @@
 //   scatters them to positions.
 // All three stream their steps through run_steps (staging.cuh): 16-bit tiles double-buffered, the index values
 // of a step loaded two steps ahead.
+// kHasLss = false (NLSA, lss=None): no lss tiles, no lss gathers, and the score pass accumulates and writes no
+// dlss (dlss_slot is nullptr); the scores and gradients are the bits of lss = zeros.
 // Torch-free: tests/cuda_emulation runs these kernels on the CPU.
 #pragma once
 
@@ -53,7 +55,7 @@ struct BackwardTcArgs {
   const float* lse;       // [N, R', L]
   const T* xm;            // [N, L, Cm]
   const T* v;             // [N, L, Cv]
-  const T* lss;           // [N, L, K]
+  const T* lss;           // [N, L, K]; nullptr without a learned score (kHasLss = false)
   const int64_t* perm;    // [N, R, L]
   const float* inv_norm;  // [N, L]
   int64_t rounds, grad_rounds, round, length, chunk, cm, cv, n_chunks, pad, padded_length;
@@ -63,7 +65,7 @@ struct BackwardTcArgs {
   float* dq_acc;          // [N, L, Cm]
   float* dv_slot;         // [N, Lp, Cv]
   float* dkn_slot;        // [N, Lp, Cm]
-  float* dlss_slot;       // [N, Lp, K]
+  float* dlss_slot;       // [N, Lp, K]; nullptr without a learned score
 };
 
 // Steps in flight, as in the forward: 16-bit tiles double-buffered, float32 single-buffered.
@@ -73,15 +75,15 @@ constexpr int bwd_stages() {
 }
 
 // Dynamic shared memory of a pass: the block's own rows (xm; plus dO or v), then per stage the streamed rows
-// (xm; plus v or dO) and the lss tile [key][query slot]. Pads of 16 bytes keep fragment loads conflict-free and
-// rows aligned.
+// (xm; plus v or dO) and the lss tile [key][query slot] (none without lss). Pads of 16 bytes keep fragment loads
+// conflict-free and rows aligned.
 struct BackwardTcSmem {
   int ld_cm, ld_own_x, ld_step_x, ld_lss;
   int64_t own, own_x, step, step_x, lss, stage, bytes;  // step, step_x, lss: in stage 0; stage: bytes apart
 };
 
 template <typename T>
-__host__ __device__ inline BackwardTcSmem tc_backward_smem(BwdPass pass, int cm_pad, int cv_pad) {
+__host__ __device__ inline BackwardTcSmem tc_backward_smem(BwdPass pass, int cm_pad, int cv_pad, bool has_lss) {
   const int pad = 16 / static_cast<int>(sizeof(T));
   const int dv_width = cv_pad < kBwdDvCols ? cv_pad : kBwdDvCols;
   BackwardTcSmem s{};
@@ -95,7 +97,7 @@ __host__ __device__ inline BackwardTcSmem tc_backward_smem(BwdPass pass, int cm_
   s.step = s.own_x + int64_t(kBwdOwn) * s.ld_own_x * sizeof(T);
   s.step_x = s.step + int64_t(kBwdStep) * s.ld_cm * sizeof(T);
   s.lss = s.step_x + int64_t(kBwdStep) * s.ld_step_x * sizeof(T);
-  s.stage = s.lss + int64_t(lss_rows) * s.ld_lss * sizeof(T) - s.step;
+  s.stage = s.lss + (has_lss ? int64_t(lss_rows) * s.ld_lss * sizeof(T) : 0) - s.step;
   s.bytes = s.step + bwd_stages<T>() * s.stage;
   return s;
 }
@@ -117,7 +119,8 @@ __host__ __device__ inline void tc_backward_sizes(BackwardTcArgs<T>& a, int64_t 
   a.cv_pad = static_cast<int>((cv + 15) / 16 * 16);
 }
 
-// The input pointers, and whether their rows can be staged with cp.async (after tc_backward_sizes).
+// The input pointers, and whether their rows can be staged with cp.async (after tc_backward_sizes); lss nullptr:
+// no learned score.
 template <typename T>
 __host__ __device__ inline void tc_backward_inputs(BackwardTcArgs<T>& a, const T* grad_out, const float* delta,
                                                    const float* lse, const T* xm, const T* v, const T* lss,
@@ -132,7 +135,7 @@ __host__ __device__ inline void tc_backward_inputs(BackwardTcArgs<T>& a, const T
   a.inv_norm = inv_norm;
   a.xm_aligned = rows_aligned16(xm, a.cm, sizeof(T));
   a.v_aligned = rows_aligned16(v, a.cv, sizeof(T));
-  a.lss_aligned = rows_aligned16(lss, a.chunk, sizeof(T));
+  a.lss_aligned = lss != nullptr && rows_aligned16(lss, a.chunk, sizeof(T));
   a.grad_aligned = rows_aligned16(grad_out, a.cv, sizeof(T));
 }
 
@@ -153,8 +156,8 @@ struct BackwardBases {
 template <typename T>
 __device__ __forceinline__ BackwardBases<T> backward_bases(const BackwardTcArgs<T>& a, int64_t n) {
   const int64_t L = a.length, grad_row = (n * a.grad_rounds + (a.grad_rounds == a.rounds ? a.round : 0)) * L;
-  return {a.xm + n * L * a.cm, a.v + n * L * a.cv, a.lss + n * L * a.chunk, a.grad_out + grad_row * a.cv,
-          a.lse + grad_row, a.delta + grad_row, a.inv_norm + n * L};
+  return {a.xm + n * L * a.cm, a.v + n * L * a.cv, a.lss != nullptr ? a.lss + n * L * a.chunk : nullptr,
+          a.grad_out + grad_row * a.cv, a.lse + grad_row, a.delta + grad_row, a.inv_norm + n * L};
 }
 
 template <typename T>
@@ -180,14 +183,14 @@ __device__ __forceinline__ QueryMeta query_meta(const RowLayout32& layout, const
   return {-1, 0.f, 0.f};
 }
 
-template <typename T>
+template <typename T, bool kHasLss>
 __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const BackwardTcArgs<T> a) {
   constexpr int kStages = bwd_stages<T>();
   DLSN_DYNAMIC_SHARED(smem);
   __shared__ int s_qpos[kBwdOwn], s_krow[kStages][kBwdStep];
   __shared__ float s_lse2[kBwdOwn], s_delta[kBwdOwn], s_inv[kStages][kBwdStep];
 
-  const BackwardTcSmem plan = tc_backward_smem<T>(BwdPass::kDq, a.cm_pad, a.cv_pad);
+  const BackwardTcSmem plan = tc_backward_smem<T>(BwdPass::kDq, a.cm_pad, a.cv_pad, kHasLss);
   T* sq = reinterpret_cast<T*>(smem + plan.own);
   T* sdo = reinterpret_cast<T*>(smem + plan.own_x);
 
@@ -226,7 +229,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const 
   const auto fetch = [&](int step) {  // key j = tid of the step (threads tid < kBwdStep)
     return tid < kBwdStep ? key_meta(layout, base.inv_norm, c, step * kBwdStep + tid) : KeyMeta{-1, 0.f};
   };
-  const T* lss_q = base.lss + q0;
+  const T* lss_q = kHasLss ? base.lss + q0 : nullptr;
   const auto publish = [&](int buf, const KeyMeta& k) {
     if (tid < kBwdStep) {
       s_krow[buf][tid] = k.pos;
@@ -238,8 +241,10 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const 
                                cm, cm, a.cm_pad, a.xm_aligned, tid);
     stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.step_x), plan.ld_step_x, base.v, s_krow[buf],
                                kBwdStep, cv, cv, a.cv_pad, a.v_aligned, tid);
-    stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.lss), plan.ld_lss, lss_q, s_krow[buf], kBwdStep, K,
-                               K - q0, kBwdOwn, a.lss_aligned, tid);
+    if (kHasLss) {
+      stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.lss), plan.ld_lss, lss_q, s_krow[buf], kBwdStep,
+                                 K, K - q0, kBwdOwn, a.lss_aligned, tid);
+    }
     stage_commit();
   };
   run_steps<kStages>((3 * K + kBwdStep - 1) / kBwdStep, fetch, publish, [&](int, int buf) {
@@ -262,7 +267,8 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const 
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = nt * 8 + 2 * t + (e & 1), h = e >> 1, row = row0 + 8 * h;
-        const float score = s[nt][e] * kinv[key] + static_cast<float>(slss[key * plan.ld_lss + row]);
+        const float score = kHasLss ? s[nt][e] * kinv[key] + static_cast<float>(slss[key * plan.ld_lss + row])
+                                    : s[nt][e] * kinv[key];
         const float p = krow[key] >= 0 ? exp2f(score * kLog2e - lse2[h]) : 0.f;
         s[nt][e] = p * (dp[nt][e] - delta[h]) * kinv[key];
       }
@@ -286,7 +292,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_tc_kernel(const 
   }
 }
 
-template <typename T, bool kDvPass>
+template <typename T, bool kDvPass, bool kHasLss>
 __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(const BackwardTcArgs<T> a) {
   constexpr int kStages = bwd_stages<T>();
   DLSN_DYNAMIC_SHARED(smem);
@@ -296,7 +302,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
   constexpr BwdPass kPass = kDvPass ? BwdPass::kDv : BwdPass::kScore;
   constexpr int kTiles = kDvPass ? kBwdDvTiles : kBwdCmTiles;
   constexpr int kCols = kDvPass ? kBwdDvCols : kBwdCmCols;
-  const BackwardTcSmem plan = tc_backward_smem<T>(kPass, a.cm_pad, a.cv_pad);
+  const BackwardTcSmem plan = tc_backward_smem<T>(kPass, a.cm_pad, a.cv_pad, kHasLss);
   T* sk = reinterpret_cast<T*>(smem + plan.own);
   T* sv = reinterpret_cast<T*>(smem + plan.own_x);  // score pass only
 
@@ -336,7 +342,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
   const int key0 = warp * 16 + g;  // the lane's keys: key0 (h = 0) and key0 + 8 (h = 1)
   const float inv[2] = {s_inv[key0], s_inv[key0 + 8]};
   const bool key_valid[2] = {s_krow[key0] >= 0, s_krow[key0 + 8] >= 0};
-  Acc dl[kBwdStepTiles];  // score pass: dlss of (key, query slot i0 + column), summed over t
+  Acc dl[kBwdStepTiles];  // score pass with lss: dlss of (key, query slot i0 + column), summed over t
 
   // Steps: query slots i0 = 32 qs .. 32 qs + 31 (qs outer) of the query chunks c', c'+1, c'-1 (t inner).
   const auto fetch = [&](int step) {  // query i0 + tid of the step (threads tid < kBwdStep)
@@ -356,8 +362,10 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
     const int i0 = (publish_step++ / 3) * kBwdStep;
     unsigned char* stage = smem + buf * plan.stage;
     // lss[key, i0..i0+31] is the same for the three query chunks; staged with each, like the rest
-    stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.lss), plan.ld_lss, base.lss + i0, s_krow, kBwdOwn, K,
-                               K - i0, kBwdStep, a.lss_aligned, tid);
+    if (kHasLss) {
+      stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.lss), plan.ld_lss, base.lss + i0, s_krow, kBwdOwn,
+                                 K, K - i0, kBwdStep, a.lss_aligned, tid);
+    }
     stage_rows<T, kBwdThreads>(reinterpret_cast<T*>(stage + plan.step), plan.ld_cm, base.xm, s_qpos[buf], kBwdStep,
                                cm, cm, a.cm_pad, a.xm_aligned, tid);
     T* sdo = reinterpret_cast<T*>(stage + plan.step_x);
@@ -374,7 +382,7 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
     const T* sq = reinterpret_cast<const T*>(stage + plan.step);
     const T* sdo = reinterpret_cast<const T*>(stage + plan.step_x);
     const T* slss = reinterpret_cast<const T*>(stage + plan.lss);
-    if (!kDvPass && tq == 0) zero_tiles(dl);
+    if (!kDvPass && kHasLss && tq == 0) zero_tiles(dl);
 
     // P^T: rows = the warp's keys, columns = the step's queries.
     Acc s[kBwdStepTiles];
@@ -385,7 +393,8 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int q = nt * 8 + 2 * t + (e & 1), h = e >> 1;
-        const float score = s[nt][e] * inv[h] + static_cast<float>(slss[(key0 + 8 * h) * plan.ld_lss + q]);
+        const float score = kHasLss ? s[nt][e] * inv[h] + static_cast<float>(slss[(key0 + 8 * h) * plan.ld_lss + q])
+                                    : s[nt][e] * inv[h];
         s[nt][e] = key_valid[h] && qpos[q] >= 0 ? exp2f(score * kLog2e - lse2[q]) : 0.f;
       }
     }
@@ -403,11 +412,11 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_keys_tc_kernel(cons
       for (int e = 0; e < 4; ++e) {
         const int q = nt * 8 + 2 * t + (e & 1);
         s[nt][e] *= dp[nt][e] - s_delta[buf][q];  // dS^T
-        dl[nt][e] += s[nt][e];
+        if (kHasLss) dl[nt][e] += s[nt][e];
       }
     }
     gemm_acc_by_rows<T>(acc, s, sq + col0, plan.ld_cm, n_col_tiles, lane);
-    if (tq == 2 && blockIdx.y == 0) {
+    if (kHasLss && tq == 2 && blockIdx.y == 0) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int kslot = s_kslot[key0 + 8 * h];

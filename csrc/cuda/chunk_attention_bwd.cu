@@ -40,14 +40,14 @@ struct BackwardArgs {
   const float* lse;    // [N, R', L]
   const T* xm;         // [N, L, Cm]
   const T* v;          // [N, L, Cv]
-  const T* lss;        // [N, L, K]
+  const T* lss;        // [N, L, K]; nullptr: no learned score
   const idx_t* perm;   // [N, R, L]
   int64_t rounds, grad_rounds, round, length, chunk, cm, cv, n_chunks, n_tiles, pad, padded_length;
   int64_t n_dv_slices;  // kernel 2: column slices of dv; the following slices are columns of dkn
   float* dq_acc;        // [N, L, Cm]
   float* dv_slot;       // [N, Lp, Cv]
   float* dkn_slot;      // [N, Lp, Cm]
-  float* dlss_slot;     // [N, Lp, K]
+  float* dlss_slot;     // [N, Lp, K]; nullptr: no learned score
 };
 
 // Query row `tid` of a tile: slot c*K + qt*32 + tid. Rows past the chunk and padded slots are invalid
@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Backwa
       const int i = s_qslot[q];
       w[ra] = 0.f;
       if (i >= 0 && krow >= 0) {
-        const float score = s[ra] * inv_norm + to_float(a.lss[krow * K + i]);
+        const float score = s[ra] * inv_norm + (a.lss != nullptr ? to_float(a.lss[krow * K + i]) : 0.f);
         const float prob = expf(score - s_lse[q]);
         w[ra] = prob * (gv[ra] - s_delta[q]) * inv_norm;
       }
@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_keys_kernel(const Back
         const int i = s_qslot[q];
         float prob = 0.f, ds = 0.f;
         if (i >= 0 && krow >= 0) {
-          const float score = s[ra] * inv_norm + to_float(a.lss[krow * K + i]);
+          const float score = s[ra] * inv_norm + (a.lss != nullptr ? to_float(a.lss[krow * K + i]) : 0.f);
           prob = expf(score - s_lse[q]);
           ds = prob * (gv[ra] - s_delta[q]);
         }
@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_keys_kernel(const Back
         }
       }
     }
-    if (slice == 0) {
+    if (slice == 0 && a.dlss_slot != nullptr) {
       const int64_t kslot = s_kslot[lane];
       if (kslot >= 0) {
 #pragma unroll
@@ -297,39 +297,50 @@ constexpr const char* kDqTcName = "attention_bwd_dq_tc_kernel";
 constexpr const char* kDvTcName = "attention_bwd_keys_tc_kernel<dv pass>";
 constexpr const char* kScoreTcName = "attention_bwd_keys_tc_kernel<score pass>";
 
-bool use_tensor_cores(const at::Tensor& xm, const at::Tensor& v) {
+// The three passes of one dtype, with or without the learned score.
+template <typename T, bool kHasLss>
+struct TcPasses {
+  static constexpr auto* dq = &tc::attention_bwd_dq_tc_kernel<T, kHasLss>;
+  static constexpr auto* dv = &tc::attention_bwd_keys_tc_kernel<T, true, kHasLss>;
+  static constexpr auto* score = &tc::attention_bwd_keys_tc_kernel<T, false, kHasLss>;
+};
+
+template <typename T, bool kHasLss>
+bool tc_passes_fit(int64_t length, int64_t cm, int64_t cv) {
+  using P = TcPasses<T, kHasLss>;
+  tc::BackwardTcArgs<T> a{};
+  tc::tc_backward_sizes(a, 1, 1, length, cm, cv, 1);
+  const auto bytes = [&](tc::BwdPass pass) { return tc::tc_backward_smem<T>(pass, a.cm_pad, a.cv_pad, kHasLss).bytes; };
+  return fits_shared_memory<T>(P::dq, bytes(tc::BwdPass::kDq), kDqTcName) &&
+         fits_shared_memory<T>(P::dv, bytes(tc::BwdPass::kDv), kDvTcName) &&
+         fits_shared_memory<T>(P::score, bytes(tc::BwdPass::kScore), kScoreTcName);
+}
+
+bool use_tensor_cores(const at::Tensor& xm, const at::Tensor& v, bool has_lss) {
   if (!tensor_cores_allowed(xm)) return false;
   bool fits = false;
   dispatch_float(xm.scalar_type(), [&](auto element) {
     using scalar_t = decltype(element);
-    tc::BackwardTcArgs<scalar_t> a{};
-    tc::tc_backward_sizes(a, 1, 1, xm.size(1), xm.size(2), v.size(2), 1);
-    const auto bytes = [&](tc::BwdPass pass) {
-      return tc::tc_backward_smem<scalar_t>(pass, a.cm_pad, a.cv_pad).bytes;
-    };
-    fits = fits_shared_memory<scalar_t>(&tc::attention_bwd_dq_tc_kernel<scalar_t>, bytes(tc::BwdPass::kDq),
-                                        kDqTcName) &&
-           fits_shared_memory<scalar_t>(&tc::attention_bwd_keys_tc_kernel<scalar_t, true>, bytes(tc::BwdPass::kDv),
-                                        kDvTcName) &&
-           fits_shared_memory<scalar_t>(&tc::attention_bwd_keys_tc_kernel<scalar_t, false>,
-                                        bytes(tc::BwdPass::kScore), kScoreTcName);
+    fits = has_lss ? tc_passes_fit<scalar_t, true>(xm.size(1), xm.size(2), v.size(2))
+                   : tc_passes_fit<scalar_t, false>(xm.size(1), xm.size(2), v.size(2));
   });
   return fits;
 }
 
 // The three tensor-core passes of round a.round, in order: dq, dv, scores (dkn, dlss).
-template <typename T>
+template <typename T, bool kHasLss>
 void launch_tc_round(const tc::BackwardTcArgs<T>& a, int64_t n, cudaStream_t stream) {
+  using P = TcPasses<T, kHasLss>;
   const unsigned blocks = static_cast<unsigned>(n * a.n_chunks * a.n_own_tiles);
   const auto launch = [&](auto* kernel, tc::BwdPass pass, const char* name) {
-    const int64_t smem = tc::tc_backward_smem<T>(pass, a.cm_pad, a.cv_pad).bytes;
+    const int64_t smem = tc::tc_backward_smem<T>(pass, a.cm_pad, a.cv_pad, kHasLss).bytes;
     if (!allow_shared_memory<T>(kernel, smem, name)) return;  // registration.cpp raises
     const dim3 grid(blocks, static_cast<unsigned>(tc::tc_backward_slices(pass, a.cm, a.cv)));
     kernel<<<grid, tc::kBwdThreads, smem, stream>>>(a);
   };
-  launch(&tc::attention_bwd_dq_tc_kernel<T>, tc::BwdPass::kDq, kDqTcName);
-  launch(&tc::attention_bwd_keys_tc_kernel<T, true>, tc::BwdPass::kDv, kDvTcName);
-  launch(&tc::attention_bwd_keys_tc_kernel<T, false>, tc::BwdPass::kScore, kScoreTcName);
+  launch(P::dq, tc::BwdPass::kDq, kDqTcName);
+  launch(P::dv, tc::BwdPass::kDv, kDvTcName);
+  launch(P::score, tc::BwdPass::kScore, kScoreTcName);
 }
 
 }  // namespace
@@ -342,18 +353,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   const int64_t rounds = perm.size(1), grad_rounds = grad_out.size(1);
   const SlotLayout layout(length, chunk);
   const int64_t n_chunks = layout.n_chunks, padded_length = layout.padded, pad = layout.pad;
-  auto dxm = at::empty_like(xm), dv = at::empty_like(v), dlss = at::empty_like(lss);
+  // Without a learned score there is no dlss: an empty [0] in its place, and no dlss buffers at all.
+  const bool has_lss = lss.defined();
+  auto dxm = at::empty_like(xm), dv = at::empty_like(v);
+  auto dlss = has_lss ? at::empty_like(lss) : at::empty({0}, xm.options());
   if (n == 0) return {dxm, dv, dlss};
 
   const auto f32 = xm.options().dtype(at::kFloat);
   auto dq_acc = at::zeros({n, length, cm}, f32);
   auto dkn_acc = at::zeros({n, length, cm}, f32);
   auto dv_acc = at::zeros({n, length, cv}, f32);
-  auto dlss_acc = at::zeros({n, length, chunk}, f32);
+  const at::Tensor dlss_acc = has_lss ? at::zeros({n, length, chunk}, f32) : at::Tensor();
   // Slot buffers, fully rewritten by every round's key kernels.
   auto dv_slot = at::empty({n, padded_length, cv}, f32);
   auto dkn_slot = at::empty({n, padded_length, cm}, f32);
-  auto dlss_slot = at::empty({n, padded_length, chunk}, f32);
+  const at::Tensor dlss_slot = has_lss ? at::empty({n, padded_length, chunk}, f32) : at::Tensor();
+  const auto data_or_null = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
   auto inv = at::empty({n, rounds, length}, xm.options().dtype(at::kLong));
   const at::Tensor perm64 = perm.to(at::kLong);
 
@@ -363,34 +378,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
       perm64.data_ptr<int64_t>(), inv.data_ptr<int64_t>(), n * rounds, length);
   const auto scatter = [&](int64_t r) {
     scatter_slots_kernel<<<scatter_blocks(n * length), kScatterThreads, 0, stream>>>(
-        inv.data_ptr<int64_t>(), dv_slot.data_ptr<float>(), dkn_slot.data_ptr<float>(), dlss_slot.data_ptr<float>(),
-        dv_acc.data_ptr<float>(), dkn_acc.data_ptr<float>(), dlss_acc.data_ptr<float>(), n, rounds, r, length,
+        inv.data_ptr<int64_t>(), dv_slot.data_ptr<float>(), dkn_slot.data_ptr<float>(), data_or_null(dlss_slot),
+        dv_acc.data_ptr<float>(), dkn_acc.data_ptr<float>(), data_or_null(dlss_acc), n, rounds, r, length,
         padded_length, pad, cm, cv, chunk);
   };
 
-  if (use_tensor_cores(xm, v)) {
-    const at::Tensor inv_norm = inverse_key_norms(xm, stream);
+  if (use_tensor_cores(xm, v, has_lss)) {
+    const KeyNorms norms = key_norms(xm, stream);
     dispatch_float(xm.scalar_type(), [&](auto element) {
       using scalar_t = decltype(element);
       tc::BackwardTcArgs<scalar_t> a{};
       tc::tc_backward_sizes(a, rounds, grad_rounds, length, cm, cv, chunk);
       tc::tc_backward_inputs(a, grad_out.data_ptr<scalar_t>(), delta.data_ptr<float>(), lse.data_ptr<float>(),
-                             xm.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), lss.data_ptr<scalar_t>(),
-                             perm64.data_ptr<int64_t>(), inv_norm.data_ptr<float>());
+                             xm.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                             has_lss ? lss.data_ptr<scalar_t>() : nullptr, perm64.data_ptr<int64_t>(),
+                             norms.inv.data_ptr<float>());
       a.dq_acc = dq_acc.data_ptr<float>();
       a.dv_slot = dv_slot.data_ptr<float>();
       a.dkn_slot = dkn_slot.data_ptr<float>();
-      a.dlss_slot = dlss_slot.data_ptr<float>();
+      a.dlss_slot = data_or_null(dlss_slot);
       for (int64_t r = 0; r < rounds; ++r) {
         a.round = r;
-        launch_tc_round(a, n, stream);
+        if (has_lss) {
+          launch_tc_round<scalar_t, true>(a, n, stream);
+        } else {
+          launch_tc_round<scalar_t, false>(a, n, stream);
+        }
         scatter(r);
       }
     });
   } else {
     // The scalar kernels, in float32 (a no-op cast for float32 inputs).
     const at::Tensor go32 = grad_out.to(at::kFloat), xm32 = xm.to(at::kFloat), v32 = v.to(at::kFloat),
-                     lss32 = lss.to(at::kFloat);
+                     lss32 = has_lss ? lss.to(at::kFloat) : at::Tensor();
     const int64_t n_tiles = ceil_div(chunk, kTile);
     const int64_t n_cm_slices = ceil_div(cm, kCols);
     const int64_t n_dv_slices = std::max<int64_t>(1, ceil_div(cv, kCols));
@@ -405,7 +425,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     a.lse = lse.data_ptr<float>();
     a.xm = xm32.data_ptr<float>();
     a.v = v32.data_ptr<float>();
-    a.lss = lss32.data_ptr<float>();
+    a.lss = has_lss ? lss32.data_ptr<float>() : nullptr;
     a.perm = perm64.data_ptr<int64_t>();
     a.rounds = rounds;
     a.grad_rounds = grad_rounds;
@@ -421,7 +441,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     a.dq_acc = dq_acc.data_ptr<float>();
     a.dv_slot = dv_slot.data_ptr<float>();
     a.dkn_slot = dkn_slot.data_ptr<float>();
-    a.dlss_slot = dlss_slot.data_ptr<float>();
+    a.dlss_slot = data_or_null(dlss_slot);
     for (int64_t r = 0; r < rounds; ++r) {
       a.round = r;
       attention_bwd_dq_kernel<float, int64_t><<<dq_grid, kThreads, 0, stream>>>(a);
@@ -436,8 +456,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     finish_grads_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(n_positions, kFinishWarps)),
                                     kFinishWarps * kWarp, 0, stream>>>(
         kKeyNormEpsF, xm.data_ptr<scalar_t>(), dq_acc.data_ptr<float>(), dkn_acc.data_ptr<float>(),
-        dv_acc.data_ptr<float>(), dlss_acc.data_ptr<float>(), dxm.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
-        dlss.data_ptr<scalar_t>(), n_positions, cm, cv, chunk);
+        dv_acc.data_ptr<float>(), data_or_null(dlss_acc), dxm.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+        has_lss ? dlss.data_ptr<scalar_t>() : nullptr, n_positions, cm, cv, chunk);
   });
   return {dxm, dv, dlss};
 }

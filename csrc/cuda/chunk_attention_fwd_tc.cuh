@@ -11,6 +11,10 @@
 // get the inverse key norms (computed once per call by key_norms_kernel) and lss, the online softmax
 // updates in registers, and P (rounded to the input type, as FlashAttention does) multiplies V.
 // Rows past the chunk and padded slots are computed on zeros and not stored.
+// kHasLss = false (NLSA, lss=None): no lss tile in shared memory, no lss gathers, scores q . k_hat; the same
+// bits as lss = zeros (adding +0.0 is exact).
+// Magnitudes: beyond ~1e18 query rows are scaled by 2^-a once staged and their scores by 2^a (key_norms.cuh:
+// query_shift), so that xm * 1e30 gives the exact one-hot softmax instead of overflowing q . key.
 //
 // Writes as the scalar kernel does: chunk_attention stores out/lse at the query's position; gla_attention
 // (merge) folds round r into a float32 running (y, lse), reading lse_prev and writing lse_next.
@@ -20,8 +24,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/block_index.cuh"
+#include "cuda/key_norms.cuh"
 #include "cuda/staging.cuh"
 #include "cuda/tensor_core.cuh"
 #include "slot_layout.h"
@@ -50,9 +56,11 @@ template <typename T>
 struct ForwardTcArgs {
   const T* xm;           // [N, L, Cm]
   const T* v;            // [N, L, Cv]
-  const T* lss;          // [N, L, K]
+  const T* lss;          // [N, L, K]; nullptr without a learned score (kernel template kHasLss = false)
   const int64_t* perm;   // [N, R, L]
   const float* inv_norm; // [N, L]: 1 / max(||xm||, eps)
+  const int* row_exp;    // [N, L]: exponent of the row's largest magnitude (key_norms.cuh)
+  const int* top_exp;    // [1]: the largest of them (at least 0)
   int64_t rounds, length, chunk, cm, cv, n_chunks, n_qtiles, pad;
   int64_t round_offset, rounds_in_launch;  // rounds of this launch: round_offset + 0..rounds_in_launch-1
   int cm_pad;                              // cm rounded up to the mma depth
@@ -66,16 +74,16 @@ struct ForwardTcArgs {
 };
 
 // Dynamic shared memory: the Q tile [rows][cm_pad + 8], and per stage a K tile [keys][cm_pad + 8], a V tile
-// [keys][256 + 16 bytes] and an lss tile [keys][64 + 16 bytes]. The pads make every fragment load and
-// ldmatrix conflict-free and keep rows 16-byte aligned for cp.async. At the end the same memory holds the
-// float32 output tile [rows][kFwdOutLd] (bytes covers both).
+// [keys][256 + 16 bytes] and an lss tile [keys][64 + 16 bytes] (none without lss). The pads make every fragment
+// load and ldmatrix conflict-free and keep rows 16-byte aligned for cp.async. At the end the same memory holds
+// the float32 output tile [rows][kFwdOutLd] (bytes covers both).
 struct ForwardTcSmem {
   int ld_qk, ld_v, ld_lss;
   int64_t q, k, v, lss, stage, bytes;  // k, v, lss: offsets in stage 0; stage: bytes between stages
 };
 
 template <typename T>
-__host__ __device__ inline ForwardTcSmem tc_forward_smem(int cm_pad) {
+__host__ __device__ inline ForwardTcSmem tc_forward_smem(int cm_pad, bool has_lss) {
   ForwardTcSmem s{};
   s.ld_qk = cm_pad + 8;
   s.ld_v = kFwdCols + 16 / static_cast<int>(sizeof(T));
@@ -84,7 +92,7 @@ __host__ __device__ inline ForwardTcSmem tc_forward_smem(int cm_pad) {
   s.k = s.q + int64_t(kFwdRows) * s.ld_qk * sizeof(T);
   s.v = s.k + int64_t(kFwdKeys) * s.ld_qk * sizeof(T);
   s.lss = s.v + int64_t(kFwdKeys) * s.ld_v * sizeof(T);
-  s.stage = s.lss + int64_t(kFwdKeys) * s.ld_lss * sizeof(T) - s.k;
+  s.stage = s.lss + (has_lss ? int64_t(kFwdKeys) * s.ld_lss * sizeof(T) : 0) - s.k;
   s.bytes = s.k + fwd_stages<T>() * s.stage;
   const int64_t out_bytes = int64_t(kFwdRows) * kFwdOutLd * sizeof(float);  // the epilogue's, over the tiles
   if (s.bytes < out_bytes) s.bytes = out_bytes;
@@ -107,32 +115,39 @@ __host__ __device__ inline void tc_forward_sizes(ForwardTcArgs<T>& a, int64_t n_
   a.cm_pad = static_cast<int>((cm + Kind<T>::kDepth - 1) / Kind<T>::kDepth * Kind<T>::kDepth);
 }
 
-// The input pointers, and whether their rows can be staged with cp.async (after tc_forward_sizes).
+// The input pointers, and whether their rows can be staged with cp.async (after tc_forward_sizes); lss nullptr:
+// no learned score (launch the kHasLss = false kernel).
 template <typename T>
 __host__ __device__ inline void tc_forward_inputs(ForwardTcArgs<T>& a, const T* xm, const T* v, const T* lss,
-                                                  const int64_t* perm, const float* inv_norm) {
+                                                  const int64_t* perm, const float* inv_norm, const int* row_exp,
+                                                  const int* top_exp) {
   a.xm = xm;
   a.v = v;
   a.lss = lss;
   a.perm = perm;
   a.inv_norm = inv_norm;
+  a.row_exp = row_exp;
+  a.top_exp = top_exp;
   a.xm_aligned = rows_aligned16(xm, a.cm, sizeof(T));
   a.v_aligned = rows_aligned16(v, a.cv, sizeof(T));
-  a.lss_aligned = rows_aligned16(lss, a.chunk, sizeof(T));
+  a.lss_aligned = lss != nullptr && rows_aligned16(lss, a.chunk, sizeof(T));
 }
 
 inline int64_t tc_forward_slices(int64_t cv) { return cv <= kFwdCols ? 1 : (cv + kFwdCols - 1) / kFwdCols; }
 
-template <typename T>
+template <typename T, bool kHasLss>
 __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(const ForwardTcArgs<T> a) {
   DLSN_DYNAMIC_SHARED(smem);
   __shared__ int s_qrow[kFwdRows];    // position of query row q; -1 past the chunk
   __shared__ int s_qstore[kFwdRows];  // position where row q is written; -1 for padding / past the chunk
+  __shared__ int s_qexp[kFwdRows];    // the exponent it is scaled down by (query_shift; 0 past the chunk)
+  // float16 rows never overflow the products (key_norms.cuh): no scaling code at all
+  constexpr bool kScaleQueries = !std::is_same<T, c10::Half>::value;
   constexpr int kStages = fwd_stages<T>();
   __shared__ int s_krow[kStages][kFwdKeys];   // position of key j of a step; -1 past 3K
   __shared__ float s_inv[kStages][kFwdKeys];  // its inverse norm
 
-  const ForwardTcSmem plan = tc_forward_smem<T>(a.cm_pad);
+  const ForwardTcSmem plan = tc_forward_smem<T>(a.cm_pad, kHasLss);
   T* sq = reinterpret_cast<T*>(smem + plan.q);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -153,21 +168,47 @@ __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(con
   // The block's batch row of each input, offset once here so that the staging works in 32-bit rows.
   const T* xm_n = a.xm + n * L * cm;
   const T* v_n = a.v + n * L * cv + col0;
-  const T* lss_n = a.lss + n * L * K + q0;
+  const T* lss_n = kHasLss ? a.lss + n * L * K + q0 : nullptr;
   const float* inv_n = a.inv_norm + n * L;
 
+  int qexp = 0;
   if (tid < kFwdRows) {
     const int i = q0 + tid, slot = c * K + i;
     const int pos = i < K ? layout.position(slot) : -1;
     s_qrow[tid] = pos;
     s_qstore[tid] = i < K && slot < L ? pos : -1;
+    if (kScaleQueries && pos >= 0) qexp = query_shift(a.row_exp[n * L + pos], *a.top_exp, cm);
+    s_qexp[tid] = qexp;
   }
-  __syncthreads();
+  // Whether any query row of the block needs scaling (block-uniform; only for inputs beyond ~1e18).
+  bool scale_queries = false;
+  if (kScaleQueries) {
+    scale_queries = __syncthreads_or(qexp != 0) != 0;
+  } else {
+    __syncthreads();
+  }
   stage_rows<T, kFwdThreads>(sq, plan.ld_qk, xm_n, s_qrow, kFwdRows, cm, cm, a.cm_pad, a.xm_aligned, tid);
+  if (scale_queries) {
+    // The Q tile must be in place first (otherwise its copies join the first step's group). Warp w scales its
+    // own rows 16w..16w+15, which only it reads; publish()'s barrier orders this before any product.
+    stage_commit();
+    stage_wait_groups<0>();
+    __syncthreads();
+    for (int row = warp * 16; row < warp * 16 + 16; ++row) {
+      const int x = s_qexp[row];
+      if (x == 0) continue;
+      const float down = pow2f(-x);
+      T* q = sq + row * plan.ld_qk;
+      for (int col = lane; col < a.cm_pad; col += 32) q[col] = static_cast<T>(static_cast<float>(q[col]) * down);
+    }
+  }
 
   Acc o[kFwdColTiles];
   zero_tiles(o);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows g and g + 8 of the warp, log2 domain
+  // 2^a of rows g and g + 8: the scores' scale back (1 for unscaled rows)
+  const float up[2] = {kScaleQueries ? pow2f(s_qexp[warp * 16 + g]) : 1.f,
+                       kScaleQueries ? pow2f(s_qexp[warp * 16 + g + 8]) : 1.f};
 
   const T* qw = sq + warp * 16 * plan.ld_qk;
   const int n_steps = (3 * K + kFwdKeys - 1) / kFwdKeys;
@@ -185,8 +226,10 @@ __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(con
                                a.cm_pad, a.xm_aligned, tid);
     stage_rows<T, kFwdThreads>(reinterpret_cast<T*>(stage + plan.v), plan.ld_v, v_n, s_krow[buf], kFwdKeys, cv, cols,
                                v_width, a.v_aligned, tid);
-    stage_rows<T, kFwdThreads>(reinterpret_cast<T*>(stage + plan.lss), plan.ld_lss, lss_n, s_krow[buf], kFwdKeys, K,
-                               K - q0, kFwdRows, a.lss_aligned, tid);
+    if (kHasLss) {
+      stage_rows<T, kFwdThreads>(reinterpret_cast<T*>(stage + plan.lss), plan.ld_lss, lss_n, s_krow[buf], kFwdKeys,
+                                 K, K - q0, kFwdRows, a.lss_aligned, tid);
+    }
     stage_commit();
   };
   // The Q tile's copies join the first step's group.
@@ -196,7 +239,7 @@ __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(con
     const unsigned char* stage = smem + buf * plan.stage;
     const T* sk = reinterpret_cast<const T*>(stage + plan.k);
     const T* sv = reinterpret_cast<const T*>(stage + plan.v);
-    const T* slss = reinterpret_cast<const T*>(stage + plan.lss);
+    const T* slss = reinterpret_cast<const T*>(stage + plan.lss);  // kHasLss only
 
     // S = Q K^T for the warp's 16 rows and the step's keys.
     Acc s[kFwdKeyTiles];
@@ -210,7 +253,11 @@ __global__ void __launch_bounds__(kFwdThreads) chunk_attention_fwd_tc_kernel(con
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = nt * 8 + 2 * t + (e & 1), row = warp * 16 + g + 8 * (e >> 1);
-        const float score = s[nt][e] * kinv[key] + static_cast<float>(slss[key * plan.ld_lss + row]);
+        // kinv * up is exact (up a power of two, the product below 2^127 within the ops' magnitude limit), so an
+        // unscaled row rounds as s * kinv + lss did; without lss, the bits of adding lss = +0.0
+        const float scale = kinv[key] * up[e >> 1];
+        const float score = kHasLss ? s[nt][e] * scale + static_cast<float>(slss[key * plan.ld_lss + row])
+                                    : s[nt][e] * scale;
         s[nt][e] = krow[key] >= 0 ? score * kLog2e : -INFINITY;
         mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
       }

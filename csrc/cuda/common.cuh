@@ -1,5 +1,5 @@
-// Shared pieces of the CUDA kernels: tile sizes, float32 accumulation, warp reductions and the block-wide
-// "32 rows x 32 rows" dot-product tile used by the attention forward and backward kernels. The sorted-slot
+// Shared host pieces of the CUDA launchers: dtype dispatch, the tensor-core choice, shared-memory setup and the
+// per-call key norms. The scalar kernels' tiles and reductions are simt_tile.cuh (torch-free); the sorted-slot
 // layout (padding, adjacent chunks) is slot_layout.h, shared with the CPU kernels.
 #pragma once
 
@@ -19,25 +19,13 @@
 #include "cuda/geometry.h"  // kTile, kCols, ceil_div: registration.cpp checks the grids with them
 #include "cuda/key_norms.cuh"
 #include "cuda/launchers.h"
+#include "cuda/simt_tile.cuh"  // kThreads, tile_dot, warp_max/warp_sum of the scalar kernels
 #include "slot_layout.h"  // slot_position, key_chunk_of, query_chunk_reading, first_padded_copy
 
 namespace dlsn {
 namespace cuda_impl {
 
-constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
-
-// Attention kernels: a block of 8 warps works on a tile of 32 query rows against 32 key rows at a time.
-// Score-like quantities of the tile live in registers as (row = warp + 8 * a, key = lane), a = 0..3.
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / kWarp;             // 8
-constexpr int kRowsPerWarp = kTile / kWarps;         // 4
-constexpr int kChanTile = 32;                        // channels staged in shared memory per step
-constexpr int kColsPerLane = kCols / kWarp;          // 4: column lane + 32 * u, u = 0..3
 constexpr float kKeyNormEpsF = static_cast<float>(kKeyNormEps);
-
-static_assert(kTile == kWarp, "the key of a tile is indexed by the lane");
-static_assert(kRowsPerWarp * kWarps == kTile, "every row of a tile belongs to one warp");
 
 // Dtype dispatch without an error branch, unlike AT_DISPATCH (whose default case throws from this
 // nvcc-compiled host code): registration.cpp has already refused every other dtype, so the last case
@@ -59,56 +47,6 @@ void dispatch_index(at::ScalarType st, F&& f) {
     f(int32_t{});
   } else {
     f(int64_t{});
-  }
-}
-
-// float16/bfloat16/float32 -> float32.
-template <typename T>
-__device__ __forceinline__ float to_float(T x) {
-  return static_cast<float>(x);
-}
-
-// Butterfly reductions: every lane ends with the result, and the order of the additions is fixed,
-// so the result is bitwise the same on every run.
-__device__ __forceinline__ float warp_max(float x) {
-  for (int offset = kWarp / 2; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, offset));
-  return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int offset = kWarp / 2; offset > 0; offset >>= 1) x += __shfl_xor_sync(kFullMask, x, offset);
-  return x;
-}
-
-// Block-wide tile of dot products over C channels:
-//   acc[a] += sum_c A[a_rows[warp + 8a], c] * B[b_rows[lane], c]      (a = 0..3)
-// and, with kSumSq, sumsq += sum_c B[b_rows[lane], c]^2 (the squared norm of this lane's B row).
-// a_rows/b_rows (shared memory, 32 entries each) hold row indices into the [*, C] matrices A and B;
-// -1 marks a row that reads as zeros. The channels go through shared memory kChanTile at a time.
-// Every thread of the block must call it (it synchronises the block); the caller synchronises after
-// writing a_rows/b_rows.
-template <typename T, bool kSumSq>
-__device__ __forceinline__ void tile_dot(const T* __restrict__ A, const int64_t* a_rows, const T* __restrict__ B,
-                                         const int64_t* b_rows, int64_t C, float (&acc)[kRowsPerWarp],
-                                         float& sumsq, float (*s_a)[kChanTile + 1], float (*s_b)[kChanTile + 1]) {
-  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
-  for (int64_t c0 = 0; c0 < C; c0 += kChanTile) {
-    __syncthreads();  // the previous step (or the previous user of s_a/s_b) has finished reading
-    for (int e = tid; e < kTile * kChanTile; e += kThreads) {
-      const int row = e / kChanTile, cc = e % kChanTile;
-      const int64_t c = c0 + cc;
-      const int64_t ra = a_rows[row], rb = b_rows[row];
-      s_a[row][cc] = (ra >= 0 && c < C) ? to_float(A[ra * C + c]) : 0.f;
-      s_b[row][cc] = (rb >= 0 && c < C) ? to_float(B[rb * C + c]) : 0.f;
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int cc = 0; cc < kChanTile; ++cc) {
-      const float bv = s_b[lane][cc];  // row pitch 33: the 32 lanes hit 32 different banks
-      if (kSumSq) sumsq += bv * bv;
-#pragma unroll
-      for (int a = 0; a < kRowsPerWarp; ++a) acc[a] += s_a[warp + kWarps * a][cc] * bv;  // broadcast read
-    }
   }
 }
 
@@ -155,17 +93,25 @@ bool allow_shared_memory(Kernel* kernel, int64_t bytes, const char* name) {
   return setup_ok<T>(err, name, "cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize)", bytes);
 }
 
-// 1 / max(||xm||, eps) per position [N, L], float32.
-inline at::Tensor inverse_key_norms(const at::Tensor& xm, cudaStream_t stream) {
-  auto inv = at::empty({xm.size(0), xm.size(1)}, xm.options().dtype(at::kFloat));
+// Per position [N, L]: inv = 1 / max(||xm||, eps) (float32) and row_exp, the exponent of the row's largest
+// magnitude (int32), and top_exp [1], the largest (at least 0): the forwards' query scaling (key_norms.cuh).
+struct KeyNorms {
+  at::Tensor inv, row_exp, top_exp;
+};
+
+inline KeyNorms key_norms(const at::Tensor& xm, cudaStream_t stream) {
+  const auto i32 = xm.options().dtype(at::kInt);
+  KeyNorms k{at::empty({xm.size(0), xm.size(1)}, xm.options().dtype(at::kFloat)),
+             at::empty({xm.size(0), xm.size(1)}, i32), at::zeros({1}, i32)};
   const int64_t rows = xm.size(0) * xm.size(1);
-  if (rows == 0) return inv;
+  if (rows == 0) return k;
   dispatch_float(xm.scalar_type(), [&](auto element) {
     using scalar_t = decltype(element);
     tc::key_norms_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream>>>(
-        xm.data_ptr<scalar_t>(), inv.data_ptr<float>(), rows, xm.size(2), kKeyNormEpsF);
+        xm.data_ptr<scalar_t>(), k.inv.data_ptr<float>(), k.row_exp.data_ptr<int>(), k.top_exp.data_ptr<int>(), rows,
+        xm.size(2), kKeyNormEpsF);
   });
-  return inv;
+  return k;
 }
 
 }  // namespace cuda_impl

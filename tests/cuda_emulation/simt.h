@@ -64,6 +64,7 @@ struct State {
   // Per-warp exchange slots: 32 lanes x 8 words, plus the lanes' pointers.
   std::vector<uint32_t> exchange;
   std::vector<const void*> pointers;
+  std::vector<int> votes;  // __syncthreads_or: one per thread
   std::vector<unsigned char> dynamic_shared;
   std::function<void()> body;
 };
@@ -116,6 +117,7 @@ inline void launch(dim3 grid, dim3 block, size_t dynamic_bytes, std::function<vo
   s.dynamic_shared.assign(dynamic_bytes, 0xff);  // garbage, as on a GPU: a kernel must not read unwritten bytes
   s.exchange.assign(size_t(threads) * 8, 0);
   s.pointers.assign(size_t(threads), nullptr);
+  s.votes.assign(size_t(threads), 0);
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -153,6 +155,18 @@ inline void launch(dim3 grid, dim3 block, size_t dynamic_bytes, std::function<vo
 }
 
 inline void syncthreads() { wait(state().block_barrier); }
+
+// __syncthreads_or: a barrier that returns whether any thread's predicate was true. The second barrier keeps a
+// later call from overwriting a vote that a slower thread has yet to read.
+inline int syncthreads_or(int predicate) {
+  State& s = state();
+  s.votes[s.thread_idx.x] = predicate != 0;
+  syncthreads();
+  int any = 0;
+  for (int v : s.votes) any |= v;
+  syncthreads();
+  return any;
+}
 
 // cp.async: DLSN_SIMT_ASYNC=deferred runs a thread's copies only when it waits for their group (the latest a
 // GPU may land them: a read before the wait sees stale bytes); otherwise they run when issued (the earliest:
@@ -221,17 +235,23 @@ inline void async_wait(int pending) {
   }
 }
 
-template <typename V>
-inline V shfl_xor(V value, int mask) {
+// The value of lane source(lane()) of the warp (every lane takes part, as with a full mask).
+template <typename V, typename Source>
+inline V shfl(V value, Source source) {
   static_assert(sizeof(V) == 4, "32-bit shuffles only");
   uint32_t bits;
   std::memcpy(&bits, &value, 4);
   slots(lane())[0] = bits;
   warp_sync();
-  bits = slots(lane() ^ mask)[0];
+  bits = slots(source(lane()) & 31)[0];
   warp_sync();
   std::memcpy(&value, &bits, 4);
   return value;
+}
+
+template <typename V>
+inline V shfl_xor(V value, int mask) {
+  return shfl(value, [mask](int l) { return l ^ mask; });
 }
 
 inline float element(uint32_t reg, int half_index, c10::BFloat16) {
@@ -314,4 +334,15 @@ inline void __syncwarp(unsigned = 0xffffffffu) { simt::warp_sync(); }
 template <typename V>
 inline V __shfl_xor_sync(unsigned, V value, int mask) {
   return simt::shfl_xor(value, mask);
+}
+template <typename V>
+inline V __shfl_sync(unsigned, V value, int source) {
+  return simt::shfl(value, [source](int) { return source; });
+}
+inline int __syncthreads_or(int predicate) { return simt::syncthreads_or(predicate); }
+// Fibers never run at the same time: a read-modify-write is atomic.
+inline int atomicMax(int* address, int value) {
+  const int old = *address;
+  if (value > old) *address = value;
+  return old;
 }
