@@ -206,17 +206,17 @@ def _cuda_ready() -> bool:
 
 
 @pytest.mark.skipif(not _cuda_ready(), reason="needs the cuda backend on a GPU")
-def test_cuda_refuses_products_beyond_float32_and_agrees_below():
-    """The CUDA kernels multiply raw rows: beyond 2^(product_headroom/2) they refuse (csrc/magnitudes.h)."""
+def test_cuda_forward_agrees_at_1e30_and_refuses_beyond_its_limit():
+    """The CUDA forwards scale query rows by powers of two (csrc/cuda/key_norms.cuh): xm * 1e30 gives the
+    reference's answer; beyond ~5e33 (csrc/magnitudes.h, forward_magnitude_exponent) they refuse."""
     xm, v, lss = [t.cuda() for t in _scaled("huge")]
     _rot, perm = _extras()
     perm = perm.cuda()
-    with pytest.raises(ValueError, match=r"chunk_attention: xm reaches .* the CUDA kernels resolve scores only"):
-        dk.chunk_attention(xm, v, lss, perm, CASE.chunk, backend="cuda")
-    low = [(xm * 1e-14).requires_grad_(), v, lss]  # ~1e16: accepted, one-hot-free range
-    got, _ = dk.chunk_attention(*low, perm, CASE.chunk, backend="cuda")
-    want, _ = ref.chunk_attention(*[t.cpu() for t in low], perm.cpu(), CASE.chunk)
+    got, _ = dk.chunk_attention(xm, v, lss, perm, CASE.chunk, backend="cuda")
+    want, _ = ref.chunk_attention(*[t.cpu().double() for t in (xm, v, lss)], perm.cpu(), CASE.chunk)
     assert rel_err(got.cpu(), want) < tolerance(torch.float32)
+    with pytest.raises(ValueError, match=r"chunk_attention: xm reaches .* the CUDA kernels resolve scores only"):
+        dk.chunk_attention(xm * 1e5, v, lss, perm, CASE.chunk, backend="cuda")
 
 
 @pytest.mark.skipif(not _cuda_ready(), reason="needs the cuda backend on a GPU")
