@@ -6,9 +6,9 @@
 // so no product ever sees an unnormalised key), computes the scores transposed,
 // S^T [3K, K] = keys . queries^T, with a BLAS call, adds the learned score row by row (lss[key] is a
 // contiguous row indexed by query slot, which is why the transpose pays), softmaxes each column, and
-// finishes with O = P . V. Without a learned score (lss absent: NLSA, DESIGN.md) nothing of lss is read or
-// gathered and the scores are q . k_hat alone, the values lss = zeros gives. The [3K, K] block lives in per-thread scratch only (~200 KB at K = 128), never
-// in a tensor of the problem's size.
+// finishes with O = P . V. The [3K, K] block lives in per-thread scratch only (~200 KB at K = 128), never
+// in a tensor of the problem's size. Without a learned score (lss absent: NLSA, DESIGN.md) nothing of lss is
+// read or gathered and the scores are q . k_hat alone: the values lss = zeros gives, bit for bit.
 //
 // float16/bfloat16 inputs (DESIGN.md "Precision"): rows are read in 16 bits and widened into the float32
 // scratch as they are gathered (no float32 copy of an input ever exists), products are float32 SGEMM, lse
