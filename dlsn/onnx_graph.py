@@ -48,7 +48,8 @@ from torch import Tensor, nn
 
 from dlsn.errors import UserInputError
 from dlsn.models.gla import GLA
-from dlsn.models.nlsn import NLSA, spherical_rotation
+from dlsn.models.nlsn import NLSA
+from dlsn_kernels import spherical_rotations
 from dlsn_kernels._hash_setup import KEY_NORM_EPS, MAX_BUCKETS, n_buckets_for
 
 __all__ = [
@@ -89,7 +90,7 @@ def _block_rotation(block: nn.Module, length: int) -> Tensor:
     """The ``[Cm, R, B]`` SB-LSH rotation ``block``'s eval forward passes to the attention for ``length``."""
     rot = block.rotations(length, torch.device("cpu")).detach().to(torch.float32)
     if isinstance(block, NLSA):  # Gaussian halves -> cat[R, -R] (zeros at B = 1), as NLSA.attend builds it
-        rot = spherical_rotation(rot)
+        rot = spherical_rotations(rot)
     return rot
 
 
@@ -137,8 +138,6 @@ def gla_attention_op(xm: Tensor, v: Tensor, lss: Tensor | None, bank: Tensor, ch
     rot = bank.narrow(-1, bank_offset(n_buckets), n_buckets)
     if rot.shape[1] != rounds:
         raise ValueError(f"bank holds {rot.shape[1]} rounds, the op was given {rounds}")
-    if lss is None:
-        lss = xm.new_zeros(xm.shape[0], xm.shape[1], chunk_size)
     return gla_attention(xm, v, lss, rot.to(xm.dtype), chunk_size, backend="reference")
 
 
@@ -310,7 +309,7 @@ class ExportGLA(_ExportBlock):
 
 class ExportNLSA(_ExportBlock):
     """An NLSA block's eval-mode forward for export: its two layers, the bank of its spherical rotations
-    ``cat[R, -R]``, and the attention without a learned score (``NLSA.attend``'s zeros add nothing)."""
+    ``cat[R, -R]``, and the attention without a learned score (``lss=None``, as ``NLSA.attend`` runs it)."""
 
     def __init__(self, block: NLSA, bank: Tensor | None = None) -> None:
         super().__init__(block, bank)

@@ -19,7 +19,7 @@ from torch import Tensor
 import dlsn_kernels
 from dlsn.models import GLA, LFFB, NLSA, NLSN, build_model, load_model, set_backend, set_inference
 from dlsn.models.checkpoint import from_state_dict
-from dlsn.models.nlsn import spherical_rotation
+from dlsn_kernels import spherical_rotations
 
 BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
     dlsn_kernels.available_backends("cpu")["cpu"].reason is not None, reason="CPU extension not built"))]
@@ -191,16 +191,16 @@ def test_spherical_hash_ties_resolve_like_the_authors_argmax(backend, dtype):
     theirs = torch.argmax(torch.cat([rotated, -rotated], dim=-1), dim=-1)
     ties = (torch.cat([rotated, -rotated], dim=-1) == rotated.abs().amax(-1, keepdim=True)).sum(-1) > 1
     assert ties.float().mean() > 0.3  # the test does test ties
-    ours = dlsn_kernels.sblsh_hash(xm, spherical_rotation(rot_half), backend=backend)
+    ours = dlsn_kernels.sblsh_hash(xm, spherical_rotations(rot_half), backend=backend)
     assert torch.equal(ours, theirs)
 
 
 def test_spherical_rotation_shapes():
     rot = torch.randn(4, 2, 3)
-    assert torch.equal(spherical_rotation(rot), torch.cat([rot, -rot], 2))
-    assert torch.equal(spherical_rotation(torch.empty(4, 2, 0)), torch.zeros(4, 2, 1))
+    assert torch.equal(spherical_rotations(rot), torch.cat([rot, -rot], 2))
+    assert torch.equal(spherical_rotations(torch.empty(4, 2, 0)), torch.zeros(4, 2, 1))
     with pytest.raises(ValueError, match="rot_half"):
-        spherical_rotation(torch.empty(4, 2))
+        spherical_rotations(torch.empty(4, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,14 +7,12 @@ expressed here through :func:`dlsn_kernels.gla_attention` without a kernel of th
 
 * **Spherical LSH.** NLSN draws Gaussian rotations ``[Cm, R, B/2]`` and hashes to the argmax over
   ``cat[xm R, -xm R]`` (B values, the first maximum wins, as ``torch.argmax`` picks it). That is the SB-LSH
-  hash of the kernels with the rotation ``cat[R, -R]`` ``[Cm, R, B]``: negation is exact in IEEE arithmetic,
-  so column ``b + B/2`` of the projection is bitwise the negation of column ``b``, and both hashes take the
-  lowest index on ties. With ``B = 1`` (``L < 2K``, where NLSN itself has no rotation column and fails) every
-  position goes to bucket 0.
-* **No learned score.** The kernels' learned score is passed as zeros ``[N, L, K]`` (adding 0 is exact).
-  *Interim:* this costs ``N * L * K`` elements of the input dtype per call (about 9 MB for a float32
-  128x128 map at K = 144) plus the kernels' loads of it, and under autograd a discarded gradient of the same
-  size; a kernel mode without the learned score is not implemented yet.
+  hash of the kernels with the rotation :func:`dlsn_kernels.spherical_rotations` ``cat[R, -R]`` ``[Cm, R, B]``:
+  negation is exact in IEEE arithmetic, so column ``b + B/2`` of the projection is bitwise the negation of
+  column ``b``, and both hashes take the lowest index on ties. With ``B = 1`` (``L < 2K``, where NLSN itself
+  has no rotation column and fails) every position goes to bucket 0.
+* **No learned score.** The kernels run with ``lss=None``: scores ``q . k_hat`` only, with no learned-score
+  tensor, loads or gradient on any backend.
 
 Rotations follow GLA's rules (``dlsn.models.gla``): fresh Gaussian ones from the global generator in
 training, as the authors draw them; in eval mode drawn from the block's inference seed (repeatable
@@ -46,7 +44,7 @@ from .gla import HashedAttentionBlock, _as_int64, _check_positive_int, set_infer
 from .official import _indices, _infer_rgb_range
 from .residual import scaled_residual
 
-__all__ = ["NLSA", "NLSN", "NLSN_DEFAULTS", "infer_nlsn_config", "seeded_gaussian_rotations", "spherical_rotation"]
+__all__ = ["NLSA", "NLSN", "NLSN_DEFAULTS", "infer_nlsn_config", "seeded_gaussian_rotations"]
 
 # Settings the weights of an authors' NLSN cannot tell: the values of their README's training command.
 NLSN_DEFAULTS = {"chunk_size": 144, "n_hashes": 4, "res_scale": 0.1}
@@ -66,15 +64,6 @@ def _seeded_gaussian_rotations_fake(seed: int, channels: int, n_hashes: int, hal
     return torch.empty(channels, n_hashes, half_buckets, dtype=torch.float32, device="cpu")
 
 
-def spherical_rotation(rot_half: Tensor) -> Tensor:
-    """The SB-LSH rotation ``[Cm, R, B]`` that hashes like NLSN's spherical LSH with ``rot_half [Cm, R, B/2]``:
-    ``cat[rot_half, -rot_half]``. With no column (``B = 1``) a zero ``[Cm, R, 1]``: every position in bucket 0."""
-    if rot_half.dim() != 3:
-        raise ValueError(f"rot_half must be [Cm, R, B/2], got shape {tuple(rot_half.shape)}")
-    if rot_half.shape[2] == 0:
-        return rot_half.new_zeros(rot_half.shape[0], rot_half.shape[1], 1)
-    return torch.cat([rot_half, -rot_half], dim=2)
-
 
 class NLSA(HashedAttentionBlock):
     """Non-Local Sparse Attention block (NLSN's ``NonLocalSparseAttention``): ``attention(x) * res_scale + x``.
@@ -82,8 +71,7 @@ class NLSA(HashedAttentionBlock):
     ``conv_match`` (3x3, C -> C/reduction) and ``conv_assembly`` (1x1, C -> C), both with bias and without
     activation, each in a Sequential so the weights are named ``conv_match.0.*`` / ``conv_assembly.0.*`` as
     in the authors' BasicBlock. The attention runs through :func:`dlsn_kernels.gla_attention` with the
-    rotation ``cat[R, -R]`` and a zero learned score (module docstring; interim: the zero score costs
-    ``N * L * chunk_size`` elements of memory per call).
+    rotation ``cat[R, -R]`` and no learned score (``lss=None``; module docstring).
 
     Args:
         channels: C (256 in NLSN).
@@ -148,11 +136,9 @@ class NLSA(HashedAttentionBlock):
         if dtype in (torch.float16, torch.bfloat16) and not dlsn_kernels.resolved_takes_half(x.device, self.backend):
             dtype = torch.float32
         xm, v = xm.to(dtype).contiguous(), v.to(dtype).contiguous()
-        rot = spherical_rotation(rot_half.to(device=x.device, dtype=dtype))
-        # No learned score: zeros (exact). Interim until the kernels have a mode without it.
-        lss = torch.zeros(n, length, self.chunk_size, dtype=dtype, device=x.device)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            y = dlsn_kernels.gla_attention(xm, v, lss, rot, self.chunk_size, backend=self.backend)
+        rot = dlsn_kernels.spherical_rotations(rot_half.to(device=x.device, dtype=dtype))
+        with torch.autocast(device_type=x.device.type, enabled=False):  # no learned score: lss=None
+            y = dlsn_kernels.gla_attention(xm, v, None, rot, self.chunk_size, backend=self.backend)
         y = y.reshape(n, height, width, self.channels).permute(0, 3, 1, 2)
         return scaled_residual(y, x, self.res_scale)
 
