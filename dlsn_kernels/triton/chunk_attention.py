@@ -5,10 +5,9 @@ One program owns a block of query slots of one chunk c of one (n, round); one la
 table made once per call (``slot_rows``), so a tile's rows are read contiguously and the loop does no
 ``%`` and no 64-bit index math per gathered row. The program walks the K key slots of chunks c, c-1, c+1
 (in that order, DESIGN.md) in tiles: gathers the key rows, scales each score column by the key's inverse
-norm, adds ``lss[key, query slot]`` (only with a learned score: ``HAS_LSS``, false for ``lss`` None), and keeps an
-online softmax. It writes ``out``/``lse`` at the queries'
-original positions; padded query slots are never written. No sorted, padded or ``[K, 3K]`` tensor exists
-in memory.
+norm, adds ``lss[key, query slot]`` (``HAS_LSS``: not for ``lss`` None) and keeps an online softmax. It writes
+``out``/``lse`` at the queries' original positions; padded query slots are never written. No sorted, padded or
+``[K, 3K]`` tensor exists in memory.
 
 The value product is computed transposed, ``acc^T [Cv, BLOCK_Q] += V^T P^T``: P is then the B operand of
 the tensor-core instruction, which Hopper (wgmma) reads from shared memory. With P as the A operand,
