@@ -77,13 +77,26 @@ def block_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % (2**63)
 
 
-@torch.library.custom_op("dlsn::seeded_rotations", mutates_args=())
-def seeded_rotations(seed: int, channels: int, n_hashes: int, n_buckets: int) -> Tensor:
-    """``[channels, n_hashes, n_buckets]`` float32 CPU rotations drawn from a generator seeded with ``seed``
-    (:func:`dlsn_kernels.random_rotations`). A custom op so that torch.compile treats the seeded draw (a
-    ``torch.Generator`` made on every call) as one opaque call instead of breaking the graph there."""
+def _draw_seeded_rotations(seed: int, channels: int, n_hashes: int, n_buckets: int) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
     return dlsn_kernels.random_rotations(channels, n_hashes, n_buckets, generator=generator, dtype=torch.float32)
+
+
+seeded_rotations = torch.library.custom_op("dlsn::seeded_rotations", mutates_args=())(_draw_seeded_rotations)
+seeded_rotations.__doc__ = """``[channels, n_hashes, n_buckets]`` float32 CPU rotations drawn from a generator
+seeded with ``seed`` (:func:`dlsn_kernels.random_rotations`). A custom op so that torch.compile treats the seeded
+draw (a ``torch.Generator`` made on every call) as one opaque call instead of breaking the graph there; eager
+calls use the plain function (:func:`eager_or_op`)."""
+
+
+def eager_or_op(op, plain):
+    """``op`` (a Python custom op) while torch.compile or torch.export traces, else ``plain``, its function.
+
+    Eagerly the op would run ``plain`` all the same, but behind a ``torch._disable_dynamo`` wrapper whose first
+    call imports torch._dynamo: about 115 MB of resident memory and a second or two, once per process, for
+    nothing (measured on the first call of an NLSN network, 2026-12-07).
+    """
+    return op if torch.compiler.is_compiling() else plain
 
 
 @seeded_rotations.register_fake
@@ -211,7 +224,8 @@ class GLA(HashedAttentionBlock):
         n_buckets = dlsn_kernels.n_buckets_for(length, self.chunk_size)
         match_channels = self.channels // self.reduction
         if generator is None and not self.training and self.inference_seed is not None:
-            rot = seeded_rotations(_as_int64(self.inference_seed), match_channels, self.rounds(), n_buckets)
+            draw = eager_or_op(seeded_rotations, _draw_seeded_rotations)
+            rot = draw(_as_int64(self.inference_seed), match_channels, self.rounds(), n_buckets)
             return rot.to(device)
         return dlsn_kernels.random_rotations(
             match_channels, self.rounds(), n_buckets, generator=generator, device=device, dtype=torch.float32

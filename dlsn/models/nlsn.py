@@ -40,7 +40,7 @@ from dlsn.errors import CheckpointError
 
 from . import official
 from .dlsn import LFFB, MeanShift, Upsampler, _GLANetwork, check_scale, conv3x3
-from .gla import HashedAttentionBlock, _as_int64, _check_positive_int, set_inference
+from .gla import HashedAttentionBlock, _as_int64, _check_positive_int, eager_or_op, set_inference
 from .official import _indices, _infer_rgb_range
 from .residual import scaled_residual
 
@@ -50,13 +50,17 @@ __all__ = ["NLSA", "NLSN", "NLSN_DEFAULTS", "infer_nlsn_config", "seeded_gaussia
 NLSN_DEFAULTS = {"chunk_size": 144, "n_hashes": 4, "res_scale": 0.1}
 
 
-@torch.library.custom_op("dlsn::seeded_gaussian_rotations", mutates_args=())
-def seeded_gaussian_rotations(seed: int, channels: int, n_hashes: int, half_buckets: int) -> Tensor:
-    """``[channels, n_hashes, half_buckets]`` float32 CPU Gaussian rotations drawn from a generator seeded
-    with ``seed`` (NLSN's law). A custom op for the same reason as ``dlsn::seeded_rotations``: torch.compile
-    then sees one opaque call instead of a generator made on every call."""
+def _draw_gaussian(seed: int, channels: int, n_hashes: int, half_buckets: int) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(channels, n_hashes, half_buckets, generator=generator, dtype=torch.float32)
+
+
+seeded_gaussian_rotations = torch.library.custom_op("dlsn::seeded_gaussian_rotations", mutates_args=())(
+    _draw_gaussian)
+seeded_gaussian_rotations.__doc__ = """``[channels, n_hashes, half_buckets]`` float32 CPU Gaussian rotations
+drawn from a generator seeded with ``seed`` (NLSN's law). A custom op for the same reason as
+``dlsn::seeded_rotations``: torch.compile then sees one opaque call instead of a generator made on every call
+(eager calls use the plain function: :func:`dlsn.models.gla.eager_or_op`)."""
 
 
 @seeded_gaussian_rotations.register_fake
@@ -108,7 +112,8 @@ class NLSA(HashedAttentionBlock):
         half = dlsn_kernels.n_buckets_for(length, self.chunk_size) // 2
         match_channels = self.channels // self.reduction
         if generator is None and not self.training and self.inference_seed is not None:
-            rot = seeded_gaussian_rotations(_as_int64(self.inference_seed), match_channels, self.rounds(), half)
+            draw = eager_or_op(seeded_gaussian_rotations, _draw_gaussian)
+            rot = draw(_as_int64(self.inference_seed), match_channels, self.rounds(), half)
             return rot.to(device)
         rot = torch.randn(match_channels, self.rounds(), half, generator=generator, dtype=torch.float32)
         return rot.to(device)

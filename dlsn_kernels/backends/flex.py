@@ -8,6 +8,8 @@ is allocated. Its backward scatters the gradient of the captured ``lss`` with at
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from .. import flex
@@ -41,10 +43,10 @@ class Flex(Backend):
         why = super().device_reasons(device)
         if why:
             return why
-        try:
-            from torch.nn.attention import flex_attention  # noqa: F401
-        except ImportError as exc:
-            return [f"torch {torch.__version__} has no torch.nn.attention.flex_attention ({exc})"]
+        # found, not imported: the import pulls in torch._dynamo (about 35 MB and a second), which a process
+        # that never runs flex should not pay for on its first call
+        if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+            return [f"torch {torch.__version__} has no torch.nn.attention.flex_attention"]
         if device.type == "cuda":
             reason = cuda_device_reason(device)
             if reason is not None:
