@@ -302,6 +302,17 @@ def test_float32_without_learned_score():
         assert_close(a, e, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(EXACT != torch.float64, reason="gradcheck needs float64 (the interpreter's)")
+def test_gradcheck_without_learned_score():
+    """torch.autograd.gradcheck of gla_attention with lss=None through the public API on the triton backend."""
+    import dlsn_kernels as dk
+
+    size = Case(1, 7, 4, 2, 3, 2)
+    xm, v, _, rot = make_inputs(size, learned="none")
+    fn = lambda x, y: dk.gla_attention(x, y, None, rot, size.chunk, backend="triton")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (xm.requires_grad_(), v.requires_grad_()), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
 def test_backward_of_keys_below_the_norm_floor():
     # zero and tiny rows of xm: the key normalisation is clamped at 5e-5 (gradient dkn / eps)
     size = Case(1, 9, 4, 2, 3, 5)
