@@ -525,6 +525,9 @@ def cuda_kernels(library: str | None = None, arch: str = "sm_90") -> list[Kernel
             shared_bytes=fields.get("SHARED", 0), tensor_core_instructions=len(_TENSOR_CORE.findall(body)),
             ffma_instructions=len(_FFMA.findall(body)), toolchain="nvcc (dlsn_kernels._C)", arch=arch,
             shared_limit=target_for_arch(arch).shared_per_block, **sass_shape(body),
+            # the tensor-core kernels' last template argument is kHasLss (false: the lss-free NLSA variant)
+            lss=not ("_tc_" in readable and template is not None
+                     and template.group(1).rsplit(",", 1)[-1].strip() == "false"),
         ))
     return records
 

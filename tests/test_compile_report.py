@@ -281,18 +281,21 @@ def cuda_records():
 
 
 def test_cuda_attention_kernels_run_on_tensor_cores(cuda_records):
-    """Every tensor-core attention kernel (forward, dq pass, dv and score passes) in fp16, bf16 and float32 (TF32)
-    holds mma instructions, and the float32 instantiation is the TF32 one."""
+    """Every tensor-core attention kernel (forward, dq pass, dv and score passes) in fp16, bf16 and float32 (TF32),
+    with the learned score and without (the last template argument, kHasLss; records ``lss``), holds mma
+    instructions, and the float32 instantiation is the TF32 one."""
     tc = [r for r in cuda_records if r.kernel in ATTENTION_TC]
-    found = {(r.kernel, r.dtype, r.config["template"].split(", ")[-1]) for r in tc}
+    found = {(r.kernel, r.dtype, r.config["template"]) for r in tc}
     for dtype, name in (("fp16", "Half"), ("bf16", "BFloat16"), ("fp32", "float")):
-        assert ("chunk_attention_fwd_tc_kernel", dtype, name) in found
-        assert ("attention_bwd_dq_tc_kernel", dtype, name) in found
-        assert ("attention_bwd_keys_tc_kernel", dtype, "true") in found  # dv pass
-        assert ("attention_bwd_keys_tc_kernel", dtype, "false") in found  # score pass
+        for has_lss in ("true", "false"):
+            assert ("chunk_attention_fwd_tc_kernel", dtype, f"{name}, {has_lss}") in found
+            assert ("attention_bwd_dq_tc_kernel", dtype, f"{name}, {has_lss}") in found
+            assert ("attention_bwd_keys_tc_kernel", dtype, f"{name}, true, {has_lss}") in found  # dv pass
+            assert ("attention_bwd_keys_tc_kernel", dtype, f"{name}, false, {has_lss}") in found  # score pass
     for r in tc:
         assert r.tensor_core_instructions > 0, r
         assert r.precision == ("tf32" if r.dtype == "fp32" else "native"), r
+        assert r.lss == r.config["template"].endswith("true"), r
 
 
 def test_cuda_attention_kernels_use_no_local_memory(cuda_records):
