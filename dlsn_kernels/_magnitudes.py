@@ -2,7 +2,7 @@
 
 Shared by the Python backends (triton, flex); the compiled backends have the same rules in C++
 (``csrc/cpu/cpu_kernels.h`` ``row_norm``; ``csrc/magnitudes.h``: the lse limit of both backwards, and the
-cuda backend's refusal of magnitudes whose unnormalised score products could overflow).
+cuda forward's refusal of magnitudes its scaled scores could not hold, beyond 2^112).
 """
 
 from __future__ import annotations
