@@ -207,17 +207,22 @@ _AMD_TILES = {
 # (336 B). Unpipelined, the bf16 forward keeps 40 VGPRs to spare (a 64-key step spilled with the learned scores),
 # and the dv pass takes 64 query slots per step (0.42 main-loop instructions per kFLOP against 0.71 pipelined).
 # Float32 (IEEE: RDNA's Triton has no TF32) runs on FMA, which holds whole operand rows per thread: 16 wavefronts
-# spread them. The score pass still spills: its dP = V dO^T is Cv = 256 deep and V [keys, Cv] is held over the
-# loop as a replicated WMMA operand (128 VGPRs for 16 keys, before dO's 128); these rows spill the least.
+# spread them. The score pass's dP = V dO^T is Cv = 256 deep: holding V [keys, Cv] over the loop as a replicated
+# WMMA operand (128 VGPRs for 16 keys, before dO's 128) spilled it (bf16 376 B, float32 728 B), so on RDNA it sums
+# dP over 32-channel chunks of V and dO read per step (_RDNA_CV_CHUNK, the kernel's BLOCK_CV_CHUNK); with V no
+# longer held, bf16 takes 32 query slots per step.
 # The "tf32" rows are never chosen on RDNA (dot_kind_of); they repeat the IEEE rows.
 _RDNA = {
     "forward": {"native": [(32, 32, 8, 1)], "tf32": [(32, 16, 16, 1)], "ieee": [(32, 16, 16, 1)]},
     "key_dv": {"native": [(32, 64, 8, 1)], "tf32": [(32, 16, 16, 1)], "ieee": [(32, 16, 16, 1)]},
-    "key_score": {"native": [(32, 16, 4, 1)], "tf32": [(16, 16, 8, 1)], "ieee": [(16, 16, 8, 1)]},
+    "key_score": {"native": [(32, 32, 4, 1)], "tf32": [(16, 16, 8, 1)], "ieee": [(16, 16, 8, 1)]},
     "dq": {"native": [(64, 64, 4, 1)], "tf32": [(64, 32, 8, 1)], "ieee": [(64, 32, 8, 1)]},
 }
 _TABLES = {"wgmma": _WGMMA, "tcgen05": _TCGEN05, "mma": _MMA, "mfma": _AMD_TILES, "wmma": _RDNA}
 _AMD_OPTIONS = {"mfma": {"matrix_instr_nonkdim": 16}, "wmma": {}}
+# value channels per dP chunk of the score pass (BLOCK_CV_CHUNK) where V is not held over the loop; other targets
+# hold V (no BLOCK_CV_CHUNK in their configurations: the kernel's default 0)
+_RDNA_CV_CHUNK = 32
 
 _SMALLEST = (16, 16, 4, 1)
 
@@ -259,7 +264,9 @@ def shared_estimate(kernel: str, config: dict[str, int], dtype: torch.dtype, cm:
     elif kernel == "key_dv":  # per step: query and dO rows; held: keys; P; epilogue: dv^T
         loop, epilogue = stages * q * (bcm + bcv) * e + k * bcm * e + tile, bcv * k * 4
     elif kernel == "key_score":  # per step: query and dO rows; held: keys and values; dS and dlss; epilogue: dkn^T
-        loop, epilogue = stages * q * (bcm + bcv) * e + k * (bcm + bcv) * e + 2 * tile, bcm * k * 4
+        # (BLOCK_CV_CHUNK: the values are read per step in chunks, not held: at most their stages' buffers)
+        values = k * bcv * e * (stages if config.get("BLOCK_CV_CHUNK", 0) else 1)
+        loop, epilogue = stages * q * (bcm + bcv) * e + k * bcm * e + values + 2 * tile, bcm * k * 4
     elif kernel == "dq":  # per step: key rows and the dS tile; epilogue: dq^T
         loop, epilogue = stages * k * (bcm + q) * e + q * bcm * 4, bcm * q * 4
     else:
@@ -287,6 +294,8 @@ def _candidates(kernel: str, target: Target, dtype: torch.dtype, cv: int, chunk_
         if narrow and kernel != "dq":
             config["num_warps"] = 4
         config |= _AMD_OPTIONS.get(family_of(target), {})
+        if kernel == "key_score" and family_of(target) == "wmma" and _pow2(cv) > _RDNA_CV_CHUNK:
+            config["BLOCK_CV_CHUNK"] = _RDNA_CV_CHUNK
         if config not in out:
             out.append(config)
     return out
@@ -342,8 +351,8 @@ NOT_CLEAN: dict[tuple[str, str], str] = {}
 # AMD targets checked offline (Triton 3.8's AMD backend) and what is not clean there (no cuda backend to prefer)
 AMD_OFFLINE = {
     "gfx942": "clean offline (bf16, TF32 and IEEE: no VGPR/SGPR spills, LDS within 64 KB, MFMA)",
-    "gfx1100": ("not clean offline: the backward score pass spills (bf16 376 B, 96 B without learned scores; float32 "
-                "(IEEE on RDNA) 728 B, 524 B); the forward, dv, dq, position and combine passes are clean"),
+    "gfx1100": ("clean offline (bf16/fp16 and float32, IEEE on FMA there: no VGPR/SGPR spills, LDS within 64 KB, "
+                "WMMA in bf16/fp16; the score pass sums dP over 32-channel chunks of V)"),
 }
 
 

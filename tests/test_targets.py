@@ -214,6 +214,13 @@ def test_rdna_tiles_are_unpipelined_and_fit_the_wave32_register_file(matmul_prec
     bf16 = {k: triton_config(k, rx7900, torch.bfloat16, *TRAINING) for k in ("forward", "key_dv", "dq")}
     assert (bf16["forward"]["BLOCK_Q"], bf16["forward"]["BLOCK_K"]) == (32, 32)
     assert (bf16["key_dv"]["BLOCK_K"], bf16["key_dv"]["BLOCK_Q"]) == (32, 64)
+    # the score pass sums dP over 32-channel chunks of V on RDNA (held, V spilled 376 B bf16 / 728 B float32) and
+    # takes 32 query slots per step; other targets hold V (no BLOCK_CV_CHUNK: the kernel's default 0)
+    for dtype, blocks in ((torch.bfloat16, (32, 32, 4)), (torch.float32, (16, 16, 8))):
+        score = triton_config("key_score", rx7900, dtype, *TRAINING)
+        assert (score["BLOCK_K"], score["BLOCK_Q"], score["num_warps"], score["BLOCK_CV_CHUNK"]) == (*blocks, 32)
+    for arch in (80, 90, 100, 120, "gfx942"):
+        assert "BLOCK_CV_CHUNK" not in triton_config("key_score", target_for_arch(arch), torch.bfloat16, *TRAINING)
     # a narrow value row (Cv <= 128) takes 4 wavefronts in the bf16 forward and key passes; float32 (FMA) keeps its
     # rows' wavefronts (4 spilled)
     assert triton_config("forward", rx7900, torch.bfloat16, 64, 128, 128)["num_warps"] == 4
@@ -229,7 +236,8 @@ RDNA_SIZES = [(1, 128, 64, 2, 64, 256), (1, 100, 70, 1, 64, 200)]  # N, L, K, R,
 
 @pytest.mark.parametrize("size", RDNA_SIZES, ids=lambda s: "N{}-L{}-K{}-R{}-Cm{}-Cv{}".format(*s))
 @pytest.mark.parametrize("rows", ["ieee", "native"])
-def test_rdna_configuration_matches_reference_under_the_interpreter(rows, size, monkeypatch):
+@pytest.mark.parametrize("learned", [True, False], ids=["lss", "no-lss"])
+def test_rdna_configuration_matches_reference_under_the_interpreter(rows, size, learned, monkeypatch):
     import dlsn_kernels.triton as tk
     from dlsn_kernels import reference as ref
     from dlsn_kernels.triton import _common
@@ -253,18 +261,26 @@ def test_rdna_configuration_matches_reference_under_the_interpreter(rows, size, 
         assert triton_config(kernel, rx7900, torch.float32, cm, cv, chunk) == config
         if rows == "native":  # the blocks a bfloat16 launch on the real card takes
             assert config == triton_config(kernel, target_for_arch("gfx1100"), torch.bfloat16, cm, cv, chunk)
+    # the score pass sums dP over value-channel chunks on RDNA (V not held): the chunked loop is what runs here
+    assert expected_blocks["key_score"]["BLOCK_CV_CHUNK"] == 32 < cv
 
     gen = torch.Generator().manual_seed(5)
     xm, v, lss, dy = (torch.randn(n, length, c, generator=gen, dtype=torch.float64) for c in (cm, cv, chunk, cv))
     rot = ref.random_rotations(cm, rounds, ref.n_buckets_for(length, chunk), generator=gen)
     xm, v, lss, rot, dy = (t.float() for t in (xm, v, lss, rot, dy))
+    if not learned:  # the lss-free (NLSA) variants: no learned score, no dlss
+        lss = None
     y, lse, perm = tk.gla_attention(xm, v, lss, rot, chunk)
-    leaves = [t.double().requires_grad_() for t in (xm, v, lss)]
-    y_ref = ref.combine_rounds(*ref.chunk_attention(*leaves, perm, chunk))
+    leaves = [t.double().requires_grad_() for t in (xm, v, lss) if t is not None]
+    y_ref = ref.combine_rounds(*ref.chunk_attention(leaves[0], leaves[1], leaves[2] if learned else None, perm,
+                                                    chunk))
     torch.testing.assert_close(y.double(), y_ref.detach(), atol=3e-5, rtol=3e-5)
     grads = torch.autograd.grad((y_ref * dy.double()).sum(), leaves)
     delta = (dy * y).sum(-1)[:, None]
     actual = tk.attention_backward(dy[:, None], delta, xm, v, lss, perm, lse[:, None], chunk)
+    if not learned:
+        assert actual[2].numel() == 0
+        actual = actual[:2]
     for a, e in zip(actual, grads, strict=True):
         torch.testing.assert_close(a.double(), e, atol=3e-4, rtol=3e-4)
     assert launched and all(d.type == "cpu" for d in launched)

@@ -30,7 +30,10 @@ if not tk.INTERPRETED:
 # a card with 96 KB of shared memory per block: in float64 (8-byte operands) the forward and key passes fall back to
 # the last-resort 16x16 unpipelined tiles
 SMALL = Target("test_small", "nvidia", (8, 6), 96 * 1024, 32)
-TARGETS = {"sm_86": target_for_arch(86), "small": SMALL}
+# RDNA3 (gfx1100) with room for float64 operands (the interpreter has no LDS): its score pass sums dP over
+# 32-channel chunks of V (BLOCK_CV_CHUNK), which no other target does
+RDNA = Target("gfx1100", "amd", None, 1 << 20, 32)
+TARGETS = {"sm_86": target_for_arch(86), "small": SMALL, "rdna": RDNA}
 # K = 64 and 70: the tiles are not clamped to the chunk, and 70 leaves partial tiles and padded slots; the training
 # shape's channels (Cm = 64, Cv = 256, and 200 with masks), where the 99 KB cards take smaller tiles
 SIZES = [Case(1, 128, 64, 2, 64, 256), Case(1, 100, 70, 1, 64, 200)]
@@ -59,16 +62,19 @@ def _inputs(size, dtype):
 
 
 @pytest.mark.parametrize("size", SIZES, ids=str)
-@pytest.mark.parametrize(("name", "mode", "learned"), [*((n, m, True) for n, m in CASES), ("small", "float64", False)])
+@pytest.mark.parametrize(("name", "mode", "learned"), [*((n, m, True) for n, m in CASES), ("small", "float64", False),
+                                                       ("rdna", "float64", True), ("rdna", "float64", False)])
 def test_target_configuration_matches_reference(name, mode, learned, size, monkeypatch):
-    """Forward and backward in the target's blocks against the reference; on the small card also without a learned
-    score (lss None: the HAS_LSS=False kernels in the 16x16 fallback tiles)."""
+    """Forward and backward in the target's blocks against the reference; on the small card and on RDNA (the score
+    pass's chunked dP) also without a learned score (lss None: the HAS_LSS=False kernels)."""
     dtype, setting, tol = MODES[mode]
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: setting)
     target = TARGETS[name]
     assert _blocks(target, dtype, size) != _blocks(INTERPRETER, dtype, size)
     if name == "small":
         assert _blocks(target, dtype, size)["forward"] == {"BLOCK_Q": 16, "BLOCK_K": 16}
+    if name == "rdna":
+        assert _blocks(target, dtype, size)["key_score"]["BLOCK_CV_CHUNK"] == 32 < size.cv
     launched = []
     monkeypatch.setattr(_common, "_launch_target", lambda device: launched.append(device) or target)
 

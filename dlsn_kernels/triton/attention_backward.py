@@ -83,6 +83,8 @@ def backward_config(chunk_size: int, value_channels: int, dtype: torch.dtype, dv
 
 @backward_heuristics
 @attention_heuristics
+# the score pass's chunked dP (BLOCK_CV_CHUNK narrower than the value block; the kernel's default 0 holds V)
+@triton.heuristics({"CV_CHUNKED": lambda a: 0 < a.get("BLOCK_CV_CHUNK", 0) < channel_block(a["Cv"])})
 @jit
 def _key_pass(
     grad_out_ptr, delta_ptr, lse_ptr, xm_ptr, v_ptr, lss_ptr, rows_ptr, inv_norm_ptr,
@@ -91,6 +93,7 @@ def _key_pass(
     SMEM_B: tl.constexpr, DV_PASS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr, FULL: tl.constexpr,
     EVEN_C: tl.constexpr, HAS_LSS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    CV_CHUNKED: tl.constexpr, BLOCK_CV_CHUNK: tl.constexpr = 0,
 ):
     # Two launches share this body (DV_PASS): the dv pass holds the dv rows; the score pass holds dkn and
     # dlss and writes dS / ||key|| for the dq pass. Together they would not fit in registers at Cv = 256;
@@ -102,6 +105,10 @@ def _key_pass(
     # ptxas 12.8/12.9 can schedule wrongly (Triton issue #9433). Hence the transposed accumulators dv^T, dkn^T and
     # dq^T (SMEM_B: tensor-core dots).
     # IEEE float32 runs on FFMA, where the plain orientation holds fewer registers (the transposed one spills).
+    # BLOCK_CV_CHUNK (score pass, RDNA only: targets.py): dP = V dO^T is summed over value-channel chunks of that
+    # width, V and dO read per chunk, instead of holding V [keys, Cv] over the loop. RDNA replicates a WMMA
+    # operand across the two halves of a wave, so a held V took 128+ of a wave's 256 VGPRs and the pass spilled.
+    # 0 (every other target) holds V: one Cv-deep product per step.
     n_kblocks = tl.cdiv(K, BLOCK_K)
     kc = tl.program_id(0) // n_kblocks
     kb = tl.program_id(0) % n_kblocks
@@ -122,7 +129,7 @@ def _key_pass(
     k_rows = tl.load(slot_row + k_slot, mask=k_ok, other=0)
     key = tl.load(xm_ptr + k_rows[:, None] * Cm + offs_cm[None, :], mask=k_ok[:, None] & cm_ok[None, :], other=0.0)
     inv_norm = tl.load(inv_norm_ptr + k_rows, mask=k_ok, other=0.0)
-    if not DV_PASS:
+    if not DV_PASS and not CV_CHUNKED:
         val = tl.load(v_ptr + k_rows[:, None] * Cv + offs_cv[None, :],
                       mask=k_ok[:, None] & cv_ok[None, :], other=0.0)
 
@@ -162,11 +169,13 @@ def _key_pass(
         stat_rows = q_rows + stat_shift
         if EVEN_C:
             q = tl.load(xm_ptr + q_rows[:, None] * Cm + offs_cm[None, :])
-            d_out = tl.load(grad_out_ptr + stat_rows[:, None] * Cv + offs_cv[None, :]).to(DOT)
+            if not CV_CHUNKED:
+                d_out = tl.load(grad_out_ptr + stat_rows[:, None] * Cv + offs_cv[None, :]).to(DOT)
         else:
             q = tl.load(xm_ptr + q_rows[:, None] * Cm + offs_cm[None, :], mask=cm_ok[None, :], other=0.0)
-            d_out = tl.load(grad_out_ptr + stat_rows[:, None] * Cv + offs_cv[None, :],
-                            mask=cv_ok[None, :], other=0.0).to(DOT)
+            if not CV_CHUNKED:
+                d_out = tl.load(grad_out_ptr + stat_rows[:, None] * Cv + offs_cv[None, :],
+                                mask=cv_ok[None, :], other=0.0).to(DOT)
         lse = tl.load(lse_ptr + stat_rows).to(ACC)
         s = matmul(key, tl.trans(q), ACC, PRECISION) * inv_norm[:, None]
         if HAS_LSS:
@@ -184,7 +193,25 @@ def _key_pass(
                 dv += matmul(p.to(DOT), d_out, ACC, PRECISION)
         else:
             delta = tl.load(delta_ptr + stat_rows).to(ACC)
-            dp = matmul(val, tl.trans(d_out), ACC, PRECISION)
+            if CV_CHUNKED:
+                dp = tl.zeros([BLOCK_K, BLOCK_Q], ACC)
+                for c0 in tl.static_range(0, BLOCK_CV, BLOCK_CV_CHUNK):
+                    offs_c = c0 + tl.arange(0, BLOCK_CV_CHUNK)
+                    v_ptrs = v_ptr + k_rows[:, None] * Cv + offs_c[None, :]
+                    do_ptrs = grad_out_ptr + stat_rows[:, None] * Cv + offs_c[None, :]
+                    if EVEN_C:
+                        if FULL:
+                            val_c = tl.load(v_ptrs)
+                        else:
+                            val_c = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
+                        d_out_c = tl.load(do_ptrs).to(DOT)
+                    else:
+                        c_ok = offs_c < Cv
+                        val_c = tl.load(v_ptrs, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+                        d_out_c = tl.load(do_ptrs, mask=c_ok[None, :], other=0.0).to(DOT)
+                    dp += matmul(val_c, tl.trans(d_out_c), ACC, PRECISION)
+            else:
+                dp = matmul(val, tl.trans(d_out), ACC, PRECISION)
             ds = p * (dp - delta[None, :])
             # dkn^T [Cm, keys] += q^T dS^T
             if SMEM_B:
