@@ -10,34 +10,10 @@ def test_import_does_not_import_triton():
     assert out.strip() == "False"
 
 
-def _package_imports(root):
-    """``{module: modules of the dlsn package it imports}``, TYPE_CHECKING imports included."""
-    import ast
-    from pathlib import Path
-
-    graph = {}
-    for path in Path(root).rglob("*.py"):
-        parts = path.relative_to(Path(root).parents[1]).with_suffix("").parts
-        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        package = module if parts[-1] == "__init__" else module.rpartition(".")[0]
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(anchor + ([base] if base else []))
-                found.add(base)
-            elif isinstance(node, ast.Import):
-                found.update(alias.name for alias in node.names)
-        graph[module] = {m for m in found if m.startswith("dlsn.") and m != module}
-    return graph
-
-
 def test_training_modules_import_each_other_without_cycles():
     from pathlib import Path
 
-    graph = _package_imports(Path(__file__).resolve().parents[1] / "dlsn" / "training")
+    graph = _import_graph(Path(__file__).resolve().parents[1] / "dlsn" / "training")
     training = {m for m in graph if m != "dlsn.training"}  # the package's __init__ gathers them all
 
     def reaches(start, goal, seen=()):
@@ -49,16 +25,17 @@ def test_training_modules_import_each_other_without_cycles():
     assert "dlsn.training.trainer" not in graph["dlsn.training.report"]
 
 
-def _kernel_imports():
-    """``{module: dlsn_kernels modules it imports}`` (function-local and TYPE_CHECKING imports included),
-    with ``from . import x`` resolved to the module ``x`` when it is one."""
+def _import_graph(root):
+    """``{module: modules under root it imports}`` for the package folder ``root`` (function-local and
+    TYPE_CHECKING imports included), with ``from . import x`` resolved to the module ``x`` when it is one."""
     import ast
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "dlsn_kernels"
+    base_dir = root
+    while (base_dir.parent / "__init__.py").exists():
+        base_dir = base_dir.parent
     names = {}
     for path in root.rglob("*.py"):
-        parts = path.relative_to(root.parent).with_suffix("").parts
+        parts = path.relative_to(base_dir.parent).with_suffix("").parts
         names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     graph = {}
     for module, path in names.items():
@@ -81,7 +58,9 @@ def _kernel_imports():
 def test_kernel_package_has_no_import_cycles():
     """Issue 26: ``_ops``, ``_checks``, ``flex`` and ``triton/`` used to import each other through 17
     function-local imports. A package ``__init__`` may gather its own submodules; nothing else may loop."""
-    graph = _kernel_imports()
+    from pathlib import Path
+
+    graph = _import_graph(Path(__file__).resolve().parents[1] / "dlsn_kernels")
 
     def path_to(start, goal, seen=()):
         for nxt in sorted(graph.get(start, ())):
