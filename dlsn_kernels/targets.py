@@ -278,8 +278,9 @@ def _candidates(kernel: str, target: Target, dtype: torch.dtype, cv: int, chunk_
     if kernel == "combine":
         return [{"BLOCK_P": max(1, min(32, 8192 // _pow2(cv))), "num_warps": 4}]
     if kernel == "position":
-        # AMD: 32 positions per program spilled 10-20 scalar registers (gfx942, gfx1100); 16 are clean
-        return [{"BLOCK_P": 16 if target.vendor == "amd" else 32, "num_warps": 8}]
+        # 16 positions per program on every target: 32 spilled 10-20 scalar registers on AMD (gfx942, gfx1100) and,
+        # under Triton 3.6 (ptxas 12.8), 8 B of the lss-free pass on sm_90 (bf16/fp16: 128 registers); 16 are clean
+        return [{"BLOCK_P": 16, "num_warps": 8}]
     # the last resort of every table: the smallest tiles tl.dot takes, unpipelined (wide channels on 99 KB cards)
     rows = [*_TABLES[family_of(target)][kernel][dot_kind_of(dtype, target)], _SMALLEST]
     chunk = _pow2(chunk_size)

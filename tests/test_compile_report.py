@@ -207,6 +207,17 @@ def test_hot_kernels_are_lean_under_both_toolchains(toolchain, request):
             assert r["mma_duplication"] == 1, r  # TF32's forward computes its S in both warpgroups
 
 
+def test_position_pass_is_clean_under_the_gpu_image_triton(tmp_path_factory):
+    """The position pass on sm_90 under Triton 3.6.0 with and without the learned score: no spills, no stack (with
+    32 positions per program the lss-free pass spilled 8 B there in bf16/fp16 at 128 registers; 16 are clean)."""
+    records = _report(tmp_path_factory, "--triton", _triton36(), "--kernels", "_position_pass", "--lss", "both")
+    cases = {(mode, lss) for mode in ("bf16", "fp32-tf32") for lss in (True, False)}
+    assert {(r["dtype"], r["lss"]) for r in records} == cases
+    for r in records:
+        assert r["toolchain"].startswith(f"triton {GPU_IMAGE_TRITON},"), r
+        assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0 and r["registers"] <= 255, r
+
+
 def test_main_loop_and_warnings_are_read_from_the_listings():
     """The parsers on hand-made listings: the loop with the most tensor-core instructions, NOPs left out,
     ptxas's C7515 note kept without the function name, a duplicated warpgroup tile."""
