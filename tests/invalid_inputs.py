@@ -142,7 +142,8 @@ for _name in ("xm", "v", "lss", "rot", "codes", "perm", "out", "lse", "grad_out"
     OTHER_FAULTS[f"{_name} first dim longer"] = (_name, _set(_name, _longer(0)))
     OTHER_FAULTS[f"{_name} numpy"] = (_name, _set(_name, lambda t: t.numpy()))
     OTHER_FAULTS[f"{_name} list"] = (_name, _set(_name, lambda t: t.tolist()))
-    OTHER_FAULTS[f"{_name} None"] = (_name, _set(_name, lambda t: None))
+    if _name != "lss":  # lss=None is no fault: the attention without a learned score (NLSA, tests/test_no_lss.py)
+        OTHER_FAULTS[f"{_name} None"] = (_name, _set(_name, lambda t: None))
     OTHER_FAULTS[f"{_name} on meta"] = (_name, _set(_name, lambda t: t.to("meta")))
 # Strided tensors are no fault: every public op and raw CPU op takes any strides (tests/test_layouts.py).
 for _name in ("xm", "v", "lss", "rot"):
