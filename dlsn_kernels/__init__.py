@@ -28,7 +28,7 @@ from . import _checks, reference
 from ._checks import MAX_SORT_BUCKETS, BackendUnavailableError
 from ._dispatch import BackendStatus, available_backends, backend_summary, requested, select
 from ._hash_setup import KEY_NORM_EPS, n_buckets_for, random_rotations, spherical_rotations
-from ._precision import autocast_dtype, cast_floats
+from ._precision import autocast_dtype, cast_floats, takes_half
 from .backends import NAMES as BACKENDS
 from .backends import Backend, Inputs
 
@@ -150,8 +150,7 @@ def gla_attention(
 def resolved_takes_half(device: torch.device, backend: str | None) -> bool:
     """Whether the backend a caller names (None: ``$DLSN_BACKEND`` or automatic) computes float16/bfloat16
     tensors of ``device``: everywhere but in the Triton interpreter on CPU tensors."""
-    name = requested(backend)
-    return name is None or _checks.takes_half(torch.device(device), name)
+    return takes_half(torch.device(device), requested(backend))
 
 
 def _combine_rounds_impl(out: Tensor, lse: Tensor) -> Tensor:

@@ -57,15 +57,6 @@ def kernel_layout(backend: str, *tensors: Tensor | None) -> tuple[Tensor | None,
     return tuple(t if t is None else t.contiguous() for t in tensors)
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def takes_half(device: torch.device, backend: str) -> bool:
-    """Whether ``backend`` (a name, or ``"<forward>:<backward>"``) computes float16/bfloat16 tensors of
-    ``device`` (float32 accumulation inside): everywhere but in the Triton interpreter on CPU tensors."""
-    return not (device.type == "cpu" and "triton" in backend.split(":"))
-
-
 def check_float(t: Tensor, name: str, backend: str = "reference") -> None:
     dtype = t.dtype
     if not dtype.is_floating_point:
@@ -76,12 +67,12 @@ def check_float(t: Tensor, name: str, backend: str = "reference") -> None:
         ok = (torch.float32, torch.float16, torch.bfloat16)
         if dtype not in ok:
             raise ValueError(f"{name} must be float32, float16 or bfloat16 on CUDA, got {dtype}")
-    elif dtype in _HALF and not takes_half(t.device, backend):
+    elif dtype in (torch.float16, torch.bfloat16) and backend == "triton":
         raise ValueError(
             f"{name} is {dtype}: the {backend} backend takes float32 or float64 CPU tensors (Triton's interpreter); "
             "float16/bfloat16 CPU tensors run on the cpu and reference backends"
         )
-    elif dtype not in (torch.float32, torch.float64, *_HALF):
+    elif dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise ValueError(f"{name} must be float32, float64, float16 or bfloat16 on CPU, got {dtype}")
 
 
@@ -152,6 +143,15 @@ def _first_true(mask: Tensor) -> tuple[int, int, int]:
     return flat // (rounds * length), (flat // length) % rounds, flat % length
 
 
+def _check_range(index: Tensor, high: int, name: str, rule: str) -> None:
+    """Every value of ``index [N, R, L]`` in ``[0, high)``: one pass and one host read for both bounds; only a
+    failure pays for locating the first bad entry."""
+    low, top = torch.stack(torch.aminmax(index)).tolist()
+    if low < 0 or top >= high:
+        n, r, pos = _first_true((index < 0) | (index >= high))
+        raise ValueError(f"{rule}: {name}[n={n}, round={r}, position={pos}] = {int(index[n, r, pos])}")
+
+
 def check_codes(codes: Tensor, n_buckets: int, strided_ok: bool = False, values: bool = True) -> None:
     """Rank, dtype and layout of ``codes``, the bucket count, and with ``values`` that every code is in range."""
     check_rank(codes, "codes", "[N, R, L]")
@@ -164,13 +164,7 @@ def check_codes(codes: Tensor, n_buckets: int, strided_ok: bool = False, values:
         raise ValueError(f"n_buckets must be in [1, 2^24 = {MAX_SORT_BUCKETS}], got {n_buckets!r}")
     if not values or not _has_values(codes):
         return
-    low, high = torch.stack(torch.aminmax(codes)).tolist()  # one pass, one sync; locating only on failure
-    if low < 0 or high >= n_buckets:
-        n, r, pos = _first_true((codes < 0) | (codes >= n_buckets))
-        raise ValueError(
-            f"codes must lie in [0, n_buckets={n_buckets}): codes[n={n}, round={r}, position={pos}] = "
-            f"{int(codes[n, r, pos])}"
-        )
+    _check_range(codes, n_buckets, "codes", f"codes must lie in [0, n_buckets={n_buckets})")
 
 
 def check_attention(
@@ -223,15 +217,8 @@ def check_permutation(perm: Tensor) -> None:
     [N, R, L] mask (L values in range that hit all L positions hold none twice). Only a failure pays
     for locating the first bad entry.
     """
-    length = perm.shape[2]
     index = perm.long()
-    low, high = torch.stack(torch.aminmax(index)).tolist()  # one pass, one sync for both bounds
-    if low < 0 or high >= length:
-        n, r, pos = _first_true((index < 0) | (index >= length))
-        raise ValueError(
-            f"perm must hold positions in [0, L={length}): perm[n={n}, round={r}, position={pos}] = "
-            f"{int(index[n, r, pos])}"
-        )
+    _check_range(index, perm.shape[2], "perm", f"perm must hold positions in [0, L={perm.shape[2]})")
     seen = torch.zeros(index.shape, dtype=torch.bool, device=index.device).scatter_(2, index, True)
     if bool(seen.all()):
         return

@@ -111,14 +111,11 @@ def cache_path() -> Path:
 
 @functools.cache
 def _cpu_name() -> str:
-    try:
+    try:  # Linux names the model here; platform.processor() says only "x86_64" there
         with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
+            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "cpu"
 
 
 def _version(package: str) -> str:
@@ -177,12 +174,10 @@ def compute_order(device: torch.device, dtype: torch.dtype | None, needs_grad: b
     except (RuntimeError, AssertionError):  # a device that cannot be asked its name
         entry = None
     if isinstance(entry, dict) and isinstance(entry.get("backends"), dict):
-        results = entry["backends"]
-        metric = "step_ms" if needs_grad else "fwd_ms"
-        measured = [n for n in usable if n in results]
-        ranked = sorted((n for n in measured if results[n].get("passed") and results[n].get(metric) is not None),
-                        key=lambda n: results[n][metric])
-        rest = [n for n in usable if n not in results]
+        results, metric = entry["backends"], "step_ms" if needs_grad else "fwd_ms"
+        ranked = sorted((n for n in usable if n in results and results[n].get("passed")
+                         and results[n].get(metric) is not None), key=lambda n: results[n][metric])
+        rest = [n for n in usable if n not in results]  # a failed one is in results and never ranked
         return (*ranked, *rest), f"checked on {entry.get('date', '?')} by dlsn_kernels.check"
     if device.type == "cuda":
         kept = tuple(n for n in usable if _probe(device, dtype, n) is None)
@@ -220,11 +215,9 @@ def backend_summary(device: torch.device | str, dtype: torch.dtype = torch.float
     ``"forward cpu, backward cpu (static order)"``."""
     device = str(torch.device(device))
     (forward, f_source), (backward, b_source) = (automatic_order(device, dtype, g) for g in (False, True))
-    first = forward[0] if forward else "none"
-    second = backward[0] if backward else "none"
-    if f_source == b_source:
-        return f"forward {first}, backward {second} ({b_source})"
-    return f"forward {first} ({f_source}), backward {second} ({b_source})"
+    first, second = (order[0] if order else "none" for order in (forward, backward))
+    f_note = "" if f_source == b_source else f" ({f_source})"
+    return f"forward {first}{f_note}, backward {second} ({b_source})"
 
 
 # ----------------------------------------------------------------------------------------------

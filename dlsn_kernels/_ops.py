@@ -113,42 +113,27 @@ def _incoming(grad: Tensor | None, out: Tensor, lse: Tensor, grad_lse: Tensor | 
     return grad.contiguous(), delta.contiguous()
 
 
-def _lss_grad(lss: Tensor | None, dlss: Tensor) -> Tensor | None:
-    """lss's gradient: None when there was no learned score (the kernels then return an empty dlss)."""
-    return None if lss is None else dlss
-
-
 def _register_autograd(chunk_op, gla_op, backward_op) -> None:
-    # lss may be None (no learned score); save_for_backward keeps None as None.
-    def chunk_setup(ctx, inputs, output):
-        xm, v, lss, perm, chunk_size = inputs
-        out, lse = output
-        ctx.save_for_backward(xm, v, lss, perm, out, lse)
+    # One setup and one backward for both ops: gla_attention's rounds are merged, one softmax over every round's
+    # keys, so its gradients are a single "round" (R' = 1) of the same backward. lss may be None (no learned
+    # score): save_for_backward keeps None as None, and lss then gets no gradient (the kernels' dlss is empty).
+    def setup(ctx, inputs, output):
+        xm, v, lss, perm_or_rot, chunk_size = inputs
+        ctx.merged = len(output) == 3  # gla_attention: (y, lse, perm)
+        perm = output[2] if ctx.merged else perm_or_rot
+        ctx.save_for_backward(xm, v, lss, perm, output[0], output[1])
         ctx.chunk_size = chunk_size
 
-    def chunk_backward(ctx, grad_out, grad_lse):
+    def backward(ctx, grad_out, grad_lse, _grad_perm=None):
         xm, v, lss, perm, out, lse = ctx.saved_tensors
         grad_out, delta = _incoming(grad_out, out, lse, grad_lse)
+        if ctx.merged:
+            grad_out, delta, lse = grad_out.unsqueeze(1), delta.unsqueeze(1), lse.unsqueeze(1)
         dxm, dv, dlss = backward_op(grad_out, delta, xm, v, lss, perm, lse, ctx.chunk_size)
-        return dxm, dv, _lss_grad(lss, dlss), None, None
+        return dxm, dv, None if lss is None else dlss, None, None
 
-    def gla_setup(ctx, inputs, output):
-        xm, v, lss, _rot, chunk_size = inputs
-        y, lse, perm = output
-        ctx.save_for_backward(xm, v, lss, perm, y, lse)
-        ctx.chunk_size = chunk_size
-
-    def gla_backward(ctx, grad_y, grad_lse, _grad_perm):
-        # Rounds merged = one softmax over every round's keys: a single "round" of grads (R' = 1).
-        xm, v, lss, perm, y, lse = ctx.saved_tensors
-        grad_y, delta = _incoming(grad_y, y, lse, grad_lse)
-        dxm, dv, dlss = backward_op(
-            grad_y.unsqueeze(1), delta.unsqueeze(1), xm, v, lss, perm, lse.unsqueeze(1), ctx.chunk_size
-        )
-        return dxm, dv, _lss_grad(lss, dlss), None, None
-
-    torch.library.register_autograd(chunk_op, chunk_backward, setup_context=chunk_setup)
-    torch.library.register_autograd(gla_op, gla_backward, setup_context=gla_setup)
+    for op in (chunk_op, gla_op):
+        torch.library.register_autograd(op, backward, setup_context=setup)
 
 
 def _register_cpp_ops() -> None:
@@ -165,9 +150,6 @@ if C_ERROR is None:
 # Triton: the plain functions of dlsn_kernels.triton wrapped as torch.library custom ops.
 
 
-_TRITON_OPS: dict[str, Any] = {}
-
-
 @functools.cache
 def triton_error() -> str | None:
     """Imports Triton and registers its ops on first use (not at ``import dlsn_kernels``: Triton is slow to
@@ -182,18 +164,12 @@ def triton_error() -> str | None:
         for name, schema in SCHEMAS.items():
             op = torch.library.custom_op(f"dlsn::triton_{name}", getattr(tk, name), mutates_args=(), schema=schema)
             op.register_fake(_FAKES[name])
-            _TRITON_OPS[name] = op
-            setattr(_TRITON_NAMESPACE, name, op)
-        _register_autograd(_TRITON_OPS["chunk_attention"], _TRITON_OPS["gla_attention"],
-                           _TRITON_OPS["attention_backward"])
+            setattr(TRITON_OPS, name, op)
+        _register_autograd(TRITON_OPS.chunk_attention, TRITON_OPS.gla_attention, TRITON_OPS.attention_backward)
     except Exception as exc:  # noqa: BLE001 - any failure here means the backend is unusable
         return f"the Triton kernels failed to load ({type(exc).__name__}: {exc})"
     return None
 
 
-_TRITON_NAMESPACE = types.SimpleNamespace()  # filled by triton_error(): plain attributes, traceable
-
-
-def triton_ops() -> Any:
-    """The five ``dlsn::triton_<name>`` ops as attributes (after :func:`triton_error` returned None)."""
-    return _TRITON_NAMESPACE
+# The five dlsn::triton_<name> ops as plain (traceable) attributes, set once triton_error() returned None.
+TRITON_OPS = types.SimpleNamespace()

@@ -80,10 +80,7 @@ class Backend:
     max_channels: int | None = None
     max_chunk: int | None = None
 
-    @property
-    def ops(self) -> Any:
-        """The five ops (DESIGN.md "Operators") as attributes; None for the reference (plain PyTorch)."""
-        return None
+    ops: Any = None  # the five ops of DESIGN.md "Operators" as attributes; None: the reference (plain PyTorch)
 
     def device_reasons(self, device: torch.device) -> list[str]:
         """Why this backend cannot run on ``device`` at all (build, GPU, interpreter); empty when it can."""

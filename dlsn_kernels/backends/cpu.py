@@ -13,10 +13,7 @@ class Cpu(Backend):
     name = "cpu"
     dtypes = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
     backward_on = ("cpu",)
-
-    @property
-    def ops(self):
-        return torch.ops.dlsn
+    ops = torch.ops.dlsn
 
     def device_reasons(self, device: torch.device) -> list[str]:
         return super().device_reasons(device) or ([_ops.C_ERROR] if _ops.C_ERROR else [])

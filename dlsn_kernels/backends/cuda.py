@@ -13,10 +13,7 @@ class Cuda(Backend):
     name = "cuda"
     dtypes = {"cuda": (torch.float32, torch.float16, torch.bfloat16)}
     backward_on = ("cuda",)
-
-    @property
-    def ops(self):
-        return torch.ops.dlsn
+    ops = torch.ops.dlsn
 
     def device_reasons(self, device: torch.device) -> list[str]:
         why = super().device_reasons(device)

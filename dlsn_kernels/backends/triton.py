@@ -17,10 +17,7 @@ class Triton(Backend):
     name = "triton"
     dtypes = {"cuda": (torch.float32, torch.float16, torch.bfloat16), "cpu": (torch.float32, torch.float64)}
     backward_on = ("cuda", "cpu")
-
-    @property
-    def ops(self):
-        return _ops.triton_ops()
+    ops = _ops.TRITON_OPS  # filled when _ops.triton_error() (device_reasons) first loads Triton
 
     def device_reasons(self, device: torch.device) -> list[str]:
         why = super().device_reasons(device)
