@@ -1,14 +1,10 @@
 """The ``flex`` backend: GLA's chunk attention written with ``torch.nn.attention.flex_attention``.
 
-The formulation a PyTorch user would write (DESIGN.md 1.3-1.5, exactly):
-
-- the R hash rounds become flex's heads, the batch stays the batch;
-- ``xm`` (queries), the normalised keys (norm clamped at ``KEY_NORM_EPS``), ``v`` and ``lss`` are gathered
-  into each round's padded sorted order (``reference.padded_slot_positions``);
-- a block mask with one block per chunk keeps the key chunks c, c - 1 and c + 1 (mod nc) of query chunk c;
-- ``score_mod`` adds the learned score ``lss_sorted[b, h, kv_idx, q_idx % K]`` (``lss`` is ``[key, query
-  slot]``), with ``scale=1.0``; with ``lss=None`` (NLSA) there is no such tensor and, for nc >= 3, no score_mod;
-- the rounds are merged by their lse (DESIGN.md 1.5).
+The formulation a PyTorch user would write (DESIGN.md 1.3-1.5, exactly): the R hash rounds are flex's heads;
+``xm`` (queries), the normalised keys, ``v`` and ``lss`` are gathered into each round's padded sorted order; a
+block mask with one block per chunk keeps the key chunks c, c - 1 and c + 1 (mod nc) of query chunk c;
+``score_mod`` adds the learned score ``lss_sorted[b, h, kv_idx, q_idx % K]`` (``lss`` is ``[key, query slot]``)
+with ``scale=1.0`` (NLSA, ``lss=None``: no score_mod at nc >= 3); the rounds are merged by their lse.
 
 Chunks read more than once. DESIGN.md 1.4 reads the chunks c, c - 1, c + 1 *with duplicates*: with nc = 2 the
 other chunk is read twice, with nc = 1 the only chunk three times. A block mask can list a block only once,
@@ -21,14 +17,10 @@ of a chunk are masked out as keys (``mask_mod``) and dropped as queries. With K 
 paper) nothing is padded and every kept block is a full block (no mask evaluated in the kernel). The CPU path
 uses the same layout, so the CPU tests cover what runs on the GPU.
 
-Passes. On CUDA tensors the forward is compiled FlexAttention and the backward is flex's own autograd
-(through the gathers, into the captured ``lss``). On CPU tensors the forward is eager FlexAttention (it
-materialises ``[N, R, nc Kp, nc Kp]`` scores: small inputs, tests, inference), and a backward raises
-:class:`BackendUnavailableError` naming the cpu backend: compiled FlexAttention has no CPU backward.
-
-API. torch >= 2.9 returns the lse through ``return_aux=AuxRequest(lse=True)`` (2.11, the GPU image, and 2.14,
-tested here, both have it); older versions through ``return_lse=True``. Both are supported
-(:func:`_flex_with_lse`).
+Passes. On CUDA tensors compiled FlexAttention with flex's own autograd (through the gathers, into the captured
+``lss``). On CPU tensors an eager forward only (it materialises ``[N, R, nc Kp, nc Kp]`` scores), whose backward
+raises :class:`BackendUnavailableError` naming the cpu backend: compiled FlexAttention has no CPU backward. The
+lse comes through ``return_aux`` (torch >= 2.9) or ``return_lse`` (older): :func:`_flex_with_lse`.
 """
 
 from __future__ import annotations
@@ -46,32 +38,14 @@ from torch import Tensor
 from ._checks import BackendUnavailableError
 from ._hash_setup import KEY_NORM_EPS
 from ._magnitudes import check_saved_lse, row_norms
-from .reference import bucket_sort as _stable_sort
-from .reference import padded_slot_positions
+from .reference import bucket_sort, padded_slot_positions  # the stable sort (DESIGN.md 1.2) is the reference's
 
-__all__ = [
-    "ROW_MULTIPLE",
-    "block_mask_for",
-    "chunk_attention",
-    "chunk_multiplicity",
-    "flex_slots",
-    "padded_chunk",
-    "gla_attention",
-    "merge_rounds",
-    "sblsh_hash",
-    "bucket_sort",
-]
+__all__ = ["ROW_MULTIPLE", "block_mask_for", "chunk_attention", "chunk_multiplicity", "flex_slots", "padded_chunk",
+           "gla_attention", "merge_rounds", "sblsh_hash", "bucket_sort"]
 
 ROW_MULTIPLE = 16  # the smallest tile of FlexAttention's Triton kernels; chunks are laid out in multiples
 
 
-CPU_BACKWARD_REASON = (
-    "the flex backend has no backward on CPU tensors (compiled FlexAttention has no CPU backward); "
-    "use backend='cpu' (the fused CPU kernels) or backend='reference' for gradients"
-)
-
-
-# ----------------------------------------------------------------------------------------------
 # Layout: sorted slots, flex slots, the block mask.
 
 
@@ -101,18 +75,6 @@ def chunk_multiplicity(nc: int) -> Tensor:
     return m
 
 
-def _key_blocks(nc: int) -> list[list[int]]:
-    """Distinct key chunks of each query chunk, in the order c, c - 1, c + 1 (DESIGN.md 1.4)."""
-    blocks = []
-    for c in range(nc):
-        seen: list[int] = []
-        for d in (0, -1, 1):
-            if (c + d) % nc not in seen:
-                seen.append((c + d) % nc)
-        blocks.append(seen)
-    return blocks
-
-
 def _mask_mod(k: int, kp: int, nc: int) -> Callable[..., Tensor]:
     def mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         step = (kv_idx // kp - q_idx // kp + nc) % nc
@@ -138,39 +100,33 @@ def block_mask_for(length: int, chunk_size: int, device: torch.device | str, ful
     k = chunk_size
     kp = padded_chunk(k)
     nc = -(-length // k)
-    blocks = _key_blocks(nc)
+    # the distinct key chunks of each query chunk, in the order c, c - 1, c + 1 (DESIGN.md 1.4)
+    blocks = [list(dict.fromkeys((c + d) % nc for d in (0, -1, 1))) for c in range(nc)]
     counts = torch.tensor([len(b) for b in blocks], dtype=torch.int32, device=device).reshape(1, 1, nc)
-    indices = torch.zeros(1, 1, nc, nc, dtype=torch.int32)
-    for c, b in enumerate(blocks):
-        indices[0, 0, c, : len(b)] = torch.tensor(b, dtype=torch.int32)
-    indices = indices.to(device)
+    rows = [b + [0] * (nc - len(b)) for b in blocks]  # each row's unused entries are 0
+    indices = torch.tensor(rows, dtype=torch.int32, device=device).reshape(1, 1, nc, nc)
     blocks_of: tuple[Tensor, ...]
     if kp == k and full_blocks:  # every kept block is whole: the kernels skip mask_mod on full blocks
         blocks_of = (torch.zeros_like(counts), indices, counts, indices)
     else:  # filler key slots in every block (or asked for): partial blocks, mask_mod applies
         blocks_of = (counts, indices)
-    return BlockMask.from_kv_blocks(
-        *blocks_of, BLOCK_SIZE=kp, mask_mod=_mask_mod(k, kp, nc), seq_lengths=(nc * kp, nc * kp)
-    )
+    return BlockMask.from_kv_blocks(*blocks_of, BLOCK_SIZE=kp, mask_mod=_mask_mod(k, kp, nc),
+                                    seq_lengths=(nc * kp, nc * kp))
 
 
-# ----------------------------------------------------------------------------------------------
-# FlexAttention calls.
-
-_COMPILED: dict[str, Callable[..., Any]] = {}
+# FlexAttention calls: compiled on CUDA, eager on the CPU (compiled CPU flex has no lse and no backward).
+_COMPILED_ON = ("cuda",)
 _FULL_BLOCKS_COMPILE: dict[str, bool] = {}  # device type -> whether compiled flex built a full-blocks mask
 _log = logging.getLogger("dlsn_kernels")
 
 
-def _compiled_flex() -> Callable[..., Any]:
-    """One compiled flex_attention per float32 matmul precision: the kernels read it when they are generated
+@functools.cache
+def _compiled_flex(precision: str) -> Callable[..., Any]:
+    """One compiled flex_attention per float32 matmul ``precision``: the kernels read it when they are generated
     (IEEE under "highest", TF32 otherwise), so a compiled graph must not be reused across a change."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    key = torch.get_float32_matmul_precision()
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED[key]
+    return torch.compile(flex_attention, dynamic=False)
 
 
 @functools.cache
@@ -193,7 +149,7 @@ def _flex_with_lse(q: Tensor, k: Tensor, v: Tensor, score_mod, block_mask, compi
     """``(out, lse)`` of flex_attention, natural-log lse, with the API of this torch version."""
     from torch.nn.attention import flex_attention as fa
 
-    fn = _compiled_flex() if compiled else fa.flex_attention
+    fn = _compiled_flex(torch.get_float32_matmul_precision()) if compiled else fa.flex_attention
     kwargs: dict[str, Any] = {"score_mod": score_mod, "block_mask": block_mask, "scale": 1.0,
                               "kernel_options": kernel_options}
     with warnings.catch_warnings():
@@ -203,11 +159,6 @@ def _flex_with_lse(q: Tensor, k: Tensor, v: Tensor, score_mod, block_mask, compi
             out, aux = fn(q, k, v, **kwargs, return_aux=fa.AuxRequest(lse=True))
             return out, aux.lse
         return fn(q, k, v, **kwargs, return_lse=True)
-
-
-def _compiles(device: torch.device) -> bool:
-    """Compiled FlexAttention on CUDA; on the CPU eager (compiled CPU flex has no lse and no backward)."""
-    return device.type == "cuda"
 
 
 def _gather_rows(t: Tensor, slots: Tensor) -> Tensor:
@@ -232,9 +183,8 @@ def _rounds(xm: Tensor, v: Tensor, lss: Tensor | None, perm: Tensor, chunk_size:
     q, kn, vv = (_gather_rows(t, slots) for t in (xm, keys, v))
     # [N, R, nc Kp, K]: row = key slot, column = query slot index; None (NLSA): no learned score at all
     lss_sorted = None if lss is None else _gather_rows(lss, slots)
-    bias = None
-    if nc <= 2:  # chunks read 2 or 3 times (module docstring)
-        bias = chunk_multiplicity(nc).to(device=xm.device, dtype=acc).log()
+    # chunks read 2 or 3 times get + log(reads) (module docstring)
+    bias = None if nc > 2 else chunk_multiplicity(nc).to(device=xm.device, dtype=acc).log()
 
     def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         if lss_sorted is not None:
@@ -246,7 +196,7 @@ def _rounds(xm: Tensor, v: Tensor, lss: Tensor | None, perm: Tensor, chunk_size:
             score = score + bias[q_idx // kp, kv_idx // kp]
         return score
 
-    compiled = _compiles(xm.device)
+    compiled = xm.device.type in _COMPILED_ON
 
     def attend(full_blocks: bool) -> tuple[Tensor, Tensor]:
         with torch.autocast(xm.device.type, enabled=False):  # inputs already share one dtype (cast_for_autocast)
@@ -301,10 +251,6 @@ def merge_rounds(out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
     return (weights * out.to(lse.dtype)).sum(dim=1).to(out.dtype), total
 
 
-def _on_cpu(*tensors: Tensor) -> bool:
-    return any(t.device.type == "cpu" for t in tensors)
-
-
 class _NoCpuBackward(torch.autograd.Function):
     """The forward's outputs, attached to the differentiable inputs by a node whose backward raises."""
 
@@ -316,22 +262,26 @@ class _NoCpuBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        raise BackendUnavailableError(CPU_BACKWARD_REASON)
+        raise BackendUnavailableError(
+            "the flex backend has no backward on CPU tensors (compiled FlexAttention has no CPU backward); "
+            "use backend='cpu' (the fused CPU kernels) or backend='reference' for gradients")
 
 
-def _cpu_forward_only(fn: Callable[..., tuple[Tensor, ...]], differentiable: tuple[Tensor, ...],
-                      *args: Any) -> tuple[Tensor, ...]:
-    """Runs ``fn`` without a graph; if an input wants gradients, the outputs get a node whose backward raises
-    (at backward time, so that inference with parameters that require grad still works)."""
+def _run(fn: Callable[..., tuple[Tensor, ...]], xm: Tensor, v: Tensor, lss: Tensor | None,
+         *args: Any) -> tuple[Tensor, ...]:
+    """``fn(xm, v, lss, *args)``, as it is on CUDA (flex's autograd). On CPU without a graph; if an input wants
+    gradients, the outputs get a node whose backward raises (at backward time, so that inference with parameters
+    that require grad still works)."""
+    if xm.device.type != "cpu":
+        return fn(xm, v, lss, *args)
     with torch.no_grad():
-        outputs = fn(*args)
-    differentiable = tuple(t for t in differentiable if t is not None)  # lss=None: nothing to differentiate
+        outputs = fn(xm, v, lss, *args)
+    differentiable = tuple(t for t in (xm, v, lss) if t is not None)  # lss=None: nothing to differentiate
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in differentiable):
         return outputs
     return _NoCpuBackward.apply(len(differentiable), *differentiable, *outputs)
 
 
-# ----------------------------------------------------------------------------------------------
 # The forward ops of the backend table (DESIGN.md "Operators"; arguments already checked). Its backward is
 # flex's own autograd (CUDA), so it has no attention_backward.
 
@@ -350,17 +300,10 @@ def sblsh_hash(xm: Tensor, rot: Tensor) -> Tensor:
     return proj.argmax(dim=-1)  # first maximum: the lowest bucket on ties
 
 
-def bucket_sort(codes: Tensor, n_buckets: int) -> Tensor:
-    """Stable sort by code (DESIGN.md 1.2): ``perm [N, R, L]`` int64."""
-    return _stable_sort(codes, n_buckets)
-
-
 def chunk_attention(xm: Tensor, v: Tensor, lss: Tensor | None, perm: Tensor, chunk_size: int
                     ) -> tuple[Tensor, Tensor]:
     """Per-round ``out [N, R, L, Cv]`` and ``lse [N, R, L]``; differentiable on CUDA (flex's autograd)."""
-    if _on_cpu(xm):
-        return _cpu_forward_only(_rounds, (xm, v, lss), xm, v, lss, perm, chunk_size)
-    return _rounds(xm, v, lss, perm, chunk_size)
+    return _run(_rounds, xm, v, lss, perm, chunk_size)
 
 
 def _gla(xm: Tensor, v: Tensor, lss: Tensor | None, rot: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -372,6 +315,4 @@ def _gla(xm: Tensor, v: Tensor, lss: Tensor | None, rot: Tensor, chunk_size: int
 def gla_attention(xm: Tensor, v: Tensor, lss: Tensor | None, rot: Tensor, chunk_size: int
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """``y [N, L, Cv]``, ``lse [N, L]`` over all rounds, ``perm [N, R, L]``; differentiable on CUDA."""
-    if _on_cpu(xm):
-        return _cpu_forward_only(_gla, (xm, v, lss), xm, v, lss, rot, chunk_size)
-    return _gla(xm, v, lss, rot, chunk_size)
+    return _run(_gla, xm, v, lss, rot, chunk_size)

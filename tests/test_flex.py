@@ -258,7 +258,7 @@ def test_a_compile_failing_on_full_blocks_retries_with_partial_blocks(monkeypatc
             raise RuntimeError("C++ compile error: 'kv_indices' was not declared in this scope")
         return real(q, k, v_, score_mod, block_mask, False, kernel_options)
 
-    monkeypatch.setattr(flex, "_compiles", lambda device: True)
+    monkeypatch.setattr(flex, "_COMPILED_ON", ("cpu", "cuda"))
     monkeypatch.setattr(flex, "_flex_with_lse", fake)
     monkeypatch.setattr(flex, "_FULL_BLOCKS_COMPILE", {})
     got, got_lse = flex.chunk_attention(xm, v, lss, perm, case.chunk)

@@ -20,14 +20,6 @@ from ._base import Backend, Inputs, cuda_device_reason
 CPU_MAX_SCORE_BYTES = 4 << 30
 
 
-def cpu_score_bytes(inputs: Inputs) -> int:
-    """Bytes of the ``[N, R, nc Kp, nc Kp]`` scores the eager CPU path materialises for ``inputs``."""
-    k = max(inputs.chunk_size, 1)
-    slots = -(-inputs.length // k) * flex.padded_chunk(k)
-    element = 8 if inputs.dtype == torch.float64 else 4
-    return inputs.n * max(inputs.rounds, 1) * slots * slots * element
-
-
 class Flex(Backend):
     name = "flex"
     dtypes = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
@@ -63,7 +55,10 @@ class Flex(Backend):
     def input_reasons(self, inputs: Inputs, pass_: str) -> list[str]:
         why = super().input_reasons(inputs, pass_)
         if inputs.device.type == "cpu" and inputs.chunk_size and inputs.dtype is not None:
-            need = cpu_score_bytes(inputs)
+            # the [N, R, nc Kp, nc Kp] scores the eager CPU path materialises, one float each
+            k = inputs.chunk_size
+            slots = -(-inputs.length // k) * flex.padded_chunk(k)
+            need = inputs.n * max(inputs.rounds, 1) * slots**2 * (8 if inputs.dtype == torch.float64 else 4)
             if need > CPU_MAX_SCORE_BYTES:
                 why.append(f"flex's eager CPU forward would materialise {need:,} bytes of scores (N={inputs.n}, "
                            f"R={inputs.rounds}, L={inputs.length}); its limit is {CPU_MAX_SCORE_BYTES:,}")
