@@ -1,15 +1,11 @@
-"""Argument checks of the public ops: the one validation layer, run once per call before any kernel.
+"""Argument checks of the public ops: the one validation layer, run once per call before any kernel, so that every
+backend gives one error naming the argument. The raw ``torch.ops.dlsn.*`` ops keep the C++ checks that guard
+memory (csrc/checks.h), with the same messages.
 
-The raw ``torch.ops.dlsn.*`` ops keep their own C++ checks (csrc/checks.h), which guard memory, with the same
-messages; the public ops check here first so that every backend, Triton and flex included, gives one error
-naming the argument.
-
-Index values are checked too, on the tensor's own device: ``perm`` must be a permutation of 0..L-1 for each
-(n, round) and ``codes`` must lie in ``[0, n_buckets)``. A kernel given anything else would read out of bounds
-or leave output rows unwritten. The cost is a few vectorised passes over the index tensor and one host
-synchronisation (bench/NOTES.md, "Cost of the perm check"). The cpu and cuda kernels check index values
-themselves (csrc/cpu/index_checks.cpp, csrc/cuda/registration.cpp: they protect the raw ops), so the public
-ops leave those values to them rather than check twice (``values=False``).
+Index values too: ``perm`` must be a permutation of 0..L-1 per (n, round) and ``codes`` must lie in ``[0,
+n_buckets)``, or a kernel reads out of bounds or leaves rows unwritten (one host synchronisation: bench/NOTES.md,
+"Cost of the perm check"). The cpu and cuda kernels check those values themselves (for the raw ops), so the
+public ops leave them to those (``values=False``) rather than check twice.
 """
 
 from __future__ import annotations

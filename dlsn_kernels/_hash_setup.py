@@ -36,15 +36,8 @@ def n_buckets_for(length: int, chunk_size: int) -> int:
     return max(n, 1)
 
 
-def random_rotations(
-    channels: int,
-    n_hashes: int,
-    n_buckets: int,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
+def random_rotations(channels: int, n_hashes: int, n_buckets: int, *, generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """``rot [Cm, R, B]``: one random orthonormal ``[Cm, B]`` matrix per hash round.
 
     Same law as ``torch.nn.init.orthogonal_`` on a ``[Cm, B]`` tensor (QR of a Gaussian matrix,

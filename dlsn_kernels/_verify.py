@@ -66,12 +66,6 @@ def leaves(case: dict[str, Any], device: torch.device, dtype: torch.dtype, grad:
     return [None if case[n] is None else case[n].to(device, dtype).requires_grad_(grad) for n in ("xm", "v", "lss")]
 
 
-def differentiable(xs: list[Tensor | None]) -> tuple[list[str], list[Tensor]]:
-    """The names and tensors of the leaves that exist (no ``lss`` in an NLSA case)."""
-    kept = [(n, t) for n, t in zip(("xm", "v", "lss"), xs) if t is not None]
-    return [n for n, _ in kept], [t for _, t in kept]
-
-
 def accuracy(name: str, case: dict[str, Any], device: torch.device, dtype: torch.dtype,
              backward: bool) -> dict[str, Any]:
     """Worst relative errors of ``y`` (and ``dxm``, ``dv``, ``dlss`` with ``backward``) against float64 on
@@ -79,13 +73,14 @@ def accuracy(name: str, case: dict[str, Any], device: torch.device, dtype: torch
     near-tie may hash differently in float64)."""
     k, rot = case["k"], case["rot"].to(device, dtype)
     xs = leaves(case, device, dtype, backward)
-    names, ins = differentiable(xs)
+    names = [n for n, t in zip(("xm", "v", "lss"), xs) if t is not None]  # no lss in an NLSA case
+    ins = [t for t in xs if t is not None]
     y = gla(name, *xs, rot, k)
     got = torch.autograd.grad(y, ins, case["grad"].to(device, dtype)) if backward else ()
     perm = perm_of(name, xs[0].detach(), rot)
     exact = leaves(case, device, torch.float64, True)
     want = reference.combine_rounds(*reference.chunk_attention(*exact, perm, k))
-    want_g = torch.autograd.grad(want, differentiable(exact)[1], case["grad"].to(device)) if backward else ()
+    want_g = torch.autograd.grad(want, [t for t in exact if t is not None], case["grad"].to(device)) if backward else ()
     y_bound, g_bound = BOUNDS[targets.precision_of(dtype)]
     row: dict[str, Any] = {"y": rel_err(y, want)}
     row.update({f"d{n}": rel_err(a, b) for n, a, b in zip(names, got, want_g)})

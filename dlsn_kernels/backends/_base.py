@@ -1,12 +1,9 @@
 """What every backend declares, and the device questions they share (DESIGN.md "Dispatch").
 
-A backend says which device types and dtypes it takes, on which devices it has a backward, whether that
-backward is bitwise repeatable, and answers :meth:`Backend.not_supported_reasons` for one call: empty when it
-can run that pass on those inputs, else one sentence per obstacle (device, build, dtype, sizes, interpreter,
-determinism). The reasons are split in two so that the dispatcher can keep the slow half per process:
-
-- :meth:`Backend.device_reasons`: the device and the build (is there a GPU, an extension, a Triton);
-- :meth:`Backend.input_reasons`: dtype, sizes and limits, and determinism for the backward (cheap, per call).
+:meth:`Backend.not_supported_reasons` is empty when a backend can run a pass on some inputs, else one sentence per
+obstacle. It is split in two so that the dispatcher keeps the slow half per process: :meth:`Backend.device_reasons`
+(device and build: a GPU, the extension, Triton) and :meth:`Backend.input_reasons` (dtype, sizes and limits, and
+determinism for the backward; cheap, per call).
 """
 
 from __future__ import annotations
