@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # Constants shared with the kernels (the bucket count and key-norm clamp are part of the method).
-from dlsn_kernels.reference import KEY_NORM_EPS, n_buckets_for
+from dlsn_kernels import KEY_NORM_EPS, n_buckets_for
 
 __all__ = [
     "KEY_NORM_EPS",

@@ -403,7 +403,7 @@ def _resource_usage(cubin: bytes, ptx: str, ttgir: str = "") -> dict[str, Any]:
 
 
 def _problem(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    from dlsn_kernels.reference import n_buckets_for
+    from dlsn_kernels import n_buckets_for
 
     n, length, cm, cv, k, rounds = shape
     # the compiler sees dtype, shape and alignment; the values are never read by a kernel, but the host glue

@@ -13,20 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Re-exported: these lived here before; the model and the kernels take them from _hash_setup.
-from ._hash_setup import KEY_NORM_EPS, n_buckets_for, random_rotations
+from ._hash_setup import KEY_NORM_EPS
 
-__all__ = [
-    "KEY_NORM_EPS",
-    "n_buckets_for",
-    "random_rotations",
-    "sblsh_hash",
-    "bucket_sort",
-    "padded_slot_positions",
-    "chunk_attention",
-    "combine_rounds",
-    "gla_attention",
-]
+__all__ = ["sblsh_hash", "bucket_sort", "padded_slot_positions", "chunk_attention", "combine_rounds", "gla_attention"]
+
 
 def sblsh_hash(xm: Tensor, rot: Tensor) -> Tensor:
     """``codes[n, r, l] = argmax_b xm[n, l] . rot[:, r, b]`` (lowest b on ties), int64."""
@@ -57,9 +47,7 @@ def _adjacent(x: Tensor) -> Tensor:
     return torch.cat([x, back, forward], dim=-2)
 
 
-def chunk_attention(
-    xm: Tensor, v: Tensor, lss: Tensor | None, perm: Tensor, chunk_size: int
-) -> tuple[Tensor, Tensor]:
+def chunk_attention(xm: Tensor, v: Tensor, lss: Tensor | None, perm: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
     """Attention of every round within adjacent buckets (DESIGN.md 1.3-1.4); ``lss=None``: scores q . k_hat only.
 
     Returns ``out [N, R, L, Cv]`` and ``lse [N, R, L]`` in original position order.

@@ -180,9 +180,9 @@ def test_gla_equals_composition_of_reference_functions():
     v = gla.conv_assembly(x).view(n, c, length).permute(0, 2, 1).contiguous()
     f = gla.conv_assembly_fc(x).view(n, c, length).permute(0, 2, 1)
     lss = gla.fc(f).contiguous()
-    n_buckets = reference.n_buckets_for(length, 8)
+    n_buckets = dlsn_kernels.n_buckets_for(length, 8)
     assert n_buckets == 4
-    rot = reference.random_rotations(4, 2, n_buckets, generator=torch.Generator().manual_seed(123))
+    rot = dlsn_kernels.random_rotations(4, 2, n_buckets, generator=torch.Generator().manual_seed(123))
     attention = reference.gla_attention(xm, v, lss, rot.double(), 8)
     expected = attention.permute(0, 2, 1).view(n, c, h, w) + x
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
