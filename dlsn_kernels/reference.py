@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._hash_setup import KEY_NORM_EPS
+# n_buckets_for and random_rotations stay importable from here for code written before they moved to _hash_setup
+from ._hash_setup import KEY_NORM_EPS, n_buckets_for, random_rotations
 
-__all__ = ["sblsh_hash", "bucket_sort", "padded_slot_positions", "chunk_attention", "combine_rounds", "gla_attention"]
+__all__ = ["KEY_NORM_EPS", "n_buckets_for", "random_rotations", "sblsh_hash", "bucket_sort", "padded_slot_positions",
+           "chunk_attention", "combine_rounds", "gla_attention"]
 
 
 def sblsh_hash(xm: Tensor, rot: Tensor) -> Tensor:
