@@ -199,7 +199,7 @@ def _rounds(xm: Tensor, v: Tensor, lss: Tensor | None, perm: Tensor, chunk_size:
     compiled = xm.device.type in _COMPILED_ON
 
     def attend(full_blocks: bool) -> tuple[Tensor, Tensor]:
-        with torch.autocast(xm.device.type, enabled=False):  # inputs already share one dtype (cast_for_autocast)
+        with torch.autocast(xm.device.type, enabled=False):  # one dtype already (the public ops cast for autocast)
             mod = score_mod if lss_sorted is not None or bias is not None else None  # None: flex's plain q.k
             return _flex_with_lse(q, kn, vv, mod, block_mask_for(length, k, xm.device, full_blocks),
                                   compiled=compiled, kernel_options=_kernel_options(kp, xm.device))

@@ -46,20 +46,20 @@ def _dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
-def cuda_device_reason(device: torch.device, nvidia_only: bool = False) -> str | None:
-    """Why nothing can run on the CUDA-type ``device`` (None when something can). Registration alone proves
+def cuda_device_reasons(device: torch.device, nvidia_only: bool = False) -> list[str]:
+    """Why nothing can run on the CUDA-type ``device`` (empty when something can). Registration alone proves
     nothing: a CUDA build of torch registers CUDA kernels on a machine without a GPU. On a ROCm build of torch
     (``torch.version.hip``) CUDA-type tensors live on an AMD GPU: ``nvidia_only`` backends refuse them."""
     hip = getattr(torch.version, "hip", None)
     if nvidia_only and hip:
-        return f"needs an NVIDIA (CUDA) build of torch; this one ({torch.__version__}) is a ROCm build (HIP {hip})"
+        return [f"needs an NVIDIA (CUDA) build of torch; this one ({torch.__version__}) is a ROCm build (HIP {hip})"]
     if torch.version.cuda is None and not hip:
-        return f"this torch build ({torch.__version__}) has no CUDA or ROCm support"
+        return [f"this torch build ({torch.__version__}) has no CUDA or ROCm support"]
     if not torch.cuda.is_available():
-        return "no GPU is visible (torch.cuda.is_available() is False)"
+        return ["no GPU is visible (torch.cuda.is_available() is False)"]
     if device.index is not None and device.index >= torch.cuda.device_count():
-        return f"CUDA device {device.index} does not exist ({torch.cuda.device_count()} visible)"
-    return None
+        return [f"CUDA device {device.index} does not exist ({torch.cuda.device_count()} visible)"]
+    return []
 
 
 class Backend:
@@ -67,7 +67,7 @@ class Backend:
 
     ``dtypes``: per device type, the floating dtypes it computes; ``backward_on``: device types with a
     backward; ``deterministic_backward``: whether two backward runs give the same bits (no atomics).
-    ``max_channels``/``max_chunk``: None when unbounded.
+    ``max_channels``/``max_chunk``: None when unbounded; ``nvidia_only``: refuses the AMD GPUs of a ROCm torch.
     """
 
     name = ""
@@ -76,6 +76,7 @@ class Backend:
     deterministic_backward = True
     max_channels: int | None = None
     max_chunk: int | None = None
+    nvidia_only = False
 
     ops: Any = None  # the five ops of DESIGN.md "Operators" as attributes; None: the reference (plain PyTorch)
 
@@ -83,7 +84,7 @@ class Backend:
         """Why this backend cannot run on ``device`` at all (build, GPU, interpreter); empty when it can."""
         if device.type not in self.dtypes:
             return [f"the {self.name} backend takes {' or '.join(self.dtypes)} tensors, got {device.type}"]
-        return []
+        return cuda_device_reasons(device, self.nvidia_only) if device.type == "cuda" else []
 
     def input_reasons(self, inputs: Inputs, pass_: str) -> list[str]:
         """Why this backend cannot run ``pass_`` ("forward" or "backward") on ``inputs`` on a device it supports."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ops
-from ._base import Backend, cuda_device_reason
+from ._base import Backend
 
 
 class Cuda(Backend):
@@ -14,14 +14,12 @@ class Cuda(Backend):
     dtypes = {"cuda": (torch.float32, torch.float16, torch.bfloat16)}
     backward_on = ("cuda",)
     ops = torch.ops.dlsn
+    nvidia_only = True
 
     def device_reasons(self, device: torch.device) -> list[str]:
         why = super().device_reasons(device)
         if why:
             return why
-        reason = cuda_device_reason(device, nvidia_only=True)
-        if reason is not None:
-            return [reason]
         if _ops.C_ERROR is not None:
             return [_ops.C_ERROR]
         if not torch._C._dispatch_has_kernel_for_dispatch_key("dlsn::chunk_attention", "CUDA"):

@@ -13,7 +13,7 @@ import importlib.util
 import torch
 
 from .. import flex
-from ._base import Backend, Inputs, cuda_device_reason
+from ._base import Backend, Inputs
 
 # The eager CPU path's score tensor, one float per (n, round, query slot, key slot): 4 GiB is past what a CPU
 # run should allocate for one attention call (a 451x300 photo at R = 2 asked for 146 GB).
@@ -40,9 +40,6 @@ class Flex(Backend):
         if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
             return [f"torch {torch.__version__} has no torch.nn.attention.flex_attention"]
         if device.type == "cuda":
-            reason = cuda_device_reason(device)
-            if reason is not None:
-                return [reason]
             try:
                 import triton  # noqa: F401  (compiled FlexAttention generates Triton kernels)
             except ImportError as exc:

@@ -10,7 +10,7 @@ import os
 import torch
 
 from .. import _ops, targets
-from ._base import Backend, Inputs, constant_for_compile, cuda_device_reason
+from ._base import Backend, Inputs, constant_for_compile
 
 
 class Triton(Backend):
@@ -26,10 +26,6 @@ class Triton(Backend):
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
             return ["Triton runs on CPU tensors only in interpreter mode (set TRITON_INTERPRET=1 before importing "
                     "triton)"]
-        if device.type == "cuda":
-            reason = cuda_device_reason(device)
-            if reason is not None:
-                return [reason]
         error = _ops.triton_error()
         return [error] if error else []
 
