@@ -5,8 +5,8 @@ Every image in the project travels as one of two things:
 - a ``torch.Tensor`` of shape ``[3, H, W]`` (or ``[N, 3, H, W]``), float, in ``[0, rgb_range]``
   (``rgb_range`` 1 for the data pipeline and metrics, 255 for the network, as in the authors' code).
 Greyscale files become RGB (the grey value copied to the three channels); alpha is dropped; 16 bits
-per channel become 8 (rounded: ``round(v / 257)``, grey and RGB alike); an EXIF orientation is applied, so
-the pixels stand as a viewer shows them. ``decode_image`` says which of these a file went through.
+per channel become 8 (rounded: ``round(v / 257)``, grey and RGB alike, PNG and TIFF); an EXIF orientation
+is applied, so the pixels stand as a viewer shows them. ``decode_image`` says which of these a file went through.
 
 An image is checked before it is decoded: its header's size against ``max_pixels`` (default
 ``DEFAULT_MAX_PIXELS``, 64 Mpx), and PIL's decompression-bomb check; both refusals are a one-line
@@ -16,6 +16,7 @@ An image is checked before it is decoded: its header's size against ``max_pixels
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -70,8 +71,8 @@ def _tile_rawmode(image: Image.Image) -> str:
 def describe_conversion(image: Image.Image) -> str | None:
     """What reading ``image`` (not yet decoded) as 8-bit RGB changes, or None for 8-bit RGB files.
 
-    PIL opens 16-bit-per-channel RGB(A) PNGs as 8-bit ``RGB``/``RGBA`` (only the file's raw mode
-    tells), so the raw mode is consulted before the pixels are decoded.
+    PIL opens 16-bit-per-channel RGB(A) PNGs and TIFFs as 8-bit ``RGB``/``RGBA`` (only the file's raw
+    mode tells), so the raw mode is consulted before the pixels are decoded.
     """
     mode, sixteen = image.mode, ";16" in _tile_rawmode(image)
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
@@ -92,19 +93,29 @@ def describe_conversion(image: Image.Image) -> str | None:
     return names.get(mode, f"mode {mode}")
 
 
-def _sixteen_bit_rgb(path: Path, image: Image.Image, rawmode: str, max_pixels: int | None) -> np.ndarray | None:
-    """A 16-bit-per-channel RGB(A) PNG as ``[H, W, 3]`` uint16, or None when ``image`` is not one.
+# The 16-bit unpackers of the other byte order (``N``: this machine's) read the other byte of each sample.
+_OTHER_BYTE_ORDER = {"B": "L", "L": "B", "N": "B" if sys.byteorder == "little" else "L"}
+_PLANAR_CONFIGURATION = 284  # TIFF tag: 1 all channels of a pixel together, 2 one plane per channel
 
-    PIL decodes such files to 8 bits by keeping each value's high byte (truncation). Its PNG decoder can
-    also keep the low bytes instead (the little-endian raw mode of the same 48/64-bit pixels, so the
-    unfiltering is the same), so the file is decoded twice and the two byte planes are put back together.
-    ``image`` is the loaded file, ``rawmode`` its raw mode read before loading (``_tile_rawmode``).
+
+def _sixteen_bit_rgb(path: Path, image: Image.Image, rawmode: str, max_pixels: int | None) -> np.ndarray | None:
+    """A 16-bit-per-channel RGB(A) PNG or TIFF as ``[H, W, 3]`` uint16, or None when ``image`` is not one.
+
+    PIL decodes such files to 8 bits by keeping each value's high byte (truncation). Its decoders can
+    also keep the low bytes instead (the other byte order's raw mode of the same pixels, so decompression
+    and unfiltering are the same), so the file is decoded twice and the two byte planes are put back
+    together. ``image`` is the loaded file, ``rawmode`` its raw mode read before loading (``_tile_rawmode``).
+    Left to PIL's truncation: TIFFs with premultiplied alpha (``RGBa``: PIL un-premultiplies the high
+    bytes) and with one plane per channel (PIL's TIFF decoder ignores the raw mode there).
     """
-    if image.format != "PNG" or image.mode not in ("RGB", "RGBA") or not rawmode.endswith(";16B"):
+    if (image.format not in ("PNG", "TIFF") or image.mode not in ("RGB", "RGBA")
+            or rawmode[:-1] not in ("RGB;16", "RGBA;16", "RGBX;16") or rawmode[-1:] not in _OTHER_BYTE_ORDER
+            or (image.format == "TIFF" and image.tag_v2.get(_PLANAR_CONFIGURATION, 1) != 1)):
         return None
     high = np.asarray(image, dtype=np.uint16)  # the loaded high bytes
     with _open_checked(path, max_pixels) as again:
-        again.tile = [_with_rawmode(tile, rawmode[:-1] + "L") for tile in again.tile]
+        low_rawmode = rawmode[:-1] + _OTHER_BYTE_ORDER[rawmode[-1]]
+        again.tile = [_with_rawmode(tile, low_rawmode) for tile in again.tile]
         again.load()
         low = np.asarray(again, dtype=np.uint16)
     return ((high << 8) | low)[:, :, :3]
@@ -125,7 +136,7 @@ def _round_16_to_8(values: np.ndarray) -> np.ndarray:
 def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
     """Any PIL image -> [H, W, 3] uint8 (16-bit and float greyscale are rescaled, alpha dropped)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        # 16-bit greyscale PNG: map 0..65535 to 0..255 (PIL's convert("L") would clip instead).
+        # 16-bit greyscale PNG or TIFF: map 0..65535 to 0..255 (PIL's convert("L") would clip instead).
         grey = _round_16_to_8(np.asarray(image))
         return np.repeat(grey[:, :, None], 3, axis=2)
     if image.mode in ("I", "F"):
