@@ -19,10 +19,10 @@ Limits:
   The hash projection is IEEE float32 for every dtype. CPU tensors only under the Triton
   interpreter (``TRITON_INTERPRET=1`` before ``triton`` is first imported), in float32 or float64
   (float64 accumulates in float64, for gradcheck). ``INTERPRETED`` says which mode this process got.
-- Sizes: ``Cm`` and ``Cv`` up to ``MAX_CHANNELS`` (512; a channel row is held whole in registers),
-  ``chunk_size`` up to ``MAX_CHUNK`` (1024). Any N, L >= 1, any K (L < K included), any R; channel and
+- Sizes: ``Cm`` and ``Cv`` up to ``targets.MAX_CHANNELS`` (512; a channel row is held whole in registers),
+  ``chunk_size`` up to ``targets.MAX_CHUNK`` (1024). Any N, L >= 1, any K (L < K included), any R; channel and
   chunk sizes need not be powers of two (blocks are padded to the next power of two and masked).
-- ``bucket_sort`` is a Triton counting sort up to ``MAX_SORT_BUCKETS`` (1024) buckets, and
+- ``bucket_sort`` is a Triton counting sort up to ``hash.MAX_SORT_BUCKETS`` (1024) buckets, and
   ``torch.sort(stable=True)`` beyond.
 - These bare functions assume ``perm`` is a permutation; the public ops of ``dlsn_kernels`` check it
   before they get here.
@@ -38,17 +38,13 @@ Limits:
   A case no configuration fits is refused with the reasons of ``targets.triton_unsupported_reasons``.
 """
 
-from ..targets import MAX_CHANNELS, MAX_CHUNK
 from ._common import INTERPRETED
 from .attention_backward import attention_backward
 from .chunk_attention import chunk_attention, gla_attention
-from .hash import MAX_SORT_BUCKETS, bucket_sort, sblsh_hash
+from .hash import bucket_sort, sblsh_hash
 
 __all__ = [
     "INTERPRETED",
-    "MAX_CHANNELS",
-    "MAX_CHUNK",
-    "MAX_SORT_BUCKETS",
     "attention_backward",
     "bucket_sort",
     "chunk_attention",

@@ -16,21 +16,17 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from .. import targets
 from .._hash_setup import KEY_NORM_EPS
 from .._magnitudes import product_headroom, row_norms
 from ..targets import Target
 
-
-def _triton_interprets() -> bool:
-    """Whether Triton's own library was built for the interpreter (env at Triton's import)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(tl.standard.sum, InterpretedFunction)
+# whether Triton's own library was built for the interpreter (the environment at Triton's import)
+INTERPRETED: bool = isinstance(tl.standard.sum, InterpretedFunction)
 
 
-INTERPRETED: bool = _triton_interprets()
 def jit(fn: Callable) -> Any:
     """``triton.jit``, built for the interpreter when ``INTERPRETED`` (see the module docstring)."""
     if INTERPRETED and not triton.knobs.runtime.interpret:
@@ -54,34 +50,26 @@ def channel_block(size: int) -> int:
     return max(16, triton.next_power_of_2(max(int(size), 1)))
 
 
-def launch_target(device: torch.device) -> Target:
-    """The target a launch on ``device`` compiles for (``dlsn_kernels.targets.target_of``: the GPU's properties,
-    read once per device; the interpreter on CPU). Through a module global, so that ``bench.compile_report`` can
-    stand in a card of any architecture."""
-    return _launch_target(device)
-
-
-_launch_target = targets.target_of
+# The target a launch on a device compiles for (the GPU's properties, read once per device; the interpreter on
+# CPU). A module global looked up at every launch, so that ``bench.compile_report`` can stand in a card of any
+# architecture.
+_launch_target: Callable[[torch.device], Target] = targets.target_of
 
 
 def kernel_precision(device: torch.device, dtype: torch.dtype) -> str:
     """The ``tl.dot`` input precision on ``device`` (``dlsn_kernels.targets.dot_input_precision``: TF32 where the
     policy allows it and the target has it)."""
-    return targets.dot_input_precision(launch_target(device), dtype)
+    return targets.dot_input_precision(_launch_target(device), dtype)
 
 
 def kernel_config(kernel: str, device: torch.device, dtype: torch.dtype, cm: int, cv: int,
                   chunk_size: int) -> dict[str, int]:
     """The launch options of ``kernel`` on ``device`` (``dlsn_kernels.targets.triton_config``)."""
-    return targets.triton_config(kernel, launch_target(device), dtype, cm, cv, chunk_size)
+    return targets.triton_config(kernel, _launch_target(device), dtype, cm, cv, chunk_size)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def tl_accumulate_dtype(dtype: torch.dtype) -> Any:
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
@@ -99,19 +87,16 @@ attention_heuristics = triton.heuristics({
     "BLOCK_CM": lambda a: channel_block(a["Cm"]),
     "BLOCK_CV": lambda a: channel_block(a["Cv"]),
     "HAS_LSS": lambda a: a["lss_ptr"] is not None,
-    "ACC": lambda a: tl_accumulate_dtype(a["xm_ptr"].dtype),
+    "ACC": lambda a: tl_dtype(accumulate_dtype(a["xm_ptr"].dtype)),
     "DOT": lambda a: tl_dtype(a["xm_ptr"].dtype),
 })
 
 
-def check_device(t: torch.Tensor, name: str) -> None:
-    """CUDA tensors, or CPU tensors under the interpreter. Shapes, dtypes and the rest are the public ops'
-    checks (``dlsn_kernels._checks``), shared by every backend; this is the one rule of Triton's own. Through
-    a module global, so that ``bench.compile_report`` can let CPU tensors stand in for CUDA ones."""
-    _check_device(t, name)
-
-
 def _check_device(t: torch.Tensor, name: str) -> None:
+    """CUDA tensors, or CPU tensors under the interpreter. Shapes, dtypes and the rest are the public ops'
+    checks (``dlsn_kernels._checks``), shared by every backend; this is the one rule of Triton's own. Called as
+    ``_common._check_device``, a module global, so that ``bench.compile_report`` can let CPU tensors stand in
+    for CUDA ones."""
     if t.is_cuda:
         return
     if t.device.type != "cpu":
@@ -134,10 +119,8 @@ def first_padded_copy(slot, length, pad):
 
 def slot_rows(perm: torch.Tensor, chunk_size: int, widest: int) -> torch.Tensor:
     """``[N, R, Lp]`` row of ``[N * L, C]`` inputs held by each sorted slot, padded slots included
-    (``n * L + perm[n, r, slot]``, DESIGN.md 1.3), once per call.
-
-    The kernels read a tile's rows from it contiguously, with no ``%`` or 64-bit index math per gathered row.
-    int32 when every element offset ``row * C`` (C up to ``widest``) fits, int64 otherwise.
+    (``n * L + perm[n, r, slot]``, DESIGN.md 1.3 and "Triton kernels on Hopper"), once per call: int32 when every
+    element offset ``row * C`` (C up to ``widest``) fits, int64 otherwise.
     """
     n, _, length = perm.shape
     pad, padded, _ = slot_layout(length, chunk_size)
@@ -157,63 +140,33 @@ def slot_layout(length: int, chunk_size: int) -> tuple[int, int, int]:
 @device_fn
 def matmul(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr):
     """``a @ b`` accumulated in ``ACC``. float32 operands: "ieee" (FFMA) or "tf32" (tensor cores), from
-    :func:`dot_precision`; float16/bfloat16 always run on tensor cores and ignore it."""
+    :func:`kernel_precision` (the hash passes "ieee" whatever the policy); float16/bfloat16 always run on
+    tensor cores and ignore it."""
     return tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
-
-
-@device_fn
-def matmul_ieee(a, b, ACC: tl.constexpr):
-    """``a @ b`` in full float32 precision, whatever the policy: the hash projection (TF32 flips codes)."""
-    return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
 
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in base 2 in the attention kernels (exp2 is native)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """The ``tl.dot`` input precision of the attention kernels for inputs of ``dtype`` (README "Precision").
-
-    float32 follows ``torch.get_float32_matmul_precision()``: "highest" is IEEE float32, "high" and "medium"
-    are TF32 on tensor cores. float16/bfloat16 run on tensor cores whatever is said here, float64 (the
-    interpreter only) is exact.
-    """
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
-
-
-def dot_kind(dtype: torch.dtype) -> str:
-    """How the attention dots of ``dtype`` run: "native" (float16/bfloat16 tensor cores), "tf32" or "ieee"."""
-    if dtype in (torch.float16, torch.bfloat16):
-        return "native"
-    return dot_precision(dtype) if dtype == torch.float32 else "ieee"
-
-
 def inverse_key_norms(xm: torch.Tensor) -> torch.Tensor:
-    """``1 / max(||xm[n, l]||, KEY_NORM_EPS)`` as ``[N, L]`` in the accumulation dtype, once per call.
-
-    The attention kernels scale each score column by it instead of normalising every gathered key row
-    in every program (each key row is read by up to 3 query chunks per round). Overflow-safe: see
-    :func:`dlsn_kernels._magnitudes.row_norms`.
-    """
+    """``1 / max(||xm[n, l]||, KEY_NORM_EPS)`` as ``[N, L]`` in the accumulation dtype, once per call: the kernels
+    scale each score column by it rather than normalise every gathered key row (each is read by up to 3 query
+    chunks per round). Overflow-safe (:func:`dlsn_kernels._magnitudes.row_norms`)."""
     norms, _ = row_norms(xm, accumulate_dtype(xm.dtype))
     return norms.clamp_min(KEY_NORM_EPS).reciprocal().contiguous()
 
 
 def scaled_key_norms(xm: torch.Tensor, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(inverse norms [N, L], queries, keys)`` for the attention forward, once per call.
+    """``(inverse norms [N, L], queries, keys)`` for the attention forward, once per call (DESIGN.md "Precision").
 
-    The kernels compute q . key unnormalised and scale the score column by ``factor / max(||key||, eps)``; with
-    xm * 1e30 the product itself overflows float32 (|q| |key| ~ 1e62). So the queries are ``xm * 2^-e`` (powers of
-    two are exact in every float format) and 2^e is folded into the inverse norms the kernels already load. e is the
-    smallest power that keeps ``Cm max|xm|^2 2^-e`` at a quarter of the accumulation type's range: 0 for any input
-    below about 1e18 in float32 (float16 always), where queries and keys are ``xm`` itself (no copy) and nothing
-    changes bit for bit. A key row whose ``2^e / max(||key||, eps)`` would overflow (a row far below the largest, as
-    a zero row next to 1e36) is read as ``key 2^c`` with ``2^(e - c)`` in its inverse norm instead. The copies are
+    The kernels compute q . key unnormalised (it overflows float32 at xm * 1e30) and scale the score column by
+    ``factor / max(||key||, eps)``. So the queries are ``xm * 2^-e`` (exact) with 2^e folded into the inverse norms,
+    e the smallest power that keeps ``Cm max|xm|^2 2^-e`` at a quarter of the accumulation range: 0 below about 1e18
+    in float32, where queries and keys are ``xm`` itself, bit for bit. A key row whose inverse norm would then
+    overflow (far below the largest) is read as ``key 2^c`` with ``2^(e - c)`` in its inverse norm. The copies are
     made here, not by a multiply in the kernel: a query tile scaled in registers becomes a register-A wgmma operand
-    (the pattern of Triton issue #9433). Refused, after one host read of the top exponent per call: max |xm| whose
-    scores (``|q . k_hat| <= sqrt(Cm) max|xm|``, times ``factor``) could overflow, about 1e37 in float32/bfloat16.
+    (Triton issue #9433). Refused: max |xm| whose scores (``sqrt(Cm) max|xm|`` times ``factor``) could overflow.
     """
     acc = accumulate_dtype(xm.dtype)
     norms, top_exp = row_norms(xm, acc)

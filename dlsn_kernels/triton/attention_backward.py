@@ -1,25 +1,15 @@
 """Backward of ``chunk_attention`` and ``gla_attention`` as Triton kernels (DESIGN.md "Backward: one kernel for both
-ops").
+ops", and "Triton kernels on Hopper" for the launch shapes).
 
 Deterministic without atomics: every buffer element has exactly one writer and every sum runs in a fixed order.
 Per round r, three launches, then one position pass for all rounds:
 
-1. ``_key_pass``, twice (``DV_PASS``): one program per (key block of key chunk c', n) recomputes P of the query
-   chunks that read c' (c', c'+1, c'-1: t = 0, 1, 2) from the saved ``lse`` (FlashAttention-2 style) and owns the
-   slot gradients of its keys: the dv pass ``dv``, the score pass ``dkn`` and the ``dlss`` tile (together they
-   would spill at Cv = 256). They go in slot order to round r's float32 buffers ``dv_buf[r]``, ``dkn_buf[r]``,
-   ``dlss_buf[r]`` (``[N, Lp, .]``, padded slots included). The score pass also writes ``dS / ||key||`` in the
-   dot dtype to ``ds[n, c, t, j, i]`` (query chunk c, key j, query i): one ``[N, nc, 3, K, K]`` buffer, rewritten
-   by every round after the dq pass has read it.
-2. ``_dq_pass``: one program per query tile of chunk c sums ``dq^T = key^T ds`` over t and key blocks in a fixed
-   order into the query's slot row of ``dq_buf[r]`` (``[N, L, Cm]``).
-3. ``_position_pass``: per position, the sum over rounds (increasing order) of the ``dq`` of its slot and the key
-   gradients of its slot plus its padded duplicates (gathered through the inverse permutation), then the key
-   normalisation backward; writes ``dxm``, ``dv``, ``dlss`` in the input dtypes.
-
-Without a learned score (``lss`` None, ``HAS_LSS`` false) the key and position passes have no lss loads and no
-dlss tile, buffer or store. Products run on ``tl.dot`` (tensor cores for float16/bfloat16, and for float32 under
-TF32: ``kernel_precision``); tiles, warps and stages per target come from ``dlsn_kernels.targets``.
+1. ``_key_pass``, twice (``DV_PASS``): per (key block of key chunk c', n), P of the query chunks that read c' from
+   the saved ``lse``; the slot gradients of its keys go to round r's float32 buffers ``[N, Lp, .]``: ``dv`` (dv
+   pass), ``dkn``, ``dlss`` and ``dS / ||key||`` into the ``ds [N, nc, 3, K, K]`` buffer (score pass).
+2. ``_dq_pass``: per query tile of chunk c, ``dq^T = key^T ds`` over t and key blocks into ``dq_buf[r]``.
+3. ``_position_pass``: per position, the sum over rounds of its slot's ``dq`` and the key gradients of its slot
+   and padded duplicates, then the key normalisation backward; writes ``dxm``, ``dv``, ``dlss``.
 """
 
 from __future__ import annotations
@@ -31,7 +21,6 @@ from torch import Tensor
 
 from .. import _checks
 from .._magnitudes import check_saved_lse
-from ..targets import INTERPRETER, Target, triton_config
 from ._common import (
     KEY_NORM_EPS,
     LOG2E,
@@ -47,7 +36,7 @@ from ._common import (
     matmul,
     slot_layout,
     slot_rows,
-    tl_accumulate_dtype,
+    tl_dtype,
 )
 from .chunk_attention import check_attention_inputs
 
@@ -66,19 +55,6 @@ def _smem_b(dtype: torch.dtype, precision: str) -> bool:
     """Whether the key passes write their products transposed (P and dS on wgmma's shared-memory B side):
     for the tensor-core dots (float16/bfloat16, TF32); IEEE float32/float64 run on FFMA in the plain form."""
     return dtype in (torch.float16, torch.bfloat16) or precision == "tf32"
-
-
-def backward_config(chunk_size: int, value_channels: int, dtype: torch.dtype, dv_pass: bool,
-                    target: Target = INTERPRETER, key_channels: int = 64) -> dict[str, int]:
-    """Block sizes and launch shape of one of the two ``_key_pass`` launches on ``target``
-    (``dlsn_kernels.targets``: fixed per target, precision and problem, no autotuning).
-
-    A program owns BLOCK_K keys and walks the K query slots of the three chunks that read them in tiles of
-    BLOCK_Q. The dv pass keeps ``dv [BLOCK_K, Cv]`` in registers; the score pass keeps the value rows, dkn
-    and the dlss tile. The passes may use different key blocks (each launch's grid follows its own).
-    """
-    return triton_config("key_dv" if dv_pass else "key_score", target, dtype, key_channels, value_channels,
-                         chunk_size)
 
 
 @backward_heuristics
@@ -250,7 +226,7 @@ def _key_pass(
 
 @backward_heuristics
 @triton.heuristics({"BLOCK_CM": lambda a: channel_block(a["Cm"]),
-                    "ACC": lambda a: tl_accumulate_dtype(a["xm_ptr"].dtype)})
+                    "ACC": lambda a: tl_dtype(accumulate_dtype(a["xm_ptr"].dtype))})
 @jit
 def _dq_pass(
     ds_ptr, xm_ptr, rows_ptr, dq_ptr,
@@ -321,7 +297,7 @@ def _store_rows(ptr, rows, offs, width, ok, value):
     "BLOCK_CM": lambda a: channel_block(a["Cm"]),
     "BLOCK_CV": lambda a: channel_block(a["Cv"]),
     "BLOCK_KK": lambda a: channel_block(a["K"]),
-    "ACC": lambda a: tl_accumulate_dtype(a["xm_ptr"].dtype),
+    "ACC": lambda a: tl_dtype(accumulate_dtype(a["xm_ptr"].dtype)),
     "HAS_LSS": lambda a: a["dlss_ptr"] is not None,
 })
 @jit
@@ -331,8 +307,7 @@ def _position_pass(
     EPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CM: tl.constexpr, BLOCK_CV: tl.constexpr,
     BLOCK_KK: tl.constexpr, HAS_LSS: tl.constexpr, ACC: tl.constexpr,
 ):
-    # One launch after all rounds: per position, the sum over rounds (in increasing order) of the dq of its slot
-    # and the key gradients of its slot plus the slot's padded duplicates, then the key normalisation backward.
+    # one launch after all rounds (module docstring, 3.); rounds in increasing order
     n = tl.program_id(1).to(tl.int64)
     pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     ok = pos < L

@@ -1,22 +1,14 @@
 """Forward chunk attention (DESIGN.md 1.3-1.5) and the fused ``gla_attention`` as Triton kernels.
 
-One program owns a block of query slots of one chunk c of one (n, round); one launch covers every round
-(grid: query blocks x N*R). The row of each sorted slot (padded slots included) comes from a small int32
-table made once per call (``slot_rows``), so a tile's rows are read contiguously and the loop does no
-``%`` and no 64-bit index math per gathered row. The program walks the K key slots of chunks c, c-1, c+1
-(in that order, DESIGN.md) in tiles: gathers the key rows, scales each score column by the key's inverse
-norm, adds ``lss[key, query slot]`` (``HAS_LSS``: not for ``lss`` None) and keeps an online softmax. It writes
-``out``/``lse`` at the queries' original positions; padded query slots are never written. No sorted, padded or
-``[K, 3K]`` tensor exists in memory.
+One program owns a block of query slots of one chunk c of one (n, round); one launch covers every round. It
+walks the key slots of chunks c, c-1, c+1 in tiles (rows from ``slot_rows``) with an online softmax and writes
+``out``/``lse`` at the queries' original positions: no sorted, padded or ``[K, 3K]`` tensor exists in memory.
+``gla_attention`` then merges the rounds' ``out [N, R, L, Cv]`` (input dtype) in ``_combine_rounds_kernel``.
+Why each of these choices: DESIGN.md "Triton kernels on Hopper".
 
-The value product is computed transposed, ``acc^T [Cv, BLOCK_Q] += V^T P^T``: P is then the B operand of
-the tensor-core instruction, which Hopper (wgmma) reads from shared memory. With P as the A operand,
-Triton would feed it from registers, the pattern ptxas 12.8/12.9 can schedule wrongly (Triton issue
-#9433), silently, and only on hardware. ``python -m bench.compile_report`` counts such instructions (RS).
-
-``gla_attention`` runs that one launch into per-round ``out [N, R, L, Cv]`` (the input dtype) and merges
-the rounds in a small combine pass (``_combine_rounds_kernel``): in bf16 at the training shape that moves
-about 130 MB, against about 245 MB for the float32 running merge of one launch per round it replaces.
+The value product is computed transposed, ``acc^T [Cv, BLOCK_Q] += V^T P^T``, so that P is the B operand, which
+Hopper's wgmma reads from shared memory: P as a register A operand is the pattern ptxas 12.8/12.9 can schedule
+wrongly (Triton issue #9433), silently and only on hardware. ``python -m bench.compile_report`` counts those (RS).
 """
 
 from __future__ import annotations
@@ -27,14 +19,14 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks
-from ..targets import INTERPRETER, MAX_CHANNELS, MAX_CHUNK, Target, triton_config
+from ..targets import MAX_CHANNELS, MAX_CHUNK
+from . import _common
 from ._common import (
     LN2,
     LOG2E,
     accumulate_dtype,
     attention_heuristics,
     channel_block,
-    check_device,
     jit,
     kernel_config,
     kernel_precision,
@@ -42,21 +34,11 @@ from ._common import (
     scaled_key_norms,
     slot_layout,
     slot_rows,
-    tl_accumulate_dtype,
+    tl_dtype,
 )
 from .hash import sblsh_hash, sort_codes
 
 __all__ = ["chunk_attention", "gla_attention", "check_attention_inputs"]
-
-
-def forward_config(chunk_size: int, value_channels: int, dtype: torch.dtype, target: Target = INTERPRETER,
-                   key_channels: int = 64) -> dict[str, int]:
-    """Block sizes and launch shape of ``_chunk_attention_fwd_kernel`` on ``target`` (``dlsn_kernels.targets``:
-    fixed per target, precision and problem, no autotuning; the interpreter runs sm_90's).
-
-    Query tiles of up to 64 slots amortise the gather of the 3K key rows (DESIGN.md 1.4) over many queries.
-    """
-    return triton_config("forward", target, dtype, key_channels, value_channels, chunk_size)
 
 
 # Tiles that divide the chunk and channel blocks that are the channel counts need no masks in the loop.
@@ -156,7 +138,7 @@ def _chunk_attention_fwd_kernel(
 
 @triton.heuristics({
     "BLOCK_CV": lambda a: channel_block(a["Cv"]),
-    "ACC": lambda a: tl_accumulate_dtype(a["lse_ptr"].dtype),
+    "ACC": lambda a: tl_dtype(accumulate_dtype(a["lse_ptr"].dtype)),
 })
 @jit
 def _combine_rounds_kernel(
@@ -194,30 +176,12 @@ def check_attention_inputs(xm: Tensor, v: Tensor, lss: Tensor | None, perm: Tens
     _checks.check_attention(xm, v, lss, chunk_size, "triton")
     if perm is not None:
         _checks.check_perm(perm, xm, values=False)
-    check_device(xm, "xm")
+    _common._check_device(xm, "xm")
     for name, size in (("xm", xm.shape[2]), ("v", v.shape[2])):
         if size > MAX_CHANNELS:
-            raise ValueError(
-                f"{name} has {size} channels; the Triton backend supports at most {MAX_CHANNELS}"
-            )
+            raise ValueError(f"{name} has {size} channels; the Triton backend supports at most {MAX_CHANNELS}")
     if chunk_size > MAX_CHUNK:
         raise ValueError(f"chunk_size {chunk_size} is above the Triton backend's limit of {MAX_CHUNK}")
-
-
-def _launch_forward(xm, v, lss, perm, out, lse, chunk_size):
-    """One launch for every round: ``out [N, R, L, Cv]``, ``lse [N, R, L]``."""
-    n, length, cm = xm.shape
-    cv = v.shape[2]
-    _, padded, nc = slot_layout(length, chunk_size)
-    rows = slot_rows(perm, chunk_size, max(cm, cv, chunk_size))
-    config = kernel_config("forward", xm.device, xm.dtype, cm, cv, chunk_size)
-    inv_norm, queries, keys = scaled_key_norms(xm, LOG2E.value)
-    grid = (nc * triton.cdiv(chunk_size, config["BLOCK_Q"]), n * perm.shape[1])
-    _chunk_attention_fwd_kernel[grid](
-        queries, keys, v, lss, rows, inv_norm, out, lse,
-        length, cm, cv, chunk_size, perm.shape[1], nc, padded,
-        PRECISION=kernel_precision(xm.device, xm.dtype), **config,
-    )
 
 
 def chunk_attention(
@@ -230,13 +194,27 @@ def chunk_attention(
     ``perm [N, R, L]`` must hold a permutation of ``0..L-1`` per (n, round) (not checked).
     """
     check_attention_inputs(xm, v, lss, perm, chunk_size)
-    n, length, _ = xm.shape
-    rounds = perm.shape[1]
-    out = torch.empty((n, rounds, length, v.shape[2]), dtype=v.dtype, device=v.device)
+    return _forward(xm, v, lss, perm, int(chunk_size))
+
+
+def _forward(xm: Tensor, v: Tensor, lss: Tensor | None, perm: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """``chunk_attention`` on checked arguments: one launch for every round."""
+    n, length, cm = xm.shape
+    cv, rounds = v.shape[2], perm.shape[1]
+    out = torch.empty((n, rounds, length, cv), dtype=v.dtype, device=v.device)
     lse = torch.empty((n, rounds, length), dtype=accumulate_dtype(xm.dtype), device=xm.device)
     if out.numel() == 0 or lse.numel() == 0:
         return out, lse
-    _launch_forward(xm, v, lss, perm, out, lse, int(chunk_size))
+    _, padded, nc = slot_layout(length, chunk_size)
+    rows = slot_rows(perm, chunk_size, max(cm, cv, chunk_size))
+    config = kernel_config("forward", xm.device, xm.dtype, cm, cv, chunk_size)
+    inv_norm, queries, keys = scaled_key_norms(xm, LOG2E.value)
+    grid = (nc * triton.cdiv(chunk_size, config["BLOCK_Q"]), n * rounds)
+    _chunk_attention_fwd_kernel[grid](
+        queries, keys, v, lss, rows, inv_norm, out, lse,
+        length, cm, cv, chunk_size, rounds, nc, padded,
+        PRECISION=kernel_precision(xm.device, xm.dtype), **config,
+    )
     return out, lse
 
 
@@ -263,9 +241,8 @@ def gla_attention(
     The rounds run in one launch into ``[N, R, L, Cv]`` of the input dtype (freed on return), then merge.
     """
     check_attention_inputs(xm, v, lss, None, chunk_size)
-    codes = sblsh_hash(xm, rot)
-    perm = sort_codes(codes, rot.shape[2])
-    out, lse = chunk_attention(xm, v, lss, perm, chunk_size)
+    perm = sort_codes(sblsh_hash(xm, rot), rot.shape[2])  # sblsh_hash checks rot; perm is known good
+    out, lse = _forward(xm, v, lss, perm, int(chunk_size))
     if out.numel() == 0 or lse.numel() == 0:
         n, length, _ = xm.shape
         return (out.new_empty((n, length, v.shape[2])), lse.new_empty((n, length)), perm)

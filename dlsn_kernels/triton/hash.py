@@ -15,14 +15,8 @@ from torch import Tensor
 
 from .. import _checks
 from ..targets import MAX_CHANNELS
-from ._common import (
-    accumulate_dtype,
-    channel_block,
-    check_device,
-    jit,
-    matmul_ieee,
-    tl_accumulate_dtype,
-)
+from . import _common
+from ._common import accumulate_dtype, channel_block, jit, matmul, tl_dtype
 
 __all__ = ["sblsh_hash", "bucket_sort", "MAX_SORT_BUCKETS"]
 
@@ -37,7 +31,7 @@ _HASH_BLOCK_L = 64
 @triton.heuristics({
     "BLOCK_C": lambda a: 16,
     "BLOCK_B": lambda a: min(channel_block(a["B"]), 64),
-    "ACC": lambda a: tl_accumulate_dtype(a["xm_ptr"].dtype),
+    "ACC": lambda a: tl_dtype(accumulate_dtype(a["xm_ptr"].dtype)),
 })
 @jit
 def _sblsh_hash_kernel(xm_ptr, rot_ptr, codes_ptr, L, Cm, R, B,
@@ -65,7 +59,7 @@ def _sblsh_hash_kernel(xm_ptr, rot_ptr, codes_ptr, L, Cm, R, B,
             # rot is [Cm, R, B] in ACC: the tile rot[c0:c0+BLOCK_C, r, b0:b0+BLOCK_B]
             w = tl.load(rot_ptr + offs_c[:, None] * (R * B) + r * B + offs_b[None, :],
                         mask=c_ok[:, None] & b_ok[None, :], other=0.0)
-            proj += matmul_ieee(x, w, ACC)
+            proj += matmul(x, w, ACC, "ieee")
         proj = tl.where(b_ok[None, :], proj, float("-inf"))
         tile_best = tl.max(proj, axis=1)
         tile_code = tl.argmax(proj, axis=1, tie_break_left=True).to(tl.int64) + b0
@@ -84,7 +78,7 @@ def sblsh_hash(xm: Tensor, rot: Tensor) -> Tensor:
     unspecified codes.
     """
     _checks.check_hash(xm, rot, "triton")
-    check_device(xm, "xm")
+    _common._check_device(xm, "xm")
     n, length, cm = xm.shape
     if cm > MAX_CHANNELS:
         raise ValueError(f"xm has {cm} channels; the Triton backend supports at most {MAX_CHANNELS}")
@@ -137,7 +131,7 @@ def bucket_sort(codes: Tensor, n_buckets: int) -> Tensor:
     Codes must lie in ``[0, n_buckets)``; this is checked (one device synchronisation).
     """
     _checks.check_codes(codes, n_buckets)
-    check_device(codes, "codes")
+    _common._check_device(codes, "codes")
     return sort_codes(codes, n_buckets)
 
 
