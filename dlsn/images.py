@@ -71,10 +71,16 @@ def _tile_rawmode(image: Image.Image) -> str:
 def describe_conversion(image: Image.Image) -> str | None:
     """What reading ``image`` (not yet decoded) as 8-bit RGB changes, or None for 8-bit RGB files.
 
-    PIL opens 16-bit-per-channel RGB(A) PNGs and TIFFs as 8-bit ``RGB``/``RGBA`` (only the file's raw
-    mode tells), so the raw mode is consulted before the pixels are decoded.
+    PIL opens 16-bit-per-channel RGB(A) PNGs, TIFFs and PPMs as 8-bit ``RGB``/``RGBA`` (only the file's
+    raw mode, a TIFF's BitsPerSample tag or a PPM's maxval tells), so these are consulted before the
+    pixels are decoded.
     """
-    mode, sixteen = image.mode, ";16" in _tile_rawmode(image)
+    mode, rawmode = image.mode, _tile_rawmode(image)
+    sixteen = ";16" in rawmode or (image.format == "TIFF" and 16 in _tiff_tuple(image, _BITS_PER_SAMPLE))
+    maxval = _netpbm_maxval(image)
+    if maxval is not None and maxval != 255 and mode in ("L", "I", "RGB"):
+        kind = {"L": "greyscale", "I": "16-bit greyscale", "RGB": "16-bit RGB" if maxval > 255 else "RGB"}[mode]
+        return kind if maxval == 65535 else f"{kind}, maxval {maxval}"
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return "16-bit greyscale"
     if mode == "I":
@@ -93,20 +99,45 @@ def describe_conversion(image: Image.Image) -> str | None:
     return names.get(mode, f"mode {mode}")
 
 
+def _netpbm_maxval(image: Image.Image) -> int | None:
+    """A PGM's or PPM's maxval (its largest sample value, declared in the header), read from the tile PIL
+    set up before decoding; None for other files and for bitmaps (``P1``/``P4``) and float maps (``Pf``)."""
+    tile = getattr(image, "tile", None) or []
+    if image.format != "PPM" or len(tile) != 1:
+        return None
+    args = tile[0].args
+    if tile[0].codec_name in ("ppm", "ppm_plain") and isinstance(args, tuple):
+        return int(args[-1])  # (rawmode, maxval): the decoders that rescale
+    if tile[0].codec_name == "raw" and args in ("L", "RGB", "I;16B"):
+        return 65535 if args == "I;16B" else 255  # the two maxvals PIL copies as they are
+    return None
+
+
 # The 16-bit unpackers of the other byte order (``N``: this machine's) read the other byte of each sample.
 _OTHER_BYTE_ORDER = {"B": "L", "L": "B", "N": "B" if sys.byteorder == "little" else "L"}
-_PLANAR_CONFIGURATION = 284  # TIFF tag: 1 all channels of a pixel together, 2 one plane per channel
+# TIFF tags
+_BITS_PER_SAMPLE = 258
+_PHOTOMETRIC = 262  # 2: RGB
+_PLANAR_CONFIGURATION = 284  # 1 all channels of a pixel together, 2 one plane per channel
+_EXTRA_SAMPLES = 338  # per extra channel: 0 unspecified, 1 associated (premultiplied) alpha, 2 unassociated alpha
+
+
+def _tiff_tuple(image: Image.Image, tag: int) -> tuple:
+    """A TIFF tag's values as a tuple (empty when the tag is absent)."""
+    value = image.tag_v2.get(tag, ())  # type: ignore[attr-defined]
+    return value if isinstance(value, tuple) else (value,)
 
 
 def _sixteen_bit_rgb(path: Path, image: Image.Image, rawmode: str, max_pixels: int | None) -> np.ndarray | None:
-    """A 16-bit-per-channel RGB(A) PNG or TIFF as ``[H, W, 3]`` uint16, or None when ``image`` is not one.
+    """A 16-bit-per-channel RGB(A) PNG or TIFF as ``[H, W, 3 or 4]`` uint16 (the stored samples, alpha
+    included), or None when ``image`` is not one.
 
     PIL decodes such files to 8 bits by keeping each value's high byte (truncation). Its decoders can
     also keep the low bytes instead (the other byte order's raw mode of the same pixels, so decompression
     and unfiltering are the same), so the file is decoded twice and the two byte planes are put back
     together. ``image`` is the loaded file, ``rawmode`` its raw mode read before loading (``_tile_rawmode``).
-    Left to PIL's truncation: TIFFs with premultiplied alpha (``RGBa``: PIL un-premultiplies the high
-    bytes) and with one plane per channel (PIL's TIFF decoder ignores the raw mode there).
+    TIFFs with one plane per channel are not handled here (PIL's TIFF decoder ignores the raw mode there:
+    ``_planar_tiff``); premultiplied ones come here after ``_keep_premultiplied``.
     """
     if (image.format not in ("PNG", "TIFF") or image.mode not in ("RGB", "RGBA")
             or rawmode[:-1] not in ("RGB;16", "RGBA;16", "RGBX;16") or rawmode[-1:] not in _OTHER_BYTE_ORDER
@@ -118,7 +149,55 @@ def _sixteen_bit_rgb(path: Path, image: Image.Image, rawmode: str, max_pixels: i
         again.tile = [_with_rawmode(tile, low_rawmode) for tile in again.tile]
         again.load()
         low = np.asarray(again, dtype=np.uint16)
-    return ((high << 8) | low)[:, :, :3]
+    return (high << 8) | low
+
+
+def _keep_premultiplied(image: Image.Image) -> bool:
+    """For a TIFF with premultiplied alpha (raw mode ``RGBa...``), not yet loaded: have PIL decode the
+    stored samples as they are (``RGBA...``) and return True; False for other images.
+
+    PIL's ``RGBa`` unpackers divide by alpha rounding down, and from the high byte only for 16 bits;
+    ``_to_eight_bits`` divides with rounding instead, from all 16 bits.
+    """
+    if image.format != "TIFF" or not _tile_rawmode(image).startswith("RGBa"):
+        return False
+    image.tile = [_with_rawmode(tile, "RGBA" + _tile_rawmode(image)[4:]) for tile in image.tile]
+    return True
+
+
+def _planar_tiff(path: Path, image: Image.Image) -> np.ndarray | None:
+    """The samples of a TIFF with one plane per channel that PIL cannot read exactly, as stored
+    (``[H, W, S]``, not turned by its orientation), read with tifffile; None for every other image.
+
+    PIL reads 16-bit planes as 8-bit ones when uncompressed (wrong pixels) and keeps the high bytes when
+    compressed, and cannot read planar premultiplied alpha. tifffile reads uncompressed, Deflate and
+    PackBits planes by itself; other compressions (LZW) need the imagecodecs package, and without it the
+    file is refused as one line that says how to convert it.
+    """
+    if (image.format != "TIFF" or image.tag_v2.get(_PLANAR_CONFIGURATION, 1) != 2  # type: ignore[attr-defined]
+            or image.tag_v2.get(_PHOTOMETRIC) != 2 or image.mode not in ("RGB", "RGBA")  # type: ignore[attr-defined]
+            or (16 not in _tiff_tuple(image, _BITS_PER_SAMPLE) and 1 not in _tiff_tuple(image, _EXTRA_SAMPLES))):
+        return None
+    what = f"a {max(_tiff_tuple(image, _BITS_PER_SAMPLE))}-bit TIFF with one plane per channel"
+    try:
+        import tifffile
+    except ImportError as error:
+        raise UserInputError(f"cannot read image {path}: {what} needs the tifffile package; install it or "
+                             f"convert the file to one plane for all channels (tiffcp -p contig)") from error
+    with tifffile.TiffFile(path) as tiff:
+        page = tiff.pages[0]
+        if page.compression not in tifffile.TIFF.DECOMPRESSORS:
+            compression = getattr(page.compression, "name", page.compression)
+            raise UserInputError(f"cannot read image {path}: {what} and {compression} compression cannot be read "
+                                 f"exactly without the imagecodecs package; install it, or convert the file to "
+                                 f"Deflate or to one plane for all channels (tiffcp -c zip -p contig in.tif out.tif)")
+        try:
+            samples = page.asarray()
+        except Exception as error:  # a damaged file: tifffile's errors vary (ValueError, zlib.error, ...)
+            raise UserInputError(f"cannot read image {path}: {one_line(error)}") from error
+        separate, _, height, width, _ = page.shaped
+    # shaped: (planes, depth, height, width, samples per plane); here every plane holds one channel
+    return np.moveaxis(samples.reshape(separate, height, width), 0, -1)
 
 
 def _with_rawmode(tile: object, rawmode: str) -> object:
@@ -128,17 +207,34 @@ def _with_rawmode(tile: object, rawmode: str) -> object:
     return type(tile)((name, extents, offset, args)) if type(tile) is tuple else tile._replace(args=args)  # type: ignore[attr-defined]
 
 
-def _round_16_to_8(values: np.ndarray) -> np.ndarray:
-    """0..65535 -> 0..255, rounded to the nearest level (``round(v / 257)``)."""
-    return np.round(values.astype(np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+def _to_eight_bits(samples: np.ndarray, top: int, premultiplied: bool = False) -> np.ndarray:
+    """Stored samples (``[H, W]`` grey or ``[H, W, C]`` colour, 0..``top``) -> ``[H, W, 3]`` uint8,
+    ``round(v * 255 / top)``; extra channels dropped. ``premultiplied``: the colour is first divided by the
+    alpha (the fourth channel), ``round(255 * c / a)``, and is black where the alpha is 0.
+    """
+    values = samples.astype(np.float64)  # exact: integers below 2**53
+    if values.ndim == 2:
+        values = np.repeat(values[:, :, None], 3, axis=2)
+    colour = values[:, :, :3]
+    if premultiplied:
+        alpha = values[:, :, 3:4]
+        levels = np.divide(colour * 255.0, alpha, out=np.zeros_like(colour), where=alpha > 0)
+    else:
+        levels = colour * 255.0 / top  # one rounding of the exact product: ties are exact, round half to even
+    return np.round(levels).clip(0, 255).astype(np.uint8)
 
 
-def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
-    """Any PIL image -> [H, W, 3] uint8 (16-bit and float greyscale are rescaled, alpha dropped)."""
+def _to_rgb_uint8(image: Image.Image, maxval: int | None = None) -> np.ndarray:
+    """Any loaded PIL image -> [H, W, 3] uint8 (16-bit and float greyscale are rescaled, alpha dropped);
+    ``maxval``: a PGM's (``_netpbm_maxval``, read before loading)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         # 16-bit greyscale PNG or TIFF: map 0..65535 to 0..255 (PIL's convert("L") would clip instead).
-        grey = _round_16_to_8(np.asarray(image))
-        return np.repeat(grey[:, :, None], 3, axis=2)
+        return _to_eight_bits(np.asarray(image), 65535)
+    if image.mode == "I" and maxval is not None:
+        # 16-bit PGM: PIL's decoders store round(v * 65535 / maxval) (v itself for maxval 65535), from which
+        # v comes back exactly (the error, at most 0.5 * maxval / 65535, is below 0.5)
+        stored = np.round(np.asarray(image, dtype=np.float64) * (maxval / 65535.0))
+        return _to_eight_bits(stored, maxval)
     if image.mode in ("I", "F"):
         values = np.asarray(image, dtype=np.float64)
         top = 65535.0 if values.max(initial=0) > 255 else 255.0
@@ -162,13 +258,22 @@ def decode_image(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     try:
         with _open_checked(path, max_pixels) as image:
             conversion = describe_conversion(image)
-            rawmode = _tile_rawmode(image)  # loading clears the tiles
-            image.load()
-            sixteen = _sixteen_bit_rgb(path, image, rawmode, max_pixels)
-            array = _round_16_to_8(sixteen) if sixteen is not None else _to_rgb_uint8(image)
-            orientation = image.getexif().get(ORIENTATION_TAG, 1)
-        if orientation in range(2, 9):  # 1: as stored; anything else is not an orientation
-            array = _orient(array, orientation)
+            # Pillow turns a TIFF itself while loading it and then deletes the tag: it is read first
+            orientation = image.tag_v2.get(ORIENTATION_TAG, 1) if image.format == "TIFF" else None
+            array = _planar_tiff(path, image)
+            if array is not None:  # read by tifffile, as stored: still to be turned
+                to_turn = orientation
+                array = _to_eight_bits(array, 65535 if array.dtype == np.uint16 else 255,
+                                       1 in _tiff_tuple(image, _EXTRA_SAMPLES))
+            else:
+                array = _decode_with_pil(path, image, max_pixels)
+                if orientation is None:
+                    orientation = to_turn = image.getexif().get(ORIENTATION_TAG, 1)
+                else:
+                    to_turn = 1
+        if to_turn in range(2, 9):  # 1: as stored; anything else is not an orientation
+            array = _orient(array, to_turn)
+        if orientation in range(2, 9):
             applied = f"EXIF orientation {orientation} applied"
             conversion = applied if conversion is None else f"{conversion}, {applied}"
         return array, conversion
@@ -183,6 +288,20 @@ def decode_image(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
 
 
 ORIENTATION_TAG = 0x0112  # EXIF "Orientation"
+
+
+def _decode_with_pil(path: Path, image: Image.Image, max_pixels: int | None) -> np.ndarray:
+    """``image`` (opened, not loaded) decoded by PIL -> ``[H, W, 3]`` uint8."""
+    maxval = _netpbm_maxval(image)
+    premultiplied = _keep_premultiplied(image)
+    rawmode = _tile_rawmode(image)  # loading clears the tiles
+    image.load()
+    sixteen = _sixteen_bit_rgb(path, image, rawmode, max_pixels)
+    if sixteen is not None:
+        return _to_eight_bits(sixteen, 65535, premultiplied)
+    if premultiplied:
+        return _to_eight_bits(np.asarray(image), 255, premultiplied=True)
+    return _to_rgb_uint8(image, maxval)
 
 
 def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
