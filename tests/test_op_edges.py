@@ -90,3 +90,25 @@ def test_flex_on_cpu_refuses_before_allocating_what_its_eager_path_cannot():
     text = str(info.value)
     assert "flex's eager CPU forward would materialise 720,000,000,000 bytes of scores" in text
     assert f"its limit is {CPU_MAX_SCORE_BYTES:,}" in text
+
+
+def test_no_value_channels_still_give_the_lse_and_its_gradients(backend):
+    """Cv = 0: ``out`` is empty but ``lse`` is the softmax normaliser and differentiable in xm and lss; no backend
+    may leave it unwritten (the Triton forward once returned early on an empty ``out``)."""
+    gen = torch.Generator().manual_seed(2)
+    xm = torch.randn(2, 37, 8, generator=gen).relu()
+    v, lss = torch.zeros(2, 37, 0), torch.randn(2, 37, 16, generator=gen)
+    rot = dk.random_rotations(8, 2, 2, generator=gen)
+    perm = dk.bucket_sort(dk.sblsh_hash(xm, rot, backend="reference"), 2, backend="reference")
+    grads = {}
+    for name in ("reference", backend):
+        leaves = [t.clone().requires_grad_(name != "flex") for t in (xm, lss)]  # flex: no CPU backward
+        out, lse = dk.chunk_attention(leaves[0], v, leaves[1], perm, 16, backend=name)
+        assert out.shape == (2, 2, 37, 0) and lse.shape == (2, 2, 37)
+        if name != "flex":
+            lse.sum().backward()
+        grads[name] = (lse.detach(), *(t.grad for t in leaves))
+        assert dk.gla_attention(xm, v, lss, rot, 16, backend=name).shape == (2, 37, 0)
+    torch.testing.assert_close(grads[backend][0], grads["reference"][0])
+    if backend != "flex":
+        torch.testing.assert_close(grads[backend][1:], grads["reference"][1:])

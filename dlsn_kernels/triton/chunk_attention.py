@@ -203,7 +203,7 @@ def _forward(xm: Tensor, v: Tensor, lss: Tensor | None, perm: Tensor, chunk_size
     cv, rounds = v.shape[2], perm.shape[1]
     out = torch.empty((n, rounds, length, cv), dtype=v.dtype, device=v.device)
     lse = torch.empty((n, rounds, length), dtype=accumulate_dtype(xm.dtype), device=xm.device)
-    if out.numel() == 0 or lse.numel() == 0:
+    if lse.numel() == 0:  # not out's: with Cv = 0 there is no output row, but lse still has its values
         return out, lse
     _, padded, nc = slot_layout(length, chunk_size)
     rows = slot_rows(perm, chunk_size, max(cm, cv, chunk_size))
@@ -243,7 +243,7 @@ def gla_attention(
     check_attention_inputs(xm, v, lss, None, chunk_size)
     perm = sort_codes(sblsh_hash(xm, rot), rot.shape[2])  # sblsh_hash checks rot; perm is known good
     out, lse = _forward(xm, v, lss, perm, int(chunk_size))
-    if out.numel() == 0 or lse.numel() == 0:
+    if lse.numel() == 0:
         n, length, _ = xm.shape
         return (out.new_empty((n, length, v.shape[2])), lse.new_empty((n, length)), perm)
     y, lse = combine_rounds(out, lse)
