@@ -4,9 +4,11 @@ Every image in the project travels as one of two things:
 - a ``numpy.ndarray`` of shape ``[H, W, 3]``, dtype ``uint8`` (what files hold), or
 - a ``torch.Tensor`` of shape ``[3, H, W]`` (or ``[N, 3, H, W]``), float, in ``[0, rgb_range]``
   (``rgb_range`` 1 for the data pipeline and metrics, 255 for the network, as in the authors' code).
-Greyscale files become RGB (the grey value copied to the three channels); alpha is dropped; 16 bits
-per channel become 8 (rounded: ``round(v / 257)``, grey and RGB alike, PNG and TIFF); an EXIF orientation
-is applied, so the pixels stand as a viewer shows them. ``decode_image`` says which of these a file went through.
+Greyscale files become RGB (the grey value copied to the three channels); alpha is dropped (premultiplied
+colour divided by it first: ``round(255 * c / a)``); 16 bits per channel become 8 (rounded: ``round(v / 257)``,
+grey and RGB alike, PNG, TIFF, also one plane per channel, and PPM; a PGM/PPM's samples ``round(v * 255 /
+maxval)``); an EXIF orientation is applied, so the pixels stand as a viewer shows them. ``decode_image``
+says which of these a file went through.
 
 An image is checked before it is decoded: its header's size against ``max_pixels`` (default
 ``DEFAULT_MAX_PIXELS``, 64 Mpx), and PIL's decompression-bomb check; both refusals are a one-line
@@ -105,10 +107,10 @@ def _netpbm_maxval(image: Image.Image) -> int | None:
     tile = getattr(image, "tile", None) or []
     if image.format != "PPM" or len(tile) != 1:
         return None
-    args = tile[0].args
-    if tile[0].codec_name in ("ppm", "ppm_plain") and isinstance(args, tuple):
+    codec, args = tile[0][0], tile[0][3]
+    if codec in ("ppm", "ppm_plain") and isinstance(args, tuple):
         return int(args[-1])  # (rawmode, maxval): the decoders that rescale
-    if tile[0].codec_name == "raw" and args in ("L", "RGB", "I;16B"):
+    if codec == "raw" and args in ("L", "RGB", "I;16B"):
         return 65535 if args == "I;16B" else 255  # the two maxvals PIL copies as they are
     return None
 
@@ -129,7 +131,7 @@ def _tiff_tuple(image: Image.Image, tag: int) -> tuple:
 
 
 def _sixteen_bit_rgb(path: Path, image: Image.Image, rawmode: str, max_pixels: int | None) -> np.ndarray | None:
-    """A 16-bit-per-channel RGB(A) PNG or TIFF as ``[H, W, 3 or 4]`` uint16 (the stored samples, alpha
+    """A 16-bit-per-channel RGB(A) PNG, TIFF or PPM as ``[H, W, 3 or 4]`` uint16 (the stored samples, alpha
     included), or None when ``image`` is not one.
 
     PIL decodes such files to 8 bits by keeping each value's high byte (truncation). Its decoders can
@@ -139,13 +141,14 @@ def _sixteen_bit_rgb(path: Path, image: Image.Image, rawmode: str, max_pixels: i
     TIFFs with one plane per channel are not handled here (PIL's TIFF decoder ignores the raw mode there:
     ``_planar_tiff``); premultiplied ones come here after ``_keep_premultiplied``.
     """
-    if (image.format not in ("PNG", "TIFF") or image.mode not in ("RGB", "RGBA")
+    if (image.format not in ("PNG", "TIFF", "PPM") or image.mode not in ("RGB", "RGBA")
             or rawmode[:-1] not in ("RGB;16", "RGBA;16", "RGBX;16") or rawmode[-1:] not in _OTHER_BYTE_ORDER
             or (image.format == "TIFF" and image.tag_v2.get(_PLANAR_CONFIGURATION, 1) != 1)):
         return None
     high = np.asarray(image, dtype=np.uint16)  # the loaded high bytes
     with _open_checked(path, max_pixels) as again:
         low_rawmode = rawmode[:-1] + _OTHER_BYTE_ORDER[rawmode[-1]]
+        _keep_netpbm_samples(again)  # a PPM's tile as the first decode had it
         again.tile = [_with_rawmode(tile, low_rawmode) for tile in again.tile]
         again.load()
         low = np.asarray(again, dtype=np.uint16)
@@ -231,8 +234,9 @@ def _to_rgb_uint8(image: Image.Image, maxval: int | None = None) -> np.ndarray:
         # 16-bit greyscale PNG or TIFF: map 0..65535 to 0..255 (PIL's convert("L") would clip instead).
         return _to_eight_bits(np.asarray(image), 65535)
     if image.mode == "I" and maxval is not None:
-        # 16-bit PGM: PIL's decoders store round(v * 65535 / maxval) (v itself for maxval 65535), from which
-        # v comes back exactly (the error, at most 0.5 * maxval / 65535, is below 0.5)
+        # 16-bit PGM left to PIL's decoders (plain text, or binary with maxval 65535): they store
+        # round(v * 65535 / maxval), from which v comes back exactly (the error, at most
+        # 0.5 * maxval / 65535, is below 0.5)
         stored = np.round(np.asarray(image, dtype=np.float64) * (maxval / 65535.0))
         return _to_eight_bits(stored, maxval)
     if image.mode in ("I", "F"):
@@ -293,15 +297,32 @@ ORIENTATION_TAG = 0x0112  # EXIF "Orientation"
 def _decode_with_pil(path: Path, image: Image.Image, max_pixels: int | None) -> np.ndarray:
     """``image`` (opened, not loaded) decoded by PIL -> ``[H, W, 3]`` uint8."""
     maxval = _netpbm_maxval(image)
+    stored = _keep_netpbm_samples(image)
     premultiplied = _keep_premultiplied(image)
     rawmode = _tile_rawmode(image)  # loading clears the tiles
     image.load()
     sixteen = _sixteen_bit_rgb(path, image, rawmode, max_pixels)
     if sixteen is not None:
-        return _to_eight_bits(sixteen, 65535, premultiplied)
-    if premultiplied:
-        return _to_eight_bits(np.asarray(image), 255, premultiplied=True)
+        return _to_eight_bits(sixteen, maxval or 65535, premultiplied)
+    if premultiplied or stored:
+        return _to_eight_bits(np.asarray(image), maxval or 255, premultiplied)
     return _to_rgb_uint8(image, maxval)
+
+
+def _keep_netpbm_samples(image: Image.Image) -> bool:
+    """For a binary PGM/PPM whose maxval is not 255 (not loaded yet): have PIL's raw decoder keep the
+    stored samples (``_to_eight_bits`` scales them), and return True; False for other images.
+
+    PIL's own decoder for these files rescales every sample in a Python loop (seconds per megapixel).
+    """
+    tile = getattr(image, "tile", None) or []
+    if image.format != "PPM" or len(tile) != 1 or tile[0][0] != "ppm" or image.mode not in ("L", "I", "RGB"):
+        return False
+    maxval = _netpbm_maxval(image) or 0
+    rawmode = {"L": "L", "I": "I;16B", "RGB": "RGB;16B" if maxval > 255 else "RGB"}[image.mode]
+    raw = ("raw", tile[0][1], tile[0][2], (rawmode, 0, 1))
+    image.tile = [type(tile[0])(*raw) if hasattr(tile[0], "_fields") else raw]  # ImageFile._Tile, or a tuple
+    return True
 
 
 def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
