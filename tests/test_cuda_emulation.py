@@ -337,3 +337,34 @@ def _tf32(x: torch.Tensor) -> torch.Tensor:
     """float32 rounded to TF32 as cvt.rna.tf32.f32 does (nearest, ties away; 10 mantissa bits)."""
     bits = x.float().contiguous().view(torch.int32)
     return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+# ---------------------------------------------------------------- no value channels (Cv = 0)
+
+NO_VALUES = Case(2, 13, 8, 2, 16, 0)
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["chunk", "gla"])
+@pytest.mark.parametrize(("kernel", "dtype"), FORWARD_KERNELS, ids=[f"{k}-{d}" for k, d in FORWARD_KERNELS])
+def test_forward_without_value_channels_writes_lse(harness, tmp_path, kernel, dtype, merge):
+    """Cv = 0: no output row, but every lse (per round and merged) is written, as the reference computes it."""
+    xm, v, lss, perm = _inputs(NO_VALUES, DTYPES[dtype])
+    _, lse = _run_forward(harness, tmp_path, dtype, NO_VALUES, xm, v, lss, perm, merge=merge, kernel=kernel)
+    want = ref.chunk_attention(xm, v, lss, perm, NO_VALUES.chunk)[1]
+    want = torch.logsumexp(want, dim=1) if merge else want
+    assert (lse.double() - want).abs().max() < _tolerance(dtype) * want.abs().max().clamp_min(1)
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_backward_without_value_channels(harness, tmp_path, dtype):
+    """Cv = 0: the gradients of xm and lss through lse alone (delta = -grad_lse, an empty grad_out)."""
+    xm, v, lss, perm = _inputs(NO_VALUES, DTYPES[dtype], seed=2)
+    leaves = [t.clone().requires_grad_(True) for t in (xm, v, lss)]
+    out, lse = ref.chunk_attention(*leaves, perm, NO_VALUES.chunk)
+    grad_lse = torch.randn(lse.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (lse * grad_lse).sum().backward()
+    _run(harness, tmp_path, "backward", dtype, NO_VALUES, NO_VALUES.rounds, xm=xm, v=v, lss=lss, perm=perm,
+         grad_out=torch.zeros(out.shape, dtype=torch.float64), delta=-grad_lse, lse=lse)
+    for name, leaf, width in (("dxm", leaves[0], NO_VALUES.cm), ("dlss", leaves[2], NO_VALUES.chunk)):
+        got = _read(tmp_path, name, NO_VALUES.n, NO_VALUES.length, width)
+        assert rel_err(got, leaf.grad) < _tolerance(dtype, grad=True), name
