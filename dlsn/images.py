@@ -119,7 +119,7 @@ def _netpbm_maxval(image: Image.Image) -> int | None:
 _OTHER_BYTE_ORDER = {"B": "L", "L": "B", "N": "B" if sys.byteorder == "little" else "L"}
 # TIFF tags
 _BITS_PER_SAMPLE = 258
-_PHOTOMETRIC = 262  # 2: RGB
+_PHOTOMETRIC = 262  # 0: grey with 0 white, 1: grey with 0 black, 2: RGB
 _PLANAR_CONFIGURATION = 284  # 1 all channels of a pixel together, 2 one plane per channel
 _EXTRA_SAMPLES = 338  # per extra channel: 0 unspecified, 1 associated (premultiplied) alpha, 2 unassociated alpha
 
@@ -306,6 +306,9 @@ def _decode_with_pil(path: Path, image: Image.Image, max_pixels: int | None) -> 
         return _to_eight_bits(sixteen, maxval or 65535, premultiplied)
     if premultiplied or stored:
         return _to_eight_bits(np.asarray(image), maxval or 255, premultiplied)
+    if image.format == "TIFF" and image.mode.startswith("I;16") and image.tag_v2.get(_PHOTOMETRIC) == 0:
+        # 0 is white: PIL inverts 8-bit such files (raw mode L;I) but not 16-bit ones
+        return _to_eight_bits(65535 - np.asarray(image, dtype=np.int32), 65535)
     return _to_rgb_uint8(image, maxval)
 
 

@@ -342,3 +342,16 @@ def test_every_tiff_orientation_matches_the_same_png(tmp_path, orientation):
     assert tiff_said == png_said == (None if orientation == 1 else f"EXIF orientation {orientation} applied")
     np.testing.assert_array_equal(tiff_array, png_array)
     assert tiff_array.shape == ((7, 4, 3) if orientation >= 5 else (4, 7, 3))
+
+
+@pytest.mark.parametrize(("bits", "compression"), list(itertools.product((8, 16), (None, "zlib"))))
+def test_min_is_white_grey_tiffs_are_inverted(tmp_path, bits, compression):
+    top = (1 << bits) - 1
+    grey = np.random.default_rng(bits).integers(0, top + 1, (6, 9), dtype=np.uint16 if bits == 16 else np.uint8)
+    grey[0, :3] = [0, top, 128]
+    tifffile.imwrite(tmp_path / "white.tif", grey, photometric="miniswhite", compression=compression)
+    array, said = decode_image(tmp_path / "white.tif")
+    assert said == ("16-bit greyscale" if bits == 16 else "greyscale")
+    expected = np.round((top - grey.astype(np.float64)) * 255 / top).astype(np.uint8)
+    assert expected[0, :2].tolist() == [255, 0]
+    np.testing.assert_array_equal(array, np.repeat(expected[:, :, None], 3, axis=2))
