@@ -38,7 +38,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=2000, help="calls per round (the backward runs a quarter)")
     reps = parser.parse_args().reps
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        _report(reps)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process (a test) keeps its threads
+
+
+def _report(reps: int) -> None:
     gen = torch.Generator().manual_seed(0)
     xm, v = torch.randn(1, 32, 8, generator=gen).relu(), torch.randn(1, 32, 8, generator=gen)
     lss, rot = torch.randn(1, 32, 16, generator=gen), dk.random_rotations(8, 1, 2, generator=gen)
