@@ -51,6 +51,8 @@ run_clean() {
   env -i HOME="$HOME" PATH="$work/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
     VIRTUAL_ENV="$work/venv" bash -c "cd '$work/clone' && $command" >"$log" 2>&1 || status=$?
   tail -n "$([ "$status" -eq 0 ] && echo "${TAIL_LINES:-30}" || echo 200)" "$log" | sed 's/^/    /'
+  # every pytest run's count line, also those the tail cut off (the record of what ran)
+  grep -E '^(=+ )?[0-9]+ (passed|failed|error)' "$log" | sed 's/^/  [pytest] /' || true
   echo "  [$label] $(( $(date +%s) - start )) s, exit $status"
   return "$status"
 }
