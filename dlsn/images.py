@@ -7,8 +7,12 @@ Every image in the project travels as one of two things:
 Greyscale files become RGB (the grey value copied to the three channels); alpha is dropped (premultiplied
 colour divided by it first: ``round(255 * c / a)``); 16 bits per channel become 8 (rounded: ``round(v / 257)``,
 grey and RGB alike, PNG, TIFF, also one plane per channel, and PPM; a PGM/PPM's samples ``round(v * 255 /
-maxval)``); an EXIF orientation is applied, so the pixels stand as a viewer shows them. ``decode_image``
-says which of these a file went through.
+maxval)``); integer greyscale TIFFs are mapped from the range their tags declare (unsigned b bits
+``round(v * 255 / (2^b - 1))``, e.g. 12 or 32 bits; signed ones from ``-2^(b-1)..2^(b-1)-1`` to 0..255);
+floating-point greyscale is read only in 0..1 (``round(255 v)``; other values are refused, their range
+being unknown); CMYK becomes RGB by PIL's naive ``(1 - C)(1 - K)``, from all 16 bits of a 16-bit TIFF; an
+EXIF orientation is applied, so the pixels stand as a viewer shows them. ``decode_image`` says which of
+these a file went through.
 
 An image is checked before it is decoded: its header's size against ``max_pixels`` (default
 ``DEFAULT_MAX_PIXELS``, 64 Mpx), and PIL's decompression-bomb check; both refusals are a one-line
@@ -25,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from dlsn.atomic_files import write_atomically
 from dlsn.errors import UserInputError, one_line
@@ -78,6 +82,9 @@ def describe_conversion(image: Image.Image) -> str | None:
     pixels are decoded.
     """
     mode, rawmode = image.mode, _tile_rawmode(image)
+    declared = _declared_grey(image)
+    if declared is not None:
+        return declared[2]
     sixteen = ";16" in rawmode or (image.format == "TIFF" and 16 in _tiff_tuple(image, _BITS_PER_SAMPLE))
     maxval = _netpbm_maxval(image)
     if maxval is not None and maxval != 255 and mode in ("L", "I", "RGB"):
@@ -88,7 +95,9 @@ def describe_conversion(image: Image.Image) -> str | None:
     if mode == "I":
         return "32-bit integer greyscale"
     if mode == "F":
-        return "floating-point greyscale"
+        return f"floating-point greyscale, {_FLOAT_RULE}"
+    if mode == "CMYK" and sixteen:
+        return "16-bit CMYK"
     if mode == "RGB":
         return "16-bit RGB" if sixteen else None
     if mode == "RGBA":
@@ -122,6 +131,26 @@ _BITS_PER_SAMPLE = 258
 _PHOTOMETRIC = 262  # 0: grey with 0 white, 1: grey with 0 black, 2: RGB
 _PLANAR_CONFIGURATION = 284  # 1 all channels of a pixel together, 2 one plane per channel
 _EXTRA_SAMPLES = 338  # per extra channel: 0 unspecified, 1 associated (premultiplied) alpha, 2 unassociated alpha
+_SAMPLE_FORMAT = 339  # 1 unsigned integer (the default), 2 signed integer, 3 floating point
+_GREY_MODES = ("L", "I", "I;16", "I;16B", "I;16L", "I;16N")
+_LIBTIFF_NATIVE = {"I;16S": "I;16NS", "I;16BS": "I;16NS", "I;32S": "I;32NS", "I;32BS": "I;32NS",
+                   "F;32F": "F;32NF", "F;32BF": "F;32NF"}
+
+
+def _declared_grey(image: Image.Image) -> tuple[int, int, str] | None:
+    """For a TIFF that PIL opens as integer greyscale other than unsigned 8-bit: the range of its samples
+    that the BitsPerSample and SampleFormat tags declare, ``(lowest, highest, note)``; None otherwise.
+
+    PIL's modes do not say it: 12-bit samples come as ``I;16`` (0..4095 in 0..65535), signed and 32-bit
+    ones as ``I``, and signed 8-bit ones as ``L`` (the bytes as unsigned).
+    """
+    if image.format != "TIFF" or image.mode not in _GREY_MODES:
+        return None
+    bits = (_tiff_tuple(image, _BITS_PER_SAMPLE) or (8,))[0]
+    if _tiff_tuple(image, _SAMPLE_FORMAT)[:1] == (2,):
+        lowest, highest = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return lowest, highest, f"signed {bits}-bit greyscale, {lowest}..{highest} mapped to 0..255"
+    return None if image.mode == "L" else (0, 2 ** bits - 1, f"{bits}-bit greyscale")
 
 
 def _tiff_tuple(image: Image.Image, tag: int) -> tuple:
@@ -131,8 +160,8 @@ def _tiff_tuple(image: Image.Image, tag: int) -> tuple:
 
 
 def _sixteen_bit_rgb(path: Path, image: Image.Image, rawmode: str, max_pixels: int | None) -> np.ndarray | None:
-    """A 16-bit-per-channel RGB(A) PNG, TIFF or PPM as ``[H, W, 3 or 4]`` uint16 (the stored samples, alpha
-    included), or None when ``image`` is not one.
+    """A 16-bit-per-channel RGB(A) PNG, TIFF or PPM, or a 16-bit CMYK TIFF, as ``[H, W, 3 or 4]`` uint16 (the
+    stored samples, alpha included), or None when ``image`` is not one.
 
     PIL decodes such files to 8 bits by keeping each value's high byte (truncation). Its decoders can
     also keep the low bytes instead (the other byte order's raw mode of the same pixels, so decompression
@@ -141,8 +170,8 @@ def _sixteen_bit_rgb(path: Path, image: Image.Image, rawmode: str, max_pixels: i
     TIFFs with one plane per channel are not handled here (PIL's TIFF decoder ignores the raw mode there:
     ``_planar_tiff``); premultiplied ones come here after ``_keep_premultiplied``.
     """
-    if (image.format not in ("PNG", "TIFF", "PPM") or image.mode not in ("RGB", "RGBA")
-            or rawmode[:-1] not in ("RGB;16", "RGBA;16", "RGBX;16") or rawmode[-1:] not in _OTHER_BYTE_ORDER
+    if (image.format not in ("PNG", "TIFF", "PPM") or image.mode not in ("RGB", "RGBA", "CMYK")
+            or rawmode[:-1] not in ("RGB;16", "RGBA;16", "RGBX;16", "CMYK;16") or rawmode[-1:] not in _OTHER_BYTE_ORDER
             or (image.format == "TIFF" and image.tag_v2.get(_PLANAR_CONFIGURATION, 1) != 1)):
         return None
     high = np.asarray(image, dtype=np.uint16)  # the loaded high bytes
@@ -172,13 +201,14 @@ def _planar_tiff(path: Path, image: Image.Image) -> np.ndarray | None:
     """The samples of a TIFF with one plane per channel that PIL cannot read exactly, as stored
     (``[H, W, S]``, not turned by its orientation), read with tifffile; None for every other image.
 
-    PIL reads 16-bit planes as 8-bit ones when uncompressed (wrong pixels) and keeps the high bytes when
-    compressed, and cannot read planar premultiplied alpha. tifffile reads uncompressed, Deflate and
+    PIL reads 16-bit planes (RGB or CMYK) as 8-bit ones when uncompressed (wrong pixels) and keeps the high
+    bytes when compressed, and cannot read planar premultiplied alpha. tifffile reads uncompressed, Deflate and
     PackBits planes by itself; other compressions (LZW) need the imagecodecs package, and without it the
     file is refused as one line that says how to convert it.
     """
     if (image.format != "TIFF" or image.tag_v2.get(_PLANAR_CONFIGURATION, 1) != 2  # type: ignore[attr-defined]
-            or image.tag_v2.get(_PHOTOMETRIC) != 2 or image.mode not in ("RGB", "RGBA")  # type: ignore[attr-defined]
+            or image.tag_v2.get(_PHOTOMETRIC) not in (2, 5)  # type: ignore[attr-defined]
+            or image.mode not in ("RGB", "RGBA", "CMYK")
             or (16 not in _tiff_tuple(image, _BITS_PER_SAMPLE) and 1 not in _tiff_tuple(image, _EXTRA_SAMPLES))):
         return None
     what = f"a {max(_tiff_tuple(image, _BITS_PER_SAMPLE))}-bit TIFF with one plane per channel"
@@ -227,9 +257,37 @@ def _to_eight_bits(samples: np.ndarray, top: int, premultiplied: bool = False) -
     return np.round(levels).clip(0, 255).astype(np.uint8)
 
 
+def _cmyk_to_rgb(samples: np.ndarray, top: int) -> np.ndarray:
+    """CMYK samples (``[H, W, 4]``, 0..``top``) -> ``[H, W, 3]`` uint8 by the naive formula PIL applies to
+    8-bit CMYK, ``R = (1 - C)(1 - K)``, here from all the bits of the samples and rounded once:
+    ``round(255 (top - c)(top - k) / top^2)`` (exact in float64 for 16 bits; never a tie, top being odd).
+    """
+    values = samples.astype(np.float64)
+    levels = (top - values[:, :, :3]) * (top - values[:, :, 3:4]) * 255.0 / (top * top)
+    return np.round(levels).astype(np.uint8)
+
+
+# Float samples have no declared range: the one convention read is 0..1 (what float TIFFs and PFMs from
+# image tools hold); 0..255, HDR and negative values are refused rather than guessed.
+_FLOAT_RULE = "0..1 scaled to 0..255"
+
+
+def _float_grey(values: np.ndarray, white: bool) -> np.ndarray:
+    """Floating-point greyscale in [0, 1] -> ``[H, W, 3]`` uint8, ``round(255 v)`` (``round(255 (1 - v))``
+    when 0 is white); other values raise ValueError (one line)."""
+    if not np.isfinite(values).all():
+        raise ValueError("floating-point greyscale with NaN or infinite values (only 0..1 is read)")
+    if values.size and (values.min() < 0 or values.max() > 1):
+        raise ValueError(f"floating-point greyscale from {values.min():g} to {values.max():g}: only 0..1 is "
+                         f"read (the range is not declared); convert it to 8 or 16 bits, or to 0..1")
+    grey = np.round((1.0 - values if white else values) * 255.0).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
 def _to_rgb_uint8(image: Image.Image, maxval: int | None = None) -> np.ndarray:
-    """Any loaded PIL image -> [H, W, 3] uint8 (16-bit and float greyscale are rescaled, alpha dropped);
-    ``maxval``: a PGM's (``_netpbm_maxval``, read before loading)."""
+    """Any loaded PIL image -> [H, W, 3] uint8 (16-bit greyscale rescaled, alpha dropped); ``maxval``: a
+    PGM's (``_netpbm_maxval``, read before loading). Float and declared-range TIFF greyscale are read before
+    this (``_decode_with_pil``)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         # 16-bit greyscale PNG or TIFF: map 0..65535 to 0..255 (PIL's convert("L") would clip instead).
         return _to_eight_bits(np.asarray(image), 65535)
@@ -239,11 +297,9 @@ def _to_rgb_uint8(image: Image.Image, maxval: int | None = None) -> np.ndarray:
         # 0.5 * maxval / 65535, is below 0.5)
         stored = np.round(np.asarray(image, dtype=np.float64) * (maxval / 65535.0))
         return _to_eight_bits(stored, maxval)
-    if image.mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if values.max(initial=0) > 255 else 255.0
-        grey = np.round(values * (255.0 / top)).clip(0, 255).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode == "I":
+        # no format in IMAGE_EXTENSIONS but TIFF and PGM (read above) gives this; the range is unknown
+        raise ValueError("32-bit integer greyscale without a declared range (not read: it would be a guess)")
     if image.mode == "RGB":
         return np.array(image, dtype=np.uint8)
     # L, LA, P, PA, RGBA, CMYK, YCbCr, 1 ...: PIL knows how to reach RGB; alpha is simply dropped.
@@ -267,8 +323,9 @@ def decode_image(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
             array = _planar_tiff(path, image)
             if array is not None:  # read by tifffile, as stored: still to be turned
                 to_turn = orientation
-                array = _to_eight_bits(array, 65535 if array.dtype == np.uint16 else 255,
-                                       1 in _tiff_tuple(image, _EXTRA_SAMPLES))
+                top = 65535 if array.dtype == np.uint16 else 255
+                array = (_cmyk_to_rgb(array, top) if image.mode == "CMYK" else
+                         _to_eight_bits(array, top, 1 in _tiff_tuple(image, _EXTRA_SAMPLES)))
             else:
                 array = _decode_with_pil(path, image, max_pixels)
                 if orientation is None:
@@ -282,7 +339,8 @@ def decode_image(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
             conversion = applied if conversion is None else f"{conversion}, {applied}"
         return array, conversion
     except UnidentifiedImageError as error:
-        raise UserInputError(f"cannot read image {path}: not an image format PIL can decode") from error
+        why = _undecodable_tiff(path) or "not an image format PIL can decode"
+        raise UserInputError(f"cannot read image {path}: {why}") from error
     except Image.DecompressionBombError as error:
         raise UserInputError(f"cannot read image {path}: {one_line(error)}") from error
     except (OSError, SyntaxError, ValueError) as error:
@@ -292,6 +350,30 @@ def decode_image(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
 
 
 ORIENTATION_TAG = 0x0112  # EXIF "Orientation"
+_SAMPLE_KINDS = {1: "unsigned integers", 2: "signed integers", 3: "floating-point numbers"}
+
+
+def _undecodable_tiff(path: Path) -> str | None:
+    """For a file PIL could not open: when it is a TIFF, its sample layout (PIL opens only some bit depths,
+    e.g. 12-bit greyscale but not 10, 14, or 12-bit RGB, nor 64-bit float), so the refusal says what to
+    convert; None for other files and for TIFFs whose first directory cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(8)
+            if head[:4] not in (b"II*\0", b"MM\0*"):
+                return None
+            ifd = TiffImagePlugin.ImageFileDirectory_v2(head)
+            file.seek(ifd.next)
+            ifd.load(file)
+    except Exception:  # a damaged directory: the generic message will do
+        return None
+    def first(tag: int, default: int) -> int:
+        value = ifd.get(tag, default)
+        return int(value[0] if isinstance(value, tuple) and value else value)
+    samples, bits = first(277, 1), first(_BITS_PER_SAMPLE, 1)
+    kind = _SAMPLE_KINDS.get(first(_SAMPLE_FORMAT, 1), "samples of an unknown format")
+    return (f"a TIFF that PIL cannot decode ({samples} sample(s) per pixel, {bits}-bit {kind}, Photometric "
+            f"{first(_PHOTOMETRIC, -1)}); convert it to 8 or 16 bits per sample")
 
 
 def _decode_with_pil(path: Path, image: Image.Image, max_pixels: int | None) -> np.ndarray:
@@ -299,16 +381,34 @@ def _decode_with_pil(path: Path, image: Image.Image, max_pixels: int | None) -> 
     maxval = _netpbm_maxval(image)
     stored = _keep_netpbm_samples(image)
     premultiplied = _keep_premultiplied(image)
+    declared = _declared_grey(image)
+    if image.format == "TIFF":
+        # libtiff (compressed TIFFs) hands over samples in this machine's byte order, yet PIL keeps the file's
+        # for signed and float grey (not for unsigned 16-bit): big-endian ones came out byte-swapped
+        image.tile = [_with_rawmode(tile, _LIBTIFF_NATIVE.get(_tile_rawmode(image), _tile_rawmode(image)))
+                      if tile[0] == "libtiff" else tile for tile in image.tile]
+    # 0 is white: PIL inverts only 8-bit unsigned such files (raw mode L;I), not 16-bit, signed or float ones
+    white = image.format == "TIFF" and image.tag_v2.get(_PHOTOMETRIC) == 0 and image.mode != "L"
     rawmode = _tile_rawmode(image)  # loading clears the tiles
     image.load()
     sixteen = _sixteen_bit_rgb(path, image, rawmode, max_pixels)
     if sixteen is not None:
+        if image.mode == "CMYK":
+            return _cmyk_to_rgb(sixteen, 65535)
         return _to_eight_bits(sixteen, maxval or 65535, premultiplied)
     if premultiplied or stored:
         return _to_eight_bits(np.asarray(image), maxval or 255, premultiplied)
-    if image.format == "TIFF" and image.mode.startswith("I;16") and image.tag_v2.get(_PHOTOMETRIC) == 0:
-        # 0 is white: PIL inverts 8-bit such files (raw mode L;I) but not 16-bit ones
-        return _to_eight_bits(65535 - np.asarray(image, dtype=np.int32), 65535)
+    if declared is not None:
+        lowest, highest, _ = declared
+        values = np.asarray(image)
+        if image.mode == "L":  # signed 8-bit: PIL keeps the bytes
+            values = values.view(np.int8)
+        elif image.mode == "I" and lowest == 0:  # unsigned 32-bit: PIL's I;32N stores them as int32
+            values = values.view(np.uint32)
+        values = values.astype(np.int64)
+        return _to_eight_bits(highest - values if white else values - lowest, highest - lowest)
+    if image.mode == "F":
+        return _float_grey(np.asarray(image, dtype=np.float64), white)
     return _to_rgb_uint8(image, maxval)
 
 
