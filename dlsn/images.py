@@ -367,7 +367,8 @@ def _undecodable_tiff(path: Path) -> str | None:
             ifd.load(file)
     except Exception:  # a damaged directory: the generic message will do
         return None
-    def first(tag: int, default: int) -> int:
+
+    def first(tag: int, default: int) -> int:  # a tag's first value (PIL gives tuples for most)
         value = ifd.get(tag, default)
         return int(value[0] if isinstance(value, tuple) and value else value)
     samples, bits = first(277, 1), first(_BITS_PER_SAMPLE, 1)
@@ -385,8 +386,9 @@ def _decode_with_pil(path: Path, image: Image.Image, max_pixels: int | None) -> 
     if image.format == "TIFF":
         # libtiff (compressed TIFFs) hands over samples in this machine's byte order, yet PIL keeps the file's
         # for signed and float grey (not for unsigned 16-bit): big-endian ones came out byte-swapped
-        image.tile = [_with_rawmode(tile, _LIBTIFF_NATIVE.get(_tile_rawmode(image), _tile_rawmode(image)))
-                      if tile[0] == "libtiff" else tile for tile in image.tile]
+        native = _LIBTIFF_NATIVE.get(_tile_rawmode(image))
+        if native is not None:
+            image.tile = [_with_rawmode(tile, native) if tile[0] == "libtiff" else tile for tile in image.tile]
     # 0 is white: PIL inverts only 8-bit unsigned such files (raw mode L;I), not 16-bit, signed or float ones
     white = image.format == "TIFF" and image.tag_v2.get(_PHOTOMETRIC) == 0 and image.mode != "L"
     rawmode = _tile_rawmode(image)  # loading clears the tiles
