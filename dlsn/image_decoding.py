@@ -166,9 +166,10 @@ def _keep_premultiplied(image: Image.Image) -> bool:
     PIL's ``RGBa`` unpackers divide by alpha rounding down, and from the high byte only for 16 bits;
     ``_to_eight_bits`` divides with rounding instead, from all 16 bits.
     """
-    if image.format != "TIFF" or not _tile_rawmode(image).startswith("RGBa"):
+    rawmode = _tile_rawmode(image)
+    if image.format != "TIFF" or not rawmode.startswith("RGBa"):
         return False
-    image.tile = [_with_rawmode(tile, "RGBA" + _tile_rawmode(image)[4:]) for tile in image.tile]
+    image.tile = [_with_rawmode(tile, "RGBA" + rawmode[4:]) for tile in image.tile]
     return True
 
 
@@ -255,8 +256,7 @@ def _float_grey(values: np.ndarray, white: bool) -> np.ndarray:
     if values.size and (values.min() < 0 or values.max() > 1):
         raise ValueError(f"floating-point greyscale from {values.min():g} to {values.max():g}: only 0..1 is "
                          f"read (the range is not declared); convert it to 8 or 16 bits, or to 0..1")
-    grey = np.round((1.0 - values if white else values) * 255.0).astype(np.uint8)
-    return np.repeat(grey[:, :, None], 3, axis=2)
+    return _to_eight_bits(1.0 - values if white else values, 1)
 
 
 def _to_rgb_uint8(image: Image.Image, maxval: int | None = None) -> np.ndarray:
