@@ -6,7 +6,7 @@ dispatcher (``dlsn_kernels._dispatch``) asks them in the order of the device.
 
 from __future__ import annotations
 
-from ._base import PASSES, Backend, Inputs, constant_for_compile, cuda_device_reasons
+from ._base import PASSES, Backend, Inputs, constant_for_compile
 from .cpu import Cpu
 from .cuda import Cuda
 from .flex import Flex
@@ -16,4 +16,4 @@ from .triton import Triton
 BACKENDS: dict[str, Backend] = {b.name: b for b in (Reference(), Cpu(), Cuda(), Triton(), Flex())}
 NAMES = tuple(BACKENDS)
 
-__all__ = ["BACKENDS", "NAMES", "PASSES", "Backend", "Inputs", "constant_for_compile", "cuda_device_reasons"]
+__all__ = ["BACKENDS", "NAMES", "PASSES", "Backend", "Inputs", "constant_for_compile"]
