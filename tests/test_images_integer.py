@@ -14,11 +14,10 @@ import struct
 
 import numpy as np
 import pytest
+import tifffile
 
 from dlsn.errors import UserInputError
 from dlsn.images import decode_image
-
-tifffile = pytest.importorskip("tifffile")  # comes with scikit-image, a dependency
 
 
 def _rgb(levels: np.ndarray) -> np.ndarray:

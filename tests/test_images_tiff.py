@@ -13,13 +13,12 @@ import struct
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import TiffImagePlugin
 
 from dlsn.errors import UserInputError
 from dlsn.images import decode_image, read_image, write_image
-
-tifffile = pytest.importorskip("tifffile")  # comes with scikit-image, a dependency
 
 
 def _rounded(pixels: np.ndarray) -> np.ndarray:
@@ -240,7 +239,6 @@ def test_sixteen_bit_planar_packbits_tiffs_are_rounded(tmp_path, byteorder):
 
 def test_a_sixteen_bit_planar_lzw_tiff_is_refused_in_one_line(tmp_path):
     # tifffile decodes LZW only with imagecodecs (not installed here), and PIL would keep the high bytes
-    pytest.importorskip("PIL.TiffImagePlugin")
     if 5 in tifffile.TIFF.DECOMPRESSORS:
         pytest.skip("imagecodecs is installed: tifffile reads LZW itself")
     pixels = _planar_pixels(3)[:9, :10]
